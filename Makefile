@@ -1,0 +1,45 @@
+# kolora — `make demo` and `make test` do all set-up on a fresh machine (see README.md).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.kolora-installed
+# The CPU wheel on this kind of machine; on a GPU workstation use e.g. TORCH_SPEC='torch==2.13.0' from your CUDA index.
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test test-fast lint bench clean-runs
+.DEFAULT_GOAL := demo
+
+# The environment: created when missing, reinstalled only when pyproject.toml or constraints.txt change.
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -c 'import torch' 2>/dev/null || $(PY) -m pip install -q '$(TORCH_SPEC)'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/kolora run configs/demo.yaml
+
+# Starts the project's own single-machine Slurm, runs every test, stops it (even when tests fail).
+test: $(STAMP)
+	@$(MAKE) --no-print-directory cluster-up; \
+	 $(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	 $(MAKE) --no-print-directory cluster-down; exit $$rc
+
+# Tests that need neither Slurm nor much time.
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slurm and not slow" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests bench
+
+bench: $(STAMP)
+	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean-runs:
+	rm -rf runs .cache/tiny-kolors
+
+-include slurm/devcluster/devcluster.mk

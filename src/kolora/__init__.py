@@ -1,0 +1,3 @@
+"""kolora: Kolors LoRA training on Slurm clusters."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,152 @@
+"""cache: text embeddings and VAE latents of the training set, content-addressed, so training never loads
+the text encoder or the VAE encoder.
+
+With center crop and no random flip the tutorial's per-step encoding is deterministic, so caching gives
+exactly the same training (notes/kolors-model.md) while ChatGLM3-6B (12.5 GB fp16) leaves the GPU.
+
+Layout: cache/text/<sha256>.safetensors (prompt_embeds [seq, 4096], pooled [4096]),
+        cache/latents/<sha256>.safetensors (latents [4, h/8, w/8], already scaled by the VAE's factor),
+        cache/index.json (one entry per training sample → its two keys and its add_time_ids).
+Keys hash the content *and* what produced it (model files, sequence length, resolution, crop), so a
+shared cache folder never serves a stale entry.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from kolora.config import ExperimentConfig
+from kolora.rundir import RunDir, atomic_path, atomic_write_json
+
+
+def read_trainset(run: RunDir) -> list[dict[str, str]]:
+    meta = run.trainset / "train" / "metadata.csv"
+    if not meta.is_file():
+        raise FileNotFoundError(f"{meta} is missing: run the filter stage first")
+    with open(meta, encoding="utf-8-sig", newline="") as f:
+        rows = [dict(r) for r in csv.DictReader(f)]
+    for r in rows:
+        r["path"] = str((meta.parent / r["file_name"]).resolve())
+    return rows
+
+
+def _sha(*parts: bytes | str) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.encode() if isinstance(p, str) else p)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def crop_offsets(width: int, height: int, resolution: int, center: bool, key: str) -> tuple[int, int]:
+    """(top, left) of the square crop in an image already resized so its short side is `resolution`."""
+    if center:
+        return (height - resolution) // 2, (width - resolution) // 2
+    # A fixed "random" crop per image (from its content hash): cacheable, and still varied across images.
+    r = int(key[:8], 16)
+    return r % (height - resolution + 1), (r // 7) % (width - resolution + 1)
+
+
+def load_image_tensor(path: str, resolution: int, center: bool, key: str):
+    """The tutorial's preprocessing: resize short side, crop, to [-1, 1] CHW float32."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        scale = resolution / min(im.size)
+        im = im.resize((max(resolution, round(im.width * scale)), max(resolution, round(im.height * scale))),
+                       Image.BILINEAR)
+        top, left = crop_offsets(im.width, im.height, resolution, center, key)
+        im = im.crop((left, top, left + resolution, top + resolution))
+        arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def _device(choice: str) -> str:
+    import torch
+
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return choice
+
+
+def run(cfg: ExperimentConfig, run: RunDir, progress=None) -> dict[str, Any]:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from kolora import models
+
+    rows = read_trainset(run)
+    if not rows:
+        raise ValueError(f"{run.trainset}/train/metadata.csv has no samples: nothing to cache")
+    files = models.resolve(cfg.model)
+    ident = models.ModelFiles.identity(files)
+    res, center, seq = cfg.train.resolution, cfg.train.center_crop, cfg.cache.max_sequence_length
+    text_dir, lat_dir = run.cache / "text", run.cache / "latents"
+
+    entries = []
+    for r in rows:
+        img_hash = _sha(Path(r["path"]).read_bytes())
+        entries.append({
+            "file_name": r["file_name"], "text": r["text"],
+            "text_key": _sha("text", ident, str(seq), r["text"]),
+            "latent_key": _sha("latent", ident, str(res), str(center), img_hash),
+            # The tutorial's add_time_ids: original size, crop top-left, target size = [h, w, 0, 0, h, w].
+            "time_ids": [res, res, 0, 0, res, res],
+        })
+    todo_text = sorted({e["text_key"]: e["text"] for e in entries
+                        if not (text_dir / f"{e['text_key']}.safetensors").is_file()}.items())
+    todo_lat = sorted({e["latent_key"]: r["path"] for e, r in zip(entries, rows, strict=True)
+                       if not (lat_dir / f"{e['latent_key']}.safetensors").is_file()}.items())
+
+    device = _device(cfg.cache.device)
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    bs = cfg.cache.batch_size
+    if todo_text:
+        from diffusers import KolorsPipeline
+
+        te = models.load_text_encoder(files, dtype).to(device)
+        # diffusers' own encode_prompt, so training sees exactly what rendering computes.
+        encoder = KolorsPipeline(vae=None, text_encoder=te, tokenizer=models.load_tokenizer(files), unet=None,
+                                 scheduler=None)
+        for i in range(0, len(todo_text), bs):
+            chunk = todo_text[i:i + bs]
+            with torch.no_grad():
+                embeds, _, pooled, _ = encoder.encode_prompt(
+                    [t for _, t in chunk], device=device, num_images_per_prompt=1,
+                    do_classifier_free_guidance=False, max_sequence_length=seq)
+            for j, (key, _) in enumerate(chunk):
+                with atomic_path(text_dir / f"{key}.safetensors") as tmp:
+                    save_file({"prompt_embeds": embeds[j].float().cpu().contiguous(),
+                               "pooled": pooled[j].float().cpu().contiguous()}, str(tmp))
+            if progress:
+                progress(min(i + bs, len(todo_text)), len(todo_text) + len(todo_lat))
+        del encoder, te
+    if todo_lat:
+        vae = models.load_vae(files, dtype).to(device)
+        sf = vae.config.scaling_factor
+        for i in range(0, len(todo_lat), bs):
+            chunk = todo_lat[i:i + bs]
+            pixels = torch.stack([load_image_tensor(p, res, center, key) for key, p in chunk])
+            with torch.no_grad():
+                # The latent distribution's mean (DiffSynth's encoder is deterministic too).
+                lat = vae.encode(pixels.to(device, dtype)).latent_dist.mean * sf
+            for j, (key, _) in enumerate(chunk):
+                with atomic_path(lat_dir / f"{key}.safetensors") as tmp:
+                    save_file({"latents": lat[j].float().cpu().contiguous()}, str(tmp))
+            if progress:
+                progress(len(todo_text) + min(i + bs, len(todo_lat)), len(todo_text) + len(todo_lat))
+        del vae
+    # Verify every entry is readable before declaring the cache complete.
+    for e in entries:
+        load_file(str(text_dir / f"{e['text_key']}.safetensors"))
+        load_file(str(lat_dir / f"{e['latent_key']}.safetensors"))
+    atomic_write_json(run.cache / "index.json", {"resolution": res, "max_sequence_length": seq,
+                                                 "entries": entries})
+    return {"samples": len(entries), "encoded_texts": len(todo_text), "encoded_images": len(todo_lat),
+            "device": device}

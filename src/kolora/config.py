@@ -1,0 +1,303 @@
+"""Experiment config: a pydantic schema for the YAML recipes in configs/.
+
+Loading resolves relative paths against the config file's folder (paths given with --set against the
+current directory), applies dotted overrides, and turns every validation problem into one ConfigError
+whose message names the field, what was given and what is allowed. Nothing heavy is imported here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A config problem, with a message meant for the person who wrote the config."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    """Where Kolors lives on disk and in which layout."""
+
+    layout: Literal["diffusers", "diffsynth"] = "diffusers"
+    # diffusers: the Kwai-Kolors/Kolors-diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/).
+    # diffsynth: the models/ folder DiffSynth's download_models(["Kolors", "SDXL-vae-fp16-fix"]) fills,
+    #            or its models/kolors/Kolors subfolder.
+    path: Path
+    # Build tiny random Kolors-shaped weights at `path` when it does not exist yet (demo and tests only).
+    tiny: bool = False
+    # Optional overrides for the diffsynth layout, whose folders carry no config.json / tokenizer.
+    vae_path: Path | None = None
+    tokenizer_path: Path | None = None
+    unet_config: Path | None = None
+    vae_config: Path | None = None
+    variant: str | None = None  # e.g. "fp16" for Kolors-diffusers' *.fp16.safetensors
+
+
+class SyntheticConfig(_Section):
+    count: int = Field(48, ge=1)
+    seed: int = 0
+    # Sizes are drawn so that both tutorial filters keep some and drop some.
+    min_side: int = Field(32, ge=8)
+    max_side: int = Field(160, ge=8)
+
+
+class DataConfig(_Section):
+    source: Literal["synthetic", "folder", "jsonl", "parquet", "modelscope"] = "synthetic"
+    # folder: images + metadata.csv (file_name,text); jsonl: {"text":..., "image": [path]} lines;
+    # parquet: a file (or folder of files) with image bytes + text; modelscope: a dataset id or a local folder.
+    path: Path | None = None
+    dataset_id: str | None = None
+    subset: str | None = "default"
+    split: str = "train"
+    text_column: str = "text"
+    image_column: str = "image"
+    # The tutorial captions every image "二次元"; set this to do the same (overrides the dataset's text).
+    caption: str | None = None
+    limit: int | None = Field(None, ge=1)
+    synthetic: SyntheticConfig = SyntheticConfig()
+
+    @model_validator(mode="after")
+    def _source_needs(self) -> DataConfig:
+        if self.source in ("folder", "jsonl", "parquet") and self.path is None:
+            raise ValueError(f"data.path is required when data.source is {self.source!r}")
+        if self.source == "modelscope" and self.path is None and not self.dataset_id:
+            raise ValueError("data.source 'modelscope' needs data.dataset_id (e.g. AI-ModelScope/lowres_anime) "
+                             "or data.path (a folder made by `modelscope download --dataset ...`)")
+        return self
+
+
+def _default_ops() -> list[dict[str, dict[str, Any]]]:
+    return [
+        {"image_shape_filter": {"min_width": 1024, "min_height": 1024, "any_or_all": "any"}},
+        {"image_aspect_ratio_filter": {"min_ratio": 0.5, "max_ratio": 2.0, "any_or_all": "any"}},
+    ]
+
+
+class FilterConfig(_Section):
+    # A Data-Juicer `process:` list: each item is {op_name: {arguments}}.
+    ops: list[dict[str, dict[str, Any]]] = Field(default_factory=_default_ops)
+    np: int = Field(1, ge=1)
+    executor: Literal["default", "ray"] = "default"
+
+    @field_validator("ops", mode="before")
+    @classmethod
+    def _ops_shape(cls, ops: Any) -> Any:
+        if not isinstance(ops, list):
+            raise ValueError("must be a list of {op_name: {arguments}} items")
+        out = []
+        for i, op in enumerate(ops):
+            if isinstance(op, str):  # bare op name, default arguments
+                op = {op: {}}
+            if not isinstance(op, dict) or len(op) != 1:
+                raise ValueError(f"item {i} must be one mapping {{op_name: {{arguments}}}}, got {op!r}")
+            name, args = next(iter(op.items()))
+            out.append({name: dict(args or {})})
+        return out
+
+
+class CacheConfig(_Section):
+    max_sequence_length: int = Field(256, ge=8, le=4096)
+    batch_size: int = Field(4, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class TrainConfig(_Section):
+    rank: int = Field(16, ge=1)
+    alpha: float = Field(4.0, gt=0)
+    target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    lr: float = Field(1e-4, gt=0)
+    steps: int = Field(500, ge=1)
+    batch_size: int = Field(1, ge=1)
+    resolution: int = Field(1024, ge=8)
+    center_crop: bool = True
+    precision: Literal["16-mixed", "bf16-mixed", "32", "32-true"] = "16-mixed"
+    gradient_checkpointing: bool = True
+    checkpoint_every: int = Field(100, ge=1)
+    seed: int = 0
+    num_workers: int = Field(0, ge=0)
+    accelerator: Literal["auto", "cpu", "gpu"] = "auto"
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiple_of_8(cls, v: int) -> int:
+        if v % 8:
+            raise ValueError(f"must be a multiple of 8 (the VAE downsamples 8x), got {v}")
+        return v
+
+
+class RenderConfig(_Section):
+    prompts: Path
+    cfg: float = Field(4.0, ge=0)
+    steps: int = Field(50, ge=1)
+    width: int = Field(1024, ge=8)
+    height: int = Field(1024, ge=8)
+    negative_prompt: str = "丑陋、变形、嘈杂、模糊、低对比度"
+    # Render with this LoRA instead of the run's own lora/ (another lab's adapter); None = the trained one.
+    lora: Path | None = None
+    lora_scale: float = 1.0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+
+    @field_validator("width", "height")
+    @classmethod
+    def _multiple_of_8(cls, v: int) -> int:
+        if v % 8:
+            raise ValueError(f"must be a multiple of 8, got {v}")
+        return v
+
+
+class GridConfig(_Section):
+    columns: int = Field(2, ge=1)
+    rows: int = Field(4, ge=1)
+    captions: Literal["none", "seed", "prompt"] = "none"
+    tile_size: int | None = Field(None, ge=8)  # resize tiles to this square size; None keeps them as rendered
+    font: Path | None = None  # a TrueType font with CJK glyphs for prompt captions
+
+
+class ExperimentConfig(_Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    seed: int = 0
+    model: ModelConfig
+    data: DataConfig = DataConfig()
+    filter: FilterConfig = FilterConfig()
+    cache: CacheConfig = CacheConfig()
+    train: TrainConfig = TrainConfig()
+    render: RenderConfig
+    grid: GridConfig = GridConfig()
+
+    def digest(self) -> str:
+        """Hash of the resolved config (what a run directory is bound to)."""
+        return config_digest(self.model_dump(mode="json"))
+
+    def section_digest(self, *sections: str) -> str:
+        dumped = self.model_dump(mode="json")
+        return config_digest({s: dumped[s] for s in sections})
+
+
+def config_digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+# Fields holding file paths: relative values are resolved against the folder of the file that set them.
+_PATH_FIELDS = [
+    ("model", "path"), ("model", "vae_path"), ("model", "tokenizer_path"), ("model", "unet_config"),
+    ("model", "vae_config"), ("data", "path"), ("render", "prompts"), ("render", "lora"), ("grid", "font"),
+]
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
+    for section, key in _PATH_FIELDS:
+        sec = raw.get(section)
+        if isinstance(sec, dict) and isinstance(sec.get(key), str | Path):
+            p = Path(sec[key]).expanduser()
+            sec[key] = str(p if p.is_absolute() else (base / p).resolve())
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`train.steps=200` → (["train", "steps"], 200). Values are parsed as YAML scalars/lists."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key.path=value, e.g. --set train.steps=200")
+    key, value = item.split("=", 1)
+    keys = [k for k in key.strip().split(".") if k]
+    if not keys:
+        raise ConfigError(f"--set {item!r}: empty key")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    return keys, parsed
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str], base: Path) -> dict[str, Any]:
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = raw
+        for k in keys[:-1]:
+            nxt = node.setdefault(k, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {item!r}: {'.'.join(keys[:-1])} is not a section")
+            node = nxt
+        node[keys[-1]] = value
+        if tuple(keys) in _PATH_FIELDS and isinstance(value, str):
+            p = Path(value).expanduser()
+            node[keys[-1]] = str(p if p.is_absolute() else (base / p).resolve())
+    return raw
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid config"]
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
+        given = e.get("input")
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; see configs/demo.yaml for every field)"
+        elif e["type"] == "missing":
+            msg = "required field is missing"
+        shown = "" if e["type"] in ("missing",) or isinstance(given, dict) else f" (got {given!r})"
+        lines.append(f"  {loc}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None, name: str | None = None) -> ExperimentConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist (try configs/demo.yaml)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (model, data, filter, ...)")
+    _resolve_paths(raw, path.parent.resolve())
+    apply_overrides(raw, overrides or [], Path.cwd())
+    if name:
+        raw["name"] = name
+    return validate_config(raw, str(path))
+
+
+def validate_config(raw: dict[str, Any], source: str = "config") -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
+
+
+def dump_config(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), allow_unicode=True, sort_keys=False)
+
+
+class PromptItem(_Section):
+    prompt: str = Field(min_length=1)
+    seed: int
+    negative_prompt: str | None = None
+
+
+class PromptSet(_Section):
+    negative_prompt: str | None = None
+    prompts: list[PromptItem] = Field(min_length=1)
+
+
+def load_prompts(path: Path, default_negative: str) -> list[PromptItem]:
+    """Prompt set → items with their negative prompt filled in (item, else file default, else config default)."""
+    if not Path(path).is_file():
+        raise ConfigError(f"render.prompts: prompt file {path} does not exist (see configs/prompts/anime-story.yaml)")
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        ps = PromptSet.model_validate(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"render.prompts: {path} is not valid YAML: {e}") from None
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, f"render.prompts ({path})")) from None
+    neg = ps.negative_prompt if ps.negative_prompt is not None else default_negative
+    return [p.model_copy(update={"negative_prompt": p.negative_prompt if p.negative_prompt is not None else neg})
+            for p in ps.prompts]

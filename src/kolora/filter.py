@@ -1,0 +1,429 @@
+"""Stage `filter`: run/data/ -> a header check of every image, then Data-Juicer -> run/filter/ + run/trainset/.
+
+1. Header pass (PIL, no full decode for complete JPEG/PNG files): missing, unreadable, non-image and truncated
+   files are recorded with their reason. Only good samples reach Data-Juicer, which otherwise drops whole
+   batches on one bad file and keeps truncated JPEGs (notes/data-juicer.md).
+2. Data-Juicer through its Python API with cfg.filter.ops as `process`, `skip_op_error: false` and its tracer
+   on for every sample, so each dropped sample is attributed to the op that dropped it. Its work dir, caches
+   and logs live in run/filter/dj/; the process-wide state it changes (cwd, env, stdout/stderr, loguru,
+   multiprocess start method, PIL's LOAD_TRUNCATED_IMAGES, the HF datasets cache dir) is restored afterwards.
+3. Outputs:
+     filter/result.jsonl           kept samples, tutorial format {"id", "text", "image": [path]}
+     filter/report.json            {"summary", "samples": [every sample and every ingest rejection, with reason]}
+     trainset/train/<n>.<ext>      the kept images (hard links where possible)
+     trainset/train/metadata.csv   file_name,text -- the tutorial's training format
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import io
+import json
+import os
+import shutil
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from kolora.config import ConfigError, ExperimentConfig
+from kolora.rundir import RunDir, atomic_dir, atomic_write_json, atomic_write_text
+
+DJ_SPECIAL_TOKENS = ("<__dj__image>", "<|__dj__eoc|>")
+_TAIL = 64  # bytes read from the end of a file to find the JPEG EOI / PNG IEND marker
+
+
+class FilterError(ValueError):
+    """Nothing survived the filter (or Data-Juicer failed); the message says which op dropped how many."""
+
+
+# op validation ----------------------------------------------------------------------------------------------
+def validate_ops(ops: list[dict[str, dict[str, Any]]]) -> None:
+    """Check filter.ops against Data-Juicer's operator registry (names, argument names and simple types)
+    without running anything (~1.5 s: the registry import). Raises ConfigError naming `filter.ops[i]`."""
+    from difflib import get_close_matches
+
+    from data_juicer.ops import OPERATORS
+
+    try:
+        from data_juicer.core.preflight import _get_valid_params, _type_compatible
+    except ImportError:  # an older/newer Data-Juicer without the preflight helpers: names only
+        _get_valid_params = _type_compatible = None
+
+    names = sorted(OPERATORS.modules)
+    problems: list[str] = []
+    for i, item in enumerate(ops):
+        if not isinstance(item, dict) or len(item) != 1:
+            problems.append(f"filter.ops[{i}]: expected one mapping {{op_name: {{arguments}}}}, got {item!r}")
+            continue
+        name, args = next(iter(item.items()))
+        if name not in OPERATORS.modules:
+            close = get_close_matches(str(name), names, n=3, cutoff=0.5)
+            examples = close or [n for n in names if n.startswith("image_") and n.endswith("_filter")][:6]
+            problems.append(f"filter.ops[{i}]: unknown Data-Juicer op {name!r}; "
+                            f"{'did you mean' if close else 'valid ops include'}: {', '.join(examples)}")
+            continue
+        if not args or _get_valid_params is None:
+            continue
+        valid = _get_valid_params(OPERATORS.modules[name])
+        for arg, value in args.items():
+            if arg not in valid:
+                own = [p for p in valid if p not in _BASE_PARAMS] or sorted(valid)
+                close = get_close_matches(arg, list(valid), n=2, cutoff=0.6)
+                problems.append(f"filter.ops[{i}] ({name}): unknown argument {arg!r}"
+                                + (f"; did you mean {', '.join(close)}?" if close else "")
+                                + f" ({name} takes {', '.join(own)})")
+            elif valid[arg] is not None and value is not None and not _type_compatible(value, valid[arg]):
+                problems.append(f"filter.ops[{i}] ({name}): argument {arg!r} expects "
+                                f"{getattr(valid[arg], '__name__', valid[arg])}, got {value!r}")
+    if problems:
+        raise ConfigError("invalid filter.ops:\n  " + "\n  ".join(problems))
+
+
+# Arguments every Data-Juicer op accepts; left out of the "takes ..." hint so the op's own ones stand out.
+_BASE_PARAMS = {
+    "text_key", "image_key", "audio_key", "video_key", "image_bytes_key", "system_key", "instruction_key",
+    "prompt_key", "query_key", "response_key", "history_key", "index_key", "work_dir", "input_columns",
+    "output_columns", "skip_op_error", "adaptive_batching", "auto_op_parallelism", "batch_mode", "accelerator",
+    "batch_size", "num_proc", "cpu_required", "gpu_required", "mem_required", "num_cpus", "num_gpus", "memory",
+    "runtime_env", "ray_execution_mode", "turbo", "stats_export_path", "min_closed_interval",
+    "max_closed_interval", "reversed_range", "args", "kwargs",
+}
+
+
+# header pass ------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _strict_truncation() -> Iterator[None]:
+    """Make PIL raise on truncated data even after Data-Juicer set LOAD_TRUNCATED_IMAGES=True globally."""
+    from PIL import ImageFile
+
+    before = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = before
+
+
+def _ends_complete(fmt: str | None, f: io.BufferedReader, size: int) -> bool:
+    """True when the file visibly ends where its format says it ends (cheap: reads the last bytes)."""
+    if fmt not in ("JPEG", "PNG"):
+        return False
+    f.seek(max(0, size - _TAIL))
+    tail = f.read()
+    if fmt == "JPEG":
+        return tail.rstrip(b"\x00").endswith(b"\xff\xd9")
+    return tail.endswith(b"IEND\xaeB`\x82")
+
+
+def check_image(path: str | Path) -> tuple[str | None, tuple[int, int] | None]:
+    """(reason, (width, height)) for one image file; reason is None for a good file.
+
+    JPEG/PNG files that end with their end marker are judged from the header alone; anything else (other
+    formats, trailing bytes after the end marker, a missing end marker) is fully decoded with truncation
+    errors on, so a truncated file is always caught and an odd-but-valid one is never rejected."""
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path)
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        return "missing file", None
+    except OSError as e:
+        return f"unreadable file ({e.strerror or e})", None
+    if not p.is_file():
+        return "not a file", None
+    if st.st_size == 0:
+        return "empty file", None
+    try:
+        with open(p, "rb") as f, Image.open(f) as im:
+            size = im.size
+            if _ends_complete(im.format, f, st.st_size):
+                return None, size
+            f.seek(0)
+            try:
+                with _strict_truncation():
+                    im.load()
+            except OSError as e:
+                if "truncated" in str(e) or "broken data stream" in str(e):
+                    return "truncated image", size
+                return f"corrupt image ({e})", size
+            return None, size
+    except UnidentifiedImageError:
+        return "not an image", None
+    except Image.DecompressionBombError as e:
+        return f"too many pixels ({e})", None
+    except PermissionError as e:
+        return f"unreadable file ({e.strerror})", None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        return f"corrupt image ({e.__class__.__name__}: {e})", None
+
+
+# Data-Juicer ------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _contained(dj_dir: Path, console: Path) -> Iterator[None]:
+    """Run Data-Juicer in its own corner: cwd, HF caches and console output in dj_dir; global state restored."""
+    import multiprocess
+    from PIL import ImageFile
+
+    saved_env = dict(os.environ)
+    saved_cwd = os.getcwd()
+    saved_streams = sys.stdout, sys.stderr
+    saved_truncated = ImageFile.LOAD_TRUNCATED_IMAGES
+    saved_mp = multiprocess.get_start_method(allow_none=True)
+    import tempfile
+
+    saved_tempdir = tempfile.tempdir
+    os.environ.update({
+        "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(dj_dir / "hf"),
+        "HF_DATASETS_CACHE": str(dj_dir / "hf" / "datasets"), "UV_CACHE_DIR": str(dj_dir / "uv-cache"),
+        "UV_OFFLINE": "1", "PIP_NO_INDEX": "1",  # Data-Juicer pip-installs missing deps at run time; never here
+        "TQDM_DISABLE": "1",
+    })
+    ds_config = None
+    saved_ds = {}
+    with contextlib.suppress(ImportError):
+        from datasets import config as ds_config
+
+        saved_ds = {k: getattr(ds_config, k) for k in ("HF_DATASETS_CACHE", "DEFAULT_DOWNLOADED_DATASETS_PATH",
+                                                      "DOWNLOADED_DATASETS_PATH", "DEFAULT_EXTRACTED_DATASETS_PATH",
+                                                      "EXTRACTED_DATASETS_PATH", "HF_HUB_OFFLINE",
+                                                      "HF_DATASETS_OFFLINE") if hasattr(ds_config, k)}
+        for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+            if k in saved_ds:
+                setattr(ds_config, k, True)
+    os.chdir(dj_dir)
+    log = open(console, "a", encoding="utf-8")  # noqa: SIM115 - closed in finally, after loguru let go of it
+    sys.stdout = sys.stderr = log
+    try:
+        from data_juicer.utils import logger_utils
+
+        logger_utils.LOGGER_SETUP = False  # else a second run in this process logs into the first run's files
+        yield
+    finally:
+        from loguru import logger
+
+        with contextlib.suppress(Exception):
+            logger.remove()  # flushes and closes Data-Juicer's file sinks
+            logger.add(saved_streams[1], level="WARNING")
+        with contextlib.suppress(Exception):
+            from data_juicer.utils import logger_utils
+
+            logger_utils.LOGGER_SETUP = False
+        sys.stdout, sys.stderr = saved_streams
+        log.close()
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+        ImageFile.LOAD_TRUNCATED_IMAGES = saved_truncated
+        tempfile.tempdir = saved_tempdir
+        if ds_config is not None:
+            for k, v in saved_ds.items():
+                setattr(ds_config, k, v)
+        with contextlib.suppress(Exception):
+            multiprocess.set_start_method(saved_mp, force=True)
+
+
+def _read_json_records(path: Path) -> list[dict[str, Any]]:
+    """Data-Juicer's export: one jsonl file (default executor) or a folder of json shards (Ray executor)."""
+    if not path.exists():
+        return []
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and ".json" in p.name)
+    out: list[dict[str, Any]] = []
+    for file in files:
+        with open(file, encoding="utf-8") as f:
+            out.extend(json.loads(line) for line in f if line.strip())
+    return out
+
+
+def _filter_op_names(ops: list[dict[str, Any]]) -> set[str]:
+    from data_juicer.ops import OPERATORS
+    from data_juicer.ops.base_op import Filter
+
+    return {name for item in ops for name in item
+            if name in OPERATORS.modules and issubclass(OPERATORS.modules[name], Filter)}
+
+
+def run_data_juicer(cfg: ExperimentConfig, samples: list[dict[str, Any]], dj_dir: Path
+                    ) -> tuple[list[dict[str, Any]], dict[str, tuple[str, dict[str, Any]]]]:
+    """Run cfg.filter.ops over `samples` (tutorial format, all readable) in dj_dir.
+
+    Returns (kept records as Data-Juicer exported them, {dropped id: (op name, stats)} from its tracer)."""
+    import yaml
+
+    if dj_dir.exists():
+        shutil.rmtree(dj_dir)
+    dj_dir.mkdir(parents=True)
+    input_file = dj_dir / "input.jsonl"
+    input_file.write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples), encoding="utf-8")
+    export = dj_dir / "export" / "result.jsonl"
+    dj_cfg = {
+        "project_name": f"kolora-{cfg.name}",
+        "dataset_path": str(input_file),
+        "export_path": str(export),
+        "work_dir": str(dj_dir / "work"),
+        "ds_cache_dir": str(dj_dir / "hf" / "datasets"),
+        "executor_type": cfg.filter.executor,
+        "np": cfg.filter.np,
+        "text_keys": "text",
+        "image_key": "image",
+        "skip_op_error": False,
+        "open_tracer": True,
+        "trace_num": max(1, len(samples)),
+        "keep_stats_in_res_ds": True,
+        "process": copy.deepcopy(cfg.filter.ops),
+    }
+    config_file = dj_dir / "config.yaml"
+    config_file.write_text(yaml.safe_dump(dj_cfg, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    console = dj_dir / "console.log"
+    with _contained(dj_dir, console):
+        try:
+            from data_juicer.config import init_configs
+
+            dj = init_configs(["--config", str(config_file)])
+            if cfg.filter.executor == "ray":
+                from data_juicer.core.executor.ray_executor import RayExecutor
+
+                RayExecutor(dj).run()
+            else:
+                from data_juicer.core import DefaultExecutor
+
+                DefaultExecutor(dj).run()
+        except BaseException as e:
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            err = e
+        else:
+            err = None
+    if err is not None:
+        raise FilterError(f"Data-Juicer failed on filter.ops: {err.__class__.__name__}: {err}\n"
+                          f"(its config: {config_file}; its output: {console} and {dj_dir / 'work'})") from err
+    kept = _read_json_records(export)
+    dropped: dict[str, tuple[str, dict[str, Any]]] = {}
+    filters = _filter_op_names(cfg.filter.ops)
+    for trace in sorted((dj_dir / "work").rglob("sample_trace-*.jsonl")):
+        op = trace.name.removeprefix("sample_trace-").removesuffix(".jsonl")
+        if op not in filters:  # mappers trace changed texts, not dropped samples
+            continue
+        for rec in _read_json_records(trace):
+            if "id" in rec:
+                dropped.setdefault(str(rec["id"]), (op, rec.get("__dj__stats__") or {}))
+    return kept, dropped
+
+
+# the stage --------------------------------------------------------------------------------------------------
+def _strip_tokens(text: str) -> str:
+    for tok in DJ_SPECIAL_TOKENS:
+        text = text.replace(tok, "")
+    return text.strip()
+
+
+def _first_image(rec: dict[str, Any]) -> str | None:
+    img = rec.get("image")
+    if isinstance(img, list):
+        return img[0] if img else None
+    return img
+
+
+def _write_trainset(kept: list[dict[str, Any]], trainset: Path) -> None:
+    with atomic_dir(trainset) as work:
+        train = work / "train"
+        train.mkdir()
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(["file_name", "text"])
+        for n, rec in enumerate(kept):
+            src = Path(rec["image"][0])
+            name = f"{n}{src.suffix.lower() or '.jpg'}"
+            try:
+                os.link(src, train / name)
+            except OSError:
+                shutil.copyfile(src, train / name)
+            writer.writerow([name, rec["text"]])
+        atomic_write_text(train / "metadata.csv", buf.getvalue())
+
+
+def _by_op_message(by_op: Counter, header: Counter) -> str:
+    parts = [f"{op} dropped {n}" for op, n in by_op.items()] + [f"{n} {r}" for r, n in header.items()]
+    return ", ".join(parts) or "nothing was dropped by an op"
+
+
+def run(cfg: ExperimentConfig, run: RunDir) -> dict[str, Any]:
+    """Filter run.data into run.filter (result.jsonl, report.json) and run.trainset; return a summary."""
+    from kolora.ingest import read_samples
+
+    t0 = time.perf_counter()
+    validate_ops(cfg.filter.ops)
+    meta = run.data / "metadata.jsonl"
+    if not meta.is_file():
+        raise FilterError(f"{meta} does not exist: run the ingest stage first")
+    samples = read_samples(meta)
+    rejected = read_samples(run.data / "rejected.jsonl")
+    run.filter.mkdir(parents=True, exist_ok=True)
+
+    # 1. header pass
+    report: dict[str, dict[str, Any]] = {}
+    good: list[dict[str, Any]] = []
+    for s in samples:
+        image = _first_image(s)
+        reason, size = check_image(image) if image else ("no image", None)
+        report[s["id"]] = {"id": s["id"], "image": image, "text": s.get("text"), "size": list(size) if size else None,
+                           "kept": False, "reason": reason, "op": None, "stage": "header" if reason else None}
+        if reason is None:
+            good.append({"id": s["id"], "text": s["text"], "image": [image]})
+    t_header = time.perf_counter() - t0
+
+    # 2. Data-Juicer
+    kept: list[dict[str, Any]] = []
+    t1 = time.perf_counter()
+    if good:
+        dj_kept, dropped = run_data_juicer(cfg, good, run.filter / "dj")
+        good_ids = {g["id"] for g in good}
+        for rec in dj_kept:
+            sid = str(rec.get("id"))
+            if sid not in good_ids:
+                raise RuntimeError(f"Data-Juicer returned a sample that was not in its input: {rec!r}")
+            image = _first_image(rec)
+            out = {"id": sid, "text": _strip_tokens(str(rec.get("text", ""))), "image": [image]}
+            kept.append(out)
+            report[sid].update(kept=True, reason=None, stage=None, image=image, text=out["text"],
+                               stats=rec.get("__dj__stats__") or None)
+        kept_ids = {k["id"] for k in kept}
+        for sid in good_ids - kept_ids:
+            op, stats = dropped.get(sid, (None, {}))
+            report[sid].update(stage="data-juicer", op=op, stats=stats or None,
+                               reason=f"filtered by {op}" if op else "dropped by Data-Juicer (no op traced it)")
+    t_dj = time.perf_counter() - t1
+
+    entries = list(report.values()) + [
+        {"id": None, "source": r.get("source"), "image": r.get("image"), "text": r.get("text"), "kept": False,
+         "reason": r.get("reason"), "op": None, "stage": "ingest"} for r in rejected]
+    n_kept = sum(e["kept"] for e in entries)
+    if len(report) != len(samples) or n_kept != len(kept) or len(entries) != len(samples) + len(rejected):
+        raise RuntimeError(f"filter: counts do not add up ({len(samples)} samples + {len(rejected)} rejected in, "
+                           f"{len(entries)} report entries, {n_kept} kept vs {len(kept)} exported)")
+    by_reason = Counter(e["reason"] for e in entries if not e["kept"])
+    by_op = Counter(e["op"] for e in entries if e["op"])
+    header = Counter(e["reason"] for e in entries if e["stage"] in ("header", "ingest"))
+    summary = {
+        "input": len(samples) + len(rejected), "samples": len(samples), "rejected_at_ingest": len(rejected),
+        "kept": len(kept), "dropped": len(entries) - len(kept), "by_reason": dict(by_reason), "by_op": dict(by_op),
+        "ops": [next(iter(op)) for op in cfg.filter.ops], "executor": cfg.filter.executor, "np": cfg.filter.np,
+        "seconds": {"header": round(t_header, 2), "data_juicer": round(t_dj, 2)},
+    }
+    atomic_write_json(run.filter / "report.json", {"summary": summary, "samples": entries})
+    atomic_write_text(run.filter / "result.jsonl", "".join(json.dumps(k, ensure_ascii=False) + "\n" for k in kept))
+    if not kept:
+        shutil.rmtree(run.trainset, ignore_errors=True)
+        raise FilterError(
+            f"filter: no sample kept out of {summary['input']} ({_by_op_message(by_op, header)}); relax filter.ops "
+            f"(e.g. lower min_width/min_height, widen min_ratio/max_ratio) or check the data. "
+            f"Every sample and its reason: {run.filter / 'report.json'}")
+    _write_trainset(kept, run.trainset)
+    summary["seconds"]["total"] = round(time.perf_counter() - t0, 2)
+    run.mark_complete("filter", cfg, **{k: summary[k] for k in ("input", "kept", "dropped", "by_reason")})
+    return summary

@@ -1,0 +1,61 @@
+"""grid: the storyboard. Tiles in prompt-set order, `columns` per row (the tutorial's 2 × 4), optional
+captions under each tile."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from kolora.config import ExperimentConfig
+from kolora.render import tiles
+from kolora.rundir import RunDir, atomic_path
+
+
+def _font(path: Path | None, size: int):
+    from PIL import ImageFont
+
+    if path is not None:
+        return ImageFont.truetype(str(path), size)
+    return ImageFont.load_default(size=size)
+
+
+def _fit(draw, text: str, font, width: int) -> str:
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "…", font=font) > width:
+        text = text[:-1]
+    return text + "…"
+
+
+def run(cfg: ExperimentConfig, run: RunDir, progress=None) -> dict[str, Any]:
+    from PIL import Image, ImageDraw
+
+    g = cfg.grid
+    all_tiles = tiles(cfg)
+    cells = g.columns * g.rows
+    if len(all_tiles) > cells:
+        raise ValueError(f"grid: {len(all_tiles)} tiles do not fit grid.columns × grid.rows = {cells}; "
+                         f"raise grid.rows or grid.columns")
+    missing = [name for _, _, name in all_tiles if not (run.render / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"grid: {len(missing)} tiles missing in {run.render} (e.g. {missing[0]}): "
+                                "run the render stage first")
+    images = []
+    for _, _, name in all_tiles:
+        with Image.open(run.render / name) as im:
+            im = im.convert("RGB")
+            images.append(im.resize((g.tile_size, g.tile_size), Image.LANCZOS) if g.tile_size else im.copy())
+    w, h = images[0].size
+    caption_h = 0 if g.captions == "none" else max(12, h // 8)
+    font = _font(g.font, max(8, caption_h * 3 // 4)) if caption_h else None
+    sheet = Image.new("RGB", (g.columns * w, g.rows * (h + caption_h)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for k, ((_, item, _), im) in enumerate(zip(all_tiles, images, strict=True)):
+        x, y = (k % g.columns) * w, (k // g.columns) * (h + caption_h)
+        sheet.paste(im.resize((w, h)) if im.size != (w, h) else im, (x, y))
+        if caption_h:
+            text = f"#{k + 1} seed {item.seed}" if g.captions == "seed" else item.prompt
+            draw.text((x + 2, y + h + 1), _fit(draw, text, font, w - 4), fill="black", font=font)
+    with atomic_path(run.grid_file) as tmp:
+        sheet.save(tmp, format="PNG")
+    return {"grid": str(run.grid_file), "tiles": len(images), "size": list(sheet.size)}

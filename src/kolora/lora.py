@@ -1,0 +1,121 @@
+"""The LoRA adapter: its peft config, and the file kolora writes (diffusers' format + rank/alpha metadata).
+
+The file is diffusers' `pytorch_lora_weights.safetensors` (what `KolorsPipeline.load_lora_weights` reads),
+written through diffusers' own `save_lora_weights` with the peft adapter config in its metadata, plus
+kolora's `kolora.rank` / `kolora.alpha` keys. Because alpha travels inside the file, rendering always
+uses the trained alpha (the tutorial's train alpha 4 / render alpha 2 mismatch cannot happen).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from kolora.rundir import atomic_path
+
+WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+class LoraFileError(ValueError):
+    pass
+
+
+def lora_config(rank: int, alpha: float, target_modules: list[str]):
+    from peft import LoraConfig
+
+    # The tutorial's init (DiffSynth): gaussian A, zero B, so step 0 equals the base model.
+    return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(target_modules))
+
+
+def add_lora(unet, rank: int, alpha: float, target_modules: list[str], adapter_name: str = "default"):
+    unet.add_adapter(lora_config(rank, alpha, target_modules), adapter_name=adapter_name)
+    return unet
+
+
+def save_lora(unet, path: Path, rank: int, alpha: float, target_modules: list[str],
+              extra_metadata: dict[str, str] | None = None) -> Path:
+    """Write the UNet's LoRA to `path` (a .safetensors file) atomically."""
+    import safetensors.torch
+    from diffusers import KolorsPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    path = Path(path)
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    layers = {k: v.detach().to("cpu").contiguous() for k, v in layers.items()}
+    adapter_meta = lora_config(rank, alpha, target_modules).to_dict()
+    # sets → sorted lists (a set's order changes between processes: the file would not be reproducible)
+    adapter_meta = json.loads(json.dumps(adapter_meta, default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
+
+    def save_function(weights: dict[str, Any], filename: str) -> None:
+        # diffusers builds `metadata`; we add ours and write atomically into the final path.
+        meta = {"format": "pt",
+                "lora_adapter_metadata": json.dumps(
+                    {f"unet.{k}": v for k, v in adapter_meta.items()}, indent=2, sort_keys=True),
+                "kolora.rank": str(rank), "kolora.alpha": repr(float(alpha)),
+                "kolora.target_modules": json.dumps(list(target_modules)), **(extra_metadata or {})}
+        with atomic_path(path) as tmp:
+            safetensors.torch.save_file(weights, str(tmp), metadata=meta)
+            canonicalize_header(tmp)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    KolorsPipeline.save_lora_weights(save_directory=str(path.parent), unet_lora_layers=layers,
+                                     weight_name=path.name, save_function=save_function,
+                                     unet_lora_adapter_metadata=adapter_meta)
+    return path
+
+
+def canonicalize_header(path: Path) -> None:
+    """Rewrite a safetensors header with sorted keys, in place.
+
+    safetensors serialises its header from a Rust HashMap, so the same tensors and metadata give different
+    bytes in every process; sorting makes a LoRA file bit-reproducible (same config → same sha256).
+    The header keeps its length (padding with spaces is allowed by the format), so offsets stay valid."""
+    import struct
+
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        canon = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(canon) > n:  # cannot happen for a header written compactly; keep the file as written
+            return
+        f.seek(8)
+        f.write(canon + b" " * (n - len(canon)))
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise LoraFileError(f"LoRA file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise LoraFileError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def rank_alpha(path: Path) -> tuple[int, float]:
+    meta = read_metadata(path)
+    if "kolora.rank" in meta:
+        return int(meta["kolora.rank"]), float(meta["kolora.alpha"])
+    if "lora_adapter_metadata" in meta:
+        m = json.loads(meta["lora_adapter_metadata"])
+        return int(m["unet.r"]), float(m["unet.lora_alpha"])
+    raise LoraFileError(f"{path}: no rank/alpha in the file's metadata; import it with `kolora import-lora` "
+                        "and an explicit --alpha")
+
+
+def resolve_file(path: Path) -> Path:
+    path = Path(path)
+    return path / WEIGHT_NAME if path.is_dir() else path
+
+
+def load_into_pipeline(pipe, path: Path, scale: float = 1.0, adapter_name: str = "kolora") -> None:
+    """Load a kolora/diffusers LoRA into a KolorsPipeline; alpha/rank comes from the file's metadata."""
+    path = resolve_file(path)
+    rank_alpha(path)  # fail early with a clear message if the file has no alpha
+    pipe.load_lora_weights(str(path), adapter_name=adapter_name)
+    pipe.set_adapters([adapter_name], adapter_weights=[scale])

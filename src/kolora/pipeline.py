@@ -1,0 +1,157 @@
+"""The stage graph and the in-process runner.
+
+A stage is `kolora.<stage>.run(cfg, run_dir, **kw) -> summary`. `run_stage` adds what every launcher
+needs around it: skip when complete, clear outputs left by a different config, time it, record it in the
+manifest, mark it complete. `preflight` checks everything that can be checked before any stage runs.
+The Slurm launcher calls the same `run_stage` inside each job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import platform
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from kolora.config import ConfigError, ExperimentConfig, load_prompts
+from kolora.rundir import STAGE_INPUTS, STAGES, RunDir, atomic_write_text
+
+# What each stage owns in the run directory (cleared when the stage reruns for a different config).
+STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
+    "ingest": ("data",), "filter": ("filter", "trainset"), "cache": (), "train": ("train", "lora"),
+    "render": ("render",), "grid": ("grid.png",),
+}
+
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+               "DIFFUSERS_OFFLINE": "1", "MODELSCOPE_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def preflight(cfg: ExperimentConfig) -> None:
+    """Fail before queueing or running anything: prompt set, model files, dataset paths, filter ops."""
+    from kolora import models
+
+    prompts = load_prompts(cfg.render.prompts, cfg.render.negative_prompt)
+    cells = cfg.grid.columns * cfg.grid.rows
+    if len(prompts) > cells:
+        raise ConfigError(f"grid: {len(prompts)} prompts in {cfg.render.prompts} do not fit grid.columns × "
+                          f"grid.rows = {cells}; raise grid.rows or grid.columns")
+    if not (cfg.model.tiny and not Path(cfg.model.path).exists()):
+        models.resolve(cfg.model)
+    if cfg.data.path is not None and not Path(cfg.data.path).exists():
+        raise ConfigError(f"data.path: {cfg.data.path} does not exist (source {cfg.data.source!r}); "
+                          "fix the path or download the dataset first")
+    if cfg.render.lora is not None:
+        from kolora import lora
+
+        lora.rank_alpha(lora.resolve_file(cfg.render.lora))
+    from kolora.filter import validate_ops
+
+    validate_ops(cfg.filter.ops)
+
+
+@contextlib.contextmanager
+def offline_env(run: RunDir) -> Iterator[None]:
+    """No downloads from stage code; library caches inside the run directory."""
+    saved = {k: os.environ.get(k) for k in (*OFFLINE_ENV, "HF_HOME", "MODELSCOPE_CACHE")}
+    os.environ.update(OFFLINE_ENV)
+    os.environ.setdefault("HF_HOME", str(run.root / ".hf_home"))
+    os.environ.setdefault("MODELSCOPE_CACHE", str(run.root / ".modelscope"))
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _clear_stale(stage: str, cfg: ExperimentConfig, run: RunDir) -> None:
+    stamp = run.root / ".inputs" / stage
+    digest = cfg.section_digest(*STAGE_INPUTS[stage])
+    if stamp.is_file() and stamp.read_text().strip() != digest:
+        for name in STAGE_OUTPUTS[stage]:
+            p = run.root / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+    atomic_write_text(stamp, digest + "\n")
+
+
+def run_stage(stage: str, cfg: ExperimentConfig, run: RunDir, force: bool = False,
+              progress: Callable[[int, int], None] | None = None, **kw: Any) -> dict[str, Any]:
+    """Run one stage unless complete; returns its summary (with `skipped: True` when it was)."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
+    if not force and run.is_complete(stage, cfg):
+        return {"skipped": True}
+    if force:
+        run.invalidate_from(stage)
+    _clear_stale(stage, cfg, run)
+    if stage in ("cache", "train", "render"):
+        from kolora.models import ensure_model
+
+        ensure_model(cfg.model)
+    module = importlib.import_module(f"kolora.{stage}")
+    if stage in ("cache", "train", "render"):
+        from kolora.models import quiet_libraries
+
+        quiet_libraries()
+    started = time.time()
+    run.record_stage(stage, status="running", started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    try:
+        with offline_env(run):
+            summary = module.run(cfg, run, progress=progress, **kw)
+    except BaseException as e:
+        run.record_stage(stage, status="failed", error=f"{type(e).__name__}: {e}"[:2000],
+                         wall_s=round(time.time() - started, 2))
+        raise
+    wall = round(time.time() - started, 2)
+    done = stage != "render" or not _missing_tiles(cfg, run)
+    with run.manifest() as m:
+        entry = m.setdefault("stages", {}).setdefault(stage, {})
+        entry.update(status="complete" if done else "partial", summary=summary, error=None)
+        entry["wall_s"] = round(entry.get("wall_s", 0) + wall, 2) if stage == "render" and "task" in kw else wall
+    if done:
+        run.mark_complete(stage, cfg, **{"wall_s": wall})
+    return {**summary, "wall_s": wall}
+
+
+def _missing_tiles(cfg: ExperimentConfig, run: RunDir) -> list[str]:
+    from kolora.render import missing_tiles
+
+    return missing_tiles(cfg, run)
+
+
+def provenance() -> dict[str, Any]:
+    pkgs = ["kolora", "torch", "diffusers", "transformers", "peft", "lightning", "py-data-juicer", "modelscope",
+            "submitit", "pydantic"]
+    versions = {}
+    for p in pkgs:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[p] = metadata.version(p)
+    src = Path(__file__).resolve().parent
+    sha = None
+    if shutil.which("git"):
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            out = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                 timeout=5)
+            sha = out.stdout.strip() or None
+    return {"git_sha": sha, "versions": versions, "python": platform.python_version(), "host": platform.node(),
+            "image": os.environ.get("KOLORA_IMAGE"), "image_digest": os.environ.get("KOLORA_IMAGE_DIGEST")}
+
+
+def open_run(cfg: ExperimentConfig, runs_dir: Path) -> RunDir:
+    run = RunDir(Path(runs_dir) / cfg.name)
+    run.bind(cfg)
+    with run.manifest() as m:
+        m["provenance"] = provenance()
+    return run

@@ -1,0 +1,196 @@
+"""The run directory: layout, atomic writes, the manifest and per-stage completion markers.
+
+Every stage writes its outputs with `atomic_write*` (temp file in the same folder + os.replace), and
+marks itself complete with `mark_complete` as its very last action; `is_complete` is what makes a
+second `kolora run` (or a requeued job) skip finished work. The manifest is shared by concurrent jobs
+(render array tasks), so it is updated under an exclusive file lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from kolora.config import ExperimentConfig, dump_config
+
+STAGES = ("ingest", "filter", "cache", "train", "render", "grid")
+
+# Which config sections each stage's output depends on (a stage reruns when they change).
+STAGE_INPUTS: dict[str, tuple[str, ...]] = {
+    "ingest": ("data",),
+    "filter": ("data", "filter"),
+    "cache": ("data", "filter", "model", "cache", "train"),
+    "train": ("data", "filter", "model", "cache", "train"),
+    "render": ("data", "filter", "model", "train", "render"),
+    "grid": ("data", "filter", "model", "train", "render", "grid"),
+}
+
+
+class RunError(RuntimeError):
+    """A problem with a run directory, with a message naming the file and the fix."""
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path, suffix: str = "") -> Iterator[Path]:
+    """Yield a temp path next to `path` for writers that want a filename (PIL, safetensors, torch.save);
+    it replaces `path` only if the block finishes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix or path.suffix)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """Yield an empty temp folder next to `path`; if the block finishes it takes `path`'s place (a previous
+    `path` is removed), otherwise it is deleted. Leftovers of an interrupted earlier attempt are cleared."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.dirtmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".dirtmp"))
+    try:
+        yield tmp
+        if path.exists():
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old.", suffix=".dirtmp"))
+            os.replace(path, old / path.name)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+class RunDir:
+    def __init__(self, root: Path | str):
+        self.root = Path(root).resolve()
+
+    # layout -------------------------------------------------------------------------------------------
+    @property
+    def config_file(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def manifest_file(self) -> Path:
+        return self.root / "manifest.json"
+
+    def __getattr__(self, name: str) -> Path:  # data, filter, trainset, cache, train, lora, render, slurm
+        if name in ("data", "filter", "trainset", "cache", "train", "lora", "render", "slurm"):
+            return self.root / name
+        raise AttributeError(name)
+
+    @property
+    def grid_file(self) -> Path:
+        return self.root / "grid.png"
+
+    # binding a config -------------------------------------------------------------------------------
+    def bind(self, cfg: ExperimentConfig) -> None:
+        """Create the run directory for `cfg`, or check an existing one belongs to the same config.
+
+        A stage whose inputs changed is reset by its marker check, so a changed config is allowed;
+        the frozen config.yaml is replaced and the manifest records the new digest."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.config_file, dump_config(cfg))
+        with self.manifest() as m:
+            m.setdefault("created", _now())
+            m["name"] = cfg.name
+            m["config_digest"] = cfg.digest()
+            m["seeds"] = {"experiment": cfg.seed, "train": cfg.train.seed, "synthetic_data": cfg.data.synthetic.seed,
+                          "render": "per prompt (see render.prompts)"}
+            m.setdefault("stages", {})
+
+    def load_config(self) -> ExperimentConfig:
+        from kolora.config import load_config
+
+        if not self.config_file.is_file():
+            raise RunError(f"{self.root} is not a kolora run directory (no config.yaml)")
+        return load_config(self.config_file)
+
+    # manifest -----------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def manifest(self) -> Iterator[dict[str, Any]]:
+        """Read-modify-write the manifest under an exclusive lock (safe across concurrent jobs)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".manifest.lock", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                m = json.loads(self.manifest_file.read_text()) if self.manifest_file.is_file() else {}
+                yield m
+                atomic_write_json(self.manifest_file, m)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def read_manifest(self) -> dict[str, Any]:
+        return json.loads(self.manifest_file.read_text()) if self.manifest_file.is_file() else {}
+
+    def record_stage(self, stage: str, **fields: Any) -> None:
+        with self.manifest() as m:
+            m.setdefault("stages", {}).setdefault(stage, {}).update(fields)
+
+    # completion markers -------------------------------------------------------------------------------
+    def _marker(self, stage: str) -> Path:
+        return self.root / ".complete" / f"{stage}.json"
+
+    def is_complete(self, stage: str, cfg: ExperimentConfig) -> bool:
+        marker = self._marker(stage)
+        if not marker.is_file():
+            return False
+        try:
+            info = json.loads(marker.read_text())
+        except (OSError, json.JSONDecodeError):
+            return False
+        return info.get("inputs") == cfg.section_digest(*STAGE_INPUTS[stage])
+
+    def mark_complete(self, stage: str, cfg: ExperimentConfig, **summary: Any) -> None:
+        atomic_write_json(self._marker(stage), {"inputs": cfg.section_digest(*STAGE_INPUTS[stage]),
+                                                "finished": _now(), **summary})
+
+    def invalidate_from(self, stage: str) -> None:
+        """Drop the completion markers of `stage` and every stage after it."""
+        for s in STAGES[STAGES.index(stage):]:
+            with contextlib.suppress(FileNotFoundError):
+                self._marker(s).unlink()

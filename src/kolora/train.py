@@ -1,0 +1,222 @@
+"""train: a LoRA on the Kolors UNet from cached embeddings and latents (Lightning + peft).
+
+The objective is the tutorial's (DiffSynth 1.1.9): scaled-linear betas up to 0.014 over 1100 steps, one
+uniform timestep per batch, epsilon target, MSE, AdamW without schedule. Noise and timestep of step k are
+drawn from a generator seeded by (seed, k), and the sample order of step k is a pure function of
+(seed, k): a run resumed from any checkpoint continues exactly as if it had never stopped.
+
+Outputs: train/checkpoints/ (Lightning checkpoints holding only the LoRA tensors + optimizer + loop state),
+train/metrics.csv (one row per optimizer step), lora/pytorch_lora_weights.safetensors (rank/alpha inside).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from kolora import lora as lora_io
+from kolora import models
+from kolora.config import ExperimentConfig, TrainConfig
+from kolora.rundir import RunDir, atomic_write_text
+
+log = logging.getLogger("kolora.train")
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+class CachedSamples(Dataset):
+    """Training samples read from cache/: (latents, prompt_embeds, pooled, time_ids)."""
+
+    def __init__(self, cache_dir: Path):
+        index = json.loads((Path(cache_dir) / "index.json").read_text())
+        self.dir = Path(cache_dir)
+        self.entries = index["entries"]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        e = self.entries[i]
+        text = load_file(str(self.dir / "text" / f"{e['text_key']}.safetensors"))
+        lat = load_file(str(self.dir / "latents" / f"{e['latent_key']}.safetensors"))
+        return {"latents": lat["latents"], "prompt_embeds": text["prompt_embeds"], "pooled": text["pooled"],
+                "time_ids": torch.tensor(e["time_ids"], dtype=torch.float32)}
+
+
+class StepSampler(Sampler[int]):
+    """Sample i of the run is `perm_e[i % n]` with e = i // n and perm_e a permutation seeded by (seed, e):
+    epochs are reshuffled, and starting at `start` (resume) yields exactly the rest of the sequence."""
+
+    def __init__(self, n: int, total: int, seed: int, start: int = 0):
+        self.n, self.total, self.seed, self.start = n, total, seed, start
+
+    def __len__(self) -> int:
+        return max(0, self.total - self.start)
+
+    def __iter__(self):
+        perm, epoch = None, -1
+        for i in range(self.start, self.total):
+            if i // self.n != epoch:
+                epoch = i // self.n
+                g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                perm = torch.randperm(self.n, generator=g).tolist()
+            yield perm[i % self.n]
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 2_654_435_761 + step) % (2**63))
+
+
+class LoRATrainer(L.LightningModule):
+    def __init__(self, unet, tcfg: TrainConfig):
+        super().__init__()
+        self.unet = unet
+        self.tcfg = tcfg
+        self.noise_scheduler = models.training_scheduler()
+        self.register_buffer("alphas_cumprod", self.noise_scheduler.alphas_cumprod.clone(), persistent=False)
+        # Checkpoints carry only the LoRA tensors (not the 2.6 B frozen UNet weights): load non-strictly.
+        self.strict_loading = False
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        return {k: v for k, v in self.state_dict().items() if k in names}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = self.trainable_state_dict()
+        checkpoint["kolora"] = {"rank": self.tcfg.rank, "alpha": self.tcfg.alpha}
+
+    def configure_optimizers(self):
+        params = [p for p in self.unet.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=self.tcfg.lr)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int):
+        latents = batch["latents"]
+        g = step_generator(self.tcfg.seed, self.global_step)
+        noise = torch.randn(latents.shape, generator=g, dtype=torch.float32).to(latents.device, latents.dtype)
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (1,), generator=g)
+        timesteps = t.expand(latents.shape[0]).to(latents.device)
+        a = self.alphas_cumprod.to(latents.device)[timesteps].float().view(-1, 1, 1, 1)
+        noisy = (a.sqrt() * latents.float() + (1 - a).sqrt() * noise.float()).to(latents.dtype)
+        pred = self.unet(noisy, timesteps, encoder_hidden_states=batch["prompt_embeds"],
+                         added_cond_kwargs={"text_embeds": batch["pooled"], "time_ids": batch["time_ids"]}).sample
+        loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
+        self.log("loss", loss.detach(), prog_bar=True, on_step=True, batch_size=latents.shape[0])
+        return loss
+
+
+class MetricsCSV(L.Callback):
+    """train/metrics.csv with one row per optimizer step. Rows are written with each checkpoint (so the
+    file and the newest checkpoint agree) and at the end; on resume, rows past the checkpoint are dropped."""
+
+    FIELDS = ["step", "loss", "lr"]
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.rows: list[dict[str, Any]] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.path.is_file():
+            with open(self.path, newline="") as f:
+                self.rows = [r for r in csv.DictReader(f) if int(r["step"]) <= trainer.global_step]
+        self._flush()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        lr = trainer.optimizers[0].param_groups[0]["lr"]
+        self.rows.append({"step": trainer.global_step, "loss": f"{float(loss):.6g}", "lr": f"{lr:.6g}"})
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        self._flush()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._flush()
+
+    def _flush(self) -> None:
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=self.FIELDS)
+        w.writeheader()
+        w.writerows(self.rows)
+        atomic_write_text(self.path, buf.getvalue())
+
+
+def resolve_precision(precision: str, accelerator: str) -> tuple[str, str | None]:
+    """Lightning precision for this machine, and a note when it had to substitute."""
+    want = "32-true" if precision in ("32", "32-true") else precision
+    if accelerator == "cpu" and want == "16-mixed":
+        return "32-true", "16-mixed precision needs a GPU; training in 32-true on this CPU"
+    return want, None
+
+
+def _accelerator(choice: str) -> str:
+    if choice == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    return choice
+
+
+def last_checkpoint(ckpt_dir: Path) -> Path | None:
+    last = Path(ckpt_dir) / "last.ckpt"
+    return last if last.is_file() else None
+
+
+def run(cfg: ExperimentConfig, run: RunDir, progress=None) -> dict[str, Any]:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    tcfg = cfg.train
+    accel = _accelerator(tcfg.accelerator)
+    precision, note = resolve_precision(tcfg.precision, accel)
+    if note:
+        log.warning(note)
+    weight_dtype = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}.get(precision, torch.float32)
+
+    files = models.resolve(cfg.model)
+    unet = models.load_unet(files, weight_dtype).train()
+    torch.manual_seed(tcfg.seed)  # the LoRA A matrices' gaussian init
+    lora_io.add_lora(unet, tcfg.rank, tcfg.alpha, tcfg.target_modules)
+    for p in unet.parameters():  # LoRA weights train in float32 whatever the base dtype
+        if p.requires_grad:
+            p.data = p.data.float()
+    if tcfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+
+    data = CachedSamples(run.cache)
+    ckpt_dir = run.train / "checkpoints"
+    resume = last_checkpoint(ckpt_dir)
+    start_step = torch.load(resume, map_location="cpu", weights_only=True)["global_step"] if resume else 0
+    sampler = StepSampler(len(data), tcfg.steps * tcfg.batch_size, tcfg.seed, start=start_step * tcfg.batch_size)
+    loader = torch.utils.data.DataLoader(data, batch_size=tcfg.batch_size, sampler=sampler,
+                                         num_workers=tcfg.num_workers, drop_last=False)
+
+    module = LoRATrainer(unet, tcfg)
+    plugins = []
+    if "SLURM_JOB_ID" in os.environ:
+        # kolora's launcher owns signals and requeue; Lightning's own SLURM auto-requeue must stay out.
+        from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    trainer = L.Trainer(
+        accelerator=accel, devices=1, precision=precision, max_steps=tcfg.steps, max_epochs=-1,
+        logger=False, default_root_dir=str(run.train), plugins=plugins, enable_model_summary=False,
+        callbacks=[ModelCheckpoint(dirpath=str(ckpt_dir), every_n_train_steps=tcfg.checkpoint_every,
+                                   save_top_k=1, save_last=True, filename="step={step:06d}",
+                                   auto_insert_metric_name=False),
+                   MetricsCSV(run.train / "metrics.csv")],
+        num_sanity_val_steps=0, log_every_n_steps=1, deterministic=False,
+    )
+    trainer.fit(module, train_dataloaders=loader, ckpt_path=str(resume) if resume else None)
+
+    out = lora_io.save_lora(unet, run.lora / LORA_FILE, tcfg.rank, tcfg.alpha, tcfg.target_modules,
+                            extra_metadata={"kolora.steps": str(tcfg.steps), "kolora.config": cfg.digest()})
+    rows = list(csv.DictReader(open(run.train / "metrics.csv")))
+    return {"steps": trainer.global_step, "resumed_from_step": start_step, "precision": precision,
+            "last_loss": float(rows[-1]["loss"]) if rows else None, "lora": str(out),
+            "trainable_params": sum(p.numel() for p in unet.parameters() if p.requires_grad)}
