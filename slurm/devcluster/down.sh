@@ -4,7 +4,7 @@
 # munge key) is kept for the next up.sh unless --purge is given, which deletes it.
 set -euo pipefail
 
-# shellcheck source=slurm/devcluster/lib.sh
+# shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 PURGE=false

@@ -1,4 +1,4 @@
-# shellcheck shell=bash
+# shellcheck shell=bash disable=SC2034  # the variables here are used by the scripts that source this file
 # Helpers shared by up.sh and down.sh (sourced, not run).
 
 DEVCLUSTER_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck disable=SC2034  # LAST_GPU, FIRST_JOB_ID, ... are read by render() through ${!name}
 # Start the kolora devcluster: a real single-node Slurm (munged, MariaDB, slurmdbd, slurmctld, slurmd) with
 # partitions cpu, gpu (2 fake GPUs, preemptible) and gpu-urgent. All state lives in one folder:
 # $KOLORA_DEVCLUSTER, else .devcluster/ in the checkout. Idempotent: starts only what is not running, and is a
@@ -12,7 +13,7 @@
 set -euo pipefail
 shopt -u patsub_replacement 2>/dev/null || true   # bash 5.2: keep '&' literal in ${var//pattern/replacement}
 
-# shellcheck source=slurm/devcluster/lib.sh
+# shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 STARTED_AT=$EPOCHSECONDS
@@ -22,8 +23,9 @@ GPUS=2
 GRACE_TIME=${KOLORA_DEVCLUSTER_GRACE_TIME:-30}
 PORT_BASE=${KOLORA_DEVCLUSTER_PORT_BASE:-6817}
 [[ $GRACE_TIME =~ ^[0-9]+$ ]] || die "KOLORA_DEVCLUSTER_GRACE_TIME must be whole seconds, got '$GRACE_TIME'"
-[[ $PORT_BASE =~ ^[0-9]+$ ]] && ((PORT_BASE >= 1024 && PORT_BASE <= 65530)) \
-  || die "KOLORA_DEVCLUSTER_PORT_BASE must be a port in 1024..65530, got '$PORT_BASE'"
+if ! [[ $PORT_BASE =~ ^[0-9]+$ ]] || ((PORT_BASE < 1024 || PORT_BASE > 65530)); then
+  die "KOLORA_DEVCLUSTER_PORT_BASE must be a port in 1024..65530, got '$PORT_BASE'"
+fi
 CTLD_PORT=$PORT_BASE
 SLURMD_PORT=$((PORT_BASE + 1))
 DBD_PORT=$((PORT_BASE + 2))
@@ -78,11 +80,7 @@ render() {
 port_free() {  # nothing listens on 127.0.0.1:$1
   ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
 }
-need_port() {  # need_port PORT DAEMON
-  port_free "$1" || die "port 127.0.0.1:$1 for $2 is taken (another devcluster? set KOLORA_DEVCLUSTER_PORT_BASE)"
-}
-
-log_tail() { [[ -f $1 ]] && tail -n 15 "$1" | sed 's/^/    /' >&2 || true; }
+log_tail() { if [[ -f $1 ]]; then tail -n 15 "$1" | sed 's/^/    /' >&2; fi; }
 
 # start_daemon NAME LOG CMD...: run CMD (which daemonizes, or is put in the background) detached from this
 # shell, then wait until the PID file names a live NAME.
@@ -158,6 +156,12 @@ if all_running && ! $CONF_CHANGED && node_usable; then
   exit 0
 fi
 
+# Before starting anything: the ports of the daemons that are not running yet must be free.
+for daemon_port in mariadbd:$DB_PORT slurmdbd:$DBD_PORT slurmctld:$CTLD_PORT slurmd:$SLURMD_PORT; do
+  daemon_pid "${daemon_port%:*}" >/dev/null || port_free "${daemon_port#*:}" \
+    || die "port 127.0.0.1:${daemon_port#*:} for ${daemon_port%:*} is taken (another devcluster? set KOLORA_DEVCLUSTER_PORT_BASE)"
+done
+
 # ---------------------------------------------------------------------------------------------------- munged
 if ! daemon_pid munged >/dev/null; then
   start_daemon munged "$ROOT/log/munged.log" munged --socket="$ROOT/munge/munge.sock" \
@@ -174,7 +178,6 @@ if [[ ! -d $ROOT/mysql/data/mysql ]]; then
     >"$ROOT/log/mysql-install.log" 2>&1 || { log_tail "$ROOT/log/mysql-install.log"; die "mariadb-install-db failed"; }
 fi
 if ! daemon_pid mariadbd >/dev/null; then
-  need_port "$DB_PORT" mariadbd
   start_daemon mariadbd "$ROOT/log/mysqld.log" mariadbd --defaults-file="$MYCNF"
 fi
 wait_for 60 "MariaDB to answer" mariadb-admin --defaults-file="$MYCNF" ping \
@@ -191,7 +194,6 @@ SQL
 
 # ---------------------------------------------------------------------------------------------------- slurmdbd
 if ! daemon_pid slurmdbd >/dev/null; then
-  need_port "$DBD_PORT" slurmdbd
   start_daemon slurmdbd "$ROOT/log/slurmdbd.log" slurmdbd   # reads dirname($SLURM_CONF)/slurmdbd.conf
 fi
 wait_for 60 "slurmdbd to answer sacctmgr" timeout 10 sacctmgr -n -P show cluster format=cluster \
@@ -202,7 +204,6 @@ fi
 
 # ---------------------------------------------------------------------------------------------------- slurmctld, slurmd
 if ! daemon_pid slurmctld >/dev/null; then
-  need_port "$CTLD_PORT" slurmctld
   start_daemon slurmctld "$ROOT/log/slurmctld.log" slurmctld -f "$CONF"
 elif $CONF_CHANGED; then
   note "slurm.conf changed: scontrol reconfigure"
@@ -210,7 +211,6 @@ elif $CONF_CHANGED; then
 fi
 wait_for 30 "slurmctld to answer" timeout 10 scontrol ping || { log_tail "$ROOT/log/slurmctld.log"; die "slurmctld"; }
 if ! daemon_pid slurmd >/dev/null; then
-  need_port "$SLURMD_PORT" slurmd
   # the marker lets down.sh find this cluster's slurmstepd processes, which inherit slurmd's environment
   start_daemon slurmd "$ROOT/log/slurmd.log" env KOLORA_DEVCLUSTER_ROOT="$ROOT" slurmd -f "$CONF"
 fi

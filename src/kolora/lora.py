@@ -108,6 +108,15 @@ def rank_alpha(path: Path) -> tuple[int, float]:
                         "and an explicit --alpha")
 
 
+def peft_state_dict(path: Path) -> dict:
+    """The file's UNet LoRA tensors under peft's key names (for `set_peft_model_state_dict`)."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from safetensors.torch import load_file
+
+    sd = {k.removeprefix("unet."): v for k, v in load_file(str(path)).items() if k.startswith("unet.")}
+    return convert_unet_state_dict_to_peft(sd)
+
+
 def resolve_file(path: Path) -> Path:
     path = Path(path)
     return path / WEIGHT_NAME if path.is_dir() else path

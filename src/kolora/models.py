@@ -152,11 +152,16 @@ def _build_and_load(cls, config: dict[str, Any], weights: Path, dtype):
     with torch.device("meta"):
         model = cls.from_config(config)
     state = load_file(str(weights))
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    hint = "set model.unet_config / model.vae_config to the matching config"
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as e:  # shape mismatches
+        first = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e)[:200])
+        raise ConfigError(f"{weights}: weights do not fit the {cls.__name__} config ({first}); {hint}") from None
     if missing or unexpected:
         raise ConfigError(f"{weights}: weights do not match the {cls.__name__} config "
                           f"({len(missing)} missing e.g. {missing[:2]}, {len(unexpected)} unexpected e.g. "
-                          f"{unexpected[:2]}); set model.unet_config / model.vae_config to the matching config")
+                          f"{unexpected[:2]}); {hint}")
     if dtype is not None and any(p.dtype != dtype for p in model.parameters()):
         model = model.to(dtype)
     return model

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import os
 import platform
 import shutil
@@ -109,7 +110,9 @@ def run_stage(stage: str, cfg: ExperimentConfig, run: RunDir, force: bool = Fals
     run.record_stage(stage, status="running", started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     try:
         with offline_env(run):
-            summary = module.run(cfg, run, progress=progress, **kw)
+            if progress is not None and "progress" in inspect.signature(module.run).parameters:
+                kw["progress"] = progress
+            summary = module.run(cfg, run, **kw)
     except BaseException as e:
         run.record_stage(stage, status="failed", error=f"{type(e).__name__}: {e}"[:2000],
                          wall_s=round(time.time() - started, 2))

@@ -172,6 +172,8 @@ def run(cfg: ExperimentConfig, run: RunDir, progress=None) -> dict[str, Any]:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     tcfg = cfg.train
+    for name in ("lightning.pytorch", "lightning.fabric"):  # hardware banners and tips, not our business
+        logging.getLogger(name).setLevel(logging.WARNING)
     accel = _accelerator(tcfg.accelerator)
     precision, note = resolve_precision(tcfg.precision, accel)
     if note:
