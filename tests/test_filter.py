@@ -220,3 +220,23 @@ def test_nothing_kept_is_a_clear_error_after_the_report(tmp_path: Path) -> None:
     assert report["summary"]["kept"] == 0 and len(report["samples"]) == 6
     assert {e["op"] for e in report["samples"]} == {"image_shape_filter"}
     assert not run.trainset.exists()
+
+
+@pytest.mark.slow
+def test_ray_executor_gives_the_same_kept_set(tmp_path: Path) -> None:
+    """~15 s: Ray starts a private local instance (RAY_ADDRESS unset) and exports a folder of json shards."""
+    pytest.importorskip("ray")
+    data = {"source": "synthetic", "synthetic": {"count": 16, "seed": 2}}
+    raw_cfg = make_cfg(tmp_path, data, DEMO_OPS)
+    cfg = raw_cfg.model_copy(update={"filter": raw_cfg.filter.model_copy(update={"executor": "ray"})})
+    run = RunDir(tmp_path / "run")
+    ingest.run(cfg, run)
+    sizes = {}
+    for line in (run.data / "metadata.jsonl").read_text(encoding="utf-8").splitlines():
+        s = json.loads(line)
+        with Image.open(s["image"][0]) as im:
+            sizes[s["id"]] = im.size
+    kfilter.run(cfg, run)
+    check_outputs(run, expected_kept(sizes, 64, 64, 0.5, 2.0))
+    assert (run.filter / "dj" / "export" / "result.jsonl").is_dir()
+    assert all(e["op"] for e in report_of(run)["samples"] if not e["kept"])

@@ -46,6 +46,9 @@ stop_pid() {
   done
 }
 
+# env.sh exists only while the cluster is up: tests and tools that look for it then skip at once.
+rm -f "$ROOT/env.sh"
+
 # 1. Jobs: cancel them through Slurm while it still runs, so they end CANCELLED in sacct and leave no processes.
 if daemon_pid slurmctld >/dev/null && daemon_pid slurmd >/dev/null; then
   jobs=$(timeout 10 squeue -h -o %A 2>/dev/null | sort -u | xargs) || jobs=

@@ -37,7 +37,7 @@ pidfile_of() {
 # and a PID that was reused by another program does not count.
 proc_alive() {
   local stat rest comm
-  stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+  { read -r stat <"/proc/$1/stat"; } 2>/dev/null || return 1
   comm=${stat#*\(}; comm=${comm%\)*}
   rest=${stat##*\) }
   [[ ${rest%% *} != [ZX] && $comm == "$2" ]]

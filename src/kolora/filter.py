@@ -231,6 +231,12 @@ def _contained(dj_dir: Path, console: Path) -> Iterator[None]:
         for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
             if k in saved_ds:
                 setattr(ds_config, k, True)
+    saved_verbosity = None
+    with contextlib.suppress(ImportError):
+        from datasets.utils import logging as ds_logging
+
+        saved_verbosity = ds_logging.get_verbosity()
+        ds_logging.set_verbosity_error()  # its handlers hold the real stderr: keep its chatter off the console
     os.chdir(dj_dir)
     log = open(console, "a", encoding="utf-8")  # noqa: SIM115 - closed in finally, after loguru let go of it
     sys.stdout = sys.stderr = log
@@ -261,6 +267,8 @@ def _contained(dj_dir: Path, console: Path) -> Iterator[None]:
                 setattr(ds_config, k, v)
         with contextlib.suppress(Exception):
             multiprocess.set_start_method(saved_mp, force=True)
+        if saved_verbosity is not None:
+            ds_logging.set_verbosity(saved_verbosity)
 
 
 def _read_json_records(path: Path) -> list[dict[str, Any]]:
@@ -303,6 +311,8 @@ def run_data_juicer(cfg: ExperimentConfig, samples: list[dict[str, Any]], dj_dir
         "work_dir": str(dj_dir / "work"),
         "ds_cache_dir": str(dj_dir / "hf" / "datasets"),
         "executor_type": cfg.filter.executor,
+        # Ray: join the cluster RAY_ADDRESS names, else start a private local one for this call
+        "ray_address": "auto" if os.environ.get("RAY_ADDRESS") else "local",
         "np": cfg.filter.np,
         "text_keys": "text",
         "image_key": "image",
@@ -321,9 +331,15 @@ def run_data_juicer(cfg: ExperimentConfig, samples: list[dict[str, Any]], dj_dir
 
             dj = init_configs(["--config", str(config_file)])
             if cfg.filter.executor == "ray":
+                import ray
                 from data_juicer.core.executor.ray_executor import RayExecutor
 
-                RayExecutor(dj).run()
+                started_here = not ray.is_initialized()
+                try:
+                    RayExecutor(dj).run()
+                finally:
+                    if started_here and ray.is_initialized():
+                        ray.shutdown()
             else:
                 from data_juicer.core import DefaultExecutor
 
@@ -418,11 +434,15 @@ def run(cfg: ExperimentConfig, run: RunDir) -> dict[str, Any]:
     t1 = time.perf_counter()
     if good:
         dj_kept, dropped = run_data_juicer(cfg, good, run.filter / "dj")
-        good_ids = {g["id"] for g in good}
-        for rec in dj_kept:
+        order = {g["id"]: i for i, g in enumerate(good)}
+        good_ids = set(order)
+        seen: set[str] = set()
+        # input order (the Ray executor exports shards in no particular order)
+        for rec in sorted(dj_kept, key=lambda r: order.get(str(r.get("id")), -1)):
             sid = str(rec.get("id"))
-            if sid not in good_ids:
-                raise RuntimeError(f"Data-Juicer returned a sample that was not in its input: {rec!r}")
+            if sid not in good_ids or sid in seen:
+                raise RuntimeError(f"Data-Juicer returned a sample that was not in its input (or twice): {rec!r}")
+            seen.add(sid)
             image = _first_image(rec)
             out = {"id": sid, "text": _strip_tokens(str(rec.get("text", ""))), "image": [image]}
             kept.append(out)

@@ -92,10 +92,10 @@ def run_stage(stage: str, cfg: ExperimentConfig, run: RunDir, force: bool = Fals
     """Run one stage unless complete; returns its summary (with `skipped: True` when it was)."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
-    if not force and run.is_complete(stage, cfg):
+    if not force and is_complete(stage, cfg, run):
         return {"skipped": True}
-    if force:
-        run.invalidate_from(stage)
+    # Whatever this stage writes makes the later stages' outputs stale.
+    run.invalidate_from(stage)
     _clear_stale(stage, cfg, run)
     if stage in ("cache", "train", "render"):
         from kolora.models import ensure_model
@@ -126,6 +126,22 @@ def run_stage(stage: str, cfg: ExperimentConfig, run: RunDir, force: bool = Fals
     if done:
         run.mark_complete(stage, cfg, **{"wall_s": wall})
     return {**summary, "wall_s": wall}
+
+
+def is_complete(stage: str, cfg: ExperimentConfig, run: RunDir) -> bool:
+    """The stage's marker matches this config *and* its outputs are still on disk (a deleted tile or
+    LoRA makes the stage run again, and only for what is missing)."""
+    if not run.is_complete(stage, cfg):
+        return False
+    if stage == "render":
+        return not _missing_tiles(cfg, run)
+    if stage == "grid":
+        tiles = list(run.render.glob("*.png"))
+        return run.grid_file.is_file() and all(
+            t.stat().st_mtime_ns <= run.grid_file.stat().st_mtime_ns for t in tiles)
+    required = {"ingest": run.data / "metadata.jsonl", "filter": run.trainset / "train" / "metadata.csv",
+                "cache": run.cache / "index.json", "train": run.lora / "pytorch_lora_weights.safetensors"}
+    return required[stage].is_file()
 
 
 def _missing_tiles(cfg: ExperimentConfig, run: RunDir) -> list[str]:

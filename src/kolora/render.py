@@ -88,4 +88,4 @@ def run(cfg: ExperimentConfig, run: RunDir, task_index: int = 0, task_count: int
             if progress:
                 progress(n, len(todo))
     return {"task": task_index, "tasks": task_count, "tiles": len(mine), "rendered": len(todo),
-            "skipped": len(mine) - len(todo)}
+            "already_done": len(mine) - len(todo)}

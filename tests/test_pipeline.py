@@ -1,0 +1,82 @@
+"""The whole embedded pipeline: `kolora run configs/demo.yaml` end to end."""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+
+from conftest import DEMO
+from PIL import Image
+
+from kolora.cli import main
+
+
+def test_demo_ends_with_a_2x4_grid(demo_run):
+    grid = Image.open(demo_run / "grid.png")
+    tile = Image.open(demo_run / "render" / "000-1.png")
+    caption_h = max(12, tile.height // 8)  # demo.yaml has seed captions
+    assert grid.size == (2 * tile.width, 4 * (tile.height + caption_h))
+    assert sorted(p.name for p in (demo_run / "render").glob("*.png")) == [
+        "000-1.png", "001-1.png", "002-2.png", "003-5.png", "004-0.png", "005-1.png", "006-7.png", "007-0.png"]
+    # The bottom-right tile is the 8th prompt's.
+    assert grid.crop((tile.width, 3 * (tile.height + caption_h), 2 * tile.width,
+                      3 * (tile.height + caption_h) + tile.height)).tobytes() == tile.convert("RGB").tobytes() \
+        or True  # noqa: SIM222 (tile 8 is 007-0.png; compared below)
+    last = Image.open(demo_run / "render" / "007-0.png").convert("RGB")
+    y = 3 * (tile.height + caption_h)
+    assert grid.convert("RGB").crop((tile.width, y, 2 * tile.width, y + tile.height)).tobytes() == last.tobytes()
+
+
+def test_every_stage_left_its_outputs(demo_run):
+    assert (demo_run / "data" / "metadata.jsonl").is_file()
+    report = json.loads((demo_run / "filter" / "report.json").read_text())
+    assert report["summary"]["kept"] > 0 and report["summary"]["dropped"] > 0
+    with open(demo_run / "trainset" / "train" / "metadata.csv", encoding="utf-8-sig") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and set(rows[0]) == {"file_name", "text"}
+    index = json.loads((demo_run / "cache" / "index.json").read_text())
+    assert len(index["entries"]) == len(rows)
+    with open(demo_run / "train" / "metrics.csv") as f:
+        steps = [int(r["step"]) for r in csv.DictReader(f)]
+    assert steps == list(range(1, 31)), "one metrics row per optimizer step, each exactly once"
+    assert (demo_run / "train" / "checkpoints" / "last.ckpt").is_file()
+    assert (demo_run / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_manifest_records_provenance_and_timings(demo_run):
+    m = json.loads((demo_run / "manifest.json").read_text())
+    assert len(m["config_digest"]) == 16
+    assert m["provenance"]["versions"]["diffusers"] and m["provenance"]["versions"]["torch"]
+    assert "git_sha" in m["provenance"]
+    assert m["seeds"]["train"] == 0
+    for stage in ("ingest", "filter", "cache", "train", "render", "grid"):
+        assert m["stages"][stage]["status"] == "complete"
+        assert m["stages"][stage]["wall_s"] >= 0
+
+
+def test_second_run_skips_every_stage(demo_run, tiny_diffusers, capsys):
+    grid_mtime = (demo_run / "grid.png").stat().st_mtime_ns
+    t0 = time.time()
+    rc = main(["run", str(DEMO), "--runs-dir", str(demo_run.parent), "--set", f"model.path={tiny_diffusers}"])
+    elapsed = time.time() - t0
+    err = capsys.readouterr().err
+    assert rc == 0
+    assert err.count("complete, skipped") == 6, err
+    assert (demo_run / "grid.png").stat().st_mtime_ns == grid_mtime
+    print(f"second run: {elapsed:.2f} s")
+
+
+def test_changed_train_config_reruns_from_train(demo_run, tiny_diffusers, tmp_path, capsys):
+    import shutil
+
+    runs = tmp_path / "runs"
+    shutil.copytree(demo_run, runs / "demo")
+    rc = main(["run", str(DEMO), "--runs-dir", str(runs), "--set", f"model.path={tiny_diffusers}",
+               "--set", "train.steps=5"])
+    err = capsys.readouterr().err
+    assert rc == 0
+    assert "ingest  complete, skipped" in err and "filter  complete, skipped" in err
+    assert "train   done" in err and "render  done" in err
+    with open(runs / "demo" / "train" / "metrics.csv") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [1, 2, 3, 4, 5]
