@@ -169,7 +169,7 @@ def test_parquet(tmp_path: Path) -> None:
     ingest.run(cfg, run)
     samples = check_layout(run, 5)
     assert [Path(s["image"][0]).read_bytes() for s in samples] == img1 + img2
-    assert [Path(s["image"][0]).suffix for s in samples] == [".img", ".img", ".img", ".jpg", ".png"]
+    assert [Path(s["image"][0]).suffix for s in samples] == [".jpg", ".png", ".jpg", ".jpg", ".png"]
     rejected = read_jsonl(run.data / "rejected.jsonl")
     assert len(rejected) == 1 and rejected[0]["reason"] == "no image" and "c.parquet" in rejected[0]["source"]
     # one file, and a clear error for a wrong column name

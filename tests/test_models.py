@@ -20,8 +20,8 @@ def _cfg(path, layout, **extra):
 
 
 def _render(cfg):
-    from kolora.render import build_pipeline, render_tile
     from kolora.config import load_prompts
+    from kolora.render import build_pipeline, render_tile
 
     pipe = build_pipeline(cfg, None, "cpu", torch.float32)
     item = load_prompts(cfg.render.prompts, cfg.render.negative_prompt)[0]

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from kolora.config import ConfigError
+from kolora.interrupt import Interrupted
 
 
 def _runs_dir(args) -> Path:
@@ -115,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return args.func(args)
+    except Interrupted as e:
+        print(f"kolora: interrupted: {e}. Run the same command again to resume.", file=sys.stderr)
+        return 3
     except ConfigError as e:
         print(f"kolora: config error: {e}", file=sys.stderr)
         return 2

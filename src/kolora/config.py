@@ -121,7 +121,9 @@ class TrainConfig(_Section):
     center_crop: bool = True
     precision: Literal["16-mixed", "bf16-mixed", "32", "32-true"] = "16-mixed"
     gradient_checkpointing: bool = True
-    checkpoint_every: int = Field(100, ge=1)
+    checkpoint_every: int = Field(100, ge=1)  # steps between checkpoints
+    checkpoint_minutes: float | None = Field(None, gt=0)  # and/or wall-clock minutes between checkpoints
+    keep_checkpoints: int = Field(3, ge=1)
     seed: int = 0
     num_workers: int = Field(0, ge=0)
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"

@@ -28,7 +28,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from kolora.config import ConfigError, ExperimentConfig
 from kolora.rundir import RunDir, atomic_dir, atomic_write_json, atomic_write_text
@@ -155,8 +155,14 @@ def _ends_complete(fmt: str | None, f: io.BufferedReader, size: int) -> bool:
     return tail.endswith(b"IEND\xaeB`\x82")
 
 
-def check_image(path: str | Path) -> tuple[str | None, tuple[int, int] | None]:
-    """(reason, (width, height)) for one image file; reason is None for a good file.
+class ImageCheck(NamedTuple):
+    reason: str | None  # None: a good file
+    size: tuple[int, int] | None
+    format: str | None = None  # PIL's name: JPEG, PNG, WEBP, ...
+
+
+def check_image(path: str | Path) -> ImageCheck:
+    """(reason, (width, height), format) for one image file; reason is None for a good file.
 
     JPEG/PNG files that end with their end marker are judged from the header alone; anything else (other
     formats, trailing bytes after the end marker, a missing end marker) is fully decoded with truncation
@@ -167,35 +173,35 @@ def check_image(path: str | Path) -> tuple[str | None, tuple[int, int] | None]:
     try:
         st = p.stat()
     except FileNotFoundError:
-        return "missing file", None
+        return ImageCheck("missing file", None)
     except OSError as e:
-        return f"unreadable file ({e.strerror or e})", None
+        return ImageCheck(f"unreadable file ({e.strerror or e})", None)
     if not p.is_file():
-        return "not a file", None
+        return ImageCheck("not a file", None)
     if st.st_size == 0:
-        return "empty file", None
+        return ImageCheck("empty file", None)
     try:
         with open(p, "rb") as f, Image.open(f) as im:
-            size = im.size
-            if _ends_complete(im.format, f, st.st_size):
-                return None, size
+            size, fmt = im.size, im.format
+            if _ends_complete(fmt, f, st.st_size):
+                return ImageCheck(None, size, fmt)
             f.seek(0)
             try:
                 with _strict_truncation():
                     im.load()
             except OSError as e:
                 if "truncated" in str(e) or "broken data stream" in str(e):
-                    return "truncated image", size
-                return f"corrupt image ({e})", size
-            return None, size
+                    return ImageCheck("truncated image", size, fmt)
+                return ImageCheck(f"corrupt image ({e})", size, fmt)
+            return ImageCheck(None, size, fmt)
     except UnidentifiedImageError:
-        return "not an image", None
+        return ImageCheck("not an image", None)
     except Image.DecompressionBombError as e:
-        return f"too many pixels ({e})", None
+        return ImageCheck(f"too many pixels ({e})", None)
     except PermissionError as e:
-        return f"unreadable file ({e.strerror})", None
+        return ImageCheck(f"unreadable file ({e.strerror})", None)
     except (OSError, SyntaxError, ValueError, EOFError) as e:
-        return f"corrupt image ({e.__class__.__name__}: {e})", None
+        return ImageCheck(f"corrupt image ({e.__class__.__name__}: {e})", None)
 
 
 # Data-Juicer ------------------------------------------------------------------------------------------------
@@ -231,6 +237,12 @@ def _contained(dj_dir: Path, console: Path) -> Iterator[None]:
         for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
             if k in saved_ds:
                 setattr(ds_config, k, True)
+    hub_constants = None
+    with contextlib.suppress(ImportError):  # read from the environment once, at import
+        from huggingface_hub import constants as hub_constants
+
+        saved_hub_offline = hub_constants.HF_HUB_OFFLINE
+        hub_constants.HF_HUB_OFFLINE = True
     saved_verbosity = None
     with contextlib.suppress(ImportError):
         from datasets.utils import logging as ds_logging
@@ -269,6 +281,33 @@ def _contained(dj_dir: Path, console: Path) -> Iterator[None]:
             multiprocess.set_start_method(saved_mp, force=True)
         if saved_verbosity is not None:
             ds_logging.set_verbosity(saved_verbosity)
+        if hub_constants is not None:
+            hub_constants.HF_HUB_OFFLINE = saved_hub_offline
+
+
+@contextlib.contextmanager
+def _ray_session(wanted: bool) -> Iterator[None]:
+    """For the Ray executor without RAY_ADDRESS: a private local Ray whose session files (in a short /tmp
+    path: Ray's socket paths are length-limited) and processes are gone when the call ends."""
+    if not wanted:
+        yield
+        return
+    import tempfile
+
+    import ray
+
+    started_here = not ray.is_initialized()
+    ray_tmp = None
+    if started_here and not os.environ.get("RAY_ADDRESS") and not os.environ.get("RAY_TMPDIR"):
+        ray_tmp = tempfile.mkdtemp(prefix="kolora-ray-", dir="/tmp")
+        os.environ["RAY_TMPDIR"] = ray_tmp  # the caller's environment is restored by _contained
+    try:
+        yield
+    finally:
+        if started_here and ray.is_initialized():
+            ray.shutdown()
+        if ray_tmp:
+            shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def _read_json_records(path: Path) -> list[dict[str, Any]]:
@@ -325,21 +364,15 @@ def run_data_juicer(cfg: ExperimentConfig, samples: list[dict[str, Any]], dj_dir
     config_file = dj_dir / "config.yaml"
     config_file.write_text(yaml.safe_dump(dj_cfg, allow_unicode=True, sort_keys=False), encoding="utf-8")
     console = dj_dir / "console.log"
-    with _contained(dj_dir, console):
+    with _contained(dj_dir, console), _ray_session(cfg.filter.executor == "ray"):
         try:
             from data_juicer.config import init_configs
 
             dj = init_configs(["--config", str(config_file)])
             if cfg.filter.executor == "ray":
-                import ray
                 from data_juicer.core.executor.ray_executor import RayExecutor
 
-                started_here = not ray.is_initialized()
-                try:
-                    RayExecutor(dj).run()
-                finally:
-                    if started_here and ray.is_initialized():
-                        ray.shutdown()
+                RayExecutor(dj).run()
             else:
                 from data_juicer.core import DefaultExecutor
 
@@ -380,7 +413,10 @@ def _first_image(rec: dict[str, Any]) -> str | None:
     return img
 
 
-def _write_trainset(kept: list[dict[str, Any]], trainset: Path) -> None:
+_EXT = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif"}
+
+
+def _write_trainset(kept: list[dict[str, Any]], formats: dict[str, str | None], trainset: Path) -> None:
     with atomic_dir(trainset) as work:
         train = work / "train"
         train.mkdir()
@@ -389,7 +425,7 @@ def _write_trainset(kept: list[dict[str, Any]], trainset: Path) -> None:
         writer.writerow(["file_name", "text"])
         for n, rec in enumerate(kept):
             src = Path(rec["image"][0])
-            name = f"{n}{src.suffix.lower() or '.jpg'}"
+            name = f"{n}{_EXT.get(formats.get(rec['id']) or '', src.suffix.lower() or '.img')}"
             try:
                 os.link(src, train / name)
             except OSError:
@@ -422,9 +458,10 @@ def run(cfg: ExperimentConfig, run: RunDir) -> dict[str, Any]:
     good: list[dict[str, Any]] = []
     for s in samples:
         image = _first_image(s)
-        reason, size = check_image(image) if image else ("no image", None)
+        reason, size, fmt = check_image(image) if image else ImageCheck("no image", None)
         report[s["id"]] = {"id": s["id"], "image": image, "text": s.get("text"), "size": list(size) if size else None,
-                           "kept": False, "reason": reason, "op": None, "stage": "header" if reason else None}
+                           "format": fmt, "kept": False, "reason": reason, "op": None,
+                           "stage": "header" if reason else None}
         if reason is None:
             good.append({"id": s["id"], "text": s["text"], "image": [image]})
     t_header = time.perf_counter() - t0 - t_validate
@@ -453,6 +490,8 @@ def run(cfg: ExperimentConfig, run: RunDir) -> dict[str, Any]:
             op, stats = dropped.get(sid, (None, {}))
             report[sid].update(stage="data-juicer", op=op, stats=stats or None,
                                reason=f"filtered by {op}" if op else "dropped by Data-Juicer (no op traced it)")
+    else:
+        shutil.rmtree(run.filter / "dj", ignore_errors=True)  # no stale Data-Juicer output from an earlier run
     t_dj = time.perf_counter() - t1
 
     entries = list(report.values()) + [
@@ -479,7 +518,7 @@ def run(cfg: ExperimentConfig, run: RunDir) -> dict[str, Any]:
             f"filter: no sample kept out of {summary['input']} ({_by_op_message(by_op, header)}); relax filter.ops "
             f"(e.g. lower min_width/min_height, widen min_ratio/max_ratio) or check the data. "
             f"Every sample and its reason: {run.filter / 'report.json'}")
-    _write_trainset(kept, run.trainset)
+    _write_trainset(kept, {sid: e["format"] for sid, e in report.items()}, run.trainset)
     summary["seconds"]["total"] = round(time.perf_counter() - t0, 2)
     run.mark_complete("filter", cfg, **{k: summary[k] for k in ("input", "kept", "dropped", "by_reason")})
     return summary

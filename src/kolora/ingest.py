@@ -12,6 +12,7 @@ names, and the filter stage's header pass reports it ("missing file"), so every 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import shutil
@@ -136,6 +137,10 @@ def _image_value(value: Any, base: Path) -> tuple[Path | None, bytes | None, str
     if isinstance(value, str) and value:
         p = Path(value).expanduser()
         return (p if p.is_absolute() else base / p), None, None
+    if hasattr(value, "save") and hasattr(value, "size"):  # an already decoded PIL image
+        buf = io.BytesIO()
+        value.save(buf, format="PNG")
+        return None, buf.getvalue(), None
     return None, None, None
 
 
@@ -250,11 +255,13 @@ def _sniff_ext(head: bytes) -> str:
 
 
 def _ext_for(rec: Record) -> str:
-    for name in (rec.path.name if rec.path else None, rec.name):
-        if name and Path(name).suffix:
-            return Path(name).suffix.lower()
+    """Bytes: the format they hold (else the name's suffix); a file: its suffix (else the format it holds)."""
     if rec.data is not None:
-        return _sniff_ext(rec.data[:16])
+        sniffed = _sniff_ext(rec.data[:16])
+        suffix = Path(rec.name or "").suffix.lower()
+        return suffix if sniffed == ".bin" and suffix else sniffed
+    if rec.path.suffix:  # type: ignore[union-attr]
+        return rec.path.suffix.lower()  # type: ignore[union-attr]
     try:
         with open(rec.path, "rb") as f:  # type: ignore[arg-type]
             return _sniff_ext(f.read(16))

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from kolora.config import ConfigError, ExperimentConfig, load_prompts
+from kolora.interrupt import Interrupted
 from kolora.rundir import STAGE_INPUTS, STAGES, RunDir, atomic_write_text
 
 # What each stage owns in the run directory (cleared when the stage reruns for a different config).
@@ -113,6 +114,9 @@ def run_stage(stage: str, cfg: ExperimentConfig, run: RunDir, force: bool = Fals
             if progress is not None and "progress" in inspect.signature(module.run).parameters:
                 kw["progress"] = progress
             summary = module.run(cfg, run, **kw)
+    except Interrupted as e:
+        run.record_stage(stage, status="interrupted", error=str(e), wall_s=round(time.time() - started, 2))
+        raise
     except BaseException as e:
         run.record_stage(stage, status="failed", error=f"{type(e).__name__}: {e}"[:2000],
                          wall_s=round(time.time() - started, 2))

@@ -16,6 +16,8 @@ import io
 import json
 import logging
 import os
+import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +25,11 @@ import lightning as L
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from kolora import checkpoint as ckpt_io
+from kolora import interrupt, models
 from kolora import lora as lora_io
-from kolora import models
 from kolora.config import ExperimentConfig, TrainConfig
-from kolora.rundir import RunDir, atomic_write_text
+from kolora.rundir import STAGE_INPUTS, RunDir, atomic_write_text
 
 log = logging.getLogger("kolora.train")
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -78,10 +81,11 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 
 
 class LoRATrainer(L.LightningModule):
-    def __init__(self, unet, tcfg: TrainConfig):
+    def __init__(self, unet, tcfg: TrainConfig, config_digest: str):
         super().__init__()
         self.unet = unet
         self.tcfg = tcfg
+        self.config_digest = config_digest
         self.noise_scheduler = models.training_scheduler()
         self.register_buffer("alphas_cumprod", self.noise_scheduler.alphas_cumprod.clone(), persistent=False)
         # Checkpoints carry only the LoRA tensors (not the 2.6 B frozen UNet weights): load non-strictly.
@@ -93,7 +97,11 @@ class LoRATrainer(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = self.trainable_state_dict()
-        checkpoint["kolora"] = {"rank": self.tcfg.rank, "alpha": self.tcfg.alpha}
+        checkpoint["kolora"] = {"rank": self.tcfg.rank, "alpha": self.tcfg.alpha,
+                                "config_digest": self.config_digest, "rng": ckpt_io.rng_state()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        ckpt_io.set_rng_state(checkpoint["kolora"]["rng"])
 
     def configure_optimizers(self):
         params = [p for p in self.unet.parameters() if p.requires_grad]
@@ -149,6 +157,35 @@ class MetricsCSV(L.Callback):
         atomic_write_text(self.path, buf.getvalue())
 
 
+class Checkpointer(L.Callback):
+    """Checkpoints every N steps and/or M minutes, and at once when a stop was requested (signal); keeps the
+    newest K. (Lightning's ModelCheckpoint takes steps *or* a time interval, not both, and has no notion of
+    a stop request, hence this small callback.)"""
+
+    def __init__(self, ckpt_dir: Path, every_steps: int, every_minutes: float | None, keep: int):
+        self.dir, self.every_steps, self.every_minutes, self.keep = Path(ckpt_dir), every_steps, every_minutes, keep
+        self.last_time = time.monotonic()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        due = step % self.every_steps == 0 or interrupt.requested() is not None or (
+            self.every_minutes is not None and time.monotonic() - self.last_time >= 60 * self.every_minutes)
+        if due:
+            self.save(trainer)
+        if interrupt.requested() is not None:
+            trainer.should_stop = True
+
+    def save(self, trainer) -> None:
+        step = trainer.global_step
+        path = self.dir / f"step={step:06d}.ckpt"
+        if not path.exists():
+            trainer.save_checkpoint(str(path))
+        self.last_time = time.monotonic()
+        if trainer.is_global_zero:
+            for _, old in ckpt_io.checkpoints(self.dir)[self.keep:]:
+                old.unlink(missing_ok=True)
+
+
 def resolve_precision(precision: str, accelerator: str) -> tuple[str, str | None]:
     """Lightning precision for this machine, and a note when it had to substitute."""
     want = "32-true" if precision in ("32", "32-true") else precision
@@ -163,14 +200,7 @@ def _accelerator(choice: str) -> str:
     return choice
 
 
-def last_checkpoint(ckpt_dir: Path) -> Path | None:
-    last = Path(ckpt_dir) / "last.ckpt"
-    return last if last.is_file() else None
-
-
 def run(cfg: ExperimentConfig, run: RunDir, progress=None) -> dict[str, Any]:
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
     tcfg = cfg.train
     for name in ("lightning.pytorch", "lightning.fabric"):  # hardware banners and tips, not our business
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -192,13 +222,16 @@ def run(cfg: ExperimentConfig, run: RunDir, progress=None) -> dict[str, Any]:
 
     data = CachedSamples(run.cache)
     ckpt_dir = run.train / "checkpoints"
-    resume = last_checkpoint(ckpt_dir)
-    start_step = torch.load(resume, map_location="cpu", weights_only=True)["global_step"] if resume else 0
+    digest = cfg.section_digest(*STAGE_INPUTS["train"])
+    found = ckpt_io.newest_valid(ckpt_dir, digest)
+    resume, start_step = (found[0], int(found[1]["global_step"])) if found else (None, 0)
+    if resume:
+        log.info("resuming from %s (step %d of %d)", resume, start_step, tcfg.steps)
     sampler = StepSampler(len(data), tcfg.steps * tcfg.batch_size, tcfg.seed, start=start_step * tcfg.batch_size)
     loader = torch.utils.data.DataLoader(data, batch_size=tcfg.batch_size, sampler=sampler,
                                          num_workers=tcfg.num_workers, drop_last=False)
 
-    module = LoRATrainer(unet, tcfg)
+    module = LoRATrainer(unet, tcfg, digest)
     plugins = []
     if "SLURM_JOB_ID" in os.environ:
         # kolora's launcher owns signals and requeue; Lightning's own SLURM auto-requeue must stay out.
@@ -207,14 +240,21 @@ def run(cfg: ExperimentConfig, run: RunDir, progress=None) -> dict[str, Any]:
         plugins.append(SLURMEnvironment(auto_requeue=False))
     trainer = L.Trainer(
         accelerator=accel, devices=1, precision=precision, max_steps=tcfg.steps, max_epochs=-1,
-        logger=False, default_root_dir=str(run.train), plugins=plugins, enable_model_summary=False,
-        callbacks=[ModelCheckpoint(dirpath=str(ckpt_dir), every_n_train_steps=tcfg.checkpoint_every,
-                                   save_top_k=1, save_last=True, filename="step={step:06d}",
-                                   auto_insert_metric_name=False),
-                   MetricsCSV(run.train / "metrics.csv")],
-        num_sanity_val_steps=0, log_every_n_steps=1, deterministic=False,
+        logger=False, default_root_dir=str(run.train), plugins=[*plugins, ckpt_io.AtomicCheckpointIO()],
+        enable_model_summary=False, enable_checkpointing=False,
+        callbacks=[MetricsCSV(run.train / "metrics.csv"),
+                   Checkpointer(ckpt_dir, tcfg.checkpoint_every, tcfg.checkpoint_minutes, tcfg.keep_checkpoints)],
+        num_sanity_val_steps=0, log_every_n_steps=1,
     )
-    trainer.fit(module, train_dataloaders=loader, ckpt_path=str(resume) if resume else None)
+    # Whoever launched us may already route signals to interrupt.request (the Slurm job wrapper does);
+    # in a plain `kolora run` SIGUSR2/SIGTERM stop training cleanly at the next step with a checkpoint.
+    # Our StepSampler restarts at the resumed step by construction, which Lightning cannot know.
+    warnings.filterwarnings("ignore", message=".*dataloader is not resumable.*")
+    with interrupt.handle():
+        trainer.fit(module, train_dataloaders=loader, ckpt_path=str(resume) if resume else None)
+    if interrupt.requested() is not None and trainer.global_step < tcfg.steps:
+        raise interrupt.Interrupted(f"training stopped at step {trainer.global_step}/{tcfg.steps} "
+                                    f"({interrupt.requested()}); checkpoint in {ckpt_dir}")
 
     out = lora_io.save_lora(unet, run.lora / LORA_FILE, tcfg.rank, tcfg.alpha, tcfg.target_modules,
                             extra_metadata={"kolora.steps": str(tcfg.steps), "kolora.config": cfg.digest()})

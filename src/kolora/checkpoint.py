@@ -1,0 +1,102 @@
+"""Full-state training checkpoints: written atomically, the last K kept, verified on load.
+
+A checkpoint is Lightning's (LoRA tensors only — not the frozen UNet —, optimizer, loop state incl. the
+global step) plus kolora's block: config digest, rank/alpha, and every RNG state (python, numpy, torch, CUDA).
+Kolora's training draws its noise and sample order from (seed, step), so RNG states are not needed for an
+exact resume; they are saved so that anything else random (user callbacks, dropout) resumes exactly too.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from kolora.rundir import atomic_path
+
+log = logging.getLogger("kolora.checkpoint")
+_NAME = re.compile(r"^step=(\d+)\.ckpt$")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's torch checkpoint IO, but a checkpoint appears under its name only once complete, and
+    loading never unpickles arbitrary objects (weights_only=True)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        with atomic_path(Path(path)) as tmp:
+            torch.save(checkpoint, tmp)
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
+        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+
+
+def rng_state() -> dict[str, Any]:
+    import numpy as np
+
+    np_state = np.random.get_state()
+    state = {"python": _plain(random.getstate()), "torch": torch.get_rng_state(),
+             "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype("int64")),
+                       "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "gauss": float(np_state[4])}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+
+    random.setstate(_tuple(state["python"]))
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype("uint32"), n["pos"], n["has_gauss"], n["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _plain(x):
+    return [_plain(v) for v in x] if isinstance(x, tuple | list) else x
+
+
+def _tuple(x):
+    return tuple(_tuple(v) for v in x) if isinstance(x, list) else x
+
+
+def checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every checkpoint in the folder, newest first."""
+    found = []
+    for p in Path(ckpt_dir).glob("step=*.ckpt"):
+        m = _NAME.match(p.name)
+        if m:
+            found.append((int(m.group(1)), p))
+    return sorted(found, reverse=True)
+
+
+def newest_valid(ckpt_dir: Path, config_digest: str) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint that loads and carries kolora's block; a corrupt or truncated one is skipped
+    with a warning; one made by a different config is refused."""
+    for step, path in checkpoints(ckpt_dir):
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            meta = ckpt["kolora"]
+            if int(ckpt["global_step"]) != step:
+                raise ValueError(f"global_step {ckpt['global_step']} does not match its name")
+        except Exception as e:  # torch raises many types for truncated/corrupt zip archives
+            log.warning("checkpoint %s is unreadable (%s: %s); falling back to the previous one",
+                        path, type(e).__name__, str(e)[:200])
+            continue
+        if meta.get("config_digest") != config_digest:
+            raise CheckpointError(
+                f"{path} was written by a different training config ({meta.get('config_digest')} ≠ "
+                f"{config_digest}); resuming it would mix two experiments. Use another run --name, or delete "
+                f"{Path(ckpt_dir)} to start this config from scratch.")
+        return path, ckpt
+    return None

@@ -1,0 +1,49 @@
+"""Stop requests: a signal handler only sets a flag; the training loop checkpoints at the next step
+boundary and the stage raises `Interrupted`, which the launcher turns into a requeue.
+
+Kept free of heavy imports: the launcher's job wrapper installs the handlers before the stage imports torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+
+_requested: str | None = None
+
+
+class Interrupted(Exception):
+    """The stage stopped early at a consistent point (checkpoint saved / tiles written); run it again to
+    continue."""
+
+
+def request(reason: str) -> None:
+    global _requested
+    _requested = reason
+
+
+def requested() -> str | None:
+    return _requested
+
+
+def clear() -> None:
+    global _requested
+    _requested = None
+
+
+@contextlib.contextmanager
+def handle(signals: tuple[int, ...] = (signal.SIGUSR2, signal.SIGTERM)) -> Iterator[None]:
+    """Route `signals` to `request()` for the duration of the block (main thread only; elsewhere a no-op)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
+    for s in signals:
+        previous[s] = signal.signal(s, lambda signum, frame: request(signal.Signals(signum).name))
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)

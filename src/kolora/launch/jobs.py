@@ -1,0 +1,167 @@
+"""What runs inside each Slurm job: load the frozen config and call `pipeline.run_stage` for the job's stages.
+
+submitit pickles a `StageJob` (plain values only) and calls it in the job, once per array task for render
+(`task_index`) and once per srun task for a DDP train job. It is a submitit `Checkpointable` whose checkpoint
+is "run the same call again": every stage resumes from what it already wrote (train from its last checkpoint,
+render only the missing tiles), so a requeued job continues where the previous attempt stopped.
+
+Nothing here imports torch or the stage modules at import time: the job's first action is to set the
+hub-offline environment, before any library that might download is imported.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from submitit.helpers import Checkpointable
+
+log = logging.getLogger("kolora.launch")
+
+
+def job_environment(run_root: Path, hf_home: Path | None = None, modelscope_cache: Path | None = None,
+                    extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment of every job: the profile's extra variables, library caches (default: inside the run
+    directory) and, last so that nothing turns them off, the hub-offline variables: no downloads on a
+    compute node."""
+    from kolora.pipeline import OFFLINE_ENV
+
+    env = dict(extra or {})
+    env["HF_HOME"] = str(hf_home or Path(run_root) / ".hf_home")
+    env["MODELSCOPE_CACHE"] = str(modelscope_cache or Path(run_root) / ".modelscope")
+    env["HF_HUB_DISABLE_TELEMETRY"] = "1"
+    env.update(OFFLINE_ENV)
+    return env
+
+
+def _setup_logging() -> None:
+    if not logging.getLogger().handlers:  # before Lightning is imported, so that it logs through us
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("urllib3", "filelock", "fsspec", "PIL", "matplotlib", "httpx", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class StageJob(Checkpointable):
+    """One job of a submission: `stages` in order (a render array task: its share of the tiles)."""
+
+    def __init__(self, run_root: str, config_file: str, folder: str, stamp: str, job: str,
+                 stages: tuple[str, ...], task_count: int = 1, tasks_per_node: int = 1, nodes: int = 1,
+                 env: dict[str, str] | None = None, time_limit_s: int = 3600):
+        self.run_root = run_root
+        self.config_file = config_file  # the submission's frozen copy: the job runs exactly what was submitted
+        self.folder = folder
+        self.stamp = stamp
+        self.job = job
+        self.stages = tuple(stages)
+        self.task_count = task_count
+        self.tasks_per_node = tasks_per_node
+        self.nodes = nodes
+        self.env = dict(env or {})
+        self.time_limit_s = time_limit_s
+
+    @property
+    def distributed(self) -> bool:
+        return self.tasks_per_node * self.nodes > 1
+
+    def __call__(self, task_index: int = 0) -> dict[str, Any]:
+        os.environ.update(self.env)
+        _setup_logging()
+        from kolora.config import load_config
+        from kolora.rundir import RunDir
+
+        rank = int(os.environ.get("SLURM_PROCID", "0")) if self.distributed else 0
+        log.info("kolora job %s (stages %s, task %d/%d, rank %d) run %s; HF_HOME=%s HF_HUB_OFFLINE=%s",
+                 self.job, "+".join(self.stages), task_index, self.task_count, rank, self.run_root,
+                 os.environ.get("HF_HOME"), os.environ.get("HF_HUB_OFFLINE"))
+        run = RunDir(self.run_root)
+        try:
+            cfg = load_config(self.config_file)
+            if self.distributed and rank > 0:
+                return self._train_follower(cfg, run, rank)
+            return self._run(cfg, run, task_index)
+        except Exception:
+            # Slurm cancels the dependent jobs (--kill-on-invalid-dep); cancelling them here as well covers
+            # clusters that ignore that option. A requeue (SystemExit from submitit) is not a failure.
+            if rank == 0:
+                self._cancel_downstream()
+            raise
+
+    # ------------------------------------------------------------------------------------------------------
+    def _run(self, cfg, run, task_index: int) -> dict[str, Any]:
+        from kolora.pipeline import run_stage
+
+        results: dict[str, Any] = {}
+        for stage in self.stages:
+            kw: dict[str, Any] = {}
+            if stage == "render":
+                kw = {"task_index": task_index, "task_count": self.task_count}
+            if stage == "train" and self.distributed:
+                kw = {"devices": self.tasks_per_node, "num_nodes": self.nodes}
+                self._release_followers(cfg, run)
+            try:
+                results[stage] = summary = run_stage(stage, cfg, run, **kw)
+            except Exception:
+                if self.distributed and stage != "train":
+                    self._go_file().write_text("fail\n")  # the other ranks wait for training: let them go
+                raise
+            log.info("stage %s: %s", stage, "complete, skipped" if summary.get("skipped") else
+                     ", ".join(f"{k}={v}" for k, v in summary.items() if not isinstance(v, dict | list)))
+        return results
+
+    # DDP: rank 0 runs the stages before train (cache) alone; the other ranks wait for its go-ahead, then
+    # join Lightning's process group in train.run (rank and world size come from Slurm's srun variables).
+    def _go_file(self) -> Path:
+        job_id = os.environ.get("SLURM_JOB_ID", "local")
+        return Path(self.folder) / f".train-go-{job_id}-{os.environ.get('SLURM_RESTART_COUNT', '0')}"
+
+    def _release_followers(self, cfg, run) -> None:
+        from kolora import pipeline
+
+        decision = "skip" if run.is_complete("train", cfg) else "run"
+        if decision == "run":
+            # clear outputs of a different config now, not inside run_stage while the others already read them
+            pipeline._clear_stale("train", cfg, run)
+        self._go_file().write_text(decision + "\n")
+
+    def _train_follower(self, cfg, run, rank: int) -> dict[str, Any]:
+        go = self._go_file()
+        deadline = time.monotonic() + self.time_limit_s
+        while not go.is_file():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"rank {rank}: rank 0 did not start training within the time limit ({go})")
+            time.sleep(1)
+        decision = go.read_text().strip()
+        if decision == "fail":
+            raise RuntimeError(f"rank {rank}: rank 0 failed before training; see the rank 0 log")
+        if decision == "skip":
+            return {"train": {"skipped": True}}
+        # only rank 0 goes through run_stage (manifest, completion marker): this rank just trains
+        from kolora import train
+        from kolora.models import quiet_libraries
+        from kolora.pipeline import offline_env
+
+        quiet_libraries()
+        with offline_env(run):
+            summary = train.run(cfg, run, devices=self.tasks_per_node, num_nodes=self.nodes)
+        log.info("train rank %d: %s", rank, {k: v for k, v in summary.items() if not isinstance(v, dict | list)})
+        return {"train": summary}
+
+    def _cancel_downstream(self) -> None:
+        from kolora.cluster import JOBS
+        from kolora.rundir import RunDir
+
+        try:
+            sub = RunDir(self.run_root).read_manifest()["slurm"]["submissions"][self.stamp]
+            later = list(JOBS)[list(JOBS).index(self.job) + 1:]
+            ids = [sub["jobs"][j]["job_id"] for j in later if j in sub.get("jobs", {})]
+            if ids:
+                log.info("cancelling the jobs after %s: %s", self.job, " ".join(ids))
+                subprocess.run(["scancel", *ids], capture_output=True, timeout=30, check=False)
+        except (KeyError, OSError, ValueError, subprocess.SubprocessError) as e:
+            log.warning("could not cancel the downstream jobs: %s", e)

@@ -1,0 +1,135 @@
+"""Stage graph + cluster profile → what each Slurm job asks for. Pure: no Slurm, no submitit executor.
+
+The same JobPlan feeds `kolora submit` (executor.update_parameters(**plan.params)) and `--dry-run`
+(submitit's own sbatch writer on the same parameters), so what --dry-run prints is what gets queued.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kolora.cluster import JOBS, ClusterProfile, ResolvedResources
+from kolora.config import ExperimentConfig
+
+
+@dataclass
+class JobPlan:
+    job: str                      # filter | train | render | grid
+    stages: tuple[str, ...]       # pipeline stages it runs, in order
+    params: dict[str, Any]        # SlurmExecutor parameters (the dependency is added at submit time)
+    after: str | None             # the job this one waits for (afterok)
+    resources: ResolvedResources
+    array_tasks: int = 0          # render: number of array tasks (0: not an array)
+    tasks_per_node: int = 1       # train: one task per GPU when it runs DDP
+    extra_info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def distributed(self) -> bool:
+        return self.tasks_per_node * self.resources.nodes > 1
+
+
+def job_name(run_name: str, job: str) -> str:
+    return f"kolora-{run_name}-{job}"
+
+
+def format_minutes(minutes: int) -> str:
+    d, rest = divmod(minutes, 24 * 60)
+    h, m = divmod(rest, 60)
+    return f"{d}-{h:02d}:{m:02d}:00" if d else f"{h}:{m:02d}:00"
+
+
+def gpu_request(r: ResolvedResources) -> dict[str, Any]:
+    """The submitit parameters asking for the job's GPUs (and other gres)."""
+    out: dict[str, Any] = {}
+    gres = [r.gres] if r.gres else []
+    if r.gpus:
+        typed = f"{r.gpu_type}:{r.gpus}" if r.gpu_type else str(r.gpus)
+        if r.gpu_option == "gpus-per-node":
+            out["gpus_per_node"] = typed if r.gpu_type else r.gpus
+        else:
+            gres.insert(0, f"gpu:{typed}")
+    if gres:
+        out["gres"] = ",".join(gres)
+    return out
+
+
+def render_task_count(cfg: ExperimentConfig, tiles_per_task: int) -> tuple[int, int]:
+    """(tiles, array tasks): one task per `tiles_per_task` tiles (render splits them round-robin)."""
+    from kolora.render import tiles
+
+    n = len(tiles(cfg))
+    return n, max(1, math.ceil(n / tiles_per_task))
+
+
+def plan_jobs(cfg: ExperimentConfig, profile: ClusterProfile) -> list[JobPlan]:
+    plans: list[JobPlan] = []
+    previous: str | None = None
+    for job, stages in JOBS.items():
+        r = profile.resources(job)
+        params: dict[str, Any] = {
+            "job_name": job_name(cfg.name, job), "time": r.time_min, "nodes": r.nodes, "cpus_per_task": r.cpus,
+            "signal_delay_s": profile.signal_lead_s, "wckey": None,
+            # a job whose dependency failed is cancelled, not left PENDING (also where the cluster's
+            # DependencyParameters lacks kill_invalid_depend)
+            "additional_parameters": {**r.extra, "kill-on-invalid-dep": "yes"},
+        }
+        for key in ("partition", "account", "qos", "mem", "constraint"):
+            if getattr(r, key) is not None:
+                params[key] = getattr(r, key)
+        params.update(gpu_request(r))
+        if r.setup:
+            params["setup"] = list(r.setup)
+        plan = JobPlan(job=job, stages=stages, params=params, after=previous, resources=r)
+        if job == "train" and (r.gpus > 1 or r.nodes > 1):
+            # DDP: one task per GPU under srun; Lightning reads rank and world size from Slurm
+            plan.tasks_per_node = max(r.gpus, 1)
+            params["ntasks_per_node"] = plan.tasks_per_node
+            params["srun_args"] = ["--kill-on-bad-exit=1"]  # one rank failing must not leave the others waiting
+        if job == "render":
+            tiles, tasks = render_task_count(cfg, r.tiles_per_task)
+            plan.array_tasks = tasks
+            plan.extra_info = {"tiles": tiles, "tiles_per_task": r.tiles_per_task, "throttle": r.array_throttle}
+            params["array_parallelism"] = r.array_throttle
+        plans.append(plan)
+        previous = job
+    return plans
+
+
+def sbatch_script(plan: JobPlan, folder: Path, python: str, dependency: str | None) -> str:
+    """The sbatch script submitit writes for this job (with `dependency` as given)."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    params = dict(plan.params)
+    if dependency:
+        params["dependency"] = dependency
+    map_count = plan.array_tasks if plan.array_tasks > 1 else None
+    command = " ".join([python, "-u -m submitit.core._submit", str(folder)])
+    return _make_sbatch_string(command=command, folder=folder, map_count=map_count, **params)
+
+
+def describe(plan: JobPlan) -> dict[str, str]:
+    """One row of the --dry-run / submit table."""
+    r = plan.resources
+    gpus = str(r.gpus) + (f" ({r.gpu_type})" if r.gpu_type else "") if r.gpus else "0"
+    if plan.array_tasks:
+        throttle = min(plan.array_tasks, r.array_throttle)
+        array = f"0-{plan.array_tasks - 1}%{throttle}" if plan.array_tasks > 1 else "1 task"
+    else:
+        array = "-"
+    return {"job": plan.job, "stages": "+".join(plan.stages), "partition": r.partition or "(default)",
+            "time": format_minutes(r.time_min), "cpus": str(r.cpus), "mem": r.mem or "(default)", "gpus": gpus,
+            "nodes x tasks": f"{r.nodes}x{plan.tasks_per_node}", "array": array,
+            "after": f"afterok:{plan.after}" if plan.after else "-"}
+
+
+def table(rows: list[dict[str, str]]) -> str:
+    if not rows:
+        return ""
+    cols = list(rows[0])
+    width = {c: max(len(c), *(len(r.get(c, "")) for r in rows)) for c in cols}
+    lines = ["  ".join(c.ljust(width[c]) for c in cols).rstrip()]
+    lines += ["  ".join(r.get(c, "").ljust(width[c]) for c in cols).rstrip() for r in rows]
+    return "\n".join(lines)

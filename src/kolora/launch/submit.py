@@ -1,0 +1,173 @@
+"""Queue a run's job graph with submitit: filter → train → render array → grid, each `afterok` on the one before.
+
+`submit` checks everything first (the caller has run `pipeline.preflight`; here: Slurm clients, no jobs of
+the run still queued), then queues. Job folders are fresh per submission (<run>/slurm/<stamp>/, or the
+profile's job_folder): submitit reads results by job id, and a reused folder could hand back a stale one.
+The job ids, folders and resources go into the run's manifest under "slurm".
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+import shlex
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kolora.cluster import ClusterProfile
+from kolora.config import ExperimentConfig, dump_config
+from kolora.launch.plan import JobPlan, describe, plan_jobs
+from kolora.rundir import RunDir, atomic_write_text
+
+
+class LaunchError(RuntimeError):
+    """Submission refused or failed; nothing of this submission is left in the queue."""
+
+
+@dataclass
+class Submission:
+    run: RunDir
+    stamp: str
+    folder: Path
+    plans: list[JobPlan]
+    jobs: dict[str, dict[str, Any]]
+    seconds: float
+
+
+def new_stamp() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
+
+
+def submission_folder(profile: ClusterProfile, run: RunDir, stamp: str) -> Path:
+    base = Path(profile.job_folder) / run.root.name if profile.job_folder else run.slurm
+    return base / stamp
+
+
+def python_command(profile: ClusterProfile) -> str:
+    """The job's interpreter as the shell words submitit puts in the sbatch script."""
+    return shlex.join(profile.python) if profile.python else shlex.quote(sys.executable)
+
+
+def check_slurm_clients() -> None:
+    missing = [c for c in ("sbatch", "srun", "squeue", "scancel") if shutil.which(c) is None]
+    if missing:
+        raise LaunchError(f"{', '.join(missing)} not found on PATH: run `kolora submit` on a Slurm login node "
+                          "(on the dev cluster: make cluster-up; source .devcluster/env.sh)")
+
+
+def queued_jobs(run: RunDir) -> list[str]:
+    """Job ids of this run (any submission) that Slurm still has in its queue."""
+    from kolora.launch.monitor import all_job_ids, squeue
+
+    ids = all_job_ids(run.read_manifest())
+    return sorted({row["base"] for row in squeue(ids)}) if ids else []
+
+
+def stage_job(plan: JobPlan, run: RunDir, config_file: Path, folder: Path, stamp: str, profile: ClusterProfile):
+    from kolora.launch.jobs import StageJob, job_environment
+
+    env = job_environment(run.root, profile.hf_home, profile.modelscope_cache, profile.env)
+    return StageJob(run_root=str(run.root), config_file=str(config_file), folder=str(folder), stamp=stamp,
+                    job=plan.job, stages=plan.stages, task_count=max(plan.array_tasks, 1),
+                    tasks_per_node=plan.tasks_per_node, nodes=plan.resources.nodes, env=env,
+                    time_limit_s=plan.resources.time_min * 60)
+
+
+def submit(cfg: ExperimentConfig, profile: ClusterProfile, runs_dir: Path, profile_file: Path | None = None) -> Submission:
+    from submitit import SlurmExecutor
+
+    from kolora.launch.monitor import scancel
+    from kolora.pipeline import open_run
+
+    t0 = time.perf_counter()
+    plans = plan_jobs(cfg, profile)
+    check_slurm_clients()
+    run = RunDir(Path(runs_dir) / cfg.name)
+    busy = queued_jobs(run)
+    if busy:
+        raise LaunchError(f"run {cfg.name} still has jobs in the queue ({' '.join(busy)}): wait for them, or "
+                          f"`kolora cancel {cfg.name}` first (or submit with another --name)")
+    run = open_run(cfg, runs_dir)
+    stamp = new_stamp()
+    folder = submission_folder(profile, run, stamp)
+    folder.mkdir(parents=True)
+    config_file = folder / "config.yaml"
+    atomic_write_text(config_file, dump_config(cfg))
+    python = python_command(profile)
+
+    queued: list[str] = []
+    jobs: dict[str, dict[str, Any]] = {}
+    try:
+        for plan in plans:
+            executor = SlurmExecutor(folder=folder, max_num_timeout=profile.max_requeues, python=python)
+            params = dict(plan.params)
+            if plan.after:
+                params["dependency"] = f"afterok:{jobs[plan.after]['job_id']}"
+            executor.update_parameters(**params)
+            fn = stage_job(plan, run, config_file, folder, stamp, profile)
+            if plan.array_tasks:
+                submitted = executor.map_array(fn, list(range(plan.array_tasks)))
+            else:
+                submitted = [executor.submit(fn)]
+            job_id = submitted[0].job_id.split("_")[0]
+            queued.append(job_id)
+            jobs[plan.job] = {"job_id": job_id, "stages": list(plan.stages), "task_ids": [j.job_id for j in submitted],
+                              "array": bool(plan.array_tasks and len(submitted) > 1),
+                              "dependency": params.get("dependency"), "resources": describe(plan),
+                              "tasks_per_node": plan.tasks_per_node, **plan.extra_info}
+    except Exception as e:
+        if queued:
+            scancel(queued)
+        detail = getattr(e, "stderr", None) or e
+        raise LaunchError(f"submission failed at job {plan.job}: {detail}"
+                          + (f"; cancelled the jobs already queued ({' '.join(queued)})" if queued else "")) from e
+
+    seconds = round(time.perf_counter() - t0, 2)
+    with run.manifest() as m:
+        slurm = m.setdefault("slurm", {})
+        slurm.setdefault("submissions", {})[stamp] = {
+            "submitted": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "profile": profile.name,
+            "profile_file": str(profile_file) if profile_file else None, "folder": str(folder),
+            "config_digest": cfg.digest(), "python": python, "jobs": jobs, "submit_s": seconds,
+        }
+        slurm["latest"] = stamp
+        slurm["jobs"] = {job: info["job_id"] for job, info in jobs.items()}
+    return Submission(run=run, stamp=stamp, folder=folder, plans=plans, jobs=jobs, seconds=seconds)
+
+
+def dry_run(cfg: ExperimentConfig, profile: ClusterProfile, runs_dir: Path) -> str:
+    """The sbatch parameters of every job, as submitit would write them; queues nothing, writes nothing."""
+    from kolora.launch.plan import sbatch_script, table
+
+    plans = plan_jobs(cfg, profile)
+    run = RunDir(Path(runs_dir) / cfg.name)
+    folder = submission_folder(profile, run, "STAMP")
+    python = python_command(profile)
+    out = [f"kolora submit --dry-run: run {cfg.name} on cluster profile {profile.name} (nothing queued)",
+           f"job folder: {folder}", "", table([describe(p) for p in plans]), ""]
+    for plan in plans:
+        dependency = f"afterok:{plan.after.upper()}_JOB_ID" if plan.after else None
+        script = sbatch_script(plan, folder, python, dependency)
+        body = [line for line in script.splitlines() if line.startswith("#SBATCH") or line.strip()
+                and not line.startswith(("#!", "# Parameters"))]
+        out += [f"# ---- {plan.job}: {' + '.join(plan.stages)}", *body, ""]
+    return "\n".join(out)
+
+
+def format_submitted(sub: Submission) -> str:
+    from kolora.launch.plan import table
+
+    rows = []
+    for plan in sub.plans:
+        info = sub.jobs[plan.job]
+        row = describe(plan)
+        rows.append({"job": plan.job, "stages": row["stages"], "job id": info["job_id"] +
+                     (f"_[{row['array']}]" if info["array"] else ""), "partition": row["partition"],
+                     "gpus": row["gpus"], "after": (info["dependency"] or "-")})
+    return "\n".join([f"submitted run {sub.run.root.name} ({len(sub.jobs)} jobs, {sub.seconds:.1f} s); "
+                      f"logs in {sub.folder}", table(rows),
+                      f"follow with: kolora status {sub.run.root.name}   (kolora logs / kolora cancel)"])
