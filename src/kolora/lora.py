@@ -36,13 +36,21 @@ def add_lora(unet, rank: int, alpha: float, target_modules: list[str], adapter_n
 def save_lora(unet, path: Path, rank: int, alpha: float, target_modules: list[str],
               extra_metadata: dict[str, str] | None = None) -> Path:
     """Write the UNet's LoRA to `path` (a .safetensors file) atomically."""
-    import safetensors.torch
-    from diffusers import KolorsPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    path = Path(path)
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    return save_layers(layers, path, rank, alpha, target_modules, extra_metadata)
+
+
+def save_layers(layers: dict[str, Any], path: Path, rank: int, alpha: float, target_modules: list[str],
+                extra_metadata: dict[str, str] | None = None) -> Path:
+    """Write UNet LoRA tensors (diffusers' names, as `convert_state_dict_to_diffusers` gives them, without
+    the `unet.` prefix) to `path` in kolora's file format, atomically. Used by training and by import-lora."""
+    import safetensors.torch
+    from diffusers import KolorsPipeline
+
+    path = Path(path)
     layers = {k: v.detach().to("cpu").contiguous() for k, v in layers.items()}
     adapter_meta = lora_config(rank, alpha, target_modules).to_dict()
     # sets → sorted lists (a set's order changes between processes: the file would not be reproducible)
@@ -97,15 +105,27 @@ def read_metadata(path: Path) -> dict[str, str]:
         raise LoraFileError(f"{path}: not a readable safetensors file ({e})") from None
 
 
-def rank_alpha(path: Path) -> tuple[int, float]:
-    meta = read_metadata(path)
+def rank_alpha_from_metadata(meta: dict[str, str]) -> tuple[int, float] | None:
     if "kolora.rank" in meta:
         return int(meta["kolora.rank"]), float(meta["kolora.alpha"])
     if "lora_adapter_metadata" in meta:
         m = json.loads(meta["lora_adapter_metadata"])
-        return int(m["unet.r"]), float(m["unet.lora_alpha"])
-    raise LoraFileError(f"{path}: no rank/alpha in the file's metadata; import it with `kolora import-lora` "
-                        "and an explicit --alpha")
+        if "unet.r" in m and "unet.lora_alpha" in m:
+            return int(m["unet.r"]), float(m["unet.lora_alpha"])
+    return None
+
+
+def rank_alpha(path: Path) -> tuple[int, float]:
+    """(rank, alpha) of a LoRA file in any format kolora reads (see kolora.interchange); raises
+    LoraFileError naming `kolora import-lora ... --alpha` for files that carry no alpha (DiffSynth)."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".safetensors":
+        found = rank_alpha_from_metadata(read_metadata(path))
+        if found is not None:
+            return found
+    from kolora import interchange
+
+    return interchange.rank_alpha(path)
 
 
 def peft_state_dict(path: Path) -> dict:
@@ -118,13 +138,25 @@ def peft_state_dict(path: Path) -> dict:
 
 
 def resolve_file(path: Path) -> Path:
+    """A LoRA file, or a folder: its pytorch_lora_weights.safetensors, else its only LoRA-like file (an export
+    folder such as lora/kohya/ or lora/diffsynth/)."""
     path = Path(path)
-    return path / WEIGHT_NAME if path.is_dir() else path
+    if not path.is_dir():
+        return path
+    if not (path / WEIGHT_NAME).is_file():
+        found = [p for ext in (".safetensors", ".ckpt", ".pt", ".pth", ".bin") for p in path.glob(f"*{ext}")]
+        if len(found) == 1:
+            return found[0]
+    return path / WEIGHT_NAME
 
 
 def load_into_pipeline(pipe, path: Path, scale: float = 1.0, adapter_name: str = "kolora") -> None:
-    """Load a kolora/diffusers LoRA into a KolorsPipeline; alpha/rank comes from the file's metadata."""
+    """Load a LoRA into a KolorsPipeline; alpha/rank comes from the file. Files in another format (kohya/ComfyUI,
+    DiffSynth with kolora's sidecar) are converted to kolora's diffusers file first (kolora.interchange)."""
+    from kolora import interchange
+
     path = resolve_file(path)
-    rank_alpha(path)  # fail early with a clear message if the file has no alpha
-    pipe.load_lora_weights(str(path), adapter_name=adapter_name)
+    with interchange.loadable(path, config=dict(pipe.unet.config)) as loadable:
+        rank_alpha(loadable)  # fail early with a clear message if the file has no alpha
+        pipe.load_lora_weights(str(loadable), adapter_name=adapter_name)
     pipe.set_adapters([adapter_name], adapter_weights=[scale])
