@@ -83,6 +83,79 @@ def cmd_make_tiny(args) -> int:
     return 0
 
 
+def cmd_submit(args) -> int:
+    from kolora.cluster import find_profile, load_profile
+    from kolora.config import load_config
+    from kolora.launch.submit import LaunchError, dry_run, format_submitted, submit
+    from kolora.pipeline import preflight
+
+    cfg = load_config(args.config, args.overrides, args.name)
+    profile_file = find_profile(args.cluster)
+    profile = load_profile(profile_file)
+    preflight(cfg)
+    if args.dry_run:
+        print(dry_run(cfg, profile, _runs_dir(args)))
+        return 0
+    try:
+        sub = submit(cfg, profile, _runs_dir(args), profile_file.resolve(), check=False)
+    except LaunchError as e:
+        print(f"kolora: submit: {e}", file=sys.stderr)
+        return 1
+    print(format_submitted(sub))
+    return 0
+
+
+def cmd_status(args) -> int:
+    import json
+
+    from kolora.launch.monitor import environment_hint, format_status, resolve_run, status
+
+    st = status(resolve_run(args.run, _runs_dir(args)))
+    if args.json:
+        print(json.dumps(st, indent=2, default=str))
+    else:
+        print(format_status(st))
+        hint = environment_hint()
+        if hint and all(r["state"] == "UNKNOWN" for r in st["jobs"]):
+            print(f"hint: {hint}", file=sys.stderr)
+    return 1 if st["failed"] else 0
+
+
+def cmd_logs(args) -> int:
+    from kolora.launch.monitor import pick_log, resolve_run, tail
+
+    run = resolve_run(args.run, _runs_dir(args))
+    job, task_id, (out, err) = pick_log(run, args.stage, args.task, args.rank)
+    paths = {"out": [out], "err": [err], "both": [out, err]}[args.stream]
+    existing = [p for p in paths if p.is_file()]
+    if not existing:
+        print(f"kolora: job {job} ({task_id}) has no log yet: {' '.join(map(str, paths))}", file=sys.stderr)
+        return 1
+    if args.follow:
+        # tail -F: follows the files across requeues (submitit appends); Ctrl-C to stop
+        os.execvp("tail", ["tail", "-n", str(args.tail or 50), "-F", *map(str, existing)])
+    for p in existing:
+        if len(existing) > 1:
+            print(f"==> {p} <==")
+        sys.stdout.write(tail(p, args.tail))
+    return 0
+
+
+def cmd_cancel(args) -> int:
+    from kolora.launch.monitor import cancel, resolve_run
+
+    run = resolve_run(args.run, _runs_dir(args))
+    cancelled, left = cancel(run)
+    if not cancelled:
+        print(f"run {run.root.name}: no job in the queue")
+    else:
+        print(f"run {run.root.name}: cancelled {' '.join(cancelled)}")
+    if left:
+        print(f"kolora: still in the queue after 30 s: {' '.join(left)}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kolora", description="Kolors LoRA training kit for Slurm clusters.")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -99,11 +172,45 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_validate)
 
+    p = sub.add_parser("submit", help="queue the pipeline on Slurm (filter → train → render array → grid); "
+                                      "returns at once")
+    _add_config_args(p)
+    p.add_argument("--cluster", required=True, metavar="PROFILE",
+                   help="cluster profile: a YAML path or a name in slurm/clusters/ (e.g. local)")
+    p.add_argument("--dry-run", action="store_true", help="print every job's sbatch parameters; queue nothing")
+    p.set_defaults(func=cmd_submit)
+
+    def _add_run_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("run", help="run name (under --runs-dir) or run directory")
+        p.add_argument("--runs-dir", help="where run directories are (default: $KOLORA_RUNS or ./runs)")
+
+    p = sub.add_parser("status", help="Slurm state and progress of every job of a submitted run")
+    _add_run_arg(p)
+    p.add_argument("--json", action="store_true", help="machine-readable")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("logs", help="print (or follow) a job's submitit log; default: the failed or latest job")
+    _add_run_arg(p)
+    p.add_argument("--stage", help="a stage (ingest, filter, cache, train, render, grid) or job name")
+    p.add_argument("--task", type=int, help="render array task index")
+    p.add_argument("--rank", type=int, default=0, help="srun task of a multi-GPU train job (default 0)")
+    p.add_argument("--stream", choices=["out", "err", "both"], default="both")
+    p.add_argument("-n", "--tail", type=int, metavar="N", help="only the last N lines")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing as the log grows (tail -F)")
+    p.set_defaults(func=cmd_logs)
+
+    p = sub.add_parser("cancel", help="cancel every queued or running job of a run")
+    _add_run_arg(p)
+    p.set_defaults(func=cmd_cancel)
+
     p = sub.add_parser("make-tiny", help="write tiny random Kolors-shaped models (tests, demos)")
     p.add_argument("path")
     p.add_argument("--layout", choices=["diffusers", "diffsynth"], default="diffusers")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_tiny)
+    from kolora import cli_models  # fetch, check, export, import-lora
+
+    cli_models.register(sub)
     return parser
 
 

@@ -271,7 +271,7 @@ class ClusterProfile(_Section):
             partition=merged["partition"], account=merged["account"], qos=merged["qos"],
             time_min=parse_time(merged["time"]) if merged["time"] is not None else 60,
             cpus=merged["cpus"] or 1, mem=merged["mem"], gpus=merged["gpus"] or 0, gpu_type=merged["gpu_type"],
-            gpu_option=merged["gpu_option"] or "gres", gres=merged["gres"], constraint=merged["constraint"],
+            gpu_option=merged["gpu_option"], gres=merged["gres"], constraint=merged["constraint"],
             nodes=merged["nodes"] or 1, setup=merged["setup"], extra=merged["extra"],
             tiles_per_task=own.get("tiles_per_task", 1), array_throttle=own.get("array_throttle", 1),
         )
@@ -286,7 +286,7 @@ class ResolvedResources(BaseModel):
     mem: str | None
     gpus: int
     gpu_type: str | None
-    gpu_option: str
+    gpu_option: str | None  # None: gres
     gres: str | None
     constraint: str | None
     nodes: int

@@ -126,7 +126,7 @@ def run_stage(stage: str, cfg: ExperimentConfig, run: RunDir, force: bool = Fals
     with run.manifest() as m:
         entry = m.setdefault("stages", {}).setdefault(stage, {})
         entry.update(status="complete" if done else "partial", summary=summary, error=None)
-        entry["wall_s"] = round(entry.get("wall_s", 0) + wall, 2) if stage == "render" and "task" in kw else wall
+        entry["wall_s"] = round(entry.get("wall_s", 0) + wall, 2) if stage == "render" and "task_index" in kw else wall
     if done:
         run.mark_complete(stage, cfg, **{"wall_s": wall})
     return {**summary, "wall_s": wall}

@@ -131,8 +131,10 @@ class MetricsCSV(L.Callback):
     def __init__(self, path: Path):
         self.path = Path(path)
         self.rows: list[dict[str, Any]] = []
+        self.writer = True
 
     def on_train_start(self, trainer, pl_module) -> None:
+        self.writer = trainer.is_global_zero  # under DDP only rank 0 keeps the file
         if self.path.is_file():
             with open(self.path, newline="") as f:
                 self.rows = [r for r in csv.DictReader(f) if int(r["step"]) <= trainer.global_step]
@@ -150,6 +152,8 @@ class MetricsCSV(L.Callback):
         self._flush()
 
     def _flush(self) -> None:
+        if not self.writer:
+            return
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=self.FIELDS)
         w.writeheader()
@@ -177,9 +181,8 @@ class Checkpointer(L.Callback):
 
     def save(self, trainer) -> None:
         step = trainer.global_step
-        path = self.dir / f"step={step:06d}.ckpt"
-        if not path.exists():
-            trainer.save_checkpoint(str(path))
+        # Every rank calls save_checkpoint (it holds a collective under DDP); only rank 0 writes the file.
+        trainer.save_checkpoint(str(self.dir / f"step={step:06d}.ckpt"))
         self.last_time = time.monotonic()
         if trainer.is_global_zero:
             for _, old in ckpt_io.checkpoints(self.dir)[self.keep:]:
@@ -200,7 +203,7 @@ def _accelerator(choice: str) -> str:
     return choice
 
 
-def run(cfg: ExperimentConfig, run: RunDir, progress=None) -> dict[str, Any]:
+def run(cfg: ExperimentConfig, run: RunDir, progress=None, devices: int = 1, num_nodes: int = 1) -> dict[str, Any]:
     tcfg = cfg.train
     for name in ("lightning.pytorch", "lightning.fabric"):  # hardware banners and tips, not our business
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -239,7 +242,10 @@ def run(cfg: ExperimentConfig, run: RunDir, progress=None) -> dict[str, Any]:
 
         plugins.append(SLURMEnvironment(auto_requeue=False))
     trainer = L.Trainer(
-        accelerator=accel, devices=1, precision=precision, max_steps=tcfg.steps, max_epochs=-1,
+        # devices/num_nodes > 1: DDP, one process per device started by srun (the launcher's multi-GPU jobs)
+        accelerator=accel, devices=devices, num_nodes=num_nodes,
+        strategy="ddp" if devices * num_nodes > 1 else "auto",
+        precision=precision, max_steps=tcfg.steps, max_epochs=-1,
         logger=False, default_root_dir=str(run.train), plugins=[*plugins, ckpt_io.AtomicCheckpointIO()],
         enable_model_summary=False, enable_checkpointing=False,
         callbacks=[MetricsCSV(run.train / "metrics.csv"),
@@ -256,8 +262,11 @@ def run(cfg: ExperimentConfig, run: RunDir, progress=None) -> dict[str, Any]:
         raise interrupt.Interrupted(f"training stopped at step {trainer.global_step}/{tcfg.steps} "
                                     f"({interrupt.requested()}); checkpoint in {ckpt_dir}")
 
-    out = lora_io.save_lora(unet, run.lora / LORA_FILE, tcfg.rank, tcfg.alpha, tcfg.target_modules,
-                            extra_metadata={"kolora.steps": str(tcfg.steps), "kolora.config": cfg.digest()})
+    out = run.lora / LORA_FILE
+    if trainer.is_global_zero:
+        lora_io.save_lora(unet, out, tcfg.rank, tcfg.alpha, tcfg.target_modules,
+                          extra_metadata={"kolora.steps": str(tcfg.steps), "kolora.config": cfg.digest()})
+    trainer.strategy.barrier("kolora-lora-saved")
     rows = list(csv.DictReader(open(run.train / "metrics.csv")))
     return {"steps": trainer.global_step, "resumed_from_step": start_step, "precision": precision,
             "last_loss": float(rows[-1]["loss"]) if rows else None, "lora": str(out),

@@ -47,6 +47,20 @@ def _setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _process_group(rank: int) -> dict[str, Any] | None:
+    """The DDP process group Lightning left initialized (it stays up until exit), as proof that this rank
+    trained together with the others."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        log.warning("train rank %d: no torch.distributed process group after training", rank)
+        return None
+    info = {"backend": dist.get_backend(), "world_size": dist.get_world_size(), "rank": dist.get_rank()}
+    log.info("train rank %d: DDP process group %s, rank %d of world %d", rank, info["backend"], info["rank"],
+             info["world_size"])
+    return info
+
+
 class StageJob(Checkpointable):
     """One job of a submission: `stages` in order (a render array task: its share of the tiles)."""
 
@@ -73,6 +87,7 @@ class StageJob(Checkpointable):
         os.environ.update(self.env)
         _setup_logging()
         from kolora.config import load_config
+        from kolora.interrupt import Interrupted
         from kolora.rundir import RunDir
 
         rank = int(os.environ.get("SLURM_PROCID", "0")) if self.distributed else 0
@@ -85,6 +100,10 @@ class StageJob(Checkpointable):
             if self.distributed and rank > 0:
                 return self._train_follower(cfg, run, rank)
             return self._run(cfg, run, task_index)
+        except Interrupted:
+            # a stop request (preemption/time limit) at a consistent point: not a failure, so the later jobs
+            # stay queued. Requeueing this job is the preemption work's (it plugs in here).
+            raise
         except Exception:
             # Slurm cancels the dependent jobs (--kill-on-invalid-dep); cancelling them here as well covers
             # clusters that ignore that option. A requeue (SystemExit from submitit) is not a failure.
@@ -112,6 +131,8 @@ class StageJob(Checkpointable):
                 raise
             log.info("stage %s: %s", stage, "complete, skipped" if summary.get("skipped") else
                      ", ".join(f"{k}={v}" for k, v in summary.items() if not isinstance(v, dict | list)))
+            if stage == "train" and self.distributed and not summary.get("skipped"):
+                run.record_stage("train", distributed=_process_group(0))
         return results
 
     # DDP: rank 0 runs the stages before train (cache) alone; the other ranks wait for its go-ahead, then
@@ -123,7 +144,7 @@ class StageJob(Checkpointable):
     def _release_followers(self, cfg, run) -> None:
         from kolora import pipeline
 
-        decision = "skip" if run.is_complete("train", cfg) else "run"
+        decision = "skip" if pipeline.is_complete("train", cfg, run) else "run"  # what run_stage will decide
         if decision == "run":
             # clear outputs of a different config now, not inside run_stage while the others already read them
             pipeline._clear_stale("train", cfg, run)
@@ -150,6 +171,7 @@ class StageJob(Checkpointable):
         with offline_env(run):
             summary = train.run(cfg, run, devices=self.tasks_per_node, num_nodes=self.nodes)
         log.info("train rank %d: %s", rank, {k: v for k, v in summary.items() if not isinstance(v, dict | list)})
+        _process_group(rank)
         return {"train": summary}
 
     def _cancel_downstream(self) -> None:

@@ -9,6 +9,7 @@ The job ids, folders and resources go into the run's manifest under "slurm".
 from __future__ import annotations
 
 import datetime as dt
+import re
 import secrets
 import shlex
 import shutil
@@ -77,16 +78,23 @@ def stage_job(plan: JobPlan, run: RunDir, config_file: Path, folder: Path, stamp
                     time_limit_s=plan.resources.time_min * 60)
 
 
-def submit(cfg: ExperimentConfig, profile: ClusterProfile, runs_dir: Path, profile_file: Path | None = None) -> Submission:
+def submit(cfg: ExperimentConfig, profile: ClusterProfile, runs_dir: Path, profile_file: Path | None = None,
+           check: bool = True) -> Submission:
+    """Validate (pipeline.preflight unless check=False: the caller did), then queue the four jobs."""
     from submitit import SlurmExecutor
 
     from kolora.launch.monitor import scancel
-    from kolora.pipeline import open_run
+    from kolora.pipeline import open_run, preflight
 
     t0 = time.perf_counter()
+    if check:
+        preflight(cfg)
     plans = plan_jobs(cfg, profile)
     check_slurm_clients()
     run = RunDir(Path(runs_dir) / cfg.name)
+    if re.search(r"[\x00-\x1f\x7f]", str(submission_folder(profile, run, "x"))):
+        raise LaunchError(f"the job folder {submission_folder(profile, run, '')} has control characters in its "
+                          "path: sbatch scripts cannot name it; use another --runs-dir or job_folder")
     busy = queued_jobs(run)
     if busy:
         raise LaunchError(f"run {cfg.name} still has jobs in the queue ({' '.join(busy)}): wait for them, or "
@@ -168,6 +176,6 @@ def format_submitted(sub: Submission) -> str:
         rows.append({"job": plan.job, "stages": row["stages"], "job id": info["job_id"] +
                      (f"_[{row['array']}]" if info["array"] else ""), "partition": row["partition"],
                      "gpus": row["gpus"], "after": (info["dependency"] or "-")})
-    return "\n".join([f"submitted run {sub.run.root.name} ({len(sub.jobs)} jobs, {sub.seconds:.1f} s); "
-                      f"logs in {sub.folder}", table(rows),
+    return "\n".join([f"run {sub.run.root.name}: queued {len(sub.jobs)} jobs (checked and queued in "
+                      f"{sub.seconds:.1f} s); job folder {sub.folder}", table(rows),
                       f"follow with: kolora status {sub.run.root.name}   (kolora logs / kolora cancel)"])

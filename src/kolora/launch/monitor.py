@@ -1,0 +1,338 @@
+"""status / logs / cancel for a submitted run: Slurm's view (squeue, sacct) joined with the run directory's.
+
+Every Slurm client call is an argument list with a timeout; a missing or silent client degrades to "state
+unknown" instead of hanging. Progress comes from files the stages write anyway (manifest, filter report,
+train metrics, render tiles), so it works the same whoever launched the stages.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from kolora.cluster import JOBS, STAGE_JOB
+from kolora.config import ConfigError
+from kolora.rundir import RunDir
+
+# states after which a job never runs again (PREEMPTED/REQUEUED jobs come back as PENDING)
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE",
+         "REVOKED", "SPECIAL_EXIT")
+BAD = ("FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "SPECIAL_EXIT")
+_BRACKET = re.compile(r"^(?P<base>\d+)_\[(?P<spec>[^\]]*)\]$")
+
+
+def _slurm(args: list[str], timeout: float = 20) -> subprocess.CompletedProcess | None:
+    try:
+        return subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False)
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        return None
+
+
+def _expand_array_spec(base: str, spec: str) -> list[str]:
+    """'125', '1-3%2' → ['125_1', '125_2', '125_3'] (sacct's and squeue's folded pending array tasks)."""
+    out = []
+    for part in spec.split("%")[0].split(","):
+        if "-" in part:
+            a, b = part.split("-", 1)
+            out += [f"{base}_{i}" for i in range(int(a), int(b) + 1)]
+        elif part.strip():
+            out.append(f"{base}_{int(part)}")
+    return out
+
+
+def _rows(text: str, fields: list[str]) -> list[dict[str, str]]:
+    rows = []
+    for line in text.splitlines():
+        parts = line.split("|")
+        if len(parts) != len(fields):
+            continue
+        row = dict(zip(fields, parts, strict=True))
+        row["State"] = row["State"].split()[0] if row["State"] else ""  # "CANCELLED by 0" → CANCELLED
+        m = _BRACKET.match(row["JobID"])
+        ids = _expand_array_spec(m["base"], m["spec"]) if m else [row["JobID"]]
+        for task_id in ids:
+            rows.append({**row, "JobID": task_id, "base": task_id.split("_")[0]})
+    return rows
+
+
+def squeue(ids: list[str]) -> list[dict[str, str]]:
+    """Rows of the jobs (array tasks expanded) still in the queue."""
+    if not ids:
+        return []
+    fields = ["JobID", "State", "Partition", "Reason"]
+    proc = _slurm(["squeue", "-h", "-r", "-j", ",".join(ids), "-o", "%i|%T|%P|%r"])
+    return _rows(proc.stdout, fields) if proc is not None and proc.returncode == 0 else []
+
+
+def sacct(ids: list[str]) -> list[dict[str, str]] | None:
+    """Accounting rows (one per array task), or None when sacct does not answer (no accounting)."""
+    if not ids:
+        return []
+    fields = ["JobID", "State", "Partition", "ExitCode", "Start", "End", "Elapsed", "AllocTRES", "NodeList"]
+    proc = _slurm(["sacct", "-X", "-n", "-P", "-j", ",".join(ids), f"--format={','.join(fields)}"])
+    if proc is None or proc.returncode != 0:
+        return None
+    return _rows(proc.stdout, fields)
+
+
+def scancel(ids: list[str]) -> None:
+    if ids:
+        _slurm(["scancel", *ids], timeout=30)
+
+
+# manifest ------------------------------------------------------------------------------------------------
+def resolve_run(name_or_path: str, runs_dir: Path) -> RunDir:
+    p = Path(name_or_path).expanduser()
+    for cand in (p, Path(runs_dir) / name_or_path):
+        if (cand / "manifest.json").is_file():
+            return RunDir(cand)
+    raise ConfigError(f"no run {name_or_path!r}: neither {p} nor {Path(runs_dir) / name_or_path} holds a "
+                      "manifest.json (give the run name with --runs-dir, or the run directory)")
+
+
+def latest_submission(manifest: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    slurm = manifest.get("slurm") or {}
+    stamp = slurm.get("latest")
+    if not stamp or stamp not in slurm.get("submissions", {}):
+        raise ConfigError(f"run {manifest.get('name')!r} was never submitted to Slurm (kolora submit CONFIG "
+                          "--cluster PROFILE); `kolora run` runs in one process and has no jobs")
+    return stamp, slurm["submissions"][stamp]
+
+
+def all_job_ids(manifest: dict[str, Any]) -> list[str]:
+    subs = (manifest.get("slurm") or {}).get("submissions", {})
+    return [info["job_id"] for sub in subs.values() for info in sub.get("jobs", {}).values()]
+
+
+def log_file(folder: Path, task_id: str, rank: int = 0, stream: str = "err") -> Path:
+    """submitit's log of a job (`<id>_<rank>_log.err`) or array task (`<array>_<task>_<rank>_log.err`)."""
+    return Path(folder) / f"{task_id}_{rank}_log.{stream}"
+
+
+# status --------------------------------------------------------------------------------------------------
+def _summarize(states: dict[str, str]) -> str:
+    if not states:
+        return "UNKNOWN"
+    values = list(states.values())
+    if len(set(values)) == 1:
+        return values[0]
+    counts: dict[str, int] = {}
+    for v in values:
+        counts[v] = counts.get(v, 0) + 1
+    return ", ".join(f"{s} {n}/{len(values)}" for s, n in counts.items())
+
+
+def _job_states(sub: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    ids = [info["job_id"] for info in sub["jobs"].values()]
+    live = {r["JobID"]: r for r in squeue(ids)}
+    acct_rows = sacct(ids)
+    acct = {r["JobID"]: r for r in acct_rows or []}
+    out: dict[str, dict[str, Any]] = {}
+    for job, info in sub["jobs"].items():
+        tasks: dict[str, str] = {}
+        partition = reason = ""
+        for task_id in info["task_ids"]:
+            row = live.get(task_id) or acct.get(task_id)
+            if row is None:
+                tasks[task_id] = "UNKNOWN" if acct_rows is None else "PENDING"
+                continue
+            tasks[task_id] = row["State"]
+            partition = partition or row.get("Partition", "")
+            if task_id in live and row.get("Reason") not in (None, "", "None"):
+                reason = row["Reason"]
+        out[job] = {"state": _summarize(tasks), "tasks": tasks, "partition": partition, "reason": reason,
+                    "accounting": acct_rows is not None}
+    return out
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _last_metrics(path: Path) -> dict[str, str] | None:
+    try:
+        lines = path.read_text().strip().splitlines()
+    except OSError:
+        return None
+    if len(lines) < 2:
+        return None
+    header, last = lines[0].split(","), lines[-1].split(",")
+    return dict(zip(header, last, strict=False))
+
+
+def progress(run: RunDir, sub: dict[str, Any], manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """What the run directory says about each job's stages."""
+    from kolora.config import load_config
+
+    stages = manifest.get("stages", {})
+    status = {s: (stages.get(s) or {}).get("status", "-") for s in STAGE_JOB}
+    try:
+        cfg = load_config(Path(sub["folder"]) / "config.yaml")
+    except (ConfigError, OSError):
+        cfg = None
+    out: dict[str, dict[str, Any]] = {}
+
+    ingest = (stages.get("ingest") or {}).get("summary") or {}
+    report = _read_json(run.filter / "report.json").get("summary") or {}
+    info: dict[str, Any] = {"stages": {s: status[s] for s in JOBS["filter"]}}
+    text = []
+    if "samples" in ingest:
+        info["samples"] = ingest["samples"]
+        text.append(f"{ingest['samples']} samples")
+    if report and status["filter"] in ("complete", "failed"):
+        info.update(kept=report.get("kept"), dropped=report.get("dropped"))
+        text.append(f"kept {report.get('kept')}, dropped {report.get('dropped')}")
+    info["text"] = "; ".join(text)
+    out["filter"] = info
+
+    info = {"stages": {s: status[s] for s in JOBS["train"]}, "total_steps": cfg.train.steps if cfg else None}
+    metrics = _last_metrics(run.train / "metrics.csv")
+    text = [f"cache {status['cache']}"] if status["cache"] not in ("complete", "-") else []
+    if metrics and status["train"] != "-":
+        info.update(step=int(metrics.get("step", 0)), loss=float(metrics.get("loss", "nan")))
+        text.append(f"step {info['step']}/{info['total_steps']}, loss {info['loss']:.4g}")
+    info["text"] = "; ".join(text)
+    out["train"] = info
+
+    info = {"stages": {"render": status["render"]}}
+    if cfg is not None:
+        from kolora.render import tiles
+
+        names = [name for _, _, name in tiles(cfg)]
+        done = sum((run.render / n).is_file() for n in names)
+        info.update(tiles_done=done, tiles_total=len(names))
+        info["text"] = f"tiles {done}/{len(names)}"
+    out["render"] = info
+
+    out["grid"] = {"stages": {"grid": status["grid"]},
+                   "text": str(run.grid_file) if status["grid"] == "complete" and run.grid_file.is_file() else ""}
+    return out
+
+
+def status(run: RunDir) -> dict[str, Any]:
+    manifest = run.read_manifest()
+    stamp, sub = latest_submission(manifest)
+    states = _job_states(sub)
+    prog = progress(run, sub, manifest)
+    stages = manifest.get("stages", {})
+    rows, failed, cancelled = [], None, []
+    for job, info in sub["jobs"].items():
+        st = states[job]
+        err = log_file(Path(sub["folder"]), info["task_ids"][0])
+        bad = [t for t, s in st["tasks"].items() if s in BAD]
+        unknown = all(s == "UNKNOWN" for s in st["tasks"].values())
+        manifest_failed = [s for s in info["stages"] if (stages.get(s) or {}).get("status") == "failed"]
+        if failed is None and (bad or (unknown and manifest_failed)):
+            stage = (manifest_failed or [s for s in info["stages"]
+                                         if (stages.get(s) or {}).get("status") != "complete"] or info["stages"])[0]
+            task = bad[0] if bad else info["task_ids"][0]
+            err = log_file(Path(sub["folder"]), task)
+            failed = {"job": job, "stage": stage, "job_id": task, "state": st["tasks"].get(task, "UNKNOWN"),
+                      "error": (stages.get(stage) or {}).get("error"), "log": str(err)}
+        if any(s == "CANCELLED" for s in st["tasks"].values()):
+            cancelled.append(job)
+        job_label = info["job_id"] + (f"_[0-{len(info['task_ids']) - 1}]" if info.get("array") else "")
+        rows.append({"job": job, "stages": "+".join(info["stages"]), "job_id": job_label, "state": st["state"],
+                     "reason": st["reason"], "partition": st["partition"], "progress": prog[job].get("text", ""),
+                     "detail": prog[job], "tasks": st["tasks"], "log": str(err)})
+    done = all(r["state"] == "COMPLETED" for r in rows)
+    return {"run": str(run.root), "name": run.root.name, "submission": stamp, "folder": sub["folder"],
+            "profile": sub.get("profile"), "jobs": rows, "failed": failed, "cancelled": cancelled, "done": done,
+            "grid": str(run.grid_file) if done and run.grid_file.is_file() else None}
+
+
+def format_status(st: dict[str, Any]) -> str:
+    from kolora.launch.plan import table
+
+    rows = [{"job": r["job"], "stages": r["stages"], "job id": r["job_id"],
+             "state": r["state"] + (f" ({r['reason']})" if r["reason"] and r["state"] == "PENDING" else ""),
+             "progress": r["progress"]} for r in st["jobs"]]
+    lines = [f"run {st['name']} ({st['run']}), submission {st['submission']} on {st['profile']}", table(rows)]
+    f = st["failed"]
+    if f:
+        lines.append(f"FAILED: stage {f['stage']} (job {f['job_id']}, {f['state']})"
+                     + (f": {f['error'].splitlines()[0]}" if f.get("error") else ""))
+        lines.append(f"  log: {f['log']}")
+        downstream = [r["job"] for r in st["jobs"] if r["job"] in st["cancelled"]]
+        if downstream:
+            lines.append(f"  cancelled after it: {', '.join(downstream)}")
+    elif st["cancelled"]:
+        lines.append(f"CANCELLED: {', '.join(st['cancelled'])}")
+    elif st["done"]:
+        lines.append(f"done: {st['grid']}")
+    if st["jobs"] and not st["jobs"][0].get("tasks"):
+        lines.append("(no Slurm state: sacct/squeue did not answer)")
+    return "\n".join(lines)
+
+
+# logs ----------------------------------------------------------------------------------------------------
+def pick_log(run: RunDir, stage: str | None, task: int | None, rank: int = 0) -> tuple[str, str, list[Path]]:
+    """(job, task id, [stdout, stderr] paths) for `kolora logs`: the given stage's job (a stage name or a job
+    name), else the failed job, else the last job that started."""
+    manifest = run.read_manifest()
+    _, sub = latest_submission(manifest)
+    job = STAGE_JOB.get(stage, stage) if stage else None
+    if job is not None and job not in sub["jobs"]:
+        raise ConfigError(f"--stage {stage}: choose one of {', '.join([*JOBS, *STAGE_JOB])}")
+    st = None
+    if job is None or (task is None and sub["jobs"][job].get("array")):
+        st = status(run)
+    if job is None:
+        if st["failed"]:
+            job = st["failed"]["job"]
+        else:
+            started = [r["job"] for r in st["jobs"] if r["state"] not in ("PENDING", "UNKNOWN")]
+            job = started[-1] if started else next(iter(sub["jobs"]))
+    info = sub["jobs"][job]
+    if task is not None:
+        if not 0 <= task < len(info["task_ids"]):
+            raise ConfigError(f"--task {task}: job {job} has tasks 0..{len(info['task_ids']) - 1}")
+        task_id = info["task_ids"][task]
+    elif st is not None and st["failed"] and st["failed"]["job"] == job:
+        task_id = st["failed"]["job_id"]
+    else:
+        task_id = info["task_ids"][0]
+    folder = Path(sub["folder"])
+    return job, task_id, [log_file(folder, task_id, rank, "out"), log_file(folder, task_id, rank, "err")]
+
+
+def tail(path: Path, lines: int | None) -> str:
+    text = path.read_text(errors="replace")
+    if lines is None:
+        return text
+    return "\n".join(text.splitlines()[-lines:]) + ("\n" if text else "")
+
+
+# cancel --------------------------------------------------------------------------------------------------
+def cancel(run: RunDir, wait_s: float = 30) -> tuple[list[str], list[str]]:
+    """scancel every job of the run still queued (all submissions); wait until the queue lets go of them.
+    Returns (cancelled ids, ids still in the queue after wait_s)."""
+    manifest = run.read_manifest()
+    ids = all_job_ids(manifest)
+    queued = sorted({r["base"] for r in squeue(ids)})
+    scancel(queued)
+    deadline = time.monotonic() + wait_s
+    left = queued
+    while left and time.monotonic() < deadline:
+        time.sleep(0.5)
+        left = sorted({r["base"] for r in squeue(left)})
+    if queued:
+        with run.manifest() as m:
+            stamp = (m.get("slurm") or {}).get("latest")
+            if stamp:
+                m["slurm"]["submissions"][stamp]["cancelled"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    return queued, left
+
+
+def environment_hint() -> str | None:
+    if "SLURM_CONF" not in os.environ and not Path("/etc/slurm/slurm.conf").exists():
+        return "SLURM_CONF is not set (on the dev cluster: source .devcluster/env.sh)"
+    return None

@@ -1,0 +1,173 @@
+"""The launcher without a cluster: --dry-run, validation before queueing, and the submission flow against
+fake Slurm clients (sbatch/squeue/sacct/scancel scripts that record their calls). The real thing runs in
+tests/test_launch_slurm.py."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kolora.cli import main
+from kolora.launch.jobs import job_environment
+from kolora.launch.monitor import _rows
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = str(REPO / "configs" / "demo.yaml")
+LOCAL = str(REPO / "slurm" / "clusters" / "local.yaml")
+
+FAKE = {
+    # sbatch: keep a copy of the script, answer with the next job id
+    "sbatch": 'n=$(( $(cat "$FAKE_SLURM/next" 2>/dev/null || echo 1000) + 1 )); echo $n > "$FAKE_SLURM/next"\n'
+              'cp "$1" "$FAKE_SLURM/sbatch.$n.sh"; echo "Submitted batch job $n"',
+    "srun": "exit 0",
+    "squeue": 'cat "$FAKE_SLURM/squeue.txt" 2>/dev/null; exit 0',
+    "sacct": 'cat "$FAKE_SLURM/sacct.txt" 2>/dev/null; exit 0',
+    "scancel": 'echo "$@" >> "$FAKE_SLURM/scancel.log"; rm -f "$FAKE_SLURM/squeue.txt"',
+}
+
+
+@pytest.fixture
+def fake_slurm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    folder = tmp_path / "fake-slurm"
+    folder.mkdir()
+    for name, body in FAKE.items():
+        script = folder / name
+        script.write_text("#!/bin/bash\n" + body + "\n")
+        script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{folder}:/usr/bin:/bin")
+    monkeypatch.setenv("FAKE_SLURM", str(folder))
+    return folder
+
+
+def sbatch_scripts(fake: Path) -> dict[int, str]:
+    return {int(p.name.split(".")[1]): p.read_text() for p in fake.glob("sbatch.*.sh")}
+
+
+def test_dry_run_shows_every_job(tmp_path: Path, fake_slurm: Path, capsys: pytest.CaptureFixture) -> None:
+    runs = tmp_path / "runs"
+    assert main(["submit", DEMO, "--cluster", LOCAL, "--runs-dir", str(runs), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    table = {line.split()[0]: line.split() for line in out.splitlines()[3:8]}
+    assert table["job"][:4] == ["job", "stages", "partition", "time"]
+    assert table["filter"][1:4] == ["ingest+filter", "cpu", "0:30:00"] and table["filter"][-1] == "-"
+    assert table["train"][1:4] == ["cache+train", "gpu", "0:30:00"] and table["train"][-1] == "afterok:filter"
+    assert table["render"][-2:] == ["0-3%2", "afterok:train"]
+    assert table["grid"][1:4] == ["grid", "cpu", "0:10:00"] and table["grid"][-1] == "afterok:render"
+    sections = dict(re.findall(r"# ---- (\w+): [^\n]*\n(.*?)(?=\n# ---- |\Z)", out, re.S))
+    assert set(sections) == {"filter", "train", "render", "grid"}
+    expect = {
+        "filter": ["--partition=cpu", "--time=30", "--kill-on-invalid-dep=yes"],
+        "train": ["--partition=gpu", "--gres=gpu:1", "--dependency=afterok:FILTER_JOB_ID", "--mem=4G"],
+        "render": ["--partition=gpu", "--gres=gpu:1", "--array=0-3%2", "--dependency=afterok:TRAIN_JOB_ID"],
+        "grid": ["--partition=cpu", "--time=10", "--dependency=afterok:RENDER_JOB_ID"],
+    }
+    for job, options in expect.items():
+        for option in options:
+            assert f"#SBATCH {option}\n" in sections[job], (job, option, sections[job])
+    assert "gres" not in sections["filter"] and "gres" not in sections["grid"]
+    assert not runs.exists() and not sbatch_scripts(fake_slurm)  # nothing written, nothing queued
+
+
+def test_dry_run_multi_gpu_training(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    profile = yaml.safe_load(Path(LOCAL).read_text())
+    profile["jobs"]["train"].update(gpus=4, nodes=2, gpu_type="a100", gpu_option="gpus-per-node")
+    profile["setup"] = ["module load cuda/12.4"]
+    path = tmp_path / "multi.yaml"
+    path.write_text(yaml.safe_dump(profile))
+    assert main(["submit", DEMO, "--cluster", str(path), "--runs-dir", str(tmp_path), "--dry-run"]) == 0
+    train = capsys.readouterr().out.split("# ---- train")[1].split("# ---- render")[0]
+    for option in ("--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=a100:4"):
+        assert f"#SBATCH {option}\n" in train
+    assert "\nmodule load cuda/12.4\n" in train
+    assert "srun --unbuffered" in train and "--kill-on-bad-exit=1" in train
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "render.prompts=does-not-exist.yaml"], "render.prompts"),
+    (["--set", "data.source=folder", "--set", "data.path=/no/such/dataset"], "data.path"),
+    (["--set", "filter.ops=[{no_such_filter: {}}]"], "filter.ops"),
+    (["--set", "train.steps=0"], "train.steps"),
+])
+def test_nothing_is_queued_when_validation_fails(tmp_path: Path, fake_slurm: Path, capsys, args, message) -> None:
+    runs = tmp_path / "runs"
+    assert main(["submit", DEMO, "--cluster", LOCAL, "--runs-dir", str(runs), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not runs.exists() and not sbatch_scripts(fake_slurm)
+
+
+def test_bad_profile_queues_nothing(tmp_path: Path, fake_slurm: Path, capsys) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: bad\njobs: {render: {array_throttle: 0}}\n")
+    assert main(["submit", DEMO, "--cluster", str(path), "--runs-dir", str(tmp_path / "runs")]) == 2
+    assert "jobs.render.array_throttle" in capsys.readouterr().err
+    assert not sbatch_scripts(fake_slurm)
+
+
+def test_submit_queues_the_graph_and_records_it(tmp_path: Path, fake_slurm: Path, capsys) -> None:
+    runs = tmp_path / "runs"
+    assert main(["submit", DEMO, "--cluster", LOCAL, "--runs-dir", str(runs), "--name", "g"]) == 0
+    printed = capsys.readouterr().out
+    scripts = sbatch_scripts(fake_slurm)
+    assert sorted(scripts) == [1001, 1002, 1003, 1004]
+    assert "--dependency" not in scripts[1001]
+    assert "#SBATCH --dependency=afterok:1001\n" in scripts[1002]
+    assert "#SBATCH --dependency=afterok:1002\n" in scripts[1003] and "#SBATCH --array=0-3%2\n" in scripts[1003]
+    assert "#SBATCH --dependency=afterok:1003\n" in scripts[1004]
+    assert all("#SBATCH --kill-on-invalid-dep=yes\n" in s for s in scripts.values())
+    assert "1003_[0-3%2]" in printed
+
+    manifest = json.loads((runs / "g" / "manifest.json").read_text())
+    slurm = manifest["slurm"]
+    assert slurm["jobs"] == {"filter": "1001", "train": "1002", "render": "1003", "grid": "1004"}
+    sub = slurm["submissions"][slurm["latest"]]
+    folder = Path(sub["folder"])
+    assert folder.parent == runs / "g" / "slurm" and (folder / "config.yaml").is_file()
+    assert sub["jobs"]["render"]["task_ids"] == [f"1003_{i}" for i in range(4)]
+    assert sub["jobs"]["render"]["tiles"] == 8 and sub["jobs"]["render"]["throttle"] == 2
+    assert (folder / "1001_submitted.pkl").is_file() and (folder / "1003_2_submitted.pkl").is_file()
+
+    # a second submission while jobs of the run are queued is refused, and queues nothing
+    (fake_slurm / "squeue.txt").write_text("1002|PENDING|gpu|Dependency\n")
+    assert main(["submit", DEMO, "--cluster", LOCAL, "--runs-dir", str(runs), "--name", "g"]) == 1
+    assert "still has jobs in the queue (1002)" in capsys.readouterr().err
+    assert len(sbatch_scripts(fake_slurm)) == 4
+
+    # status: Slurm's states + the run directory; a failed filter names the stage and its log
+    (fake_slurm / "squeue.txt").unlink()
+    (fake_slurm / "sacct.txt").write_text(
+        "1001|FAILED|cpu|1:0|||||\n1002|CANCELLED by 0|gpu|0:0|||||\n1003_[0-3%2]|CANCELLED by 0|gpu|0:0|||||\n"
+        "1004|CANCELLED by 0|cpu|0:0|||||\n")
+    with (runs / "g" / "manifest.json").open() as f:
+        m = json.load(f)
+    m["stages"] = {"ingest": {"status": "complete"}, "filter": {"status": "failed", "error": "FilterError: boom"}}
+    (runs / "g" / "manifest.json").write_text(json.dumps(m))
+    assert main(["status", "g", "--runs-dir", str(runs)]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED: stage filter (job 1001, FAILED): FilterError: boom" in out
+    assert f"log: {folder / '1001_0_log.err'}" in out
+    assert re.search(r"render\s+render\s+1003_\[0-3\]\s+CANCELLED", out)
+
+    # cancel: scancel for what squeue still lists
+    (fake_slurm / "squeue.txt").write_text("1004|PENDING|cpu|Dependency\n")
+    assert main(["cancel", "g", "--runs-dir", str(runs)]) == 0
+    assert (fake_slurm / "scancel.log").read_text().split() == ["1004"]
+    assert "cancelled 1004" in capsys.readouterr().out
+
+
+def test_job_environment_is_offline(tmp_path: Path) -> None:
+    env = job_environment(tmp_path / "run", extra={"HF_HUB_OFFLINE": "0", "NCCL_DEBUG": "WARN"})
+    assert env["HF_HUB_OFFLINE"] == "1" and env["TRANSFORMERS_OFFLINE"] == "1" and env["MODELSCOPE_OFFLINE"] == "1"
+    assert env["HF_HOME"] == str(tmp_path / "run" / ".hf_home") and env["NCCL_DEBUG"] == "WARN"
+    env = job_environment(tmp_path / "run", hf_home=tmp_path / "hf", modelscope_cache=tmp_path / "ms")
+    assert env["HF_HOME"] == str(tmp_path / "hf") and env["MODELSCOPE_CACHE"] == str(tmp_path / "ms")
+
+
+def test_folded_array_rows_are_expanded() -> None:
+    rows = _rows("7_[2-4%2]|PENDING|gpu\n7_0|RUNNING|gpu\n8|CANCELLED by 0|cpu\n", ["JobID", "State", "Partition"])
+    assert [(r["JobID"], r["State"], r["base"]) for r in rows] == [
+        ("7_2", "PENDING", "7"), ("7_3", "PENDING", "7"), ("7_4", "PENDING", "7"), ("7_0", "RUNNING", "7"),
+        ("8", "CANCELLED", "8")]
