@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from kolora import interrupt
 from kolora.config import ExperimentConfig, PromptItem, load_prompts
 from kolora.rundir import RunDir, atomic_path
 
@@ -87,5 +88,8 @@ def run(cfg: ExperimentConfig, run: RunDir, task_index: int = 0, task_count: int
                 image.save(tmp, format="PNG")
             if progress:
                 progress(n, len(todo))
+            if interrupt.requested() is not None and n < len(todo):
+                raise interrupt.Interrupted(f"render task {task_index} stopped after {n} of {len(todo)} tiles "
+                                            f"({interrupt.requested()}); the rest render when it runs again")
     return {"task": task_index, "tasks": task_count, "tiles": len(mine), "rendered": len(todo),
             "already_done": len(mine) - len(todo)}

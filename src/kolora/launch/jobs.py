@@ -19,8 +19,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from submitit.helpers import Checkpointable
-
 log = logging.getLogger("kolora.launch")
 
 
@@ -61,12 +59,17 @@ def _process_group(rank: int) -> dict[str, Any] | None:
     return info
 
 
-class StageJob(Checkpointable):
-    """One job of a submission: `stages` in order (a render array task: its share of the tiles)."""
+class StageJob:
+    """One job of a submission: `stages` in order (a render array task: its share of the tiles).
+
+    Called by submitit in the job (`__call__`, host side): it supervises a child process that runs the
+    stages (`run_here`), owning signals and requeue (launch.supervise)."""
 
     def __init__(self, run_root: str, config_file: str, folder: str, stamp: str, job: str,
                  stages: tuple[str, ...], task_count: int = 1, tasks_per_node: int = 1, nodes: int = 1,
-                 env: dict[str, str] | None = None, time_limit_s: int = 3600):
+                 env: dict[str, str] | None = None, time_limit_s: int = 3600, signal_lead_s: int = 120,
+                 max_requeues: int = 10, container_prefix: list[str] | None = None,
+                 python: list[str] | None = None):
         self.run_root = run_root
         self.config_file = config_file  # the submission's frozen copy: the job runs exactly what was submitted
         self.folder = folder
@@ -78,12 +81,39 @@ class StageJob(Checkpointable):
         self.nodes = nodes
         self.env = dict(env or {})
         self.time_limit_s = time_limit_s
+        self.signal_lead_s = signal_lead_s
+        self.max_requeues = max_requeues
+        self.container_prefix = list(container_prefix or [])  # `apptainer exec ... IMAGE`, or empty
+        self.python = list(python or [sys.executable])  # the stage's interpreter (inside the image if any)
+
+    def spec(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(self).items()}
 
     @property
     def distributed(self) -> bool:
         return self.tasks_per_node * self.nodes > 1
 
     def __call__(self, task_index: int = 0) -> dict[str, Any]:
+        import json
+
+        from kolora.launch.supervise import JobFailed, supervise
+
+        os.environ.update(self.env)
+        _setup_logging()
+        rank = int(os.environ.get("SLURM_PROCID", "0")) if self.distributed else 0
+        command = [*self.container_prefix, *self.python, "-m", "kolora.launch.child", json.dumps(self.spec()),
+                   str(task_index)]
+        try:
+            return supervise(command, signal_lead_s=self.signal_lead_s, max_requeues=self.max_requeues,
+                             counter=Path(self.run_root) / "slurm" / "timeouts.json",
+                             key=f"{self.stamp}/{self.job}/{task_index}", rank=rank, env=self.env)
+        except JobFailed:
+            if rank == 0:
+                self._cancel_downstream()
+            raise
+
+    def run_here(self, task_index: int = 0) -> dict[str, Any]:
+        """The stages themselves (in the child process)."""
         os.environ.update(self.env)
         _setup_logging()
         from kolora.config import load_config
@@ -102,13 +132,7 @@ class StageJob(Checkpointable):
             return self._run(cfg, run, task_index)
         except Interrupted:
             # a stop request (preemption/time limit) at a consistent point: not a failure, so the later jobs
-            # stay queued. Requeueing this job is the preemption work's (it plugs in here).
-            raise
-        except Exception:
-            # Slurm cancels the dependent jobs (--kill-on-invalid-dep); cancelling them here as well covers
-            # clusters that ignore that option. A requeue (SystemExit from submitit) is not a failure.
-            if rank == 0:
-                self._cancel_downstream()
+            # stay queued; the host requeues this job.
             raise
 
     # ------------------------------------------------------------------------------------------------------

@@ -75,7 +75,8 @@ def stage_job(plan: JobPlan, run: RunDir, config_file: Path, folder: Path, stamp
     return StageJob(run_root=str(run.root), config_file=str(config_file), folder=str(folder), stamp=stamp,
                     job=plan.job, stages=plan.stages, task_count=max(plan.array_tasks, 1),
                     tasks_per_node=plan.tasks_per_node, nodes=plan.resources.nodes, env=env,
-                    time_limit_s=plan.resources.time_min * 60)
+                    time_limit_s=plan.resources.time_min * 60, signal_lead_s=profile.signal_lead_s,
+                    max_requeues=profile.max_requeues)
 
 
 def submit(cfg: ExperimentConfig, profile: ClusterProfile, runs_dir: Path, profile_file: Path | None = None,

@@ -1,0 +1,145 @@
+"""The host side of every Slurm job: the one owner of signals and requeue.
+
+The job process (started by submitit) runs the stage in a *child* process — plain `python -m
+kolora.launch.child`, or the same inside `apptainer exec` when the profile has a container — and:
+- catches the stop signals (the profile's USR2 before the time limit or on preemption, SIGTERM) and forwards
+  them to the child, whose handler only sets a flag: training checkpoints at the next step boundary, render
+  stops after the current tile, and the child exits with EXIT_INTERRUPTED;
+- then requeues the job itself with `scontrol requeue` (which exists on the host, not in the image):
+  preemptions always, time limits up to the profile's `max_requeues`. A preempted job that exited 0 during
+  GraceTime would end COMPLETED and never come back (notes/slurm-devcluster.md), hence the explicit requeue.
+- A SIGTERM alone (`scontrol requeue` by hand, `scancel`, GraceTime=0 preemption) is Slurm's decision: the
+  child checkpoints and the job leaves; Slurm requeues or cancels it.
+
+submitit's own handlers (which would call `scontrol` and `sys.exit` in the middle of a training step) are
+replaced for the duration of the job; Lightning's SLURM auto-requeue is off (train.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("kolora.launch")
+
+EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped at a consistent point on request; run again to continue
+STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+
+
+class JobFailed(RuntimeError):
+    pass
+
+
+def slurm_job_id() -> str | None:
+    """The id `scontrol requeue` needs: the array task's own id for array jobs."""
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array and task:
+        return f"{array}_{task}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
+def parse_slurm_duration(text: str) -> int | None:
+    """squeue's %L (time left): [D-]HH:MM:SS, MM:SS or SS → seconds; UNLIMITED/INVALID → None."""
+    m = re.fullmatch(r"(?:(\d+)-)?(?:(\d+):)?(?:(\d+):)?(\d+)", text.strip())
+    if not m:
+        return None
+    d, a, b, s = (int(x) if x else 0 for x in m.groups())
+    if m.group(3) is None:  # MM:SS or SS
+        h, mnt = 0, a
+    else:
+        h, mnt = a, b
+    return ((d * 24 + h) * 60 + mnt) * 60 + s
+
+
+def _squeue_field(job_id: str, fmt: str) -> str | None:
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", fmt], capture_output=True, text=True,
+                             timeout=30, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    line = out.stdout.strip().splitlines()
+    return line[0].strip() if line else None
+
+
+def requeue(job_id: str) -> bool:
+    out = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60, check=False)
+    if out.returncode != 0:
+        log.warning("scontrol requeue %s: %s", job_id, (out.stderr or out.stdout).strip())
+    return out.returncode == 0
+
+
+def _bump_timeouts(counter: Path, key: str) -> int:
+    """Count this job's time-limit requeues in the run directory (survives requeues; one file per run)."""
+    import fcntl
+
+    counter.parent.mkdir(parents=True, exist_ok=True)
+    with open(counter, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        data = json.loads(f.read() or "{}")
+        data[key] = data.get(key, 0) + 1
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps(data, indent=1))
+        return data[key]
+
+
+def supervise(command: list[str], *, signal_lead_s: int, max_requeues: int, counter: Path, key: str,
+              rank: int = 0, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run `command` (whose last argument is where it writes its JSON result) as the child, forward stop
+    signals, and requeue when the child stopped because of one. Returns the child's result."""
+    received: list[int] = []
+    child: subprocess.Popen | None = None
+
+    def forward(signum, frame) -> None:
+        received.append(signum)
+        log.warning("job received %s: asking the stage to stop at its next safe point",
+                    signal.Signals(signum).name)
+        if child is not None and child.poll() is None:
+            child.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in STOP_SIGNALS}
+    with tempfile.TemporaryDirectory(prefix="kolora-job-") as tmp:
+        result_file = Path(tmp) / "result.json"
+        try:
+            child = subprocess.Popen([*command, str(result_file)], env={**os.environ, **(env or {})})
+            rc = child.wait()  # PEP 475: retried after each signal handler returns
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+        if rc == 0 and result_file.is_file():
+            return json.loads(result_file.read_text())
+    if rc != EXIT_INTERRUPTED and not received:
+        raise JobFailed(f"the stage process exited with status {rc} (its traceback is above in this log)")
+
+    job_id = slurm_job_id()
+    names = [signal.Signals(s).name for s in received] or [f"exit {rc}"]
+    if rank != 0 or job_id is None:
+        log.warning("stage stopped (%s); rank %d leaves the requeue to rank 0", "+".join(names), rank)
+        sys.exit(EXIT_INTERRUPTED)
+    if signal.SIGUSR2 in received:
+        left = parse_slurm_duration(_squeue_field(job_id, "%L") or "")
+        timed_out = left is not None and left <= signal_lead_s + 30
+        if timed_out:
+            n = _bump_timeouts(counter, key)
+            if n > max_requeues:
+                raise JobFailed(f"job {job_id} reached its time limit {n} times (profile max_requeues = "
+                                f"{max_requeues}); raise the time limit, then `kolora resume`")
+        why = f"time limit ({left} s left)" if timed_out else "preemption"
+    else:
+        state = _squeue_field(job_id, "%T")
+        if state != "PREEMPTED":
+            log.warning("stage stopped on %s (job state %s): Slurm requeues or cancels it", "+".join(names), state)
+            sys.exit(EXIT_INTERRUPTED)
+        why = "preemption (SIGTERM)"
+    ok = requeue(job_id)
+    log.warning("stage checkpointed after %s; %s job %s", why, "requeued" if ok else "could not requeue", job_id)
+    sys.exit(EXIT_INTERRUPTED)
