@@ -43,3 +43,5 @@ clean-runs:
 	rm -rf runs .cache/tiny-kolors
 
 -include slurm/devcluster/devcluster.mk
+-include containers/container.mk
+-include bench/bench.mk

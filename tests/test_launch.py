@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -171,3 +172,38 @@ def test_folded_array_rows_are_expanded() -> None:
     assert [(r["JobID"], r["State"], r["base"]) for r in rows] == [
         ("7_2", "PENDING", "7"), ("7_3", "PENDING", "7"), ("7_4", "PENDING", "7"), ("7_0", "RUNNING", "7"),
         ("8", "CANCELLED", "8")]
+
+
+def test_dry_run_with_a_container_runs_every_stage_through_apptainer(tmp_path: Path, capsys) -> None:
+    image = tmp_path / "images" / "kolora.sif"
+    image.parent.mkdir()
+    image.write_bytes(b"SIF")
+    data = tmp_path / "datasets" / "anime"
+    data.mkdir(parents=True)
+    profile = yaml.safe_load(Path(LOCAL).read_text())
+    profile["container"] = {"image": str(image), "binds": ["/scratch-does-not-need-to-exist:/scratch"],
+                            "nv": True}
+    path = tmp_path / "with-container.yaml"
+    path.write_text(yaml.safe_dump(profile))
+    runs = tmp_path / "runs"
+    (runs / "demo").mkdir(parents=True)  # bind roots are existing folders (a tiny model is built later)
+    model = tmp_path / "models" / "tiny"
+    model.parent.mkdir()
+    assert main(["submit", DEMO, "--cluster", str(path), "--runs-dir", str(runs), "--dry-run",
+                 "--set", f"model.path={model}", "--set", "data.source=folder", "--set", f"data.path={data}"]) == 0
+    out = capsys.readouterr().out
+    lines = [ln for ln in out.splitlines() if ln.startswith("# stage process: ")]
+    assert len(lines) == 4  # filter, train, render, grid
+    for line in lines:
+        argv = shlex.split(line.removeprefix("# stage process: "))
+        assert argv[:4] == ["apptainer", "exec", "--nv", "--cleanenv"]
+        binds = [argv[i + 1] for i, a in enumerate(argv) if a == "--bind"]
+        run_dir = str(runs / "demo")
+        for needed in (run_dir, str(data), str(model.parent), str(REPO / "configs" / "prompts")):
+            assert f"{needed}:{needed}" in binds, (needed, binds)
+        assert "/scratch-does-not-need-to-exist:/scratch" in binds
+        assert argv[argv.index("--pwd") + 1] == run_dir
+        assert "HF_HUB_OFFLINE=1" in [argv[i + 1] for i, a in enumerate(argv) if a == "--env"]
+        i = argv.index(str(image))
+        assert argv[i + 1:i + 4] == ["python", "-m", "kolora.launch.child"]
+    assert list((runs / "demo").iterdir()) == []  # a dry run writes nothing

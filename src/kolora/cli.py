@@ -93,6 +93,10 @@ def cmd_submit(args) -> int:
     profile_file = find_profile(args.cluster)
     profile = load_profile(profile_file)
     preflight(cfg)
+    if profile.container is not None and not args.dry_run:
+        from kolora.container import check_image
+
+        check_image(profile.container)
     if args.dry_run:
         print(dry_run(cfg, profile, _runs_dir(args)))
         return 0

@@ -27,6 +27,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kolora.config import ConfigError
+from kolora.container import ContainerConfig
 
 # job → the pipeline stages it runs, in order; jobs run in this order, each `afterok` on the previous one
 JOBS: dict[str, tuple[str, ...]] = {
@@ -217,6 +218,9 @@ class ClusterProfile(_Section):
     max_requeues: int = Field(10, ge=0)  # submitit's max_num_timeout: requeues after timeout/preemption
     defaults: JobResources = JobResources()
     jobs: Jobs = Jobs()
+    # Run every stage inside an Apptainer image (kolora.container); the job's host process keeps signals and
+    # requeue (scontrol is not in the image), the stage runs as its child inside `apptainer exec`.
+    container: ContainerConfig | None = None
 
     @field_validator("python")
     @classmethod
@@ -342,6 +346,10 @@ def load_profile(name_or_path: str | Path) -> ClusterProfile:
         if isinstance(raw.get(key), str) and raw[key]:
             q = Path(raw[key]).expanduser()
             raw[key] = str(q if q.is_absolute() else (base / q).resolve())
+    container = raw.get("container")
+    if isinstance(container, dict) and isinstance(container.get("image"), str):
+        q = Path(container["image"]).expanduser()
+        container["image"] = str(q if q.is_absolute() else (base / q).resolve())
     try:
         profile = ClusterProfile.model_validate(raw)
     except ValidationError as e:

@@ -68,8 +68,8 @@ class StageJob:
     def __init__(self, run_root: str, config_file: str, folder: str, stamp: str, job: str,
                  stages: tuple[str, ...], task_count: int = 1, tasks_per_node: int = 1, nodes: int = 1,
                  env: dict[str, str] | None = None, time_limit_s: int = 3600, signal_lead_s: int = 120,
-                 max_requeues: int = 10, container_prefix: list[str] | None = None,
-                 python: list[str] | None = None):
+                 max_requeues: int = 10, container: dict[str, Any] | None = None,
+                 binds: list[str] | None = None, python: list[str] | None = None):
         self.run_root = run_root
         self.config_file = config_file  # the submission's frozen copy: the job runs exactly what was submitted
         self.folder = folder
@@ -83,8 +83,10 @@ class StageJob:
         self.time_limit_s = time_limit_s
         self.signal_lead_s = signal_lead_s
         self.max_requeues = max_requeues
-        self.container_prefix = list(container_prefix or [])  # `apptainer exec ... IMAGE`, or empty
-        self.python = list(python or [sys.executable])  # the stage's interpreter (inside the image if any)
+        self.container = container  # a profile's `container:` section (plain dict), or None
+        self.binds = list(binds or [])  # host folders the stage needs inside the container
+        # The stage's interpreter: this Python on the host, the image's `python` in a container.
+        self.python = list(python or (["python"] if container else [sys.executable]))
 
     def spec(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(self).items()}
@@ -94,23 +96,35 @@ class StageJob:
         return self.tasks_per_node * self.nodes > 1
 
     def __call__(self, task_index: int = 0) -> dict[str, Any]:
-        import json
 
         from kolora.launch.supervise import JobFailed, supervise
 
         os.environ.update(self.env)
         _setup_logging()
         rank = int(os.environ.get("SLURM_PROCID", "0")) if self.distributed else 0
-        command = [*self.container_prefix, *self.python, "-m", "kolora.launch.child", json.dumps(self.spec()),
-                   str(task_index)]
         try:
-            return supervise(command, signal_lead_s=self.signal_lead_s, max_requeues=self.max_requeues,
-                             counter=Path(self.run_root) / "slurm" / "timeouts.json",
-                             key=f"{self.stamp}/{self.job}/{task_index}", rank=rank, env=self.env)
+            return supervise(self.child_command(task_index), signal_lead_s=self.signal_lead_s,
+                             max_requeues=self.max_requeues, counter=Path(self.run_root) / "slurm" / "timeouts.json",
+                             key=f"{self.stamp}/{self.job}/{task_index}", rank=rank, env=self.env,
+                             result_dir=Path(self.folder))
         except JobFailed:
             if rank == 0:
                 self._cancel_downstream()
             raise
+
+    def child_command(self, task_index: int, environ: dict[str, str] | None = None) -> list[str]:
+        """The stage process's argument list (the result file is appended by supervise): plain Python, or
+        `apptainer exec` with the run's binds, the job's environment and the Slurm variables Lightning reads."""
+        import json
+
+        from kolora.container import ContainerConfig, exec_argv, forward_env
+
+        command = [*self.python, "-m", "kolora.launch.child", json.dumps(self.spec()), str(task_index)]
+        if not self.container:
+            return command
+        env = {**self.env, **forward_env(environ)}
+        return exec_argv(ContainerConfig.model_validate(self.container), binds=self.binds,
+                         workdir=self.run_root, env=env, command=command)
 
     def run_here(self, task_index: int = 0) -> dict[str, Any]:
         """The stages themselves (in the child process)."""

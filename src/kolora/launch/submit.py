@@ -68,11 +68,23 @@ def queued_jobs(run: RunDir) -> list[str]:
     return sorted({row["base"] for row in squeue(ids)}) if ids else []
 
 
-def stage_job(plan: JobPlan, run: RunDir, config_file: Path, folder: Path, stamp: str, profile: ClusterProfile):
+def stage_job(plan: JobPlan, run: RunDir, config_file: Path, folder: Path, stamp: str, profile: ClusterProfile,
+              cfg: ExperimentConfig, image_digest: str | None = None):
     from kolora.launch.jobs import StageJob, job_environment
 
     env = job_environment(run.root, profile.hf_home, profile.modelscope_cache, profile.env)
+    container, binds = None, []
+    if profile.container is not None:
+        from kolora.container import required_binds
+
+        container = profile.container.model_dump(mode="json")
+        binds = [str(b) for b in required_binds(
+            cfg, run.root, extra=[profile.hf_home, profile.modelscope_cache, folder, config_file.parent])]
+        env["KOLORA_IMAGE"] = str(profile.container.image)
+        if image_digest:
+            env["KOLORA_IMAGE_DIGEST"] = image_digest
     return StageJob(run_root=str(run.root), config_file=str(config_file), folder=str(folder), stamp=stamp,
+                    container=container, binds=binds,
                     job=plan.job, stages=plan.stages, task_count=max(plan.array_tasks, 1),
                     tasks_per_node=plan.tasks_per_node, nodes=plan.resources.nodes, env=env,
                     time_limit_s=plan.resources.time_min * 60, signal_lead_s=profile.signal_lead_s,
@@ -107,6 +119,11 @@ def submit(cfg: ExperimentConfig, profile: ClusterProfile, runs_dir: Path, profi
     config_file = folder / "config.yaml"
     atomic_write_text(config_file, dump_config(cfg))
     python = python_command(profile)
+    digest = None
+    if profile.container is not None:
+        from kolora.container import image_digest
+
+        digest = image_digest(profile.container.image) if Path(profile.container.image).is_file() else None
 
     queued: list[str] = []
     jobs: dict[str, dict[str, Any]] = {}
@@ -117,7 +134,7 @@ def submit(cfg: ExperimentConfig, profile: ClusterProfile, runs_dir: Path, profi
             if plan.after:
                 params["dependency"] = f"afterok:{jobs[plan.after]['job_id']}"
             executor.update_parameters(**params)
-            fn = stage_job(plan, run, config_file, folder, stamp, profile)
+            fn = stage_job(plan, run, config_file, folder, stamp, profile, cfg, digest)
             if plan.array_tasks:
                 submitted = executor.map_array(fn, list(range(plan.array_tasks)))
             else:
@@ -142,6 +159,7 @@ def submit(cfg: ExperimentConfig, profile: ClusterProfile, runs_dir: Path, profi
             "submitted": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "profile": profile.name,
             "profile_file": str(profile_file) if profile_file else None, "folder": str(folder),
             "config_digest": cfg.digest(), "python": python, "jobs": jobs, "submit_s": seconds,
+            "image": str(profile.container.image) if profile.container else None, "image_digest": digest,
         }
         slurm["latest"] = stamp
         slurm["jobs"] = {job: info["job_id"] for job, info in jobs.items()}
@@ -163,7 +181,9 @@ def dry_run(cfg: ExperimentConfig, profile: ClusterProfile, runs_dir: Path) -> s
         script = sbatch_script(plan, folder, python, dependency)
         body = [line for line in script.splitlines() if line.startswith("#SBATCH") or line.strip()
                 and not line.startswith(("#!", "# Parameters"))]
-        out += [f"# ---- {plan.job}: {' + '.join(plan.stages)}", *body, ""]
+        out += [f"# ---- {plan.job}: {' + '.join(plan.stages)}", *body]
+        job = stage_job(plan, run, folder / "config.yaml", folder, "STAMP", profile, cfg)
+        out += [f"# stage process: {shlex.join(job.child_command(0, environ={}))} RESULT_FILE", ""]
     return "\n".join(out)
 
 

@@ -93,7 +93,7 @@ def _bump_timeouts(counter: Path, key: str) -> int:
 
 
 def supervise(command: list[str], *, signal_lead_s: int, max_requeues: int, counter: Path, key: str,
-              rank: int = 0, env: dict[str, str] | None = None) -> dict[str, Any]:
+              rank: int = 0, env: dict[str, str] | None = None, result_dir: Path | None = None) -> dict[str, Any]:
     """Run `command` (whose last argument is where it writes its JSON result) as the child, forward stop
     signals, and requeue when the child stopped because of one. Returns the child's result."""
     received: list[int] = []
@@ -107,7 +107,10 @@ def supervise(command: list[str], *, signal_lead_s: int, max_requeues: int, coun
             child.send_signal(signum)
 
     previous = {s: signal.signal(s, forward) for s in STOP_SIGNALS}
-    with tempfile.TemporaryDirectory(prefix="kolora-job-") as tmp:
+    # The result file lives where the child can write it (the job folder is bound into a container).
+    if result_dir is not None:
+        Path(result_dir).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".kolora-result-", dir=result_dir) as tmp:
         result_file = Path(tmp) / "result.json"
         try:
             child = subprocess.Popen([*command, str(result_file)], env={**os.environ, **(env or {})})
