@@ -42,3 +42,41 @@ def demo_run(tmp_path_factory, tiny_diffusers):
     rc = main(["run", str(DEMO), "--runs-dir", str(runs), "--set", f"model.path={tiny_diffusers}"])
     assert rc == 0
     return runs / "demo"
+
+
+# ---- the dev Slurm cluster (tests marked slurm) ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def env() -> dict[str, str]:
+    """The dev Slurm cluster's client environment (skips the test when the cluster is not up)."""
+    import re
+    import subprocess
+
+    root = os.environ.get("KOLORA_DEVCLUSTER")
+    path = (Path(root) if root else REPO / ".devcluster") / "env.sh"
+    if not path.is_file():
+        pytest.skip(f"no dev cluster: {path} does not exist (start one with `make cluster-up`)")
+    values = dict(re.findall(r"^export ([A-Za-z_][A-Za-z0-9_]*)=['\"]?(.*?)['\"]?$", path.read_text(), re.M))
+    environ = {**os.environ, **values}
+    try:
+        proc = subprocess.run(["sinfo", "-h", "-o", "%a"], env=environ, capture_output=True, text=True, timeout=20)
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        pytest.skip("no dev cluster: sinfo is missing or did not answer within 20 s (run `make cluster-up`)")
+    if proc.returncode != 0 or "up" not in proc.stdout.split():
+        pytest.skip(f"no dev cluster answering at {environ.get('SLURM_CONF')}: {proc.stderr.strip()!r}")
+    # the tiny demo model is built once here, not by two jobs at the same time
+    from kolora.config import load_config
+    from kolora.models import ensure_model
+
+    ensure_model(load_config(DEMO).model)
+    return environ
+
+
+@pytest.fixture
+def cancel_leftovers(env: dict[str, str]):
+    """A failing test must not leave its jobs in the queue for the next one."""
+    yield
+    from slurmkit import _submitted, kolora
+
+    while _submitted:
+        runs, name = _submitted.pop()
+        kolora(env, "cancel", name, "--runs-dir", runs, timeout=60)

@@ -79,3 +79,33 @@ def test_no_partial_tile_survives_a_crash(demo_run, tmp_path, monkeypatch):
         pass
     assert not (run.render / "005-1.png").exists()
     assert [n for n in os.listdir(run.render) if not n.endswith(".png")] == []
+
+
+def test_stop_request_ends_the_task_after_the_current_tile(demo_run, tmp_path, monkeypatch):
+    """A preempted/requeued render task stops between tiles; running it again renders only the rest."""
+    from kolora import interrupt
+
+    run = _copy_run(demo_run, tmp_path)
+    cfg = run.load_config()
+    shutil.rmtree(run.render)
+    original = render.render_tile
+
+    def tile_then_signal(*args, **kw):
+        image = original(*args, **kw)
+        interrupt.request("SIGUSR2")  # the job was signalled while this tile rendered
+        return image
+
+    monkeypatch.setattr(render, "render_tile", tile_then_signal)
+    try:
+        try:
+            run_stage("render", cfg, run)
+            raise AssertionError("render did not stop on the request")
+        except interrupt.Interrupted as e:
+            assert "stopped after 1 of 8 tiles" in str(e)
+    finally:
+        interrupt.clear()
+    assert len(list(run.render.glob("*.png"))) == 1
+    assert run.read_manifest()["stages"]["render"]["status"] == "interrupted"
+    monkeypatch.setattr(render, "render_tile", original)
+    out = run_stage("render", cfg, run)
+    assert (out["rendered"], out["already_done"]) == (7, 1)

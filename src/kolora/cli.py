@@ -109,6 +109,33 @@ def cmd_submit(args) -> int:
     return 0
 
 
+def cmd_resume(args) -> int:
+    from kolora.cluster import find_profile, load_profile
+    from kolora.launch.monitor import resolve_run
+    from kolora.launch.submit import LaunchError, format_submitted, submit
+    from kolora.pipeline import preflight
+
+    run = resolve_run(args.run, _runs_dir(args))
+    cfg = run.load_config()
+    manifest = run.read_manifest().get("slurm", {})
+    profile_ref = args.cluster or (manifest.get("submissions", {}).get(manifest.get("latest"), {})
+                                   .get("profile_file"))
+    if not profile_ref:
+        print(f"kolora: resume: run {run.root.name} was never submitted; pass --cluster PROFILE",
+              file=sys.stderr)
+        return 2
+    profile_file = find_profile(profile_ref)
+    profile = load_profile(profile_file)
+    preflight(cfg)
+    try:
+        sub = submit(cfg, profile, run.root.parent, profile_file.resolve(), check=False, only_incomplete=True)
+    except LaunchError as e:
+        print(f"kolora: resume: {e}", file=sys.stderr)
+        return 1
+    print(format_submitted(sub))
+    return 0
+
+
 def cmd_status(args) -> int:
     import json
 
@@ -206,6 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cancel", help="cancel every queued or running job of a run")
     _add_run_arg(p)
     p.set_defaults(func=cmd_cancel)
+
+    p = sub.add_parser("resume", help="resubmit only the stages of a run that are not complete (after a "
+                                      "crash, a cancel, or a job that ran out of requeues)")
+    _add_run_arg(p)
+    p.add_argument("--cluster", help="cluster profile (default: the one of the run's last submission)")
+    p.set_defaults(func=cmd_resume)
 
     p = sub.add_parser("make-tiny", help="write tiny random Kolors-shaped models (tests, demos)")
     p.add_argument("path")

@@ -104,9 +104,7 @@ def run_stage(stage: str, cfg: ExperimentConfig, run: RunDir, force: bool = Fals
         ensure_model(cfg.model)
     module = importlib.import_module(f"kolora.{stage}")
     if stage in ("cache", "train", "render"):
-        from kolora.models import quiet_libraries
-
-        quiet_libraries()
+        torch_setup(cfg)
     started = time.time()
     run.record_stage(stage, status="running", started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     try:
@@ -130,6 +128,17 @@ def run_stage(stage: str, cfg: ExperimentConfig, run: RunDir, force: bool = Fals
     if done:
         run.mark_complete(stage, cfg, **{"wall_s": wall})
     return {**summary, "wall_s": wall}
+
+
+def torch_setup(cfg: ExperimentConfig) -> None:
+    """Before a torch stage: quiet library chatter; on a CPU, the config's thread count (see cpu_threads)."""
+    import torch
+
+    from kolora.models import quiet_libraries
+
+    quiet_libraries()
+    if not torch.cuda.is_available():
+        torch.set_num_threads(cfg.cpu_threads)
 
 
 def is_complete(stage: str, cfg: ExperimentConfig, run: RunDir) -> bool:

@@ -202,10 +202,9 @@ class StageJob:
             return {"train": {"skipped": True}}
         # only rank 0 goes through run_stage (manifest, completion marker): this rank just trains
         from kolora import train
-        from kolora.models import quiet_libraries
-        from kolora.pipeline import offline_env
+        from kolora.pipeline import offline_env, torch_setup
 
-        quiet_libraries()
+        torch_setup(cfg)
         with offline_env(run):
             summary = train.run(cfg, run, devices=self.tasks_per_node, num_nodes=self.nodes)
         log.info("train rank %d: %s", rank, {k: v for k, v in summary.items() if not isinstance(v, dict | list)})

@@ -91,9 +91,23 @@ def stage_job(plan: JobPlan, run: RunDir, config_file: Path, folder: Path, stamp
                     max_requeues=profile.max_requeues)
 
 
+def incomplete_plans(plans: list[JobPlan], cfg: ExperimentConfig, run: RunDir) -> list[JobPlan]:
+    """The jobs that still have work: a job whose stages are all complete is dropped, and a job whose
+    predecessor was dropped starts without a dependency."""
+    from kolora.pipeline import is_complete
+
+    kept = [p for p in plans if not all(is_complete(s, cfg, run) for s in p.stages)]
+    names = {p.job for p in kept}
+    for p in kept:
+        if p.after not in names:
+            p.after = None
+    return kept
+
+
 def submit(cfg: ExperimentConfig, profile: ClusterProfile, runs_dir: Path, profile_file: Path | None = None,
-           check: bool = True) -> Submission:
-    """Validate (pipeline.preflight unless check=False: the caller did), then queue the four jobs."""
+           check: bool = True, only_incomplete: bool = False) -> Submission:
+    """Validate (pipeline.preflight unless check=False: the caller did), then queue the four jobs
+    (`only_incomplete`: only those with work left — `kolora resume`)."""
     from submitit import SlurmExecutor
 
     from kolora.launch.monitor import scancel
@@ -112,6 +126,10 @@ def submit(cfg: ExperimentConfig, profile: ClusterProfile, runs_dir: Path, profi
     if busy:
         raise LaunchError(f"run {cfg.name} still has jobs in the queue ({' '.join(busy)}): wait for them, or "
                           f"`kolora cancel {cfg.name}` first (or submit with another --name)")
+    if only_incomplete:
+        plans = incomplete_plans(plans, cfg, run)
+        if not plans:
+            raise LaunchError(f"run {cfg.name}: every stage is complete, nothing to resume ({run.grid_file})")
     run = open_run(cfg, runs_dir)
     stamp = new_stamp()
     folder = submission_folder(profile, run, stamp)
@@ -160,6 +178,7 @@ def submit(cfg: ExperimentConfig, profile: ClusterProfile, runs_dir: Path, profi
             "profile_file": str(profile_file) if profile_file else None, "folder": str(folder),
             "config_digest": cfg.digest(), "python": python, "jobs": jobs, "submit_s": seconds,
             "image": str(profile.container.image) if profile.container else None, "image_digest": digest,
+            "resume": only_incomplete,
         }
         slurm["latest"] = stamp
         slurm["jobs"] = {job: info["job_id"] for job, info in jobs.items()}
