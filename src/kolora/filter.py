@@ -7,6 +7,9 @@
    on for every sample, so each dropped sample is attributed to the op that dropped it. Its work dir, caches
    and logs live in run/filter/dj/; the process-wide state it changes (cwd, env, stdout/stderr, loguru,
    multiprocess start method, PIL's LOAD_TRUNCATED_IMAGES, the HF datasets cache dir) is restored afterwards.
+   With filter.fast_ops (the default) image_shape_filter / image_aspect_ratio_filter run as kolora's header-only
+   ops (kolora.dj_ops: same arguments and stats, same kept samples, no full decode); the report names the ops
+   as configured, `summary.dj_ops` what ran.
 3. Outputs:
      filter/result.jsonl           kept samples, tutorial format {"id", "text", "image": [path]}
      filter/report.json            {"summary", "samples": [every sample and every ingest rejection, with reason]}
@@ -30,7 +33,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from kolora.config import ConfigError, ExperimentConfig
+from kolora.config import ConfigError, ExperimentConfig, FilterConfig
 from kolora.rundir import RunDir, atomic_dir, atomic_write_json, atomic_write_text
 
 DJ_SPECIAL_TOKENS = ("<__dj__image>", "<|__dj__eoc|>")
@@ -43,16 +46,28 @@ class FilterError(ValueError):
 
 # op validation ----------------------------------------------------------------------------------------------
 def _dj_operators() -> Any:
-    """Data-Juicer's op registry. Importing data_juicer sets PIL's LOAD_TRUNCATED_IMAGES=True for the whole
-    process (later stages would then read truncated files silently); that is undone here."""
+    """Data-Juicer's op registry, with kolora's header-only ops registered in it. Importing data_juicer sets
+    PIL's LOAD_TRUNCATED_IMAGES=True for the whole process (later stages would then read truncated files
+    silently); that is undone here."""
     from PIL import ImageFile
 
     before = ImageFile.LOAD_TRUNCATED_IMAGES
     try:
         from data_juicer.ops import OPERATORS
+
+        import kolora.dj_ops  # noqa: F401 - registers image_shape_header_filter, image_aspect_ratio_header_filter
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = before
     return OPERATORS
+
+
+def dj_process(fcfg: FilterConfig) -> list[dict[str, dict[str, Any]]]:
+    """The `process:` list Data-Juicer runs: filter.ops, with the built-in shape ops swapped for kolora's
+    header-only ones when filter.fast_ops is on (same arguments, same kept samples)."""
+    from kolora.dj_ops import HEADER_OPS
+
+    swap = HEADER_OPS if fcfg.fast_ops else {}
+    return [{swap.get(name, name): copy.deepcopy(args) for name, args in item.items()} for item in fcfg.ops]
 
 
 def _op_params(cls: type) -> dict[str, Any]:
@@ -334,8 +349,13 @@ def run_data_juicer(cfg: ExperimentConfig, samples: list[dict[str, Any]], dj_dir
                     ) -> tuple[list[dict[str, Any]], dict[str, tuple[str, dict[str, Any]]]]:
     """Run cfg.filter.ops over `samples` (tutorial format, all readable) in dj_dir.
 
-    Returns (kept records as Data-Juicer exported them, {dropped id: (op name, stats)} from its tracer)."""
+    Returns (kept records as Data-Juicer exported them, {dropped id: (op name as configured, stats)} from its
+    tracer)."""
     import yaml
+
+    process = dj_process(cfg.filter)
+    configured = {next(iter(ran)): next(iter(item)) for ran, item in zip(process, cfg.filter.ops, strict=True)}
+    filters = _filter_op_names(process)  # also registers kolora's ops before Data-Juicer parses the config
 
     if dj_dir.exists():
         shutil.rmtree(dj_dir)
@@ -359,7 +379,7 @@ def run_data_juicer(cfg: ExperimentConfig, samples: list[dict[str, Any]], dj_dir
         "open_tracer": True,
         "trace_num": max(1, len(samples)),
         "keep_stats_in_res_ds": True,
-        "process": copy.deepcopy(cfg.filter.ops),
+        "process": process,
     }
     config_file = dj_dir / "config.yaml"
     config_file.write_text(yaml.safe_dump(dj_cfg, allow_unicode=True, sort_keys=False), encoding="utf-8")
@@ -388,14 +408,13 @@ def run_data_juicer(cfg: ExperimentConfig, samples: list[dict[str, Any]], dj_dir
                           f"(its config: {config_file}; its output: {console} and {dj_dir / 'work'})") from err
     kept = _read_json_records(export)
     dropped: dict[str, tuple[str, dict[str, Any]]] = {}
-    filters = _filter_op_names(cfg.filter.ops)
     for trace in sorted((dj_dir / "work").rglob("sample_trace-*.jsonl")):
         op = trace.name.removeprefix("sample_trace-").removesuffix(".jsonl")
         if op not in filters:  # mappers trace changed texts, not dropped samples
             continue
         for rec in _read_json_records(trace):
             if "id" in rec:
-                dropped.setdefault(str(rec["id"]), (op, rec.get("__dj__stats__") or {}))
+                dropped.setdefault(str(rec["id"]), (configured.get(op, op), rec.get("__dj__stats__") or {}))
     return kept, dropped
 
 
@@ -507,7 +526,8 @@ def run(cfg: ExperimentConfig, run: RunDir) -> dict[str, Any]:
     summary = {
         "input": len(samples) + len(rejected), "samples": len(samples), "rejected_at_ingest": len(rejected),
         "kept": len(kept), "dropped": len(entries) - len(kept), "by_reason": dict(by_reason), "by_op": dict(by_op),
-        "ops": [next(iter(op)) for op in cfg.filter.ops], "executor": cfg.filter.executor, "np": cfg.filter.np,
+        "ops": [next(iter(op)) for op in cfg.filter.ops], "dj_ops": [next(iter(op)) for op in dj_process(cfg.filter)],
+        "executor": cfg.filter.executor, "np": cfg.filter.np,
         "seconds": {"validate_ops": round(t_validate, 2), "header": round(t_header, 2), "data_juicer": round(t_dj, 2)},
     }
     atomic_write_json(run.filter / "report.json", {"summary": summary, "samples": entries})

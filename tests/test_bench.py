@@ -1,0 +1,123 @@
+"""Smoke checks of bench/: each script runs, ends with a parseable RESULT line, and its numbers are plausible.
+
+The real runs (2,000-image filter bench, full flops with backward counts, demo cold/warm, GPU benches) are
+minutes long and are run by hand (`.venv/bin/python bench/<name>.py`, `bash bench/run_gpu.sh`); here the small
+variants run with --no-record, so bench/RESULTS.md is never touched by tests.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "bench"
+
+
+def run_bench(name: str, *args: str, env: dict[str, str] | None = None, timeout: float = 600
+              ) -> tuple[str, dict[str, str]]:
+    res = subprocess.run([sys.executable, str(BENCH / f"{name}.py"), *args], capture_output=True, text=True,
+                         cwd=REPO, timeout=timeout, env=env)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    lines = res.stdout.strip().splitlines()
+    assert lines[-1].startswith(f"RESULT {name} "), lines[-5:]
+    values = dict(kv.split("=", 1) for kv in lines[-1].split()[2:])
+    return res.stdout, values
+
+
+def test_common_formats_tables_and_result_lines() -> None:
+    sys.path.insert(0, str(BENCH))
+    try:
+        import _common
+    finally:
+        sys.path.remove(str(BENCH))
+    assert _common.result_line("x", {"a": 1, "b": 0.123456, "c": True, "d": 12345.678, "e": "H100_SXM"}) == \
+        "RESULT x a=1 b=0.1235 c=true d=12346 e=H100_SXM"
+    with pytest.raises(ValueError, match="one word"):
+        _common.result_line("x", {"gpu": "NVIDIA H100"})
+    assert _common.table(["a", "bb"], [[1.5, "x"]]).splitlines() == ["| a     | bb |", "|-------|----|",
+                                                                      "| 1.500 | x  |"]
+    assert _common.gpu_peak_tflops("NVIDIA H100 80GB HBM3") == 989
+    assert _common.gpu_peak_tflops("NVIDIA H100 PCIe") == 756
+    assert _common.gpu_peak_tflops("NVIDIA A100-SXM4-80GB") == 312
+    assert _common.gpu_peak_tflops("Something Else") is None
+
+
+def test_flops_quick_unet_forward_is_in_the_expected_range() -> None:
+    """Kolors UNet forward at 1024² ≈ 7 TFLOP (SDXL's blocks with 256 tokens of context; SDXL itself ≈ 6.8)."""
+    out, v = run_bench("flops", "--quick", timeout=300)
+    assert v["quick"] == "true" and v["resolution"] == "1024"
+    unet, sdxl = float(v["unet_fwd_tflop"]), float(v["sdxl_unet_fwd_tflop"])
+    assert 6.0 < unet < 8.0 and 5.5 < sdxl < unet
+    assert 2.7 < float(v["text_encoder_tflop"]) < 3.3  # ≈ 2 × 5.7 B non-embedding params × 256 tokens
+    assert 3.0 < float(v["vae_encode_tflop"]) < 7.0 and float(v["vae_decode_tflop"]) > float(v["vae_encode_tflop"])
+    assert float(v["render_tflop"]) > 100 * unet
+
+
+@pytest.mark.slow
+def test_flops_full_training_counts_and_hook_cross_check() -> None:
+    """~1 min: forward + backward on the meta device, with and without gradient checkpointing."""
+    _, v = run_bench("flops", "--no-record", timeout=900)
+    fwd, train, ckpt = (float(v[k]) for k in ("unet_fwd_tflop", "unet_train_tflop", "unet_train_ckpt_tflop"))
+    assert 1.8 < train / fwd < 2.5  # frozen base: input gradients only
+    assert 0.5 < (ckpt - train) / fwd <= 1.0  # checkpointing recomputes (most of) one forward
+    assert float(v["hook_check_max_dev"]) < 0.01
+    assert float(v["tutorial_step_tflop"]) == pytest.approx(
+        float(v["text_encoder_tflop"]) + float(v["vae_encode_tflop"]) + ckpt, rel=1e-3)
+
+
+def test_filter_bench_small(tmp_path: Path) -> None:
+    """50 images: both op sets through Data-Juicer keep the same samples as the sizes say."""
+    out, v = run_bench("filter", "--count", "50", "--repeats", "1", "--no-record", "--no-warmup",
+                       "--data-dir", str(tmp_path / "images"))
+    assert v["same_kept"] == "true" and v["same_stats"] == "true" and v["kept"] == v["expected_kept"]
+    assert int(v["kept"]) > 0 and v["count"] == "50"
+    assert float(v["header_img_s"]) > 10 * float(v["load_image_img_s"])
+    assert "| kolora header ops" in out
+
+
+@pytest.mark.parametrize("name", ["gpu_train", "gpu_render"])
+def test_gpu_benches_skip_cleanly_without_cuda(name: str) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available: the GPU benches would really run")
+    out, v = run_bench(name, timeout=300)
+    assert "skipped: no CUDA" in out and v == {"skipped": "no-cuda"}
+
+
+def test_gpu_train_tiny_runs_every_configuration_on_cpu() -> None:
+    """The GPU script's own code paths (LoRA, autocast + GradScaler, encoders every step, checkpointing) on tiny
+    models, so a lent GPU finds it working."""
+    out, v = run_bench("gpu_train", "--tiny", "--steps", "1", "--warmup", "1", "--no-record", timeout=600)
+    assert v["tiny"] == "true"
+    for key in ("kolora_bf16_ckpt", "kolora_bf16", "kolora_fp16_ckpt", "kolora_fp16", "tutorial_fp16_ckpt",
+                "tutorial_fp16"):
+        assert float(v[f"{key}_steps_s"]) > 0, key
+    assert "TINY MODELS" in out
+
+
+def test_gpu_render_tiny_runs_on_cpu() -> None:
+    out, v = run_bench("gpu_render", "--tiny", "--images", "1", "--no-record", timeout=600)
+    assert float(v["fp16_lora_s_per_image"]) > 0 and float(v["bf16_lora_s_per_image"]) > 0
+
+
+def test_submit_bench_skips_without_a_cluster(tmp_path: Path) -> None:
+    env: dict[str, Any] = {**os.environ, "SLURM_CONF": str(tmp_path / "no-slurm.conf"),
+                           "KOLORA_DEVCLUSTER": str(tmp_path / "no-devcluster")}
+    out, v = run_bench("submit", "--no-record", env=env, timeout=120)
+    assert out.startswith("skipped: ") and v["skipped"] in {"no-slurm", "cluster-down", "no-submit"}
+
+
+@pytest.mark.slurm
+def test_submit_bench_on_the_dev_cluster() -> None:
+    """Needs `make cluster-up`: one submission of the demo graph, cancelled once its first job runs."""
+    out, v = run_bench("submit", "--repeats", "1", "--no-record", timeout=300)
+    if "skipped" in v:
+        pytest.skip(out.splitlines()[0])
+    assert 0 < float(v["submit_s"]) < 60 and 0 < float(v["first_running_s"]) < 120
