@@ -14,7 +14,7 @@ from kolora.checkpoint import CheckpointError, checkpoints
 from kolora.pipeline import run_stage
 from kolora.rundir import RunDir
 
-STEPS = 12
+STEPS = 30
 
 
 def _fresh_train_run(demo_run, tmp_path, name) -> tuple[RunDir, object]:
@@ -25,7 +25,7 @@ def _fresh_train_run(demo_run, tmp_path, name) -> tuple[RunDir, object]:
     run = RunDir(dst)
     cfg = run.load_config()
     cfg.train.steps = STEPS
-    cfg.train.checkpoint_every = 4
+    cfg.train.checkpoint_every = 8
     cfg.train.keep_checkpoints = 2
     return run, cfg
 

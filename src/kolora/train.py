@@ -64,7 +64,9 @@ class StepSampler(Sampler[int]):
         self.n, self.total, self.seed, self.start = n, total, seed, start
 
     def __len__(self) -> int:
-        return max(0, self.total - self.start)
+        # The whole run's length even when resuming: Lightning restores its position in the (single) epoch
+        # and ends the epoch at len(dataloader) batches, so the restored count + what we yield = this length.
+        return self.total
 
     def __iter__(self):
         perm, epoch = None, -1
