@@ -36,8 +36,9 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench
 
+# CPU benchmarks (each prints a table, appends to bench/RESULTS.md, ends with a RESULT line); make bench-gpu for GPUs.
 bench: $(STAMP)
-	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+	@for b in flops demo filter submit; do echo "== bench/$$b.py"; $(PY) bench/$$b.py || exit 1; done
 
 clean-runs:
 	rm -rf runs .cache/tiny-kolors

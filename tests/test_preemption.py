@@ -21,8 +21,8 @@ from slurmkit import DEMO, LOCAL, kolora, sacct, submit
 
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("cancel_leftovers")]
 
-STEPS = 240
-LONG = ["--set", f"train.steps={STEPS}", "--set", "train.checkpoint_every=20", "--set", "render.steps=2"]
+STEPS = 1500
+LONG = ["--set", f"train.steps={STEPS}", "--set", "train.checkpoint_every=50", "--set", "render.steps=2"]
 NAME = "preempt"  # same name everywhere: the LoRA's metadata carries the config digest, which includes it
 
 
