@@ -177,17 +177,9 @@ def gpu_peak_tflops(name: str) -> float | None:
 
 
 def _init_chatglm(text_encoder) -> None:
-    """ChatGLMModel leaves its RMSNorm weights uninitialised (torch.empty): give every parameter a value."""
-    import torch
+    from kolora.models import init_chatglm
 
-    with torch.no_grad():
-        for name, p in text_encoder.named_parameters():
-            if "layernorm" in name or name.endswith("norm.weight"):
-                p.fill_(1.0)
-            elif name.endswith("bias"):
-                p.zero_()
-            else:
-                p.normal_(0.0, 0.02)
+    init_chatglm(text_encoder, std=0.02)
 
 
 def kolors_models(device: str, dtype, tiny: bool = False, parts=("unet", "text_encoder", "vae"),

@@ -277,6 +277,22 @@ def _train_tokenizer(folder: Path) -> Path:
     return path
 
 
+def init_chatglm(text_encoder, std: float = 0.02):
+    """ChatGLMModel leaves weights uninitialised (skip_init / torch.empty): give every parameter a value
+    (norms 1, biases 0, the rest N(0, std)) or its outputs are NaN."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in text_encoder.named_parameters():
+            if "layernorm" in name or name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, std)
+    return text_encoder
+
+
 def build_tiny_components(tokenizer_dir: Path, seed: int = 0):
     """Random tiny Kolors: (tokenizer, text_encoder, unet, vae, scheduler), all float32 on CPU.
     The tokenizer's sentencepiece file is written to `tokenizer_dir` (the tokenizer keeps reading it)."""
@@ -287,15 +303,7 @@ def build_tiny_components(tokenizer_dir: Path, seed: int = 0):
 
     torch.manual_seed(seed)
     tokenizer = ChatGLMTokenizer(vocab_file=str(_train_tokenizer(Path(tokenizer_dir))))
-    text_encoder = ChatGLMModel(ChatGLMConfig(**TINY_TEXT), empty_init=False)
-    with torch.no_grad():  # ChatGLMModel skips init: give every parameter real values or outputs are NaN
-        for name, p in text_encoder.named_parameters():
-            if "layernorm" in name or name.endswith("norm.weight"):
-                p.fill_(1.0)
-            elif name.endswith("bias"):
-                p.zero_()
-            else:
-                p.normal_(0.0, 0.05)
+    text_encoder = init_chatglm(ChatGLMModel(ChatGLMConfig(**TINY_TEXT), empty_init=False), std=0.05)
     unet = UNet2DConditionModel(**tiny_unet_config(TINY_TEXT["hidden_size"]))
     vae = AutoencoderKL(**tiny_vae_config())
     return tokenizer, text_encoder.eval(), unet.eval(), vae.eval(), make_scheduler()
