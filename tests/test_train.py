@@ -104,3 +104,51 @@ def test_checkpoint_of_another_config_is_refused(demo_run, tmp_path, monkeypatch
     (run.root / ".inputs" / "train").unlink()  # bypass the run-level reset to reach the checkpoint check
     with pytest.raises(CheckpointError, match="different training config"):
         train_mod.run(cfg, run)
+
+
+KILLER = '''
+import os, signal, sys
+import torch
+from kolora import checkpoint
+from kolora.rundir import atomic_path
+
+KILL_AT = int(os.environ["KOLORA_TEST_KILL_AT_STEP"])
+
+def save_then_die(self, ckpt, path, storage_options=None):
+    with atomic_path(__import__("pathlib").Path(path)) as tmp:
+        torch.save(ckpt, tmp)
+        if ckpt["global_step"] == KILL_AT:  # the temp file is complete, the rename has not happened
+            os.kill(os.getpid(), signal.SIGKILL)
+
+checkpoint.AtomicCheckpointIO.save_checkpoint = save_then_die
+from kolora.cli import main
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+def test_sigkill_during_a_checkpoint_write_resumes_from_the_previous_one(reference, demo_run, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    run, cfg = _fresh_train_run(demo_run, tmp_path / "runs", "demo")  # the run dir must carry the config's name
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), allow_unicode=True))
+    driver = tmp_path / "driver.py"
+    driver.write_text(KILLER)
+    args = [sys.executable, str(driver), "run", str(config), "--runs-dir", str(run.root.parent), "--stage", "train"]
+    env = {**os.environ, "KOLORA_TEST_KILL_AT_STEP": "16"}
+    killed = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    ckpt_dir = run.train / "checkpoints"
+    assert [s for s, _ in checkpoints(ckpt_dir)] == [8]  # step 16 never got its name
+    assert any(p.name.startswith(".step=000016") for p in ckpt_dir.iterdir())  # the orphaned temp file
+    env["KOLORA_TEST_KILL_AT_STEP"] = "-1"
+    resumed = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed_from_step=8" in resumed.stderr.replace("\n", "")
+    assert _sha(run.lora / "pytorch_lora_weights.safetensors") == _sha(
+        reference.lora / "pytorch_lora_weights.safetensors")
+    assert _steps(run) == list(range(1, STEPS + 1))
