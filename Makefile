@@ -38,7 +38,7 @@ lint: $(STAMP)
 
 # CPU benchmarks (each prints a table, appends to bench/RESULTS.md, ends with a RESULT line); make bench-gpu for GPUs.
 bench: $(STAMP)
-	@for b in flops demo filter submit; do echo "== bench/$$b.py"; $(PY) bench/$$b.py || exit 1; done
+	@for b in flops demo filter submit interrupt; do echo "== bench/$$b.py"; $(PY) bench/$$b.py || exit 1; done
 
 clean-runs:
 	rm -rf runs .cache/tiny-kolors

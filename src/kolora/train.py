@@ -128,7 +128,7 @@ class MetricsCSV(L.Callback):
     """train/metrics.csv with one row per optimizer step. Rows are written with each checkpoint (so the
     file and the newest checkpoint agree) and at the end; on resume, rows past the checkpoint are dropped."""
 
-    FIELDS = ["step", "loss", "lr"]
+    FIELDS = ["step", "loss", "lr", "time"]  # time: wall clock (Unix seconds) at the end of the step
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -145,7 +145,8 @@ class MetricsCSV(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         lr = trainer.optimizers[0].param_groups[0]["lr"]
-        self.rows.append({"step": trainer.global_step, "loss": f"{float(loss):.6g}", "lr": f"{lr:.6g}"})
+        self.rows.append({"step": trainer.global_step, "loss": f"{float(loss):.6g}", "lr": f"{lr:.6g}",
+                          "time": f"{time.time():.3f}"})
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         self._flush()
