@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import re
 import subprocess
 import sys
 import time
@@ -164,3 +165,35 @@ def test_cancelled_run_resumes_only_what_is_missing(env, tmp_path, reference):
     assert "resuming from" in job_log(run, latest["jobs"]["train"]["job_id"])
     again = kolora(env, "resume", NAME, "--runs-dir", runs, timeout=60)
     assert again.returncode == 1 and "nothing to resume" in again.stderr
+
+
+def test_requeued_render_task_renders_only_its_missing_tiles(env, tmp_path):
+    profile = yaml.safe_load(Path(LOCAL).read_text())
+    profile["jobs"]["render"]["tiles_per_task"] = 8  # one task renders all eight tiles (≈ 2-3 s each here)
+    path = tmp_path / "one-task.yaml"
+    path.write_text(yaml.safe_dump(profile))
+    runs = tmp_path / "runs"
+    sub, _ = submit(env, runs, "render-requeue", "--set", "train.steps=5", "--set", "render.steps=60",
+                    "--set", "render.width=256", "--set", "render.height=256", profile=str(path))
+    run = runs / "render-requeue"
+    task = sub["jobs"]["render"]["task_ids"][0]
+    deadline = time.monotonic() + 300
+    while not list((run / "render").glob("*.png")):
+        if time.monotonic() > deadline:
+            pytest.fail(f"no tile after 300 s: {kolora(env, 'status', run).stdout}")
+        time.sleep(0.5)
+    out = subprocess.run(["scontrol", "requeue", task], env=env, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    before = {p.name: p.stat().st_mtime_ns for p in (run / "render").glob("*.png")}
+    wait_grid(env, run, timeout=300)
+    after = {p.name: p.stat().st_mtime_ns for p in (run / "render").glob("*.png")}
+    assert len(after) == 8
+    assert all(after[name] == mtime for name, mtime in before.items()), "a finished tile was rendered again"
+    log = job_log(run, task.split("_")[0])
+    stopped = re.search(r"render task 0 stopped after (\d+) of 8 tiles", log)
+    finished = re.findall(r"rendered=(\d+), already_done=(\d+)", log)
+    assert stopped and finished, log[-3000:]
+    done_first = int(stopped.group(1))
+    rendered, already = map(int, finished[-1])
+    assert already == done_first >= 1 and rendered == 8 - done_first  # counted: only the missing ones
+    assert len(attempts(env, task)) >= 2
