@@ -44,6 +44,18 @@ def demo_run(tmp_path_factory, tiny_diffusers):
     return runs / "demo"
 
 
+def unet_inputs(unet):
+    """Fixed random inputs for a Kolors-shaped UNet (8x8 latents, 7 tokens), for comparing outputs."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    c = unet.config
+    return dict(sample=torch.randn(1, 4, 8, 8, generator=g), timestep=torch.tensor([500]),
+                encoder_hidden_states=torch.randn(1, 7, c.encoder_hid_dim, generator=g),
+                added_cond_kwargs={"text_embeds": torch.randn(1, c.encoder_hid_dim, generator=g),
+                                   "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])})
+
+
 # ---- the dev Slurm cluster (tests marked slurm) ----------------------------------------------------------
 @pytest.fixture(scope="module")
 def env() -> dict[str, str]:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import unet_inputs
 
 from kolora import interchange as ix
 from kolora import lora, models
@@ -20,18 +21,10 @@ TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 RANK, ALPHA = 4, 8.0  # alpha != rank, so a lost or doubled alpha shows in the output
 
 
-def _unet_inputs(unet):
-    g = torch.Generator().manual_seed(0)
-    c = unet.config
-    return dict(sample=torch.randn(1, 4, 8, 8, generator=g), timestep=torch.tensor([500]),
-                encoder_hidden_states=torch.randn(1, 7, c.encoder_hid_dim, generator=g),
-                added_cond_kwargs={"text_embeds": torch.randn(1, c.encoder_hid_dim, generator=g),
-                                   "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])})
-
 
 def _out(unet):
     with torch.no_grad():
-        return unet(**_unet_inputs(unet)).sample
+        return unet(**unet_inputs(unet)).sample
 
 
 @pytest.fixture(scope="module")

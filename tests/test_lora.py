@@ -4,18 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import unet_inputs
 
 from kolora import lora, models
 from kolora.config import ModelConfig
-
-
-def _unet_inputs(unet):
-    g = torch.Generator().manual_seed(0)
-    c = unet.config
-    return dict(sample=torch.randn(1, 4, 8, 8, generator=g), timestep=torch.tensor([500]),
-                encoder_hidden_states=torch.randn(1, 7, c.encoder_hid_dim, generator=g),
-                added_cond_kwargs={"text_embeds": torch.randn(1, c.encoder_hid_dim, generator=g),
-                                   "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])})
 
 
 @pytest.fixture(scope="module")
@@ -48,16 +40,16 @@ def test_render_load_applies_alpha_over_rank_like_manual_peft(trained_lora):
     pipe = KolorsPipeline(vae=models.load_vae(files), text_encoder=models.load_text_encoder(files),
                           tokenizer=models.load_tokenizer(files), unet=models.load_unet(files),
                           scheduler=models.make_scheduler(files))
-    base_out = pipe.unet(**_unet_inputs(pipe.unet)).sample
+    base_out = pipe.unet(**unet_inputs(pipe.unet)).sample
     lora.load_into_pipeline(pipe, path)
-    loaded_out = pipe.unet(**_unet_inputs(pipe.unet)).sample
+    loaded_out = pipe.unet(**unet_inputs(pipe.unet)).sample
 
     def manual(alpha):
         unet = models.load_unet(files)
         unet.add_adapter(LoraConfig(r=4, lora_alpha=alpha, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
         res = set_peft_model_state_dict(unet, lora.peft_state_dict(path))
         assert not res.unexpected_keys
-        return unet(**_unet_inputs(unet)).sample
+        return unet(**unet_inputs(unet)).sample
 
     expected = manual(8.0)
     assert not torch.allclose(base_out, expected, atol=1e-4), "the adapter must change the output"

@@ -23,10 +23,9 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from kolora.config import ConfigError
+from kolora.config import ConfigError, read_yaml_mapping
 from kolora.container import ContainerConfig
 
 # job → the pipeline stages it runs, in order; jobs run in this order, each `afterok` on the previous one
@@ -334,12 +333,7 @@ def find_profile(name_or_path: str | Path) -> Path:
 
 def load_profile(name_or_path: str | Path) -> ClusterProfile:
     path = find_profile(name_or_path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping (name, jobs, ...)")
+    raw = read_yaml_mapping(path, "profile fields (name, jobs, ...)")
     raw.setdefault("name", path.stem)
     base = path.parent.resolve()
     for key in ("job_folder", "hf_home", "modelscope_cache"):  # relative paths: against the profile's folder
