@@ -104,10 +104,13 @@ def test_synthetic_demo_ops_keep_exactly_the_computed_set(tmp_path: Path) -> Non
     # Data-Juicer's files stay inside the run directory
     assert (run.filter / "dj" / "work").is_dir() and (run.filter / "dj" / "hf").is_dir()
 
-    # a rerun (here with two worker processes) replaces the outputs with the same result
+    # a rerun (here with two worker processes, each tracing its own drops) replaces the outputs with the same
+    # result and the same attribution
     cfg2 = make_cfg(tmp_path, {"source": "synthetic", "synthetic": {"count": 32, "seed": 5}}, DEMO_OPS, np=2)
     kfilter.run(cfg2, run)
     check_outputs(run, want)
+    assert {e["id"]: e["op"] for e in report_of(run)["samples"] if not e["kept"]} == ops
+    assert len({p.name for p in (run.filter / "dj" / "work").rglob("sample_trace-*")}) > 2  # per worker files
 
 
 def test_tutorial_ops_at_exact_boundaries(tmp_path: Path) -> None:
