@@ -13,6 +13,7 @@ import datetime as dt
 import math
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -146,13 +147,44 @@ def report(name: str, title: str, env: dict[str, str], body: str, result: dict[s
     line = result_line(name, result)
     print(text)
     if record:
-        if not RESULTS.exists():
-            RESULTS.write_text(RESULTS_HEADER, encoding="utf-8")
-        with open(RESULTS, "a", encoding="utf-8") as f:
-            f.write("\n" + text + "\n```\n" + line + "\n```\n")
+        record_section(RESULTS, text + "\n```\n" + line + "\n```\n")
         print(f"(appended to {RESULTS.relative_to(REPO)})")
     print(line, flush=True)
     return line
+
+
+_RUNS_START, _RUNS_END = "<!-- runs: generated from the sections below -->", "<!-- end of runs -->"
+_SECTION = re.compile(r"^## (?P<name>[\w-]+): .*?^RESULT (?P=name) (?P<result>.*?)$", re.S | re.M)
+
+
+def runs_table(sections: str, max_pairs: int = 8) -> str:
+    """One row per recorded run (date, benchmark, machine, GPU, kolora commit, the RESULT line's first pairs),
+    derived from the sections themselves so it cannot disagree with them."""
+    rows = []
+    for m in _SECTION.finditer(sections):
+        fields = dict(re.findall(r"^- (date|host|cpu|gpu|kolora): (.*)$", m.group(0), re.M))
+        pairs = m.group("result").split()
+        shown = " ".join(pairs[:max_pairs]) + (" …" if len(pairs) > max_pairs else "")
+        rows.append([fields.get("date", "?"), m.group("name"), f"{fields.get('host', '?')}, {fields.get('cpu', '?')}",
+                     fields.get("gpu", "?"), fields.get("kolora", "?"), f"`{shown}`"])
+    return table(["date", "benchmark", "machine", "gpu", "kolora", "result"], rows)
+
+
+def record_section(path: Path, section: str) -> None:
+    """Append one run's section to RESULTS.md and regenerate the runs table at its top (atomic rewrite)."""
+    text = path.read_text(encoding="utf-8") if path.exists() else RESULTS_HEADER
+    if _RUNS_START in text:
+        head, rest = text.split(_RUNS_START, 1)
+        body = rest.split(_RUNS_END, 1)[1]
+    else:
+        head, body = text[:len(RESULTS_HEADER)] if text.startswith(RESULTS_HEADER) else RESULTS_HEADER, (
+            text[len(RESULTS_HEADER):] if text.startswith(RESULTS_HEADER) else "\n" + text)
+    body = body.rstrip("\n") + "\n" + ("\n" + section if section else "")
+    out = (head.rstrip("\n") + "\n\n" + _RUNS_START + "\n\n" + runs_table(body) + "\n\n" + _RUNS_END + "\n"
+           + body)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(out, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def skip(name: str, reason: str, code: str) -> int:
@@ -235,10 +267,10 @@ def kolors_models(device: str, dtype, tiny: bool = False, parts=("unet", "text_e
 
 RESULTS_HEADER = """# kolora benchmark results
 
-Appended by `bench/<name>.py` (one dated section per run; `--no-record` leaves this file alone). Each section
-names the machine and versions; numbers are medians of repeats with the baseline measured in the same run.
-Compare numbers only within a section or between sections from the same machine. The last line of each
-section is the script's machine-readable `RESULT` line.
+Appended by `bench/<name>.py`: one dated section per run and one row per run in the table below
+(`--no-record` leaves this file alone). Each section names the machine and versions; numbers are medians of
+repeats with the baseline measured in the same run. Compare numbers only within a section or between sections
+from the same machine. The last line of each section is the script's machine-readable `RESULT` line.
 """
 
 

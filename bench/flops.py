@@ -10,6 +10,20 @@ CLIP context) beside Kolors' for comparison with published SDXL figures:
   to_q/to_k/to_v/to_out.0, base frozen): forward + MSE + backward, without and with gradient checkpointing.
 - ChatGLM3-6B (diffusers' ChatGLMConfig defaults + Kolors' multi-query attention, 2 groups): one 256-token prompt.
 - SDXL VAE: encoder of a 1024² image, decoder of a 128² latent.
+Independent estimates by hand (printed beside the counts as "pencil", `pencil_estimates` below; the test suite
+checks the agreement):
+- ChatGLM3-6B: a decoder forward is 2 FLOPs per weight per token, plus attention scores and values:
+  2 · (P − 2 · V · h) · T + 4 · L · T² · h, with P = 6.24 B parameters, the input embedding and the unused
+  output layer (V · h = 65,024 · 4,096 = 0.27 B each) taken out, T = 256 tokens, L = 28 layers, h = 4,096:
+  2 · 5.71e9 · 256 + 4 · 28 · 256² · 4,096 = 2.92 + 0.03 ≈ 2.95 TFLOP.
+- UNet at 1024² (latent 128², so N = 16,384 / 4,096 / 1,024 positions at widths d = 320 / 640 / 1,280):
+  a transformer layer costs ≈ 36 d² N (q/k/v/out 8 d² N, cross-attention q/out 4 d² N, GEGLU feed-forward
+  24 d² N) + 4 N² d (self-attention) + 4 N M d (cross-attention over M = 256 tokens); a ResNet block ≈ 36 d² N
+  (two 3×3 convolutions; 54 d² N in the up path, whose first convolution takes the skip concatenation).
+  Kolors/SDXL have 10 such layers at 64² (2 down blocks × 2 + 3 up × 2) and 60 at 32² (2 × 10 down, 10 mid,
+  3 × 10 up); ResNet blocks: 2 down + 3 up per level, 2 mid. That gives 4.03 (32² layers) + 1.06 (64² layers)
+  + 1.30 (ResNets) ≈ 6.4 TFLOP; the count must be within 2× of it (it is ≈ 1.09×: the estimate leaves out
+  the transformers' in/out projections, the time embedding, downsamplers and upsamplers).
 Floors = FLOPs / a GPU's dense bf16 peak: one kolora step (cached embeddings/latents: UNet only), the tutorial's
 step (text encoder + VAE encoder + UNet every step) and one 50-step CFG render (2 UNet forwards per step, 2 prompt
 encodings, 1 VAE decode).
@@ -113,6 +127,30 @@ def chatglm3_config():
                          use_cache=False)
 
 
+def pencil_estimates(res: int, tokens: int, text_encoder_params: int) -> dict[str, float]:
+    """The docstring's hand estimates, in FLOPs, from the architecture numbers alone (no FLOP counter, no
+    module hooks): UNet forward and ChatGLM3 forward."""
+    unet = _config("kolors-unet-config.json")
+    glm = chatglm3_config()
+    m = tokens  # cross-attention context length
+    unet_flops = 0.0
+    side = res // 8
+    for level, (d, depth) in enumerate(zip(unet["block_out_channels"], unet["transformer_layers_per_block"],
+                                           strict=True)):
+        n = (side >> level) ** 2
+        has_attn = unet["down_block_types"][level].startswith("CrossAttn")
+        down, up = unet["layers_per_block"], unet["layers_per_block"] + 1
+        unet_flops += down * 36 * d * d * n + up * 54 * d * d * n  # ResNet blocks
+        if has_attn:
+            unet_flops += (down + up) * depth * (36 * d * d * n + 4 * n * n * d + 4 * n * m * d)
+    d, depth = unet["block_out_channels"][-1], unet["transformer_layers_per_block"][-1]
+    n = (side >> (len(unet["block_out_channels"]) - 1)) ** 2
+    unet_flops += 2 * 36 * d * d * n + depth * (36 * d * d * n + 4 * n * n * d + 4 * n * m * d)  # mid block
+    h, layers, vocab = glm.hidden_size, glm.num_layers, glm.padded_vocab_size
+    text = 2 * (text_encoder_params - 2 * vocab * h) * tokens + 4 * layers * tokens * tokens * h
+    return {"unet_fwd": unet_flops, "text_encoder": text}
+
+
 def measure(res: int, tokens: int, quick: bool = False) -> dict[str, Any]:
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -193,11 +231,15 @@ def main(argv: list[str] | None = None) -> int:
     env = environment()
     m = measure(args.resolution, args.tokens, quick=args.quick)
     tf = {k: v["flops"] / T for k, v in m.items() if isinstance(v, dict) and "flops" in v}
+    pencil = {k: v / T for k, v in pencil_estimates(args.resolution, args.tokens,
+                                                     m["params"]["text_encoder"]).items()}
+    vs_pencil = {f"{k}_vs_pencil": tf[k] / v for k, v in pencil.items()}
     if args.quick:
         rows = [[k, v] for k, v in tf.items()]
         render = args.render_steps * 2 * tf["unet_fwd"] + 2 * tf["text_encoder"] + tf["vae_decode"]
+        rows += [[f"{k} (pencil estimate, docstring)", v] for k, v in pencil.items()]
         result = {"resolution": args.resolution, "tokens": args.tokens, "quick": True,
-                  **{f"{k}_tflop": v for k, v in tf.items()}, "render_tflop": render}
+                  **{f"{k}_tflop": v for k, v in tf.items()}, "render_tflop": render, **vs_pencil}
         report(NAME, f"Kolors forward FLOPs at {args.resolution}² (quick)", env, table(["pass", "TFLOP"], rows),
                result, record=False)
         return 0
@@ -224,7 +266,12 @@ def main(argv: list[str] | None = None) -> int:
         [f"SDXL VAE decoder, {res}²", pm["vae_decoder"] / 1e9, tf["vae_decode"], tf["vae_decode"] / tf["unet_fwd"],
          agree["vae_decode"]],
     ]
-    body = table(["model / pass", "params (B)", "TFLOP", "× UNet fwd", "hook count / counter"], rows)
+    for row in rows:
+        key = {rows[0][0]: "unet_fwd", rows[5][0]: "text_encoder"}.get(row[0])
+        row.append(pencil[key] if key else "-")
+        row.append(tf[key] / pencil[key] if key else "-")
+    body = table(["model / pass", "params (B)", "TFLOP", "× UNet fwd", "hook count / counter",
+                  "pencil TFLOP (docstring)", "counter / pencil"], rows)
     body += "\n\n" + table(
         ["per unit of work", "TFLOP", "what runs"],
         [["kolora training step (default: checkpointing on)", kolora_step, "UNet fwd+bwd+recompute; cached inputs"],
@@ -245,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         "sdxl_unet_fwd_tflop": tf["sdxl_unet_fwd"], "kolora_step_tflop": kolora_step,
         "tutorial_step_tflop": tutorial_step, "h100_kolora_step_ms": kolora_step / h100 * 1e3,
         "h100_tutorial_step_ms": tutorial_step / h100 * 1e3, "h100_render_s": render / h100,
-        "hook_check_max_dev": max(abs(a - 1) for a in agree.values()),
+        "hook_check_max_dev": max(abs(a - 1) for a in agree.values()), **vs_pencil,
     }
     notes = [f"Counting took {sum(v.get('count_s', 0) for v in m.values() if isinstance(v, dict)):.0f} s on the "
              "meta device (no weights allocated).",

@@ -48,6 +48,31 @@ def test_common_formats_tables_and_result_lines() -> None:
     assert _common.gpu_peak_tflops("Something Else") is None
 
 
+def test_results_file_gets_one_dated_row_per_run(tmp_path: Path, monkeypatch, capsys) -> None:
+    sys.path.insert(0, str(BENCH))
+    try:
+        import _common
+    finally:
+        sys.path.remove(str(BENCH))
+    results = tmp_path / "RESULTS.md"
+    monkeypatch.setattr(_common, "RESULTS", results)
+    monkeypatch.setattr(_common, "REPO", tmp_path)
+    env = {"date": "2026-01-02 03:04 UTC", "host": "node7", "cpu": "Xeon (8 usable cores)", "gpu": "NVIDIA H100",
+           "kolora": "abc1234"}
+    _common.report("alpha", "first", env, "| a |\n|---|\n| 1 |", {"x": 1, "y": 2.5})
+    _common.report("beta", "second", {**env, "date": "2026-01-03 00:00 UTC", "gpu": "not used"}, "body", {"z": 3})
+    _common.report("alpha", "not kept", env, "body", {"x": 9}, record=False)
+    text = results.read_text(encoding="utf-8")
+    assert text.startswith(_common.RESULTS_HEADER)
+    rows = [r for r in text.split("<!-- end of runs -->")[0].splitlines() if r.startswith("| 2026")]
+    assert len(rows) == 2
+    assert rows[0].split("|")[1:6] == [" 2026-01-02 03:04 UTC ", " alpha     ", " node7, Xeon (8 usable cores) ",
+                                       " NVIDIA H100 ", " abc1234 "] and "`x=1 y=2.500`" in rows[0]
+    assert "2026-01-03 00:00 UTC" in rows[1] and "`z=3`" in rows[1] and "not used" in rows[1]
+    assert text.count("## alpha: first") == 1 and text.count("## beta: second") == 1 and "not kept" not in text
+    assert text.rstrip().endswith("RESULT beta z=3\n```")
+
+
 def test_flops_quick_unet_forward_is_in_the_expected_range() -> None:
     """Kolors UNet forward at 1024² ≈ 7 TFLOP (SDXL's blocks with 256 tokens of context; SDXL itself ≈ 6.8)."""
     out, v = run_bench("flops", "--quick", timeout=300)
@@ -57,6 +82,9 @@ def test_flops_quick_unet_forward_is_in_the_expected_range() -> None:
     assert 2.7 < float(v["text_encoder_tflop"]) < 3.3  # ≈ 2 × 5.7 B non-embedding params × 256 tokens
     assert 3.0 < float(v["vae_encode_tflop"]) < 7.0 and float(v["vae_decode_tflop"]) > float(v["vae_encode_tflop"])
     assert float(v["render_tflop"]) > 100 * unet
+    # the docstring's hand estimates: parameters × tokens for ChatGLM3, layer-by-layer for the UNet (within 2×)
+    assert 0.95 < float(v["text_encoder_vs_pencil"]) < 1.05
+    assert 0.5 < float(v["unet_fwd_vs_pencil"]) < 2.0
 
 
 @pytest.mark.slow

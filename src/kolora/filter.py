@@ -3,8 +3,9 @@
 1. Header pass (PIL, no full decode for complete JPEG/PNG files): missing, unreadable, non-image and truncated
    files are recorded with their reason. Only good samples reach Data-Juicer, which otherwise drops whole
    batches on one bad file and keeps truncated JPEGs (notes/data-juicer.md).
-2. Data-Juicer through its Python API with cfg.filter.ops as `process`, `skip_op_error: false` and its tracer
-   on for every sample, so each dropped sample is attributed to the op that dropped it. Its work dir, caches
+2. Data-Juicer through its Python API with cfg.filter.ops as `process`, `skip_op_error: false` and a tracer
+   that logs every dropped sample (`_drop_log`; Data-Juicer's own RayTracer with the Ray executor), so each
+   dropped sample is attributed to the op that dropped it. Its work dir, caches
    and logs live in run/filter/dj/; the process-wide state it changes (cwd, env, stdout/stderr, loguru,
    multiprocess start method, PIL's LOAD_TRUNCATED_IMAGES, the HF datasets cache dir) is restored afterwards.
    With filter.fast_ops (the default) image_shape_filter / image_aspect_ratio_filter run as kolora's header-only
