@@ -149,3 +149,56 @@ def test_submit_bench_on_the_dev_cluster() -> None:
     if "skipped" in v:
         pytest.skip(out.splitlines()[0])
     assert 0 < float(v["submit_s"]) < 60 and 0 < float(v["first_running_s"]) < 120
+
+
+def _rewheel(dist: str, dest: Path) -> Path:
+    """A wheel of an installed distribution, zipped from its installed files (what `pip download` would bring
+    for this Python, without a network)."""
+    import zipfile
+    from importlib import metadata
+
+    d = metadata.distribution(dist)
+    tag = next(line.split(": ", 1)[1] for line in (d.read_text("WHEEL") or "").splitlines() if line.startswith("Tag: "))
+    name = d.metadata["Name"].replace("-", "_")
+    out = dest / f"{name}-{d.version}-{tag}.whl"
+    root = Path(d.locate_file(""))
+    with zipfile.ZipFile(out, "w") as z:
+        for f in d.files or []:
+            path = root / f
+            if path.is_file() and not str(f).startswith("..") and "__pycache__" not in str(f):
+                z.write(path, str(f))
+    return out
+
+
+def test_run_gpu_installs_missing_packages_from_the_wheel_folder(tmp_path: Path) -> None:
+    """A GPU image without diffusers and pydantic (hidden here by modules that fail to import) and no network:
+    run_gpu.sh installs them from the wheel folder and imports the real ones."""
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    for mod in ("diffusers", "pydantic"):
+        (hidden / f"{mod}.py").write_text(f"raise ImportError('{mod} is not installed on this image')\n")
+    env = {**os.environ, "PYTHONPATH": str(hidden), "PIP_NO_INDEX": "1", "PY": sys.executable,
+           "KOLORA_BENCH_WHEELS": str(tmp_path / "empty")}
+    cmd = ["bash", str(BENCH / "run_gpu.sh"), "--check"]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert res.returncode == 1 and "has no wheels" in res.stderr and "make bench-wheels" in res.stderr
+
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    for dist in ("diffusers", "pydantic", "pydantic_core", "annotated-types", "typing-inspection",
+                 "importlib_metadata"):
+        _rewheel(dist, wheels)
+    env["KOLORA_BENCH_WHEELS"] = str(wheels)
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    import diffusers
+
+    assert "installing 6 wheels" in res.stdout and f"diffusers {diffusers.__version__}" in res.stdout
+
+
+def test_gpu_wheel_list_is_pinned_by_the_constraints() -> None:
+    names = [ln.strip() for ln in (BENCH / "gpu-wheels.txt").read_text().splitlines()
+             if ln.strip() and not ln.startswith("#")]
+    pinned = {ln.split("==")[0].lower().replace("_", "-") for ln in (REPO / "constraints.txt").read_text().splitlines()
+              if "==" in ln}
+    assert names and all(n.lower().replace("_", "-") in pinned for n in names)
