@@ -381,6 +381,9 @@ def _drop_log(work_dir: str, filters: set[str]) -> Any:
             f.flush()
             return True
 
+        def __getstate__(self) -> dict[str, Any]:  # sent to worker processes: without this process's files
+            return {**self.__dict__, "_files": {}}
+
         def close(self) -> None:
             for (pid, _op), f in list(self._files.items()):
                 if pid == os.getpid():
