@@ -172,19 +172,17 @@ def runs_table(sections: str, max_pairs: int = 8) -> str:
 
 def record_section(path: Path, section: str) -> None:
     """Append one run's section to RESULTS.md and regenerate the runs table at its top (atomic rewrite)."""
+    from kolora.rundir import atomic_write_text
+
     text = path.read_text(encoding="utf-8") if path.exists() else RESULTS_HEADER
     if _RUNS_START in text:
         head, rest = text.split(_RUNS_START, 1)
         body = rest.split(_RUNS_END, 1)[1]
-    else:
-        head, body = text[:len(RESULTS_HEADER)] if text.startswith(RESULTS_HEADER) else RESULTS_HEADER, (
-            text[len(RESULTS_HEADER):] if text.startswith(RESULTS_HEADER) else "\n" + text)
-    body = body.rstrip("\n") + "\n" + ("\n" + section if section else "")
-    out = (head.rstrip("\n") + "\n\n" + _RUNS_START + "\n\n" + runs_table(body) + "\n\n" + _RUNS_END + "\n"
-           + body)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(out, encoding="utf-8")
-    os.replace(tmp, path)
+    else:  # a new file
+        head, body = RESULTS_HEADER, text.removeprefix(RESULTS_HEADER)
+    body = "\n\n".join(part.strip("\n") for part in (body, section) if part.strip())
+    atomic_write_text(path, head.rstrip("\n") + "\n\n" + _RUNS_START + "\n\n" + runs_table(body) + "\n\n"
+                      + _RUNS_END + "\n\n" + body + "\n")
 
 
 def skip(name: str, reason: str, code: str) -> int:

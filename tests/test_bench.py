@@ -71,6 +71,9 @@ def test_results_file_gets_one_dated_row_per_run(tmp_path: Path, monkeypatch, ca
     assert "2026-01-03 00:00 UTC" in rows[1] and "`z=3`" in rows[1] and "not used" in rows[1]
     assert text.count("## alpha: first") == 1 and text.count("## beta: second") == 1 and "not kept" not in text
     assert text.rstrip().endswith("RESULT beta z=3\n```")
+    _common.record_section(results, "")  # regenerating changes nothing (no blank lines pile up)
+    assert results.read_text(encoding="utf-8") == text
+    assert "\n\n\n" not in text
 
 
 def test_flops_quick_unet_forward_is_in_the_expected_range() -> None:

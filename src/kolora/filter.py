@@ -405,7 +405,7 @@ def _jsonable(obj: Any) -> Any:
         return obj.tolist()
     if hasattr(obj, "as_py"):
         return obj.as_py()
-    if isinstance(obj, dict) or hasattr(obj, "items"):
+    if hasattr(obj, "items"):  # mapping-likes that are not dicts
         return dict(obj.items())
     return str(obj)
 
