@@ -76,6 +76,9 @@ def test_errors_name_the_field(tmp_path: Path, jobs: dict, field: str) -> None:
 def test_top_level_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"  signal_lead_s: "):
         load_profile(write_profile(tmp_path, {"signal_lead_s": -5}))
+    with pytest.raises(ConfigError, match=r"jobs.train: time 2 min is not longer than signal_lead_s \(120 s\)"):
+        load_profile(write_profile(tmp_path, {"signal_lead_s": 120, "jobs": {"train": {"time": 2}}}))
+    assert load_profile(write_profile(tmp_path, {"signal_lead_s": 119, "jobs": {"train": {"time": 2}}}))
     with pytest.raises(ConfigError, match=r"  python: "):
         load_profile(write_profile(tmp_path, {"python": []}))
     with pytest.raises(ConfigError, match=r"  env: .*not an environment variable name"):

@@ -135,6 +135,29 @@ def test_tutorial_ops_at_exact_boundaries(tmp_path: Path) -> None:
     check_outputs(run, want)
 
 
+def test_a_deduplicators_drops_are_attributed_to_it(tmp_path: Path) -> None:
+    ds = tmp_path / "ds"
+    ds.mkdir()
+    texts = ["a red fox", "a red fox", "A red fox!", "a blue bird", "tiny"]  # 2nd and 3rd duplicate the 1st
+    sizes = [(96, 80), (90, 80), (100, 80), (80, 96), (20, 20)]  # the last one fails the shape filter
+    for i, size in enumerate(sizes):
+        (ds / f"{i}.jpg").write_bytes(noisy_jpeg(size, seed=i))
+    lines = [json.dumps({"text": t, "image": [f"{i}.jpg"]}) for i, t in enumerate(texts)]
+    (ds / "metadata.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    ops = [*DEMO_OPS, {"document_deduplicator": {"lowercase": True, "ignore_non_character": True}}]
+    cfg = make_cfg(tmp_path, {"source": "jsonl", "path": str(ds / "metadata.jsonl")}, ops)
+    run = RunDir(tmp_path / "run")
+    ingest.run(cfg, run)
+    kfilter.run(cfg, run)
+    by_line = {int(Path(e["image"]).stem): e for e in report_of(run)["samples"]}  # ingest keeps the line order
+    assert {n for n, e in by_line.items() if e["kept"]} == {0, 3}
+    for dup in (1, 2):
+        assert by_line[dup]["op"] == "document_deduplicator", by_line[dup]
+        assert by_line[dup]["reason"] == "duplicate removed by document_deduplicator"
+    assert by_line[4]["reason"] == "filtered by image_shape_filter"
+    check_outputs(run, {by_line[n]["id"] for n in (0, 3)})
+
+
 def test_bad_files_are_reported_and_good_ones_kept(tmp_path: Path) -> None:
     ds = tmp_path / "ds"
     ds.mkdir()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ import yaml
 from kolora.cli import main
 from kolora.launch.jobs import job_environment
 from kolora.launch.monitor import _rows
+from kolora.launch.supervise import BOOT
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "configs" / "demo.yaml")
@@ -70,6 +72,9 @@ def test_dry_run_shows_every_job(tmp_path: Path, fake_slurm: Path, capsys: pytes
         for option in options:
             assert f"#SBATCH {option}\n" in sections[job], (job, option, sections[job])
     assert "gres" not in sections["filter"] and "gres" not in sections["grid"]
+    for body in sections.values():  # every job step starts with the stop signals blocked (launch.supervise)
+        step = next(line for line in body.splitlines() if line.startswith("srun "))
+        assert shlex.split(step)[-10:-4] == [sys.executable, "-S", "-I", "-c", BOOT, sys.executable], step
     assert not runs.exists() and not sbatch_scripts(fake_slurm)  # nothing written, nothing queued
 
 

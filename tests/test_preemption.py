@@ -116,7 +116,7 @@ def test_time_limit_shorter_than_training_requeues_until_done(env, tmp_path, ref
     profile = yaml.safe_load(Path(LOCAL).read_text())
     profile["signal_lead_s"] = 30
     profile["max_requeues"] = 30
-    profile["jobs"]["train"]["time"] = 1  # minute: Slurm sends USR2 12-30 s after start, then we requeue
+    profile["jobs"]["train"]["time"] = 1  # minute: USR2 comes 0-30 s after start (even while the step starts), then we requeue
     path = tmp_path / "short.yaml"
     path.write_text(yaml.safe_dump(profile))
     runs = tmp_path / "runs"

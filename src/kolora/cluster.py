@@ -260,6 +260,10 @@ class ClusterProfile(_Section):
             r = self.resources(job)
             if r.gpus == 0 and (r.gpu_type or r.gpu_option):
                 raise ValueError(f"jobs.{job}: gpu_type/gpu_option given but no gpus")
+            if r.time_min * 60 <= self.signal_lead_s:
+                raise ValueError(f"jobs.{job}: time {r.time_min} min is not longer than signal_lead_s "
+                                 f"({self.signal_lead_s} s): the job would be told to stop as it starts; raise "
+                                 "its time or lower signal_lead_s")
         return self
 
     # --------------------------------------------------------------------------------------------------

@@ -338,12 +338,14 @@ def _read_json_records(path: Path) -> list[dict[str, Any]]:
     return out
 
 
-def _filter_op_names(ops: list[dict[str, Any]]) -> set[str]:
+def _filter_op_names(ops: list[dict[str, Any]], kind: str = "Filter") -> set[str]:
+    """The names in `ops` of Data-Juicer's `kind` ops (Filter, Deduplicator)."""
     OPERATORS = _dj_operators()
-    from data_juicer.ops.base_op import Filter
+    from data_juicer.ops import base_op
 
+    base = getattr(base_op, kind)
     return {name for item in ops for name in item
-            if name in OPERATORS.modules and issubclass(OPERATORS.modules[name], Filter)}
+            if name in OPERATORS.modules and issubclass(OPERATORS.modules[name], base)}
 
 
 def _drop_log(work_dir: str, filters: set[str]) -> Any:
@@ -485,6 +487,14 @@ def run_data_juicer(cfg: ExperimentConfig, samples: list[dict[str, Any]], dj_dir
         for rec in _read_json_records(trace):
             if "id" in rec:
                 dropped.setdefault(str(rec["id"]), (configured.get(op, op), rec.get("__dj__stats__") or {}))
+    # Every filter drop is traced above; what else is missing can only be a deduplicator's. Data-Juicer traces
+    # at most one duplicate pair per hash, so with a single deduplicator in the list it is named here instead.
+    dedups = sorted(_filter_op_names(process, "Deduplicator"))
+    if len(dedups) == 1:
+        kept_ids = {str(r.get("id")) for r in kept}
+        for s in samples:
+            if s["id"] not in kept_ids:
+                dropped.setdefault(s["id"], (configured.get(dedups[0], dedups[0]), {}))
     return kept, dropped
 
 
@@ -575,10 +585,12 @@ def run(cfg: ExperimentConfig, run: RunDir) -> dict[str, Any]:
             report[sid].update(kept=True, reason=None, stage=None, image=image, text=out["text"],
                                stats=rec.get("__dj__stats__") or None)
         kept_ids = {k["id"] for k in kept}
+        dedups = _filter_op_names(dj_process(cfg.filter), "Deduplicator")
         for sid in good_ids - kept_ids:
             op, stats = dropped.get(sid, (None, {}))
-            report[sid].update(stage="data-juicer", op=op, stats=stats or None,
-                               reason=f"filtered by {op}" if op else "dropped by Data-Juicer (no op traced it)")
+            reason = (("duplicate removed by" if op in dedups else "filtered by") + f" {op}" if op
+                      else "dropped by Data-Juicer (no op traced it)")
+            report[sid].update(stage="data-juicer", op=op, stats=stats or None, reason=reason)
     else:
         shutil.rmtree(run.filter / "dj", ignore_errors=True)  # no stale Data-Juicer output from an earlier run
     t_dj = time.perf_counter() - t1

@@ -35,13 +35,18 @@ def clear() -> None:
 
 @contextlib.contextmanager
 def handle(signals: tuple[int, ...] = (signal.SIGUSR2, signal.SIGTERM)) -> Iterator[None]:
-    """Route `signals` to `request()` for the duration of the block (main thread only; elsewhere a no-op)."""
+    """Route `signals` to `request()` for the duration of the block (main thread only; elsewhere a no-op).
+
+    The Slurm job wrapper starts this process with the stop signals *blocked* (launch.supervise), so that one
+    arriving while Python is still importing stays pending instead of killing it: they are unblocked here,
+    once the handler is in place, and a pending one is delivered to it at that moment."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = {}
     for s in signals:
         previous[s] = signal.signal(s, lambda signum, frame: request(signal.Signals(signum).name))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
     try:
         yield
     finally:

@@ -49,8 +49,11 @@ def submission_folder(profile: ClusterProfile, run: RunDir, stamp: str) -> Path:
 
 
 def python_command(profile: ClusterProfile) -> str:
-    """The job's interpreter as the shell words submitit puts in the sbatch script."""
-    return shlex.join(profile.python) if profile.python else shlex.quote(sys.executable)
+    """The job's interpreter as the shell words submitit puts in the sbatch script, started with the stop
+    signals blocked until kolora's handlers are in place (launch.supervise.BOOT)."""
+    from kolora.launch.supervise import boot_command
+
+    return shlex.join(boot_command(list(profile.python) if profile.python else [sys.executable]))
 
 
 def check_slurm_clients() -> None:

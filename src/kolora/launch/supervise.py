@@ -11,12 +11,22 @@ kolora.launch.child`, or the same inside `apptainer exec` when the profile has a
 - A SIGTERM alone (`scontrol requeue` by hand, `scancel`, GraceTime=0 preemption) is Slurm's decision: the
   child checkpoints and the job leaves; Slurm requeues or cancels it.
 
+A stop signal must never find a process without its handler: SIGUSR2's default action kills it, and Slurm
+sends the time-limit warning at its first ~30 s tick once the job is within `signal_lead_s` + 30 s of its end,
+which for a short limit can be the moment the step starts (a job that died like that ends FAILED, not
+requeued). So every job step starts through `BOOT`, which blocks the stop signals before the real interpreter
+runs; the mask is inherited across exec and by the child, and each process unblocks them once its handler is in
+place (here, and in interrupt.handle), so an early signal waits instead of killing. A warning Slurm sent before
+the step existed is lost altogether, hence the fallback timer: no USR2 by `signal_lead_s` before the job's end
+time, and the supervisor acts as if it had come.
+
 submitit's own handlers (which would call `scontrol` and `sys.exit` in the middle of a training step) are
 replaced for the duration of the job; Lightning's SLURM auto-requeue is off (train.py).
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
@@ -25,6 +35,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +43,20 @@ log = logging.getLogger("kolora.launch")
 
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped at a consistent point on request; run again to continue
 STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+
+# The first program of every job step (`python -S -I -c BOOT REAL_COMMAND...`, a few ms to start): block the
+# stop signals, then exec the real command, which inherits the mask. Written by hand because neither srun nor
+# submitit can start a task with signals blocked, and coreutils' `env --block-signal` is missing on RHEL 8.
+BOOT = ("import os, signal, sys; signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGUSR2, signal.SIGTERM)); "
+        "os.execvp(sys.argv[1], sys.argv[1:])")
+
+
+def boot_command(words: list[str]) -> list[str]:
+    """`words` (the job's interpreter) started through BOOT. A command that is not itself a Python
+    interpreter (e.g. `apptainer exec IMAGE python`) has none to run BOOT with and is left as it is."""
+    if not words or not re.fullmatch(r"python[0-9.]*", Path(words[0]).name):
+        return list(words)
+    return [words[0], "-S", "-I", "-c", BOOT, *words]
 
 
 class JobFailed(RuntimeError):
@@ -69,6 +94,21 @@ def _squeue_field(job_id: str, fmt: str) -> str | None:
     return line[0].strip() if line else None
 
 
+def job_end_time(job_id: str | None) -> float | None:
+    """When Slurm will end this job (epoch seconds): SLURM_JOB_END_TIME where Slurm sets it (23.02+), else
+    squeue's %e (local time); None when unknown (not under Slurm, no time limit)."""
+    value = os.environ.get("SLURM_JOB_END_TIME", "")
+    if value.isdigit():
+        return float(value)
+    if job_id is None:
+        return None
+    text = _squeue_field(job_id, "%e") or ""
+    try:
+        return datetime.datetime.fromisoformat(text).timestamp()
+    except ValueError:  # N/A, Unknown, NONE
+        return None
+
+
 def requeue(job_id: str) -> bool:
     out = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60, check=False)
     if out.returncode != 0:
@@ -93,9 +133,12 @@ def _bump_timeouts(counter: Path, key: str) -> int:
 
 
 def supervise(command: list[str], *, signal_lead_s: int, max_requeues: int, counter: Path, key: str,
-              rank: int = 0, env: dict[str, str] | None = None, result_dir: Path | None = None) -> dict[str, Any]:
+              rank: int = 0, env: dict[str, str] | None = None, result_dir: Path | None = None,
+              end_time: float | None = None) -> dict[str, Any]:
     """Run `command` (whose last argument is where it writes its JSON result) as the child, forward stop
-    signals, and requeue when the child stopped because of one. Returns the child's result."""
+    signals, and requeue when the child stopped because of one. Returns the child's result.
+
+    `end_time` (epoch seconds, the job's): if no SIGUSR2 came by `signal_lead_s` before it, act as if one had."""
     received: list[int] = []
     child: subprocess.Popen | None = None
 
@@ -106,18 +149,35 @@ def supervise(command: list[str], *, signal_lead_s: int, max_requeues: int, coun
         if child is not None and child.poll() is None:
             child.send_signal(signum)
 
-    previous = {s: signal.signal(s, forward) for s in STOP_SIGNALS}
-    # The result file lives where the child can write it (the job folder is bound into a container).
-    if result_dir is not None:
-        Path(result_dir).mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".kolora-result-", dir=result_dir) as tmp:
-        result_file = Path(tmp) / "result.json"
-        try:
-            child = subprocess.Popen([*command, str(result_file)], env={**os.environ, **(env or {})})
-            rc = child.wait()  # PEP 475: retried after each signal handler returns
-        finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
+    def deadline(signum, frame) -> None:
+        if signal.SIGUSR2 not in received:
+            log.warning("no SIGUSR2 from Slurm %d s before the time limit (a warning sent before the job step "
+                        "started is lost): stopping as if it had come", signal_lead_s)
+            forward(signal.SIGUSR2, frame)
+
+    # Until `child` exists the stop signals stay blocked (they already are when the job started through BOOT):
+    # one that comes in the meantime is delivered, and forwarded, as soon as they are unblocked. The child
+    # starts with them blocked too and unblocks them once its own handler is in place (interrupt.handle).
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    previous = {s: signal.signal(s, forward) for s in (*STOP_SIGNALS, signal.SIGALRM)}
+    signal.signal(signal.SIGALRM, deadline)
+    try:
+        # The result file lives where the child can write it (the job folder is bound into a container).
+        if result_dir is not None:
+            Path(result_dir).mkdir(parents=True, exist_ok=True)
+        tmp = tempfile.TemporaryDirectory(prefix=".kolora-result-", dir=result_dir)
+        result_file = Path(tmp.name) / "result.json"
+        child = subprocess.Popen([*command, str(result_file)], env={**os.environ, **(env or {})})
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        if end_time is not None:
+            signal.setitimer(signal.ITIMER_REAL, max(end_time - signal_lead_s - time.time(), 0.01))
+        rc = child.wait()  # PEP 475: retried after each signal handler returns
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        for s, h in previous.items():
+            signal.signal(s, h)
+    with tmp:
         if rc == 0 and result_file.is_file():
             return json.loads(result_file.read_text())
     if rc != EXIT_INTERRUPTED and not received:

@@ -1,0 +1,127 @@
+"""The job supervisor's signal handling, without Slurm: a stop signal that arrives before a process has its
+handler (while Python is still starting, in the supervisor or in the stage process) must wait for the handler
+instead of killing the job, and a time-limit warning that never arrived is replaced by the supervisor's timer.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from kolora.launch import supervise as sv
+
+# The stage process: like launch.child, but it reports what it saw instead of running stages.
+CHILD = textwrap.dedent("""
+    import os, signal, sys, time
+    if os.environ.get("SIGNAL_PARENT_FIRST"):  # a stop signal reaches the supervisor while we still import
+        os.kill(os.getppid(), signal.SIGUSR2)
+    time.sleep(0.3)  # the imports before the handler is installed
+    from kolora import interrupt
+    with interrupt.handle((signal.SIGUSR2, signal.SIGTERM)):
+        deadline = time.monotonic() + float(os.environ.get("CHILD_WAIT_S", "20"))
+        while interrupt.requested() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+    if interrupt.requested():
+        print("child stopped on", interrupt.requested(), file=sys.stderr, flush=True)
+        sys.exit(75)
+    open(sys.argv[-1], "w").write('{"done": true}')
+""")
+
+# The job process: what StageJob.__call__ does, with the child above.
+SUPERVISOR = textwrap.dedent("""
+    import json, logging, os, sys, time
+    from pathlib import Path
+    logging.basicConfig(level=logging.INFO)
+    from kolora.launch.supervise import supervise
+    end = float(os.environ["END_TIME"]) if os.environ.get("END_TIME") else None
+    result = supervise([sys.executable, "-c", sys.argv[1]], signal_lead_s=5, max_requeues=1,
+                       counter=Path(sys.argv[2]) / "timeouts.json", key="k", result_dir=Path(sys.argv[2]),
+                       end_time=end)
+    print("result", json.dumps(result), file=sys.stderr)
+""")
+
+
+def job(tmp_path: Path, boot: bool = True, **env: str) -> subprocess.Popen:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    command = [sys.executable, "-c", SUPERVISOR, CHILD, str(tmp_path)]
+    if boot:
+        command = sv.boot_command(command)
+    return subprocess.Popen(command, env={**environ, **env}, stderr=subprocess.PIPE, text=True)
+
+
+def blocked_after_boot(pid: int) -> set[int]:
+    """Wait until BOOT has exec'd the real interpreter; the signals that process starts with blocked."""
+    cmdline, deadline = Path(f"/proc/{pid}/cmdline"), time.monotonic() + 30
+    while sv.BOOT in cmdline.read_bytes().decode(errors="replace"):
+        assert time.monotonic() < deadline, "BOOT never exec'd the job's command"
+        time.sleep(0.0005)
+    mask = next(int(line.split()[1], 16) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                if line.startswith("SigBlk:"))
+    return {n for n in range(1, 65) if mask >> (n - 1) & 1}
+
+
+def test_a_signal_before_python_has_started_waits_for_the_handler(tmp_path: Path) -> None:
+    proc = job(tmp_path)
+    assert {signal.SIGUSR2, signal.SIGTERM} <= blocked_after_boot(proc.pid)
+    proc.send_signal(signal.SIGUSR2)  # the interpreter is still importing: no handler anywhere yet
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == sv.EXIT_INTERRUPTED, err
+    assert "job received SIGUSR2" in err and "child stopped on SIGUSR2" in err, err
+
+
+def test_without_boot_the_same_signal_kills_the_job(tmp_path: Path) -> None:
+    """The premise of the test above: this is how a job died FAILED instead of being requeued."""
+    proc = job(tmp_path, boot=False)
+    proc.send_signal(signal.SIGUSR2)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGUSR2
+
+
+def test_a_signal_while_the_stage_process_starts_reaches_its_handler(tmp_path: Path) -> None:
+    # without BOOT: the supervisor itself blocks the stop signals while it starts the stage process
+    proc = job(tmp_path, boot=False, SIGNAL_PARENT_FIRST="1")
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == sv.EXIT_INTERRUPTED, err
+    assert "child stopped on SIGUSR2" in err, err  # not killed by it: it stopped at its safe point
+
+
+def test_no_warning_from_slurm_by_the_lead_time_stops_the_stage_anyway(tmp_path: Path) -> None:
+    started = time.monotonic()
+    proc = job(tmp_path, END_TIME=str(time.time() + 5 + 1.5))  # lead 5 s: the timer fires in 1.5 s
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == sv.EXIT_INTERRUPTED, err
+    assert "no SIGUSR2 from Slurm 5 s before the time limit" in err and "child stopped on SIGUSR2" in err, err
+    assert 1.0 < time.monotonic() - started < 15
+
+
+def test_a_stage_that_finishes_before_the_timer_returns_its_result(tmp_path: Path) -> None:
+    proc = job(tmp_path, END_TIME=str(time.time() + 3600), CHILD_WAIT_S="0.5")
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert 'result {"done": true}' in err and "SIGUSR2" not in err, err
+
+
+def test_boot_wraps_python_interpreters_only() -> None:
+    assert sv.boot_command(["/opt/venv/bin/python3.11", "-X", "dev"]) == [
+        "/opt/venv/bin/python3.11", "-S", "-I", "-c", sv.BOOT, "/opt/venv/bin/python3.11", "-X", "dev"]
+    apptainer = ["apptainer", "exec", "/shared/kolora.sif", "python"]
+    assert sv.boot_command(apptainer) == apptainer
+
+
+def test_job_end_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLURM_JOB_END_TIME", "1790000000")
+    assert sv.job_end_time("7") == 1790000000.0
+    monkeypatch.delenv("SLURM_JOB_END_TIME")
+    monkeypatch.setattr(sv, "_squeue_field", lambda job_id, fmt: "2026-11-25T22:03:15" if fmt == "%e" else None)
+    assert sv.job_end_time("7") == datetime.datetime(2026, 11, 25, 22, 3, 15).timestamp()
+    monkeypatch.setattr(sv, "_squeue_field", lambda job_id, fmt: "N/A")
+    assert sv.job_end_time("7") is None
+    assert sv.job_end_time(None) is None
