@@ -413,11 +413,11 @@ def _jsonable(obj: Any) -> Any:
 
 
 def run_data_juicer(cfg: ExperimentConfig, samples: list[dict[str, Any]], dj_dir: Path
-                    ) -> tuple[list[dict[str, Any]], dict[str, tuple[str, dict[str, Any]]]]:
+                    ) -> tuple[list[dict[str, Any]], dict[str, tuple[str, dict[str, Any], str]]]:
     """Run cfg.filter.ops over `samples` (tutorial format, all readable) in dj_dir.
 
-    Returns (kept records as Data-Juicer exported them, {dropped id: (op name as configured, stats)} from its
-    tracer)."""
+    Returns (kept records as Data-Juicer exported them, {dropped id: (op name as configured, stats, reason)} from
+    its tracer)."""
     import yaml
 
     process = dj_process(cfg.filter)
@@ -479,14 +479,15 @@ def run_data_juicer(cfg: ExperimentConfig, samples: list[dict[str, Any]], dj_dir
         raise FilterError(f"Data-Juicer failed on filter.ops: {err.__class__.__name__}: {err}\n"
                           f"(its config: {config_file}; its output: {console} and {dj_dir / 'work'})") from err
     kept = _read_json_records(export)
-    dropped: dict[str, tuple[str, dict[str, Any]]] = {}
+    dropped: dict[str, tuple[str, dict[str, Any], str]] = {}
     for trace in sorted((dj_dir / "work").rglob("sample_trace-*.jsonl")):
         op = traced_op(trace)
         if op not in filters:  # mappers trace changed texts, not dropped samples
             continue
         for rec in _read_json_records(trace):
             if "id" in rec:
-                dropped.setdefault(str(rec["id"]), (configured.get(op, op), rec.get("__dj__stats__") or {}))
+                name = configured.get(op, op)
+                dropped.setdefault(str(rec["id"]), (name, rec.get("__dj__stats__") or {}, f"filtered by {name}"))
     # Every filter drop is traced above; what else is missing can only be a deduplicator's. Data-Juicer traces
     # at most one duplicate pair per hash, so with a single deduplicator in the list it is named here instead.
     dedups = sorted(_filter_op_names(process, "Deduplicator"))
@@ -494,7 +495,8 @@ def run_data_juicer(cfg: ExperimentConfig, samples: list[dict[str, Any]], dj_dir
         kept_ids = {str(r.get("id")) for r in kept}
         for s in samples:
             if s["id"] not in kept_ids:
-                dropped.setdefault(s["id"], (configured.get(dedups[0], dedups[0]), {}))
+                name = configured.get(dedups[0], dedups[0])
+                dropped.setdefault(s["id"], (name, {}, f"duplicate removed by {name}"))
     return kept, dropped
 
 
@@ -585,11 +587,8 @@ def run(cfg: ExperimentConfig, run: RunDir) -> dict[str, Any]:
             report[sid].update(kept=True, reason=None, stage=None, image=image, text=out["text"],
                                stats=rec.get("__dj__stats__") or None)
         kept_ids = {k["id"] for k in kept}
-        dedups = _filter_op_names(dj_process(cfg.filter), "Deduplicator")
         for sid in good_ids - kept_ids:
-            op, stats = dropped.get(sid, (None, {}))
-            reason = (("duplicate removed by" if op in dedups else "filtered by") + f" {op}" if op
-                      else "dropped by Data-Juicer (no op traced it)")
+            op, stats, reason = dropped.get(sid, (None, {}, "dropped by Data-Juicer (no op traced it)"))
             report[sid].update(stage="data-juicer", op=op, stats=stats or None, reason=reason)
     else:
         shutil.rmtree(run.filter / "dj", ignore_errors=True)  # no stale Data-Juicer output from an earlier run

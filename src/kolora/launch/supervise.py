@@ -159,8 +159,8 @@ def supervise(command: list[str], *, signal_lead_s: int, max_requeues: int, coun
     # one that comes in the meantime is delivered, and forwarded, as soon as they are unblocked. The child
     # starts with them blocked too and unblocks them once its own handler is in place (interrupt.handle).
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    previous = {s: signal.signal(s, forward) for s in (*STOP_SIGNALS, signal.SIGALRM)}
-    signal.signal(signal.SIGALRM, deadline)
+    previous = {s: signal.signal(s, forward) for s in STOP_SIGNALS}
+    previous[signal.SIGALRM] = signal.signal(signal.SIGALRM, deadline)
     try:
         # The result file lives where the child can write it (the job folder is bound into a container).
         if result_dir is not None:
