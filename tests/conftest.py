@@ -92,3 +92,25 @@ def cancel_leftovers(env: dict[str, str]):
     while _submitted:
         runs, name = _submitted.pop()
         kolora(env, "cancel", name, "--runs-dir", runs, timeout=60)
+
+
+# ---- make test / CI: the Slurm tests must have run ---------------------------------------------------------
+_skipped_slurm: list[str] = []
+
+
+def pytest_runtest_logreport(report) -> None:
+    if report.skipped and "slurm" in report.keywords:
+        _skipped_slurm.append(report.nodeid)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if _skipped_slurm and os.environ.get("KOLORA_REQUIRE_SLURM") == "1":
+        terminalreporter.section("Slurm tests skipped", red=True)
+        terminalreporter.line(f"{len(_skipped_slurm)} tests that need the dev cluster were skipped, which "
+                              "KOLORA_REQUIRE_SLURM=1 (set by `make test`) does not allow: "
+                              + ", ".join(_skipped_slurm[:5]) + (" ..." if len(_skipped_slurm) > 5 else ""))
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    if _skipped_slurm and os.environ.get("KOLORA_REQUIRE_SLURM") == "1" and exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

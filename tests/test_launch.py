@@ -212,3 +212,44 @@ def test_dry_run_with_a_container_runs_every_stage_through_apptainer(tmp_path: P
         i = argv.index(str(image))
         assert argv[i + 1:i + 4] == ["python", "-m", "kolora.launch.child"]
     assert list((runs / "demo").iterdir()) == []  # a dry run writes nothing
+
+
+def short_profile(tmp_path: Path, train_minutes: int, lead_s: int) -> Path:
+    profile = yaml.safe_load(Path(LOCAL).read_text())
+    profile["signal_lead_s"] = lead_s
+    profile["jobs"]["train"]["time"] = train_minutes
+    path = tmp_path / f"short-{train_minutes}.yaml"
+    path.write_text(yaml.safe_dump(profile))
+    return path
+
+
+def test_a_time_limit_too_short_to_load_the_models_is_flagged_before_queueing(
+        tmp_path: Path, tiny_diffusers: Path, capsys: pytest.CaptureFixture) -> None:
+    import shutil
+
+    from kolora.cluster import load_profile
+    from kolora.config import load_config
+    from kolora.launch.plan import attempt_window_warnings
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_diffusers, model)
+    with open(model / "unet" / "padding.safetensors", "wb") as f:  # a UNet the size of Kolors' fp16 one (sparse)
+        f.truncate(5_200_000_000)
+    cfg = load_config(DEMO, [f"model.path={model}"])
+    assert attempt_window_warnings(cfg, load_profile(LOCAL)) == []  # 30 min: plenty
+    [hopeless] = attempt_window_warnings(cfg, load_profile(short_profile(tmp_path, 2, 60)))
+    assert hopeless.startswith("jobs.train: time 2 min − signal_lead_s 60 s leaves 60 s per attempt; starting and "
+                               "loading 5.2 GB of weights takes about 86 s, so an attempt is stopped before its "
+                               "first checkpoint. Raise jobs.train.time"), hopeless
+    [tight] = attempt_window_warnings(cfg, load_profile(short_profile(tmp_path, 3, 60)))
+    assert "leaves 120 s per attempt" in tight and "most of each attempt goes to start-up" in tight
+
+    # validate --cluster and submit say it before anything is queued
+    assert main(["validate", DEMO, "--set", f"model.path={model}", "--cluster",
+                 str(short_profile(tmp_path, 2, 60))]) == 0
+    assert "kolora: warning: jobs.train: time 2 min" in capsys.readouterr().err
+    assert main(["validate", DEMO, "--set", f"model.path={model}", "--cluster", LOCAL]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert main(["submit", DEMO, "--set", f"model.path={model}", "--cluster", str(short_profile(tmp_path, 2, 60)),
+                 "--runs-dir", str(tmp_path / "runs"), "--dry-run"]) == 0
+    assert "kolora: warning: jobs.train" in capsys.readouterr().err

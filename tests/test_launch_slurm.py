@@ -1,7 +1,7 @@
 """`kolora submit / status / logs / cancel` for real, against the dev Slurm cluster (slurm/devcluster).
 
 Found through <state>/env.sh ($KOLORA_DEVCLUSTER, else .devcluster/ in the checkout) and skipped when it is not
-up. Every wait has a deadline. The kolora commands run as subprocesses with the cluster's environment, as a
+up. Every wait fails when nothing advances for a while (slurmkit.STALL_S), not after a total time. The kolora commands run as subprocesses with the cluster's environment, as a
 user would run them; the jobs inherit that environment (SLURM_CONF) through sbatch.
 """
 
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
-from slurmkit import DEMO, FAST, LOCAL, kolora, submit, wait_ended
+from slurmkit import DEMO, FAST, LOCAL, kolora, run_progress, submit, wait_ended, wait_for
 
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("cancel_leftovers")]
 
@@ -41,7 +41,7 @@ def test_failed_filter_cancels_the_rest(env: dict[str, str], tmp_path: Path) -> 
     runs = tmp_path / "runs"
     sub, _ = submit(env, runs, "fails", "--set", "filter.ops=[{image_shape_filter: {min_width: 100000}}]")
     ids = job_ids(sub)
-    rows = wait_ended(env, list(ids.values()), 1 + 1 + 4 + 1, timeout=180)
+    rows = wait_ended(env, list(ids.values()), 1 + 1 + 4 + 1, runs / "fails")
     assert rows[ids["filter"]]["State"] == "FAILED"
     for job in ("train", "grid"):
         assert rows[ids[job]]["State"] == "CANCELLED", (job, rows)  # not PENDING forever
@@ -66,7 +66,7 @@ def test_cancel_empties_the_queue(env: dict[str, str], tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == f"run cancelled: cancelled {' '.join(sorted(ids))}"
     assert not squeue(env, ids)  # `kolora cancel` returns once the queue has let go of them
-    rows = wait_ended(env, ids, 1 + 1 + 4 + 1, timeout=60)
+    rows = wait_ended(env, ids, 1 + 1 + 4 + 1)
     assert {r["State"] for r in rows.values()} == {"CANCELLED"}
     assert kolora(env, "cancel", "cancelled", "--runs-dir", runs).stdout.strip() == "run cancelled: no job in the queue"
 
@@ -74,9 +74,6 @@ def test_cancel_empties_the_queue(env: dict[str, str], tmp_path: Path) -> None:
 def test_submit_runs_the_whole_graph(env: dict[str, str], tmp_path: Path) -> None:
     runs = tmp_path / "slurm-runs"
     sub, submit_s = submit(env, runs, "dag", *FAST)
-    # returns without waiting for the jobs: ~2 s here (most of it Data-Juicer's op registry import in the
-    # preflight); the bound leaves room for a loaded CI machine, a waiting submit would take minutes
-    assert submit_s < 5.0, f"kolora submit took {submit_s:.1f} s"
     ids = job_ids(sub)
     render = ids["render"]
     throttle = subprocess.run(["scontrol", "show", "job", render], env=env, capture_output=True, text=True,
@@ -87,9 +84,11 @@ def test_submit_runs_the_whole_graph(env: dict[str, str], tmp_path: Path) -> Non
     reference = subprocess.Popen([sys.executable, "-m", "kolora.cli", "run", DEMO, "--runs-dir", tmp_path / "local",
                                   "--name", "ref", *FAST], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        rows = wait_ended(env, list(ids.values()), 1 + 1 + 4 + 1, timeout=420)
+        rows = wait_ended(env, list(ids.values()), 1 + 1 + 4 + 1, runs / "dag")
         dag_s = time.monotonic() - started
-        _, err = reference.communicate(timeout=300)
+        wait_for("the in-process reference run", lambda: reference.poll() is not None,
+                 lambda: run_progress(tmp_path / "local" / "ref"))
+        _, err = reference.communicate()
     finally:
         reference.kill()
     assert reference.returncode == 0, err.decode()[-3000:]
@@ -140,7 +139,7 @@ def test_multi_gpu_training_runs_ddp_under_srun(env: dict[str, str], tmp_path: P
     sub, _ = submit(env, runs, "ddp", "--set", "train.steps=6", "--set", "train.checkpoint_every=2",
                     profile=str(path))
     ids = job_ids(sub)
-    rows = wait_ended(env, [ids["train"]], 1, timeout=300)
+    rows = wait_ended(env, [ids["train"]], 1, runs / "ddp")
     kolora(env, "cancel", "ddp", "--runs-dir", runs, timeout=60)  # render and grid are not what this is about
     assert rows[ids["train"]]["State"] == "COMPLETED", rows
     assert "gres/gpu=2" in rows[ids["train"]]["AllocTRES"]

@@ -6,6 +6,7 @@ instead of killing the job, and a time-limit warning that never arrived is repla
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import signal
 import subprocess
@@ -60,8 +61,9 @@ def job(tmp_path: Path, boot: bool = True, **env: str) -> subprocess.Popen:
 def blocked_after_boot(pid: int) -> set[int]:
     """Wait until BOOT has exec'd the real interpreter; the signals that process starts with blocked."""
     cmdline, deadline = Path(f"/proc/{pid}/cmdline"), time.monotonic() + 30
-    while sv.BOOT in cmdline.read_bytes().decode(errors="replace"):
-        assert time.monotonic() < deadline, "BOOT never exec'd the job's command"
+    # Empty while an exec is still under way (Popen returns as soon as the vfork'd child starts its exec).
+    while sv.BOOT in (text := cmdline.read_bytes().decode(errors="replace")) or "supervise" not in text:
+        assert time.monotonic() < deadline, f"BOOT never exec'd the job's command ({text!r})"
         time.sleep(0.0005)
     mask = next(int(line.split()[1], 16) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
                 if line.startswith("SigBlk:"))
@@ -125,3 +127,47 @@ def test_job_end_time(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sv, "_squeue_field", lambda job_id, fmt: "N/A")
     assert sv.job_end_time("7") is None
     assert sv.job_end_time(None) is None
+
+
+# A stage process that, when told to stop, writes a checkpoint (PROGRESS_FILE) or nothing at all.
+STOPPING_CHILD = textwrap.dedent("""
+    import os, sys, time
+    from pathlib import Path
+    from kolora import interrupt
+    with interrupt.handle():
+        deadline = time.monotonic() + 30
+        while interrupt.requested() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+    if os.environ.get("PROGRESS_FILE"):
+        Path(os.environ["PROGRESS_FILE"]).write_text("step 7")
+    sys.exit(75)
+""")
+
+
+@pytest.mark.parametrize("progressed", [True, False])
+def test_a_time_limit_attempt_without_progress_is_not_requeued(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                progressed: bool) -> None:
+    """Time limit reached: requeue when the attempt wrote something durable, fail with the reason when it did not
+    (a window shorter than loading the models would otherwise requeue forever)."""
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    requeued: list[str] = []
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setattr(sv, "_squeue_field", lambda job_id, fmt: "0:20" if fmt == "%L" else None)
+    monkeypatch.setattr(sv, "requeue", lambda job_id: requeued.append(job_id) or True)
+    env = {"PROGRESS_FILE": str(checkpoints / "step=7.ckpt")} if progressed else {}
+    attempts = tmp_path / "attempts.jsonl"
+    call = dict(signal_lead_s=5, max_requeues=3, counter=tmp_path / "timeouts.json", key="train/0", env=env,
+                result_dir=tmp_path, end_time=time.time() + 5 + 1.0,
+                progress=lambda: sorted(p.name for p in checkpoints.iterdir()), attempts=attempts)
+    if progressed:
+        with pytest.raises(SystemExit) as stop:
+            sv.supervise([sys.executable, "-c", STOPPING_CHILD], **call)
+        assert stop.value.code == sv.EXIT_INTERRUPTED and requeued == ["4242"]
+    else:
+        with pytest.raises(sv.JobFailed, match="time limit without progress.*raise the job's time") as failed:
+            sv.supervise([sys.executable, "-c", STOPPING_CHILD], **call)
+        assert requeued == [] and "signal_lead_s (5 s)" in str(failed.value)
+    entry = json.loads(attempts.read_text())
+    assert entry["slurm_job"] == "4242" and entry["exit"] == sv.EXIT_INTERRUPTED and entry["signals"] == ["SIGUSR2"]
+    assert entry["progress_before"] == [] and entry["progress_after"] == (["step=7.ckpt"] if progressed else [])

@@ -71,8 +71,19 @@ def cmd_validate(args) -> int:
 
     cfg = load_config(args.config, args.overrides, args.name)
     preflight(cfg)
+    if args.cluster:
+        from kolora.cluster import find_profile, load_profile
+
+        _warn_attempt_window(cfg, load_profile(find_profile(args.cluster)))
     print(f"{args.config}: OK (run {cfg.name}, config {cfg.digest()})")
     return 0
+
+
+def _warn_attempt_window(cfg, profile) -> None:
+    from kolora.launch.plan import attempt_window_warnings
+
+    for line in attempt_window_warnings(cfg, profile):
+        print(f"kolora: warning: {line}", file=sys.stderr)
 
 
 def cmd_make_tiny(args) -> int:
@@ -93,6 +104,7 @@ def cmd_submit(args) -> int:
     profile_file = find_profile(args.cluster)
     profile = load_profile(profile_file)
     preflight(cfg)
+    _warn_attempt_window(cfg, profile)
     if profile.container is not None and not args.dry_run:
         from kolora.container import check_image
 
@@ -127,6 +139,7 @@ def cmd_resume(args) -> int:
     profile_file = find_profile(profile_ref)
     profile = load_profile(profile_file)
     preflight(cfg)
+    _warn_attempt_window(cfg, profile)
     try:
         sub = submit(cfg, profile, run.root.parent, profile_file.resolve(), check=False, only_incomplete=True)
     except LaunchError as e:
@@ -201,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="check a config, its prompt set, model and data paths; run nothing")
     _add_config_args(p)
+    p.add_argument("--cluster", metavar="PROFILE", help="also check the run against this cluster profile "
+                   "(e.g. whether each requeued job's time limit leaves room to load the models)")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("submit", help="queue the pipeline on Slurm (filter → train → render array → grid); "

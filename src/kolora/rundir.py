@@ -189,6 +189,22 @@ class RunDir:
         atomic_write_json(self._marker(stage), {"inputs": cfg.section_digest(*STAGE_INPUTS[stage]),
                                                 "finished": _now(), **summary})
 
+    def progress(self) -> dict[str, Any]:
+        """What the stages have durably written so far (finished stages, newest checkpoint step, tiles, cache
+        entries): two equal values mean a job attempt between them achieved nothing."""
+        def count(folder: Path) -> int:
+            try:
+                with os.scandir(folder) as entries:
+                    return sum(1 for e in entries if not e.name.startswith("."))
+            except OSError:
+                return 0
+
+        steps = [int(p.stem.split("=", 1)[1]) for p in (self.train / "checkpoints").glob("step=*.ckpt")
+                 if p.stem.split("=", 1)[1].isdigit()]
+        return {"complete": sorted(p.stem for p in (self.root / ".complete").glob("*.json")),
+                "checkpoint_step": max(steps, default=None), "tiles": count(self.render),
+                "cache_entries": count(self.cache / "text") + count(self.cache / "latents")}
+
     def invalidate_from(self, stage: str) -> None:
         """Drop the completion markers of `stage` and every stage after it."""
         for s in STAGES[STAGES.index(stage):]:

@@ -98,6 +98,7 @@ class StageJob:
     def __call__(self, task_index: int = 0) -> dict[str, Any]:
 
         from kolora.launch.supervise import JobFailed, job_end_time, slurm_job_id, supervise
+        from kolora.rundir import RunDir
 
         os.environ.update(self.env)
         _setup_logging()
@@ -106,7 +107,9 @@ class StageJob:
             return supervise(self.child_command(task_index), signal_lead_s=self.signal_lead_s,
                              max_requeues=self.max_requeues, counter=Path(self.run_root) / "slurm" / "timeouts.json",
                              key=f"{self.stamp}/{self.job}/{task_index}", rank=rank, env=self.env,
-                             result_dir=Path(self.folder), end_time=job_end_time(slurm_job_id()))
+                             result_dir=Path(self.folder), end_time=job_end_time(slurm_job_id()),
+                             progress=RunDir(self.run_root).progress,
+                             attempts=Path(self.run_root) / "slurm" / "attempts.jsonl")
         except JobFailed:
             if rank == 0:
                 self._cancel_downstream()

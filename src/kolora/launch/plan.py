@@ -133,3 +133,51 @@ def table(rows: list[dict[str, str]]) -> str:
     lines = ["  ".join(c.ljust(width[c]) for c in cols).rstrip()]
     lines += ["  ".join(r.get(c, "").ljust(width[c]) for c in cols).rstrip() for r in rows]
     return "\n".join(lines)
+
+
+# What an attempt of a requeued job needs before it can make progress: start Python, torch and CUDA, read the
+# weights it loads, restore the checkpoint and reach the next safe point. Rough on purpose (no GPU is measured
+# here): a fixed start-up plus the weights at a shared file system's pessimistic read rate.
+STARTUP_FIXED_S = 60
+WEIGHT_READ_MB_S = 200
+LOADED_BY_JOB = {"train": ("unet",), "render": ("text_encoder", "unet", "vae")}
+
+
+def _weight_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.suffix in (".safetensors", ".bin", ".pt", ".ckpt")
+                   and p.is_file())
+    return 0
+
+
+def startup_estimate(cfg: ExperimentConfig, job: str) -> tuple[float, int]:
+    """(seconds, weight bytes): what an attempt of `job` spends before its first checkpoint or tile."""
+    from kolora import models
+
+    try:
+        files = models.resolve(cfg.model)
+    except Exception:  # a model not built yet (tiny demo) or not found: preflight reports the latter
+        return float(STARTUP_FIXED_S), 0
+    size = sum(_weight_bytes(Path(getattr(files, part))) for part in LOADED_BY_JOB.get(job, ()))
+    return STARTUP_FIXED_S + size / (WEIGHT_READ_MB_S * 1e6), size
+
+
+def attempt_window_warnings(cfg: ExperimentConfig, profile: ClusterProfile) -> list[str]:
+    """One line per requeued job whose time limit minus signal_lead_s leaves too little time to load the models
+    and reach a checkpoint: such a job would be requeued again and again while making little or no progress."""
+    warnings = []
+    for job in LOADED_BY_JOB:
+        window = profile.resources(job).time_min * 60 - profile.signal_lead_s
+        need, size = startup_estimate(cfg, job)
+        if window >= 2 * need:
+            continue
+        what = (f"jobs.{job}: time {profile.resources(job).time_min} min − signal_lead_s {profile.signal_lead_s} s "
+                f"leaves {window} s per attempt; starting and loading {size / 1e9:.1f} GB of weights takes about "
+                f"{need:.0f} s")
+        verdict = ("so an attempt is stopped before its first checkpoint" if window < need else
+                   "so most of each attempt goes to start-up")
+        warnings.append(f"{what}, {verdict}. Raise jobs.{job}.time (or lower signal_lead_s) in the cluster "
+                        "profile.")
+    return warnings

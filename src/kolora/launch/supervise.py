@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -132,14 +133,34 @@ def _bump_timeouts(counter: Path, key: str) -> int:
         return data[key]
 
 
+def record_attempt(path: Path | None, entry: dict[str, Any]) -> None:
+    """One JSON line per job attempt (kolora status and the tests read them): a single O_APPEND write."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (json.dumps(entry, default=str) + "\n").encode())
+    finally:
+        os.close(fd)
+
+
 def supervise(command: list[str], *, signal_lead_s: int, max_requeues: int, counter: Path, key: str,
               rank: int = 0, env: dict[str, str] | None = None, result_dir: Path | None = None,
-              end_time: float | None = None) -> dict[str, Any]:
+              end_time: float | None = None, progress: Callable[[], Any] | None = None,
+              attempts: Path | None = None) -> dict[str, Any]:
     """Run `command` (whose last argument is where it writes its JSON result) as the child, forward stop
     signals, and requeue when the child stopped because of one. Returns the child's result.
 
-    `end_time` (epoch seconds, the job's): if no SIGUSR2 came by `signal_lead_s` before it, act as if one had."""
+    `end_time` (epoch seconds, the job's): if no SIGUSR2 came by `signal_lead_s` before it, act as if one had.
+    `progress()` summarises what the job has durably written (checkpoints, tiles, finished stages): an attempt
+    stopped by its time limit without changing it is not requeued, since the next one would do the same.
+    `attempts`: a JSON-lines file that gets one entry per attempt."""
     received: list[int] = []
+    started = time.time()
+    before = progress() if progress is not None and rank == 0 else None
+    attempt = {"job": key, "slurm_job": slurm_job_id(), "restart": int(os.environ.get("SLURM_RESTART_COUNT", "0")),
+               "rank": rank, "started": round(started, 3), "progress_before": before}
     child: subprocess.Popen | None = None
 
     def forward(signum, frame) -> None:
@@ -177,6 +198,11 @@ def supervise(command: list[str], *, signal_lead_s: int, max_requeues: int, coun
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         for s, h in previous.items():
             signal.signal(s, h)
+    after = progress() if progress is not None and rank == 0 else None
+    attempt.update(ended=round(time.time(), 3), seconds=round(time.time() - started, 1), exit=rc,
+                   signals=[signal.Signals(s).name for s in received], progress_after=after)
+    if rank == 0:
+        record_attempt(attempts, attempt)
     with tmp:
         if rc == 0 and result_file.is_file():
             return json.loads(result_file.read_text())
@@ -191,6 +217,13 @@ def supervise(command: list[str], *, signal_lead_s: int, max_requeues: int, coun
     if signal.SIGUSR2 in received:
         left = parse_slurm_duration(_squeue_field(job_id, "%L") or "")
         timed_out = left is not None and left <= signal_lead_s + 30
+        if timed_out and progress is not None and after == before:
+            raise JobFailed(
+                f"job {job_id} reached its time limit without progress: in {time.time() - started:.0f} s it "
+                f"wrote no checkpoint, tile or finished stage ({after}), so another attempt would do the same. "
+                f"The job's time limit minus signal_lead_s ({signal_lead_s} s) leaves too little time to load "
+                "the models and reach a checkpoint: raise the job's time (or lower signal_lead_s) in the "
+                "cluster profile, then `kolora resume`")
         if timed_out:
             n = _bump_timeouts(counter, key)
             if n > max_requeues:
