@@ -78,3 +78,15 @@ def test_changed_train_config_reruns_from_train(demo_run, tiny_diffusers, tmp_pa
     assert "train   done" in err and "render  done" in err
     with open(runs / "demo" / "train" / "metrics.csv") as f:
         assert [int(r["step"]) for r in csv.DictReader(f)] == [1, 2, 3, 4, 5]
+
+
+def test_run_progress_sums_up_what_the_stages_wrote(demo_run, tmp_path):
+    """The supervisor compares this before and after a job attempt (an attempt that changed nothing is not
+    requeued): it must see every kind of durable output."""
+    from kolora.rundir import RunDir
+
+    done = RunDir(demo_run).progress()
+    assert done["complete"] == sorted(["ingest", "filter", "cache", "train", "render", "grid"])
+    assert done["checkpoint_step"] == 30 and done["tiles"] == 8 and done["cache_entries"] > 0
+    assert RunDir(tmp_path / "empty").progress() == {"complete": [], "checkpoint_step": None, "tiles": 0,
+                                                     "cache_entries": 0}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 import re
 import subprocess
 import sys
@@ -137,13 +138,25 @@ def train_attempts(run: Path) -> list[dict]:
     return [a for a in map(json.loads, lines) if a["job"].split("/")[1] == "train"]
 
 
+def time_limit_for(train_s: float) -> tuple[int, int]:
+    """(time in minutes, signal_lead_s) such that one attempt never fits the whole training (measured: train_s
+    in the reference run, on this machine under its current load) and always has time to progress.
+
+    Slurm sends USR2 at its first ~30 s tick once less than lead (+ up to 30 s) is left, and the supervisor's
+    own timer stops the attempt at `lead` before the end at the latest: an attempt runs time − lead − [0, 30] s.
+    The longest is set to 80 % of the measured training, the shortest is 30 s less."""
+    longest = 0.8 * train_s
+    minutes = math.ceil((longest + 30) / 60)
+    return minutes, round(minutes * 60 - longest)
+
+
 def test_time_limit_shorter_than_training_requeues_until_done(env, tmp_path, reference):
+    train_s = json.loads((reference / "manifest.json").read_text())["stages"]["train"]["wall_s"]
+    minutes, lead = time_limit_for(train_s)
     profile = yaml.safe_load(Path(LOCAL).read_text())
-    profile["signal_lead_s"] = 30
+    profile["signal_lead_s"] = lead
     profile["max_requeues"] = 30
-    # 2 minutes: USR2 comes 60-90 s after start, so each attempt has about a minute to load and train even on a
-    # busy 2-core machine, and 1500 steps still need several attempts
-    profile["jobs"]["train"]["time"] = 2
+    profile["jobs"]["train"]["time"] = minutes
     path = tmp_path / "short.yaml"
     path.write_text(yaml.safe_dump(profile))
     runs = tmp_path / "runs"
@@ -160,7 +173,8 @@ def test_time_limit_shorter_than_training_requeues_until_done(env, tmp_path, ref
     record = train_attempts(run)
     steps = [(a["progress_before"]["checkpoint_step"] or 0, (a["progress_after"]["checkpoint_step"] or 0))
              for a in record]
-    print(f"\ntime-limit scenario: {len(record)} attempts; checkpoint step before→after each: {steps}; "
+    print(f"\ntime-limit scenario: reference training {train_s:.0f} s → time {minutes} min, signal_lead_s {lead}; "
+          f"{len(record)} attempts; checkpoint step before→after each: {steps}; "
           f"seconds each: {[a['seconds'] for a in record]}")
     assert len(record) == len(states)
     assert all(after > before for before, after in steps[:-1]), steps  # every requeued attempt advanced
