@@ -8,14 +8,28 @@ import logging
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from kolora.config import ConfigError
+from kolora.errors import (
+    EXIT_FAILURE,
+    EXIT_INPUT,
+    EXIT_INTERRUPTED,
+    InputError,
+    KoloraError,
+    describe_os_error,
+)
 from kolora.interrupt import Interrupted
 
 
 def _runs_dir(args) -> Path:
-    return Path(args.runs_dir or os.environ.get("KOLORA_RUNS", "runs")).resolve()
+    given = args.runs_dir or os.environ.get("KOLORA_RUNS")
+    path = Path(given or "runs").expanduser().resolve()
+    if path.exists() and not path.is_dir():
+        where = "--runs-dir" if args.runs_dir else "$KOLORA_RUNS" if given else "./runs"
+        raise InputError(f"{where} {path} is a file, not a folder; give a folder for the run directories")
+    return path
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -135,7 +149,7 @@ def cmd_resume(args) -> int:
     if not profile_ref:
         print(f"kolora: resume: run {run.root.name} was never submitted; pass --cluster PROFILE",
               file=sys.stderr)
-        return 2
+        return EXIT_INPUT
     profile_file = find_profile(profile_ref)
     profile = load_profile(profile_file)
     preflight(cfg)
@@ -201,8 +215,12 @@ def cmd_cancel(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kolora", description="Kolors LoRA training kit for Slurm clusters.")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser = argparse.ArgumentParser(
+        prog="kolora", description="Kolors LoRA training kit for Slurm clusters.",
+        epilog="exit status: 0 ok; 1 a failure while running; 2 input to fix (config, cluster profile, prompt set, "
+               "dataset, LoRA file, run folder, argument: the message names the file and field); 3 interrupted "
+               "(run the same command again to resume). Add -v to see the traceback of an error.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging; tracebacks with errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="run the whole pipeline (or --stage ones) in this process")
@@ -263,12 +281,16 @@ def build_parser() -> argparse.ArgumentParser:
     from kolora import cli_models  # fetch, check, export, import-lora
 
     cli_models.register(sub)
+    for command in sub.choices.values():  # -v also after the command: `kolora run X -v`
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                             help="show the traceback of an error")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+    verbose = getattr(args, "verbose", False)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("kolora").setLevel(logging.INFO)
     for noisy in ("lightning.pytorch", "lightning.fabric", "lightning_fabric"):
@@ -277,13 +299,25 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except Interrupted as e:
         print(f"kolora: interrupted: {e}. Run the same command again to resume.", file=sys.stderr)
-        return 3
-    except ConfigError as e:
-        print(f"kolora: config error: {e}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, ValueError) as e:
-        print(f"kolora: error: {e}", file=sys.stderr)
-        return 1
+        return EXIT_INTERRUPTED
+    except KoloraError as e:
+        _explain(e, verbose, "config error" if isinstance(e, ConfigError) else "error")
+        return e.exit_code
+    except OSError as e:  # a full disk, a permission, a path that is not a folder
+        _explain(e, verbose, "error", describe_os_error(e))
+        return EXIT_FAILURE
+    except Exception as e:  # noqa: BLE001 - anything else is a bug: show where
+        traceback.print_exc()
+        print(f"kolora: internal error ({type(e).__name__}): this is a bug in kolora, not in your input; please "
+              "report it with the traceback above", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def _explain(e: BaseException, verbose: bool, label: str, text: str | None = None) -> None:
+    if verbose:
+        traceback.print_exc()
+    notes = "".join(f"\n  {note}" for note in getattr(e, "__notes__", []))
+    print(f"kolora: {label}: {text or e}{notes}", file=sys.stderr)
 
 
 if __name__ == "__main__":

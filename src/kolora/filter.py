@@ -35,13 +35,14 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from kolora.config import ConfigError, ExperimentConfig, FilterConfig
+from kolora.errors import RunFailure
 from kolora.rundir import RunDir, atomic_dir, atomic_write_json, atomic_write_text
 
 DJ_SPECIAL_TOKENS = ("<__dj__image>", "<|__dj__eoc|>")
 _TAIL = 64  # bytes read from the end of a file to find the JPEG EOI / PNG IEND marker
 
 
-class FilterError(ValueError):
+class FilterError(RunFailure):
     """Nothing survived the filter (or Data-Juicer failed); the message says which op dropped how many."""
 
 
