@@ -58,7 +58,7 @@ def preflight(cfg: ExperimentConfig) -> None:
             lora.rank_alpha(lora.resolve_file(cfg.render.lora))
         except lora.LoraFileError as e:
             raise lora.LoraFileError(f"render.lora: {e}") from None
-    from kolora.filter import validate_ops
+    from kolora.data_juicer import validate_ops
 
     validate_ops(cfg.filter.ops)
 
