@@ -59,6 +59,7 @@ from kolora.lora_formats import (  # noqa: F401 - the conversions are part of th
     from_diffsynth,
     from_diffusers,
     from_kohya,
+    scalar_alpha,
     to_diffsynth,
     to_diffusers,
     to_kohya,
@@ -167,7 +168,7 @@ def rank_alpha(path: Path) -> tuple[int, float]:
         if not downs:
             raise LoraFileError(f"{path}: no lora_down tensors")
         r = int(downs[0].shape[0])
-        alphas = [float(v.item()) for k, v in sd.items() if k.endswith(".alpha")]
+        alphas = [scalar_alpha(v, k, str(path)) for k, v in sd.items() if k.endswith(".alpha")]
         if any(not a > 0 for a in alphas):
             raise LoraFileError(f"{path}: has layers with alpha <= 0 ({min(alphas):g}); a LoRA's alpha must be > 0")
         return check_rank_alpha(r, Counter(alphas).most_common(1)[0][0] if alphas else float(r), path)

@@ -74,6 +74,13 @@ def _canonical(tensors: dict[str, Any], alpha: float | None, source: str, where:
     return LoraWeights(tensors, found_rank, alpha, source)
 
 
+def scalar_alpha(value: Any, key: str, where: str) -> float:
+    """A kohya `.alpha` tensor as a number; LoraFileError when it is not one value."""
+    if value.numel() != 1:
+        raise LoraFileError(f"{where}: {key} holds {value.numel()} values; a kohya alpha is one number")
+    return float(value.item())
+
+
 def to_kohya(w: LoraWeights) -> dict[str, Any]:
     import torch
 
@@ -127,7 +134,7 @@ def from_kohya(sd: dict[str, Any], config: Any = None, where: str = "kohya LoRA"
         elif kind == "lora_up.weight":
             tensors[f"{module}.lora_B.weight"] = value
         elif kind == "alpha":
-            alphas[module] = float(value.item())
+            alphas[module] = scalar_alpha(value, key, where)
         else:
             unknown.append(key)
     if unknown:

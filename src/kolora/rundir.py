@@ -93,8 +93,8 @@ def atomic_path(path: Path, suffix: str = "") -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix or path.suffix)
     os.close(fd)
     try:
-        shareable(tmp)
         yield Path(tmp)
+        shareable(tmp)  # after the writer: some (safetensors) create the file anew
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
