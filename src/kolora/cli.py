@@ -50,8 +50,9 @@ def cmd_run(args) -> int:
 
     console = Console(stderr=True)
     cfg = load_config(args.config, args.overrides, args.name)
+    runs_dir = _runs_dir(args)
     preflight(cfg)
-    run = open_run(cfg, _runs_dir(args))
+    run = open_run(cfg, runs_dir)
     console.print(f"[bold]kolora run[/] {cfg.name} → {run.root}")
     stages = STAGES if not args.stage else tuple(args.stage)
     t0 = time.time()
@@ -84,6 +85,7 @@ def cmd_validate(args) -> int:
     from kolora.pipeline import preflight
 
     cfg = load_config(args.config, args.overrides, args.name)
+    _runs_dir(args)
     preflight(cfg)
     if args.cluster:
         from kolora.cluster import find_profile, load_profile
@@ -103,7 +105,12 @@ def _warn_attempt_window(cfg, profile) -> None:
 def cmd_make_tiny(args) -> int:
     from kolora.models import build_tiny
 
-    path = build_tiny(Path(args.path), layout=args.layout, seed=args.seed)
+    target = Path(args.path)
+    if target.exists() and not (target / "TINY_RANDOM_MODEL.txt").is_file():
+        kind = "a folder" if target.is_dir() else "a file"
+        raise InputError(f"{target} exists and is {kind} that is not a tiny model made by kolora; make-tiny "
+                         "replaces its target, so give a new path")
+    path = build_tiny(target, layout=args.layout, seed=args.seed)
     print(path)
     return 0
 
@@ -117,6 +124,7 @@ def cmd_submit(args) -> int:
     cfg = load_config(args.config, args.overrides, args.name)
     profile_file = find_profile(args.cluster)
     profile = load_profile(profile_file)
+    runs_dir = _runs_dir(args)
     preflight(cfg)
     _warn_attempt_window(cfg, profile)
     if profile.container is not None and not args.dry_run:
@@ -124,10 +132,10 @@ def cmd_submit(args) -> int:
 
         check_image(profile.container)
     if args.dry_run:
-        print(dry_run(cfg, profile, _runs_dir(args)))
+        print(dry_run(cfg, profile, runs_dir))
         return 0
     try:
-        sub = submit(cfg, profile, _runs_dir(args), profile_file.resolve(), check=False)
+        sub = submit(cfg, profile, runs_dir, profile_file.resolve(), check=False)
     except LaunchError as e:
         print(f"kolora: submit: {e}", file=sys.stderr)
         return 1
@@ -215,6 +223,9 @@ def cmd_cancel(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from kolora import cli_models  # fetch, check, export, import-lora
+    from kolora.cli_models import whole_number
+
     parser = argparse.ArgumentParser(
         prog="kolora", description="Kolors LoRA training kit for Slurm clusters.",
         epilog="exit status: 0 ok; 1 a failure while running; 2 input to fix (config, cluster profile, prompt set, "
@@ -256,10 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("logs", help="print (or follow) a job's submitit log; default: the failed or latest job")
     _add_run_arg(p)
     p.add_argument("--stage", help="a stage (ingest, filter, cache, train, render, grid) or job name")
-    p.add_argument("--task", type=int, help="render array task index")
-    p.add_argument("--rank", type=int, default=0, help="srun task of a multi-GPU train job (default 0)")
+    p.add_argument("--task", type=whole_number(0), help="render array task index")
+    p.add_argument("--rank", type=whole_number(0), default=0, help="srun task of a multi-GPU train job (default 0)")
     p.add_argument("--stream", choices=["out", "err", "both"], default="both")
-    p.add_argument("-n", "--tail", type=int, metavar="N", help="only the last N lines")
+    p.add_argument("-n", "--tail", type=whole_number(1), metavar="N", help="only the last N lines")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing as the log grows (tail -F)")
     p.set_defaults(func=cmd_logs)
 
@@ -278,8 +289,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", choices=["diffusers", "diffsynth"], default="diffusers")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_tiny)
-    from kolora import cli_models  # fetch, check, export, import-lora
-
     cli_models.register(sub)
     for command in sub.choices.values():  # -v also after the command: `kolora run X -v`
         command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,

@@ -125,19 +125,21 @@ def _positive_float(text: str) -> float:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"{text} must be a number > 0 (the alpha the LoRA was trained with, "
-                                         "e.g. 4)")
+        raise argparse.ArgumentTypeError(f"{text} must be a number > 0")
     return value
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be 1 or more")
-    return value
+def whole_number(minimum: int):
+    """An argparse type: an integer >= minimum."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text} must be {minimum} or more")
+        return value
+    return parse
 
 
 def register(subparsers) -> None:
@@ -151,7 +153,7 @@ def register(subparsers) -> None:
     p.add_argument("--layout", choices=["diffusers", "diffsynth"], default="diffusers",
                    help="models: Kwai-Kolors/Kolors-diffusers (diffusers) or Kwai-Kolors/Kolors as DiffSynth lays "
                         "it out (diffsynth); both add the fp16-fix SDXL VAE")
-    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the hub before giving up")
+    p.add_argument("--timeout", type=_positive_float, default=5.0, help="seconds to wait for the hub before giving up")
     p.set_defaults(func=cmd_fetch)
 
     p = subparsers.add_parser("check", help="verify downloaded models or a dataset offline",
@@ -175,7 +177,7 @@ def register(subparsers) -> None:
     p.add_argument("file", help="e.g. lightning_logs/version_0/checkpoints/epoch=0-step=500.ckpt")
     p.add_argument("--alpha", type=_positive_float, help="the lora_alpha it was TRAINED with (required for DiffSynth "
                                                "checkpoints, which do not store it; the tutorial trains with 4)")
-    p.add_argument("--rank", type=_positive_int, help="expected rank (checked against the tensors)")
+    p.add_argument("--rank", type=whole_number(1), help="expected rank (checked against the tensors)")
     p.add_argument("--to", required=True, help="output folder (gets pytorch_lora_weights.safetensors) or file")
     p.add_argument("--unet-config", help="UNet config.json or model folder (default: full-size Kolors)")
     p.set_defaults(func=cmd_import_lora)
