@@ -1,8 +1,8 @@
 """The stage graph and the in-process runner.
 
 A stage is `kolora.<stage>.run(cfg, run_dir, **kw) -> summary`. `run_stage` adds what every launcher
-needs around it: skip when complete, clear outputs left by a different config, time it, record it in the
-manifest, mark it complete. `preflight` checks everything that can be checked before any stage runs.
+needs around it: skip when complete, set aside outputs made for a different config (put back if the stage
+fails, dropped when it succeeds), time it, record it in the manifest, mark it complete. `preflight` checks everything that can be checked before any stage runs.
 The Slurm launcher calls the same `run_stage` inside each job.
 """
 
@@ -26,7 +26,7 @@ from kolora.config import ConfigError, ExperimentConfig, load_prompts
 from kolora.interrupt import Interrupted
 from kolora.rundir import STAGE_INPUTS, STAGES, RunDir, atomic_write_json, atomic_write_text
 
-# What each stage owns in the run directory (cleared when the stage reruns for a different config).
+# What each stage owns in the run directory (set aside when the stage reruns for a different config).
 STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "ingest": ("data",), "filter": ("filter", "trainset"), "cache": (), "train": ("train", "lora"),
     "render": ("render",), "grid": ("grid.png",),
