@@ -70,20 +70,20 @@ def test_parse_time(value, minutes) -> None:
 def test_errors_name_the_field(tmp_path: Path, jobs: dict, field: str) -> None:
     with pytest.raises(ConfigError) as err:
         load_profile(write_profile(tmp_path, {"jobs": jobs}))
-    assert f"  {field}" in str(err.value), str(err.value)
+    assert f" {field}" in str(err.value), str(err.value)
 
 
 def test_top_level_errors(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"  signal_lead_s: "):
+    with pytest.raises(ConfigError, match=r" signal_lead_s: "):
         load_profile(write_profile(tmp_path, {"signal_lead_s": -5}))
     with pytest.raises(ConfigError, match=r"jobs.train: time 2 min is not longer than signal_lead_s \(120 s\)"):
         load_profile(write_profile(tmp_path, {"signal_lead_s": 120, "jobs": {"train": {"time": 2}}}))
     assert load_profile(write_profile(tmp_path, {"signal_lead_s": 119, "jobs": {"train": {"time": 2}}}))
-    with pytest.raises(ConfigError, match=r"  python: "):
+    with pytest.raises(ConfigError, match=r" python: "):
         load_profile(write_profile(tmp_path, {"python": []}))
-    with pytest.raises(ConfigError, match=r"  env: .*not an environment variable name"):
+    with pytest.raises(ConfigError, match=r" env: .*not an environment variable name"):
         load_profile(write_profile(tmp_path, {"env": {"A-B": "1"}}))
-    with pytest.raises(ConfigError, match=r"  partitions: unknown field"):
+    with pytest.raises(ConfigError, match=r" partitions: unknown field"):
         load_profile(write_profile(tmp_path, {"partitions": {}}))
 
 

@@ -102,7 +102,7 @@ def test_check_models_passes_on_tiny_models_and_prints_usable_config(layout, tin
 def test_check_models_names_the_missing_file(tiny_diffusers, tiny_diffsynth, tmp_path, capsys):
     d = shutil.copytree(tiny_diffusers, tmp_path / "d")
     (d / "unet" / "config.json").unlink()
-    assert main(["check", "models", str(d)]) == 1
+    assert main(["check", "models", str(d)]) == 2  # the model folder is input to fix
     out = capsys.readouterr().out
     assert "missing: unet/config.json" in out and "FAILED" in out
 
@@ -125,7 +125,7 @@ def test_check_models_catches_truncated_and_empty_weights(tiny_diffusers, tmp_pa
 
 
 def test_check_on_a_folder_without_a_model(tmp_path, capsys):
-    assert main(["check", "models", str(tmp_path)]) == 1
+    assert main(["check", "models", str(tmp_path)]) == 2
     assert "no Kolors model found" in capsys.readouterr().err
 
 

@@ -158,11 +158,11 @@ def test_diffsynth_checkpoint_in_diffsynth_naming_imports_and_matches(files, tra
     pipe = _pipe(files)
     with pytest.raises(LoraFileError, match="import-lora"):
         lora.load_into_pipeline(pipe, src)
-    assert main(["import-lora", str(src), "--to", str(tmp_path / "x"), "--unet-config", str(tiny_cfg)]) == 1
+    assert main(["import-lora", str(src), "--to", str(tmp_path / "x"), "--unet-config", str(tiny_cfg)]) == 2
     assert "--alpha" in capsys.readouterr().err
     # a wrong --rank is caught
     assert main(["import-lora", str(src), "--alpha", "8", "--rank", "16", "--to", str(tmp_path / "x"),
-                 "--unet-config", str(tiny_cfg)]) == 1
+                 "--unet-config", str(tiny_cfg)]) == 2
     capsys.readouterr()
 
     assert main(["import-lora", str(src), "--alpha", str(ALPHA), "--rank", str(RANK), "--to",

@@ -185,6 +185,7 @@ def test_dry_run_with_a_container_runs_every_stage_through_apptainer(tmp_path: P
     image.write_bytes(b"SIF")
     data = tmp_path / "datasets" / "anime"
     data.mkdir(parents=True)
+    (data / "metadata.csv").write_text("file_name,text\n0.png,a cat\n")  # submit checks the dataset's header
     profile = yaml.safe_load(Path(LOCAL).read_text())
     profile["container"] = {"image": str(image), "binds": ["/scratch-does-not-need-to-exist:/scratch"],
                             "nv": True}

@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from kolora.config import ExperimentConfig
+from kolora.errors import RunFailure
 from kolora.rundir import RunDir, atomic_path, atomic_write_json
 
 
 def read_trainset(run: RunDir) -> list[dict[str, str]]:
     meta = run.trainset / "train" / "metadata.csv"
     if not meta.is_file():
-        raise FileNotFoundError(f"{meta} is missing: run the filter stage first")
+        raise RunFailure(f"{meta} is missing: run the filter stage first")
     with open(meta, encoding="utf-8-sig", newline="") as f:
         rows = [dict(r) for r in csv.DictReader(f)]
     for r in rows:
@@ -83,7 +84,7 @@ def run(cfg: ExperimentConfig, run: RunDir, progress=None) -> dict[str, Any]:
 
     rows = read_trainset(run)
     if not rows:
-        raise ValueError(f"{run.trainset}/train/metadata.csv has no samples: nothing to cache")
+        raise RunFailure(f"{run.trainset}/train/metadata.csv has no samples: nothing to cache")
     files = models.resolve(cfg.model)
     ident = models.ModelFiles.identity(files)
     res, center, seq = cfg.train.resolution, cfg.train.center_crop, cfg.cache.max_sequence_length

@@ -17,13 +17,14 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from kolora.errors import RunFailure
 from kolora.rundir import atomic_path
 
 log = logging.getLogger("kolora.checkpoint")
 _NAME = re.compile(r"^step=(\d+)\.ckpt$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(RunFailure):
     pass
 
 

@@ -8,14 +8,28 @@ import logging
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from kolora.config import ConfigError
+from kolora.errors import (
+    EXIT_FAILURE,
+    EXIT_INPUT,
+    EXIT_INTERRUPTED,
+    InputError,
+    KoloraError,
+    describe_os_error,
+)
 from kolora.interrupt import Interrupted
 
 
 def _runs_dir(args) -> Path:
-    return Path(args.runs_dir or os.environ.get("KOLORA_RUNS", "runs")).resolve()
+    given = args.runs_dir or os.environ.get("KOLORA_RUNS")
+    path = Path(given or "runs").expanduser().resolve()
+    if path.exists() and not path.is_dir():
+        where = "--runs-dir" if args.runs_dir else "$KOLORA_RUNS" if given else "./runs"
+        raise InputError(f"{where} {path} is a file, not a folder; give a folder for the run directories")
+    return path
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -36,8 +50,9 @@ def cmd_run(args) -> int:
 
     console = Console(stderr=True)
     cfg = load_config(args.config, args.overrides, args.name)
+    runs_dir = _runs_dir(args)
     preflight(cfg)
-    run = open_run(cfg, _runs_dir(args))
+    run = open_run(cfg, runs_dir)
     console.print(f"[bold]kolora run[/] {cfg.name} → {run.root}")
     stages = STAGES if not args.stage else tuple(args.stage)
     t0 = time.time()
@@ -70,6 +85,7 @@ def cmd_validate(args) -> int:
     from kolora.pipeline import preflight
 
     cfg = load_config(args.config, args.overrides, args.name)
+    _runs_dir(args)
     preflight(cfg)
     if args.cluster:
         from kolora.cluster import find_profile, load_profile
@@ -89,7 +105,12 @@ def _warn_attempt_window(cfg, profile) -> None:
 def cmd_make_tiny(args) -> int:
     from kolora.models import build_tiny
 
-    path = build_tiny(Path(args.path), layout=args.layout, seed=args.seed)
+    target = Path(args.path)
+    if target.exists() and not (target / "TINY_RANDOM_MODEL.txt").is_file():
+        kind = "a folder" if target.is_dir() else "a file"
+        raise InputError(f"{target} exists and is {kind} that is not a tiny model made by kolora; make-tiny "
+                         "replaces its target, so give a new path")
+    path = build_tiny(target, layout=args.layout, seed=args.seed)
     print(path)
     return 0
 
@@ -103,6 +124,7 @@ def cmd_submit(args) -> int:
     cfg = load_config(args.config, args.overrides, args.name)
     profile_file = find_profile(args.cluster)
     profile = load_profile(profile_file)
+    runs_dir = _runs_dir(args)
     preflight(cfg)
     _warn_attempt_window(cfg, profile)
     if profile.container is not None and not args.dry_run:
@@ -110,10 +132,10 @@ def cmd_submit(args) -> int:
 
         check_image(profile.container)
     if args.dry_run:
-        print(dry_run(cfg, profile, _runs_dir(args)))
+        print(dry_run(cfg, profile, runs_dir))
         return 0
     try:
-        sub = submit(cfg, profile, _runs_dir(args), profile_file.resolve(), check=False)
+        sub = submit(cfg, profile, runs_dir, profile_file.resolve(), check=False)
     except LaunchError as e:
         print(f"kolora: submit: {e}", file=sys.stderr)
         return 1
@@ -135,7 +157,7 @@ def cmd_resume(args) -> int:
     if not profile_ref:
         print(f"kolora: resume: run {run.root.name} was never submitted; pass --cluster PROFILE",
               file=sys.stderr)
-        return 2
+        return EXIT_INPUT
     profile_file = find_profile(profile_ref)
     profile = load_profile(profile_file)
     preflight(cfg)
@@ -201,8 +223,15 @@ def cmd_cancel(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kolora", description="Kolors LoRA training kit for Slurm clusters.")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    from kolora import cli_models  # fetch, check, export, import-lora
+    from kolora.cli_models import whole_number
+
+    parser = argparse.ArgumentParser(
+        prog="kolora", description="Kolors LoRA training kit for Slurm clusters.",
+        epilog="exit status: 0 ok; 1 a failure while running; 2 input to fix (config, cluster profile, prompt set, "
+               "dataset, LoRA file, run folder, argument: the message names the file and field); 3 interrupted "
+               "(run the same command again to resume). Add -v to see the traceback of an error.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging; tracebacks with errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="run the whole pipeline (or --stage ones) in this process")
@@ -238,10 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("logs", help="print (or follow) a job's submitit log; default: the failed or latest job")
     _add_run_arg(p)
     p.add_argument("--stage", help="a stage (ingest, filter, cache, train, render, grid) or job name")
-    p.add_argument("--task", type=int, help="render array task index")
-    p.add_argument("--rank", type=int, default=0, help="srun task of a multi-GPU train job (default 0)")
+    p.add_argument("--task", type=whole_number(0), help="render array task index")
+    p.add_argument("--rank", type=whole_number(0), default=0, help="srun task of a multi-GPU train job (default 0)")
     p.add_argument("--stream", choices=["out", "err", "both"], default="both")
-    p.add_argument("-n", "--tail", type=int, metavar="N", help="only the last N lines")
+    p.add_argument("-n", "--tail", type=whole_number(1), metavar="N", help="only the last N lines")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing as the log grows (tail -F)")
     p.set_defaults(func=cmd_logs)
 
@@ -260,15 +289,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", choices=["diffusers", "diffsynth"], default="diffusers")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_tiny)
-    from kolora import cli_models  # fetch, check, export, import-lora
-
     cli_models.register(sub)
+    for command in sub.choices.values():  # -v also after the command: `kolora run X -v`
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                             help="show the traceback of an error")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+    verbose = getattr(args, "verbose", False)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("kolora").setLevel(logging.INFO)
     for noisy in ("lightning.pytorch", "lightning.fabric", "lightning_fabric"):
@@ -277,13 +308,25 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except Interrupted as e:
         print(f"kolora: interrupted: {e}. Run the same command again to resume.", file=sys.stderr)
-        return 3
-    except ConfigError as e:
-        print(f"kolora: config error: {e}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, ValueError) as e:
-        print(f"kolora: error: {e}", file=sys.stderr)
-        return 1
+        return EXIT_INTERRUPTED
+    except KoloraError as e:
+        _explain(e, verbose, "config error" if isinstance(e, ConfigError) else "error")
+        return e.exit_code
+    except OSError as e:  # a full disk, a permission, a path that is not a folder
+        _explain(e, verbose, "error", describe_os_error(e))
+        return EXIT_FAILURE
+    except Exception as e:  # noqa: BLE001 - anything else is a bug: show where
+        traceback.print_exc()
+        print(f"kolora: internal error ({type(e).__name__}): this is a bug in kolora, not in your input; please "
+              "report it with the traceback above", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def _explain(e: BaseException, verbose: bool, label: str, text: str | None = None) -> None:
+    if verbose:
+        traceback.print_exc()
+    notes = "".join(f"\n  {note}" for note in getattr(e, "__notes__", []))
+    print(f"kolora: {label}: {text or e}{notes}", file=sys.stderr)
 
 
 if __name__ == "__main__":

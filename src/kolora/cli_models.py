@@ -13,47 +13,43 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
 
-
-def _err(msg: str) -> int:
-    print(f"kolora: error: {msg}", file=sys.stderr)
-    return 1
+from kolora.errors import EXIT_INPUT, EXIT_OK, InputError
 
 
 def _report(report) -> int:
     print(report.render())
-    return 0 if report.ok else 1
+    return EXIT_OK if report.ok else EXIT_INPUT
 
 
 def cmd_fetch(args) -> int:
     from kolora import fetch
 
-    try:
-        if args.what == "models":
-            if args.id:
-                return _err(f"fetch models takes no id (got {args.id!r}); it downloads Kolors and the fp16-fix VAE")
-            report = fetch.fetch_models(Path(args.to), layout=args.layout, timeout=args.timeout)
-        else:
-            if not args.id:
-                return _err("fetch dataset needs a dataset id, e.g. kolora fetch dataset AI-ModelScope/lowres_anime "
-                            "--to DIR")
-            report = fetch.fetch_dataset(args.id, Path(args.to), timeout=args.timeout)
-    except fetch.FetchError as e:
-        return _err(str(e))
+    if args.what == "models":
+        if args.id:
+            raise InputError(f"fetch models takes no id (got {args.id!r}); it downloads Kolors and the fp16-fix VAE")
+        report = fetch.fetch_models(Path(args.to), layout=args.layout, timeout=args.timeout)
+    else:
+        if not args.id:
+            raise InputError("fetch dataset needs a dataset id, e.g. kolora fetch dataset AI-ModelScope/lowres_anime "
+                             "--to DIR")
+        report = fetch.fetch_dataset(args.id, Path(args.to), timeout=args.timeout)
     return _report(report)
 
 
 def cmd_check(args) -> int:
     from kolora import fetch
 
-    try:
-        report = (fetch.check_models(Path(args.path), layout=args.layout) if args.what == "models"
-                  else fetch.check_dataset(Path(args.path)))
-    except fetch.FetchError as e:
-        return _err(str(e))
+    if args.what == "models":
+        report = fetch.check_models(Path(args.path), layout=args.layout)
+    else:
+        from kolora.dataset import check_folder
+
+        report = check_folder(Path(args.path))
     return _report(report)
 
 
@@ -65,7 +61,8 @@ def find_run(run: str, runs_dir: str | None) -> Path:
     base = Path(runs_dir or os.environ.get("KOLORA_RUNS", "runs"))
     if (base / run).is_dir():
         return (base / run).resolve()
-    raise FileNotFoundError(f"run {run!r}: neither a run directory nor a run under {base.resolve()}")
+    raise InputError(f"run {run}: neither a run directory (with config.yaml or lora/) nor a run under "
+                     f"{base.resolve()}")
 
 
 def run_unet_config(run_root: Path, override: str | None):
@@ -89,19 +86,16 @@ def run_unet_config(run_root: Path, override: str | None):
 
 def cmd_export(args) -> int:
     from kolora import interchange
-    from kolora.lora import WEIGHT_NAME, LoraFileError
+    from kolora.lora import WEIGHT_NAME
 
-    try:
-        root = find_run(args.run, args.runs_dir)
-        source = root / "lora" / WEIGHT_NAME
-        if not source.is_file():
-            return _err(f"{source} does not exist: train the run first (kolora run CONFIG --stage train)")
-        to = interchange.output_path(Path(args.to) if args.to else None, interchange.default_export_path(root, args.format),
+    root = find_run(args.run, args.runs_dir)
+    source = root / "lora" / WEIGHT_NAME
+    if not source.is_file():
+        raise InputError(f"{source} does not exist: train the run first (kolora run CONFIG --stage train)")
+    to = interchange.output_path(Path(args.to) if args.to else None, interchange.default_export_path(root, args.format),
                                  args.format)
-        out = interchange.export_lora(source, args.format, to, run_unet_config(root, args.unet_config))
-        rank, alpha = interchange.rank_alpha(source)
-    except LoraFileError as e:
-        return _err(str(e))
+    out = interchange.export_lora(source, args.format, to, run_unet_config(root, args.unet_config))
+    rank, alpha = interchange.rank_alpha(source)
     print(out)
     hint = {"peft": f"diffusers: pipe.load_lora_weights({str(out.parent)!r}, weight_name={out.name!r}); "
                     f"kolora: render.lora: {out}",
@@ -115,18 +109,37 @@ def cmd_export(args) -> int:
 
 def cmd_import_lora(args) -> int:
     from kolora import interchange
-    from kolora.lora import LoraFileError
 
-    try:
-        out = interchange.import_lora(Path(args.file), Path(args.to), alpha=args.alpha, rank=args.rank,
-                                      config=args.unet_config)
-        rank, alpha = interchange.rank_alpha(out)
-    except LoraFileError as e:
-        return _err(str(e))
+    out = interchange.import_lora(Path(args.file), Path(args.to), alpha=args.alpha, rank=args.rank,
+                                  config=args.unet_config)
+    rank, alpha = interchange.rank_alpha(out)
     print(out)
     print(f"imported {args.file}: rank {rank}, alpha {alpha:g}; render with it: --set render.lora={out.parent}",
           file=sys.stderr)
     return 0
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} must be a number > 0")
+    return value
+
+
+def whole_number(minimum: int):
+    """An argparse type: an integer >= minimum."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text} must be {minimum} or more")
+        return value
+    return parse
 
 
 def register(subparsers) -> None:
@@ -140,7 +153,7 @@ def register(subparsers) -> None:
     p.add_argument("--layout", choices=["diffusers", "diffsynth"], default="diffusers",
                    help="models: Kwai-Kolors/Kolors-diffusers (diffusers) or Kwai-Kolors/Kolors as DiffSynth lays "
                         "it out (diffsynth); both add the fp16-fix SDXL VAE")
-    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the hub before giving up")
+    p.add_argument("--timeout", type=_positive_float, default=5.0, help="seconds to wait for the hub before giving up")
     p.set_defaults(func=cmd_fetch)
 
     p = subparsers.add_parser("check", help="verify downloaded models or a dataset offline",
@@ -162,20 +175,19 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("import-lora", help="convert a LoRA (DiffSynth checkpoint, kohya, diffusers) to "
                                                   "kolora's file for render.lora")
     p.add_argument("file", help="e.g. lightning_logs/version_0/checkpoints/epoch=0-step=500.ckpt")
-    p.add_argument("--alpha", type=float, help="the lora_alpha it was TRAINED with (required for DiffSynth "
+    p.add_argument("--alpha", type=_positive_float, help="the lora_alpha it was TRAINED with (required for DiffSynth "
                                                "checkpoints, which do not store it; the tutorial trains with 4)")
-    p.add_argument("--rank", type=int, help="expected rank (checked against the tensors)")
+    p.add_argument("--rank", type=whole_number(1), help="expected rank (checked against the tensors)")
     p.add_argument("--to", required=True, help="output folder (gets pytorch_lora_weights.safetensors) or file")
     p.add_argument("--unet-config", help="UNet config.json or model folder (default: full-size Kolors)")
     p.set_defaults(func=cmd_import_lora)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Standalone entry (tests; until cli.py wires `register`)."""
-    parser = argparse.ArgumentParser(prog="kolora")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    """`python -m kolora.cli_models ...`: the same commands through kolora's one error path."""
+    from kolora.cli import main as kolora_main
+
+    return kolora_main(argv)
 
 
 if __name__ == "__main__":

@@ -23,10 +23,11 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from kolora.config import ConfigError, read_yaml_mapping
 from kolora.container import ContainerConfig
+from kolora.schema import Section, describe_validation_error, format_problems
 
 # job → the pipeline stages it runs, in order; jobs run in this order, each `afterok` on the previous one
 JOBS: dict[str, tuple[str, ...]] = {
@@ -89,11 +90,7 @@ def _plain(v: str | None, what: str = "value") -> str | None:
     return v
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class JobResources(_Section):
+class JobResources(Section):
     """What one job asks Slurm for. None = inherit (from `defaults`, then Slurm/kolora defaults)."""
 
     partition: str | None = None
@@ -118,18 +115,23 @@ class JobResources(_Section):
             raise ValueError("must be a Slurm name (letters, digits, . _ - @ + , :), no spaces")
         return v
 
-    @field_validator("time")
+    @field_validator("time", mode="before")
     @classmethod
-    def _time(cls, v: int | str | None) -> int | str | None:
+    def _time(cls, v: Any) -> Any:
         if v is not None:
+            if not isinstance(v, int | str):
+                raise ValueError("must be minutes (e.g. 90) or a Slurm time like '1:30:00' or '2-00:00:00'")
             parse_time(v)
         return v
 
-    @field_validator("mem")
+    @field_validator("mem", mode="before")
     @classmethod
-    def _mem(cls, v: str | int | None) -> str | None:
+    def _mem(cls, v: Any) -> str | None:
         if v is None:
             return None
+        if isinstance(v, int) and not isinstance(v, bool) and v != 0:
+            raise ValueError(f"needs a unit: write {v}M for megabytes (what Slurm assumes for a bare number) or "
+                             f"e.g. {max(1, round(v / 1024))}G")
         v = str(v).strip().upper().removesuffix("B")
         if not _MEM.fullmatch(v):
             raise ValueError("must be Slurm memory like 16G, 64000M or 0 (all of the node's memory)")
@@ -162,16 +164,19 @@ class JobResources(_Section):
     @field_validator("extra")
     @classmethod
     def _extra(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        problems = []
         for key, value in (v or {}).items():
-            if not _OPTION.fullmatch(key):
-                raise ValueError(f"{key!r} is not an sbatch long option name (e.g. mail-type, exclusive)")
             norm = key.replace("_", "-")
-            if norm in RESERVED_OPTIONS:
-                raise ValueError(f"{key!r} is set by kolora; use {RESERVED_OPTIONS[norm]}")
-            if isinstance(value, str):
-                _plain(value, f"extra.{key}")
-            if value is False:
-                raise ValueError(f"extra.{key}: false is not an sbatch value; leave the option out instead")
+            if not _OPTION.fullmatch(key):
+                problems.append(f"{key!r} is not an sbatch long option name (e.g. mail-type, exclusive)")
+            elif norm in RESERVED_OPTIONS:
+                problems.append(f"{key!r} is set by kolora; use {RESERVED_OPTIONS[norm]}")
+            elif value is False:
+                problems.append(f"{key}: false is not an sbatch value; leave the option out instead")
+            elif isinstance(value, str) and _CONTROL.search(value):
+                problems.append(f"{key}: must be one line without control characters")
+        if problems:
+            raise ValueError("\n".join(problems))
         return v
 
 
@@ -180,25 +185,15 @@ class RenderResources(JobResources):
     array_throttle: int = Field(4, ge=1)  # at most this many array tasks run at once (--array=0-N%throttle)
 
 
-class Jobs(_Section):
+class Jobs(Section):
     filter: JobResources = JobResources()
     train: JobResources = JobResources()
     render: RenderResources = RenderResources()
     grid: JobResources = JobResources()
 
-    @model_validator(mode="after")
-    def _single_node(self) -> Jobs:
-        for name in ("filter", "render", "grid"):
-            job = getattr(self, name)
-            if job.nodes not in (None, 1):
-                raise ValueError(f"jobs.{name}.nodes: only the train job can use more than one node")
-        if self.render.gpus not in (None, 0, 1):
-            raise ValueError("jobs.render.gpus: an array task renders on one GPU (0 or 1); "
-                             "raise array_throttle to use more GPUs at once")
-        return self
 
 
-class ClusterProfile(_Section):
+class ClusterProfile(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     description: str | None = None
     # The job's interpreter as an argument list (default: this Python, sys.executable), e.g.
@@ -255,15 +250,23 @@ class ClusterProfile(_Section):
         return v
 
     @model_validator(mode="after")
-    def _gpus_per_job(self) -> ClusterProfile:
+    def _jobs_fit(self) -> ClusterProfile:
+        """Every cross-field problem at once (a profile is fixed in one go, not one error per try)."""
+        problems = [f"jobs.{name}.nodes: only the train job can use more than one node"
+                    for name in ("filter", "render", "grid") if getattr(self.jobs, name).nodes not in (None, 1)]
+        if self.jobs.render.gpus not in (None, 0, 1):
+            problems.append("jobs.render.gpus: an array task renders on one GPU (0 or 1); "
+                            "raise array_throttle to use more GPUs at once")
         for job in JOBS:
             r = self.resources(job)
             if r.gpus == 0 and (r.gpu_type or r.gpu_option):
-                raise ValueError(f"jobs.{job}: gpu_type/gpu_option given but no gpus")
+                problems.append(f"jobs.{job}: gpu_type/gpu_option given but no gpus")
             if r.time_min * 60 <= self.signal_lead_s:
-                raise ValueError(f"jobs.{job}: time {r.time_min} min is not longer than signal_lead_s "
-                                 f"({self.signal_lead_s} s): the job would be told to stop as it starts; raise "
-                                 "its time or lower signal_lead_s")
+                problems.append(f"jobs.{job}: time {r.time_min} min is not longer than signal_lead_s "
+                                f"({self.signal_lead_s} s): the job would be told to stop as it starts; raise "
+                                "its time or lower signal_lead_s")
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
 
     # --------------------------------------------------------------------------------------------------
@@ -303,29 +306,14 @@ class ResolvedResources(BaseModel):
     array_throttle: int = 1
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid cluster profile"]
-    for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = "unknown field (check the spelling; slurm/clusters/example-university.yaml shows every field)"
-        elif e["type"] == "missing":
-            msg = "required field is missing"
-        given = e.get("input")
-        shown = "" if e["type"] == "missing" or isinstance(given, dict) else f" (got {given!r})"
-        if msg.startswith("jobs.") and loc in ("jobs", "(top level)"):  # model-level checks name their field
-            lines.append(f"  {msg}")
-        else:
-            lines.append(f"  {loc}: {msg}{shown}")
-    return "\n".join(lines)
-
-
 def find_profile(name_or_path: str | Path) -> Path:
     """A profile file, given as a path or as a name looked up in ./slurm/clusters and the checkout's."""
     p = Path(name_or_path).expanduser()
     if p.is_file():
         return p
+    if p.is_dir():
+        raise ConfigError(f"cluster profile {p} is a folder; give a profile file in it (e.g. "
+                          "slurm/clusters/example-university.yaml) or a profile name such as local")
     if p.suffix == "" and p.parent == Path("."):
         for base in (Path.cwd() / "slurm" / "clusters", Path(__file__).resolve().parents[2] / "slurm" / "clusters"):
             cand = base / f"{p.name}.yaml"
@@ -351,5 +339,6 @@ def load_profile(name_or_path: str | Path) -> ClusterProfile:
     try:
         profile = ClusterProfile.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(_format_errors(e, str(path))) from None
+        problems = describe_validation_error(e, ClusterProfile)
+        raise ConfigError(format_problems(str(path), "cluster profile", problems)) from None
     return profile

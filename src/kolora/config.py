@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     SerializerFunctionWrapHandler,
     ValidationError,
@@ -24,13 +23,13 @@ from pydantic import (
     model_validator,
 )
 
+from kolora.errors import InputError, read_text
+from kolora.schema import Section as _Section
+from kolora.schema import describe_validation_error, format_problems
 
-class ConfigError(ValueError):
+
+class ConfigError(InputError):
     """A config problem, with a message meant for the person who wrote the config."""
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class ModelConfig(_Section):
@@ -57,6 +56,12 @@ class SyntheticConfig(_Section):
     # Sizes are drawn so that both tutorial filters keep some and drop some.
     min_side: int = Field(32, ge=8)
     max_side: int = Field(160, ge=8)
+
+    @model_validator(mode="after")
+    def _sides_in_order(self) -> SyntheticConfig:
+        if self.min_side > self.max_side:
+            raise ValueError(f"data.synthetic.min_side ({self.min_side}) is larger than max_side ({self.max_side})")
+        return self
 
 
 class DataConfig(_Section):
@@ -121,6 +126,9 @@ class FilterConfig(_Section):
             if not isinstance(op, dict) or len(op) != 1:
                 raise ValueError(f"item {i} must be one mapping {{op_name: {{arguments}}}}, got {op!r}")
             name, args = next(iter(op.items()))
+            if args is not None and not isinstance(args, dict):
+                raise ValueError(f"item {i} ({name}): the arguments must be a mapping such as "
+                                 f"{{min_width: 1024}}, got {args!r}")
             out.append({name: dict(args or {})})
         return out
 
@@ -149,11 +157,17 @@ class TrainConfig(_Section):
     num_workers: int = Field(0, ge=0)
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
 
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _unquoted_32(cls, v: Any) -> Any:
+        # YAML reads an unquoted `precision: 32` as a number; it can only mean "32"
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) and v == 32 else v
+
     @field_validator("resolution")
     @classmethod
     def _multiple_of_8(cls, v: int) -> int:
         if v % 8:
-            raise ValueError(f"must be a multiple of 8 (the VAE downsamples 8x), got {v}")
+            raise ValueError("must be a multiple of 8 (the VAE downsamples 8x)")
         return v
 
 
@@ -174,7 +188,7 @@ class RenderConfig(_Section):
     @classmethod
     def _multiple_of_8(cls, v: int) -> int:
         if v % 8:
-            raise ValueError(f"must be a multiple of 8, got {v}")
+            raise ValueError("must be a multiple of 8")
         return v
 
 
@@ -233,11 +247,11 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
 def parse_override(item: str) -> tuple[list[str], Any]:
     """`train.steps=200` → (["train", "steps"], 200). Values are parsed as YAML scalars/lists."""
     if "=" not in item:
-        raise ConfigError(f"--set {item!r}: expected key.path=value, e.g. --set train.steps=200")
+        raise ConfigError(f"--set {item}: expected key.path=value, e.g. --set train.steps=200")
     key, value = item.split("=", 1)
     keys = [k for k in key.strip().split(".") if k]
     if not keys:
-        raise ConfigError(f"--set {item!r}: empty key")
+        raise ConfigError(f"--set {item}: the key before '=' is empty (e.g. --set train.steps=200)")
     try:
         parsed = yaml.safe_load(value) if value.strip() else ""
     except yaml.YAMLError:
@@ -245,65 +259,74 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return keys, parsed
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str], base: Path) -> dict[str, Any]:
+def apply_overrides(raw: dict[str, Any], overrides: list[str], base: Path) -> dict[tuple[str, ...], str]:
+    """Apply `--set` items to `raw` in place; returns {field path: "--set item"} to blame problems on them."""
+    origins: dict[tuple[str, ...], str] = {}
     for item in overrides:
         keys, value = parse_override(item)
         node = raw
-        for k in keys[:-1]:
+        for n, k in enumerate(keys[:-1], 1):
             nxt = node.setdefault(k, {})
             if not isinstance(nxt, dict):
-                raise ConfigError(f"--set {item!r}: {'.'.join(keys[:-1])} is not a section")
+                raise ConfigError(f"--set {item}: {'.'.join(keys[:n])} is a value, not a section")
             node = nxt
         node[keys[-1]] = value
         if tuple(keys) in _PATH_FIELDS and isinstance(value, str):
             p = Path(value).expanduser()
             node[keys[-1]] = str(p if p.is_absolute() else (base / p).resolve())
-    return raw
+        origins[tuple(keys)] = f"--set {item}"
+    return origins
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid config"]
-    for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
-        given = e.get("input")
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = "unknown field (check the spelling; see configs/demo.yaml for every field)"
-        elif e["type"] == "missing":
-            msg = "required field is missing"
-        shown = "" if e["type"] in ("missing",) or isinstance(given, dict) else f" (got {given!r})"
-        lines.append(f"  {loc}: {msg}{shown}")
-    return "\n".join(lines)
+def override_origin(origins: dict[tuple[str, ...], str]) -> Callable[[tuple[Any, ...]], str | None]:
+    """loc → the --set/--name that set that field (or a section holding it), else None (the file did)."""
+    def origin(loc: tuple[Any, ...]) -> str | None:
+        keys = tuple(str(p) for p in loc)
+        found = [o for k, o in origins.items() if keys[:len(k)] == k]
+        return found[-1] if found else None
+    return origin
+
+
+def format_errors(err: ValidationError, source: str, origins: dict[tuple[str, ...], str] | None = None) -> str:
+    problems = describe_validation_error(err, ExperimentConfig, override_origin(origins or {}))
+    return format_problems(source, "config", problems)
 
 
 def read_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
     """A YAML file whose top level is a mapping; ConfigError naming the file otherwise."""
     try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        raw = yaml.safe_load(read_text(path)) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except InputError as e:
+        raise ConfigError(str(e)) from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of {what}")
+        kind = "list" if isinstance(raw, list) else "text" if isinstance(raw, str) else "single value"
+        raise ConfigError(f"{path}: the top level must be a mapping of {what}, found a {kind}")
     return raw
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None, name: str | None = None) -> ExperimentConfig:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder; give a config file (e.g. configs/demo.yaml)")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist (try configs/demo.yaml)")
     raw = read_yaml_mapping(path, "sections (model, data, filter, ...)")
     _resolve_paths(raw, path.parent.resolve())
-    apply_overrides(raw, overrides or [], Path.cwd())
-    if name:
+    origins = apply_overrides(raw, overrides or [], Path.cwd())
+    if name is not None:
         raw["name"] = name
-    return validate_config(raw, str(path))
+        origins[("name",)] = f"--name {name}"
+    return validate_config(raw, str(path), origins)
 
 
-def validate_config(raw: dict[str, Any], source: str = "config") -> ExperimentConfig:
+def validate_config(raw: dict[str, Any], source: str = "config",
+                    origins: dict[tuple[str, ...], str] | None = None) -> ExperimentConfig:
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(_format_errors(e, source)) from None
+        raise ConfigError(format_errors(e, source, origins)) from None
 
 
 def dump_config(cfg: ExperimentConfig) -> str:
@@ -323,15 +346,18 @@ class PromptSet(_Section):
 
 def load_prompts(path: Path, default_negative: str) -> list[PromptItem]:
     """Prompt set → items with their negative prompt filled in (item, else file default, else config default)."""
-    if not Path(path).is_file():
+    if not Path(path).exists():
         raise ConfigError(f"render.prompts: prompt file {path} does not exist (see configs/prompts/anime-story.yaml)")
     try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        raw = yaml.safe_load(read_text(path))
         ps = PromptSet.model_validate(raw)
+    except InputError as e:
+        raise ConfigError(f"render.prompts: {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"render.prompts: {path} is not valid YAML: {e}") from None
     except ValidationError as e:
-        raise ConfigError(_format_errors(e, f"render.prompts ({path})")) from None
+        problems = describe_validation_error(e, PromptSet)
+        raise ConfigError(format_problems(f"render.prompts: {path}", "prompt set", problems)) from None
     neg = ps.negative_prompt if ps.negative_prompt is not None else default_negative
     return [p.model_copy(update={"negative_prompt": p.negative_prompt if p.negative_prompt is not None else neg})
             for p in ps.prompts]

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kolora.errors import InputError, RunFailure
+
 KOLORS_DIFFUSERS = "Kwai-Kolors/Kolors-diffusers"
 KOLORS_DIFFSYNTH = "Kwai-Kolors/Kolors"
 VAE_FP16_FIX = "AI-ModelScope/sdxl-vae-fp16-fix"
@@ -38,7 +40,7 @@ VAE_PATTERNS = ["config.json", "diffusion_pytorch_model.safetensors"]
 DEFAULT_PROBE_TIMEOUT = 5.0
 
 
-class FetchError(RuntimeError):
+class FetchError(RunFailure):
     """A download that cannot happen here (no network) or that arrived incomplete."""
 
 
@@ -161,7 +163,7 @@ def fetch_models(to: Path, layout: str = "diffusers", timeout: float = DEFAULT_P
                  download: Downloader | None = None) -> Report:
     """Download Kolors (+ the fp16-fix VAE) under `to` in `layout`, then check it."""
     if layout not in ("diffusers", "diffsynth"):
-        raise ValueError(f"unknown layout {layout!r} (diffusers or diffsynth)")
+        raise InputError(f"unknown layout {layout!r} (diffusers or diffsynth)")
     probe_hub(timeout, f"kolora fetch models --to {to}" + (" --layout diffsynth" if layout == "diffsynth" else ""))
     command = f"kolora fetch models --to {to}" + (" --layout diffsynth" if layout == "diffsynth" else "")
     download = download or _snapshot_download
@@ -181,7 +183,9 @@ def fetch_dataset(dataset_id: str, to: Path, timeout: float = DEFAULT_PROBE_TIME
     download = download or _snapshot_download
     to = Path(to).resolve()
     _download(download, command, dataset_id, to, None, repo_type="dataset")
-    report = check_dataset(to)
+    from kolora.dataset import check_folder
+
+    report = check_folder(to)
     report.config["data"] = {"source": "modelscope", "dataset_id": dataset_id, "path": str(to)}
     return report
 
@@ -225,7 +229,7 @@ def _parquet_problem(path: Path) -> str | None:
     return None if head == b"PAR1" and tail == b"PAR1" else "not a complete parquet file (PAR1 marker missing)"
 
 
-class _Checker:
+class FileChecker:
     def __init__(self, report: Report):
         self.r = report
 
@@ -299,7 +303,7 @@ def _variant(unet: Path) -> str | None:
     return "fp16" if fp16 and not plain else None
 
 
-def _check_diffusers(c: _Checker, root: Path) -> dict[str, Any]:
+def _check_diffusers(c: FileChecker, root: Path) -> dict[str, Any]:
     if c.file(root / "model_index.json", "diffusers pipeline index"):
         index = json.loads((root / "model_index.json").read_text())
         for name, spec in index.items():
@@ -319,7 +323,7 @@ def _check_diffusers(c: _Checker, root: Path) -> dict[str, Any]:
     return model
 
 
-def _check_vae(c: _Checker, folder: Path, model: dict[str, Any]) -> None:
+def _check_vae(c: FileChecker, folder: Path, model: dict[str, Any]) -> None:
     weights = folder / "diffusion_pytorch_model.safetensors"
     if not folder.is_dir():
         c.r.warnings.append(f"{c.rel(folder)}/ not found: the fp16-fix SDXL VAE is needed for fp16 training "
@@ -331,7 +335,7 @@ def _check_vae(c: _Checker, folder: Path, model: dict[str, Any]) -> None:
         c.file(folder / "config.json")
 
 
-def _check_diffsynth(c: _Checker, models_dir: Path, kolors: Path) -> dict[str, Any]:
+def _check_diffsynth(c: FileChecker, models_dir: Path, kolors: Path) -> dict[str, Any]:
     c.file(kolors / "unet" / "diffusion_pytorch_model.safetensors", "Kolors UNet")
     c.file(kolors / "vae" / "diffusion_pytorch_model.safetensors", "Kolors VAE")
     c.file(kolors / "text_encoder" / "config.json", "ChatGLM3 config")
@@ -371,7 +375,7 @@ def detect_layout(path: Path) -> tuple[str, Path, Path | None]:
         return "diffsynth", path, path
     if (path / "unet" / "config.json").is_file():
         return "diffusers", path, None
-    raise FetchError(f"{path}: no Kolors model found: expected model_index.json or Kolors-diffusers/ (diffusers "
+    raise InputError(f"{path}: no Kolors model found: expected model_index.json or Kolors-diffusers/ (diffusers "
                      "layout, Kwai-Kolors/Kolors-diffusers) or kolors/Kolors/ (DiffSynth's models/ folder)")
 
 
@@ -379,12 +383,12 @@ def check_models(path: Path, layout: str | None = None) -> Report:
     """Verify a Kolors model folder offline (both layouts; also the folder `kolora fetch models --to` fills)."""
     path = Path(path).resolve()
     if not path.is_dir():
-        raise FetchError(f"{path} does not exist or is not a folder")
+        raise InputError(f"{path} does not exist or is not a folder")
     found, root, kolors = detect_layout(path)
     if layout and layout != found:
-        raise FetchError(f"{path} looks like the {found} layout, not {layout}")
+        raise InputError(f"{path} looks like the {found} layout, not {layout}")
     report = Report(root=path, kind=f"Kolors, {found} layout")
-    c = _Checker(report)
+    c = FileChecker(report)
     if found == "diffusers":
         model = _check_diffusers(c, root)
         vae = path / "sdxl-vae-fp16-fix" if root != path else None
@@ -393,21 +397,4 @@ def check_models(path: Path, layout: str | None = None) -> Report:
     else:
         model = _check_diffsynth(c, root, kolors)
     report.config["model"] = model
-    return report
-
-
-def check_dataset(path: Path) -> Report:
-    """A downloaded dataset folder: has data files, none empty, parquet/safetensors/JSON files intact."""
-    path = Path(path).resolve()
-    if not path.is_dir():
-        raise FetchError(f"{path} does not exist or is not a folder")
-    report = Report(root=path, kind="dataset")
-    c = _Checker(report)
-    files = [p for p in sorted(path.rglob("*")) if p.is_file() and not any(
-        part.startswith(".") for part in p.relative_to(path).parts)]
-    if not files:
-        report.problems.append(f"no files in {path}")
-    for p in files:
-        c.file(p)
-    report.config["data"] = {"source": "modelscope", "path": str(path)}
     return report

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from kolora.config import ExperimentConfig
+from kolora.errors import InputError, RunFailure
 from kolora.render import tiles
 from kolora.rundir import RunDir, atomic_path
 
@@ -34,12 +35,12 @@ def run(cfg: ExperimentConfig, run: RunDir, progress=None) -> dict[str, Any]:
     all_tiles = tiles(cfg)
     cells = g.columns * g.rows
     if len(all_tiles) > cells:
-        raise ValueError(f"grid: {len(all_tiles)} tiles do not fit grid.columns × grid.rows = {cells}; "
-                         f"raise grid.rows or grid.columns")
+        raise InputError(f"grid: {len(all_tiles)} tiles do not fit grid.columns × grid.rows = {cells}; "
+                         "raise grid.rows or grid.columns")
     missing = [name for _, _, name in all_tiles if not (run.render / name).is_file()]
     if missing:
-        raise FileNotFoundError(f"grid: {len(missing)} tiles missing in {run.render} (e.g. {missing[0]}): "
-                                "run the render stage first")
+        raise RunFailure(f"grid: {len(missing)} tiles missing in {run.render} (e.g. {missing[0]}): "
+                         "run the render stage first")
     images = []
     for _, _, name in all_tiles:
         with Image.open(run.render / name) as im:

@@ -11,180 +11,30 @@ names, and the filter stage's header pass reports it ("missing file"), so every 
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 import shutil
 import socket
 import time
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from kolora.config import ExperimentConfig
+from kolora.dataset import (
+    DatasetError,
+    Record,
+    Rejected,
+    check_columns,
+    no_sample_error,
+    records,
+    rows_to_records,
+    sample_text,
+    sniff_ext,
+)
 from kolora.rundir import RunDir, atomic_dir, atomic_write_text
 
 OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "MODELSCOPE_OFFLINE", "KOLORA_OFFLINE")
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-
-
-class DatasetError(ValueError):
-    """The dataset cannot be read or holds no sample; the message names the path and what was expected."""
-
-
-@dataclass
-class Record:
-    """One source record: a caption and an image given as a local path or as encoded bytes."""
-
-    source: str
-    text: Any = None
-    path: Path | None = None
-    data: bytes | None = None
-    name: str | None = None  # the original file name, for the extension of written bytes
-
-
-@dataclass
-class Rejected:
-    source: str
-    reason: str
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-# sources ---------------------------------------------------------------------------------------------------
-def _read_jsonl(path: Path, text_key: str, image_key: str) -> Iterator[Record | Rejected]:
-    if path.is_dir():
-        path = path / "metadata.jsonl"
-    if not path.is_file():
-        raise DatasetError(f"data.path: {path} does not exist (expected a jsonl file with "
-                           f'{{"{text_key}": ..., "{image_key}": [path]}} lines, or a folder holding metadata.jsonl)')
-    base = path.parent
-    with open(path, encoding="utf-8-sig") as f:
-        for n, line in enumerate(f, 1):
-            src = f"{path}:{n}"
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield Rejected(src, f"malformed json ({e.msg} at column {e.colno})")
-                continue
-            if not isinstance(obj, dict):
-                yield Rejected(src, f"not a json object ({type(obj).__name__})")
-                continue
-            image = obj.get(image_key)
-            if isinstance(image, list):
-                image = image[0] if image else None
-            if image is not None and not isinstance(image, str):
-                yield Rejected(src, f"{image_key!r} is neither a path nor a list of paths", {"text": obj.get(text_key)})
-                continue
-            if not image:
-                yield Rejected(src, "no image", {"text": obj.get(text_key)})
-                continue
-            p = Path(image).expanduser()
-            yield Record(src, obj.get(text_key), path=p if p.is_absolute() else base / p)
-
-
-def _find_metadata_csv(path: Path) -> Path | None:
-    if path.is_file():
-        return path
-    for cand in (path / "metadata.csv", path / "train" / "metadata.csv"):
-        if cand.is_file():
-            return cand
-    return None
-
-
-def _read_folder(path: Path, text_key: str, caption: str | None) -> Iterator[Record | Rejected]:
-    if not path.exists():
-        raise DatasetError(f"data.path: {path} does not exist (expected a folder with images and metadata.csv "
-                           "(columns file_name,text), or such a folder's train/ subfolder)")
-    meta = _find_metadata_csv(path)
-    if meta is None:
-        if caption is None:
-            raise DatasetError(f"data.path: no metadata.csv in {path} or {path / 'train'} (expected columns "
-                               "file_name,text; or set data.caption to caption every image in the folder alike)")
-        folder = path / "train" if (path / "train").is_dir() else path
-        for p in sorted(folder.iterdir()):
-            if p.suffix.lower() in IMAGE_SUFFIXES:
-                yield Record(str(p), None, path=p)
-        return
-    with open(meta, encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f)
-        cols = reader.fieldnames or []
-        if "file_name" not in cols or (text_key not in cols and caption is None):
-            raise DatasetError(f"{meta}: expected the columns file_name,{text_key} (the tutorial's metadata.csv), "
-                               f"found {cols}")
-        for row in reader:
-            src = f"{meta}:{reader.line_num}"
-            name = (row.get("file_name") or "").strip()
-            if not name:
-                yield Rejected(src, "no image", {"text": row.get(text_key)})
-                continue
-            p = Path(name).expanduser()
-            yield Record(src, row.get(text_key), path=p if p.is_absolute() else meta.parent / p)
-
-
-def _image_value(value: Any, base: Path) -> tuple[Path | None, bytes | None, str | None]:
-    """An image cell as HF/ModelScope store it: bytes, {"bytes", "path"}, or a path string."""
-    if isinstance(value, dict):
-        data, name = value.get("bytes"), value.get("path")
-        if data:
-            return None, bytes(data), name
-        value = name
-    if isinstance(value, bytes | bytearray | memoryview):
-        return (None, bytes(value), None) if len(value) else (None, None, None)
-    if isinstance(value, str) and value:
-        p = Path(value).expanduser()
-        return (p if p.is_absolute() else base / p), None, None
-    if hasattr(value, "save") and hasattr(value, "size"):  # an already decoded PIL image
-        buf = io.BytesIO()
-        value.save(buf, format="PNG")
-        return None, buf.getvalue(), None
-    return None, None, None
-
-
-def _rows_to_records(rows: Iterable[dict[str, Any]], src_prefix: str, base: Path, image_key: str,
-                     text_key: str) -> Iterator[Record | Rejected]:
-    for i, row in enumerate(rows):
-        src = f"{src_prefix}:row {i}"
-        p, data, name = _image_value(row.get(image_key), base)
-        if p is None and data is None:
-            yield Rejected(src, "no image", {"text": row.get(text_key)})
-            continue
-        yield Record(src, row.get(text_key), path=p, data=data, name=name)
-
-
-def _check_columns(have: list[str], image_key: str, text_key: str, caption: str | None, where: str) -> None:
-    missing = [c for c in (image_key, text_key) if c not in have and not (c == text_key and caption is not None)]
-    if missing:
-        raise DatasetError(f"{where}: no column {', '.join(map(repr, missing))} (data.image_column / "
-                           f"data.text_column); the columns are {have}")
-
-
-def _read_parquet(path: Path, image_key: str, text_key: str, caption: str | None) -> Iterator[Record | Rejected]:
-    import pyarrow.parquet as pq
-
-    if not path.exists():
-        raise DatasetError(f"data.path: {path} does not exist (expected a parquet file or a folder of them, "
-                           f"with an image column {image_key!r} and a text column {text_key!r})")
-    files = [path] if path.is_file() else sorted(path.rglob("*.parquet"))
-    if not files:
-        raise DatasetError(f"data.path: no *.parquet file in {path}")
-    for file in files:
-        try:
-            pf = pq.ParquetFile(file)
-        except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
-            raise DatasetError(f"{file}: not a readable parquet file ({e})") from None
-        names = pf.schema_arrow.names
-        _check_columns(names, image_key, text_key, caption, str(file))
-        cols = [image_key] + ([text_key] if text_key in names else [])
-
-        def rows(pf=pf, cols=cols) -> Iterator[dict[str, Any]]:
-            for batch in pf.iter_batches(batch_size=64, columns=cols):
-                yield from batch.to_pylist()
-
-        yield from _rows_to_records(rows(), str(file), file.parent, image_key, text_key)
 
 
 def _offline_reason() -> str | None:
@@ -229,7 +79,7 @@ def _read_modelscope(cfg: ExperimentConfig, cache_dir: Path) -> Iterator[Record 
         raise DatasetError(f"data: MsDataset.load({target!r}, subset_name={d.subset!r}, split={d.split!r}) failed: "
                            f"{e.__class__.__name__}: {e}" + ("" if d.path else f"; {hint}")) from None
     hf = ds.to_hf_dataset() if hasattr(ds, "to_hf_dataset") else ds
-    _check_columns(list(hf.column_names), d.image_column, d.text_column, d.caption, f"dataset {target}")
+    check_columns(list(hf.column_names), d.image_column, d.text_column, d.caption, f"dataset {target}")
     cols = [d.image_column] + ([d.text_column] if d.text_column in hf.column_names else [])
     hf = hf.select_columns(cols)
     try:  # keep the encoded bytes / original paths instead of decoding every image to PIL
@@ -237,34 +87,21 @@ def _read_modelscope(cfg: ExperimentConfig, cache_dir: Path) -> Iterator[Record 
     except Exception:  # noqa: BLE001 - not an image-like column; read it as it is
         pass
     base = Path(target) if d.path is not None else cache_dir
-    yield from _rows_to_records(hf, str(target), base, d.image_column, d.text_column)
+    yield from rows_to_records(hf, str(target), base, d.image_column, d.text_column)
 
 
 # materialising ----------------------------------------------------------------------------------------------
-_MAGIC = [(b"\xff\xd8\xff", ".jpg"), (b"\x89PNG\r\n\x1a\n", ".png"), (b"GIF8", ".gif"), (b"BM", ".bmp"),
-          (b"II*\x00", ".tif"), (b"MM\x00*", ".tif")]
-
-
-def _sniff_ext(head: bytes) -> str:
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return ".webp"
-    for magic, ext in _MAGIC:
-        if head.startswith(magic):
-            return ext
-    return ".bin"
-
-
 def _ext_for(rec: Record) -> str:
     """Bytes: the format they hold (else the name's suffix); a file: its suffix (else the format it holds)."""
     if rec.data is not None:
-        sniffed = _sniff_ext(rec.data[:16])
+        sniffed = sniff_ext(rec.data[:16])
         suffix = Path(rec.name or "").suffix.lower()
         return suffix if sniffed == ".bin" and suffix else sniffed
     if rec.path.suffix:  # type: ignore[union-attr]
         return rec.path.suffix.lower()  # type: ignore[union-attr]
     try:
         with open(rec.path, "rb") as f:  # type: ignore[arg-type]
-            return _sniff_ext(f.read(16))
+            return sniff_ext(f.read(16))
     except OSError:
         return ""
 
@@ -296,14 +133,6 @@ def _materialise(rec: Record, dst_stem: Path, counts: dict[str, int]) -> Path:
         return src
 
 
-def _text(value: Any) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, bytes):
-        value = value.decode("utf-8", "replace")
-    return str(value).strip() or None
-
-
 def _records(cfg: ExperimentConfig, work: Path, run: RunDir) -> tuple[Iterator[Record | Rejected], str]:
     d = cfg.data
     if d.source == "synthetic":
@@ -313,16 +142,9 @@ def _records(cfg: ExperimentConfig, work: Path, run: RunDir) -> tuple[Iterator[R
 
         items = make_synthetic(work / "images", count, s.seed, s.min_side, s.max_side)
         return (Record(f"synthetic:{i}", cap, path=p) for i, (p, cap) in enumerate(items)), "synthetic"
-    assert d.path is not None or d.source == "modelscope"  # the config schema guarantees it
-    if d.source == "jsonl":
-        return _read_jsonl(d.path, d.text_column, d.image_column), str(d.path)
-    if d.source == "folder":
-        return _read_folder(d.path, d.text_column, d.caption), str(d.path)
-    if d.source == "parquet":
-        return _read_parquet(d.path, d.image_column, d.text_column, d.caption), str(d.path)
     if d.source == "modelscope":
         return _read_modelscope(cfg, run.root / ".cache" / "modelscope"), str(d.path or d.dataset_id)
-    raise DatasetError(f"data.source: unknown source {d.source!r}")
+    return records(d), str(d.path)
 
 
 def run(cfg: ExperimentConfig, run: RunDir) -> dict[str, Any]:
@@ -340,7 +162,7 @@ def run(cfg: ExperimentConfig, run: RunDir) -> dict[str, Any]:
                 rejected.append({"source": rec.source, "reason": rec.reason, **{k: v for k, v in rec.extra.items()
                                                                                  if v is not None}})
                 continue
-            text = d.caption if d.caption is not None else _text(rec.text)
+            text = sample_text(rec.text, d.caption)
             if text is None:
                 rejected.append({"source": rec.source, "reason": "missing text",
                                  "image": str(rec.path) if rec.path else rec.name})
@@ -352,25 +174,13 @@ def run(cfg: ExperimentConfig, run: RunDir) -> dict[str, Any]:
             if d.limit and len(samples) >= d.limit:
                 break
         if not samples:
-            shown = "; ".join(f"{r['source']}: {r['reason']}" for r in rejected[:5])
-            raise DatasetError(
-                f"data: no usable sample in {where} (data.source {d.source!r}: expected "
-                f"{_EXPECTED[d.source]})" + (f"; {len(rejected)} record(s) rejected, e.g. {shown}" if rejected else ""))
+            raise no_sample_error(d, where, rejected)
         atomic_write_text(work / "metadata.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
         atomic_write_text(work / "rejected.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejected))
     summary = {"source": d.source, "path": where, "samples": len(samples), "rejected": len(rejected),
                **{k: v for k, v in counts.items() if v}, "seconds": round(time.perf_counter() - t0, 2)}
     run.mark_complete("ingest", cfg, **summary)
     return summary
-
-
-_EXPECTED = {
-    "synthetic": "data.synthetic.count >= 1",
-    "jsonl": 'lines like {"text": "...", "image": ["path"]}',
-    "folder": "images plus metadata.csv with columns file_name,text",
-    "parquet": "rows with an image (bytes or {bytes, path}) and a text column",
-    "modelscope": "rows with an image and a text column",
-}
 
 
 def read_samples(path: Path) -> list[dict[str, Any]]:

@@ -44,376 +44,42 @@ meta device, no weights allocated), so a LoRA for another architecture fails wit
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
-import re
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kolora.lora import WEIGHT_NAME, LoraFileError, rank_alpha_from_metadata, read_metadata
+from kolora.errors import read_text
+from kolora.lora import WEIGHT_NAME, LoraFileError, check_rank_alpha, rank_alpha_from_metadata, read_metadata
+from kolora.lora_formats import (  # noqa: F401 - the conversions are part of this module's interface
+    LoraWeights,
+    check_against_unet,
+    detect_format,
+    from_diffsynth,
+    from_diffusers,
+    from_kohya,
+    scalar_alpha,
+    to_diffsynth,
+    to_diffusers,
+    to_kohya,
+)
 from kolora.rundir import atomic_path, atomic_write_json
+from kolora.unet_modules import (  # noqa: F401
+    KOHYA_PREFIX,
+    UnetStructure,
+    diffsynth_blocks,
+    from_diffsynth_module,
+    lora_target_modules,
+    structure,
+    to_diffsynth_module,
+    to_kohya_module,
+    unet_config,
+)
 
 FORMATS = ("peft", "kohya", "diffsynth")
-KOHYA_PREFIX = "lora_unet_"
 TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 SIDECAR_SUFFIX = ".kolora.json"
-
-
-@dataclass
-class LoraWeights:
-    """A UNet LoRA in canonical form: peft key names on diffusers module paths, one rank, one alpha."""
-
-    tensors: dict[str, Any]  # "<module>.lora_A.weight" (rank × in) / "<module>.lora_B.weight" (out × rank)
-    rank: int
-    alpha: float | None
-    source_format: str = "peft"
-    metadata: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def modules(self) -> list[str]:
-        return sorted(k.removesuffix(".lora_A.weight") for k in self.tensors if k.endswith(".lora_A.weight"))
-
-    def pairs(self) -> Iterator[tuple[str, Any, Any]]:
-        for m in self.modules:
-            yield m, self.tensors[f"{m}.lora_A.weight"], self.tensors[f"{m}.lora_B.weight"]
-
-    def target_modules(self) -> list[str]:
-        """peft target names (suffixes) covering the modules: 'to_q', 'to_out.0', ..."""
-        out = set()
-        for m in self.modules:
-            parts = m.split(".")
-            out.add(".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1])
-        return sorted(out)
-
-
-def _canonical(tensors: dict[str, Any], alpha: float | None, source: str, where: str,
-               alphas: dict[str, float] | None = None, rank: int | None = None) -> LoraWeights:
-    """Check pairs and ranks; fold per-layer alphas that differ from the common one into lora_B."""
-    a_mods = {k.removesuffix(".lora_A.weight") for k in tensors if k.endswith(".lora_A.weight")}
-    b_mods = {k.removesuffix(".lora_B.weight") for k in tensors if k.endswith(".lora_B.weight")}
-    odd = sorted((a_mods ^ b_mods) | {k for k in tensors if not k.endswith((".lora_A.weight", ".lora_B.weight"))})
-    if odd:
-        raise LoraFileError(f"{where}: {len(odd)} LoRA tensors without their A/B partner or of an unknown kind "
-                            f"(e.g. {odd[:3]})")
-    if not a_mods:
-        raise LoraFileError(f"{where}: no UNet LoRA tensors found")
-    ranks = Counter(int(tensors[f"{m}.lora_A.weight"].shape[0]) for m in a_mods)
-    if len(ranks) > 1:
-        raise LoraFileError(f"{where}: layers have different ranks {dict(ranks)}; kolora handles one rank per LoRA")
-    (found_rank,) = ranks
-    if rank is not None and rank != found_rank:
-        raise LoraFileError(f"{where}: --rank {rank} given, but the tensors have rank {found_rank}")
-    if alphas:
-        common = Counter(alphas.values()).most_common(1)[0][0]
-        alpha = common if alpha is None else alpha
-        for m, a in alphas.items():
-            if a != alpha:  # keep W + (a/r)·B·A exact under one alpha
-                key = f"{m}.lora_B.weight"
-                tensors[key] = tensors[key] * (a / alpha)
-    return LoraWeights(tensors, found_rank, alpha, source)
-
-
-# UNet structure ----------------------------------------------------------------------------------------------
-def unet_config(source: Any = None) -> dict[str, Any]:
-    """A UNet config: None → the packaged Kolors config; a dict; a config.json; a model folder (diffusers
-    layout: unet/config.json; kolora's tiny DiffSynth layout: tiny-configs/unet_config.json)."""
-    from kolora.models import packaged_config
-
-    if source is None:
-        return packaged_config("kolors-unet-config.json")
-    if isinstance(source, dict):
-        return dict(source)
-    p = Path(source)
-    if p.is_dir():
-        for cand in (p / "unet" / "config.json", p / "config.json", p / "tiny-configs" / "unet_config.json"):
-            if cand.is_file():
-                p = cand
-                break
-        else:
-            return packaged_config("kolors-unet-config.json")
-    if not p.is_file():
-        raise LoraFileError(f"UNet config {p} does not exist")
-    return json.loads(p.read_text())
-
-
-@dataclass(frozen=True)
-class UnetStructure:
-    shapes: dict[str, tuple[int, ...]]  # module path → weight shape, for every Linear/Conv module
-    blocks: dict[str, int]  # diffusers block prefix → DiffSynth block index
-    layers_per_block: int
-
-
-@functools.lru_cache(maxsize=8)
-def _structure(config_json: str) -> UnetStructure:
-    import torch
-    from diffusers import UNet2DConditionModel
-
-    cfg = {k: v for k, v in json.loads(config_json).items() if not k.startswith("_")}
-    with torch.device("meta"):  # shapes and names only: nothing is allocated
-        unet = UNet2DConditionModel.from_config(cfg)
-    shapes = {name: tuple(m.weight.shape) for name, m in unet.named_modules()
-              if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)}
-    lpb = cfg.get("layers_per_block", 2)
-    return UnetStructure(shapes, diffsynth_blocks(unet), lpb if isinstance(lpb, int) else lpb[0])
-
-
-def structure(config: Any = None) -> UnetStructure:
-    return _structure(json.dumps(unet_config(config), sort_keys=True, default=list))
-
-
-def lora_target_modules(config: Any, targets: list[str]) -> list[str]:
-    """The Linear modules peft would wrap for `targets` (exact name or '.'-suffix match), sorted."""
-    return sorted(n for n, s in structure(config).shapes.items() if len(s) == 2 and
-                  any(n == t or n.endswith("." + t) for t in targets))
-
-
-def diffsynth_blocks(unet) -> dict[str, int]:
-    """diffusers block prefix ('down_blocks.1.attentions.0') → index in DiffSynth's flat `blocks` list.
-
-    DiffSynth's SDXLUNet lists, in forward order: per down block and layer ResnetBlock, [AttentionBlock],
-    PushBlock, then DownSampler + PushBlock (not after the last down block); mid block ResnetBlock,
-    AttentionBlock, ResnetBlock; per up block and layer PopBlock, ResnetBlock, [AttentionBlock], then UpSampler
-    (not after the last up block). For Kolors: attentions 7, 10, 15, 18, 21 (mid), 25, 28, 31, 35, 38, 41."""
-    out: dict[str, int] = {}
-    i = 0
-    for b, blk in enumerate(unet.down_blocks):
-        attn = getattr(blk, "attentions", None)
-        for j in range(len(blk.resnets)):
-            out[f"down_blocks.{b}.resnets.{j}"] = i
-            i += 1
-            if attn is not None:
-                out[f"down_blocks.{b}.attentions.{j}"] = i
-                i += 1
-            i += 1  # PushBlock
-        if getattr(blk, "downsamplers", None) is not None:
-            out[f"down_blocks.{b}.downsamplers.0"] = i
-            i += 2  # DownSampler, PushBlock
-    mid = unet.mid_block
-    if mid is not None:
-        attn = getattr(mid, "attentions", None) or []
-        for j in range(len(mid.resnets)):
-            out[f"mid_block.resnets.{j}"] = i
-            i += 1
-            if j < len(attn):
-                out[f"mid_block.attentions.{j}"] = i
-                i += 1
-    for b, blk in enumerate(unet.up_blocks):
-        attn = getattr(blk, "attentions", None)
-        for j in range(len(blk.resnets)):
-            i += 1  # PopBlock
-            out[f"up_blocks.{b}.resnets.{j}"] = i
-            i += 1
-            if attn is not None:
-                out[f"up_blocks.{b}.attentions.{j}"] = i
-                i += 1
-        if getattr(blk, "upsamplers", None) is not None:
-            out[f"up_blocks.{b}.upsamplers.0"] = i
-            i += 1
-    return out
-
-
-_BLOCK_RE = re.compile(r"^((?:down_blocks|up_blocks)\.\d+\.(?:resnets|attentions|downsamplers|upsamplers)\.\d+|"
-                       r"mid_block\.(?:resnets|attentions)\.\d+)(?:\.(.*))?$")
-_TOP_TO_DIFFSYNTH = {"encoder_hid_proj": "text_intermediate_proj", "time_embedding.linear_1": "time_embedding.0",
-                     "time_embedding.linear_2": "time_embedding.2", "add_embedding.linear_1": "add_time_embedding.0",
-                     "add_embedding.linear_2": "add_time_embedding.2"}
-_TOP_FROM_DIFFSYNTH = {v: k for k, v in _TOP_TO_DIFFSYNTH.items()}
-
-
-def to_diffsynth_module(name: str, blocks: dict[str, int]) -> str:
-    """diffusers module path → DiffSynth 1.x SDXLUNet module path (its from_diffusers renamer, for modules)."""
-    m = _BLOCK_RE.match(name)
-    if not m:
-        if name in _TOP_TO_DIFFSYNTH or name in ("conv_in", "conv_out", "conv_norm_out"):
-            return _TOP_TO_DIFFSYNTH.get(name, name)
-        raise LoraFileError(f"module {name} has no DiffSynth counterpart")
-    if m.group(1) not in blocks:
-        raise LoraFileError(f"module {name}: block {m.group(1)} is not in this UNet")
-    rest = (m.group(2) or "").split(".") if m.group(2) else []
-    out: list[str] = []
-    k = 0
-    while k < len(rest):
-        if rest[k] == "ff" and rest[k + 1:k + 3] in (["net", "0"], ["net", "2"]):
-            out.append("act_fn" if rest[k + 2] == "0" else "ff")
-            k += 3
-        elif rest[k] == "to_out" and k + 1 < len(rest) and rest[k + 1] == "0":
-            out.append("to_out")
-            k += 2
-        else:
-            out.append(rest[k])
-            k += 1
-    return ".".join(["blocks", str(blocks[m.group(1)]), *out])
-
-
-def from_diffsynth_module(name: str, blocks: dict[str, int]) -> str:
-    """DiffSynth module path → diffusers module path (inverse of to_diffsynth_module)."""
-    parts = name.split(".")
-    if parts[0] != "blocks":
-        if name in _TOP_FROM_DIFFSYNTH or name in ("conv_in", "conv_out", "conv_norm_out"):
-            return _TOP_FROM_DIFFSYNTH.get(name, name)
-        raise LoraFileError(f"{name} is not a DiffSynth SDXL/Kolors UNet module")
-    by_index = {v: k for k, v in blocks.items()}
-    if len(parts) < 2 or not parts[1].isdigit() or int(parts[1]) not in by_index:
-        raise LoraFileError(f"{name}: DiffSynth block {parts[1] if len(parts) > 1 else '?'} has no weights in "
-                            "this UNet (Push/Pop block or out of range)")
-    out = [by_index[int(parts[1])]]
-    for k, p in enumerate(parts[2:], 2):
-        last = k == len(parts) - 1
-        if p == "act_fn":
-            out.append("ff.net.0")
-        elif p == "ff" and (last or parts[k + 1] in ("weight", "bias")):
-            out.append("ff.net.2")
-        elif p == "to_out":
-            out.append("to_out.0")
-        else:
-            out.append(p)
-    return ".".join(out)
-
-
-def to_kohya_module(name: str) -> str:
-    return KOHYA_PREFIX + name.replace(".", "_")
-
-
-# format conversions (pure: tensors are only renamed, so they work on meta tensors too) ------------------------
-def to_kohya(w: LoraWeights) -> dict[str, Any]:
-    import torch
-
-    if w.alpha is None:
-        raise LoraFileError("cannot write a kohya file without alpha")
-    out: dict[str, Any] = {}
-    for m, a, b in w.pairs():
-        k = to_kohya_module(m)
-        out[f"{k}.lora_down.weight"] = a
-        out[f"{k}.lora_up.weight"] = b
-        out[f"{k}.alpha"] = torch.tensor(float(w.alpha))
-    return out
-
-
-def from_kohya(sd: dict[str, Any], config: Any = None, where: str = "kohya LoRA",
-               rank: int | None = None) -> LoraWeights:
-    st = structure(config)
-    te = [k for k in sd if k.startswith(("lora_te", "lora_prior_te"))]
-    if te:
-        raise LoraFileError(f"{where}: has text-encoder LoRA layers (e.g. {te[0]}); Kolors' ChatGLM text encoder "
-                            "is not a CLIP, so kolora imports UNet LoRAs only")
-    unsupported = [k for k in sd if k.endswith((".dora_scale", ".lora_mid.weight")) or ".hada_" in k or ".lokr_" in k]
-    if unsupported:
-        raise LoraFileError(f"{where}: {unsupported[0]} is a LyCORIS/DoRA tensor; only plain LoRA is supported")
-    if any(p in k for k in sd for p in ("input_blocks", "middle_block", "output_blocks")):
-        from types import SimpleNamespace
-
-        from diffusers.loaders.lora_conversion_utils import _maybe_map_sgm_blocks_to_diffusers
-
-        # kohya's SGM block numbering → diffusers blocks (diffusers' own remapper, given the UNet's layers)
-        try:
-            sd = _maybe_map_sgm_blocks_to_diffusers(dict(sd), SimpleNamespace(layers_per_block=st.layers_per_block))
-        except ValueError as e:
-            raise LoraFileError(f"{where}: its SGM block names (input_blocks/...) do not map: {e}") from None
-        sgm = {"lora_unet_input_blocks_": "lora_unet_down_blocks_", "lora_unet_middle_block_": "lora_unet_mid_block_",
-               "lora_unet_output_blocks_": "lora_unet_up_blocks_"}
-        for old, new in sgm.items():
-            sd = {new + k.removeprefix(old) if k.startswith(old) else k: v for k, v in sd.items()}
-    lookup = {to_kohya_module(n): n for n in st.shapes}
-    tensors: dict[str, Any] = {}
-    alphas: dict[str, float] = {}
-    unknown: list[str] = []
-    for key, value in sd.items():
-        stem, _, kind = key.partition(".")
-        module = lookup.get(stem)
-        if module is None:
-            unknown.append(key)
-            continue
-        if kind == "lora_down.weight":
-            tensors[f"{module}.lora_A.weight"] = value
-        elif kind == "lora_up.weight":
-            tensors[f"{module}.lora_B.weight"] = value
-        elif kind == "alpha":
-            alphas[module] = float(value.item())
-        else:
-            unknown.append(key)
-    if unknown:
-        raise LoraFileError(f"{where}: {len(unknown)} keys match no module of this UNet (e.g. {unknown[:3]}); "
-                            "is it a LoRA for another model?")
-    w = _canonical(tensors, None, "kohya", where, rank=rank)
-    # kohya convention: a layer without .alpha has alpha = rank (scale 1), as in diffusers and ComfyUI
-    alphas = {m: alphas.get(m, float(w.rank)) for m in w.modules}
-    return _canonical(tensors, None, "kohya", where, alphas=alphas)
-
-
-def to_diffsynth(w: LoraWeights, config: Any = None) -> dict[str, Any]:
-    blocks = structure(config).blocks
-    out: dict[str, Any] = {}
-    for m, a, b in w.pairs():
-        d = to_diffsynth_module(m, blocks)
-        out[f"{d}.lora_A.default.weight"] = a
-        out[f"{d}.lora_B.default.weight"] = b
-    return out
-
-
-def from_diffsynth(sd: dict[str, Any], alpha: float | None, config: Any = None, where: str = "DiffSynth LoRA",
-                   rank: int | None = None) -> LoraWeights:
-    blocks = structure(config).blocks
-    tensors: dict[str, Any] = {}
-    unknown: list[str] = []
-    for key, value in sd.items():
-        m = re.match(r"^(.*)\.lora_([AB])(?:\.default)?\.weight$", key)
-        if not m:
-            unknown.append(key)
-            continue
-        try:
-            module = from_diffsynth_module(m.group(1), blocks)
-        except LoraFileError:
-            unknown.append(key)
-            continue
-        tensors[f"{module}.lora_{m.group(2)}.weight"] = value
-    if unknown:
-        raise LoraFileError(f"{where}: {len(unknown)} keys are not DiffSynth Kolors UNet LoRA keys "
-                            f"(e.g. {unknown[:3]})")
-    return _canonical(tensors, alpha, "diffsynth", where, rank=rank)
-
-
-def to_diffusers(w: LoraWeights) -> dict[str, Any]:
-    """Keys as kolora/diffusers write them (without the 'unet.' prefix save_lora_weights adds)."""
-    from diffusers.utils import convert_state_dict_to_diffusers
-
-    return convert_state_dict_to_diffusers(dict(w.tensors))
-
-
-def from_diffusers(sd: dict[str, Any], meta: dict[str, str], where: str = "diffusers LoRA",
-                   alpha: float | None = None, rank: int | None = None) -> LoraWeights:
-    from diffusers.utils import convert_unet_state_dict_to_peft
-
-    other = [k for k in sd if not k.startswith("unet.")]
-    if other and len(other) < len(sd):
-        raise LoraFileError(f"{where}: has non-UNet LoRA tensors (e.g. {other[0]}); kolora handles UNet LoRAs only")
-    sd = {k.removeprefix("unet."): v for k, v in sd.items()}
-    found = rank_alpha_from_metadata(meta)
-    if found is not None and alpha is not None and abs(found[1] - alpha) > 1e-9:
-        raise LoraFileError(f"{where}: the file says alpha {found[1]:g}; drop --alpha {alpha:g}")
-    tensors = convert_unet_state_dict_to_peft(sd)
-    tensors = {re.sub(r"\.lora_([AB])\.default\.weight$", r".lora_\1.weight", k): v for k, v in tensors.items()}
-    w = _canonical(tensors, found[1] if found else alpha, "peft", where, rank=rank)
-    if found is not None and found[0] != w.rank:
-        raise LoraFileError(f"{where}: metadata says rank {found[0]}, tensors have rank {w.rank}")
-    return w
-
-
-def check_against_unet(w: LoraWeights, config: Any = None, where: str = "LoRA") -> None:
-    """Every layer must be a module of the UNet with fitting shapes (A: r×in, B: out×r)."""
-    shapes = structure(config).shapes
-    bad: list[str] = []
-    for m, a, b in w.pairs():
-        s = shapes.get(m)
-        if s is None:
-            bad.append(f"{m} (no such module)")
-        elif len(s) == 2 and (tuple(a.shape) != (w.rank, s[1]) or tuple(b.shape) != (s[0], w.rank)):
-            bad.append(f"{m} (A {tuple(a.shape)}, B {tuple(b.shape)} do not fit weight {s})")
-    if bad:
-        raise LoraFileError(f"{where}: {len(bad)} of {len(w.modules)} layers do not fit this UNet, e.g. "
-                            f"{bad[:3]}; is it a LoRA for another model (or a tiny one for the full model)?")
 
 
 # files -----------------------------------------------------------------------------------------------------
@@ -430,6 +96,11 @@ def read_tensors(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
 
         meta = read_metadata(path)
         return load_file(str(path)), meta
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:2] != b"PK" and head[:1] != b"\x80":  # a torch checkpoint is a zip (or an old pickle)
+        raise LoraFileError(f"{path}: not a LoRA file (neither safetensors nor a torch checkpoint); kolora reads "
+                            "diffusers/peft and kohya .safetensors files and DiffSynth .ckpt/.pt/.bin checkpoints")
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - pickle errors come in many types
@@ -442,20 +113,6 @@ def read_tensors(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
         raise LoraFileError(f"{path}: holds a {type(obj).__name__}, not a dict of tensors")
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, {}
 
-
-def detect_format(keys: list[str] | set[str], meta: dict[str, str] | None = None) -> str:
-    """'peft' (diffusers/kolora file or a bare peft state dict), 'kohya' or 'diffsynth'."""
-    keys = list(keys)
-    if any(k.startswith(("lora_unet_", "lora_te")) for k in keys):
-        return "kohya"
-    if any(k.startswith("unet.") for k in keys):
-        return "peft"
-    if any(".lora_A.default." in k or k.startswith("blocks.") for k in keys):
-        return "diffsynth"
-    if any(k.endswith((".lora_A.weight", ".lora_B.weight", ".lora.down.weight")) for k in keys):
-        return "peft"
-    raise LoraFileError(f"unrecognised LoRA key names (e.g. {keys[:3]}); kolora reads diffusers/peft, kohya "
-                        "(lora_unet_...) and DiffSynth (blocks.N....lora_A.default.weight) files")
 
 
 def sidecar(path: Path) -> Path:
@@ -485,7 +142,7 @@ def read_lora(path: Path, config: Any = None, alpha: float | None = None, rank: 
             raise LoraFileError(f"{where}: the file says alpha {w.alpha:g}; drop --alpha {alpha:g}")
     elif fmt == "diffsynth":
         if sidecar(path).is_file():  # kolora's note beside its own export: the trained alpha
-            noted = float(json.loads(sidecar(path).read_text())["alpha"])
+            noted = _sidecar_rank_alpha(path)[1]
             if alpha is not None and abs(alpha - noted) > 1e-9:
                 raise LoraFileError(f"{where}: {sidecar(path).name} says it was trained with alpha {noted:g}; drop "
                                     f"--alpha {alpha:g} (use render.lora_scale to weaken a LoRA)")
@@ -511,15 +168,26 @@ def rank_alpha(path: Path) -> tuple[int, float]:
         if not downs:
             raise LoraFileError(f"{path}: no lora_down tensors")
         r = int(downs[0].shape[0])
-        alphas = [float(v.item()) for k, v in sd.items() if k.endswith(".alpha")]
-        return r, Counter(alphas).most_common(1)[0][0] if alphas else float(r)
-    found = rank_alpha_from_metadata(meta)
+        alphas = [scalar_alpha(v, k, str(path)) for k, v in sd.items() if k.endswith(".alpha")]
+        if any(not a > 0 for a in alphas):
+            raise LoraFileError(f"{path}: has layers with alpha <= 0 ({min(alphas):g}); a LoRA's alpha must be > 0")
+        return check_rank_alpha(r, Counter(alphas).most_common(1)[0][0] if alphas else float(r), path)
+    found = rank_alpha_from_metadata(meta, path)
     if found is None and fmt == "diffsynth" and sidecar(path).is_file():
-        info = json.loads(sidecar(path).read_text())
-        found = int(info["rank"]), float(info["alpha"])
+        found = _sidecar_rank_alpha(path)
     if found is None:
         raise _no_alpha(path)
     return found
+
+
+def _sidecar_rank_alpha(path: Path) -> tuple[int, float]:
+    note = sidecar(path)
+    try:
+        info = json.loads(read_text(note))
+        found = int(info["rank"]), float(info["alpha"])
+    except (ValueError, KeyError, TypeError) as e:  # InputError (not UTF-8) is a ValueError too
+        raise LoraFileError(f"{note}: not a kolora note with rank and alpha ({e})") from None
+    return check_rank_alpha(*found, note)
 
 
 def write_kolora(w: LoraWeights, path: Path, extra_metadata: dict[str, str] | None = None) -> Path:
@@ -591,7 +259,7 @@ def loadable(path: Path, config: Any = None) -> Iterator[Path]:
 
         with safe_open(str(path), framework="pt") as f:
             keys, meta = list(f.keys()), dict(f.metadata() or {})
-        if keys and detect_format(keys, meta) == "peft" and rank_alpha_from_metadata(meta) is not None:
+        if keys and detect_format(keys, meta) == "peft" and rank_alpha_from_metadata(meta, path) is not None:
             yield path
             return
     w = read_lora(path, config)
@@ -629,7 +297,7 @@ def export_lora(source: Path, fmt: str, to: Path, config: Any = None) -> Path:
     w = read_lora(source, config)
     to = Path(to)
     to.parent.mkdir(parents=True, exist_ok=True)
-    if fmt == "peft" and w.source_format == "peft" and rank_alpha_from_metadata(w.metadata) is not None:
+    if fmt == "peft" and w.source_format == "peft" and rank_alpha_from_metadata(w.metadata, source) is not None:
         with atomic_path(to) as tmp:  # kolora's file is the diffusers file: copy it bit for bit
             shutil.copyfile(source, tmp)
         return to

@@ -9,16 +9,18 @@ uses the trained alpha (the tutorial's train alpha 4 / render alpha 2 mismatch c
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
+from kolora.errors import InputError
 from kolora.rundir import atomic_path
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
-class LoraFileError(ValueError):
-    pass
+class LoraFileError(InputError):
+    """A LoRA file that cannot be used; the message names the file and the fix."""
 
 
 def lora_config(rank: int, alpha: float, target_modules: list[str]):
@@ -105,14 +107,29 @@ def read_metadata(path: Path) -> dict[str, str]:
         raise LoraFileError(f"{path}: not a readable safetensors file ({e})") from None
 
 
-def rank_alpha_from_metadata(meta: dict[str, str]) -> tuple[int, float] | None:
-    if "kolora.rank" in meta:
-        return int(meta["kolora.rank"]), float(meta["kolora.alpha"])
-    if "lora_adapter_metadata" in meta:
-        m = json.loads(meta["lora_adapter_metadata"])
-        if "unet.r" in m and "unet.lora_alpha" in m:
-            return int(m["unet.r"]), float(m["unet.lora_alpha"])
-    return None
+def check_rank_alpha(rank: int, alpha: float, where: str | Path) -> tuple[int, float]:
+    """(rank, alpha) if they can be meant; LoraFileError naming `where` otherwise."""
+    if rank < 1:
+        raise LoraFileError(f"{where}: rank {rank}; a LoRA's rank is 1 or more")
+    if not math.isfinite(alpha) or alpha <= 0:
+        raise LoraFileError(f"{where}: alpha {alpha:g}; a LoRA's alpha must be a number > 0 (the update is scaled by "
+                            "alpha/rank): import the file again with the alpha it was trained with "
+                            "(kolora import-lora FILE --alpha A)")
+    return rank, alpha
+
+
+def rank_alpha_from_metadata(meta: dict[str, str], where: str | Path = "LoRA file") -> tuple[int, float] | None:
+    try:
+        if "kolora.rank" in meta:
+            found = int(meta["kolora.rank"]), float(meta["kolora.alpha"])
+        elif "lora_adapter_metadata" in meta:
+            m = json.loads(meta["lora_adapter_metadata"]).get
+            found = (int(m("unet.r")), float(m("unet.lora_alpha"))) if m("unet.r") and m("unet.lora_alpha") else None
+        else:
+            found = None
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise LoraFileError(f"{where}: unreadable rank/alpha in its metadata ({type(e).__name__}: {e})") from None
+    return check_rank_alpha(*found, where) if found else None
 
 
 def rank_alpha(path: Path) -> tuple[int, float]:
@@ -120,7 +137,7 @@ def rank_alpha(path: Path) -> tuple[int, float]:
     LoraFileError naming `kolora import-lora ... --alpha` for files that carry no alpha (DiffSynth)."""
     path = Path(path)
     if path.is_file() and path.suffix == ".safetensors":
-        found = rank_alpha_from_metadata(read_metadata(path))
+        found = rank_alpha_from_metadata(read_metadata(path), path)
         if found is not None:
             return found
     from kolora import interchange

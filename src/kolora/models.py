@@ -316,10 +316,13 @@ def build_tiny(path: Path, layout: str = "diffusers", seed: int = 0) -> Path:
 
     from safetensors.torch import save_file
 
+    from kolora.rundir import shareable
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     try:
+        shareable(tmp, folder=True)
         tokenizer, text_encoder, unet, vae, scheduler = build_tiny_components(tmp / ".sp", seed)
         if layout == "diffusers":
             from diffusers import KolorsPipeline

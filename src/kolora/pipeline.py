@@ -1,8 +1,8 @@
 """The stage graph and the in-process runner.
 
 A stage is `kolora.<stage>.run(cfg, run_dir, **kw) -> summary`. `run_stage` adds what every launcher
-needs around it: skip when complete, clear outputs left by a different config, time it, record it in the
-manifest, mark it complete. `preflight` checks everything that can be checked before any stage runs.
+needs around it: skip when complete, set aside outputs made for a different config (put back if the stage
+fails, dropped when it succeeds), time it, record it in the manifest, mark it complete. `preflight` checks everything that can be checked before any stage runs.
 The Slurm launcher calls the same `run_stage` inside each job.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
+import json
 import os
 import platform
 import shutil
@@ -23,9 +24,9 @@ from typing import Any
 
 from kolora.config import ConfigError, ExperimentConfig, load_prompts
 from kolora.interrupt import Interrupted
-from kolora.rundir import STAGE_INPUTS, STAGES, RunDir, atomic_write_text
+from kolora.rundir import STAGE_INPUTS, STAGES, RunDir, atomic_write_json, atomic_write_text
 
-# What each stage owns in the run directory (cleared when the stage reruns for a different config).
+# What each stage owns in the run directory (set aside when the stage reruns for a different config).
 STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "ingest": ("data",), "filter": ("filter", "trainset"), "cache": (), "train": ("train", "lora"),
     "render": ("render",), "grid": ("grid.png",),
@@ -36,7 +37,8 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_
 
 
 def preflight(cfg: ExperimentConfig) -> None:
-    """Fail before queueing or running anything: prompt set, model files, dataset paths, filter ops."""
+    """Fail before queueing or running anything: prompt set, model files, the dataset (as far as ingest would
+    look, without opening an image), render.lora, filter ops."""
     from kolora import models
 
     prompts = load_prompts(cfg.render.prompts, cfg.render.negative_prompt)
@@ -46,14 +48,17 @@ def preflight(cfg: ExperimentConfig) -> None:
                           f"grid.rows = {cells}; raise grid.rows or grid.columns")
     if not (cfg.model.tiny and not Path(cfg.model.path).exists()):
         models.resolve(cfg.model)
-    if cfg.data.path is not None and not Path(cfg.data.path).exists():
-        raise ConfigError(f"data.path: {cfg.data.path} does not exist (source {cfg.data.source!r}); "
-                          "fix the path or download the dataset first")
+    from kolora.dataset import probe
+
+    probe(cfg.data)
     if cfg.render.lora is not None:
         from kolora import lora
 
-        lora.rank_alpha(lora.resolve_file(cfg.render.lora))
-    from kolora.filter import validate_ops
+        try:
+            lora.rank_alpha(lora.resolve_file(cfg.render.lora))
+        except lora.LoraFileError as e:
+            raise lora.LoraFileError(f"render.lora: {e}") from None
+    from kolora.data_juicer import validate_ops
 
     validate_ops(cfg.filter.ops)
 
@@ -75,17 +80,60 @@ def offline_env(run: RunDir) -> Iterator[None]:
                 os.environ[k] = v
 
 
+def _superseded(run: RunDir, stage: str) -> Path:
+    return run.root / ".superseded" / stage
+
+
 def _clear_stale(stage: str, cfg: ExperimentConfig, run: RunDir) -> None:
+    """Outputs made for other inputs are set aside, not deleted: `_settle` drops them once the stage succeeds
+    for the new inputs, or puts them back (with their completion markers) when it fails."""
     stamp = run.root / ".inputs" / stage
     digest = cfg.section_digest(*STAGE_INPUTS[stage])
-    if stamp.is_file() and stamp.read_text().strip() != digest:
-        for name in STAGE_OUTPUTS[stage]:
-            p = run.root / name
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
+    old = stamp.read_text().strip() if stamp.is_file() else None
+    if old is not None and old != digest:
+        aside = _superseded(run, stage)
+        present = [run.root / name for name in STAGE_OUTPUTS[stage] if (run.root / name).exists()]
+        if aside.exists():  # earlier outputs are set aside already; these are an unfinished attempt's
+            for p in present:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+            if json.loads((aside / ".state.json").read_text())["inputs"] == digest:
+                _settle(stage, run, succeeded=False)  # back to the inputs they were made for
+        elif present:
+            aside.mkdir(parents=True)
+            for p in present:
+                os.replace(p, aside / p.name)
+            markers = {s: run.marker_file(s) for s in STAGES[STAGES.index(stage):] if run.marker_file(s).is_file()}
+            atomic_write_json(aside / ".state.json", {
+                "inputs": old, "markers": {s: m.read_text() for s, m in markers.items()}})
     atomic_write_text(stamp, digest + "\n")
+
+
+def _settle(stage: str, run: RunDir, succeeded: bool) -> str | None:
+    """After a stage: drop the outputs it superseded, or (it failed) put them back; returns a note for the
+    error when it did."""
+    aside = _superseded(run, stage)
+    if not aside.is_dir():
+        return None
+    if succeeded:
+        shutil.rmtree(aside)
+        return None
+    state = json.loads((aside / ".state.json").read_text())
+    failed = run.root / ".failed" / stage
+    written = [name for name in STAGE_OUTPUTS[stage] if (run.root / name).exists()]
+    if written:
+        shutil.rmtree(failed, ignore_errors=True)
+        failed.mkdir(parents=True)
+    for name in STAGE_OUTPUTS[stage]:
+        if name in written:
+            os.replace(run.root / name, failed / name)
+        if (aside / name).exists():
+            os.replace(aside / name, run.root / name)
+    for s, text in state["markers"].items():
+        atomic_write_text(run.marker_file(s), text)
+    atomic_write_text(run.root / ".inputs" / stage, state["inputs"] + "\n")
+    shutil.rmtree(aside)
+    return f"the previous {stage} outputs are back in place" + (
+        f"; what this attempt wrote is in {failed}" if written else "")
 
 
 def run_stage(stage: str, cfg: ExperimentConfig, run: RunDir, force: bool = False,
@@ -95,9 +143,9 @@ def run_stage(stage: str, cfg: ExperimentConfig, run: RunDir, force: bool = Fals
         raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
     if not force and is_complete(stage, cfg, run):
         return {"skipped": True}
+    _clear_stale(stage, cfg, run)
     # Whatever this stage writes makes the later stages' outputs stale.
     run.invalidate_from(stage)
-    _clear_stale(stage, cfg, run)
     if stage in ("cache", "train", "render"):
         from kolora.models import ensure_model
 
@@ -112,12 +160,17 @@ def run_stage(stage: str, cfg: ExperimentConfig, run: RunDir, force: bool = Fals
             if progress is not None and "progress" in inspect.signature(module.run).parameters:
                 kw["progress"] = progress
             summary = module.run(cfg, run, **kw)
-    except Interrupted as e:
+    except Interrupted as e:  # resumable: keep what it made (and, aside, what it supersedes)
         run.record_stage(stage, status="interrupted", error=str(e), wall_s=round(time.time() - started, 2))
         raise
     except BaseException as e:
         run.record_stage(stage, status="failed", error=f"{type(e).__name__}: {e}"[:2000],
                          wall_s=round(time.time() - started, 2))
+        # not on Ctrl-C (like a stop request), nor in an array task whose siblings write the same outputs
+        if isinstance(e, Exception) and "task_index" not in kw:
+            note = _settle(stage, run, succeeded=False)
+            if note:
+                e.add_note(note)
         raise
     wall = round(time.time() - started, 2)
     done = stage != "render" or not _missing_tiles(cfg, run)
@@ -126,6 +179,7 @@ def run_stage(stage: str, cfg: ExperimentConfig, run: RunDir, force: bool = Fals
         entry.update(status="complete" if done else "partial", summary=summary, error=None)
         entry["wall_s"] = round(entry.get("wall_s", 0) + wall, 2) if stage == "render" and "task_index" in kw else wall
     if done:
+        _settle(stage, run, succeeded=True)
         run.mark_complete(stage, cfg, **{"wall_s": wall})
     return {**summary, "wall_s": wall}
 

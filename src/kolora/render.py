@@ -12,6 +12,8 @@ from typing import Any
 
 from kolora import interrupt
 from kolora.config import ExperimentConfig, PromptItem, load_prompts
+from kolora.errors import RunFailure
+from kolora.lora import LoraFileError
 from kolora.rundir import RunDir, atomic_path
 
 
@@ -79,9 +81,12 @@ def run(cfg: ExperimentConfig, run: RunDir, task_index: int = 0, task_count: int
     if todo:
         lf = lora_path(cfg, run)
         if not lf.is_file():
-            raise FileNotFoundError(f"LoRA {lf} is missing: run the train stage first, or set render.lora")
+            raise RunFailure(f"LoRA {lf} is missing: run the train stage first, or set render.lora")
         device, dtype = _device_dtype(cfg)
-        pipe = build_pipeline(cfg, lf, device, dtype)
+        try:
+            pipe = build_pipeline(cfg, lf, device, dtype)
+        except LoraFileError as e:
+            raise LoraFileError(f"render.lora: {e}") if cfg.render.lora else e from None
         for n, (_, item, name) in enumerate(todo, 1):
             image = render_tile(pipe, cfg, item, device)
             with atomic_path(run.render / name) as tmp:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from kolora.config import ExperimentConfig, dump_config
+from kolora.errors import InputError, read_text
 
 STAGES = ("ingest", "filter", "cache", "train", "render", "grid")
 
@@ -34,8 +35,28 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
 }
 
 
-class RunError(RuntimeError):
+class RunError(InputError):
     """A problem with a run directory, with a message naming the file and the fix."""
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (/proc), else by setting and restoring it."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def shareable(path: Path | str, folder: bool = False) -> None:
+    """Give a file from mkstemp (0600) or a folder from mkdtemp (0700) the mode the umask allows (0644/0755
+    under umask 022), as open() and mkdir() would: labmates can read a shared run or an exported LoRA."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -43,6 +64,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -72,6 +94,7 @@ def atomic_path(path: Path, suffix: str = "") -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        shareable(tmp)  # after the writer: some (safetensors) create the file anew
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -88,6 +111,7 @@ def atomic_dir(path: Path) -> Iterator[Path]:
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".dirtmp"))
     try:
+        shareable(tmp, folder=True)
         yield tmp
         if path.exists():
             old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old.", suffix=".dirtmp"))
@@ -132,7 +156,11 @@ class RunDir:
         """Create the run directory for `cfg`, or check an existing one belongs to the same config.
 
         A stage whose inputs changed is reset by its marker check, so a changed config is allowed;
-        the frozen config.yaml is replaced and the manifest records the new digest."""
+        the frozen config.yaml is replaced and the manifest records the new digest. A run folder that cannot
+        be used (a file in its place, an unreadable manifest) stops this before anything is written."""
+        if self.root.exists() and not self.root.is_dir():
+            raise RunError(f"{self.root} is a file, not a run folder; move it away or choose another --name")
+        self.read_manifest()
         self.root.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.config_file, dump_config(cfg))
         with self.manifest() as m:
@@ -158,25 +186,38 @@ class RunDir:
         with open(self.root / ".manifest.lock", "a+") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                m = json.loads(self.manifest_file.read_text()) if self.manifest_file.is_file() else {}
+                m = self.read_manifest()
                 yield m
                 atomic_write_json(self.manifest_file, m)
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def read_manifest(self) -> dict[str, Any]:
-        return json.loads(self.manifest_file.read_text()) if self.manifest_file.is_file() else {}
+        """The manifest ({} before the first run); RunError naming the file when it cannot be read."""
+        if not self.manifest_file.exists():
+            return {}
+        try:
+            m = json.loads(read_text(self.manifest_file))
+        except InputError as e:
+            raise RunError(f"{e}; kolora cannot continue this run") from None
+        except json.JSONDecodeError as e:
+            raise RunError(f"{self.manifest_file}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); "
+                           "restore it, or move it away to start the run's record afresh (outputs are kept)") from None
+        if not isinstance(m, dict):
+            raise RunError(f"{self.manifest_file}: expected a JSON object, found {type(m).__name__}; restore it, "
+                           "or move it away to start the run's record afresh (outputs are kept)")
+        return m
 
     def record_stage(self, stage: str, **fields: Any) -> None:
         with self.manifest() as m:
             m.setdefault("stages", {}).setdefault(stage, {}).update(fields)
 
     # completion markers -------------------------------------------------------------------------------
-    def _marker(self, stage: str) -> Path:
+    def marker_file(self, stage: str) -> Path:
         return self.root / ".complete" / f"{stage}.json"
 
     def is_complete(self, stage: str, cfg: ExperimentConfig) -> bool:
-        marker = self._marker(stage)
+        marker = self.marker_file(stage)
         if not marker.is_file():
             return False
         try:
@@ -186,7 +227,7 @@ class RunDir:
         return info.get("inputs") == cfg.section_digest(*STAGE_INPUTS[stage])
 
     def mark_complete(self, stage: str, cfg: ExperimentConfig, **summary: Any) -> None:
-        atomic_write_json(self._marker(stage), {"inputs": cfg.section_digest(*STAGE_INPUTS[stage]),
+        atomic_write_json(self.marker_file(stage), {"inputs": cfg.section_digest(*STAGE_INPUTS[stage]),
                                                 "finished": _now(), **summary})
 
     def progress(self) -> dict[str, Any]:
@@ -209,4 +250,4 @@ class RunDir:
         """Drop the completion markers of `stage` and every stage after it."""
         for s in STAGES[STAGES.index(stage):]:
             with contextlib.suppress(FileNotFoundError):
-                self._marker(s).unlink()
+                self.marker_file(s).unlink()

@@ -164,6 +164,22 @@ class MetricsCSV(L.Callback):
         atomic_write_text(self.path, buf.getvalue())
 
 
+class StepProgress(L.Callback):
+    """Progress as optimizer steps out of train.steps: to the caller's callback (the `kolora run` bar), else to
+    the log every tenth of the way. (Lightning's own bar counts epochs, and shows `Epoch 0/-2` for a run
+    bounded by steps.)"""
+
+    def __init__(self, total: int, progress=None):
+        self.total, self.progress, self.every = total, progress, max(1, total // 10)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.progress is not None:
+            self.progress(step, self.total)
+        elif trainer.is_global_zero and (step % self.every == 0 or step == self.total):
+            log.info("train: step %d/%d", step, self.total)
+
+
 class Checkpointer(L.Callback):
     """Checkpoints every N steps and/or M minutes, and at once when a stop was requested (signal); keeps the
     newest K. (Lightning's ModelCheckpoint takes steps *or* a time interval, not both, and has no notion of
@@ -250,8 +266,8 @@ def run(cfg: ExperimentConfig, run: RunDir, progress=None, devices: int = 1, num
         strategy="ddp" if devices * num_nodes > 1 else "auto",
         precision=precision, max_steps=tcfg.steps, max_epochs=-1,
         logger=False, default_root_dir=str(run.train), plugins=[*plugins, ckpt_io.AtomicCheckpointIO()],
-        enable_model_summary=False, enable_checkpointing=False,
-        callbacks=[MetricsCSV(run.train / "metrics.csv"),
+        enable_model_summary=False, enable_checkpointing=False, enable_progress_bar=False,
+        callbacks=[StepProgress(tcfg.steps, progress), MetricsCSV(run.train / "metrics.csv"),
                    Checkpointer(ckpt_dir, tcfg.checkpoint_every, tcfg.checkpoint_minutes, tcfg.keep_checkpoints)],
         num_sanity_val_steps=0, log_every_n_steps=1,
     )

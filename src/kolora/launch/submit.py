@@ -21,11 +21,12 @@ from typing import Any
 
 from kolora.cluster import ClusterProfile
 from kolora.config import ExperimentConfig, dump_config
+from kolora.errors import RunFailure
 from kolora.launch.plan import JobPlan, describe, plan_jobs
 from kolora.rundir import RunDir, atomic_write_text
 
 
-class LaunchError(RuntimeError):
+class LaunchError(RunFailure):
     """Submission refused or failed; nothing of this submission is left in the queue."""
 
 
