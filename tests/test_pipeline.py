@@ -90,3 +90,48 @@ def test_run_progress_sums_up_what_the_stages_wrote(demo_run, tmp_path):
     assert done["checkpoint_step"] == 30 and done["tiles"] == 8 and done["cache_entries"] > 0
     assert RunDir(tmp_path / "empty").progress() == {"complete": [], "checkpoint_step": None, "tiles": 0,
                                                      "cache_entries": 0}
+
+
+def test_a_crashed_training_with_new_inputs_keeps_its_checkpoints_to_resume(demo_run, tiny_diffusers, tmp_path,
+                                                                            capsys, monkeypatch):
+    """Its checkpoints cost GPU hours: they stay in train/ for the rerun; the superseded outputs stay aside
+    until that rerun succeeds."""
+    import shutil
+
+    from kolora import train
+
+    runs = tmp_path / "runs"
+    shutil.copytree(demo_run, runs / "demo")
+    run = runs / "demo"
+    old_lora = (run / "lora" / "pytorch_lora_weights.safetensors").read_bytes()
+    args = ["run", str(DEMO), "--runs-dir", str(runs), "--set", f"model.path={tiny_diffusers}",
+            "--set", "train.lr=0.0005", "--stage", "train"]
+    real_run = train.run
+
+    def crash_after_a_checkpoint(cfg, run_dir, **kw):
+        (run_dir.train / "checkpoints").mkdir(parents=True, exist_ok=True)
+        monkeypatch.setattr(train.Checkpointer, "save", crash_after_save)
+        return real_run(cfg, run_dir, **kw)
+
+    original_save = train.Checkpointer.save
+
+    def crash_after_save(self, trainer):
+        original_save(self, trainer)
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(train, "run", crash_after_a_checkpoint)
+    assert main(args) != 0
+    assert "illegal memory access" in capsys.readouterr().err
+    kept = sorted(p.name for p in (run / "train" / "checkpoints").glob("step=*.ckpt"))
+    assert kept == ["step=000010.ckpt"], kept  # the crashed attempt's checkpoint, in place
+    assert not (run / ".failed" / "train").exists()
+    assert (run / ".superseded" / "train" / "lora" / "pytorch_lora_weights.safetensors").read_bytes() == old_lora
+
+    monkeypatch.setattr(train, "run", real_run)
+    monkeypatch.setattr(train.Checkpointer, "save", original_save)
+    assert main(args) == 0
+    with open(run / "train" / "metrics.csv") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == list(range(1, 31))
+    assert not (run / ".superseded" / "train").exists()
+    summary = json.loads((run / "manifest.json").read_text())["stages"]["train"]["summary"]
+    assert summary["resumed_from_step"] == 10

@@ -166,8 +166,9 @@ def run_stage(stage: str, cfg: ExperimentConfig, run: RunDir, force: bool = Fals
     except BaseException as e:
         run.record_stage(stage, status="failed", error=f"{type(e).__name__}: {e}"[:2000],
                          wall_s=round(time.time() - started, 2))
-        # not on Ctrl-C (like a stop request), nor in an array task whose siblings write the same outputs
-        if isinstance(e, Exception) and "task_index" not in kw:
+        # Not on Ctrl-C (like a stop request), nor for train and render: their partial work (checkpoints, tiles)
+        # is what a rerun of the same config resumes from, and costs GPU hours; what they supersede stays aside.
+        if isinstance(e, Exception) and stage not in ("train", "render"):
             note = _settle(stage, run, succeeded=False)
             if note:
                 e.add_note(note)

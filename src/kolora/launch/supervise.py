@@ -134,7 +134,7 @@ def _bump_timeouts(counter: Path, key: str) -> int:
 
 
 def record_attempt(path: Path | None, entry: dict[str, Any]) -> None:
-    """One JSON line per job attempt (kolora status and the tests read them): a single O_APPEND write."""
+    """One JSON line per job attempt, the history of a requeued job: a single O_APPEND write."""
     if path is None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
