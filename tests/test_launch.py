@@ -254,3 +254,23 @@ def test_a_time_limit_too_short_to_load_the_models_is_flagged_before_queueing(
     assert main(["submit", DEMO, "--set", f"model.path={model}", "--cluster", str(short_profile(tmp_path, 2, 60)),
                  "--runs-dir", str(tmp_path / "runs"), "--dry-run"]) == 0
     assert "kolora: warning: jobs.train" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("required", [True, False])
+def test_make_test_fails_when_a_slurm_test_was_skipped(tmp_path: Path, required: bool) -> None:
+    """`make test` sets KOLORA_REQUIRE_SLURM=1: a Slurm test skipped for want of a cluster fails the run."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "KOLORA_DEVCLUSTER": str(tmp_path / "no-cluster")}
+    env.pop("KOLORA_REQUIRE_SLURM", None)
+    if required:
+        env["KOLORA_REQUIRE_SLURM"] = "1"
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--basetemp={tmp_path / 't'}",
+                           str(REPO / "tests" / "test_launch_slurm.py"), "-k", "cancel_empties"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert "1 skipped" in proc.stdout, proc.stdout[-2000:]
+    if required:
+        assert proc.returncode == 1 and "Slurm tests skipped" in proc.stdout, proc.stdout[-2000:]
+    else:
+        assert proc.returncode == 0, proc.stdout[-2000:]
