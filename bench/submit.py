@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     if reason:
         return skip(NAME, *reason)
     info = environment()
-    info["cluster"] = args.cluster
+    cluster = Path(args.cluster).resolve()
+    info["cluster"] = str(cluster.relative_to(REPO)) if cluster.is_relative_to(REPO) else args.cluster
 
     cli_s: list[float] = []
     inner_s: list[float] = []
