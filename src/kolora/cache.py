@@ -4,11 +4,13 @@ the text encoder or the VAE encoder.
 With center crop and no random flip the tutorial's per-step encoding is deterministic, so caching gives
 exactly the same training (notes/kolors-model.md) while ChatGLM3-6B (12.5 GB fp16) leaves the GPU.
 
-Layout: cache/text/<sha256>.safetensors (prompt_embeds [seq, 4096], pooled [4096]),
-        cache/latents/<sha256>.safetensors (latents [4, h/8, w/8], already scaled by the VAE's factor),
-        cache/index.json (one entry per training sample → its two keys and its add_time_ids).
-Keys hash the content *and* what produced it (model files, sequence length, resolution, crop), so a
-shared cache folder never serves a stale entry.
+Layout: STORE/text/<sha256>.safetensors (prompt_embeds [seq, 4096], pooled [4096]),
+        STORE/latents/<sha256>.safetensors (latents [4, h/8, w/8], already scaled by the VAE's factor),
+        <run>/cache/index.json (one entry per training sample → its two keys and its add_time_ids, and STORE).
+STORE is cache.dir (a lab folder shared by runs) or <run>/cache. Keys hash the content *and* what produced
+it (the model's fingerprint, sequence length, resolution, crop), so a shared store never serves a stale
+entry, and a second run (another lr, a sweep variant) encodes nothing already there. Writers that race on
+one entry write identical bytes through atomic renames.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
+from kolora import fingerprint
 from kolora.config import ExperimentConfig
 from kolora.errors import RunFailure
-from kolora.rundir import RunDir, atomic_path, atomic_write_json
+from kolora.rundir import RunDir, atomic_path, atomic_write_json, fsync_dir
+from kolora.stages import cache_store
 
 
 def read_trainset(run: RunDir) -> list[dict[str, str]]:
@@ -86,9 +90,10 @@ def run(cfg: ExperimentConfig, run: RunDir, progress=None) -> dict[str, Any]:
     if not rows:
         raise RunFailure(f"{run.trainset}/train/metadata.csv has no samples: nothing to cache")
     files = models.resolve(cfg.model)
-    ident = models.ModelFiles.identity(files)
+    ident = fingerprint.model(cfg.model)
     res, center, seq = cfg.train.resolution, cfg.train.center_crop, cfg.cache.max_sequence_length
-    text_dir, lat_dir = run.cache / "text", run.cache / "latents"
+    store = cache_store(cfg, run)
+    text_dir, lat_dir = store / "text", store / "latents"
 
     entries = []
     for r in rows:
@@ -147,7 +152,11 @@ def run(cfg: ExperimentConfig, run: RunDir, progress=None) -> dict[str, Any]:
     for e in entries:
         load_file(str(text_dir / f"{e['text_key']}.safetensors"))
         load_file(str(lat_dir / f"{e['latent_key']}.safetensors"))
+    for folder in (text_dir, lat_dir):
+        fsync_dir(folder)
     atomic_write_json(run.cache / "index.json", {"resolution": res, "max_sequence_length": seq,
-                                                 "entries": entries})
-    return {"samples": len(entries), "encoded_texts": len(todo_text), "encoded_images": len(todo_lat),
-            "device": device}
+                                                 "store": str(store), "entries": entries})
+    encoded = len(todo_text) + len(todo_lat)
+    unique = len({e["text_key"] for e in entries}) + len({e["latent_key"] for e in entries})
+    return {"samples": len(entries), "encoded": encoded, "reused": unique - encoded,
+            "encoded_texts": len(todo_text), "encoded_images": len(todo_lat), "store": str(store), "device": device}

@@ -81,10 +81,13 @@ def checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
-def newest_valid(ckpt_dir: Path, config_digest: str) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint that loads and carries kolora's block; a corrupt or truncated one is skipped
-    with a warning; one made by a different config is refused."""
+def newest_valid(ckpt_dir: Path, config_digest: str, max_step: int | None = None
+                 ) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint (at most `max_step`) that loads and carries kolora's block; a corrupt or truncated
+    one is skipped with a warning; one made by a different config is refused."""
     for step, path in checkpoints(ckpt_dir):
+        if max_step is not None and step > max_step:
+            continue
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
             meta = ckpt["kolora"]
@@ -97,7 +100,7 @@ def newest_valid(ckpt_dir: Path, config_digest: str) -> tuple[Path, dict[str, An
         if meta.get("config_digest") != config_digest:
             raise CheckpointError(
                 f"{path} was written by a different training config ({meta.get('config_digest')} ≠ "
-                f"{config_digest}); resuming it would mix two experiments. Use another run --name, or delete "
-                f"{Path(ckpt_dir)} to start this config from scratch.")
+                f"{config_digest}); resuming it would mix two experiments. Use another run --name, or rerun with "
+                f"--force (or delete {Path(ckpt_dir)}) to start this config from scratch.")
         return path, ckpt
     return None

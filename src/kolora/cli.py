@@ -46,7 +46,7 @@ def cmd_run(args) -> int:
 
     from kolora.config import load_config
     from kolora.pipeline import open_run, preflight, run_stage
-    from kolora.rundir import STAGES
+    from kolora.stages import NAMES as STAGES
 
     console = Console(stderr=True)
     cfg = load_config(args.config, args.overrides, args.name)
@@ -66,6 +66,8 @@ def cmd_run(args) -> int:
 
             summary = run_stage(stage, cfg, run, force=args.force and stage in (args.stage or STAGES),
                                 progress=progress)
+        for note in summary.get("notes", []):
+            console.print(f"[{n}/{len(stages)}] {stage:<7} [yellow]{note}[/]")
         if summary.get("skipped"):
             console.print(f"[{n}/{len(stages)}] {stage:<7} [dim]complete, skipped[/]")
         else:
@@ -225,6 +227,7 @@ def cmd_cancel(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from kolora import cli_models  # fetch, check, export, import-lora
     from kolora.cli_models import whole_number
+    from kolora.stages import NAMES as stage_names
 
     parser = argparse.ArgumentParser(
         prog="kolora", description="Kolors LoRA training kit for Slurm clusters.",
@@ -236,9 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run the whole pipeline (or --stage ones) in this process")
     _add_config_args(p)
-    p.add_argument("--stage", action="append", choices=["ingest", "filter", "cache", "train", "render", "grid"],
+    p.add_argument("--stage", action="append", choices=list(stage_names),
                    help="run only this stage (repeatable); default all")
-    p.add_argument("--force", action="store_true", help="rerun the selected stages even if complete")
+    p.add_argument("--force", action="store_true",
+                   help="rerun the selected stages even if complete; train starts over (its checkpoints and LoRA "
+                        "are discarded, not moved to superseded/)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("validate", help="check a config, its prompt set, model and data paths; run nothing")

@@ -28,15 +28,10 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from kolora.config import ConfigError, read_yaml_mapping
 from kolora.container import ContainerConfig
 from kolora.schema import Section, describe_validation_error, format_problems
+from kolora.stages import jobs
 
-# job → the pipeline stages it runs, in order; jobs run in this order, each `afterok` on the previous one
-JOBS: dict[str, tuple[str, ...]] = {
-    "filter": ("ingest", "filter"),
-    "train": ("cache", "train"),
-    "render": ("render",),
-    "grid": ("grid",),
-}
-STAGE_JOB = {stage: job for job, stages in JOBS.items() for stage in stages}
+# job → the pipeline stages it runs, in order (from the stage registry); each `afterok` on the previous one
+JOBS: dict[str, tuple[str, ...]] = jobs()
 
 # sbatch options the launcher sets itself: a profile's `extra` may not set them (use the named field instead)
 RESERVED_OPTIONS = {

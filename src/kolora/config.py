@@ -137,6 +137,9 @@ class CacheConfig(_Section):
     max_sequence_length: int = Field(256, ge=8, le=4096)
     batch_size: int = Field(4, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Where the content-addressed entries live (default: <run>/cache). A lab folder shared by several runs
+    # (a sweep, a rerun with another lr) means each image and caption is encoded once.
+    dir: Path | None = None
 
 
 class TrainConfig(_Section):
@@ -233,6 +236,7 @@ def config_digest(obj: Any) -> str:
 _PATH_FIELDS = [
     ("model", "path"), ("model", "vae_path"), ("model", "tokenizer_path"), ("model", "unet_config"),
     ("model", "vae_config"), ("data", "path"), ("render", "prompts"), ("render", "lora"), ("grid", "font"),
+    ("cache", "dir"),
 ]
 
 

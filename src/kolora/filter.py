@@ -242,5 +242,4 @@ def run(cfg: ExperimentConfig, run: RunDir) -> dict[str, Any]:
             f"Every sample and its reason: {run.filter / 'report.json'}")
     _write_trainset(kept, {sid: e["format"] for sid, e in report.items()}, run.trainset)
     summary["seconds"]["total"] = round(time.perf_counter() - t0, 2)
-    run.mark_complete("filter", cfg, **{k: summary[k] for k in ("input", "kept", "dropped", "by_reason")})
     return summary

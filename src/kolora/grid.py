@@ -8,8 +8,8 @@ from typing import Any
 
 from kolora.config import ExperimentConfig
 from kolora.errors import InputError, RunFailure
-from kolora.render import tiles
 from kolora.rundir import RunDir, atomic_path
+from kolora.stages import missing_tiles, tiles
 
 
 def _font(path: Path | None, size: int):
@@ -32,18 +32,18 @@ def run(cfg: ExperimentConfig, run: RunDir, progress=None) -> dict[str, Any]:
     from PIL import Image, ImageDraw
 
     g = cfg.grid
-    all_tiles = tiles(cfg)
+    all_tiles = tiles(cfg, run)
     cells = g.columns * g.rows
     if len(all_tiles) > cells:
         raise InputError(f"grid: {len(all_tiles)} tiles do not fit grid.columns × grid.rows = {cells}; "
                          "raise grid.rows or grid.columns")
-    missing = [name for _, _, name in all_tiles if not (run.render / name).is_file()]
+    missing = missing_tiles(cfg, run, all_tiles)
     if missing:
-        raise RunFailure(f"grid: {len(missing)} tiles missing in {run.render} (e.g. {missing[0]}): "
-                         "run the render stage first")
+        raise RunFailure(f"grid: {len(missing)} of {len(all_tiles)} tiles missing in {run.render} (e.g. prompt "
+                         f"#{missing[0].index + 1}, seed {missing[0].item.seed}): run the render stage first")
     images = []
-    for _, _, name in all_tiles:
-        with Image.open(run.render / name) as im:
+    for tile in all_tiles:
+        with Image.open(run.render / tile.name) as im:
             im = im.convert("RGB")
             images.append(im.resize((g.tile_size, g.tile_size), Image.LANCZOS) if g.tile_size else im.copy())
     w, h = images[0].size
@@ -51,7 +51,8 @@ def run(cfg: ExperimentConfig, run: RunDir, progress=None) -> dict[str, Any]:
     font = _font(g.font, max(8, caption_h * 3 // 4)) if caption_h else None
     sheet = Image.new("RGB", (g.columns * w, g.rows * (h + caption_h)), "white")
     draw = ImageDraw.Draw(sheet)
-    for k, ((_, item, _), im) in enumerate(zip(all_tiles, images, strict=True)):
+    for k, (tile, im) in enumerate(zip(all_tiles, images, strict=True)):
+        item = tile.item
         x, y = (k % g.columns) * w, (k // g.columns) * (h + caption_h)
         sheet.paste(im.resize((w, h)) if im.size != (w, h) else im, (x, y))
         if caption_h:

@@ -179,7 +179,6 @@ def run(cfg: ExperimentConfig, run: RunDir) -> dict[str, Any]:
         atomic_write_text(work / "rejected.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejected))
     summary = {"source": d.source, "path": where, "samples": len(samples), "rejected": len(rejected),
                **{k: v for k, v in counts.items() if v}, "seconds": round(time.perf_counter() - t0, 2)}
-    run.mark_complete("ingest", cfg, **summary)
     return summary
 
 

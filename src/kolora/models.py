@@ -61,14 +61,6 @@ class ModelFiles:
     scheduler: Path | None = None
     variant: str | None = None
 
-    def identity(self) -> str:
-        """A string that changes when the weights change (for cache keys): paths, sizes and mtimes."""
-        parts = []
-        for p in (self.tokenizer, self.text_encoder, self.vae, self.unet):
-            files = sorted(p.rglob("*")) if p.is_dir() else [p]
-            parts += [f"{f}:{f.stat().st_size}:{int(f.stat().st_mtime)}" for f in files if f.is_file()]
-        return "|".join(parts)
-
 
 def resolve(cfg: ModelConfig) -> ModelFiles:
     """Find every component of `cfg` on disk; raise ConfigError naming the missing file and the fix."""

@@ -1,9 +1,8 @@
-"""The stage graph and the in-process runner.
-
-A stage is `kolora.<stage>.run(cfg, run_dir, **kw) -> summary`. `run_stage` adds what every launcher
-needs around it: skip when complete, set aside outputs made for a different config (put back if the stage
-fails, dropped when it succeeds), time it, record it in the manifest, mark it complete. `preflight` checks everything that can be checked before any stage runs.
-The Slurm launcher calls the same `run_stage` inside each job.
+"""The in-process runner: `run_stage` runs one stage of the registry (kolora.stages) with what every
+launcher needs around it: skip when complete, deal with outputs made for other inputs (Stage.on_change),
+time it, record it in the manifest, mark it complete. `preflight` checks everything that can be checked
+before any stage runs. A stage is `kolora.<stage>.run(cfg, run_dir, **kw) -> summary`; the Slurm launcher
+calls the same `run_stage` inside each job.
 """
 
 from __future__ import annotations
@@ -12,6 +11,7 @@ import contextlib
 import importlib
 import inspect
 import json
+import logging
 import os
 import platform
 import shutil
@@ -22,15 +22,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from kolora import stages
 from kolora.config import ConfigError, ExperimentConfig, load_prompts
 from kolora.interrupt import Interrupted
-from kolora.rundir import STAGE_INPUTS, STAGES, RunDir, atomic_write_json, atomic_write_text
+from kolora.rundir import RunDir, atomic_write_json, atomic_write_text
 
-# What each stage owns in the run directory (set aside when the stage reruns for a different config).
-STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
-    "ingest": ("data",), "filter": ("filter", "trainset"), "cache": (), "train": ("train", "lora"),
-    "render": ("render",), "grid": ("grid.png",),
-}
+log = logging.getLogger("kolora.pipeline")
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "DIFFUSERS_OFFLINE": "1", "MODELSCOPE_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -84,28 +81,70 @@ def _superseded(run: RunDir, stage: str) -> Path:
     return run.root / ".superseded" / stage
 
 
-def _clear_stale(stage: str, cfg: ExperimentConfig, run: RunDir) -> None:
+def prepare(stage: str, cfg: ExperimentConfig, run: RunDir, keys: stages.Keys, force: bool = False) -> list[str]:
+    """Before a stage runs: deal with outputs made for other inputs (see Stage.on_change); returns one-line
+    notes for the person running it."""
+    s = stages.get(stage)
+    work = keys.work(stage)
+    if work is None:
+        return []
+    stamp = run.root / ".inputs" / stage
+    old = stamp.read_text().strip() if stamp.is_file() else None
+    notes: list[str] = []
+    if s.on_change == "keep":
+        notes = _keep_aside(s, run, old, work, force)
+    elif s.on_change == "replace" and old is not None and old != work:
+        _set_aside(s, run, old, work)
+    atomic_write_text(stamp, work + "\n")
+    return notes
+
+
+def _keep_aside(s: stages.Stage, run: RunDir, old: str | None, work: str, force: bool) -> list[str]:
+    """Training outputs are GPU hours: never deleted implicitly. Made for other inputs, they move to
+    superseded/<stage>-<key>/ (and come back if those inputs return); --force discards them."""
+    present = [run.root / name for name in s.outputs if (run.root / name).exists()]
+    if force:
+        for p in present:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        return [f"{s.name}: --force: discarded {', '.join(p.name + '/' for p in present)}"] if present else []
+    notes = []
+    if old is not None and old != work and present:
+        dest = run.root / "superseded" / f"{s.name}-{old}"
+        if dest.exists():
+            dest = dest.with_name(f"{dest.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        dest.mkdir(parents=True)
+        for p in present:
+            os.replace(p, dest / p.name)
+        notes.append(f"{s.name}: its inputs changed; the previous {', '.join(p.name + '/' for p in present)} moved "
+                     f"to {dest.relative_to(run.root)}/ (kept: delete it to free space, or use --force to discard)")
+    back = run.root / "superseded" / f"{s.name}-{work}"
+    if old != work and back.is_dir() and not any((run.root / name).exists() for name in s.outputs):
+        for child in back.iterdir():
+            os.replace(child, run.root / child.name)
+        back.rmdir()
+        notes.append(f"{s.name}: continuing the outputs made earlier for these same inputs "
+                     f"(from {back.relative_to(run.root)}/)")
+    return notes
+
+
+def _set_aside(s: stages.Stage, run: RunDir, old: str, work: str) -> None:
     """Outputs made for other inputs are set aside, not deleted: `_settle` drops them once the stage succeeds
     for the new inputs, or puts them back (with their completion markers) when it fails."""
-    stamp = run.root / ".inputs" / stage
-    digest = cfg.section_digest(*STAGE_INPUTS[stage])
-    old = stamp.read_text().strip() if stamp.is_file() else None
-    if old is not None and old != digest:
-        aside = _superseded(run, stage)
-        present = [run.root / name for name in STAGE_OUTPUTS[stage] if (run.root / name).exists()]
-        if aside.exists():  # earlier outputs are set aside already; these are an unfinished attempt's
-            for p in present:
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
-            if json.loads((aside / ".state.json").read_text())["inputs"] == digest:
-                _settle(stage, run, succeeded=False)  # back to the inputs they were made for
-        elif present:
-            aside.mkdir(parents=True)
-            for p in present:
-                os.replace(p, aside / p.name)
-            markers = {s: run.marker_file(s) for s in STAGES[STAGES.index(stage):] if run.marker_file(s).is_file()}
-            atomic_write_json(aside / ".state.json", {
-                "inputs": old, "markers": {s: m.read_text() for s, m in markers.items()}})
-    atomic_write_text(stamp, digest + "\n")
+    aside = _superseded(run, s.name)
+    present = [run.root / name for name in s.outputs if (run.root / name).exists()]
+    if aside.exists():  # earlier outputs are set aside already; these are an unfinished attempt's
+        for p in present:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        if json.loads((aside / ".state.json").read_text())["inputs"] == work:
+            _settle(s.name, run, succeeded=False)  # back to the inputs they were made for
+    elif present:
+        aside.mkdir(parents=True)
+        for p in present:
+            os.replace(p, aside / p.name)
+        marker = stages.marker_file(run, s.name)
+        atomic_write_json(aside / ".state.json", {
+            "inputs": old, "outputs": [p.name for p in present],
+            "markers": {s.name: marker.read_text()} if marker.is_file() else {}})
 
 
 def _settle(stage: str, run: RunDir, succeeded: bool) -> str | None:
@@ -119,17 +158,18 @@ def _settle(stage: str, run: RunDir, succeeded: bool) -> str | None:
         return None
     state = json.loads((aside / ".state.json").read_text())
     failed = run.root / ".failed" / stage
-    written = [name for name in STAGE_OUTPUTS[stage] if (run.root / name).exists()]
+    outputs = {name: run.root / name for name in stages.get(stage).outputs}
+    written = [name for name, p in outputs.items() if p.exists()]
     if written:
         shutil.rmtree(failed, ignore_errors=True)
         failed.mkdir(parents=True)
-    for name in STAGE_OUTPUTS[stage]:
+    for name, p in outputs.items():
         if name in written:
-            os.replace(run.root / name, failed / name)
-        if (aside / name).exists():
-            os.replace(aside / name, run.root / name)
+            os.replace(p, failed / p.name)
+        if (aside / p.name).exists():
+            os.replace(aside / p.name, p)
     for s, text in state["markers"].items():
-        atomic_write_text(run.marker_file(s), text)
+        atomic_write_text(stages.marker_file(run, s), text)
     atomic_write_text(run.root / ".inputs" / stage, state["inputs"] + "\n")
     shutil.rmtree(aside)
     return f"the previous {stage} outputs are back in place" + (
@@ -137,52 +177,62 @@ def _settle(stage: str, run: RunDir, succeeded: bool) -> str | None:
 
 
 def run_stage(stage: str, cfg: ExperimentConfig, run: RunDir, force: bool = False,
-              progress: Callable[[int, int], None] | None = None, **kw: Any) -> dict[str, Any]:
-    """Run one stage unless complete; returns its summary (with `skipped: True` when it was)."""
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
-    if not force and is_complete(stage, cfg, run):
+              progress: Callable[[int, int], None] | None = None, follower: bool = False,
+              **kw: Any) -> dict[str, Any]:
+    """Run one stage unless complete; returns its summary (with `skipped: True` when it was). A `follower`
+    (a DDP rank > 0) only computes: rank 0 decided, prepared and records the stage."""
+    s = stages.get(stage)
+    if follower:
+        return _call(s, cfg, run, progress, kw)
+    keys = stages.Keys(cfg, run)
+    if not force and stages.is_complete(stage, cfg, run, keys):
         return {"skipped": True}
-    _clear_stale(stage, cfg, run)
-    # Whatever this stage writes makes the later stages' outputs stale.
-    run.invalidate_from(stage)
-    if stage in ("cache", "train", "render"):
-        from kolora.models import ensure_model
-
-        ensure_model(cfg.model)
-    module = importlib.import_module(f"kolora.{stage}")
-    if stage in ("cache", "train", "render"):
-        torch_setup(cfg)
+    notes = prepare(stage, cfg, run, keys, force)
+    for note in notes:
+        log.warning("%s", note)
     started = time.time()
-    run.record_stage(stage, status="running", started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    run.record_stage(stage, status="running", started=time.strftime("%Y-%m-%dT%H:%M:%S%z"), notes=notes)
     try:
-        with offline_env(run):
-            if progress is not None and "progress" in inspect.signature(module.run).parameters:
-                kw["progress"] = progress
-            summary = module.run(cfg, run, **kw)
+        summary = _call(s, cfg, run, progress, kw)
     except Interrupted as e:  # resumable: keep what it made (and, aside, what it supersedes)
         run.record_stage(stage, status="interrupted", error=str(e), wall_s=round(time.time() - started, 2))
         raise
     except BaseException as e:
         run.record_stage(stage, status="failed", error=f"{type(e).__name__}: {e}"[:2000],
                          wall_s=round(time.time() - started, 2))
-        # Not on Ctrl-C (like a stop request), nor for train and render: their partial work (checkpoints, tiles)
-        # is what a rerun of the same config resumes from, and costs GPU hours; what they supersede stays aside.
-        if isinstance(e, Exception) and stage not in ("train", "render"):
+        # Not on Ctrl-C (like a stop request), nor for stages whose partial work (checkpoints, tiles) is what a
+        # rerun of the same config resumes from; what they supersede stays aside.
+        if isinstance(e, Exception) and not s.keeps_partial:
             note = _settle(stage, run, succeeded=False)
             if note:
                 e.add_note(note)
         raise
     wall = round(time.time() - started, 2)
-    done = stage != "render" or not _missing_tiles(cfg, run)
+    done = s.done(cfg, run)
     with run.manifest() as m:
         entry = m.setdefault("stages", {}).setdefault(stage, {})
         entry.update(status="complete" if done else "partial", summary=summary, error=None)
-        entry["wall_s"] = round(entry.get("wall_s", 0) + wall, 2) if stage == "render" and "task_index" in kw else wall
+        entry["wall_s"] = round(entry.get("wall_s", 0) + wall, 2) if "task_index" in kw else wall
     if done:
         _settle(stage, run, succeeded=True)
-        run.mark_complete(stage, cfg, **{"wall_s": wall})
-    return {**summary, "wall_s": wall}
+        if s.on_change == "keyed":
+            summary["stale_removed"] = stages.prune_stale_tiles(cfg, run)
+        stages.mark_complete(stage, run, stages.Keys(cfg, run).output(stage), wall_s=wall)
+    return {**summary, "wall_s": wall, **({"notes": notes} if notes else {})}
+
+
+def _call(s: stages.Stage, cfg: ExperimentConfig, run: RunDir, progress, kw: dict[str, Any]) -> dict[str, Any]:
+    if s.where != "cpu":
+        from kolora.models import ensure_model
+
+        ensure_model(cfg.model)
+    module = importlib.import_module(s.module)
+    if s.where != "cpu":
+        torch_setup(cfg)
+    with offline_env(run):
+        if progress is not None and "progress" in inspect.signature(module.run).parameters:
+            kw = {**kw, "progress": progress}
+        return module.run(cfg, run, **kw)
 
 
 def torch_setup(cfg: ExperimentConfig) -> None:
@@ -194,28 +244,6 @@ def torch_setup(cfg: ExperimentConfig) -> None:
     quiet_libraries()
     if not torch.cuda.is_available():
         torch.set_num_threads(cfg.cpu_threads)
-
-
-def is_complete(stage: str, cfg: ExperimentConfig, run: RunDir) -> bool:
-    """The stage's marker matches this config *and* its outputs are still on disk (a deleted tile or
-    LoRA makes the stage run again, and only for what is missing)."""
-    if not run.is_complete(stage, cfg):
-        return False
-    if stage == "render":
-        return not _missing_tiles(cfg, run)
-    if stage == "grid":
-        tiles = list(run.render.glob("*.png"))
-        return run.grid_file.is_file() and all(
-            t.stat().st_mtime_ns <= run.grid_file.stat().st_mtime_ns for t in tiles)
-    required = {"ingest": run.data / "metadata.jsonl", "filter": run.trainset / "train" / "metadata.csv",
-                "cache": run.cache / "index.json", "train": run.lora / "pytorch_lora_weights.safetensors"}
-    return required[stage].is_file()
-
-
-def _missing_tiles(cfg: ExperimentConfig, run: RunDir) -> list[str]:
-    from kolora.render import missing_tiles
-
-    return missing_tiles(cfg, run)
 
 
 def provenance() -> dict[str, Any]:

@@ -1,39 +1,25 @@
-"""render: every (prompt, seed) of the prompt set through KolorsPipeline + the LoRA → render/<index>-<seed>.png.
+"""render: every (prompt, seed) of the prompt set through KolorsPipeline + the LoRA → render/<tile>.png.
 
-`task_index`/`task_count` split the tiles round-robin so that one Slurm array task renders only its share.
-Tiles that exist are skipped (a requeued task renders only what is missing), and each tile is written
-atomically, so a half-written PNG never appears under its final name.
+Tiles are named by their index, seed and key (kolora.stages.tiles: everything their pixels depend on), so a
+changed prompt or LoRA re-renders exactly the affected tiles, an unchanged tile is never rendered twice, and
+array tasks never write or remove each other's files. `task_index`/`task_count` split the tiles round-robin
+so that one Slurm array task renders only its share. Tiles are written atomically.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 from kolora import interrupt
-from kolora.config import ExperimentConfig, PromptItem, load_prompts
+from kolora.config import ExperimentConfig, PromptItem
 from kolora.errors import RunFailure
 from kolora.lora import LoraFileError
-from kolora.rundir import RunDir, atomic_path
-
-
-def tile_name(index: int, seed: int) -> str:
-    return f"{index:03d}-{seed}.png"
-
-
-def tiles(cfg: ExperimentConfig) -> list[tuple[int, PromptItem, str]]:
-    items = load_prompts(cfg.render.prompts, cfg.render.negative_prompt)
-    return [(i, p, tile_name(i, p.seed)) for i, p in enumerate(items)]
-
-
-def missing_tiles(cfg: ExperimentConfig, run: RunDir) -> list[str]:
-    return [name for _, _, name in tiles(cfg) if not (run.render / name).is_file()]
-
-
-def lora_path(cfg: ExperimentConfig, run: RunDir) -> Path:
-    from kolora.lora import resolve_file
-
-    return resolve_file(cfg.render.lora) if cfg.render.lora else run.lora / "pytorch_lora_weights.safetensors"
+from kolora.rundir import RunDir, atomic_path, fsync_dir
+from kolora.stages import Tile, lora_file, tiles
 
 
 def build_pipeline(cfg: ExperimentConfig, lora_file: Path | None, device: str, dtype):
@@ -72,29 +58,47 @@ def render_tile(pipe, cfg: ExperimentConfig, item: PromptItem, device: str):
                 generator=generator, max_sequence_length=cfg.cache.max_sequence_length).images[0]
 
 
+def _reuse(run: RunDir, tile: Tile) -> bool:
+    """A tile already rendered under another index (the prompt set was reordered): link it to its new name."""
+    assert tile.key is not None
+    for p in run.render.glob(f"*-{tile.key[:12]}.png"):
+        with contextlib.suppress(OSError):
+            with atomic_path(run.render / tile.name) as tmp:
+                tmp.unlink()
+                try:
+                    os.link(p, tmp)
+                except OSError:
+                    shutil.copyfile(p, tmp)
+            return True
+    return False
+
+
 def run(cfg: ExperimentConfig, run: RunDir, task_index: int = 0, task_count: int = 1,
         progress=None) -> dict[str, Any]:
     if not 0 <= task_index < task_count:
         raise ValueError(f"task_index {task_index} is outside 0..{task_count - 1}")
-    mine = [t for t in tiles(cfg) if t[0] % task_count == task_index]
-    todo = [t for t in mine if not (run.render / t[2]).is_file()]
+    lf = lora_file(cfg, run)
+    if not lf.is_file():
+        raise RunFailure(f"LoRA {lf} is missing: run the train stage first, or set render.lora")
+    mine = [t for t in tiles(cfg, run) if t.index % task_count == task_index]
+    todo = [t for t in mine if not (run.render / t.name).is_file()]
+    reused = [t for t in todo if _reuse(run, t)]
+    todo = [t for t in todo if t not in reused]
     if todo:
-        lf = lora_path(cfg, run)
-        if not lf.is_file():
-            raise RunFailure(f"LoRA {lf} is missing: run the train stage first, or set render.lora")
         device, dtype = _device_dtype(cfg)
         try:
             pipe = build_pipeline(cfg, lf, device, dtype)
         except LoraFileError as e:
             raise LoraFileError(f"render.lora: {e}") if cfg.render.lora else e from None
-        for n, (_, item, name) in enumerate(todo, 1):
-            image = render_tile(pipe, cfg, item, device)
-            with atomic_path(run.render / name) as tmp:
+        for n, tile in enumerate(todo, 1):
+            image = render_tile(pipe, cfg, tile.item, device)
+            with atomic_path(run.render / tile.name) as tmp:
                 image.save(tmp, format="PNG")
             if progress:
                 progress(n, len(todo))
             if interrupt.requested() is not None and n < len(todo):
                 raise interrupt.Interrupted(f"render task {task_index} stopped after {n} of {len(todo)} tiles "
                                             f"({interrupt.requested()}); the rest render when it runs again")
+    fsync_dir(run.render)
     return {"task": task_index, "tasks": task_count, "tiles": len(mine), "rendered": len(todo),
-            "already_done": len(mine) - len(todo)}
+            "reused": len(reused), "already_done": len(mine) - len(todo) - len(reused)}

@@ -1,9 +1,8 @@
-"""The run directory: layout, atomic writes, the manifest and per-stage completion markers.
+"""The run directory: layout, atomic writes and the manifest.
 
-Every stage writes its outputs with `atomic_write*` (temp file in the same folder + os.replace), and
-marks itself complete with `mark_complete` as its very last action; `is_complete` is what makes a
-second `kolora run` (or a requeued job) skip finished work. The manifest is shared by concurrent jobs
-(render array tasks), so it is updated under an exclusive file lock.
+Every stage writes its outputs with `atomic_write*` (temp file in the same folder + os.replace); the
+pipeline then writes the stage's completion marker (kolora.stages decides what "complete" means). The
+manifest is shared by concurrent jobs (render array tasks), so it is updated under an exclusive file lock.
 """
 
 from __future__ import annotations
@@ -21,18 +20,6 @@ from typing import Any
 
 from kolora.config import ExperimentConfig, dump_config
 from kolora.errors import InputError, read_text
-
-STAGES = ("ingest", "filter", "cache", "train", "render", "grid")
-
-# Which config sections each stage's output depends on (a stage reruns when they change).
-STAGE_INPUTS: dict[str, tuple[str, ...]] = {
-    "ingest": ("data",),
-    "filter": ("data", "filter"),
-    "cache": ("data", "filter", "model", "cache", "train"),
-    "train": ("data", "filter", "model", "cache", "train"),
-    "render": ("data", "filter", "model", "train", "render"),
-    "grid": ("data", "filter", "model", "train", "render", "grid"),
-}
 
 
 class RunError(InputError):
@@ -125,7 +112,7 @@ def atomic_dir(path: Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _now() -> str:
+def now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
@@ -164,7 +151,7 @@ class RunDir:
         self.root.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.config_file, dump_config(cfg))
         with self.manifest() as m:
-            m.setdefault("created", _now())
+            m.setdefault("created", now())
             m["name"] = cfg.name
             m["config_digest"] = cfg.digest()
             m["seeds"] = {"experiment": cfg.seed, "train": cfg.train.seed, "synthetic_data": cfg.data.synthetic.seed,
@@ -212,42 +199,22 @@ class RunDir:
         with self.manifest() as m:
             m.setdefault("stages", {}).setdefault(stage, {}).update(fields)
 
-    # completion markers -------------------------------------------------------------------------------
-    def marker_file(self, stage: str) -> Path:
-        return self.root / ".complete" / f"{stage}.json"
-
-    def is_complete(self, stage: str, cfg: ExperimentConfig) -> bool:
-        marker = self.marker_file(stage)
-        if not marker.is_file():
-            return False
-        try:
-            info = json.loads(marker.read_text())
-        except (OSError, json.JSONDecodeError):
-            return False
-        return info.get("inputs") == cfg.section_digest(*STAGE_INPUTS[stage])
-
-    def mark_complete(self, stage: str, cfg: ExperimentConfig, **summary: Any) -> None:
-        atomic_write_json(self.marker_file(stage), {"inputs": cfg.section_digest(*STAGE_INPUTS[stage]),
-                                                "finished": _now(), **summary})
-
     def progress(self) -> dict[str, Any]:
-        """What the stages have durably written so far (finished stages, newest checkpoint step, tiles, cache
-        entries): two equal values mean a job attempt between them achieved nothing."""
-        def count(folder: Path) -> int:
-            try:
-                with os.scandir(folder) as entries:
-                    return sum(1 for e in entries if not e.name.startswith("."))
-            except OSError:
-                return 0
+        """What the stages have durably written so far (kolora.stages.progress)."""
+        from kolora.stages import progress
 
-        steps = [int(p.stem.split("=", 1)[1]) for p in (self.train / "checkpoints").glob("step=*.ckpt")
-                 if p.stem.split("=", 1)[1].isdigit()]
-        return {"complete": sorted(p.stem for p in (self.root / ".complete").glob("*.json")),
-                "checkpoint_step": max(steps, default=None), "tiles": count(self.render),
-                "cache_entries": count(self.cache / "text") + count(self.cache / "latents")}
+        return progress(self)
 
-    def invalidate_from(self, stage: str) -> None:
-        """Drop the completion markers of `stage` and every stage after it."""
-        for s in STAGES[STAGES.index(stage):]:
-            with contextlib.suppress(FileNotFoundError):
-                self.marker_file(s).unlink()
+
+def fsync_dir(path: Path | str) -> None:
+    """Make the names in a folder durable (a rename is not, on some cluster file systems, until this)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -29,7 +29,8 @@ from kolora import checkpoint as ckpt_io
 from kolora import interrupt, models
 from kolora import lora as lora_io
 from kolora.config import ExperimentConfig, TrainConfig
-from kolora.rundir import STAGE_INPUTS, RunDir, atomic_write_text
+from kolora.rundir import RunDir, atomic_write_text
+from kolora.stages import Keys
 
 log = logging.getLogger("kolora.train")
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -40,7 +41,7 @@ class CachedSamples(Dataset):
 
     def __init__(self, cache_dir: Path):
         index = json.loads((Path(cache_dir) / "index.json").read_text())
-        self.dir = Path(cache_dir)
+        self.dir = Path(index.get("store") or cache_dir)  # the entries' store (cache.dir may be shared)
         self.entries = index["entries"]
 
     def __len__(self) -> int:
@@ -185,13 +186,14 @@ class Checkpointer(L.Callback):
     newest K. (Lightning's ModelCheckpoint takes steps *or* a time interval, not both, and has no notion of
     a stop request, hence this small callback.)"""
 
-    def __init__(self, ckpt_dir: Path, every_steps: int, every_minutes: float | None, keep: int):
+    def __init__(self, ckpt_dir: Path, every_steps: int, every_minutes: float | None, keep: int, last: int):
         self.dir, self.every_steps, self.every_minutes, self.keep = Path(ckpt_dir), every_steps, every_minutes, keep
+        self.last = last  # the final step is always saved: raising train.steps later continues from it
         self.last_time = time.monotonic()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        due = step % self.every_steps == 0 or interrupt.requested() is not None or (
+        due = step % self.every_steps == 0 or step == self.last or interrupt.requested() is not None or (
             self.every_minutes is not None and time.monotonic() - self.last_time >= 60 * self.every_minutes)
         if due:
             self.save(trainer)
@@ -244,10 +246,17 @@ def run(cfg: ExperimentConfig, run: RunDir, progress=None, devices: int = 1, num
 
     data = CachedSamples(run.cache)
     ckpt_dir = run.train / "checkpoints"
-    digest = cfg.section_digest(*STAGE_INPUTS["train"])
-    found = ckpt_io.newest_valid(ckpt_dir, digest)
+    # Checkpoints belong to the training's inputs without train.steps: a run given more steps continues.
+    digest = Keys(cfg, run).work("train")
+    found = ckpt_io.newest_valid(ckpt_dir, digest, max_step=tcfg.steps)
     resume, start_step = (found[0], int(found[1]["global_step"])) if found else (None, 0)
-    if resume:
+    beyond = [step for step, _ in ckpt_io.checkpoints(ckpt_dir) if step > tcfg.steps]
+    if beyond:
+        log.warning("train.steps=%d is below the newest checkpoint (step %d): %s; the checkpoints after step %d "
+                    "stay, and raising train.steps again continues from them", tcfg.steps, max(beyond),
+                    f"the LoRA is the step-{tcfg.steps} state from its checkpoint" if start_step == tcfg.steps else
+                    f"training continues from step {start_step} to {tcfg.steps}", tcfg.steps)
+    elif resume:
         log.info("resuming from %s (step %d of %d)", resume, start_step, tcfg.steps)
     sampler = StepSampler(len(data), tcfg.steps * tcfg.batch_size, tcfg.seed, start=start_step * tcfg.batch_size)
     loader = torch.utils.data.DataLoader(data, batch_size=tcfg.batch_size, sampler=sampler,
@@ -268,7 +277,8 @@ def run(cfg: ExperimentConfig, run: RunDir, progress=None, devices: int = 1, num
         logger=False, default_root_dir=str(run.train), plugins=[*plugins, ckpt_io.AtomicCheckpointIO()],
         enable_model_summary=False, enable_checkpointing=False, enable_progress_bar=False,
         callbacks=[StepProgress(tcfg.steps, progress), MetricsCSV(run.train / "metrics.csv"),
-                   Checkpointer(ckpt_dir, tcfg.checkpoint_every, tcfg.checkpoint_minutes, tcfg.keep_checkpoints)],
+                   Checkpointer(ckpt_dir, tcfg.checkpoint_every, tcfg.checkpoint_minutes, tcfg.keep_checkpoints,
+                                tcfg.steps)],
         num_sanity_val_steps=0, log_every_n_steps=1,
     )
     # Whoever launched us may already route signals to interrupt.request (the Slurm job wrapper does);

@@ -183,12 +183,14 @@ class StageJob:
         return Path(self.folder) / f".train-go-{job_id}-{os.environ.get('SLURM_RESTART_COUNT', '0')}"
 
     def _release_followers(self, cfg, run) -> None:
-        from kolora import pipeline
+        from kolora import pipeline, stages
 
-        decision = "skip" if pipeline.is_complete("train", cfg, run) else "run"  # what run_stage will decide
+        keys = stages.Keys(cfg, run)
+        decision = "skip" if stages.is_complete("train", cfg, run, keys) else "run"  # what run_stage will decide
         if decision == "run":
-            # clear outputs of a different config now, not inside run_stage while the others already read them
-            pipeline._clear_stale("train", cfg, run)
+            # settle the outputs of other inputs now, not inside run_stage while the others already read them
+            for note in pipeline.prepare("train", cfg, run, keys):
+                log.warning("%s", note)
         self._go_file().write_text(decision + "\n")
 
     def _train_follower(self, cfg, run, rank: int) -> dict[str, Any]:
@@ -203,24 +205,22 @@ class StageJob:
             raise RuntimeError(f"rank {rank}: rank 0 failed before training; see the rank 0 log")
         if decision == "skip":
             return {"train": {"skipped": True}}
-        # only rank 0 goes through run_stage (manifest, completion marker): this rank just trains
-        from kolora import train
-        from kolora.pipeline import offline_env, torch_setup
+        # only rank 0 records the stage (manifest, completion marker): this rank just trains
+        from kolora.pipeline import run_stage
 
-        torch_setup(cfg)
-        with offline_env(run):
-            summary = train.run(cfg, run, devices=self.tasks_per_node, num_nodes=self.nodes)
+        summary = run_stage("train", cfg, run, follower=True, devices=self.tasks_per_node, num_nodes=self.nodes)
         log.info("train rank %d: %s", rank, {k: v for k, v in summary.items() if not isinstance(v, dict | list)})
         _process_group(rank)
         return {"train": summary}
 
     def _cancel_downstream(self) -> None:
-        from kolora.cluster import JOBS
         from kolora.rundir import RunDir
+        from kolora.stages import jobs
 
         try:
             sub = RunDir(self.run_root).read_manifest()["slurm"]["submissions"][self.stamp]
-            later = list(JOBS)[list(JOBS).index(self.job) + 1:]
+            order = list(jobs())
+            later = order[order.index(self.job) + 1:]
             ids = [sub["jobs"][j]["job_id"] for j in later if j in sub.get("jobs", {})]
             if ids:
                 log.info("cancelling the jobs after %s: %s", self.job, " ".join(ids))

@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kolora.cluster import JOBS, STAGE_JOB
 from kolora.config import ConfigError
 from kolora.rundir import RunDir
+from kolora.stages import NAMES, job_of, jobs
 
 # states after which a job never runs again (PREEMPTED/REQUEUED jobs come back as PENDING)
 ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE",
@@ -173,7 +173,8 @@ def progress(run: RunDir, sub: dict[str, Any], manifest: dict[str, Any]) -> dict
     from kolora.config import load_config
 
     stages = manifest.get("stages", {})
-    status = {s: (stages.get(s) or {}).get("status", "-") for s in STAGE_JOB}
+    status = {s: (stages.get(s) or {}).get("status", "-") for s in NAMES}
+    job_stages = jobs()
     try:
         cfg = load_config(Path(sub["folder"]) / "config.yaml")
     except (ConfigError, OSError):
@@ -182,7 +183,7 @@ def progress(run: RunDir, sub: dict[str, Any], manifest: dict[str, Any]) -> dict
 
     ingest = (stages.get("ingest") or {}).get("summary") or {}
     report = _read_json(run.filter / "report.json").get("summary") or {}
-    info: dict[str, Any] = {"stages": {s: status[s] for s in JOBS["filter"]}}
+    info: dict[str, Any] = {"stages": {s: status[s] for s in job_stages["filter"]}}
     text = []
     if "samples" in ingest:
         info["samples"] = ingest["samples"]
@@ -193,7 +194,7 @@ def progress(run: RunDir, sub: dict[str, Any], manifest: dict[str, Any]) -> dict
     info["text"] = "; ".join(text)
     out["filter"] = info
 
-    info = {"stages": {s: status[s] for s in JOBS["train"]}, "total_steps": cfg.train.steps if cfg else None}
+    info = {"stages": {s: status[s] for s in job_stages["train"]}, "total_steps": cfg.train.steps if cfg else None}
     metrics = _last_metrics(run.train / "metrics.csv")
     text = [f"cache {status['cache']}"] if status["cache"] not in ("complete", "-") else []
     if metrics and status["train"] != "-":
@@ -204,12 +205,12 @@ def progress(run: RunDir, sub: dict[str, Any], manifest: dict[str, Any]) -> dict
 
     info = {"stages": {"render": status["render"]}}
     if cfg is not None:
-        from kolora.render import tiles
+        from kolora.stages import missing_tiles, tiles
 
-        names = [name for _, _, name in tiles(cfg)]
-        done = sum((run.render / n).is_file() for n in names)
-        info.update(tiles_done=done, tiles_total=len(names))
-        info["text"] = f"tiles {done}/{len(names)}"
+        wanted = tiles(cfg, run)
+        done = len(wanted) - len(missing_tiles(cfg, run, wanted))
+        info.update(tiles_done=done, tiles_total=len(wanted))
+        info["text"] = f"tiles {done}/{len(wanted)}"
     out["render"] = info
 
     out["grid"] = {"stages": {"grid": status["grid"]},
@@ -279,9 +280,9 @@ def pick_log(run: RunDir, stage: str | None, task: int | None, rank: int = 0) ->
     name), else the failed job, else the last job that started."""
     manifest = run.read_manifest()
     _, sub = latest_submission(manifest)
-    job = STAGE_JOB.get(stage, stage) if stage else None
+    job = job_of(stage) if stage in NAMES else stage
     if job is not None and job not in sub["jobs"]:
-        raise ConfigError(f"--stage {stage}: choose one of {', '.join([*JOBS, *STAGE_JOB])}")
+        raise ConfigError(f"--stage {stage}: choose one of {', '.join([*jobs(), *NAMES])}")
     st = None
     if job is None or (task is None and sub["jobs"][job].get("array")):
         st = status(run)

@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kolora.cluster import JOBS, ClusterProfile, ResolvedResources
+from kolora.cluster import ClusterProfile, ResolvedResources
 from kolora.config import ExperimentConfig
+from kolora.stages import jobs
 
 
 @dataclass
@@ -58,16 +59,16 @@ def gpu_request(r: ResolvedResources) -> dict[str, Any]:
 
 def render_task_count(cfg: ExperimentConfig, tiles_per_task: int) -> tuple[int, int]:
     """(tiles, array tasks): one task per `tiles_per_task` tiles (render splits them round-robin)."""
-    from kolora.render import tiles
+    from kolora.config import load_prompts
 
-    n = len(tiles(cfg))
+    n = len(load_prompts(cfg.render.prompts, cfg.render.negative_prompt))
     return n, max(1, math.ceil(n / tiles_per_task))
 
 
 def plan_jobs(cfg: ExperimentConfig, profile: ClusterProfile) -> list[JobPlan]:
     plans: list[JobPlan] = []
     previous: str | None = None
-    for job, stages in JOBS.items():
+    for job, stages in jobs().items():
         r = profile.resources(job)
         params: dict[str, Any] = {
             "job_name": job_name(cfg.name, job), "time": r.time_min, "nodes": r.nodes, "cpus_per_task": r.cpus,
