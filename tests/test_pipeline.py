@@ -14,13 +14,16 @@ from kolora.cli import main
 
 def test_demo_ends_with_a_2x4_grid(demo_run):
     grid = Image.open(demo_run / "grid.png")
-    tile = Image.open(demo_run / "render" / "000-1.png")
+    names = sorted(p.name for p in (demo_run / "render").glob("*.png"))
+    tile = Image.open(demo_run / "render" / names[0])
     caption_h = max(12, tile.height // 8)  # demo.yaml has seed captions
     assert grid.size == (2 * tile.width, 4 * (tile.height + caption_h))
-    assert sorted(p.name for p in (demo_run / "render").glob("*.png")) == [
-        "000-1.png", "001-1.png", "002-2.png", "003-5.png", "004-0.png", "005-1.png", "006-7.png", "007-0.png"]
+    # <prompt index>-<seed>-<key>.png
+    assert [n.rsplit("-", 1)[0] for n in names] == ["000-1", "001-1", "002-2", "003-5", "004-0", "005-1", "006-7",
+                                                   "007-0"]
+    assert all(len(n.rsplit("-", 1)[1]) == len("0123456789ab.png") for n in names)
     # The bottom-right cell is the 8th prompt's tile.
-    last = Image.open(demo_run / "render" / "007-0.png").convert("RGB")
+    last = Image.open(demo_run / "render" / names[7]).convert("RGB")
     y = 3 * (tile.height + caption_h)
     assert grid.convert("RGB").crop((tile.width, y, 2 * tile.width, y + tile.height)).tobytes() == last.tobytes()
 
@@ -94,8 +97,8 @@ def test_run_progress_sums_up_what_the_stages_wrote(demo_run, tmp_path):
 
 def test_a_crashed_training_with_new_inputs_keeps_its_checkpoints_to_resume(demo_run, tiny_diffusers, tmp_path,
                                                                             capsys, monkeypatch):
-    """Its checkpoints cost GPU hours: they stay in train/ for the rerun; the superseded outputs stay aside
-    until that rerun succeeds."""
+    """Its checkpoints cost GPU hours: they stay in train/ for the rerun; the superseded outputs stay in
+    superseded/train-<key>/."""
     import shutil
 
     from kolora import train
@@ -125,13 +128,14 @@ def test_a_crashed_training_with_new_inputs_keeps_its_checkpoints_to_resume(demo
     kept = sorted(p.name for p in (run / "train" / "checkpoints").glob("step=*.ckpt"))
     assert kept == ["step=000010.ckpt"], kept  # the crashed attempt's checkpoint, in place
     assert not (run / ".failed" / "train").exists()
-    assert (run / ".superseded" / "train" / "lora" / "pytorch_lora_weights.safetensors").read_bytes() == old_lora
+    (aside,) = (run / "superseded").glob("train-*")
+    assert (aside / "lora" / "pytorch_lora_weights.safetensors").read_bytes() == old_lora
 
     monkeypatch.setattr(train, "run", real_run)
     monkeypatch.setattr(train.Checkpointer, "save", original_save)
     assert main(args) == 0
     with open(run / "train" / "metrics.csv") as f:
         assert [int(r["step"]) for r in csv.DictReader(f)] == list(range(1, 31))
-    assert not (run / ".superseded" / "train").exists()
+    assert (aside / "train" / "checkpoints" / "step=000030.ckpt").is_file()  # kept: GPU hours
     summary = json.loads((run / "manifest.json").read_text())["stages"]["train"]["summary"]
     assert summary["resumed_from_step"] == 10

@@ -11,12 +11,19 @@ from PIL import Image
 from kolora import render
 from kolora.pipeline import run_stage
 from kolora.rundir import RunDir
+from kolora.stages import missing_tiles
 
 
 def _copy_run(demo_run, tmp_path) -> RunDir:
     dst = tmp_path / "demo"
     shutil.copytree(demo_run, dst)
     return RunDir(dst)
+
+
+def tile(run: RunDir, index: int):
+    """The tile of prompt #index (its name also carries its seed and key)."""
+    (found,) = run.render.glob(f"{index:03d}-*.png")
+    return found
 
 
 def test_same_prompt_and_seed_render_the_same_pixels(demo_run, tmp_path):
@@ -31,13 +38,15 @@ def test_same_prompt_and_seed_render_the_same_pixels(demo_run, tmp_path):
     for name in before:
         assert np.array_equal(before[name], after[name]), name
     # Two prompts share seed 1 but differ in text: the prompt must reach the image.
-    assert not np.array_equal(after["000-1.png"], after["001-1.png"])
+    first, second = sorted(after)[:2]
+    assert first.startswith("000-1-") and second.startswith("001-1-")
+    assert not np.array_equal(after[first], after[second])
 
 
 def test_rerun_after_deleting_one_tile_renders_only_that_tile(demo_run, tmp_path):
     run = _copy_run(demo_run, tmp_path)
     cfg = run.load_config()
-    victim = run.render / "003-5.png"
+    victim = tile(run, 3)
     keep = {p.name: p.stat().st_mtime_ns for p in run.render.glob("*.png") if p != victim}
     original = np.asarray(Image.open(victim))
     victim.unlink()
@@ -55,17 +64,18 @@ def test_array_tasks_split_the_tiles(demo_run, tmp_path):
     cfg = run.load_config()
     shutil.rmtree(run.render)
     a = render.run(cfg, run, task_index=0, task_count=3)
-    assert a["rendered"] == 3 and render.missing_tiles(cfg, run) != []
+    assert a["rendered"] == 3 and missing_tiles(cfg, run) != []
     b = render.run(cfg, run, task_index=1, task_count=3)
     c = render.run(cfg, run, task_index=2, task_count=3)
     assert a["rendered"] + b["rendered"] + c["rendered"] == 8
-    assert render.missing_tiles(cfg, run) == []
+    assert missing_tiles(cfg, run) == []
 
 
 def test_no_partial_tile_survives_a_crash(demo_run, tmp_path, monkeypatch):
     run = _copy_run(demo_run, tmp_path)
     cfg = run.load_config()
-    (run.render / "005-1.png").unlink()
+    victim = tile(run, 5)
+    victim.unlink()
 
     def explode(self, fp, format=None, **kw):  # the process dies halfway through writing the PNG
         with open(fp, "wb") as f:
@@ -77,7 +87,7 @@ def test_no_partial_tile_survives_a_crash(demo_run, tmp_path, monkeypatch):
         render.run(cfg, run)
     except KeyboardInterrupt:
         pass
-    assert not (run.render / "005-1.png").exists()
+    assert not victim.exists()
     assert [n for n in os.listdir(run.render) if not n.endswith(".png")] == []
 
 

@@ -101,7 +101,7 @@ def test_checkpoint_of_another_config_is_refused(demo_run, tmp_path, monkeypatch
     interrupt.clear()
     # Same folder, different lr: a resumed mix of two experiments must be impossible.
     cfg.train.lr = cfg.train.lr * 2
-    (run.root / ".inputs" / "train").unlink()  # bypass the run-level reset to reach the checkpoint check
+    (run.root / ".inputs" / "train").unlink()  # bypass the setting aside to reach the checkpoint check
     with pytest.raises(CheckpointError, match="different training config"):
         train_mod.run(cfg, run)
 
