@@ -155,7 +155,9 @@ def run(cfg: ExperimentConfig, run: RunDir, progress=None) -> dict[str, Any]:
     for folder in (text_dir, lat_dir):
         fsync_dir(folder)
     atomic_write_json(run.cache / "index.json", {"resolution": res, "max_sequence_length": seq,
-                                                 "store": str(store), "entries": entries})
+                                                 # null: <run>/cache, wherever the run folder moves
+                                                 "store": str(cfg.cache.dir) if cfg.cache.dir else None,
+                                                 "entries": entries})
     encoded = len(todo_text) + len(todo_lat)
     unique = len({e["text_key"] for e in entries}) + len({e["latent_key"] for e in entries})
     return {"samples": len(entries), "encoded": encoded, "reused": unique - encoded,

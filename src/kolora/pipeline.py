@@ -209,14 +209,14 @@ def run_stage(stage: str, cfg: ExperimentConfig, run: RunDir, force: bool = Fals
         raise
     wall = round(time.time() - started, 2)
     done = s.done(cfg, run)
+    if done and s.on_change == "keyed":
+        summary["stale_removed"] = stages.prune_stale_tiles(cfg, run)
     with run.manifest() as m:
         entry = m.setdefault("stages", {}).setdefault(stage, {})
         entry.update(status="complete" if done else "partial", summary=summary, error=None)
         entry["wall_s"] = round(entry.get("wall_s", 0) + wall, 2) if "task_index" in kw else wall
     if done:
         _settle(stage, run, succeeded=True)
-        if s.on_change == "keyed":
-            summary["stale_removed"] = stages.prune_stale_tiles(cfg, run)
         stages.mark_complete(stage, run, stages.Keys(cfg, run).output(stage), wall_s=wall)
     return {**summary, "wall_s": wall, **({"notes": notes} if notes else {})}
 

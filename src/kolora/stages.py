@@ -314,7 +314,7 @@ def cache_store(cfg: ExperimentConfig, run: RunDir) -> Path:
 def cache_store_of(run: RunDir) -> Path:
     """The entry store named by the run's cache index (or the run's own cache folder)."""
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-        return Path(json.loads((run.cache / "index.json").read_text())["store"])
+        return Path(json.loads((run.cache / "index.json").read_text())["store"] or run.cache)
     return run.cache
 
 

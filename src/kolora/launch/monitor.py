@@ -197,6 +197,10 @@ def progress(run: RunDir, sub: dict[str, Any], manifest: dict[str, Any]) -> dict
     info = {"stages": {s: status[s] for s in job_stages["train"]}, "total_steps": cfg.train.steps if cfg else None}
     metrics = _last_metrics(run.train / "metrics.csv")
     text = [f"cache {status['cache']}"] if status["cache"] not in ("complete", "-") else []
+    cache = (stages.get("cache") or {}).get("summary") or {}
+    if "encoded" in cache:
+        info.update(cache_encoded=cache["encoded"], cache_reused=cache["reused"])
+        text.append(f"cache encoded {cache['encoded']}, reused {cache['reused']}")
     if metrics and status["train"] != "-":
         info.update(step=int(metrics.get("step", 0)), loss=float(metrics.get("loss", "nan")))
         text.append(f"step {info['step']}/{info['total_steps']}, loss {info['loss']:.4g}")
