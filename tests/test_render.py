@@ -119,3 +119,47 @@ def test_stop_request_ends_the_task_after_the_current_tile(demo_run, tmp_path, m
     monkeypatch.setattr(render, "render_tile", original)
     out = run_stage("render", cfg, run)
     assert (out["rendered"], out["already_done"]) == (7, 1)
+
+
+TASK = """
+import sys
+from kolora.pipeline import run_stage
+from kolora.rundir import RunDir
+from kolora.config import load_config
+run = RunDir(sys.argv[1])
+cfg = load_config(sys.argv[2], [f"model.path={sys.argv[3]}", f"render.prompts={sys.argv[4]}"])
+print(run_stage("render", cfg, run, task_index=int(sys.argv[5]), task_count=2))
+"""
+
+
+def test_two_array_tasks_after_a_prompt_change_never_undo_each_other(demo_run, tiny_diffusers, tmp_path):
+    """Both tasks of a render array run at once after the prompt set changed: each renders only its own
+    changed tiles, neither removes a tile the other wrote, and the stale tiles go once all are present."""
+    import subprocess
+    import sys
+
+    import yaml
+    from conftest import DEMO, PROMPTS
+
+    from kolora.config import load_config
+
+    run = _copy_run(demo_run, tmp_path)
+    prompts = tmp_path / "prompts.yaml"
+    prompt_set = yaml.safe_load(PROMPTS.read_text())
+    for item in prompt_set["prompts"][2:4]:  # prompt #2 (task 0) and #3 (task 1)
+        item["prompt"] += ",夜晚"
+    prompts.write_text(yaml.safe_dump(prompt_set, allow_unicode=True))
+    before = {p.name: p.stat().st_mtime_ns for p in run.render.glob("*.png")}
+    args = [str(run.root), str(DEMO), str(tiny_diffusers), str(prompts)]
+    procs = [subprocess.Popen([sys.executable, "-c", TASK, *args, str(i)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert ["'rendered': 1" in out for out, _ in outs] == [True, True], outs
+    cfg = load_config(DEMO, [f"model.path={tiny_diffusers}", f"render.prompts={prompts}"])
+    assert missing_tiles(cfg, run) == []
+    after = {p.name: p.stat().st_mtime_ns for p in run.render.glob("*.png")}
+    assert len(after) == 8  # the two stale tiles are gone, every wanted one is there
+    kept = set(before) & set(after)
+    assert len(kept) == 6 and all(before[n] == after[n] for n in kept)
+    assert sorted(n[:3] for n in set(after) - kept) == ["002", "003"]
