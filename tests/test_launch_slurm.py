@@ -119,6 +119,7 @@ def test_submit_runs_the_whole_graph(env: dict[str, str], tmp_path: Path) -> Non
     detail = {j["job"]: j["detail"] for j in status["jobs"]}
     assert (detail["filter"]["kept"], detail["filter"]["dropped"]) == (24, 24)
     assert detail["train"]["step"] == detail["train"]["total_steps"] == 10
+    assert detail["train"]["cache_encoded"] > 0 and detail["train"]["cache_reused"] == 0
     assert (detail["render"]["tiles_done"], detail["render"]["tiles_total"]) == (8, 8)
 
     # jobs ran hub-offline with their caches inside the run directory

@@ -227,3 +227,27 @@ def test_runs_sharing_a_cache_dir_encode_each_sample_once(tiny_diffusers, tmp_pa
     assert second["samples"] == first["samples"]
     assert not (tmp_path / "runs" / "lr-b" / "cache" / "latents").exists()  # entries live in the shared store
     capsys.readouterr()
+
+
+def test_two_runs_filling_one_cache_dir_at_once(tiny_diffusers, tmp_path):
+    """Two jobs (a sweep) encode into one shared store at the same time: atomic renames of identical bytes,
+    both caches complete and every entry readable."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    shared = tmp_path / "lab-cache"
+    cmd = [sys.executable, "-m", "kolora.cli", "run", str(DEMO), "--runs-dir", str(tmp_path / "runs"),
+           "--set", f"model.path={tiny_diffusers}", "--set", f"cache.dir={shared}",
+           "--stage", "ingest", "--stage", "filter", "--stage", "cache"]
+    procs = [subprocess.Popen([*cmd, "--name", name], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name in ("sweep-a", "sweep-b")]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    index = [json.loads((tmp_path / "runs" / n / "cache" / "index.json").read_text()) for n in ("sweep-a", "sweep-b")]
+    assert index[0]["entries"] == index[1]["entries"]
+    for e in index[0]["entries"]:
+        assert set(load_file(str(shared / "text" / f"{e['text_key']}.safetensors"))) == {"prompt_embeds", "pooled"}
+        assert set(load_file(str(shared / "latents" / f"{e['latent_key']}.safetensors"))) == {"latents"}
+    assert not [p for p in shared.rglob("*") if p.name.startswith(".")]  # no temp file left behind

@@ -223,10 +223,6 @@ class ExperimentConfig(_Section):
         """Hash of the resolved config (what a run directory is bound to)."""
         return config_digest(self.model_dump(mode="json"))
 
-    def section_digest(self, *sections: str) -> str:
-        dumped = self.model_dump(mode="json")
-        return config_digest({s: dumped[s] for s in sections})
-
 
 def config_digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]

@@ -98,9 +98,10 @@ def stage_job(plan: JobPlan, run: RunDir, config_file: Path, folder: Path, stamp
 def incomplete_plans(plans: list[JobPlan], cfg: ExperimentConfig, run: RunDir) -> list[JobPlan]:
     """The jobs that still have work: a job whose stages are all complete is dropped, and a job whose
     predecessor was dropped starts without a dependency."""
-    from kolora.pipeline import is_complete
+    from kolora.stages import Keys, is_complete
 
-    kept = [p for p in plans if not all(is_complete(s, cfg, run) for s in p.stages)]
+    keys = Keys(cfg, run)
+    kept = [p for p in plans if not all(is_complete(s, cfg, run, keys) for s in p.stages)]
     names = {p.job for p in kept}
     for p in kept:
         if p.after not in names:
