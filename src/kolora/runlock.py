@@ -4,9 +4,7 @@
 in-process `kolora run`; "submission": `kolora submit`), host, pid, user, started, heartbeat (Unix time, refreshed
 by a thread while held) and, for a submission, its stamp and Slurm job ids. A submission hands its lock to its
 jobs (`claim_for_submission`): it stays after `kolora submit` returns, the jobs refresh it (`job_heartbeat`).
-A lock may be broken once its owner is certainly gone: same host and a dead pid; no heartbeat for stale_after_s;
-a submission none of whose jobs squeue lists (squeue not answering: the heartbeat decides). Breaking renames
-the lock aside first, so that of two breakers only one wins.
+A lock whose owner is certainly gone (see stale_reason) is renamed aside by one breaker at a time, then taken.
 """
 
 from __future__ import annotations
@@ -25,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from kolora.errors import InputError
+from kolora.launch.monitor import still_queued
 from kolora.rundir import RunDir, RunError, atomic_write_json, fsync_dir
 
 LOCK = ".lock"
@@ -61,13 +60,11 @@ def _read(path: Path) -> tuple[bytes, Info] | None:
 
 def _alive(pid: Any) -> bool:
     """False only when process `pid` certainly does not exist on this host."""
-    if not (isinstance(pid, int) and pid > 0):
-        return True  # not known: the heartbeat decides
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # signal 0: only asks
     except ProcessLookupError:
-        return False
-    except OSError:  # EPERM: alive, another user's
+        return not (isinstance(pid, int) and pid > 0)
+    except (OSError, TypeError, OverflowError):  # EPERM: alive, another user's; no pid: the heartbeat decides
         pass
     return True
 
@@ -77,8 +74,6 @@ def stale_reason(info: Info, stale_after_s: float = 300) -> str | None:
     judged by its jobs, not by the pid of `kolora submit` (gone by design)."""
     ids = [str(j) for j in info.get("job_ids") or []]
     if info.get("kind") == "submission" and ids:
-        from kolora.launch.monitor import still_queued
-
         if (queued := still_queued(ids)) is not None:  # else squeue does not answer: the heartbeat decides
             return None if queued else f"none of its Slurm jobs ({' '.join(ids)}) is queued or running"
     elif info.get("host") == socket.gethostname() and not _alive(info.get("pid")):
@@ -102,13 +97,6 @@ def describe(info: Info) -> str:
                                                 else f"(being queued by {where})")
 
 
-def _refused(path: Path, info: Info) -> RunLocked:
-    run, jobs = path.parent.name, info.get("kind") == "submission" and info.get("job_ids")
-    return RunLocked(f"run {run} is being written by {describe(info)}; "
-                     + (f"wait for its jobs, or `kolora cancel {run}`" if jobs else "wait for it to finish, or stop it")
-                     + f". If its owner is certainly gone, delete {path}")
-
-
 def _create(path: Path, owner: Info) -> bool:
     """The O_EXCL creation that decides who holds the lock: True when this call created it."""
     try:
@@ -127,38 +115,51 @@ def _create(path: Path, owner: Info) -> bool:
     return True
 
 
-def _take(path: Path, owner: Info, stale_after_s: float, mine: Callable[[Info], bool] = lambda info: False) -> bool:
-    """Create the lock as `owner`: True when created, False when it already is ours (`mine`). Breaks a stale
-    lock; RunLocked naming the owner of a live one."""
-    aside: list[Path] = []  # broken locks, deleted once this taker is done
+def _break(path: Path, found: tuple[bytes, Info], owner: Info, reason: str) -> bool:
+    """Rename the stale lock `found` aside if it still is what was judged, O_EXCL-create `owner`'s, delete the old
+    one; True when `owner`'s was created. One breaker at a time (.lock.breaking, O_EXCL too): a breaker that
+    judged an old lock must not set a new owner's aside."""
+    breaking = path.with_name(f"{LOCK}.breaking")
+    if not _create(breaking, {"pid": os.getpid(), "host": socket.gethostname()}):
+        with contextlib.suppress(OSError):  # breaking takes milliseconds: an old one's breaker was killed
+            if time.time() - breaking.stat().st_mtime > 30:
+                breaking.unlink()
+        time.sleep(0.02)
+        return False
     try:
-        for attempt in range(100):
-            if _create(path, owner):
-                return True
-            if (found := _read(path)) is None:
-                continue  # released or broken meanwhile: try again
-            if mine(info := found[1]):
-                return False
-            if (reason := stale_reason(info, stale_after_s)) is None:
-                if info.get("damaged") and attempt < 20:
-                    time.sleep(0.05)  # its creator may be writing it: look again
-                    continue
-                raise _refused(path, info)
-            moved = path.with_name(f"{LOCK}.stale-{secrets.token_hex(4)}")
-            try:
-                os.rename(path, moved)  # of two breakers only one finds the file to rename
-            except FileNotFoundError:
-                continue
-            aside.append(moved)
-            if _read(moved) != found:  # not what was judged stale (a fresh heartbeat, a new owner): put it back
-                with contextlib.suppress(OSError):
-                    os.link(moved, path)
-                continue
-            log.warning("run %s: broke a stale lock of %s (%s)", path.parent.name, describe(info), reason)
-        raise RunLocked(f"{path}: could not take the run lock (it kept changing hands); try again")
+        if _read(path) != found:
+            return False  # changed meanwhile: judge it again
+        os.rename(path, moved := path.with_name(f"{LOCK}.stale-{secrets.token_hex(4)}"))
+        log.warning("run %s: broke a stale lock of %s (%s)", path.parent.name, describe(found[1]), reason)
+        created = _create(path, owner)
+        moved.unlink(missing_ok=True)
+        return created
+    except FileNotFoundError:  # released by its owner meanwhile
+        return False
     finally:
-        for p in aside:
-            p.unlink(missing_ok=True)
+        breaking.unlink(missing_ok=True)
+
+
+def _take(path: Path, owner: Info, stale_after_s: float, mine: Callable[[Info], bool] = lambda info: False) -> bool:
+    """Create the lock as `owner` (True), find it ours already (False), break a stale one, or RunLocked."""
+    for attempt in range(100):
+        if _create(path, owner):
+            return True
+        if (found := _read(path)) is None:
+            continue  # released or broken meanwhile: try again
+        if mine(info := found[1]):
+            return False
+        if (reason := stale_reason(info, stale_after_s)) is not None:
+            if _break(path, found, owner, reason):
+                return True
+        elif info.get("damaged") and attempt < 20:
+            time.sleep(0.05)  # its creator may be writing it: look again
+        else:
+            run, jobs = path.parent.name, info.get("kind") == "submission" and info.get("job_ids")
+            raise RunLocked(f"run {run} is being written by {describe(info)}; " + (
+                f"wait for its jobs, or `kolora cancel {run}`" if jobs else "wait for it to finish, or stop it")
+                + f". If its owner is certainly gone, delete {path}")
+    raise RunLocked(f"{path}: could not take the run lock (it kept changing hands); try again")
 
 
 def _refresh(path: Path, mine: Callable[[Info], bool], job_ids: Iterable[str] = ()) -> Info | None:
@@ -234,8 +235,7 @@ def claim_for_submission(run_root: Path | str, stamp: str, job_ids: Iterable[str
 
 
 @contextlib.contextmanager
-def job_heartbeat(run_root: Path | str, stamp: str, *, heartbeat_s: float = 30,
-                  stale_after_s: float = 300) -> Iterator[Path]:
+def job_heartbeat(run_root: Path | str, stamp: str, *, heartbeat_s: float = 30, stale_after_s: float = 300) -> Iterator[Path]:
     """In a Slurm job of submission `stamp`: check the run lock is the submission's (re-created if missing;
     RunLocked when a live `kolora run` or another live submission holds it) and refresh its heartbeat while
     the job runs. The lock stays on exit: the submission's later jobs still need it."""
