@@ -46,13 +46,14 @@ def cmd_run(args) -> int:
 
     from kolora.config import load_config
     from kolora.pipeline import open_run, preflight, run_stage
-    from kolora.rundir import STAGES, sweep_temp
+    from kolora.rundir import STAGES, RunDir, sweep_temp
     from kolora.runlock import acquire
 
     console = Console(stderr=True)
     cfg = load_config(args.config, args.overrides, args.name)
     runs_dir = _runs_dir(args)
     preflight(cfg)
+    RunDir(runs_dir / cfg.name).read_manifest()  # an unusable run folder stops this before the lock is written
     # the run lock before anything of the run is written: no other `kolora run` or live submission's jobs
     # write it meanwhile (RunLocked names the holder)
     with acquire(runs_dir / cfg.name, "run"):
