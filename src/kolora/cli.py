@@ -42,44 +42,59 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_run(args) -> int:
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from kolora.config import load_config
-    from kolora.pipeline import open_run, preflight, run_stage
-    from kolora.stages import NAMES as STAGES
+    from kolora.pipeline import open_run, preflight
+    from kolora.rundir import RunDir, sweep_temp
+    from kolora.runlock import acquire
 
     console = Console(stderr=True)
     cfg = load_config(args.config, args.overrides, args.name)
     runs_dir = _runs_dir(args)
     preflight(cfg)
-    run = open_run(cfg, runs_dir)
-    console.print(f"[bold]kolora run[/] {cfg.name} → {run.root}")
-    stages = STAGES if not args.stage else tuple(args.stage)
-    t0 = time.time()
+    RunDir(runs_dir / cfg.name).read_manifest()  # an unusable run folder stops this before the lock is written
+    # the run lock before anything of the run is written: no other `kolora run` or live submission's jobs
+    # write it meanwhile (RunLocked names the holder)
+    with acquire(runs_dir / cfg.name, "run"):
+        if removed := sweep_temp(runs_dir / cfg.name):  # leftovers of a writer that was killed
+            console.print(f"[dim]removed {removed} temp files of an interrupted earlier run[/]")
+        run = open_run(cfg, runs_dir)
+        console.print(f"[bold]kolora run[/] {cfg.name} → {run.root}")
+        t0 = time.time()
+        _run_stages(console, cfg, run, tuple(args.stage or ()), args.force)
+        with run.manifest() as m:
+            m["last_run_wall_s"] = round(time.time() - t0, 2)
+        if run.grid_file.is_file():
+            console.print(f"[bold green]grid:[/] {run.grid_file}")
+            print(run.grid_file)
+    return 0
+
+
+def _run_stages(console, cfg, run, selected: tuple[str, ...], force: bool) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from kolora.pipeline import run_stage
+    from kolora.stages import NAMES
+
+    stages = selected or NAMES
     for n, stage in enumerate(stages, 1):
-        with Progress(TextColumn(f"[{n}/{len(stages)}] {stage:<7}"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), console=console, transient=True) as bar:
+        label = f"[{n}/{len(stages)}] {stage:<7}"
+        with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console,
+                      transient=True) as bar:
             task = bar.add_task(stage, total=None)
 
             def progress(done: int, total: int, _bar=bar, _task=task) -> None:
                 _bar.update(_task, completed=done, total=total)
 
-            summary = run_stage(stage, cfg, run, force=args.force and stage in (args.stage or STAGES),
-                                progress=progress)
+            summary = run_stage(stage, cfg, run, force=force and stage in stages, progress=progress)
         for note in summary.get("notes", []):
-            console.print(f"[{n}/{len(stages)}] {stage:<7} [yellow]{note}[/]")
+            console.print(f"{label} [yellow]{note}[/]")
         if summary.get("skipped"):
-            console.print(f"[{n}/{len(stages)}] {stage:<7} [dim]complete, skipped[/]")
+            console.print(f"{label} [dim]complete, skipped[/]")
         else:
             shown = ", ".join(f"{k}={v}" for k, v in summary.items() if k not in ("wall_s",) and
                               not isinstance(v, dict | list))
-            console.print(f"[{n}/{len(stages)}] {stage:<7} [green]done[/] in {summary['wall_s']:.1f} s  [dim]{shown}[/]")
-    with run.manifest() as m:
-        m["last_run_wall_s"] = round(time.time() - t0, 2)
-    if run.grid_file.is_file():
-        console.print(f"[bold green]grid:[/] {run.grid_file}")
-        print(run.grid_file)
-    return 0
+            console.print(f"{label} [green]done[/] in {summary['wall_s']:.1f} s  [dim]{shown}[/]")
 
 
 def cmd_validate(args) -> int:

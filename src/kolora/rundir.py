@@ -1,7 +1,8 @@
 """The run directory: layout, atomic writes and the manifest.
 
-Every stage writes its outputs with `atomic_write*` (temp file in the same folder + os.replace); the
-pipeline then writes the stage's completion marker (kolora.stages decides what "complete" means). The
+Every stage writes its outputs with `atomic_write*` (temp file in the same folder, fsynced, + os.replace, then
+the folder fsynced: a crashed node leaves the old file or the new one, on NFS and Lustre too); the pipeline
+then writes the stage's completion marker (kolora.stages decides what "complete" means). The
 manifest is shared by concurrent jobs (render array tasks), so it is updated under an exclusive file lock.
 """
 
@@ -9,9 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -20,6 +23,13 @@ from typing import Any
 
 from kolora.config import ExperimentConfig, dump_config
 from kolora.errors import InputError, read_text
+
+# Temp names of the atomic writers: ".<name>.<mkstemp random>.kolora-tmp<suffix>" for files (the marker makes a
+# killed writer's leftover recognisable to sweep_temp; the real suffix stays last for writers that pick the
+# format by extension) and ".<name>.<random>.dirtmp" for folders.
+TEMP_MARK = ".kolora-tmp"
+_TEMP_FILE = re.compile(r"^\..+\.[a-z0-9_]+\.kolora-tmp.*$", re.S)
+_TEMP_DIR = re.compile(r"^\..+\.[a-z0-9_]+\.dirtmp$", re.S)
 
 
 class RunError(InputError):
@@ -46,10 +56,28 @@ def shareable(path: Path | str, folder: bool = False) -> None:
     os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
 
 
+def fsync_dir(path: Path | str) -> None:
+    """Flush a folder's entries (a rename, a new file) to disk, so that they survive a crash of the node.
+    File systems that cannot fsync a folder (EINVAL, EBADF, ENOTSUP) are left to their own guarantees."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as e:
+        if e.errno in (errno.EINVAL, errno.EBADF, errno.ENOTSUP):
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_MARK)
     try:
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
@@ -57,6 +85,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)  # the rename itself, not only the data, must survive a crash
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -77,12 +106,18 @@ def atomic_path(path: Path, suffix: str = "") -> Iterator[Path]:
     it replaces `path` only if the block finishes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix or path.suffix)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_MARK + (suffix or path.suffix))
     os.close(fd)
     try:
         yield Path(tmp)
         shareable(tmp)  # after the writer: some (safetensors) create the file anew
+        fd = os.open(tmp, os.O_RDONLY)  # the writer's data on disk before the rename makes it the real file
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -104,12 +139,36 @@ def atomic_dir(path: Path) -> Iterator[Path]:
             old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old.", suffix=".dirtmp"))
             os.replace(path, old / path.name)
             os.replace(tmp, path)
+            fsync_dir(path.parent)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
+            fsync_dir(path.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def sweep_temp(run_root: Path | str) -> int:
+    """Remove what killed writers left anywhere under the run directory: the temp files of atomic_write_*
+    and atomic_path (".<name>.<random>.kolora-tmp…") and the temp folders of atomic_dir
+    (".<name>.<random>.dirtmp"); nothing else. Returns how many were removed.
+
+    Call it only while holding the run lock (kolora.runlock.acquire): a live writer's temp files look the
+    same as a dead one's."""
+    root = Path(run_root)
+    removed = 0
+    for folder, dirs, files in os.walk(root):  # does not follow links: only the run's own tree
+        for name in [d for d in dirs if _TEMP_DIR.match(d) and not os.path.islink(os.path.join(folder, d))]:
+            dirs.remove(name)
+            shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+            removed += 1
+        for name in files:
+            if _TEMP_FILE.match(name):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(folder, name))
+                    removed += 1
+    return removed
 
 
 def now() -> str:
@@ -205,16 +264,3 @@ class RunDir:
 
         return progress(self)
 
-
-def fsync_dir(path: Path | str) -> None:
-    """Make the names in a folder durable (a rename is not, on some cluster file systems, until this)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

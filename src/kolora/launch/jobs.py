@@ -99,18 +99,22 @@ class StageJob:
 
         from kolora.launch.supervise import JobFailed, job_end_time, slurm_job_id, supervise
         from kolora.rundir import RunDir
+        from kolora.runlock import RunLocked, job_heartbeat
 
         os.environ.update(self.env)
         _setup_logging()
         rank = int(os.environ.get("SLURM_PROCID", "0")) if self.distributed else 0
         try:
-            return supervise(self.child_command(task_index), signal_lead_s=self.signal_lead_s,
-                             max_requeues=self.max_requeues, counter=Path(self.run_root) / "slurm" / "timeouts.json",
-                             key=f"{self.stamp}/{self.job}/{task_index}", rank=rank, env=self.env,
-                             result_dir=Path(self.folder), end_time=job_end_time(slurm_job_id()),
-                             progress=RunDir(self.run_root).progress,
-                             attempts=Path(self.run_root) / "slurm" / "attempts.jsonl")
-        except JobFailed:
+            # the run lock is this submission's (a `kolora run` started meanwhile makes the job fail, naming it);
+            # its heartbeat shows the jobs are alive
+            with job_heartbeat(self.run_root, self.stamp):
+                return supervise(self.child_command(task_index), signal_lead_s=self.signal_lead_s,
+                                 max_requeues=self.max_requeues, counter=Path(self.run_root) / "slurm" / "timeouts.json",
+                                 key=f"{self.stamp}/{self.job}/{task_index}", rank=rank, env=self.env,
+                                 result_dir=Path(self.folder), end_time=job_end_time(slurm_job_id()),
+                                 progress=RunDir(self.run_root).progress,
+                                 attempts=Path(self.run_root) / "slurm" / "attempts.jsonl")
+        except (JobFailed, RunLocked):
             if rank == 0:
                 self._cancel_downstream()
             raise

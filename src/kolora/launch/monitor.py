@@ -69,6 +69,20 @@ def squeue(ids: list[str]) -> list[dict[str, str]]:
     return _rows(proc.stdout, fields) if proc is not None and proc.returncode == 0 else []
 
 
+def still_queued(ids: list[str]) -> set[str] | None:
+    """Which of the job ids (array job ids for arrays) Slurm still has pending or running; None when squeue does
+    not answer (missing, timed out, controller down), which is not the same as "none"."""
+    if not ids:
+        return set()
+    proc = _slurm(["squeue", "-h", "-r", "-j", ",".join(ids), "-o", "%i|%T|%P|%r"])
+    if proc is None:
+        return None
+    if proc.returncode != 0:  # one id the controller has already forgotten: "Invalid job id specified"
+        return set() if "invalid job id" in (proc.stderr or "").lower() else None
+    rows = _rows(proc.stdout, ["JobID", "State", "Partition", "Reason"])
+    return {r["base"] for r in rows if r["State"] not in ENDED} & set(ids)
+
+
 def sacct(ids: list[str]) -> list[dict[str, str]] | None:
     """Accounting rows (one per array task), or None when sacct does not answer (no accounting)."""
     if not ids:

@@ -24,6 +24,7 @@ from kolora.config import ExperimentConfig, dump_config
 from kolora.errors import RunFailure
 from kolora.launch.plan import JobPlan, describe, plan_jobs
 from kolora.rundir import RunDir, atomic_write_text
+from kolora.runlock import acquire, claim_for_submission
 
 
 class LaunchError(RunFailure):
@@ -135,58 +136,62 @@ def submit(cfg: ExperimentConfig, profile: ClusterProfile, runs_dir: Path, profi
         plans = incomplete_plans(plans, cfg, run)
         if not plans:
             raise LaunchError(f"run {cfg.name}: every stage is complete, nothing to resume ({run.grid_file})")
-    run = open_run(cfg, runs_dir)
     stamp = new_stamp()
-    folder = submission_folder(profile, run, stamp)
-    folder.mkdir(parents=True)
-    config_file = folder / "config.yaml"
-    atomic_write_text(config_file, dump_config(cfg))
-    python = python_command(profile)
-    digest = None
-    if profile.container is not None:
-        from kolora.container import image_digest
+    # the run lock while queueing: no `kolora run` or second submission writes the run meanwhile; then it is
+    # handed to the queued jobs, so that a `kolora run` is refused while they live
+    with acquire(run.root, "submission", stamp=stamp):
+        run = open_run(cfg, runs_dir)
+        folder = submission_folder(profile, run, stamp)
+        folder.mkdir(parents=True)
+        config_file = folder / "config.yaml"
+        atomic_write_text(config_file, dump_config(cfg))
+        python = python_command(profile)
+        digest = None
+        if profile.container is not None:
+            from kolora.container import image_digest
 
-        digest = image_digest(profile.container.image) if Path(profile.container.image).is_file() else None
+            digest = image_digest(profile.container.image) if Path(profile.container.image).is_file() else None
 
-    queued: list[str] = []
-    jobs: dict[str, dict[str, Any]] = {}
-    try:
-        for plan in plans:
-            executor = SlurmExecutor(folder=folder, max_num_timeout=profile.max_requeues, python=python)
-            params = dict(plan.params)
-            if plan.after:
-                params["dependency"] = f"afterok:{jobs[plan.after]['job_id']}"
-            executor.update_parameters(**params)
-            fn = stage_job(plan, run, config_file, folder, stamp, profile, cfg, digest)
-            if plan.array_tasks:
-                submitted = executor.map_array(fn, list(range(plan.array_tasks)))
-            else:
-                submitted = [executor.submit(fn)]
-            job_id = submitted[0].job_id.split("_")[0]
-            queued.append(job_id)
-            jobs[plan.job] = {"job_id": job_id, "stages": list(plan.stages), "task_ids": [j.job_id for j in submitted],
-                              "array": bool(plan.array_tasks and len(submitted) > 1),
-                              "dependency": params.get("dependency"), "resources": describe(plan),
-                              "tasks_per_node": plan.tasks_per_node, **plan.extra_info}
-    except Exception as e:
-        if queued:
-            scancel(queued)
-        detail = getattr(e, "stderr", None) or e
-        raise LaunchError(f"submission failed at job {plan.job}: {detail}"
-                          + (f"; cancelled the jobs already queued ({' '.join(queued)})" if queued else "")) from e
+        queued: list[str] = []
+        jobs: dict[str, dict[str, Any]] = {}
+        try:
+            for plan in plans:
+                executor = SlurmExecutor(folder=folder, max_num_timeout=profile.max_requeues, python=python)
+                params = dict(plan.params)
+                if plan.after:
+                    params["dependency"] = f"afterok:{jobs[plan.after]['job_id']}"
+                executor.update_parameters(**params)
+                fn = stage_job(plan, run, config_file, folder, stamp, profile, cfg, digest)
+                if plan.array_tasks:
+                    submitted = executor.map_array(fn, list(range(plan.array_tasks)))
+                else:
+                    submitted = [executor.submit(fn)]
+                job_id = submitted[0].job_id.split("_")[0]
+                queued.append(job_id)
+                jobs[plan.job] = {"job_id": job_id, "stages": list(plan.stages), "task_ids": [j.job_id for j in submitted],
+                                  "array": bool(plan.array_tasks and len(submitted) > 1),
+                                  "dependency": params.get("dependency"), "resources": describe(plan),
+                                  "tasks_per_node": plan.tasks_per_node, **plan.extra_info}
+        except Exception as e:
+            if queued:
+                scancel(queued)
+            detail = getattr(e, "stderr", None) or e
+            raise LaunchError(f"submission failed at job {plan.job}: {detail}"
+                              + (f"; cancelled the jobs already queued ({' '.join(queued)})" if queued else "")) from e
 
-    seconds = round(time.perf_counter() - t0, 2)
-    with run.manifest() as m:
-        slurm = m.setdefault("slurm", {})
-        slurm.setdefault("submissions", {})[stamp] = {
-            "submitted": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "profile": profile.name,
-            "profile_file": str(profile_file) if profile_file else None, "folder": str(folder),
-            "config_digest": cfg.digest(), "python": python, "jobs": jobs, "submit_s": seconds,
-            "image": str(profile.container.image) if profile.container else None, "image_digest": digest,
-            "resume": only_incomplete,
-        }
-        slurm["latest"] = stamp
-        slurm["jobs"] = {job: info["job_id"] for job, info in jobs.items()}
+        seconds = round(time.perf_counter() - t0, 2)
+        with run.manifest() as m:
+            slurm = m.setdefault("slurm", {})
+            slurm.setdefault("submissions", {})[stamp] = {
+                "submitted": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "profile": profile.name,
+                "profile_file": str(profile_file) if profile_file else None, "folder": str(folder),
+                "config_digest": cfg.digest(), "python": python, "jobs": jobs, "submit_s": seconds,
+                "image": str(profile.container.image) if profile.container else None, "image_digest": digest,
+                "resume": only_incomplete,
+            }
+            slurm["latest"] = stamp
+            slurm["jobs"] = {job: info["job_id"] for job, info in jobs.items()}
+        claim_for_submission(run.root, stamp, queued)
     return Submission(run=run, stamp=stamp, folder=folder, plans=plans, jobs=jobs, seconds=seconds)
 
 
