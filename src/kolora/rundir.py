@@ -188,8 +188,10 @@ class RunDir:
     def manifest_file(self) -> Path:
         return self.root / "manifest.json"
 
-    def __getattr__(self, name: str) -> Path:  # data, filter, trainset, cache, train, lora, render, slurm
-        if name in ("data", "filter", "trainset", "cache", "train", "lora", "render", "slurm"):
+    def __getattr__(self, name: str) -> Path:  # the stages' output folders (data, trainset, lora, ...), slurm
+        from kolora.stages import output_folders
+
+        if name == "slurm" or name in output_folders():
             return self.root / name
         raise AttributeError(name)
 

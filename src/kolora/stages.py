@@ -112,6 +112,11 @@ BY_NAME: dict[str, Stage] = {s.name: s for s in STAGES}
 NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
 
 
+def output_folders() -> set[str]:
+    """The run-directory folders the stages own (data, filter, trainset, cache, train, lora, render)."""
+    return {o.split("/")[0] for s in STAGES for o in s.outputs if "." not in o.split("/")[0]}
+
+
 def get(name: str) -> Stage:
     if name not in BY_NAME:
         raise ValueError(f"unknown stage {name!r}; stages are {', '.join(NAMES)}")

@@ -223,12 +223,17 @@ def progress(run: RunDir, sub: dict[str, Any], manifest: dict[str, Any]) -> dict
 
     info = {"stages": {"render": status["render"]}}
     if cfg is not None:
+        from kolora.errors import InputError
         from kolora.stages import missing_tiles, tiles
 
-        wanted = tiles(cfg, run)
-        done = len(wanted) - len(missing_tiles(cfg, run, wanted))
-        info.update(tiles_done=done, tiles_total=len(wanted))
-        info["text"] = f"tiles {done}/{len(wanted)}"
+        try:  # tile keys need the model's files and the prompt set, which this machine may not see
+            wanted = tiles(cfg, run)
+        except (InputError, OSError) as e:
+            info["text"] = f"tiles unknown here ({str(e).splitlines()[0][:80]})"
+        else:
+            done = len(wanted) - len(missing_tiles(cfg, run, wanted))
+            info.update(tiles_done=done, tiles_total=len(wanted))
+            info["text"] = f"tiles {done}/{len(wanted)}"
     out["render"] = info
 
     out["grid"] = {"stages": {"grid": status["grid"]},
