@@ -163,3 +163,27 @@ def test_two_array_tasks_after_a_prompt_change_never_undo_each_other(demo_run, t
     kept = set(before) & set(after)
     assert len(kept) == 6 and all(before[n] == after[n] for n in kept)
     assert sorted(n[:3] for n in set(after) - kept) == ["002", "003"]
+
+
+def test_precomputed_prompt_embeddings_render_the_same_pixels(demo_run, tmp_path):
+    """render encodes a task's prompts first and frees the text encoder before the UNet is loaded (ChatGLM3 and
+    the UNet never share a 24 GB GPU); the tiles are what the all-in-one pipeline gives for those embeddings."""
+    import torch
+
+    from kolora.stages import lora_file, tiles
+
+    run = _copy_run(demo_run, tmp_path)
+    cfg = run.load_config()
+    lf = lora_file(cfg, run)
+    items = [t.item for t in tiles(cfg, run)][:3]
+    embeds = render.encode_prompts(cfg, items, "cpu", torch.float32)
+    # the text length training saw (diffusers' __call__ would encode 256 tokens whatever it is given)
+    assert {e["prompt_embeds"].shape[1] for e in embeds} == {cfg.cache.max_sequence_length}
+    full = render.build_pipeline(cfg, lf, "cpu", torch.float32)
+    lean = render.image_pipeline(cfg, lf, "cpu", torch.float32)
+    assert lean.text_encoder is None
+    lean_tiles = [np.asarray(render.render_tile(lean, cfg, item, "cpu", e)) for item, e in zip(items, embeds,
+                                                                                                strict=True)]
+    for item, e, pixels in zip(items, embeds, lean_tiles, strict=True):
+        assert np.array_equal(np.asarray(render.render_tile(full, cfg, item, "cpu", e)), pixels)
+    assert np.array_equal(np.asarray(Image.open(tile(run, 0))), lean_tiles[0])  # what the stage wrote

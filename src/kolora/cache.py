@@ -80,9 +80,134 @@ def _device(choice: str) -> str:
     return choice
 
 
-def run(cfg: ExperimentConfig, run: RunDir, progress=None) -> dict[str, Any]:
+def text_dtype(precision: str):
+    """Text embeddings are stored in the dtype training feeds the UNet: under autocast the first layer that
+    reads them casts to it anyway, so training is unchanged while an entry is half the size of float32
+    (256 × 4096 in float16 = 2 MiB)."""
     import torch
-    from safetensors.torch import load_file, save_file
+
+    return {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}.get(precision, torch.float32)
+
+
+def text_entry_bytes(seq: int, hidden: int, dtype) -> int:
+    """Bytes of one text entry as written (header included), for the given text length and hidden size."""
+    import tempfile
+
+    import torch
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "entry.safetensors"
+        save_file({"prompt_embeds": torch.zeros(seq, hidden, dtype=dtype),
+                   "pooled": torch.zeros(hidden, dtype=dtype)}, str(path))
+        return path.stat().st_size
+
+
+class NonFiniteCache(RunFailure):
+    """An encoder produced nan/inf: nothing is written for that sample, and training never sees it."""
+
+
+def _check_finite(tensor, what: str, remedy: str) -> None:
+    import torch
+
+    if not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise NonFiniteCache(f"cache: {what} has {bad} non-finite values (nan/inf) of {tensor.numel()}; {remedy}. "
+                             "Nothing was written for it; entries already written are kept.")
+
+
+def _entries(cfg: ExperimentConfig, rows: list[dict[str, str]], ident: str) -> list[dict[str, Any]]:
+    res, center, seq = cfg.train.resolution, cfg.train.center_crop, cfg.cache.max_sequence_length
+    stored = str(text_dtype(cfg.train.precision)).removeprefix("torch.")
+    out = []
+    for r in rows:
+        img_hash = _sha(Path(r["path"]).read_bytes())
+        out.append({
+            "file_name": r["file_name"], "text": r["text"],
+            "text_key": _sha("text", ident, str(seq), stored, r["text"]),
+            "latent_key": _sha("latent", ident, str(res), str(center), cfg.cache.vae_dtype, img_hash),
+            # The tutorial's add_time_ids: original size, crop top-left, target size = [h, w, 0, 0, h, w].
+            "time_ids": [res, res, 0, 0, res, res],
+        })
+    return out
+
+
+def _encode_texts(cfg, files, todo: list[tuple[str, str]], text_dir: Path, device: str, tick) -> None:
+    import torch
+    from diffusers import KolorsPipeline
+    from safetensors.torch import save_file
+
+    from kolora import models
+
+    te_dtype = torch.float16 if device == "cuda" else torch.float32
+    stored = text_dtype(cfg.train.precision)
+    te = models.load_text_encoder(files, te_dtype).to(device)
+    # diffusers' own encode_prompt, so training sees exactly what rendering computes.
+    encoder = KolorsPipeline(vae=None, text_encoder=te, tokenizer=models.load_tokenizer(files), unet=None,
+                             scheduler=None)
+    bs = cfg.cache.batch_size
+    for i in range(0, len(todo), bs):
+        chunk = todo[i:i + bs]
+        with torch.no_grad():
+            embeds, _, pooled, _ = encoder.encode_prompt(
+                [t for _, t in chunk], device=device, num_images_per_prompt=1,
+                do_classifier_free_guidance=False, max_sequence_length=cfg.cache.max_sequence_length)
+        for j, (key, text) in enumerate(chunk):
+            tensors = {"prompt_embeds": embeds[j].to(stored).cpu().contiguous(),
+                       "pooled": pooled[j].to(stored).cpu().contiguous()}
+            for name, t in tensors.items():
+                _check_finite(t, f"the {name} of caption {text[:60]!r}",
+                              f"ChatGLM3 overflowed in {te_dtype} or in the stored {stored}: use train.precision "
+                              "bf16-mixed, or cache.device: cpu to encode in float32")
+            with atomic_path(text_dir / f"{key}.safetensors") as tmp:
+                save_file(tensors, str(tmp))
+        tick(len(chunk))
+    del encoder, te
+    _free(device)
+
+
+def _encode_latents(cfg, files, todo: list[tuple[str, str, str]], lat_dir: Path, device: str, tick) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from kolora import models
+
+    res, center = cfg.train.resolution, cfg.train.center_crop
+    vae_dtype = getattr(torch, cfg.cache.vae_dtype)
+    vae = models.load_vae(files, vae_dtype).to(device)
+    sf = vae.config.scaling_factor
+    bs = cfg.cache.batch_size
+    for i in range(0, len(todo), bs):
+        chunk = todo[i:i + bs]
+        pixels = torch.stack([load_image_tensor(p, res, center, key) for key, p, _ in chunk])
+        with torch.no_grad():
+            # The latent distribution's mean (DiffSynth's encoder is deterministic too).
+            lat = vae.encode(pixels.to(device, vae_dtype)).latent_dist.mean * sf
+        for j, (key, _, name) in enumerate(chunk):
+            latent = lat[j].float().cpu().contiguous()
+            _check_finite(latent, f"the latents of {name}",
+                          f"the SDXL VAE overflows in {cfg.cache.vae_dtype}: set cache.vae_dtype: float32 (the "
+                          "default), or model.vae_path to the fp16-fix VAE (`kolora fetch models` downloads it)")
+            with atomic_path(lat_dir / f"{key}.safetensors") as tmp:
+                save_file({"latents": latent}, str(tmp))
+        tick(len(chunk))
+    del vae
+    _free(device)
+
+
+def _free(device: str) -> None:
+    """Give the encoders' GPU memory back before training follows in the same process."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run(cfg: ExperimentConfig, run: RunDir, progress=None) -> dict[str, Any]:
+    from safetensors.torch import load_file
 
     from kolora import models
 
@@ -90,75 +215,38 @@ def run(cfg: ExperimentConfig, run: RunDir, progress=None) -> dict[str, Any]:
     if not rows:
         raise RunFailure(f"{run.trainset}/train/metadata.csv has no samples: nothing to cache")
     files = models.resolve(cfg.model)
-    ident = fingerprint.model(cfg.model)
-    res, center, seq = cfg.train.resolution, cfg.train.center_crop, cfg.cache.max_sequence_length
     store = cache_store(cfg, run)
     text_dir, lat_dir = store / "text", store / "latents"
-
-    entries = []
-    for r in rows:
-        img_hash = _sha(Path(r["path"]).read_bytes())
-        entries.append({
-            "file_name": r["file_name"], "text": r["text"],
-            "text_key": _sha("text", ident, str(seq), r["text"]),
-            "latent_key": _sha("latent", ident, str(res), str(center), img_hash),
-            # The tutorial's add_time_ids: original size, crop top-left, target size = [h, w, 0, 0, h, w].
-            "time_ids": [res, res, 0, 0, res, res],
-        })
+    entries = _entries(cfg, rows, fingerprint.model(cfg.model))
     todo_text = sorted({e["text_key"]: e["text"] for e in entries
                         if not (text_dir / f"{e['text_key']}.safetensors").is_file()}.items())
-    todo_lat = sorted({e["latent_key"]: r["path"] for e, r in zip(entries, rows, strict=True)
-                       if not (lat_dir / f"{e['latent_key']}.safetensors").is_file()}.items())
-
+    todo_lat = sorted({e["latent_key"]: (e["latent_key"], r["path"], e["file_name"])
+                       for e, r in zip(entries, rows, strict=True)
+                       if not (lat_dir / f"{e['latent_key']}.safetensors").is_file()}.values())
     device = _device(cfg.cache.device)
-    dtype = torch.float16 if device == "cuda" else torch.float32
-    bs = cfg.cache.batch_size
-    if todo_text:
-        from diffusers import KolorsPipeline
+    total, done = len(todo_text) + len(todo_lat), 0
 
-        te = models.load_text_encoder(files, dtype).to(device)
-        # diffusers' own encode_prompt, so training sees exactly what rendering computes.
-        encoder = KolorsPipeline(vae=None, text_encoder=te, tokenizer=models.load_tokenizer(files), unet=None,
-                                 scheduler=None)
-        for i in range(0, len(todo_text), bs):
-            chunk = todo_text[i:i + bs]
-            with torch.no_grad():
-                embeds, _, pooled, _ = encoder.encode_prompt(
-                    [t for _, t in chunk], device=device, num_images_per_prompt=1,
-                    do_classifier_free_guidance=False, max_sequence_length=seq)
-            for j, (key, _) in enumerate(chunk):
-                with atomic_path(text_dir / f"{key}.safetensors") as tmp:
-                    save_file({"prompt_embeds": embeds[j].float().cpu().contiguous(),
-                               "pooled": pooled[j].float().cpu().contiguous()}, str(tmp))
-            if progress:
-                progress(min(i + bs, len(todo_text)), len(todo_text) + len(todo_lat))
-        del encoder, te
+    def tick(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress:
+            progress(done, total)
+
+    if todo_text:
+        _encode_texts(cfg, files, todo_text, text_dir, device, tick)
     if todo_lat:
-        vae = models.load_vae(files, dtype).to(device)
-        sf = vae.config.scaling_factor
-        for i in range(0, len(todo_lat), bs):
-            chunk = todo_lat[i:i + bs]
-            pixels = torch.stack([load_image_tensor(p, res, center, key) for key, p in chunk])
-            with torch.no_grad():
-                # The latent distribution's mean (DiffSynth's encoder is deterministic too).
-                lat = vae.encode(pixels.to(device, dtype)).latent_dist.mean * sf
-            for j, (key, _) in enumerate(chunk):
-                with atomic_path(lat_dir / f"{key}.safetensors") as tmp:
-                    save_file({"latents": lat[j].float().cpu().contiguous()}, str(tmp))
-            if progress:
-                progress(len(todo_text) + min(i + bs, len(todo_lat)), len(todo_text) + len(todo_lat))
-        del vae
+        _encode_latents(cfg, files, todo_lat, lat_dir, device, tick)
     # Verify every entry is readable before declaring the cache complete.
     for e in entries:
         load_file(str(text_dir / f"{e['text_key']}.safetensors"))
         load_file(str(lat_dir / f"{e['latent_key']}.safetensors"))
     for folder in (text_dir, lat_dir):
         fsync_dir(folder)
-    atomic_write_json(run.cache / "index.json", {"resolution": res, "max_sequence_length": seq,
+    atomic_write_json(run.cache / "index.json", {"resolution": cfg.train.resolution,
+                                                 "max_sequence_length": cfg.cache.max_sequence_length,
                                                  # null: <run>/cache, wherever the run folder moves
                                                  "store": str(cfg.cache.dir) if cfg.cache.dir else None,
                                                  "entries": entries})
-    encoded = len(todo_text) + len(todo_lat)
     unique = len({e["text_key"] for e in entries}) + len({e["latent_key"] for e in entries})
-    return {"samples": len(entries), "encoded": encoded, "reused": unique - encoded,
+    return {"samples": len(entries), "encoded": total, "reused": unique - total,
             "encoded_texts": len(todo_text), "encoded_images": len(todo_lat), "store": str(store), "device": device}

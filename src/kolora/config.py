@@ -137,6 +137,9 @@ class CacheConfig(_Section):
     max_sequence_length: int = Field(256, ge=8, le=4096)
     batch_size: int = Field(4, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # The VAE's dtype for encoding latents. The stock SDXL VAE overflows (nan) in float16; float32 is what
+    # diffusers' SDXL training scripts use. float16 is safe only with the fp16-fix VAE (model.vae_path).
+    vae_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     # Where the content-addressed entries live (default: <run>/cache). A lab folder shared by several runs
     # (a sweep, a rerun with another lr) means each image and caption is encoded once.
     dir: Path | None = None
@@ -159,6 +162,9 @@ class TrainConfig(_Section):
     seed: int = 0
     num_workers: int = Field(0, ge=0)
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
+    # Deterministic algorithms (torch, cuDNN, cuBLAS workspace): what makes a resumed GPU run repeat the
+    # uninterrupted one. Ops without a deterministic kernel warn instead of failing.
+    deterministic: bool = True
 
     @field_validator("precision", mode="before")
     @classmethod

@@ -236,7 +236,11 @@ def _call(s: stages.Stage, cfg: ExperimentConfig, run: RunDir, progress, kw: dic
 
 
 def torch_setup(cfg: ExperimentConfig) -> None:
-    """Before a torch stage: quiet library chatter; on a CPU, the config's thread count (see cpu_threads)."""
+    """Before a torch stage: quiet library chatter; on a CPU, the config's thread count (see cpu_threads);
+    for deterministic training, cuBLAS's fixed workspace, which it reads when its first handle is created
+    (the cache stage before training in the same job would otherwise fix it)."""
+    if cfg.train.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     import torch
 
     from kolora.models import quiet_libraries

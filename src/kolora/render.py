@@ -49,13 +49,62 @@ def _device_dtype(cfg: ExperimentConfig):
     return device, getattr(torch, dtype)
 
 
-def render_tile(pipe, cfg: ExperimentConfig, item: PromptItem, device: str):
+def render_tile(pipe, cfg: ExperimentConfig, item: PromptItem, device: str, embeds: dict[str, Any] | None = None):
+    """One tile: from the prompt text, or from `embeds` (encode_prompts) with a pipeline that has no text
+    encoder. Both give the same pixels: the embeddings come from the same encode_prompt call."""
     import torch
 
     generator = torch.Generator(device="cpu").manual_seed(item.seed)
-    return pipe(prompt=item.prompt, negative_prompt=item.negative_prompt, guidance_scale=cfg.render.cfg,
-                num_inference_steps=cfg.render.steps, height=cfg.render.height, width=cfg.render.width,
-                generator=generator, max_sequence_length=cfg.cache.max_sequence_length).images[0]
+    text = dict(embeds) if embeds is not None else {"prompt": item.prompt, "negative_prompt": item.negative_prompt}
+    return pipe(**text, guidance_scale=cfg.render.cfg, num_inference_steps=cfg.render.steps,
+                height=cfg.render.height, width=cfg.render.width, generator=generator,
+                max_sequence_length=cfg.cache.max_sequence_length).images[0]
+
+
+def encode_prompts(cfg: ExperimentConfig, items: list[PromptItem], device: str, dtype) -> list[dict[str, Any]]:
+    """The text embeddings of every tile this task renders, computed before the UNet is loaded; the text
+    encoder (ChatGLM3-6B: 12.5 GB in float16) is freed afterwards, so it never shares the GPU with the UNet."""
+    import gc
+
+    import torch
+    from diffusers import KolorsPipeline
+
+    from kolora import models
+
+    files = models.resolve(cfg.model)
+    te = models.load_text_encoder(files, dtype).to(device)
+    encoder = KolorsPipeline(vae=None, text_encoder=te, tokenizer=models.load_tokenizer(files), unet=None,
+                             scheduler=None)
+    out = []
+    for item in items:
+        with torch.no_grad():
+            pe, ne, pp, npp = encoder.encode_prompt(
+                item.prompt, device=device, num_images_per_prompt=1,
+                do_classifier_free_guidance=cfg.render.cfg > 1, negative_prompt=item.negative_prompt,
+                max_sequence_length=cfg.cache.max_sequence_length)
+        out.append({"prompt_embeds": pe, "pooled_prompt_embeds": pp, "negative_prompt_embeds": ne,
+                    "negative_pooled_prompt_embeds": npp})
+    del encoder, te
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def image_pipeline(cfg: ExperimentConfig, lora_file: Path, device: str, dtype):
+    """UNet + VAE (+ the LoRA), no text encoder: what the denoising loop and the decode need."""
+    from diffusers import KolorsPipeline
+
+    from kolora import lora, models
+
+    files = models.resolve(cfg.model)
+    pipe = KolorsPipeline(vae=models.load_vae(files, dtype), text_encoder=None, tokenizer=models.load_tokenizer(files),
+                          unet=models.load_unet(files, dtype), scheduler=models.make_scheduler(files))
+    lora.load_into_pipeline(pipe, lora_file, scale=cfg.render.lora_scale)
+    pipe.set_progress_bar_config(disable=True)
+    if device == "cuda":
+        pipe.vae.enable_tiling()  # decodes above the VAE's sample size (1024) in tiles; no change at or below it
+    return pipe.to(device)
 
 
 def _reuse(run: RunDir, tile: Tile) -> bool:
@@ -86,12 +135,13 @@ def run(cfg: ExperimentConfig, run: RunDir, task_index: int = 0, task_count: int
     todo = [t for t in todo if t not in reused]
     if todo:
         device, dtype = _device_dtype(cfg)
+        embeds = encode_prompts(cfg, [t.item for t in todo], device, dtype)
         try:
-            pipe = build_pipeline(cfg, lf, device, dtype)
+            pipe = image_pipeline(cfg, lf, device, dtype)
         except LoraFileError as e:
             raise LoraFileError(f"render.lora: {e}") if cfg.render.lora else e from None
-        for n, tile in enumerate(todo, 1):
-            image = render_tile(pipe, cfg, tile.item, device)
+        for n, (tile, tile_embeds) in enumerate(zip(todo, embeds, strict=True), 1):
+            image = render_tile(pipe, cfg, tile.item, device, tile_embeds)
             with atomic_path(run.render / tile.name) as tmp:
                 image.save(tmp, format="PNG")
             if progress:

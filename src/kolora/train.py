@@ -29,6 +29,7 @@ from kolora import checkpoint as ckpt_io
 from kolora import interrupt, models
 from kolora import lora as lora_io
 from kolora.config import ExperimentConfig, TrainConfig
+from kolora.errors import RunFailure
 from kolora.rundir import RunDir, atomic_write_text
 from kolora.stages import Keys
 
@@ -83,12 +84,17 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 2_654_435_761 + step) % (2**63))
 
 
+class NonFiniteLoss(RunFailure):
+    """Training met a nan/inf loss: it stops there, before that step's update reaches any checkpoint."""
+
+
 class LoRATrainer(L.LightningModule):
-    def __init__(self, unet, tcfg: TrainConfig, config_digest: str):
+    def __init__(self, unet, tcfg: TrainConfig, config_digest: str, ckpt_dir: Path | None = None):
         super().__init__()
         self.unet = unet
         self.tcfg = tcfg
         self.config_digest = config_digest
+        self.ckpt_dir = ckpt_dir
         self.noise_scheduler = models.training_scheduler()
         self.register_buffer("alphas_cumprod", self.noise_scheduler.alphas_cumprod.clone(), persistent=False)
         # Checkpoints carry only the LoRA tensors (not the 2.6 B frozen UNet weights): load non-strictly.
@@ -123,6 +129,20 @@ class LoRATrainer(L.LightningModule):
         loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
         self.log("loss", loss.detach(), prog_bar=True, on_step=True, batch_size=latents.shape[0])
         return loss
+
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        # One decision for all ranks (a rank raising alone would leave the others in the next all-reduce).
+        if self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss.detach())), all=True):
+            return
+        step = self.global_step + 1
+        newest = ckpt_io.checkpoints(self.ckpt_dir) if self.ckpt_dir else []
+        kept = (f"the last good checkpoint, {newest[0][1]} (step {newest[0][0]}), is kept and a rerun resumes "
+                "from it" if newest else "no checkpoint was written yet")
+        raise NonFiniteLoss(
+            f"train: the loss at step {step} is {float(loss.detach())} (not finite); training stopped before that "
+            f"step's update, and {kept}. Likely causes: float16 overflow in the UNet (set train.precision: "
+            f"bf16-mixed), too high a learning rate (train.lr {self.tcfg.lr:g}), or non-finite cached inputs "
+            "(rerun the cache stage with --force)")
 
 
 class MetricsCSV(L.Callback):
@@ -262,7 +282,7 @@ def run(cfg: ExperimentConfig, run: RunDir, progress=None, devices: int = 1, num
     loader = torch.utils.data.DataLoader(data, batch_size=tcfg.batch_size, sampler=sampler,
                                          num_workers=tcfg.num_workers, drop_last=False)
 
-    module = LoRATrainer(unet, tcfg, digest)
+    module = LoRATrainer(unet, tcfg, digest, ckpt_dir)
     plugins = []
     if "SLURM_JOB_ID" in os.environ:
         # kolora's launcher owns signals and requeue; Lightning's own SLURM auto-requeue must stay out.
@@ -274,6 +294,8 @@ def run(cfg: ExperimentConfig, run: RunDir, progress=None, devices: int = 1, num
         accelerator=accel, devices=devices, num_nodes=num_nodes,
         strategy="ddp" if devices * num_nodes > 1 else "auto",
         precision=precision, max_steps=tcfg.steps, max_epochs=-1,
+        # torch's deterministic algorithms (warn where an op has none), cuDNN deterministic, no autotuning
+        deterministic="warn" if tcfg.deterministic else None, benchmark=False if tcfg.deterministic else None,
         logger=False, default_root_dir=str(run.train), plugins=[*plugins, ckpt_io.AtomicCheckpointIO()],
         enable_model_summary=False, enable_checkpointing=False, enable_progress_bar=False,
         callbacks=[StepProgress(tcfg.steps, progress), MetricsCSV(run.train / "metrics.csv"),

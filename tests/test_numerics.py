@@ -1,0 +1,115 @@
+"""Numerics at Kolors size, tested on the tiny model: non-finite latents stop the cache with the reason, a nan
+loss stops training at that step keeping the last good checkpoint, text embeddings are stored in the dtype
+training feeds the UNet, and what that costs per caption at 256 × 4096."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+
+import pytest
+import torch
+
+from kolora import cache as cache_mod
+from kolora import train as train_mod
+from kolora.checkpoint import checkpoints
+from kolora.pipeline import run_stage
+from kolora.rundir import RunDir
+
+
+def _sha(p) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def _copy(demo_run, tmp_path) -> RunDir:
+    shutil.copytree(demo_run, tmp_path / "demo")
+    return RunDir(tmp_path / "demo")
+
+
+def test_non_finite_latents_stop_the_cache_naming_the_image(demo_run, tmp_path, monkeypatch):
+    run = _copy(demo_run, tmp_path)
+    cfg = run.load_config()
+    cfg.cache.dir = tmp_path / "fresh-store"  # nothing cached there yet (operational: --force to encode into it)
+    index = (run.cache / "index.json").read_bytes()
+    row = cache_mod.read_trainset(run)[5]
+    real = cache_mod.load_image_tensor
+
+    def nan_for_victim(path, *a, **k):
+        pixels = real(path, *a, **k)
+        return pixels * float("nan") if path == row["path"] else pixels
+
+    monkeypatch.setattr(cache_mod, "load_image_tensor", nan_for_victim)
+    with pytest.raises(cache_mod.NonFiniteCache, match=rf"latents of {row['file_name']} has \d+ non-finite") as e:
+        run_stage("cache", cfg, run, force=True)
+    assert "cache.vae_dtype: float32" in str(e.value) and "fp16-fix" in str(e.value)
+    written = list((cfg.cache.dir / "latents").glob("*.safetensors"))
+    assert written and all(torch.isfinite(_load(p)["latents"]).all() for p in written)  # others kept, no nan
+    assert (run.cache / "index.json").read_bytes() == index  # the complete cache it had is untouched
+    monkeypatch.setattr(cache_mod, "load_image_tensor", real)
+    summary = run_stage("cache", cfg, run, force=True)  # the image is fine again: only what is missing is encoded
+    assert summary["encoded_texts"] == 0 and 0 < summary["encoded_images"] < summary["samples"]
+
+
+def _load(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def test_a_nan_loss_stops_training_at_that_step_and_keeps_the_last_good_checkpoint(demo_run, tmp_path, monkeypatch):
+    run = _copy(demo_run, tmp_path)
+    for d in ("train", "lora"):
+        shutil.rmtree(run.root / d)
+    cfg = run.load_config()
+    real = train_mod.LoRATrainer.training_step
+
+    def nan_at_step_15(self, batch, batch_idx):
+        loss = real(self, batch, batch_idx)
+        return loss * float("nan") if self.global_step == 14 else loss
+
+    monkeypatch.setattr(train_mod.LoRATrainer, "training_step", nan_at_step_15)
+    with pytest.raises(train_mod.NonFiniteLoss, match=r"the loss at step 15 is nan") as e:
+        run_stage("train", cfg, run)
+    assert "step=000010.ckpt (step 10), is kept" in str(e.value) and "bf16-mixed" in str(e.value)
+    assert [step for step, _ in checkpoints(run.train / "checkpoints")] == [10]
+    assert not (run.lora / "pytorch_lora_weights.safetensors").exists()
+    monkeypatch.setattr(train_mod.LoRATrainer, "training_step", real)
+    assert run_stage("train", cfg, run)["resumed_from_step"] == 10
+    # the rerun ends where the uninterrupted demo did
+    assert _sha(run.lora / "pytorch_lora_weights.safetensors") == _sha(demo_run / "lora" /
+                                                                       "pytorch_lora_weights.safetensors")
+
+
+def test_text_embeddings_are_stored_in_the_training_dtype(demo_run, tmp_path):
+    """bf16-mixed training stores bfloat16 embeddings (16-mixed: float16): autocast casts them to that in the
+    first layer that reads them, so the training is the same as from float32 entries (checked: bit-identical
+    LoRA on this CPU), at half the bytes."""
+    import json
+
+    def train(name: str, store_dtype) -> dict:
+        run = _copy(demo_run, tmp_path / name)
+        for d in ("train", "lora"):
+            shutil.rmtree(run.root / d)
+        cfg = run.load_config()
+        cfg.train.precision, cfg.train.steps = "bf16-mixed", 6
+        cfg.cache.dir = tmp_path / name / "store"
+        run_stage("cache", cfg, run)
+        index = json.loads((run.cache / "index.json").read_text())
+        text = _load(cfg.cache.dir / "text" / f"{index['entries'][0]['text_key']}.safetensors")
+        assert text["prompt_embeds"].dtype == torch.bfloat16 and text["pooled"].dtype == torch.bfloat16
+        if store_dtype is not torch.bfloat16:  # the float32 layout: the same entries, widened
+            for p in (cfg.cache.dir / "text").glob("*.safetensors"):
+                from safetensors.torch import save_file
+
+                save_file({k: v.to(store_dtype) for k, v in _load(p).items()}, str(p))
+        run_stage("train", cfg, run)
+        return _load(run.lora / "pytorch_lora_weights.safetensors")
+
+    half, full = train("bf16", torch.bfloat16), train("fp32", torch.float32)
+    assert half.keys() == full.keys() and all(torch.equal(half[k], full[k]) for k in half)
+
+
+def test_text_entry_bytes_at_kolors_size():
+    """ChatGLM3's [256, 4096] embeddings + [4096] pooled, as the cache writes them."""
+    assert cache_mod.text_entry_bytes(256, 4096, torch.float16) < 2 * 2**20 + 16 * 2**10  # 2 MiB + pooled
+    assert cache_mod.text_entry_bytes(256, 4096, torch.float32) > 4 * 2**20
