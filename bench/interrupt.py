@@ -198,7 +198,9 @@ def main(argv: list[str] | None = None) -> int:
         return skip(NAME, "no dev cluster", "no-cluster")
     env = env or dict(os.environ)
     info = environment()
-    info["cluster"] = env.get("SLURM_CONF", "none (kill only)")
+    # which Slurm, not where its conf lives on this machine (no machine path in RESULTS.md)
+    info["cluster"] = ("dev cluster (slurm/devcluster)" if env.get("KOLORA_DEVCLUSTER") else "a Slurm cluster") \
+        if env.get("SLURM_CONF") else "none (kill only)"
     from kolora.config import load_config
     from kolora.models import ensure_model
 
