@@ -331,6 +331,19 @@ def _render_dtype(cfg: ExperimentConfig) -> str:
     return "float16" if cfg.render.dtype == "auto" else cfg.render.dtype  # auto on a GPU: float16 (render.py)
 
 
+def train_estimate(unet_config: dict[str, Any], precision: str, checkpointing: bool, batch: int, resolution: int,
+                   seq: int, rank: int, targets: tuple[str, ...] | list[str]) -> Estimate:
+    """The train stage alone, from the UNet's config (bench/gpu_train.py compares it with CUDA's own peak)."""
+    key, targets, wdt = _key(unet_config), tuple(targets), _weight_dtype(precision)
+    lora = lora_param_count(key, rank, targets)
+    act = train_activation_bytes(key, wdt, wdt != "float32", checkpointing, batch, resolution, seq, rank, targets)
+    return Estimate("train", param_count("unet", key) * _BYTES[wdt] / GIB, lora * (4 + 4 + ADAMW_STATE_BYTES) / GIB,
+                    act / GIB, lora_params=lora,
+                    assumptions=f"precision {precision}, gradient checkpointing {'on' if checkpointing else 'off'}, "
+                                f"batch {batch}, {resolution}², {seq} tokens, LoRA rank {rank} on {', '.join(targets)}, "
+                                "AdamW")
+
+
 def estimate(cfg: ExperimentConfig, vae_dtype: str = "float32") -> dict[str, Estimate]:
     """{"cache", "train", "render"} → the stage's peak GPU memory, as if it ran on a GPU (the devices the config
     asks for are not looked at). `vae_dtype`: the VAE encoder's dtype in the cache stage."""
@@ -353,14 +366,8 @@ def estimate(cfg: ExperimentConfig, vae_dtype: str = "float32") -> dict[str, Est
                      assumptions=f"text encoder fp16 on {bs} prompts × {seq} tokens, then the VAE encoder in "
                                  f"{vae_dtype} on {bs} images of {t.resolution}²")
 
-    wdt = _weight_dtype(t.precision)
-    act = train_activation_bytes(keys["unet"], wdt, wdt != "float32", t.gradient_checkpointing, t.batch_size,
-                                 t.resolution, seq, t.rank, targets)
-    train = Estimate("train", n["unet"] * _BYTES[wdt] / GIB, lora * (4 + 4 + ADAMW_STATE_BYTES) / GIB, act / GIB,
-                     lora_params=lora,
-                     assumptions=f"precision {t.precision}, gradient checkpointing "
-                                 f"{'on' if t.gradient_checkpointing else 'off'}, batch {t.batch_size}, "
-                                 f"{t.resolution}², {seq} tokens, LoRA rank {t.rank} on {', '.join(targets)}, AdamW")
+    train = train_estimate(confs["unet"], t.precision, t.gradient_checkpointing, t.batch_size, t.resolution, seq,
+                           t.rank, targets)
 
     # render: KolorsPipeline keeps text encoder, UNet (+ LoRA) and VAE on the GPU; diffusers decodes with an fp16
     # VAE upcast to fp32 when its config says force_upcast (diffusers' default)
