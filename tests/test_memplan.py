@@ -87,12 +87,12 @@ def test_real_kolors_at_1024(kolors_configs: Path, capsys: pytest.CaptureFixture
     assert len(linears) == 560  # 70 transformer blocks × 2 attentions × 4
     assert train.lora_params == 16 * sum(m.in_features + m.out_features for m in linears) == 23_224_320
     assert train.trainable == pytest.approx(train.lora_params * 16 / GIB)  # fp32 weight + grad + 2 AdamW states
-    # Published SDXL figures (same UNet size; Kolors adds a 4096→2048 text projection and 256 instead of 77
-    # tokens): kohya-ss/sd-scripts README "Tips for SDXL training": LoRA training "can be done with 8GB GPU
-    # memory (10GB recommended)" when training the U-Net only with gradient checkpointing, cached text encoder
-    # outputs and latents (8-bit optimizer, low rank); SimpleTuner's TUTORIAL.md: "for LoRA ... you can get by with
-    # a 12G or 16G GPU"; Civitai's SDXL 1.0 training overview: peaks of 13-14.8 GB with gradient checkpointing and
-    # the text encoders still on the GPU. So: above the fp16 weights, within kohya's 10 GB for the cached recipe.
+    # Published SDXL figures (the same UNet size; Kolors adds a 4096→2048 text projection and reads 256 instead of
+    # 77 tokens): kohya-ss/sd-scripts docs/train_SDXL-en.md: LoRA training "can be done with 8GB GPU memory (10GB
+    # recommended)" training the U-Net only with gradient checkpointing and cached text-encoder outputs and
+    # latents (8-bit optimizer, rank 4-8 for 8 GB); SimpleTuner TUTORIAL.md: "for LoRA ... you can get by with a
+    # 12G or 16G GPU"; Civitai's SDXL 1.0 Training Overview: peaks of 13-14.8 GB with gradient checkpointing
+    # (settings not given). So: above the fp16 weights, within kohya's recommended 10 GB for this cached recipe.
     assert 6.0 <= train.total_gib <= 10.0, train.describe()
     assert train.activations < 2.0  # checkpointing keeps block inputs and one block's recomputation
     # cache: ChatGLM3 in fp16 (12.5 GB of weights) is the larger phase; the fp32 VAE encoder on 4 images of 1024²
