@@ -225,14 +225,19 @@ def test_submit_dry_run_prints_the_estimates_and_submit_refuses_before_queueing(
 
 
 # (e) --------------------------------------------------------------------------------------------------------
-def test_the_tiny_demo_gets_small_estimates(tmp_path: Path, tiny_diffusers: Path) -> None:
+def test_the_tiny_demo_gets_small_estimates(tmp_path: Path, tiny_diffusers: Path, tiny_diffsynth: Path) -> None:
+    from kolora.models import tiny_diffsynth_overrides
+
     not_built = memplan.estimate(load_config(DEMO, [f"model.path={tmp_path / 'not-built'}"]))
     built = memplan.estimate(load_config(DEMO, [f"model.path={tiny_diffusers}"]))
+    diffsynth = memplan.estimate(load_config(DEMO, [f"model.path={tiny_diffsynth}", "model.layout=diffsynth", *(
+        f"model.{k}={v}" for k, v in tiny_diffsynth_overrides(tiny_diffsynth).items())]))
     for stage in memplan.GPU_STAGES:
         e = not_built[stage]
         assert e.total_gib < memplan.OVERHEAD_GIB + 0.01 and e.weights < 0.01, e.describe()
         assert 0 < e.activations < 0.01
-        assert built[stage].total_gib == pytest.approx(e.total_gib)  # the configs on disk are the tiny ones
+        # the configs on disk, in either layout, are the tiny ones
+        assert built[stage].total_gib == pytest.approx(e.total_gib) == diffsynth[stage].total_gib
         assert sum(e.breakdown().values()) == pytest.approx(e.total_gib)
 
 

@@ -346,7 +346,8 @@ def train_estimate(unet_config: dict[str, Any], precision: str, checkpointing: b
 
 def estimate(cfg: ExperimentConfig, vae_dtype: str = "float32") -> dict[str, Estimate]:
     """{"cache", "train", "render"} → the stage's peak GPU memory, as if it ran on a GPU (the devices the config
-    asks for are not looked at). `vae_dtype`: the VAE encoder's dtype in the cache stage."""
+    asks for are not looked at). `vae_dtype`: the VAE encoder's dtype in the cache stage (fp32 by default, where
+    latent encoding is moving; cache.py encodes in fp16 today: "float16" estimates that)."""
     confs = model_configs(cfg.model)
     keys = {name: _key(c) for name, c in confs.items()}
     n = {name: param_count(name, key) for name, key in keys.items()}
