@@ -10,7 +10,8 @@ kolora.train.LoRATrainer.training_step in plain PyTorch (autocast + GradScaler f
   tutorial  fp16: ChatGLM3 (256 tokens) + VAE encoder on a 1024² image every step, then the UNet step;
             all three models on the GPU (what DiffSynth 1.1.9's recipe does)
   kolora    bf16 and fp16: cached prompt embeddings / latents, encoders not on the GPU
-each with gradient checkpointing on and off. FLOPs per step are counted on the first measured step
+each with gradient checkpointing on and off, the kolora rows beside kolora.memplan's estimate of their peak.
+FLOPs per step are counted on the first measured step
 (torch.utils.flop_counter), so achieved TFLOP/s and the floor (FLOPs / the GPU's dense peak) use the same count.
 Without CUDA it prints "skipped: no CUDA" and exits 0; --tiny runs the same code on tiny models (any device:
 a smoke test, not a benchmark).
@@ -125,6 +126,18 @@ def measure(step: Step, device: str, warmup: int, steps: int) -> dict[str, Any]:
             "loss_finite": bool(torch.isfinite(step.loss).item())}
 
 
+def planned_gib(tiny: bool, dtype, ckpt: bool, res: int, tokens: int) -> float:
+    """kolora.memplan's estimate of a kolora step's peak (UNet weights, LoRA + fp32 grads + AdamW, activations),
+    without its fixed CUDA-context overhead, which max_memory_allocated does not see either."""
+    from kolora import memplan, models
+
+    config = (models.tiny_unet_config(models.TINY_TEXT["hidden_size"]) if tiny
+              else models.packaged_config("kolors-unet-config.json"))
+    precision = {"bfloat16": "bf16-mixed", "float16": "16-mixed"}[str(dtype).removeprefix("torch.")]
+    est = memplan.train_estimate(config, precision, ckpt, 1, res, tokens, 16, LORA_TARGETS)
+    return est.total_gib - est.overhead
+
+
 def set_base_dtype(unet, dtype) -> None:
     """Base weights to `dtype`, LoRA weights float32 (kolora.train does the same)."""
     unet.to(dtype)
@@ -175,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
             unet.disable_gradient_checkpointing()
         row: dict[str, Any] = {"label": label, "kind": kind, "dtype": str(dtype).removeprefix("torch."),
                                "ckpt": ckpt}
+        if kind == "kolora":  # the memory planner's estimate, made on the meta device before the step runs
+            row["planned_gib"] = planned_gib(args.tiny, dtype, ckpt, res, tokens)
         try:
             step = Step(unet, dtype, device, res, tokens, text_hidden, encoders)
             row.update(measure(step, device, args.warmup, args.steps))
@@ -209,12 +224,12 @@ def main(argv: list[str] | None = None) -> int:
         floor_ms = r["tflop"] / peak_tflops * 1e3 if peak_tflops and "tflop" in r else float("nan")
         table_rows.append([r["label"], cell(r, "steps_per_s"), cell(r, "step_s", 1e3), floor_ms, cell(r, "tflop"),
                            cell(r, "tflops"), (r["tflops"] / peak_tflops if peak_tflops and "tflops" in r else "-"),
-                           cell(r, "peak_gib"), r.get("loss_finite", "-")])
+                           cell(r, "peak_gib"), r.get("planned_gib", "-"), r.get("loss_finite", "-")])
     body = (f"{name}{f', dense peak {peak_tflops:.0f} TFLOP/s' if peak_tflops else ''}; {res}², batch 1, "
             f"{tokens} tokens, LoRA r16; median of {args.steps} steps after {args.warmup} warm-up"
             + (" -- TINY MODELS, smoke test only" if args.tiny else "") + ".\n\n"
             + table(["step", "steps/s", "ms/step", "floor ms", "TFLOP/step", "achieved TFLOP/s", "of peak",
-                     "peak GiB", "loss finite"], table_rows))
+                     "peak GiB", "planned GiB", "loss finite"], table_rows))
     by = {r["label"]: r for r in rows}
     result: dict[str, Any] = {"device": name.replace(" ", "_"), "tiny": args.tiny}
     for r in rows:
@@ -222,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         result[f"{key}_steps_s"] = r.get("steps_per_s", 0.0)
         if "peak_gib" in r:
             result[f"{key}_peak_gib"] = r["peak_gib"]
+        if "planned_gib" in r:
+            result[f"{key}_planned_gib"] = r["planned_gib"]
     tut, kol = by.get("tutorial fp16 ckpt on"), by.get("kolora bf16 ckpt on")
     if tut and kol and "steps_per_s" in tut and "steps_per_s" in kol:
         result["kolora_vs_tutorial"] = kol["steps_per_s"] / tut["steps_per_s"]
@@ -231,7 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     notes = ["floor ms = counted FLOPs of that step / the GPU's dense bf16 peak (fp16 peak is the same on these "
              "GPUs); 'of peak' = achieved / peak.",
              "peak GiB = torch.cuda.max_memory_allocated during the timed steps, weights included (tutorial rows "
-             "hold ChatGLM3 and the VAE too)."]
+             "hold ChatGLM3 and the VAE too).",
+             "planned GiB = kolora.memplan's estimate of the same step from the meta device (what `kolora validate "
+             "--cluster` checks against gpu_mem_gb), less its fixed 1 GiB CUDA overhead."]
     report(NAME, "LoRA training step, tutorial vs kolora", env, body, result,
            record=not (args.no_record or args.tiny), notes=notes)
     return 0

@@ -130,7 +130,9 @@ def test_gpu_train_tiny_runs_every_configuration_on_cpu() -> None:
     for key in ("kolora_bf16_ckpt", "kolora_bf16", "kolora_fp16_ckpt", "kolora_fp16", "tutorial_fp16_ckpt",
                 "tutorial_fp16"):
         assert float(v[f"{key}_steps_s"]) > 0, key
-    assert "TINY MODELS" in out
+    for key in ("kolora_bf16_ckpt", "kolora_bf16", "kolora_fp16_ckpt", "kolora_fp16"):  # the planner's estimate
+        assert 0 < float(v[f"{key}_planned_gib"]) < 0.01, key
+    assert "TINY MODELS" in out and "planned GiB" in out
 
 
 def test_cache_size_bench_reports_bytes_per_entry_at_kolors_size() -> None:

@@ -107,7 +107,11 @@ def cmd_validate(args) -> int:
     if args.cluster:
         from kolora.cluster import find_profile, load_profile
 
-        _warn_attempt_window(cfg, load_profile(find_profile(args.cluster)))
+        profile_file = find_profile(args.cluster)
+        profile = load_profile(profile_file)
+        _warn_attempt_window(cfg, profile)
+        for line in _check_gpu_memory(cfg, profile, profile_file, show=True):
+            print(line)
     print(f"{args.config}: OK (run {cfg.name}, config {cfg.digest()})")
     return 0
 
@@ -117,6 +121,29 @@ def _warn_attempt_window(cfg, profile) -> None:
 
     for line in attempt_window_warnings(cfg, profile):
         print(f"kolora: warning: {line}", file=sys.stderr)
+
+
+def _check_gpu_memory(cfg, profile, profile_file, show: bool) -> list[str]:
+    """One line per GPU stage: its estimated peak GPU memory (kolora.memplan) against the profile's
+    jobs.<job>.gpu_mem_gb. A stage that does not fit stops the command (exit 2) before anything is queued.
+    Without `show`, nothing is estimated unless the profile gives a gpu_mem_gb."""
+    from kolora.launch.plan import gpu_memory_check, has_gpu_mem_limits
+    from kolora.memplan import GPUMemoryError
+
+    if not (show or has_gpu_mem_limits(profile)):
+        return []
+    try:
+        lines, refusals = gpu_memory_check(cfg, profile, str(profile_file))
+    except KoloraError:
+        raise
+    except Exception as e:  # noqa: BLE001 - an estimate that cannot be made must not block a submission
+        print(f"kolora: warning: GPU memory not estimated ({type(e).__name__}: {e})", file=sys.stderr)
+        return []
+    if refusals:
+        for line in lines if show else []:
+            print(line)
+        raise GPUMemoryError("\n".join(refusals))
+    return lines
 
 
 def cmd_make_tiny(args) -> int:
@@ -144,12 +171,15 @@ def cmd_submit(args) -> int:
     runs_dir = _runs_dir(args)
     preflight(cfg)
     _warn_attempt_window(cfg, profile)
+    gpu_memory = _check_gpu_memory(cfg, profile, profile_file, show=args.dry_run)
     if profile.container is not None and not args.dry_run:
         from kolora.container import check_image
 
         check_image(profile.container)
     if args.dry_run:
         print(dry_run(cfg, profile, runs_dir))
+        for line in gpu_memory:
+            print(line)
         return 0
     try:
         sub = submit(cfg, profile, runs_dir, profile_file.resolve(), check=False)
@@ -179,6 +209,7 @@ def cmd_resume(args) -> int:
     profile = load_profile(profile_file)
     preflight(cfg)
     _warn_attempt_window(cfg, profile)
+    _check_gpu_memory(cfg, profile, profile_file, show=False)
     try:
         sub = submit(cfg, profile, run.root.parent, profile_file.resolve(), check=False, only_incomplete=True)
     except LaunchError as e:
@@ -264,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check a config, its prompt set, model and data paths; run nothing")
     _add_config_args(p)
     p.add_argument("--cluster", metavar="PROFILE", help="also check the run against this cluster profile "
-                   "(e.g. whether each requeued job's time limit leaves room to load the models)")
+                   "(whether each requeued job's time limit leaves room to load the models; each GPU "
+                   "stage's estimated peak memory against jobs.<job>.gpu_mem_gb)")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("submit", help="queue the pipeline on Slurm (filter → train → render array → grid); "

@@ -96,6 +96,9 @@ class JobResources(Section):
     mem: str | None = None  # per node, Slurm syntax: 16G, 64000M, 0 (= all of the node's memory)
     gpus: int | None = Field(None, ge=0)  # per node; train with gpus > 1 (or nodes > 1) runs DDP
     gpu_type: str | None = None  # e.g. a100 → --gres=gpu:a100:N
+    # memory of one of the job's GPUs, as the vendor names it (80 for an A100-80GB; nvidia-smi's MiB / 1024):
+    # validate/submit refuse a config whose estimated peak (kolora.memplan) does not fit. None: not checked
+    gpu_mem_gb: float | None = Field(None, gt=0)
     gpu_option: Literal["gres", "gpus-per-node"] | None = None  # how the GPUs are asked for (default gres)
     gres: str | None = None  # other generic resources, appended to the GPU request (e.g. 'nvme:100')
     constraint: str | None = None  # node features, e.g. 'a100|h100'
@@ -108,6 +111,13 @@ class JobResources(Section):
     def _word(cls, v: str | None) -> str | None:
         if v is not None and not _WORD.fullmatch(v):
             raise ValueError("must be a Slurm name (letters, digits, . _ - @ + , :), no spaces")
+        return v
+
+    @field_validator("gpu_mem_gb", mode="before")
+    @classmethod
+    def _gpu_mem(cls, v: Any) -> Any:
+        if isinstance(v, bool) or isinstance(v, str) and v.strip().upper().endswith(("G", "GB")):
+            raise ValueError("must be the GPU's memory in GB as a plain number, e.g. 80 for an A100-80GB")
         return v
 
     @field_validator("time", mode="before")
@@ -279,6 +289,7 @@ class ClusterProfile(Section):
             time_min=parse_time(merged["time"]) if merged["time"] is not None else 60,
             cpus=merged["cpus"] or 1, mem=merged["mem"], gpus=merged["gpus"] or 0, gpu_type=merged["gpu_type"],
             gpu_option=merged["gpu_option"], gres=merged["gres"], constraint=merged["constraint"],
+            gpu_mem_gb=merged["gpu_mem_gb"],
             nodes=merged["nodes"] or 1, setup=merged["setup"], extra=merged["extra"],
             tiles_per_task=own.get("tiles_per_task", 4), array_throttle=own.get("array_throttle", 1),
         )
@@ -294,6 +305,7 @@ class ResolvedResources(BaseModel):
     gpus: int
     gpu_type: str | None
     gpu_option: str | None  # None: gres
+    gpu_mem_gb: float | None  # None: unknown (no GPU memory check)
     gres: str | None
     constraint: str | None
     nodes: int

@@ -182,3 +182,91 @@ def attempt_window_warnings(cfg: ExperimentConfig, profile: ClusterProfile) -> l
         warnings.append(f"{what}, {verdict}. Raise jobs.{job}.time (or lower signal_lead_s) in the cluster "
                         "profile.")
     return warnings
+
+
+# GPU memory: each GPU stage's estimated peak (kolora.memplan) against its job's jobs.<job>.gpu_mem_gb.
+def has_gpu_mem_limits(profile: ClusterProfile) -> bool:
+    from kolora.memplan import GPU_STAGES
+    from kolora.stages import job_of
+
+    return any(profile.resources(job_of(s)).gpu_mem_gb is not None for s in GPU_STAGES)
+
+
+def _smaller(size: int) -> int:
+    return max(8, size * 3 // 4 // 8 * 8)
+
+
+def _variant(cfg: ExperimentConfig, changes: dict[str, Any]) -> ExperimentConfig:
+    sections: dict[str, dict[str, Any]] = {}
+    for dotted, value in changes.items():
+        section, key = dotted.split(".")
+        sections.setdefault(section, {})[key] = value
+    return cfg.model_copy(update={s: getattr(cfg, s).model_copy(update=u) for s, u in sections.items()})
+
+
+def gpu_memory_remedies(cfg: ExperimentConfig, stage: str, total: float, limit: float, job: str,
+                        lora_params: int = 0) -> list[str]:
+    """What would bring `stage` (estimated `total` GiB) under `limit`: the config changes that help, each
+    estimated, the most effective first; then a bigger GPU; then 8-bit Adam where it alone would do."""
+    from kolora import memplan
+
+    t = cfg.train
+    candidates: list[dict[str, Any]] = []
+    if stage == "train":
+        candidates += [{"train.batch_size": 1}] if t.batch_size > 1 else []
+        candidates += [{"train.gradient_checkpointing": True}] if not t.gradient_checkpointing else []
+        candidates += [{"train.resolution": _smaller(t.resolution)}]
+        candidates += [{"train.precision": "bf16-mixed"}] if t.precision in ("32", "32-true") else []
+    elif stage == "cache":
+        candidates += [{"cache.batch_size": 1}] if cfg.cache.batch_size > 1 else []
+        candidates += [{"train.resolution": _smaller(t.resolution)}]
+    else:
+        candidates += [{"render.dtype": "bfloat16"}] if cfg.render.dtype == "float32" else []
+        candidates += [{"render.width": _smaller(cfg.render.width), "render.height": _smaller(cfg.render.height)}]
+    measured = []
+    for change in candidates:
+        after = memplan.estimate(_variant(cfg, change))[stage].total_gib
+        if after < total - 0.05:
+            sets = " ".join(f"--set {k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in change.items())
+            sets += " (or 16-mixed)" if "train.precision" in change else ""
+            measured.append((after, f"{sets} → {after:.1f} GiB ({'fits' if after <= limit else 'not enough alone'})"))
+    lines = [text for _, text in sorted(measured)]
+    lines.append(f"a GPU with at least {math.ceil(total)} GB: jobs.{job}.partition / gpu_type / constraint naming one, "
+                 f"and jobs.{job}.gpu_mem_gb its size")
+    saved = lora_params * (memplan.ADAMW_STATE_BYTES - memplan.ADAM8BIT_STATE_BYTES) / memplan.GIB
+    if stage == "train" and total - saved <= limit:
+        lines.append(f"8-bit Adam would bring it to {total - saved:.1f} GiB: a separate option of the trainer, "
+                     "not implemented in kolora yet")
+    return lines
+
+
+def gpu_memory_check(cfg: ExperimentConfig, profile: ClusterProfile,
+                     source: str = "the cluster profile") -> tuple[list[str], list[str]]:
+    """(one line per GPU stage: its job, estimate and the job's gpu_mem_gb; one refusal per stage that does not
+    fit, naming the job, the numbers and the remedies)."""
+    from kolora import memplan
+    from kolora.stages import job_of
+
+    estimates = memplan.estimate(cfg)
+    devices = {"cache": ("cache.device", cfg.cache.device), "render": ("render.device", cfg.render.device),
+               "train": ("train.accelerator", cfg.train.accelerator)}
+    lines, refusals = [], []
+    for stage in memplan.GPU_STAGES:
+        job = job_of(stage)
+        r, e = profile.resources(job), estimates[stage]
+        limit, head = r.gpu_mem_gb, f"gpu memory: {stage} (job {job}): {e.describe()}"
+        if r.gpus == 0 or devices[stage][1] == "cpu":
+            why = f"jobs.{job} asks for no GPU" if r.gpus == 0 else f"{devices[stage][0]} is cpu"
+            lines.append(f"{head}; {why}: runs on the CPU")
+        elif limit is None:
+            lines.append(f"{head}; set jobs.{job}.gpu_mem_gb to check")
+        elif e.total_gib <= limit:
+            tight = " (less than 10 % to spare)" if e.total_gib > 0.9 * limit else ""
+            lines.append(f"{head}; fits jobs.{job}.gpu_mem_gb {limit:g}{tight}")
+        else:
+            lines.append(f"{head}; does NOT fit jobs.{job}.gpu_mem_gb {limit:g}")
+            fixes = gpu_memory_remedies(cfg, stage, e.total_gib, limit, job, e.lora_params)
+            refusals.append(f"jobs.{job}.gpu_mem_gb in {source}: the {stage} stage needs about {e.describe()} of "
+                            f"GPU memory ({e.assumptions}), more than the {limit:g} GB of job {job}'s GPU. "
+                            "Remedies, the most effective first:\n" + "\n".join(f"  - {x}" for x in fixes))
+    return lines, refusals
