@@ -4,8 +4,9 @@ From the configured model's own configs (unet/, vae/, text_encoder/ config.json;
 configs for DiffSynth's layout), with the modules built on the meta device: no weight is read or allocated.
 Per stage, in GiB:
 - weights: every parameter and buffer the stage keeps on the GPU, in the dtype it keeps them (train: the UNet
-  in the precision's weight dtype; cache: ChatGLM3 in fp16, then the VAE in `vae_dtype`; render: text encoder,
-  UNet, LoRA and VAE at once, as KolorsPipeline holds them, the VAE in fp32 where diffusers upcasts it);
+  in the precision's weight dtype; cache: ChatGLM3 in fp16, then the VAE in `cache.vae_dtype`; render: the text
+  encoder alone, then UNet, LoRA and VAE, the VAE in fp32 where diffusers upcasts it; each stage's peak is its
+  larger phase);
 - trainable (train): the LoRA parameters in fp32, their fp32 gradients and AdamW's two fp32 states;
 - activations: the most memory the stage's own tensors hold at one time, measured by running its forward (train:
   forward and backward, checkpointed blocks recomputed as torch.utils.checkpoint does) on meta tensors of the
@@ -344,10 +345,10 @@ def train_estimate(unet_config: dict[str, Any], precision: str, checkpointing: b
                                 "AdamW")
 
 
-def estimate(cfg: ExperimentConfig, vae_dtype: str = "float32") -> dict[str, Estimate]:
+def estimate(cfg: ExperimentConfig) -> dict[str, Estimate]:
     """{"cache", "train", "render"} → the stage's peak GPU memory, as if it ran on a GPU (the devices the config
-    asks for are not looked at). `vae_dtype`: the VAE encoder's dtype in the cache stage (fp32 by default, where
-    latent encoding is moving; cache.py encodes in fp16 today: "float16" estimates that)."""
+    asks for are not looked at)."""
+    vae_dtype = cfg.cache.vae_dtype
     confs = model_configs(cfg.model)
     keys = {name: _key(c) for name, c in confs.items()}
     n = {name: param_count(name, key) for name, key in keys.items()}
@@ -370,19 +371,23 @@ def estimate(cfg: ExperimentConfig, vae_dtype: str = "float32") -> dict[str, Est
     train = train_estimate(confs["unet"], t.precision, t.gradient_checkpointing, t.batch_size, t.resolution, seq,
                            t.rank, targets)
 
-    # render: KolorsPipeline keeps text encoder, UNet (+ LoRA) and VAE on the GPU; diffusers decodes with an fp16
-    # VAE upcast to fp32 when its config says force_upcast (diffusers' default)
+    # render (render.py): the task's prompts are encoded first, the text encoder freed, then UNet (+ LoRA) and VAE
+    # run; diffusers decodes with an fp16 VAE upcast to fp32 when its config says force_upcast (its default)
     r, rdt = cfg.render, _render_dtype(cfg)
     dec = "float32" if rdt == "float16" and confs["vae"].get("force_upcast", True) else rdt
     batch = 2 if r.cfg > 1 else 1  # classifier-free guidance runs the negative prompt beside the prompt
-    weights = {"text encoder weights": n["text_encoder"] * _BYTES[rdt] / GIB,
-               "UNet+LoRA weights": (n["unet"] + lora) * _BYTES[rdt] / GIB, "VAE weights": n["vae"] * _BYTES[dec] / GIB}
-    acts = {"text encoder": inference_bytes("text_encoder", keys["text_encoder"], rdt, 1, 0, 0, seq),
-            "UNet": inference_bytes("unet", keys["unet"], rdt, batch, r.height, r.width, seq),
+    text_w = n["text_encoder"] * _BYTES[rdt] / GIB
+    text_a = inference_bytes("text_encoder", keys["text_encoder"], rdt, 1, 0, 0, seq) / GIB
+    image_w = {"UNet+LoRA weights": (n["unet"] + lora) * _BYTES[rdt] / GIB, "VAE weights": n["vae"] * _BYTES[dec] / GIB}
+    acts = {"UNet": inference_bytes("unet", keys["unet"], rdt, batch, r.height, r.width, seq),
             "VAE decoder": inference_bytes("vae_decode", keys["vae"], dec, 1, r.height, r.width)}
-    render = Estimate("render", sum(weights.values()), 0.0, max(acts.values()) / GIB, parts=weights, lora_params=lora,
-                      assumptions=f"{rdt}, UNet batch {batch} (cfg {r.cfg:g}), {r.width}×{r.height}, {seq} tokens, "
-                                  f"VAE decode in {dec}; the largest activations: "
+    image_a = max(acts.values()) / GIB
+    phases = {"text encoder phase": text_w + text_a + OVERHEAD_GIB,
+              "image phase": sum(image_w.values()) + image_a + OVERHEAD_GIB}
+    w, a = (text_w, text_a) if text_w + text_a >= sum(image_w.values()) + image_a else (sum(image_w.values()), image_a)
+    render = Estimate("render", w, 0.0, a, parts=phases, lora_params=lora,
+                      assumptions=f"{rdt}, text encoder alone first (freed), then UNet batch {batch} (cfg {r.cfg:g}), "
+                                  f"{r.width}×{r.height}, {seq} tokens, VAE decode in {dec}; the largest activations: "
                                   f"{max(acts, key=lambda k: acts[k])}")
     return {"cache": cache, "train": train, "render": render}
 
