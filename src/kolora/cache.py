@@ -116,15 +116,19 @@ def _check_finite(tensor, what: str, remedy: str) -> None:
                              "Nothing was written for it; entries already written are kept.")
 
 
-def _entries(cfg: ExperimentConfig, rows: list[dict[str, str]], ident: str) -> list[dict[str, Any]]:
-    res, center, seq = cfg.train.resolution, cfg.train.center_crop, cfg.cache.max_sequence_length
+def text_key(cfg: ExperimentConfig, ident: str, text: str) -> str:
     stored = str(text_dtype(cfg.train.precision)).removeprefix("torch.")
+    return _sha("text", ident, str(cfg.cache.max_sequence_length), stored, text)
+
+
+def _entries(cfg: ExperimentConfig, rows: list[dict[str, str]], ident: str) -> list[dict[str, Any]]:
+    res, center = cfg.train.resolution, cfg.train.center_crop
     out = []
     for r in rows:
         img_hash = _sha(Path(r["path"]).read_bytes())
         out.append({
             "file_name": r["file_name"], "text": r["text"],
-            "text_key": _sha("text", ident, str(seq), stored, r["text"]),
+            "text_key": text_key(cfg, ident, r["text"]),
             "latent_key": _sha("latent", ident, str(res), str(center), cfg.cache.vae_dtype, img_hash),
             # The tutorial's add_time_ids: original size, crop top-left, target size = [h, w, 0, 0, h, w].
             "time_ids": [res, res, 0, 0, res, res],
@@ -217,9 +221,11 @@ def run(cfg: ExperimentConfig, run: RunDir, progress=None) -> dict[str, Any]:
     files = models.resolve(cfg.model)
     store = cache_store(cfg, run)
     text_dir, lat_dir = store / "text", store / "latents"
-    entries = _entries(cfg, rows, fingerprint.model(cfg.model))
-    todo_text = sorted({e["text_key"]: e["text"] for e in entries
-                        if not (text_dir / f"{e['text_key']}.safetensors").is_file()}.items())
+    ident = fingerprint.model(cfg.model)
+    entries = _entries(cfg, rows, ident)
+    empty_key = text_key(cfg, ident, "")  # the empty caption, once: what caption dropout trains on
+    texts = {empty_key: "", **{e["text_key"]: e["text"] for e in entries}}
+    todo_text = sorted((k, t) for k, t in texts.items() if not (text_dir / f"{k}.safetensors").is_file())
     todo_lat = sorted({e["latent_key"]: (e["latent_key"], r["path"], e["file_name"])
                        for e, r in zip(entries, rows, strict=True)
                        if not (lat_dir / f"{e['latent_key']}.safetensors").is_file()}.values())
@@ -237,8 +243,9 @@ def run(cfg: ExperimentConfig, run: RunDir, progress=None) -> dict[str, Any]:
     if todo_lat:
         _encode_latents(cfg, files, todo_lat, lat_dir, device, tick)
     # Verify every entry is readable before declaring the cache complete.
+    for key in texts:
+        load_file(str(text_dir / f"{key}.safetensors"))
     for e in entries:
-        load_file(str(text_dir / f"{e['text_key']}.safetensors"))
         load_file(str(lat_dir / f"{e['latent_key']}.safetensors"))
     for folder in (text_dir, lat_dir):
         fsync_dir(folder)
@@ -246,7 +253,7 @@ def run(cfg: ExperimentConfig, run: RunDir, progress=None) -> dict[str, Any]:
                                                  "max_sequence_length": cfg.cache.max_sequence_length,
                                                  # null: <run>/cache, wherever the run folder moves
                                                  "store": str(cfg.cache.dir) if cfg.cache.dir else None,
-                                                 "entries": entries})
-    unique = len({e["text_key"] for e in entries}) + len({e["latent_key"] for e in entries})
+                                                 "empty_text_key": empty_key, "entries": entries})
+    unique = len(texts) + len({e["latent_key"] for e in entries})
     return {"samples": len(entries), "encoded": total, "reused": unique - total,
             "encoded_texts": len(todo_text), "encoded_images": len(todo_lat), "store": str(store), "device": device}

@@ -165,6 +165,13 @@ class TrainConfig(_Section):
     # Deterministic algorithms (torch, cuDNN, cuBLAS workspace): what makes a resumed GPU run repeat the
     # uninterrupted one. Ops without a deterministic kernel warn instead of failing.
     deterministic: bool = True
+    # The options kohya / SimpleTuner / OneTrainer users expect; all off by default (the tutorial's recipe).
+    min_snr_gamma: float | None = Field(None, gt=0)  # min-SNR-γ loss weighting (5 is the paper's choice)
+    noise_offset: float = Field(0.0, ge=0, le=1)  # offset noise strength (0.05-0.1 is usual)
+    caption_dropout: float = Field(0.0, ge=0, lt=1)  # probability of training a sample on the empty caption
+    ema_decay: float | None = Field(None, gt=0, lt=1)  # EMA of the LoRA weights, exported when set (e.g. 0.999)
+    dora: bool = False  # DoRA (weight-decomposed LoRA, peft's use_dora)
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"  # adamw8bit: bitsandbytes, on a GPU only
 
     @field_validator("precision", mode="before")
     @classmethod

@@ -288,15 +288,34 @@ def output_path(to: Path | None, default: Path, fmt: str) -> Path:
     return to
 
 
+def is_dora(path: Path) -> bool:
+    """A LoRA file with DoRA's magnitude vectors (read from the safetensors header only)."""
+    from safetensors import safe_open
+
+    if Path(path).suffix != ".safetensors":
+        return False
+    with safe_open(str(path), framework="pt") as f:
+        return any("lora_magnitude_vector" in k for k in f.keys())
+
+
 def export_lora(source: Path, fmt: str, to: Path, config: Any = None) -> Path:
     """Convert a kolora LoRA file to `fmt` at `to` (a file path)."""
     import shutil
 
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
-    w = read_lora(source, config)
     to = Path(to)
     to.parent.mkdir(parents=True, exist_ok=True)
+    if is_dora(source):
+        if fmt != "peft":
+            raise LoraFileError(
+                f"{source}: a DoRA LoRA (train.dora): its per-channel magnitude vectors have no place in the {fmt} "
+                "format, so it cannot be exported as one; export it as peft (diffusers' load_lora_weights and "
+                "kolora's render.lora load it), or train without train.dora for kohya/ComfyUI or DiffSynth")
+        with atomic_path(to) as tmp:  # kolora's file is the diffusers/peft file
+            shutil.copyfile(source, tmp)
+        return to
+    w = read_lora(source, config)
     if fmt == "peft" and w.source_format == "peft" and rank_alpha_from_metadata(w.metadata, source) is not None:
         with atomic_path(to) as tmp:  # kolora's file is the diffusers file: copy it bit for bit
             shutil.copyfile(source, tmp)

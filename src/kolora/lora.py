@@ -23,30 +23,33 @@ class LoraFileError(InputError):
     """A LoRA file that cannot be used; the message names the file and the fix."""
 
 
-def lora_config(rank: int, alpha: float, target_modules: list[str]):
+def lora_config(rank: int, alpha: float, target_modules: list[str], dora: bool = False):
     from peft import LoraConfig
 
-    # The tutorial's init (DiffSynth): gaussian A, zero B, so step 0 equals the base model.
-    return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(target_modules))
+    # The tutorial's init (DiffSynth): gaussian A, zero B, so step 0 equals the base model. DoRA (peft's
+    # use_dora) adds a per-output-channel magnitude vector, initialised to the base weight's norms.
+    return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(target_modules),
+                      use_dora=dora)
 
 
-def add_lora(unet, rank: int, alpha: float, target_modules: list[str], adapter_name: str = "default"):
-    unet.add_adapter(lora_config(rank, alpha, target_modules), adapter_name=adapter_name)
+def add_lora(unet, rank: int, alpha: float, target_modules: list[str], adapter_name: str = "default",
+             dora: bool = False):
+    unet.add_adapter(lora_config(rank, alpha, target_modules, dora), adapter_name=adapter_name)
     return unet
 
 
 def save_lora(unet, path: Path, rank: int, alpha: float, target_modules: list[str],
-              extra_metadata: dict[str, str] | None = None) -> Path:
+              extra_metadata: dict[str, str] | None = None, dora: bool = False) -> Path:
     """Write the UNet's LoRA to `path` (a .safetensors file) atomically."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    return save_layers(layers, path, rank, alpha, target_modules, extra_metadata)
+    return save_layers(layers, path, rank, alpha, target_modules, extra_metadata, dora)
 
 
 def save_layers(layers: dict[str, Any], path: Path, rank: int, alpha: float, target_modules: list[str],
-                extra_metadata: dict[str, str] | None = None) -> Path:
+                extra_metadata: dict[str, str] | None = None, dora: bool = False) -> Path:
     """Write UNet LoRA tensors (diffusers' names, as `convert_state_dict_to_diffusers` gives them, without
     the `unet.` prefix) to `path` in kolora's file format, atomically. Used by training and by import-lora."""
     import safetensors.torch
@@ -54,7 +57,7 @@ def save_layers(layers: dict[str, Any], path: Path, rank: int, alpha: float, tar
 
     path = Path(path)
     layers = {k: v.detach().to("cpu").contiguous() for k, v in layers.items()}
-    adapter_meta = lora_config(rank, alpha, target_modules).to_dict()
+    adapter_meta = lora_config(rank, alpha, target_modules, dora).to_dict()
     # sets → sorted lists (a set's order changes between processes: the file would not be reproducible)
     adapter_meta = json.loads(json.dumps(adapter_meta, default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
 

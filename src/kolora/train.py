@@ -11,6 +11,7 @@ train/metrics.csv (one row per optimizer step), lora/pytorch_lora_weights.safete
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -26,10 +27,11 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from kolora import checkpoint as ckpt_io
-from kolora import interrupt, models
+from kolora import interrupt, models, objective
 from kolora import lora as lora_io
 from kolora.config import ExperimentConfig, TrainConfig
-from kolora.errors import RunFailure
+from kolora.ema import LoraEMA
+from kolora.errors import InputError, RunFailure
 from kolora.rundir import RunDir, atomic_write_text
 from kolora.stages import Keys
 
@@ -44,9 +46,19 @@ class CachedSamples(Dataset):
         index = json.loads((Path(cache_dir) / "index.json").read_text())
         self.dir = Path(index.get("store") or cache_dir)  # the entries' store (cache.dir may be shared)
         self.entries = index["entries"]
+        self.empty_text_key = index.get("empty_text_key")
 
     def __len__(self) -> int:
         return len(self.entries)
+
+    def empty_caption(self) -> dict[str, torch.Tensor]:
+        """The empty caption's embeddings (cached once by the cache stage), for caption dropout."""
+        from safetensors.torch import load_file
+
+        if not self.empty_text_key:
+            raise RunFailure(f"{self.dir}: the cache index has no empty-caption entry (made by an older kolora); "
+                             "rerun the cache stage with --force")
+        return load_file(str(self.dir / "text" / f"{self.empty_text_key}.safetensors"))
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
@@ -80,8 +92,26 @@ class StepSampler(Sampler[int]):
             yield perm[i % self.n]
 
 
-def step_generator(seed: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 2_654_435_761 + step) % (2**63))
+def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    if name == "adamw8bit":  # bitsandbytes' 8-bit states: a quarter of AdamW's optimizer memory, GPU only
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=lr)
+    return torch.optim.AdamW(params, lr=lr)
+
+
+def check_options(tcfg: TrainConfig, accelerator: str) -> None:
+    """Options this machine cannot run, refused before training starts (the message names field and fix)."""
+    if tcfg.optimizer != "adamw8bit":
+        return
+    if accelerator != "gpu":
+        raise InputError("train.optimizer: adamw8bit (bitsandbytes' 8-bit AdamW) runs on a GPU only and this "
+                         "training runs on a CPU; use train.optimizer: adamw here, or run on a GPU node")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise InputError("train.optimizer: adamw8bit needs the bitsandbytes package, which this environment "
+                         "lacks; install it (pip install bitsandbytes) or use train.optimizer: adamw") from None
 
 
 class NonFiniteLoss(RunFailure):
@@ -89,12 +119,14 @@ class NonFiniteLoss(RunFailure):
 
 
 class LoRATrainer(L.LightningModule):
-    def __init__(self, unet, tcfg: TrainConfig, config_digest: str, ckpt_dir: Path | None = None):
+    def __init__(self, unet, tcfg: TrainConfig, config_digest: str, ckpt_dir: Path | None = None,
+                 empty_caption: dict[str, torch.Tensor] | None = None):
         super().__init__()
         self.unet = unet
         self.tcfg = tcfg
         self.config_digest = config_digest
         self.ckpt_dir = ckpt_dir
+        self.empty_caption = empty_caption or {}  # the empty caption's cached embeddings (caption dropout)
         self.noise_scheduler = models.training_scheduler()
         self.register_buffer("alphas_cumprod", self.noise_scheduler.alphas_cumprod.clone(), persistent=False)
         # Checkpoints carry only the LoRA tensors (not the 2.6 B frozen UNet weights): load non-strictly.
@@ -114,19 +146,22 @@ class LoRATrainer(L.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.unet.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=self.tcfg.lr)
+        return make_optimizer(self.tcfg.optimizer, params, self.tcfg.lr)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int):
-        latents = batch["latents"]
-        g = step_generator(self.tcfg.seed, self.global_step)
-        noise = torch.randn(latents.shape, generator=g, dtype=torch.float32).to(latents.device, latents.dtype)
-        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (1,), generator=g)
-        timesteps = t.expand(latents.shape[0]).to(latents.device)
-        a = self.alphas_cumprod.to(latents.device)[timesteps].float().view(-1, 1, 1, 1)
-        noisy = (a.sqrt() * latents.float() + (1 - a).sqrt() * noise.float()).to(latents.dtype)
-        pred = self.unet(noisy, timesteps, encoder_hidden_states=batch["prompt_embeds"],
-                         added_cond_kwargs={"text_embeds": batch["pooled"], "time_ids": batch["time_ids"]}).sample
-        loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
+        latents, t = batch["latents"], self.tcfg
+        d = objective.draw(t.seed, self.global_step, tuple(latents.shape), self.noise_scheduler.config.num_train_timesteps,
+                           t.noise_offset, t.caption_dropout)
+        noise = d.noise.to(latents.device, latents.dtype)
+        timesteps = d.timestep.expand(latents.shape[0]).to(latents.device)
+        a = self.alphas_cumprod.to(latents.device)[timesteps].float()
+        noisy = (a.sqrt().view(-1, 1, 1, 1) * latents.float() + (1 - a).sqrt().view(-1, 1, 1, 1) * noise.float()
+                 ).to(latents.dtype)
+        embeds, pooled = objective.drop_captions(batch, d.drop, self.empty_caption.get("prompt_embeds"),
+                                                 self.empty_caption.get("pooled"))
+        pred = self.unet(noisy, timesteps, encoder_hidden_states=embeds,
+                         added_cond_kwargs={"text_embeds": pooled, "time_ids": batch["time_ids"]}).sample
+        loss = objective.loss(pred, noise, a, t.min_snr_gamma)
         self.log("loss", loss.detach(), prog_bar=True, on_step=True, batch_size=latents.shape[0])
         return loss
 
@@ -230,6 +265,14 @@ class Checkpointer(L.Callback):
                 old.unlink(missing_ok=True)
 
 
+def option_metadata(tcfg: TrainConfig) -> dict[str, str]:
+    """The training options that are on, for the LoRA file's metadata (what made these weights)."""
+    on = {"min_snr_gamma": tcfg.min_snr_gamma, "noise_offset": tcfg.noise_offset or None,
+          "caption_dropout": tcfg.caption_dropout or None, "ema_decay": tcfg.ema_decay,
+          "dora": tcfg.dora or None, "optimizer": tcfg.optimizer if tcfg.optimizer != "adamw" else None}
+    return {f"kolora.{k}": str(v) for k, v in on.items() if v is not None}
+
+
 def resolve_precision(precision: str, accelerator: str) -> tuple[str, str | None]:
     """Lightning precision for this machine, and a note when it had to substitute."""
     want = "32-true" if precision in ("32", "32-true") else precision
@@ -249,6 +292,7 @@ def run(cfg: ExperimentConfig, run: RunDir, progress=None, devices: int = 1, num
     for name in ("lightning.pytorch", "lightning.fabric"):  # hardware banners and tips, not our business
         logging.getLogger(name).setLevel(logging.WARNING)
     accel = _accelerator(tcfg.accelerator)
+    check_options(tcfg, accel)
     precision, note = resolve_precision(tcfg.precision, accel)
     if note:
         log.warning(note)
@@ -257,7 +301,7 @@ def run(cfg: ExperimentConfig, run: RunDir, progress=None, devices: int = 1, num
     files = models.resolve(cfg.model)
     unet = models.load_unet(files, weight_dtype).train()
     torch.manual_seed(tcfg.seed)  # the LoRA A matrices' gaussian init
-    lora_io.add_lora(unet, tcfg.rank, tcfg.alpha, tcfg.target_modules)
+    lora_io.add_lora(unet, tcfg.rank, tcfg.alpha, tcfg.target_modules, dora=tcfg.dora)
     for p in unet.parameters():  # LoRA weights train in float32 whatever the base dtype
         if p.requires_grad:
             p.data = p.data.float()
@@ -282,7 +326,8 @@ def run(cfg: ExperimentConfig, run: RunDir, progress=None, devices: int = 1, num
     loader = torch.utils.data.DataLoader(data, batch_size=tcfg.batch_size, sampler=sampler,
                                          num_workers=tcfg.num_workers, drop_last=False)
 
-    module = LoRATrainer(unet, tcfg, digest, ckpt_dir)
+    module = LoRATrainer(unet, tcfg, digest, ckpt_dir, data.empty_caption() if tcfg.caption_dropout else None)
+    ema = LoraEMA(tcfg.ema_decay) if tcfg.ema_decay else None
     plugins = []
     if "SLURM_JOB_ID" in os.environ:
         # kolora's launcher owns signals and requeue; Lightning's own SLURM auto-requeue must stay out.
@@ -298,7 +343,8 @@ def run(cfg: ExperimentConfig, run: RunDir, progress=None, devices: int = 1, num
         deterministic="warn" if tcfg.deterministic else None, benchmark=False if tcfg.deterministic else None,
         logger=False, default_root_dir=str(run.train), plugins=[*plugins, ckpt_io.AtomicCheckpointIO()],
         enable_model_summary=False, enable_checkpointing=False, enable_progress_bar=False,
-        callbacks=[StepProgress(tcfg.steps, progress), MetricsCSV(run.train / "metrics.csv"),
+        # the EMA is updated before the checkpointer saves that step
+        callbacks=[StepProgress(tcfg.steps, progress), MetricsCSV(run.train / "metrics.csv"), *([ema] if ema else []),
                    Checkpointer(ckpt_dir, tcfg.checkpoint_every, tcfg.checkpoint_minutes, tcfg.keep_checkpoints,
                                 tcfg.steps)],
         num_sanity_val_steps=0, log_every_n_steps=1,
@@ -315,8 +361,10 @@ def run(cfg: ExperimentConfig, run: RunDir, progress=None, devices: int = 1, num
 
     out = run.lora / LORA_FILE
     if trainer.is_global_zero:
-        lora_io.save_lora(unet, out, tcfg.rank, tcfg.alpha, tcfg.target_modules,
-                          extra_metadata={"kolora.steps": str(tcfg.steps), "kolora.config": cfg.digest()})
+        with ema.applied(module) if ema else contextlib.nullcontext():
+            lora_io.save_lora(unet, out, tcfg.rank, tcfg.alpha, tcfg.target_modules, dora=tcfg.dora,
+                              extra_metadata={"kolora.steps": str(tcfg.steps), "kolora.config": cfg.digest(),
+                                              **option_metadata(tcfg)})
     trainer.strategy.barrier("kolora-lora-saved")
     rows = list(csv.DictReader(open(run.train / "metrics.csv")))
     return {"steps": trainer.global_step, "resumed_from_step": start_step, "precision": precision,

@@ -1,0 +1,148 @@
+"""The options users of kohya / SimpleTuner / OneTrainer expect: min-SNR-γ, noise offset, caption dropout, EMA,
+DoRA, 8-bit AdamW. Each test would fail if its option were ignored; with every option on, an interrupted and
+resumed training still ends bit-identical to an uninterrupted one."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from test_train import _fresh_train_run, _stop_at
+
+from kolora import interrupt, objective
+from kolora.pipeline import run_stage
+
+ALL_ON = {"min_snr_gamma": 5.0, "noise_offset": 0.1, "caption_dropout": 0.3, "ema_decay": 0.9, "dora": True}
+
+
+def _sha(p) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def _lora(run):
+    return run.lora / "pytorch_lora_weights.safetensors"
+
+
+def _train(demo_run, tmp_path, name, steps=12, **options):
+    run, cfg = _fresh_train_run(demo_run, tmp_path, name)
+    cfg.train.steps = steps
+    for k, v in options.items():
+        setattr(cfg.train, k, v)
+    return run, cfg
+
+
+# ---- each option does what it says -------------------------------------------------------------------------
+def test_min_snr_weights_each_sample_by_min_snr_over_snr():
+    pred, target = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    a = torch.tensor([0.999, 0.5, 0.01])  # SNR 999, 1, 0.0101
+    plain = objective.loss(pred, target, a)
+    weighted = objective.loss(pred, target, a, min_snr_gamma=5.0)
+    per_sample = ((pred - target) ** 2).mean(dim=(1, 2, 3))
+    assert torch.allclose(weighted, (per_sample * torch.tensor([5 / 999, 1.0, 1.0])).mean())
+    assert not torch.allclose(plain, weighted)
+    assert torch.equal(plain, torch.nn.functional.mse_loss(pred, target))  # off: the tutorial's loss, bit for bit
+
+
+def test_noise_offset_shifts_each_channel_and_keeps_the_base_draws():
+    base = objective.draw(0, 7, (4, 4, 8, 8), 1100)
+    off = objective.draw(0, 7, (4, 4, 8, 8), 1100, noise_offset=0.1)
+    assert torch.equal(base.timestep, off.timestep)
+    shift = off.noise - base.noise
+    assert torch.allclose(shift, shift[:, :, :1, :1].expand_as(shift), atol=1e-6)  # one value per (sample, channel)
+    assert 0.02 < shift[:, :, 0, 0].abs().mean() < 0.3
+
+
+def test_caption_dropout_uses_the_empty_caption_at_the_rate():
+    drops = torch.cat([objective.draw(3, k, (8, 4, 8, 8), 1100, caption_dropout=0.25).drop for k in range(400)])
+    assert abs(drops.float().mean().item() - 0.25) < 0.03  # 3,200 draws: 4.5 standard deviations
+    batch = {"prompt_embeds": torch.randn(3, 5, 6), "pooled": torch.randn(3, 6)}
+    empty = torch.zeros(5, 6), torch.full((6,), 7.0)
+    embeds, pooled = objective.drop_captions(batch, torch.tensor([False, True, False]), *empty)
+    assert torch.equal(embeds[1], empty[0]) and torch.equal(pooled[1], empty[1])
+    assert torch.equal(embeds[[0, 2]], batch["prompt_embeds"][[0, 2]])
+    assert objective.draw(3, 0, (8, 4, 8, 8), 1100).drop is None  # off: nothing more is drawn
+
+
+@pytest.mark.parametrize("option", ["min_snr_gamma", "noise_offset", "caption_dropout"])
+def test_each_loss_option_changes_the_trained_lora(demo_run, tmp_path, option):
+    plain_run, plain_cfg = _train(demo_run, tmp_path, "plain", steps=6)
+    run_stage("train", plain_cfg, plain_run)
+    run, cfg = _train(demo_run, tmp_path, option, steps=6, **{option: ALL_ON[option]})
+    run_stage("train", cfg, run)
+    assert _sha(_lora(run)) != _sha(_lora(plain_run))
+    with safe_open(str(_lora(run)), framework="pt") as f:
+        assert f.metadata()[f"kolora.{option}"] == str(ALL_ON[option])
+
+
+def test_ema_is_what_gets_exported(demo_run, tmp_path):
+    run, cfg = _train(demo_run, tmp_path, "ema", steps=6, ema_decay=0.5)
+    run_stage("train", cfg, run)
+    raw_run, raw_cfg = _train(demo_run, tmp_path, "raw", steps=6)
+    run_stage("train", raw_cfg, raw_run)
+    ema, raw = load_file(str(_lora(run))), load_file(str(_lora(raw_run)))
+    assert ema.keys() == raw.keys()
+    ups = [k for k in ema if "lora_B" in k or "lora.up" in k]
+    assert ups and all(not torch.equal(ema[k], raw[k]) for k in ups)  # B starts at 0: the EMA lags behind it
+    assert all(ema[k].abs().sum() < raw[k].abs().sum() for k in ups)
+
+
+def test_dora_trains_magnitude_vectors_that_render_loads_and_kohya_cannot_carry(demo_run, tmp_path):
+    from kolora import interchange, lora, render
+    from kolora.lora import LoraFileError
+
+    run, cfg = _train(demo_run, tmp_path, "dora", steps=6, dora=True)
+    run_stage("train", cfg, run)
+    with safe_open(str(_lora(run)), framework="pt") as f:
+        assert any("lora_magnitude_vector" in k for k in f.keys())
+    pipe = render.image_pipeline(cfg, _lora(run), "cpu", torch.float32)
+    assert any("lora_magnitude_vector" in n for n, _ in pipe.unet.named_parameters())
+    assert lora.rank_alpha(_lora(run))[0] == cfg.train.rank
+    with pytest.raises(LoraFileError, match="DoRA.*cannot be exported as one"):
+        interchange.export_lora(_lora(run), "kohya", tmp_path / "k.safetensors")
+    assert _sha(interchange.export_lora(_lora(run), "peft", tmp_path / "p.safetensors")) == _sha(_lora(run))
+
+
+def test_adamw8bit_is_refused_on_a_cpu_naming_the_fix(tmp_path, tiny_diffusers, capsys):
+    from conftest import DEMO
+
+    from kolora.cli import main
+
+    rc = main(["run", str(DEMO), "--runs-dir", str(tmp_path), "--set", f"model.path={tiny_diffusers}",
+               "--set", "train.optimizer=adamw8bit", "--set", "train.accelerator=cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "train.optimizer: adamw8bit" in err and "GPU only" in err and "train.optimizer: adamw" in err
+
+
+def test_adamw8bit_uses_bitsandbytes(monkeypatch):
+    import sys
+    import types
+
+    from kolora.train import make_optimizer
+
+    class AdamW8bit(torch.optim.AdamW):
+        pass
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", types.SimpleNamespace(optim=types.SimpleNamespace(
+        AdamW8bit=AdamW8bit)))
+    assert type(make_optimizer("adamw8bit", [torch.nn.Parameter(torch.zeros(2))], 1e-4)) is AdamW8bit
+    assert type(make_optimizer("adamw", [torch.nn.Parameter(torch.zeros(2))], 1e-4)) is torch.optim.AdamW
+
+
+# ---- exact resume with every option on ---------------------------------------------------------------------
+def test_every_option_on_interrupted_twice_ends_bit_identical(demo_run, tmp_path, monkeypatch):
+    ref_run, ref_cfg = _train(demo_run, tmp_path, "ref", steps=20, **ALL_ON)
+    run_stage("train", ref_cfg, ref_run)
+    run, cfg = _train(demo_run, tmp_path, "stopped", steps=20, **ALL_ON)
+    cfg.train.checkpoint_every = 100  # only the stop requests checkpoint
+    _stop_at(monkeypatch, {5, 13})
+    for _ in range(2):
+        with pytest.raises(interrupt.Interrupted):
+            run_stage("train", cfg, run)
+        interrupt.clear()
+    summary = run_stage("train", cfg, run)
+    assert summary["resumed_from_step"] == 13
+    got, want = load_file(str(_lora(run))), load_file(str(_lora(ref_run)))  # the exported EMA of the DoRA weights
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
