@@ -175,7 +175,7 @@ def test_validate_refuses_a_gpu_too_small_and_names_the_remedies(
     assert totals == sorted(totals)
     assert remedies[-1].startswith("a GPU with at least ") and "jobs.train.partition / gpu_type / constraint" in \
         remedies[-1]
-    assert not any("8-bit" in r for r in remedies)
+    assert not any("adamw8bit" in r for r in remedies)
 
     # the same run on a GPU that has the memory passes
     assert main(["validate", KOLORS, *sets, "--cluster", str(profile(tmp_path, 80))]) == 0
@@ -190,9 +190,11 @@ def test_eight_bit_adam_is_offered_only_where_it_alone_fits(tmp_path: Path) -> N
     train = memplan.estimate(cfg)["train"]
     saved = train.lora_params * 6 / GIB
     offered = gpu_memory_remedies(cfg, "train", train.total_gib, train.total_gib - saved / 2, "train", train.lora_params)
-    assert "8-bit Adam would bring it to" in offered[-1] and "not implemented in kolora yet" in offered[-1]
+    assert offered[-1].startswith("--set train.optimizer=adamw8bit → ") and "(fits; bitsandbytes" in offered[-1]
+    assert memplan.estimate(load_config(DEMO, [f"model.path={tmp_path / 'not-built'}", "train.optimizer=adamw8bit"])
+                            )["train"].total_gib == pytest.approx(train.total_gib - saved)
     refused = gpu_memory_remedies(cfg, "train", train.total_gib, train.total_gib - 2 * saved, "train", train.lora_params)
-    assert not any("8-bit" in r for r in refused)
+    assert not any("adamw8bit" in r for r in refused)
 
 
 # (d) --------------------------------------------------------------------------------------------------------

@@ -238,7 +238,7 @@ def test_requeued_render_task_renders_only_its_missing_tiles(env, tmp_path):
     log = job_log(run, task.split("_")[0])
     # The dev cluster's KillWait (30 s) is far longer than a tile, so the task always stops at its safe point.
     stopped = re.search(r"render task 0 stopped after (\d+) of 8 tiles", log)
-    finished = re.findall(r"rendered=(\d+), already_done=(\d+)", log)
+    finished = re.findall(r"rendered=(\d+), reused=0, already_done=(\d+)", log)
     assert stopped and len(finished) == 1, log[-3000:]
     done_first = int(stopped.group(1))
     rendered, already = map(int, finished[0])

@@ -114,6 +114,7 @@ def test_adamw8bit_is_refused_on_a_cpu_naming_the_fix(tmp_path, tiny_diffusers, 
                "--set", "train.optimizer=adamw8bit", "--set", "train.accelerator=cpu"])
     err = capsys.readouterr().err
     assert rc == 2 and "train.optimizer: adamw8bit" in err and "GPU only" in err and "train.optimizer: adamw" in err
+    assert not (tmp_path / "demo").exists()  # refused before anything ran
 
 
 def test_adamw8bit_uses_bitsandbytes(monkeypatch):

@@ -51,7 +51,7 @@ def cmd_run(args) -> int:
     console = Console(stderr=True)
     cfg = load_config(args.config, args.overrides, args.name)
     runs_dir = _runs_dir(args)
-    preflight(cfg)
+    preflight(cfg, here=True)
     RunDir(runs_dir / cfg.name).read_manifest()  # an unusable run folder stops this before the lock is written
     # the run lock before anything of the run is written: no other `kolora run` or live submission's jobs
     # write it meanwhile (RunLocked names the holder)

@@ -333,16 +333,17 @@ def _render_dtype(cfg: ExperimentConfig) -> str:
 
 
 def train_estimate(unet_config: dict[str, Any], precision: str, checkpointing: bool, batch: int, resolution: int,
-                   seq: int, rank: int, targets: tuple[str, ...] | list[str]) -> Estimate:
+                   seq: int, rank: int, targets: tuple[str, ...] | list[str], optimizer: str = "adamw") -> Estimate:
     """The train stage alone, from the UNet's config (bench/gpu_train.py compares it with CUDA's own peak)."""
     key, targets, wdt = _key(unet_config), tuple(targets), _weight_dtype(precision)
     lora = lora_param_count(key, rank, targets)
     act = train_activation_bytes(key, wdt, wdt != "float32", checkpointing, batch, resolution, seq, rank, targets)
-    return Estimate("train", param_count("unet", key) * _BYTES[wdt] / GIB, lora * (4 + 4 + ADAMW_STATE_BYTES) / GIB,
+    states = ADAM8BIT_STATE_BYTES if optimizer == "adamw8bit" else ADAMW_STATE_BYTES
+    return Estimate("train", param_count("unet", key) * _BYTES[wdt] / GIB, lora * (4 + 4 + states) / GIB,
                     act / GIB, lora_params=lora,
                     assumptions=f"precision {precision}, gradient checkpointing {'on' if checkpointing else 'off'}, "
                                 f"batch {batch}, {resolution}², {seq} tokens, LoRA rank {rank} on {', '.join(targets)}, "
-                                "AdamW")
+                                f"{'8-bit AdamW' if optimizer == 'adamw8bit' else 'AdamW'}")
 
 
 def estimate(cfg: ExperimentConfig) -> dict[str, Estimate]:
@@ -369,7 +370,7 @@ def estimate(cfg: ExperimentConfig) -> dict[str, Estimate]:
                                  f"{vae_dtype} on {bs} images of {t.resolution}²")
 
     train = train_estimate(confs["unet"], t.precision, t.gradient_checkpointing, t.batch_size, t.resolution, seq,
-                           t.rank, targets)
+                           t.rank, targets, t.optimizer)
 
     # render (render.py): the task's prompts are encoded first, the text encoder freed, then UNet (+ LoRA) and VAE
     # run; diffusers decodes with an fp16 VAE upcast to fp32 when its config says force_upcast (its default)

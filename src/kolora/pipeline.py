@@ -33,10 +33,16 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_
                "DIFFUSERS_OFFLINE": "1", "MODELSCOPE_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def preflight(cfg: ExperimentConfig) -> None:
+def preflight(cfg: ExperimentConfig, here: bool = False) -> None:
     """Fail before queueing or running anything: prompt set, model files, the dataset (as far as ingest would
-    look, without opening an image), render.lora, filter ops."""
+    look, without opening an image), render.lora, filter ops, training options this machine (`here`: kolora run)
+    or the configured accelerator cannot run."""
     from kolora import models
+
+    if cfg.train.optimizer == "adamw8bit" and (here or cfg.train.accelerator == "cpu"):
+        from kolora.train import _accelerator, check_options
+
+        check_options(cfg.train, _accelerator(cfg.train.accelerator))
 
     prompts = load_prompts(cfg.render.prompts, cfg.render.negative_prompt)
     cells = cfg.grid.columns * cfg.grid.rows

@@ -207,7 +207,7 @@ def _variant(cfg: ExperimentConfig, changes: dict[str, Any]) -> ExperimentConfig
 def gpu_memory_remedies(cfg: ExperimentConfig, stage: str, total: float, limit: float, job: str,
                         lora_params: int = 0) -> list[str]:
     """What would bring `stage` (estimated `total` GiB) under `limit`: the config changes that help, each
-    estimated, the most effective first; then a bigger GPU; then 8-bit Adam where it alone would do."""
+    estimated, the most effective first; then a bigger GPU; then 8-bit AdamW where it alone would do."""
     from kolora import memplan
 
     t = cfg.train
@@ -234,9 +234,8 @@ def gpu_memory_remedies(cfg: ExperimentConfig, stage: str, total: float, limit: 
     lines.append(f"a GPU with at least {math.ceil(total)} GB: jobs.{job}.partition / gpu_type / constraint naming one, "
                  f"and jobs.{job}.gpu_mem_gb its size")
     saved = lora_params * (memplan.ADAMW_STATE_BYTES - memplan.ADAM8BIT_STATE_BYTES) / memplan.GIB
-    if stage == "train" and total - saved <= limit:
-        lines.append(f"8-bit Adam would bring it to {total - saved:.1f} GiB: a separate option of the trainer, "
-                     "not implemented in kolora yet")
+    if stage == "train" and t.optimizer == "adamw" and total - saved <= limit:
+        lines.append(f"--set train.optimizer=adamw8bit → {total - saved:.1f} GiB (fits; bitsandbytes, on the GPU)")
     return lines
 
 
