@@ -35,7 +35,7 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_
 
 def preflight(cfg: ExperimentConfig) -> None:
     """Fail before queueing or running anything: prompt set, model files, the dataset (as far as ingest would
-    look, without opening an image), render.lora, filter ops."""
+    look, without opening an image), render.lora, filter ops, the bucket list (train.buckets)."""
     from kolora import models
 
     prompts = load_prompts(cfg.render.prompts, cfg.render.negative_prompt)
@@ -58,6 +58,10 @@ def preflight(cfg: ExperimentConfig) -> None:
     from kolora.data_juicer import validate_ops
 
     validate_ops(cfg.filter.ops)
+    if cfg.train.buckets:
+        from kolora import buckets
+
+        buckets.for_config(cfg)  # the aspect-ratio range leaves at least one bucket
 
 
 @contextlib.contextmanager
