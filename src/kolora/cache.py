@@ -7,6 +7,8 @@ exactly the same training (notes/kolors-model.md) while ChatGLM3-6B (12.5 GB fp1
 Layout: STORE/text/<sha256>.safetensors (prompt_embeds [seq, 4096], pooled [4096]),
         STORE/latents/<sha256>.safetensors (latents [4, h/8, w/8], already scaled by the VAE's factor),
         <run>/cache/index.json (one entry per training sample → its two keys and its add_time_ids, and STORE).
+With train.buckets each image's latents are at its aspect-ratio bucket's size (kolora.buckets), its entry
+names the bucket, and its add_time_ids are that sample's original size, crop and target.
 STORE is cache.dir (a lab folder shared by runs) or <run>/cache. Keys hash the content *and* what produced
 it (the model's fingerprint, sequence length, resolution, crop), so a shared store never serves a stale
 entry, and a second run (another lr, a sweep variant) encodes nothing already there. Writers that race on
@@ -20,7 +22,7 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from kolora import fingerprint
+from kolora import buckets, fingerprint
 from kolora.config import ExperimentConfig
 from kolora.errors import RunFailure
 from kolora.rundir import RunDir, atomic_path, atomic_write_json, fsync_dir
@@ -123,6 +125,7 @@ def text_key(cfg: ExperimentConfig, ident: str, text: str) -> str:
 
 def _entries(cfg: ExperimentConfig, rows: list[dict[str, str]], ident: str) -> list[dict[str, Any]]:
     res, center = cfg.train.resolution, cfg.train.center_crop
+    sizes = buckets.for_config(cfg) if cfg.train.buckets else None
     out = []
     for r in rows:
         img_hash = _sha(Path(r["path"]).read_bytes())
@@ -133,7 +136,25 @@ def _entries(cfg: ExperimentConfig, rows: list[dict[str, str]], ident: str) -> l
             # The tutorial's add_time_ids: original size, crop top-left, target size = [h, w, 0, 0, h, w].
             "time_ids": [res, res, 0, 0, res, res],
         })
+        if sizes is not None:
+            _bucket_entry(out[-1], r["path"], sizes, center, img_hash)
     return out
+
+
+def _bucket_entry(entry: dict[str, Any], path: str, sizes: list[tuple[int, int]], center: bool,
+                  img_hash: str) -> None:
+    """Buckets on: the entry's latents are its bucket's size and crop (both in the key, so they never share an
+    entry with the square crop), and its time_ids are SDXL's micro-conditioning for this sample."""
+    from PIL import Image
+
+    with Image.open(path) as im:  # the header only
+        width, height = im.size
+    p = buckets.plan(width, height, sizes, center, img_hash)
+    entry["latent_key"] = _sha(entry["latent_key"], "bucket", buckets.name(p.bucket), buckets.name(p.resized),
+                               f"{p.top},{p.left}")
+    entry["time_ids"] = p.time_ids
+    entry["bucket"] = list(p.bucket)
+    entry["_plan"] = p  # for encoding and the summary; kolora.cache.run takes it out before writing the index
 
 
 def _encode_texts(cfg, files, todo: list[tuple[str, str]], text_dir: Path, device: str, tick) -> None:
@@ -170,7 +191,8 @@ def _encode_texts(cfg, files, todo: list[tuple[str, str]], text_dir: Path, devic
     _free(device)
 
 
-def _encode_latents(cfg, files, todo: list[tuple[str, str, str]], lat_dir: Path, device: str, tick) -> None:
+def _encode_latents(cfg, files, todo: list[tuple[str, str, str]], lat_dir: Path, device: str, tick,
+                    plans: dict[str, buckets.Plan] | None = None) -> None:
     import torch
     from safetensors.torch import save_file
 
@@ -181,9 +203,14 @@ def _encode_latents(cfg, files, todo: list[tuple[str, str, str]], lat_dir: Path,
     vae = models.load_vae(files, vae_dtype).to(device)
     sf = vae.config.scaling_factor
     bs = cfg.cache.batch_size
-    for i in range(0, len(todo), bs):
-        chunk = todo[i:i + bs]
-        pixels = torch.stack([load_image_tensor(p, res, center, key) for key, p, _ in chunk])
+    plans = plans or {}
+    # One bucket per batch (images of different sizes cannot be stacked); buckets off: one group, as before.
+    groups: dict[Any, list[tuple[str, str, str]]] = {}
+    for item in todo:
+        groups.setdefault(plans[item[0]].bucket if plans else None, []).append(item)
+    for chunk in [items[i:i + bs] for items in groups.values() for i in range(0, len(items), bs)]:
+        pixels = torch.stack([buckets.load_tensor(p, plans[key]) if plans else load_image_tensor(p, res, center, key)
+                              for key, p, _ in chunk])
         with torch.no_grad():
             # The latent distribution's mean (DiffSynth's encoder is deterministic too).
             lat = vae.encode(pixels.to(device, vae_dtype)).latent_dist.mean * sf
@@ -226,6 +253,7 @@ def run(cfg: ExperimentConfig, run: RunDir, progress=None) -> dict[str, Any]:
     empty_key = text_key(cfg, ident, "")  # the empty caption, once: what caption dropout trains on
     texts = {empty_key: "", **{e["text_key"]: e["text"] for e in entries}}
     todo_text = sorted((k, t) for k, t in texts.items() if not (text_dir / f"{k}.safetensors").is_file())
+    plans = [e.pop("_plan") for e in entries if "_plan" in e]  # buckets on: how each image becomes its bucket
     todo_lat = sorted({e["latent_key"]: (e["latent_key"], r["path"], e["file_name"])
                        for e, r in zip(entries, rows, strict=True)
                        if not (lat_dir / f"{e['latent_key']}.safetensors").is_file()}.values())
@@ -241,7 +269,8 @@ def run(cfg: ExperimentConfig, run: RunDir, progress=None) -> dict[str, Any]:
     if todo_text:
         _encode_texts(cfg, files, todo_text, text_dir, device, tick)
     if todo_lat:
-        _encode_latents(cfg, files, todo_lat, lat_dir, device, tick)
+        _encode_latents(cfg, files, todo_lat, lat_dir, device, tick,
+                        {e["latent_key"]: p for e, p in zip(entries, plans, strict=True)} if plans else None)
     # Verify every entry is readable before declaring the cache complete.
     for key in texts:
         load_file(str(text_dir / f"{key}.safetensors"))
@@ -256,4 +285,16 @@ def run(cfg: ExperimentConfig, run: RunDir, progress=None) -> dict[str, Any]:
                                                  "empty_text_key": empty_key, "entries": entries})
     unique = len(texts) + len({e["latent_key"] for e in entries})
     return {"samples": len(entries), "encoded": total, "reused": unique - total,
-            "encoded_texts": len(todo_text), "encoded_images": len(todo_lat), "store": str(store), "device": device}
+            "encoded_texts": len(todo_text), "encoded_images": len(todo_lat), "store": str(store), "device": device,
+            **(_bucket_summary(plans, cfg.train.resolution) if plans else {})}
+
+
+def _bucket_summary(plans: list[buckets.Plan], resolution: int) -> dict[str, Any]:
+    """Samples per bucket, and the mean share of each original image the training crop keeps, beside what the
+    square crop to resolution² would keep of the same images."""
+    hist: dict[str, int] = {}
+    for p in sorted(plans, key=lambda p: p.bucket[0] / p.bucket[1]):
+        hist[buckets.name(p.bucket)] = hist.get(buckets.name(p.bucket), 0) + 1
+    kept = sum(p.kept_fraction for p in plans) / len(plans)
+    square = sum(buckets.square_kept_fraction(*p.original, resolution) for p in plans) / len(plans)
+    return {"buckets": hist, "kept_fraction": round(kept, 4), "center_crop_kept_fraction": round(square, 4)}

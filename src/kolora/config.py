@@ -154,6 +154,9 @@ class TrainConfig(_Section):
     batch_size: int = Field(1, ge=1)
     resolution: int = Field(1024, ge=8)
     center_crop: bool = True
+    # SDXL-style aspect-ratio buckets around resolution² pixels (kolora.buckets) instead of the square crop;
+    # the ratio range is filter.ops' image_aspect_ratio_filter's (else 0.5-2.0)
+    buckets: bool = False
     precision: Literal["16-mixed", "bf16-mixed", "32", "32-true"] = "16-mixed"
     gradient_checkpointing: bool = True
     checkpoint_every: int = Field(100, ge=1)  # steps between checkpoints
@@ -185,6 +188,15 @@ class TrainConfig(_Section):
         if v % 8:
             raise ValueError("must be a multiple of 8 (the VAE downsamples 8x)")
         return v
+
+    @model_serializer(mode="wrap")
+    def _omit_buckets_off(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Off is training as before the field existed: left out of dumps and digests, so a LoRA trained
+        # without buckets keeps its bytes (its metadata holds the config digest).
+        data = handler(self)
+        if not self.buckets:
+            data.pop("buckets", None)
+        return data
 
 
 class RenderConfig(_Section):

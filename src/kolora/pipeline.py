@@ -35,8 +35,8 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_
 
 def preflight(cfg: ExperimentConfig, here: bool = False) -> None:
     """Fail before queueing or running anything: prompt set, model files, the dataset (as far as ingest would
-    look, without opening an image), render.lora, filter ops, training options this machine (`here`: kolora run)
-    or the configured accelerator cannot run."""
+    look, without opening an image), render.lora, filter ops, the bucket list (train.buckets), training options
+    this machine (`here`: kolora run) or the configured accelerator cannot run."""
     from kolora import models
 
     if cfg.train.optimizer == "adamw8bit" and (here or cfg.train.accelerator == "cpu"):
@@ -64,6 +64,10 @@ def preflight(cfg: ExperimentConfig, here: bool = False) -> None:
     from kolora.data_juicer import validate_ops
 
     validate_ops(cfg.filter.ops)
+    if cfg.train.buckets:
+        from kolora import buckets
+
+        buckets.for_config(cfg)  # the aspect-ratio range leaves at least one bucket
 
 
 @contextlib.contextmanager

@@ -73,13 +73,13 @@ STAGES: tuple[Stage, ...] = (
           outputs=("filter", "trainset"), done=_file("trainset/train/metadata.csv"), stoppable=False),
     Stage("cache", job="train", where="gpu", after=("filter",),
           inputs=("cache.max_sequence_length", "cache.vae_dtype", "train.resolution", "train.center_crop",
-                  "train.precision"), content=MODEL_FIELDS,
+                  "train.precision", "train.buckets"), content=MODEL_FIELDS,
           outputs=("cache/index.json",), done=_file("cache/index.json"), stoppable=False),
     Stage("train", job="train", where="gpu", after=("cache",),
           inputs=("train.rank", "train.alpha", "train.target_modules", "train.lr", "train.batch_size",
                   "train.precision", "train.gradient_checkpointing", "train.seed", "train.deterministic",
                   "train.min_snr_gamma", "train.noise_offset", "train.caption_dropout", "train.ema_decay",
-                  "train.dora", "train.optimizer", "cpu_threads"),
+                  "train.dora", "train.optimizer", "cpu_threads", "train.buckets"),
           content=(), outputs=("train", "lora"), done=_file("lora/pytorch_lora_weights.safetensors"),
           stoppable=True, on_change="keep", continues=("train.steps",), keeps_partial=True),
     Stage("render", job="render", where="gpu array", after=(),
@@ -91,6 +91,12 @@ STAGES: tuple[Stage, ...] = (
           inputs=("grid.columns", "grid.rows", "grid.captions", "grid.tile_size"), content=("grid.font",),
           outputs=("grid.png",), done=_file("grid.png"), stoppable=False),
 )
+
+# Fields added after runs were made, with the value that means "as before": at that value a field is left
+# out of its stages' keys, so the runs made before it existed stay complete (no retraining on an upgrade).
+SINCE: dict[str, Any] = {"train.buckets": False, "train.min_snr_gamma": None, "train.noise_offset": 0.0,
+                         "train.caption_dropout": 0.0, "train.ema_decay": None, "train.dora": False,
+                         "train.optimizer": "adamw"}
 
 # Fields that never make a stage rerun: the stage they concern ("" = the run) and why no output depends on them.
 OPERATIONAL: dict[str, tuple[str, str]] = {
@@ -175,7 +181,9 @@ class Keys:
     def inputs(self, name: str) -> dict[str, Any]:
         """What the stage's work depends on (its checkpoints too): the key before `continues` fields."""
         s = get(name)
-        out: dict[str, Any] = {"stage": name, "fields": {f: field_value(self.cfg, f) for f in s.inputs}}
+        fields = {f: field_value(self.cfg, f) for f in s.inputs}
+        fields = {f: v for f, v in fields.items() if not (f in SINCE and v == SINCE[f])}
+        out: dict[str, Any] = {"stage": name, "fields": fields}
         contents = {}
         for f in s.content:
             kind = "model" if f.startswith("model.") else f

@@ -114,6 +114,59 @@ def check_options(tcfg: TrainConfig, accelerator: str) -> None:
                          "lacks; install it (pip install bitsandbytes) or use train.optimizer: adamw") from None
 
 
+class BucketSampler(Sampler[int]):
+    """train.buckets: every batch holds samples of one bucket (one latent size), and batch k is a pure function
+    of (seed, k), so a resumed run continues exactly.
+
+    Epoch e has `per_epoch` batches: each bucket's samples in an order seeded by (seed, e, bucket), cut into
+    batches, an incomplete last batch *wrapped* (filled with that bucket's first samples of the epoch: no
+    sample is skipped in an epoch, a few are seen twice, and a bucket smaller than a batch still trains),
+    then all the epoch's batches in an order seeded by (seed, e). Batch k is batch k % per_epoch of epoch
+    k // per_epoch. Like StepSampler it yields sample indices, `batch_size` per batch, for the DataLoader's
+    own batch_size. Under DDP a batch is batch_size × replicas samples of one bucket: Lightning's
+    DistributedSamplerWrapper deals consecutive indices to the ranks in turn, so each rank's share of it is
+    its batch of that same bucket."""
+
+    def __init__(self, buckets: list[tuple[int, int]], batch_size: int, steps: int, seed: int, start_step: int = 0,
+                 replicas: int = 1):
+        self.members: dict[tuple[int, int], list[int]] = {}
+        for i, b in enumerate(buckets):
+            self.members.setdefault(tuple(b), []).append(i)
+        self.size, self.steps, self.seed, self.start = batch_size * replicas, steps, seed, start_step
+        self.per_epoch = sum(-(-len(m) // self.size) for m in self.members.values())
+
+    def __len__(self) -> int:
+        return self.steps * self.size  # the whole run's, as StepSampler.__len__ explains
+
+    @staticmethod
+    def _generator(*parts: Any) -> torch.Generator:
+        import hashlib
+
+        digest = hashlib.sha256(repr(parts).encode()).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "big") % (2**63))
+
+    def epoch(self, e: int) -> list[list[int]]:
+        batches = []
+        for b in sorted(self.members):
+            m = self.members[b]
+            order = [m[j] for j in torch.randperm(len(m), generator=self._generator(self.seed, e, b)).tolist()]
+            n = -(-len(order) // self.size) * self.size
+            wrapped = [order[j % len(order)] for j in range(n)]
+            batches += [wrapped[j:j + self.size] for j in range(0, n, self.size)]
+        return [batches[j] for j in torch.randperm(len(batches), generator=self._generator(self.seed, e)).tolist()]
+
+    def batch(self, k: int) -> list[int]:
+        return self.epoch(k // self.per_epoch)[k % self.per_epoch]
+
+    def __iter__(self):
+        current, batches = -1, []
+        for k in range(self.start, self.steps):
+            if k // self.per_epoch != current:
+                current = k // self.per_epoch
+                batches = self.epoch(current)
+            yield from batches[k % self.per_epoch]
+
+
 class NonFiniteLoss(RunFailure):
     """Training met a nan/inf loss: it stops there, before that step's update reaches any checkpoint."""
 
@@ -322,7 +375,14 @@ def run(cfg: ExperimentConfig, run: RunDir, progress=None, devices: int = 1, num
                     f"training continues from step {start_step} to {tcfg.steps}", tcfg.steps)
     elif resume:
         log.info("resuming from %s (step %d of %d)", resume, start_step, tcfg.steps)
-    sampler = StepSampler(len(data), tcfg.steps * tcfg.batch_size, tcfg.seed, start=start_step * tcfg.batch_size)
+    if tcfg.buckets:
+        sizes = [e.get("bucket") for e in data.entries]
+        if None in sizes:
+            raise RunFailure(f"train.buckets is on but {run.cache / 'index.json'} has no buckets (cached with "
+                             "train.buckets off): rerun the cache stage (kolora run --stage cache --force)")
+        sampler = BucketSampler(sizes, tcfg.batch_size, tcfg.steps, tcfg.seed, start_step, devices * num_nodes)
+    else:
+        sampler = StepSampler(len(data), tcfg.steps * tcfg.batch_size, tcfg.seed, start=start_step * tcfg.batch_size)
     loader = torch.utils.data.DataLoader(data, batch_size=tcfg.batch_size, sampler=sampler,
                                          num_workers=tcfg.num_workers, drop_last=False)
 
