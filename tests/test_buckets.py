@@ -282,9 +282,11 @@ def test_buckets_rerun_the_cache_and_training(demo_run, tiny_diffusers):
     assert off.digest() != on.digest()
 
 
-def test_the_buckets_recipe_is_the_anime_one_with_buckets():
+def test_the_buckets_recipe_is_the_anime_one_with_buckets_and_min_snr():
     anime = load_config(REPO / "configs" / "kolors-anime.yaml").model_dump()
     recipe = load_config(REPO / "configs" / "kolors-anime-buckets.yaml").model_dump()
     assert recipe.pop("name") == "kolors-anime-buckets" and recipe["train"].pop("buckets") is True
+    assert recipe["train"]["min_snr_gamma"] == 5 and anime["train"]["min_snr_gamma"] is None
+    recipe["train"]["min_snr_gamma"] = None
     anime.pop("name")
     assert recipe == anime
