@@ -184,6 +184,10 @@ def kill_kind(env: dict[str, str], base: Path, overrides: list[str], timeout: fl
             "from": "rerun start"}
 
 
+ALL_OPTIONS = ["train.buckets=true", "train.min_snr_gamma=5", "train.noise_offset=0.05", "train.caption_dropout=0.1",
+               "train.ema_decay=0.99", "train.dora=true"]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=1500)
@@ -191,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=420, help="seconds for each bounded wait")
     p.add_argument("--kill-after", type=float, default=3.0, help="seconds after the first checkpoint to SIGKILL")
     p.add_argument("--keep", action="store_true", help="keep the run dirs (under .cache/bench-interrupt)")
+    p.add_argument("--options", choices=["off", "all"], default="off",
+                   help="all: buckets, min-SNR, noise offset, caption dropout, EMA and DoRA on (what a run with "
+                        "every training option loses to an interruption)")
     args = p.parse_args(argv)
     kinds = [k for k in args.kinds.split(",") if k]
     env = cluster_env()
@@ -207,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     ensure_model(load_config(DEMO).model)  # once here, not by two jobs at the same time
     overrides = ["--set", f"train.steps={args.steps}", "--set", "train.checkpoint_every=50",
                  "--set", "render.steps=2"]
+    if args.options == "all":
+        overrides += [arg for option in ALL_OPTIONS for arg in ("--set", option)]
+    info["training options"] = args.options
     base = REPO / ".cache" / "bench-interrupt"  # the cluster's jobs must see the files
     base.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="run-", dir=base))

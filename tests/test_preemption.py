@@ -25,7 +25,12 @@ from slurmkit import DEMO, LOCAL, kolora, run_progress, sacct, submit, wait_for
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("cancel_leftovers")]
 
 STEPS = 1500
-LONG = ["--set", f"train.steps={STEPS}", "--set", "train.checkpoint_every=50", "--set", "render.steps=2"]
+# Every training option that draws randomness or carries state is on, so each interruption below also checks that
+# buckets, min-SNR, noise offset, caption dropout, the EMA and DoRA resume exactly.
+OPTIONS = ["train.buckets=true", "train.min_snr_gamma=5", "train.noise_offset=0.05", "train.caption_dropout=0.1",
+           "train.ema_decay=0.99", "train.dora=true"]
+LONG = ["--set", f"train.steps={STEPS}", "--set", "train.checkpoint_every=50", "--set", "render.steps=2",
+        *(arg for option in OPTIONS for arg in ("--set", option))]
 NAME = "preempt"  # same name everywhere: the LoRA's metadata carries the config digest, which includes it
 
 

@@ -5,6 +5,7 @@ resumed training still ends bit-identical to an uninterrupted one."""
 from __future__ import annotations
 
 import hashlib
+import json
 
 import pytest
 import torch
@@ -134,9 +135,13 @@ def test_adamw8bit_uses_bitsandbytes(monkeypatch):
 
 # ---- exact resume with every option on ---------------------------------------------------------------------
 def test_every_option_on_interrupted_twice_ends_bit_identical(demo_run, tmp_path, monkeypatch):
-    ref_run, ref_cfg = _train(demo_run, tmp_path, "ref", steps=20, **ALL_ON)
+    """Buckets + min-SNR + noise offset + caption dropout + EMA + DoRA."""
+    ref_run, ref_cfg = _train(demo_run, tmp_path, "ref", steps=20, buckets=True, **ALL_ON)
+    run_stage("cache", ref_cfg, ref_run)
     run_stage("train", ref_cfg, ref_run)
-    run, cfg = _train(demo_run, tmp_path, "stopped", steps=20, **ALL_ON)
+    assert len({tuple(e["bucket"]) for e in json.loads((ref_run.cache / "index.json").read_text())["entries"]}) > 1
+    run, cfg = _train(demo_run, tmp_path, "stopped", steps=20, buckets=True, **ALL_ON)
+    run_stage("cache", cfg, run)
     cfg.train.checkpoint_every = 100  # only the stop requests checkpoint
     _stop_at(monkeypatch, {5, 13})
     for _ in range(2):
