@@ -183,6 +183,15 @@ def test_post_installs_the_tested_torch_then_the_lock_then_kolora(recipe):
     assert "kolora --help" in post
 
 
+def test_readme_describes_the_image_ci_tests():
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Containers (Apptainer)"):]
+    section = section[:section.index("\n## ", 3)] if "\n## " in section[3:] else section
+    assert "`python:3.11-slim-bookworm`" in section and "Debian 12" in section
+    assert f"torch {_tested_pins()['torch']}" in section, "the README names the torch version constraints.txt pins"
+    assert "driver ≥" in section
+
+
 def test_help_says_how_to_use_the_image():
     text = sections()["help"]
     for words in ("apptainer run --nv", "apptainer test", "apptainer inspect --labels", "container:", "scontrol"):
