@@ -4,8 +4,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kolora-installed
-# The CPU wheel on this kind of machine; on a GPU workstation use e.g. TORCH_SPEC='torch==2.13.0' from your CUDA index.
-TORCH_SPEC ?= torch==2.13.0
+# torch at the version constraints.txt pins (the one CI tests, and the one the Apptainer image installs): the CPU
+# wheel on this kind of machine; on a GPU workstation the same spec from your CUDA index (or PyPI's CUDA wheel).
+TORCH_SPEC ?= $(or $(shell grep -m1 -E '^torch==' constraints.txt 2>/dev/null),torch)
 PYTEST_ARGS ?=
 
 .PHONY: venv demo test test-fast lint bench clean-runs

@@ -33,6 +33,7 @@ from kolora.pipeline import OFFLINE_ENV
 REPO = Path(__file__).resolve().parent.parent
 DEF_FILE = REPO / "containers" / "kolora.def"
 LOCK_FILE = REPO / "containers" / "requirements.lock"
+CONSTRAINTS = REPO / "constraints.txt"
 DEMO = REPO / "configs" / "demo.yaml"
 VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
 
@@ -72,11 +73,28 @@ def sections() -> dict[str, str]:
     return {k: "\n".join(v) for k, v in out.items()}
 
 
-def test_definition_parses_and_bootstraps_from_the_pytorch_cuda_runtime(recipe):
-    assert re.fullmatch(r"pytorch/pytorch:\d+\.\d+\.\d+-cuda12\.\d+-cudnn9-runtime", recipe.fromHeader)
+def _tested_pins() -> dict[str, str]:
+    """constraints.txt (the environment CI tests), read here independently of containers/lock.py."""
+    pins = {}
+    for line in CONSTRAINTS.read_text().splitlines():
+        name, sep, version = line.split("#", 1)[0].strip().partition("==")
+        if sep:
+            pins[re.sub(r"[-_.]+", "-", name).lower()] = version
+    return pins
+
+
+def test_definition_bootstraps_from_debian12_cpython311_like_ci(recipe):
+    # Debian 12 (bookworm) and CPython 3.11: the platform CI tests on (tests/test_container.py runs there too)
+    assert recipe.fromHeader == "python:3.11-slim-bookworm"
     header = sections()["header"]
     assert re.search(r"^Bootstrap:\s*docker$", header, re.M)
-    assert "driver" in header.lower(), "the header says which NVIDIA driver the base needs"
+    # the driver note belongs to the torch it describes: a torch bump in constraints.txt fails here until the
+    # header (CUDA version, driver, GPUs) is re-read and names the new version
+    torch_version = _tested_pins()["torch"]
+    assert f"torch {torch_version}'s PyPI wheel is built for CUDA" in header
+    assert re.search(r"driver.{0,60}>= \d{3}", header, re.S), "which NVIDIA driver torch's CUDA build needs"
+    assert "torch.version.cuda" in header and "org.kolora.lib.torch-cuda" in header
+    assert "--nv" in header
     assert {"arguments", "files", "labels", "environment", "post", "runscript", "test", "help"} <= set(sections())
 
 
@@ -86,12 +104,15 @@ def test_labels_carry_version_base_and_build_time_labels(recipe):
     assert labels["org.opencontainers.image.version"] == VERSION
     assert labels["org.kolora.base-image"] == recipe.fromHeader
     assert labels["org.kolora.python"] == "3.11"
+    assert recipe.fromHeader.startswith(f"python:{labels['org.kolora.python']}-"), "the label names the base's Python"
     post = sections()["post"]
     # git sha from a build argument (with a default), library versions found at build time → the labels file
     assert re.search(r"^\s*GIT_SHA=\S+", sections()["arguments"], re.M)
     assert "org.kolora.git-sha {{ GIT_SHA }}" in post
     assert "APPTAINER_LABELS" in post
-    for lib in ("torch", "diffusers", "transformers", "peft", "lightning", "py-data-juicer", "modelscope", "submitit"):
+    assert '"org.kolora.lib.torch-cuda", torch.version.cuda' in post, "the CUDA build is recorded at build time"
+    for lib in ("torch", "triton", "diffusers", "transformers", "peft", "lightning", "py-data-juicer", "modelscope",
+                "submitit"):
         assert f'"{lib}"' in post, lib
     assert f'version("kolora") != "{VERSION}"' in post, "the build fails when the label and kolora disagree"
 
@@ -130,18 +151,45 @@ def test_test_section_runs_the_tiny_demo_on_cpu_and_reports_the_gpu(tmp_path):
     assert parsed.runs_dir == f"{tmp_path}/runs"
 
 
-def test_files_and_post_install_the_lock_then_kolora_without_touching_torch(recipe):
+def test_post_installs_the_tested_torch_then_the_lock_then_kolora(recipe):
     for entry in recipe.files:
         src, dst = entry.split()
         assert (REPO / src).exists(), f"%files source {src} is missing"
         assert dst.startswith("/opt/kolora/")
     post = sections()["post"]
-    lock_install = post.index("-r /opt/kolora/containers/requirements.lock")
-    kolora_install = post.index("--no-deps --no-build-isolation /opt/kolora")
-    assert lock_install < kolora_install
-    assert "-c /opt/kolora/containers/base-constraints.txt" in post, "torch is held at the base image's build"
+    commands = [line.strip() for line in post.splitlines() if line.strip() and not line.strip().startswith("#")]
+    installs = [c for c in commands if c.startswith("python -m pip install")]
+    torch_version = _tested_pins()["torch"]
+    # exactly three installs, in this order: torch at constraints.txt's version (its other requirements held at the
+    # lock's versions), the lock, kolora without dependencies
+    assert installs == [
+        f"python -m pip install -c /opt/kolora/containers/requirements.lock torch=={torch_version}",
+        "python -m pip install -r /opt/kolora/containers/requirements.lock",
+        "python -m pip install --no-deps --no-build-isolation /opt/kolora",
+    ]
+    assert lockmod.def_torch_version(DEF_FILE) == torch_version
+    # PyPI's wheel (the CUDA build), no other index; no leftovers of a base image that brought its own torch
+    for word in ("--index-url", "--extra-index-url", "download.pytorch.org", "--find-links", "/opt/conda",
+                 "base-constraints"):
+        assert word not in post, word
+    assert "python -m pip check" in commands, "a broken requirement fails the build"
+    # the build fails unless every lock pin is installed exactly and torch is a CUDA build
+    assert 'open("/opt/kolora/containers/requirements.lock"' in post and "Version(found) != Version(pinned)" in post
+    assert "torch.version.cuda is None" in post
+    # what pip chose for the CUDA-build-only wheels is recorded
+    assert post.index("cuda-wheels.txt") > post.index(installs[-1])
     assert "sys.version_info[:2]" in post and "(3, 11)" in post, "the build refuses another Python"
+    assert "gcc libc6-dev" in post, "crcmod builds from source; Triton compiles launcher stubs"
     assert "kolora --help" in post
+
+
+def test_readme_describes_the_image_ci_tests():
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Containers (Apptainer)"):]
+    section = section[:section.index("\n## ", 3)] if "\n## " in section[3:] else section
+    assert "`python:3.11-slim-bookworm`" in section and "Debian 12" in section
+    assert f"torch {_tested_pins()['torch']}" in section, "the README names the torch version constraints.txt pins"
+    assert "driver ≥" in section
 
 
 def test_help_says_how_to_use_the_image():
@@ -151,26 +199,69 @@ def test_help_says_how_to_use_the_image():
 
 
 # --------------------------------------------------------------------------------------------------- lock
-def test_lock_pins_everything_except_the_base_images_torch():
+def test_lock_is_exactly_what_ci_tested():
+    """Every pin of the lock is constraints.txt's pin of that package (the image runs what CI tested), torch
+    included; only the CUDA-build-only wheels are left to pip at build time."""
     lock = lockmod.read_lock(LOCK_FILE)
-    assert not [n for n in lock if lockmod.BASE_PROVIDED.match(n)], "torch & co. come from the base image"
-    for name in ("py-data-juicer", "aiohttp", "ray", "modelscope", "datasets", "submitit", "cloudpickle",
-                 "diffusers", "transformers", "peft", "lightning", "pydantic"):
-        assert name in lock, name
-    tested = {lockmod.canonical(n): v for n, _, v in
-              (line.strip().partition("==") for line in (REPO / "constraints.txt").read_text().splitlines())
-              if v}
+    tested = _tested_pins()
+    assert lock, "an empty lock"
+    not_tested = sorted(n for n in lock if n not in tested)
     differs = {n: (v, tested[n]) for n, v in lock.items() if n in tested and tested[n] != v}
-    assert not differs, f"the lock must use the tested versions of constraints.txt: {differs}"
+    assert not not_tested, f"pinned in the lock, not in constraints.txt (CI never ran them): {not_tested}"
+    assert not differs, f"the lock and constraints.txt disagree (lock, constraints.txt): {differs}"
+    assert lock["torch"] == tested["torch"]
+    for name in ("torch", "py-data-juicer", "aiohttp", "ray", "modelscope", "datasets", "submitit", "cloudpickle",
+                 "diffusers", "transformers", "peft", "lightning", "pydantic", "setuptools"):
+        assert name in lock, name
+    cuda_only = re.compile(r"^(triton|nvidia-.+|cuda-.+)$")
+    assert not [n for n in lock if cuda_only.match(n)], "torch's CUDA wheels are resolved by pip at build time"
+    assert not [n for n in tested if cuda_only.match(n)], "CI's environment has no CUDA wheels to leave out"
+    assert all(lockmod.CUDA_ONLY.match(n) for n in ("triton", "nvidia-cudnn-cu13", "cuda-toolkit", "cuda-bindings"))
+    assert not any(lockmod.CUDA_ONLY.match(n) for n in tested)
+    assert lockmod.drift_problems() == []
+    # the header says what it is for
+    header = [line for line in LOCK_FILE.read_text().splitlines() if line.startswith("#")]
+    text = " ".join(header)
+    assert f"torch {tested['torch']} included" in text and "python:3.11-slim-bookworm" in text
+    assert "constraints.txt" in text and "make container-lock" in text
 
 
-def test_lock_base_torch_satisfies_kolora():
+def test_drift_problems_catch_a_lock_or_definition_that_left_constraints(tmp_path):
+    good_lock = LOCK_FILE.read_text()
+    torch_version = _tested_pins()["torch"]
+
+    def problems(lock_text=good_lock, def_text=None):
+        (tmp_path / "requirements.lock").write_text(lock_text)
+        (tmp_path / "kolora.def").write_text(def_text or DEF_FILE.read_text())
+        return lockmod.drift_problems(tmp_path / "requirements.lock", CONSTRAINTS, tmp_path / "kolora.def")
+
+    assert problems() == []
+    assert problems(re.sub(r"^diffusers==.*$", "diffusers==0.41.0", good_lock, flags=re.M)) == [
+        f"diffusers: the lock pins 0.41.0, constraints.txt {_tested_pins()['diffusers']}"]
+    assert problems(good_lock + "left-pad==1.0\n") == [
+        "left-pad==1.0 is in the lock but not in constraints.txt (CI did not test it)"]
+    assert "nvidia-cudnn-cu13 is in the lock but only torch's CUDA build needs it (pip resolves it at build time)" in \
+        problems(good_lock + "nvidia-cudnn-cu13==9.20.0.48\n")
+    assert problems(good_lock.replace(f"torch=={torch_version}\n", "")) == ["torch is not in the lock"]
+    other = DEF_FILE.read_text().replace(f" torch=={torch_version}\n", " torch==2.7.1\n")
+    assert problems(def_text=other) == [
+        f"kolora.def installs torch==2.7.1, constraints.txt pins torch=={torch_version}"]
+    unpinned = DEF_FILE.read_text().replace(f" torch=={torch_version}\n", " torch\n")
+    assert "%post must install torch exactly once" in " ".join(problems(def_text=unpinned))
+
+
+def test_tested_torch_satisfies_kolora_and_is_what_make_installs(tmp_path):
     from packaging.requirements import Requirement
 
-    torch_version = lockmod.base_torch_version(DEF_FILE)
+    torch_version = lockmod.tested_torch_version(CONSTRAINTS)
+    assert torch_version == _tested_pins()["torch"]
     deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     torch_req = next(Requirement(d) for d in deps if Requirement(d).name == "torch")
     assert torch_req.specifier.contains(torch_version), (torch_version, str(torch_req))
+    # make's environment (CI) installs the same version first: TORCH_SPEC defaults to constraints.txt's pin
+    out = _make(tmp_path, "--eval", "kolora-print-torch-spec: ; @echo TORCH_SPEC=$(TORCH_SPEC)",
+                "kolora-print-torch-spec").stdout
+    assert f"TORCH_SPEC=torch=={torch_version}" in out.splitlines()
 
 
 def _index_reachable() -> str | None:
@@ -194,9 +285,10 @@ NETWORK_ERRORS = re.compile(r"NewConnectionError|ConnectTimeout|ReadTimeout|Temp
 
 @pytest.mark.slow
 def test_lock_resolves_for_the_image_python():
-    """pip resolves the lock plus kolora's own requirements, torch held at the base image's version, to exactly
-    the pinned versions: the image build's `pip install -r requirements.lock` + `pip install --no-deps .`
-    installs what was tested and leaves nothing of kolora's unmet."""
+    """pip resolves the lock plus kolora's own requirements from the public index, for Python 3.11 on Linux
+    x86_64, to exactly the pinned versions, torch as PyPI's CUDA build (its nvidia-*/cuda-*/triton wheels come
+    along and are the only packages outside the lock): the image build's installs get what was tested and leave
+    nothing of kolora's unmet."""
     why = lockmod.check_interpreter()
     if why:
         pytest.skip(why)
