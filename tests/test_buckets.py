@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import DEMO, REPO
 from PIL import Image
+from test_train import _stop_at
 
 from kolora import buckets, interrupt
 from kolora import train as train_mod
@@ -232,16 +233,7 @@ def test_buckets_on_resumed_twice_ends_bit_identical(bucket_run, tmp_path, monke
     run = RunDir(run_dir)
     cfg = run.load_config()
     assert cfg.train.buckets and cfg.train.steps == STEPS
-    original = train_mod.Checkpointer.on_train_batch_end
-    stops = {3, 7}
-
-    def stopping(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step in stops:
-            stops.discard(trainer.global_step)
-            interrupt.request("SIGUSR2")
-        return original(self, trainer, pl_module, outputs, batch, batch_idx)
-
-    monkeypatch.setattr(train_mod.Checkpointer, "on_train_batch_end", stopping)
+    _stop_at(monkeypatch, {3, 7})
     for step in (3, 7):
         with pytest.raises(interrupt.Interrupted, match=f"step {step}/{STEPS}"):
             run_stage("train", cfg, run)
