@@ -1,5 +1,5 @@
 """Cache size bench: bytes of one text entry (ChatGLM3's [seq, 4096] embeddings + [4096] pooled) and one latent
-entry as kolora writes them, per storage dtype, at Kolors size; and what a dataset's captions cost.
+entry as kolora writes them, per storage dtype and caption length, at Kolors size; what a dataset's captions cost.
 
     .venv/bin/python bench/cache_size.py [--seq 256] [--captions 10000] [--no-record]
 
@@ -31,12 +31,19 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     rows, result = [], {}
-    for precision in ("32", "bf16-mixed", "16-mixed"):
+    for precision in ("32", "16-mixed"):
         dtype = text_dtype(precision)
-        size = text_entry_bytes(args.seq, HIDDEN, dtype)
-        rows.append([f"text, train.precision {precision}", str(dtype).removeprefix("torch."), size,
-                     f"{size / 2**20:.3f}", f"{size * args.captions / 2**30:.1f}"])
-        result[f"text_{precision}_bytes"] = size
+        for tokens in (8, 77, args.seq):
+            size = text_entry_bytes(args.seq, HIDDEN, dtype, tokens=tokens)
+            rows.append([f"text, {tokens} tokens, train.precision {precision}", str(dtype).removeprefix("torch."),
+                         size, f"{size / 2**20:.3f}", f"{size * args.captions / 2**30:.2f}"])
+            result[f"text_{precision}_{tokens}tok_bytes"] = size
+        # before this layout: every entry all seq rows in float32, whatever the caption's length
+    full32 = args.seq * HIDDEN * 4 + HIDDEN * 4
+    rows.insert(0, [f"text, any caption, float32, every row (the earlier layout, ≈ payload)", "float32", full32,
+                    f"{full32 / 2**20:.3f}", f"{full32 * args.captions / 2**30:.2f}"])
+    result["text_32_bytes"] = result[f"text_32_{args.seq}tok_bytes"]
+    result["text_16-mixed_bytes"] = result[f"text_16-mixed_{args.seq}tok_bytes"]
     with tempfile.TemporaryDirectory() as d:
         latent = Path(d) / "latent.safetensors"
         save_file({"latents": torch.zeros(4, args.resolution // 8, args.resolution // 8)}, str(latent))
@@ -46,8 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     result["latent_bytes"] = size
     result["fp16_vs_fp32"] = result["text_16-mixed_bytes"] / result["text_32_bytes"]
     body = table(["entry", "stored as", "bytes", "MiB", f"GiB for {args.captions:,}"], rows)
-    notes = [f"text entry = prompt_embeds [{args.seq}, {HIDDEN}] + pooled [{HIDDEN}] + safetensors header; the "
-             "embeddings alone are exactly 2 MiB in 16 bits at 256 tokens, the pooled vector adds 8 KiB.",
+    notes = [f"text entry = the caption's token rows of prompt_embeds [{args.seq}, {HIDDEN}] + one of its "
+             "bit-identical left-padding rows + pooled [" + str(HIDDEN) + "] + safetensors header (kolora.cache."
+             "compact_text; read_text restores the exact tensor). A caption filling all 256 tokens has no padding: "
+             "2 MiB of embeddings in 16 bits + 8 KiB pooled, the largest entry.",
              "Training reads the same numbers either way: autocast casts the embeddings to the training dtype in "
              "the first layer that reads them (tests/test_numerics.py: bit-identical LoRA, bf16 vs float32 entries)."]
     report(NAME, f"Cache entry sizes at {args.seq} tokens × {HIDDEN}", environment(), body, result,

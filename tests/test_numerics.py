@@ -110,6 +110,42 @@ def test_text_embeddings_are_stored_in_the_training_dtype(demo_run, tmp_path):
 
 
 def test_text_entry_bytes_at_kolors_size():
-    """ChatGLM3's [256, 4096] embeddings + [4096] pooled, as the cache writes them."""
+    """ChatGLM3's [256, 4096] embeddings + [4096] pooled, as the cache writes them: a short caption (the tutorial's
+    "二次元" is a handful of tokens) keeps its token rows and one pad row; a caption filling all 256 tokens is the
+    largest entry."""
+    short = cache_mod.text_entry_bytes(256, 4096, torch.float16, tokens=8)
+    assert short < 100 * 2**10  # 9 rows × 8 KiB + the pooled vector
     assert cache_mod.text_entry_bytes(256, 4096, torch.float16) < 2 * 2**20 + 16 * 2**10  # 2 MiB + pooled
-    assert cache_mod.text_entry_bytes(256, 4096, torch.float32) > 4 * 2**20
+    assert cache_mod.text_entry_bytes(256, 4096, torch.float32, tokens=8) > 1.9 * short  # float32: twice the rows
+
+
+def test_text_entries_drop_repeated_pad_rows_and_restore_them_exactly(demo_run, tiny_diffusers):
+    """ChatGLM pads on the left with rows that are bit-identical within a caption: the entry keeps one, and what
+    training reads is exactly diffusers' encode_prompt output."""
+    import json
+
+    from diffusers import KolorsPipeline
+
+    from kolora import models
+
+    run = RunDir(demo_run)
+    cfg = run.load_config()
+    index = json.loads((run.cache / "index.json").read_text())
+    files = models.resolve(cfg.model)
+    encoder = KolorsPipeline(vae=None, text_encoder=models.load_text_encoder(files), unet=None, scheduler=None,
+                             tokenizer=models.load_tokenizer(files))
+    seq = cfg.cache.max_sequence_length
+    entries = [(e["text"], e["text_key"]) for e in index["entries"][:4]] + [("", index["empty_text_key"])]
+    for text, key in entries:
+        with torch.no_grad():
+            embeds, _, pooled, _ = encoder.encode_prompt([text], device="cpu", num_images_per_prompt=1,
+                                                         do_classifier_free_guidance=False, max_sequence_length=seq)
+        path = run.cache / "text" / f"{key}.safetensors"
+        stored = _load(path)
+        pad = seq - int(sum(encoder.tokenizer([text], padding="max_length", max_length=seq,
+                                              truncation=True)["attention_mask"][0]))
+        if pad > 1:  # compacted: the token rows and one pad row
+            assert stored["prompt_embeds"].shape[0] == seq - pad and stored["pad_row"].shape[0] == 1
+        entry = cache_mod.read_text(path, seq)
+        assert torch.equal(entry["prompt_embeds"], embeds[0]) and torch.equal(entry["pooled"], pooled[0])
+    assert "pad_row" in _load(run.cache / "text" / f"{index['empty_text_key']}.safetensors")  # "" has 30 pads

@@ -91,17 +91,44 @@ def text_dtype(precision: str):
     return {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}.get(precision, torch.float32)
 
 
-def text_entry_bytes(seq: int, hidden: int, dtype) -> int:
-    """Bytes of one text entry as written (header included), for the given text length and hidden size."""
+def compact_text(embeds, pad: int) -> dict[str, Any]:
+    """A caption's [seq, hidden] embeddings without the repeats of its padding: ChatGLM pads on the left, and
+    every pad position has the same token, position id (0) and attention, so its rows are bit-identical; one
+    is kept ("pad_row") with the token rows ("prompt_embeds"). Exact: read_text restores the same tensor. A
+    caption whose pad rows differ (never seen) keeps all its rows."""
+    import torch
+
+    if pad > 1 and bool((embeds[:pad] == embeds[:1]).all()) and torch.isfinite(embeds[:1]).all():
+        return {"pad_row": embeds[:1].contiguous(), "prompt_embeds": embeds[pad:].contiguous()}
+    return {"prompt_embeds": embeds.contiguous()}
+
+
+def read_text(path: Path | str, seq: int) -> dict[str, Any]:
+    """A text entry as training uses it: prompt_embeds [seq, hidden] (pad rows restored) and pooled [hidden]."""
+    import torch
+    from safetensors.torch import load_file
+
+    entry = load_file(str(path))
+    pad_row = entry.pop("pad_row", None)
+    if pad_row is not None:
+        pad = seq - entry["prompt_embeds"].shape[0]
+        entry["prompt_embeds"] = torch.cat([pad_row.expand(pad, -1), entry["prompt_embeds"]])
+    return entry
+
+
+def text_entry_bytes(seq: int, hidden: int, dtype, tokens: int | None = None) -> int:
+    """Bytes of one text entry as written (header included): a caption of `tokens` tokens (default: all `seq`,
+    no padding, the largest entry) at text length `seq`."""
     import tempfile
 
     import torch
     from safetensors.torch import save_file
 
+    tokens = seq if tokens is None else tokens
+    embeds = torch.cat([torch.zeros(seq - tokens, hidden, dtype=dtype), torch.ones(tokens, hidden, dtype=dtype)])
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "entry.safetensors"
-        save_file({"prompt_embeds": torch.zeros(seq, hidden, dtype=dtype),
-                   "pooled": torch.zeros(hidden, dtype=dtype)}, str(path))
+        save_file({**compact_text(embeds, seq - tokens), "pooled": torch.zeros(hidden, dtype=dtype)}, str(path))
         return path.stat().st_size
 
 
@@ -170,20 +197,23 @@ def _encode_texts(cfg, files, todo: list[tuple[str, str]], text_dir: Path, devic
     # diffusers' own encode_prompt, so training sees exactly what rendering computes.
     encoder = KolorsPipeline(vae=None, text_encoder=te, tokenizer=models.load_tokenizer(files), unet=None,
                              scheduler=None)
-    bs = cfg.cache.batch_size
+    bs, seq = cfg.cache.batch_size, cfg.cache.max_sequence_length
     for i in range(0, len(todo), bs):
         chunk = todo[i:i + bs]
+        texts = [t for _, t in chunk]
         with torch.no_grad():
             embeds, _, pooled, _ = encoder.encode_prompt(
-                [t for _, t in chunk], device=device, num_images_per_prompt=1,
-                do_classifier_free_guidance=False, max_sequence_length=cfg.cache.max_sequence_length)
+                texts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False,
+                max_sequence_length=seq)
+        # the tokenizer's own padding (encode_prompt's call): how many leading rows are padding
+        mask = encoder.tokenizer(texts, padding="max_length", max_length=seq, truncation=True)["attention_mask"]
         for j, (key, text) in enumerate(chunk):
-            tensors = {"prompt_embeds": embeds[j].to(stored).cpu().contiguous(),
-                       "pooled": pooled[j].to(stored).cpu().contiguous()}
+            tensors = {"prompt_embeds": embeds[j].to(stored).cpu(), "pooled": pooled[j].to(stored).cpu().contiguous()}
             for name, t in tensors.items():
                 _check_finite(t, f"the {name} of caption {text[:60]!r}",
                               f"ChatGLM3 overflowed in {te_dtype} or in the stored {stored}: use train.precision "
                               "bf16-mixed, or cache.device: cpu to encode in float32")
+            tensors.update(compact_text(tensors["prompt_embeds"], seq - sum(mask[j])))
             with atomic_path(text_dir / f"{key}.safetensors") as tmp:
                 save_file(tensors, str(tmp))
         tick(len(chunk))

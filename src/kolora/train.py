@@ -47,24 +47,27 @@ class CachedSamples(Dataset):
         self.dir = Path(index.get("store") or cache_dir)  # the entries' store (cache.dir may be shared)
         self.entries = index["entries"]
         self.empty_text_key = index.get("empty_text_key")
+        self.seq = index["max_sequence_length"]
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def empty_caption(self) -> dict[str, torch.Tensor]:
         """The empty caption's embeddings (cached once by the cache stage), for caption dropout."""
-        from safetensors.torch import load_file
+        from kolora.cache import read_text
 
         if not self.empty_text_key:
             raise RunFailure(f"{self.dir}: the cache index has no empty-caption entry (made by an older kolora); "
                              "rerun the cache stage with --force")
-        return load_file(str(self.dir / "text" / f"{self.empty_text_key}.safetensors"))
+        return read_text(self.dir / "text" / f"{self.empty_text_key}.safetensors", self.seq)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
+        from kolora.cache import read_text
+
         e = self.entries[i]
-        text = load_file(str(self.dir / "text" / f"{e['text_key']}.safetensors"))
+        text = read_text(self.dir / "text" / f"{e['text_key']}.safetensors", self.seq)
         lat = load_file(str(self.dir / "latents" / f"{e['latent_key']}.safetensors"))
         return {"latents": lat["latents"], "prompt_embeds": text["prompt_embeds"], "pooled": text["pooled"],
                 "time_ids": torch.tensor(e["time_ids"], dtype=torch.float32)}
