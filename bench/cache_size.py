@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
             result[f"text_{precision}_{tokens}tok_bytes"] = size
         # before this layout: every entry all seq rows in float32, whatever the caption's length
     full32 = args.seq * HIDDEN * 4 + HIDDEN * 4
-    rows.insert(0, [f"text, any caption, float32, every row (the earlier layout, ≈ payload)", "float32", full32,
+    rows.insert(0, ["text, any caption, float32, every row (the earlier layout, ≈ payload)", "float32", full32,
                     f"{full32 / 2**20:.3f}", f"{full32 * args.captions / 2**30:.2f}"])
     result["text_32_bytes"] = result[f"text_32_{args.seq}tok_bytes"]
     result["text_16-mixed_bytes"] = result[f"text_16-mixed_{args.seq}tok_bytes"]
