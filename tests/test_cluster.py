@@ -60,6 +60,7 @@ def test_parse_time(value, minutes) -> None:
     ({"grid": {"account": "lab\nrm -rf /"}}, "jobs.grid.account"),
     ({"train": {"gres": "gpu:2"}}, "jobs.train.gres"),
     ({"train": {"extra": {"dependency": "afterok:1"}}}, "jobs.train.extra"),
+    ({"train": {"extra": {"no-requeue": True}}}, "jobs.train.extra"),  # kolora requeues: --requeue is always set
     ({"train": {"extra": {"mail user": "x"}}}, "jobs.train.extra"),
     ({"train": {"setup": ["module load x\nevil"]}}, "jobs.train.setup"),
     ({"train": {"gpu": 2}}, "jobs.train.gpu"),

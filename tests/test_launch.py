@@ -124,6 +124,7 @@ def test_submit_queues_the_graph_and_records_it(tmp_path: Path, fake_slurm: Path
     assert "#SBATCH --dependency=afterok:1002\n" in scripts[1003] and "#SBATCH --array=0-3%2\n" in scripts[1003]
     assert "#SBATCH --dependency=afterok:1003\n" in scripts[1004]
     assert all("#SBATCH --kill-on-invalid-dep=yes\n" in s for s in scripts.values())
+    assert all("#SBATCH --requeue\n" in s for s in scripts.values())  # also where JobRequeue=0 is the default
     assert "1003_[0-3%2]" in printed
 
     manifest = json.loads((runs / "g" / "manifest.json").read_text())

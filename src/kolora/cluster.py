@@ -42,6 +42,8 @@ RESERVED_OPTIONS = {
     "cpus-per-task": "cpus", "mem": "mem", "gres": "gpus / gpu_type / gres", "gpus-per-node": "gpus",
     "account": "account", "qos": "qos", "constraint": "constraint", "signal": "signal_lead_s",
     "open-mode": "(append: logs survive requeues)", "chdir": "(kolora jobs need no working directory)",
+    "requeue": "(always set: kolora requeues preempted and timed-out jobs itself)",
+    "no-requeue": "(kolora requeues preempted and timed-out jobs; max_requeues 0 turns that off)",
 }
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")

@@ -75,7 +75,9 @@ def plan_jobs(cfg: ExperimentConfig, profile: ClusterProfile) -> list[JobPlan]:
             "signal_delay_s": profile.signal_lead_s, "wckey": None,
             # a job whose dependency failed is cancelled, not left PENDING (also where the cluster's
             # DependencyParameters lacks kill_invalid_depend)
-            "additional_parameters": {**r.extra, "kill-on-invalid-dep": "yes"},
+            # --requeue: kolora's host process requeues after preemption/time limit; on a site whose default
+            # is JobRequeue=0, `scontrol requeue` would fail without it and the graph be cancelled
+            "additional_parameters": {**r.extra, "kill-on-invalid-dep": "yes", "requeue": True},
         }
         for key in ("partition", "account", "qos", "mem", "constraint"):
             if getattr(r, key) is not None:
