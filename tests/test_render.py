@@ -180,7 +180,7 @@ def test_precomputed_prompt_embeddings_render_the_same_pixels(demo_run, tmp_path
     # the text length training saw (diffusers' __call__ would encode 256 tokens whatever it is given)
     assert {e["prompt_embeds"].shape[1] for e in embeds} == {cfg.cache.max_sequence_length}
     full = render.build_pipeline(cfg, lf, "cpu", torch.float32)
-    lean = render.image_pipeline(cfg, lf, "cpu", torch.float32)
+    lean = render.build_pipeline(cfg, lf, "cpu", torch.float32, text_encoder=False)
     assert lean.text_encoder is None
     lean_tiles = [np.asarray(render.render_tile(lean, cfg, item, "cpu", e)) for item, e in zip(items, embeds,
                                                                                                 strict=True)]

@@ -186,17 +186,14 @@ def _bucket_entry(entry: dict[str, Any], path: str, sizes: list[tuple[int, int]]
 
 def _encode_texts(cfg, files, todo: list[tuple[str, str]], text_dir: Path, device: str, tick) -> None:
     import torch
-    from diffusers import KolorsPipeline
     from safetensors.torch import save_file
 
     from kolora import models
 
     te_dtype = torch.float16 if device == "cuda" else torch.float32
     stored = text_dtype(cfg.train.precision)
-    te = models.load_text_encoder(files, te_dtype).to(device)
     # diffusers' own encode_prompt, so training sees exactly what rendering computes.
-    encoder = KolorsPipeline(vae=None, text_encoder=te, tokenizer=models.load_tokenizer(files), unet=None,
-                             scheduler=None)
+    encoder = models.prompt_encoder(files, te_dtype, device)
     bs, seq = cfg.cache.batch_size, cfg.cache.max_sequence_length
     for i in range(0, len(todo), bs):
         chunk = todo[i:i + bs]
@@ -217,8 +214,8 @@ def _encode_texts(cfg, files, todo: list[tuple[str, str]], text_dir: Path, devic
             with atomic_path(text_dir / f"{key}.safetensors") as tmp:
                 save_file(tensors, str(tmp))
         tick(len(chunk))
-    del encoder, te
-    _free(device)
+    del encoder
+    models.free_gpu(device)
 
 
 def _encode_latents(cfg, files, todo: list[tuple[str, str, str]], lat_dir: Path, device: str, tick,
@@ -253,18 +250,7 @@ def _encode_latents(cfg, files, todo: list[tuple[str, str, str]], lat_dir: Path,
                 save_file({"latents": latent}, str(tmp))
         tick(len(chunk))
     del vae
-    _free(device)
-
-
-def _free(device: str) -> None:
-    """Give the encoders' GPU memory back before training follows in the same process."""
-    import gc
-
-    import torch
-
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
+    models.free_gpu(device)
 
 
 def run(cfg: ExperimentConfig, run: RunDir, progress=None) -> dict[str, Any]:

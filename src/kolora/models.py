@@ -135,6 +135,26 @@ def load_text_encoder(files: ModelFiles, dtype=None):
     return model.eval().requires_grad_(False)
 
 
+def prompt_encoder(files: ModelFiles, dtype, device: str):
+    """ChatGLM3 + its tokenizer in a KolorsPipeline without UNet and VAE: diffusers' own encode_prompt, shared by
+    the cache and render stages so both compute the same embeddings."""
+    from diffusers import KolorsPipeline
+
+    return KolorsPipeline(vae=None, text_encoder=load_text_encoder(files, dtype).to(device),
+                          tokenizer=load_tokenizer(files), unet=None, scheduler=None)
+
+
+def free_gpu(device: str) -> None:
+    """Give a freed model's GPU memory back before the next one is loaded in the same process."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
 def _build_and_load(cls, config: dict[str, Any], weights: Path, dtype):
     """Build a diffusers model on the meta device and assign the safetensors weights (no 2x memory)."""
     import torch

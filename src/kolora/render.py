@@ -22,18 +22,22 @@ from kolora.rundir import RunDir, atomic_path, fsync_dir
 from kolora.stages import Tile, lora_file, tiles
 
 
-def build_pipeline(cfg: ExperimentConfig, lora_file: Path | None, device: str, dtype):
+def build_pipeline(cfg: ExperimentConfig, lora_file: Path | None, device: str, dtype, text_encoder: bool = True):
+    """KolorsPipeline with the LoRA; `text_encoder=False`: UNet + VAE only, for prompts encoded beforehand
+    (encode_prompts), which is what the render stage uses."""
     from diffusers import KolorsPipeline
 
     from kolora import lora, models
 
     files = models.resolve(cfg.model)
-    pipe = KolorsPipeline(vae=models.load_vae(files, dtype), text_encoder=models.load_text_encoder(files, dtype),
-                          tokenizer=models.load_tokenizer(files), unet=models.load_unet(files, dtype),
-                          scheduler=models.make_scheduler(files))
+    pipe = KolorsPipeline(vae=models.load_vae(files, dtype), tokenizer=models.load_tokenizer(files),
+                          text_encoder=models.load_text_encoder(files, dtype) if text_encoder else None,
+                          unet=models.load_unet(files, dtype), scheduler=models.make_scheduler(files))
     if lora_file is not None:
         lora.load_into_pipeline(pipe, lora_file, scale=cfg.render.lora_scale)
     pipe.set_progress_bar_config(disable=True)
+    if device == "cuda":
+        pipe.vae.enable_tiling()  # decodes above the VAE's sample size (1024) in tiles; no change at or below it
     return pipe.to(device)
 
 
@@ -64,17 +68,11 @@ def render_tile(pipe, cfg: ExperimentConfig, item: PromptItem, device: str, embe
 def encode_prompts(cfg: ExperimentConfig, items: list[PromptItem], device: str, dtype) -> list[dict[str, Any]]:
     """The text embeddings of every tile this task renders, computed before the UNet is loaded; the text
     encoder (ChatGLM3-6B: 12.5 GB in float16) is freed afterwards, so it never shares the GPU with the UNet."""
-    import gc
-
     import torch
-    from diffusers import KolorsPipeline
 
     from kolora import models
 
-    files = models.resolve(cfg.model)
-    te = models.load_text_encoder(files, dtype).to(device)
-    encoder = KolorsPipeline(vae=None, text_encoder=te, tokenizer=models.load_tokenizer(files), unet=None,
-                             scheduler=None)
+    encoder = models.prompt_encoder(models.resolve(cfg.model), dtype, device)
     out = []
     for item in items:
         with torch.no_grad():
@@ -84,27 +82,9 @@ def encode_prompts(cfg: ExperimentConfig, items: list[PromptItem], device: str, 
                 max_sequence_length=cfg.cache.max_sequence_length)
         out.append({"prompt_embeds": pe, "pooled_prompt_embeds": pp, "negative_prompt_embeds": ne,
                     "negative_pooled_prompt_embeds": npp})
-    del encoder, te
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
+    del encoder
+    models.free_gpu(device)
     return out
-
-
-def image_pipeline(cfg: ExperimentConfig, lora_file: Path, device: str, dtype):
-    """UNet + VAE (+ the LoRA), no text encoder: what the denoising loop and the decode need."""
-    from diffusers import KolorsPipeline
-
-    from kolora import lora, models
-
-    files = models.resolve(cfg.model)
-    pipe = KolorsPipeline(vae=models.load_vae(files, dtype), text_encoder=None, tokenizer=models.load_tokenizer(files),
-                          unet=models.load_unet(files, dtype), scheduler=models.make_scheduler(files))
-    lora.load_into_pipeline(pipe, lora_file, scale=cfg.render.lora_scale)
-    pipe.set_progress_bar_config(disable=True)
-    if device == "cuda":
-        pipe.vae.enable_tiling()  # decodes above the VAE's sample size (1024) in tiles; no change at or below it
-    return pipe.to(device)
 
 
 def _reuse(run: RunDir, tile: Tile) -> bool:
@@ -137,7 +117,7 @@ def run(cfg: ExperimentConfig, run: RunDir, task_index: int = 0, task_count: int
         device, dtype = _device_dtype(cfg)
         embeds = encode_prompts(cfg, [t.item for t in todo], device, dtype)
         try:
-            pipe = image_pipeline(cfg, lf, device, dtype)
+            pipe = build_pipeline(cfg, lf, device, dtype, text_encoder=False)
         except LoraFileError as e:
             raise LoraFileError(f"render.lora: {e}") if cfg.render.lora else e from None
         for n, (tile, tile_embeds) in enumerate(zip(todo, embeds, strict=True), 1):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
-import json
 import logging
 import os
 import time
@@ -24,7 +23,6 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import Dataset, Sampler
 
 from kolora import checkpoint as ckpt_io
 from kolora import interrupt, models, objective
@@ -33,66 +31,11 @@ from kolora.config import ExperimentConfig, TrainConfig
 from kolora.ema import LoraEMA
 from kolora.errors import InputError, RunFailure
 from kolora.rundir import RunDir, atomic_write_text
+from kolora.samples import BucketSampler, CachedSamples, StepSampler
 from kolora.stages import Keys
 
 log = logging.getLogger("kolora.train")
 LORA_FILE = "pytorch_lora_weights.safetensors"
-
-
-class CachedSamples(Dataset):
-    """Training samples read from cache/: (latents, prompt_embeds, pooled, time_ids)."""
-
-    def __init__(self, cache_dir: Path):
-        index = json.loads((Path(cache_dir) / "index.json").read_text())
-        self.dir = Path(index.get("store") or cache_dir)  # the entries' store (cache.dir may be shared)
-        self.entries = index["entries"]
-        self.empty_text_key = index.get("empty_text_key")
-        self.seq = index["max_sequence_length"]
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def empty_caption(self) -> dict[str, torch.Tensor]:
-        """The empty caption's embeddings (cached once by the cache stage), for caption dropout."""
-        from kolora.cache import read_text
-
-        if not self.empty_text_key:
-            raise RunFailure(f"{self.dir}: the cache index has no empty-caption entry (made by an older kolora); "
-                             "rerun the cache stage with --force")
-        return read_text(self.dir / "text" / f"{self.empty_text_key}.safetensors", self.seq)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        from safetensors.torch import load_file
-
-        from kolora.cache import read_text
-
-        e = self.entries[i]
-        text = read_text(self.dir / "text" / f"{e['text_key']}.safetensors", self.seq)
-        lat = load_file(str(self.dir / "latents" / f"{e['latent_key']}.safetensors"))
-        return {"latents": lat["latents"], "prompt_embeds": text["prompt_embeds"], "pooled": text["pooled"],
-                "time_ids": torch.tensor(e["time_ids"], dtype=torch.float32)}
-
-
-class StepSampler(Sampler[int]):
-    """Sample i of the run is `perm_e[i % n]` with e = i // n and perm_e a permutation seeded by (seed, e):
-    epochs are reshuffled, and starting at `start` (resume) yields exactly the rest of the sequence."""
-
-    def __init__(self, n: int, total: int, seed: int, start: int = 0):
-        self.n, self.total, self.seed, self.start = n, total, seed, start
-
-    def __len__(self) -> int:
-        # The whole run's length even when resuming: Lightning restores its position in the (single) epoch
-        # and ends the epoch at len(dataloader) batches, so the restored count + what we yield = this length.
-        return self.total
-
-    def __iter__(self):
-        perm, epoch = None, -1
-        for i in range(self.start, self.total):
-            if i // self.n != epoch:
-                epoch = i // self.n
-                g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-                perm = torch.randperm(self.n, generator=g).tolist()
-            yield perm[i % self.n]
 
 
 def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
@@ -115,59 +58,6 @@ def check_options(tcfg: TrainConfig, accelerator: str) -> None:
     except ImportError:
         raise InputError("train.optimizer: adamw8bit needs the bitsandbytes package, which this environment "
                          "lacks; install it (pip install bitsandbytes) or use train.optimizer: adamw") from None
-
-
-class BucketSampler(Sampler[int]):
-    """train.buckets: every batch holds samples of one bucket (one latent size), and batch k is a pure function
-    of (seed, k), so a resumed run continues exactly.
-
-    Epoch e has `per_epoch` batches: each bucket's samples in an order seeded by (seed, e, bucket), cut into
-    batches, an incomplete last batch *wrapped* (filled with that bucket's first samples of the epoch: no
-    sample is skipped in an epoch, a few are seen twice, and a bucket smaller than a batch still trains),
-    then all the epoch's batches in an order seeded by (seed, e). Batch k is batch k % per_epoch of epoch
-    k // per_epoch. Like StepSampler it yields sample indices, `batch_size` per batch, for the DataLoader's
-    own batch_size. Under DDP a batch is batch_size × replicas samples of one bucket: Lightning's
-    DistributedSamplerWrapper deals consecutive indices to the ranks in turn, so each rank's share of it is
-    its batch of that same bucket."""
-
-    def __init__(self, buckets: list[tuple[int, int]], batch_size: int, steps: int, seed: int, start_step: int = 0,
-                 replicas: int = 1):
-        self.members: dict[tuple[int, int], list[int]] = {}
-        for i, b in enumerate(buckets):
-            self.members.setdefault(tuple(b), []).append(i)
-        self.size, self.steps, self.seed, self.start = batch_size * replicas, steps, seed, start_step
-        self.per_epoch = sum(-(-len(m) // self.size) for m in self.members.values())
-
-    def __len__(self) -> int:
-        return self.steps * self.size  # the whole run's, as StepSampler.__len__ explains
-
-    @staticmethod
-    def _generator(*parts: Any) -> torch.Generator:
-        import hashlib
-
-        digest = hashlib.sha256(repr(parts).encode()).digest()
-        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "big") % (2**63))
-
-    def epoch(self, e: int) -> list[list[int]]:
-        batches = []
-        for b in sorted(self.members):
-            m = self.members[b]
-            order = [m[j] for j in torch.randperm(len(m), generator=self._generator(self.seed, e, b)).tolist()]
-            n = -(-len(order) // self.size) * self.size
-            wrapped = [order[j % len(order)] for j in range(n)]
-            batches += [wrapped[j:j + self.size] for j in range(0, n, self.size)]
-        return [batches[j] for j in torch.randperm(len(batches), generator=self._generator(self.seed, e)).tolist()]
-
-    def batch(self, k: int) -> list[int]:
-        return self.epoch(k // self.per_epoch)[k % self.per_epoch]
-
-    def __iter__(self):
-        current, batches = -1, []
-        for k in range(self.start, self.steps):
-            if k // self.per_epoch != current:
-                current = k // self.per_epoch
-                batches = self.epoch(current)
-            yield from batches[k % self.per_epoch]
 
 
 class NonFiniteLoss(RunFailure):
