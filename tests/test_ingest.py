@@ -128,7 +128,8 @@ def test_jsonl(tmp_path: Path) -> None:
              json.dumps({"text": "no image"}),
              json.dumps({"image": ["img/a.png"]})]
     (ds / "metadata.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    cfg = make_cfg(tmp_path, {"source": "jsonl", "path": str(ds / "metadata.jsonl")})
+    # c.jpg lies outside the dataset's folder: listed on purpose, so opted in (tests/test_safe_paths.py: refused)
+    cfg = make_cfg(tmp_path, {"source": "jsonl", "path": str(ds / "metadata.jsonl"), "allow_external_paths": True})
     run = RunDir(tmp_path / "run")
     ingest.run(cfg, run)
     samples = check_layout(run, 3)
@@ -138,7 +139,7 @@ def test_jsonl(tmp_path: Path) -> None:
     reasons = {r["source"].rsplit(":", 1)[1]: r["reason"] for r in read_jsonl(run.data / "rejected.jsonl")}
     assert reasons["5"].startswith("malformed json") and reasons["6"] == "no image" and reasons["7"] == "missing text"
     # the folder holding metadata.jsonl works too, and data.caption fills in a missing text
-    cfg = make_cfg(tmp_path, {"source": "jsonl", "path": str(ds), "caption": "二次元"})
+    cfg = make_cfg(tmp_path, {"source": "jsonl", "path": str(ds), "caption": "二次元", "allow_external_paths": True})
     ingest.run(cfg, run)
     assert len(check_layout(run, 4)) == 4
 

@@ -78,6 +78,10 @@ class DataConfig(_Section):
     caption: str | None = None
     limit: int | None = Field(None, ge=1)
     synthetic: SyntheticConfig = SyntheticConfig()
+    # Image paths from metadata must resolve inside the dataset's folder; true admits others (absolute paths
+    # listed on purpose). Larger files, and anything but regular files, are rejected at ingest either way.
+    allow_external_paths: bool = False
+    max_image_bytes: int = Field(256 * 2**20, ge=1)
 
     @model_validator(mode="after")
     def _source_needs(self) -> DataConfig:

@@ -45,6 +45,7 @@ class Record:
     path: Path | None = None
     data: bytes | None = None
     name: str | None = None  # the original file name, for the extension of written bytes
+    origin_mode: int | None = None  # st_mode of the file holding `data` (parquet): written no more readable
 
 
 @dataclass
@@ -223,7 +224,11 @@ def _read_parquet(path: Path, image_key: str, text_key: str, caption: str | None
             for batch in pf.iter_batches(batch_size=64, columns=cols):
                 yield from batch.to_pylist()
 
-        yield from rows_to_records(rows(), str(file), file.parent, image_key, text_key)
+        mode = file.stat().st_mode
+        for rec in rows_to_records(rows(), str(file), file.parent, image_key, text_key):
+            if isinstance(rec, Record):
+                rec.origin_mode = mode
+            yield rec
 
 
 # the three uses ---------------------------------------------------------------------------------------------

@@ -41,7 +41,10 @@ from kolora.data_juicer import (  # noqa: F401 - traced_op: part of this module'
     traced_op,
     validate_ops,
 )
+from kolora.decode_check import verify_samples
+from kolora.interrupt import Interrupted, requested
 from kolora.rundir import RunDir, atomic_dir, atomic_write_json, atomic_write_text
+from kolora.safe_paths import copy_no_wider
 
 DJ_SPECIAL_TOKENS = ("<__dj__image>", "<|__dj__eoc|>")
 _TAIL = 64  # bytes read from the end of a file to find the JPEG EOI / PNG IEND marker
@@ -122,6 +125,13 @@ def check_image(path: str | Path) -> ImageCheck:
 
 
 # the stage --------------------------------------------------------------------------------------------------
+def _stop_point(where: str) -> None:
+    """Stop cleanly on a stop request (the job is requeued); the rerun redoes the stage, whose outputs are
+    written only at its end."""
+    if requested() is not None:
+        raise Interrupted(f"filter stopped {where} on {requested()}; run it again to redo the stage")
+
+
 def _strip_tokens(text: str) -> str:
     for tok in DJ_SPECIAL_TOKENS:
         text = text.replace(tok, "")
@@ -151,7 +161,7 @@ def _write_trainset(kept: list[dict[str, Any]], formats: dict[str, str | None], 
             try:
                 os.link(src, train / name)
             except OSError:
-                shutil.copyfile(src, train / name)
+                copy_no_wider(src, train / name)  # a copy is no more readable than its source
             writer.writerow([name, rec["text"]])
         atomic_write_text(train / "metadata.csv", buf.getvalue())
 
@@ -178,7 +188,9 @@ def run(cfg: ExperimentConfig, run: RunDir) -> dict[str, Any]:
     # 1. header pass
     report: dict[str, dict[str, Any]] = {}
     good: list[dict[str, Any]] = []
-    for s in samples:
+    for n, s in enumerate(samples):
+        if n % 256 == 0:
+            _stop_point(f"in the header pass ({n} of {len(samples)} images)")
         image = _first_image(s)
         reason, size, fmt = check_image(image) if image else ImageCheck("no image", None)
         report[s["id"]] = {"id": s["id"], "image": image, "text": s.get("text"), "size": list(size) if size else None,
@@ -187,6 +199,12 @@ def run(cfg: ExperimentConfig, run: RunDir) -> dict[str, Any]:
         if reason is None:
             good.append({"id": s["id"], "text": s["text"], "image": [image]})
     t_header = time.perf_counter() - t0 - t_validate
+
+    # 1b. full decode of what the header pass accepted, over the job's CPUs (kolora.decode_check)
+    t_decode = time.perf_counter()
+    good = verify_samples(good, report)
+    t_decode = time.perf_counter() - t_decode
+    _stop_point("before Data-Juicer")
 
     # 2. Data-Juicer
     kept: list[dict[str, Any]] = []
@@ -214,6 +232,7 @@ def run(cfg: ExperimentConfig, run: RunDir) -> dict[str, Any]:
     else:
         shutil.rmtree(run.filter / "dj", ignore_errors=True)  # no stale Data-Juicer output from an earlier run
     t_dj = time.perf_counter() - t1
+    _stop_point("after Data-Juicer, before writing its outputs")
 
     entries = list(report.values()) + [
         {"id": None, "source": r.get("source"), "image": r.get("image"), "text": r.get("text"), "kept": False,
@@ -230,7 +249,8 @@ def run(cfg: ExperimentConfig, run: RunDir) -> dict[str, Any]:
         "kept": len(kept), "dropped": len(entries) - len(kept), "by_reason": dict(by_reason), "by_op": dict(by_op),
         "ops": [next(iter(op)) for op in cfg.filter.ops], "dj_ops": [next(iter(op)) for op in dj_process(cfg.filter)],
         "executor": cfg.filter.executor, "np": cfg.filter.np,
-        "seconds": {"validate_ops": round(t_validate, 2), "header": round(t_header, 2), "data_juicer": round(t_dj, 2)},
+        "seconds": {"validate_ops": round(t_validate, 2), "header": round(t_header, 2),
+                    "decode": round(t_decode, 2), "data_juicer": round(t_dj, 2)},
     }
     atomic_write_json(run.filter / "report.json", {"summary": summary, "samples": entries})
     atomic_write_text(run.filter / "result.jsonl", "".join(json.dumps(k, ensure_ascii=False) + "\n" for k in kept))

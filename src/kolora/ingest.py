@@ -7,13 +7,15 @@ Outputs (replaced as a whole on every run, so a rerun never mixes old and new fi
 
 Whether an image file is readable is *not* decided here: a sample whose file is missing keeps the path it
 names, and the filter stage's header pass reports it ("missing file"), so every record ends up in the report.
+Which paths may be taken at all is (kolora.safe_paths): inside the dataset root unless
+data.allow_external_paths, regular files only, at most data.max_image_bytes; others go to rejected.jsonl.
+A stop request (kolora.interrupt) ends the stage between records; the rerun redoes it.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import time
 from collections.abc import Iterator
@@ -32,7 +34,9 @@ from kolora.dataset import (
     sample_text,
     sniff_ext,
 )
+from kolora import interrupt
 from kolora.rundir import RunDir, atomic_dir, atomic_write_text
+from kolora.safe_paths import PathGuard, Unsafe, copy_checked, link_checked, write_bytes
 
 OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "MODELSCOPE_OFFLINE", "KOLORA_OFFLINE")
 
@@ -106,31 +110,50 @@ def _ext_for(rec: Record) -> str:
         return ""
 
 
-def _materialise(rec: Record, dst_stem: Path, counts: dict[str, int]) -> Path:
+def _materialise(rec: Record, dst_stem: Path, counts: dict[str, int], guard: PathGuard | None) -> Path:
     """Put the record's image at dst_stem + ext (hard link, else copy, else write bytes); return its path.
-    A source file that cannot be linked or copied (missing, unreadable) is referenced where it is."""
+    `guard` (None: generated images) decides which source paths may be taken (kolora.safe_paths; raises
+    Unsafe). A source file that is missing or cannot be linked or copied is referenced where it is."""
     dst = dst_stem.with_suffix(_ext_for(rec))
     if rec.data is not None:
-        dst.write_bytes(rec.data)
+        if guard is not None:
+            guard.check_size(len(rec.data))
+        write_bytes(dst, rec.data, rec.origin_mode)
         counts["written"] += 1
         return dst
-    src = rec.path.resolve()  # type: ignore[union-attr]
+    if guard is None:
+        src, st = rec.path.resolve(), None  # type: ignore[union-attr]
+    else:
+        src, st = guard.check(rec.path)  # type: ignore[arg-type]
     if src == dst.resolve():
         counts["generated"] += 1
         return dst
-    try:
-        os.link(src, dst)
+    if guard is not None and st is None:
+        counts["referenced"] += 1  # missing: the filter's header pass reports it
+        return src
+    if st is not None and link_checked(src, st, dst):
         counts["linked"] += 1
         return dst
-    except OSError:
-        pass
     try:
-        shutil.copyfile(src, dst)
+        copy_checked(src, st, dst, guard.max_bytes if guard else None)
         counts["copied"] += 1
         return dst
     except OSError:
         counts["referenced"] += 1  # the filter's header pass reports why it cannot be read
         return src
+
+
+def _guard(cfg: ExperimentConfig, run: RunDir) -> PathGuard | None:
+    """The path rules for cfg.data's source (None for generated images): paths stay inside data.path (a
+    file's folder), or the ModelScope cache a hub dataset was loaded into."""
+    d = cfg.data
+    if d.source == "synthetic":
+        return None
+    if d.path is not None:
+        root = d.path if d.path.is_dir() else d.path.parent
+    else:
+        root = Path(os.environ.get("MODELSCOPE_CACHE") or run.root / ".cache" / "modelscope")
+    return PathGuard(Path(os.path.realpath(root)), d.allow_external_paths, d.max_image_bytes)
 
 
 def _records(cfg: ExperimentConfig, work: Path, run: RunDir) -> tuple[Iterator[Record | Rejected], str]:
@@ -155,9 +178,13 @@ def run(cfg: ExperimentConfig, run: RunDir) -> dict[str, Any]:
     with atomic_dir(run.data) as work:
         (work / "images").mkdir()
         records, where = _records(cfg, work, run)
+        guard = _guard(cfg, run)
         samples: list[dict[str, Any]] = []
         rejected: list[dict[str, Any]] = []
-        for rec in records:
+        for n, rec in enumerate(records):
+            if interrupt.requested() is not None:  # nothing is kept: the rerun starts over (outputs are atomic)
+                raise interrupt.Interrupted(f"ingest stopped after {n} records on {interrupt.requested()}; "
+                                            "run it again to redo the stage")
             if isinstance(rec, Rejected):
                 rejected.append({"source": rec.source, "reason": rec.reason, **{k: v for k, v in rec.extra.items()
                                                                                  if v is not None}})
@@ -168,7 +195,12 @@ def run(cfg: ExperimentConfig, run: RunDir) -> dict[str, Any]:
                                  "image": str(rec.path) if rec.path else rec.name})
                 continue
             sid = f"{len(samples):06d}"
-            path = _materialise(rec, work / "images" / sid, counts)
+            try:
+                path = _materialise(rec, work / "images" / sid, counts, guard)
+            except Unsafe as e:
+                rejected.append({"source": rec.source, "reason": str(e),
+                                 "image": str(rec.path) if rec.path else rec.name, "text": text})
+                continue
             samples.append({"id": sid, "text": text, "image": [str(run.data / path.relative_to(work))
                                                                if path.is_relative_to(work) else str(path)]})
             if d.limit and len(samples) >= d.limit:

@@ -67,10 +67,11 @@ STAGES: tuple[Stage, ...] = (
     Stage("ingest", job="filter", where="cpu", after=(),
           inputs=("data.source", "data.dataset_id", "data.subset", "data.split", "data.text_column",
                   "data.image_column", "data.caption", "data.limit", "data.synthetic.count", "data.synthetic.seed",
-                  "data.synthetic.min_side", "data.synthetic.max_side"),
-          content=("data.path",), outputs=("data",), done=_file("data/metadata.jsonl"), stoppable=False),
+                  "data.synthetic.min_side", "data.synthetic.max_side", "data.allow_external_paths",
+                  "data.max_image_bytes"),
+          content=("data.path",), outputs=("data",), done=_file("data/metadata.jsonl"), stoppable=True),
     Stage("filter", job="filter", where="cpu", after=("ingest",), inputs=("filter.ops",), content=(),
-          outputs=("filter", "trainset"), done=_file("trainset/train/metadata.csv"), stoppable=False),
+          outputs=("filter", "trainset"), done=_file("trainset/train/metadata.csv"), stoppable=True),
     Stage("cache", job="train", where="gpu", after=("filter",),
           inputs=("cache.max_sequence_length", "cache.vae_dtype", "train.resolution", "train.center_crop",
                   "train.precision", "train.buckets"), content=MODEL_FIELDS,
@@ -96,7 +97,8 @@ STAGES: tuple[Stage, ...] = (
 # out of its stages' keys, so the runs made before it existed stay complete (no retraining on an upgrade).
 SINCE: dict[str, Any] = {"train.buckets": False, "train.min_snr_gamma": None, "train.noise_offset": 0.0,
                          "train.caption_dropout": 0.0, "train.ema_decay": None, "train.dora": False,
-                         "train.optimizer": "adamw"}
+                         "train.optimizer": "adamw", "data.allow_external_paths": False,
+                         "data.max_image_bytes": 256 * 2**20}
 
 # Fields that never make a stage rerun: the stage they concern ("" = the run) and why no output depends on them.
 OPERATIONAL: dict[str, tuple[str, str]] = {
