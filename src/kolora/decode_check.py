@@ -4,24 +4,28 @@ The header pass (kolora.filter.check_image) judges complete JPEG/PNG files from 
 so a file whose header and end marker are intact but whose pixel data is not decodable passes it; the cache
 stage would then die on it on a GPU node. Here every such image is decoded the way the cache stage decodes
 it (PIL open, load, convert("RGB")) with truncated data an error (PIL's LOAD_TRUNCATED_IMAGES off) and more
-than PIL's MAX_IMAGE_PIXELS a rejection (a decompression bomb is a reason, not a warning), in a process pool
-sized to the job's CPUs. The pool checks the stop flag between chunks (kolora.interrupt).
+than PIL's MAX_IMAGE_PIXELS a rejection (a decompression bomb is a reason, not a warning), in worker
+processes sized to the job's CPUs; the parent checks the stop flag between images
+(kolora.interrupt) and ends the workers on a stop request.
 """
 
 from __future__ import annotations
 
-import multiprocessing
+import json
 import os
+import selectors
 import signal
+import subprocess
+import sys
 import warnings
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from pathlib import Path
 from typing import Any
 
 from kolora import interrupt
 
-CHUNK = 16  # images per pool task: small enough to stop quickly, large enough to amortise the pickling
-SERIAL_BELOW = 2 * CHUNK  # fewer images than this are decoded in this process (a pool costs ~0.3 s to start)
+CHUNK = 16  # at least this many images per worker process (one costs ~0.2 s to start)
+SERIAL_BELOW = 2 * CHUNK  # fewer images than this are decoded in this process
 
 
 def job_cpus() -> int:
@@ -68,14 +72,15 @@ def decode_reason(path: str, max_pixels: int | None) -> str | None:
     return None
 
 
-def _decode_chunk(paths: Sequence[str], max_pixels: int | None) -> list[str | None]:
-    return [decode_reason(p, max_pixels) for p in paths]
-
-
-def _worker_init() -> None:
-    # The stop signals are the parent's to act on (it stops handing out chunks); a worker finishes its chunk.
-    for s in (signal.SIGTERM, signal.SIGUSR2):
-        signal.signal(s, signal.SIG_IGN)
+def _worker_main() -> None:
+    """`python -m kolora.decode_check MAX_PIXELS`: decode the paths of a JSON list on stdin, print one JSON
+    line [index, reason] per image as it is done."""
+    # The stop signals are the parent's to act on (it ends the workers); a worker just decodes.
+    for sig in (signal.SIGTERM, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
+    max_pixels = None if sys.argv[1] == "none" else int(sys.argv[1])
+    for i, path in enumerate(json.load(sys.stdin)):
+        print(json.dumps([i, decode_reason(path, max_pixels)]), flush=True)
 
 
 def _stopped(done: int, total: int) -> interrupt.Interrupted:
@@ -83,13 +88,29 @@ def _stopped(done: int, total: int) -> interrupt.Interrupted:
                                  f"{interrupt.requested()}; run it again to redo the stage")
 
 
+def _start_worker(paths: Sequence[str], max_pixels: int | None) -> subprocess.Popen[str]:
+    # A fresh interpreter, not a fork (the parent may hold threads: Data-Juicer, torch) nor multiprocessing's
+    # spawn (which re-runs the parent's __main__ script).
+    import kolora
+
+    env = dict(os.environ)
+    src = str(Path(kolora.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [env.get("PYTHONPATH")])])
+    proc = subprocess.Popen([sys.executable, "-m", "kolora.decode_check", str(max_pixels or "none")],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    assert proc.stdin is not None
+    proc.stdin.write(json.dumps(list(paths)))  # read whole before the worker prints: no pipe deadlock
+    proc.stdin.close()
+    return proc
+
+
 def verify(paths: Sequence[str], workers: int | None = None,
            progress: Callable[[int, int], None] | None = None) -> list[str | None]:
     """The decode reason of every path (None: decodes), in order; raises interrupt.Interrupted on a stop
-    request. `workers` defaults to the job's CPUs; small inputs are decoded in this process."""
+    request. `workers` (processes) defaults to the job's CPUs; small inputs are decoded in this process."""
     from PIL import Image
 
-    max_pixels = Image.MAX_IMAGE_PIXELS  # read here: a spawned worker would not see a changed value
+    max_pixels = Image.MAX_IMAGE_PIXELS  # the limit in force here is the workers' limit too
     total = len(paths)
     workers = min(workers or job_cpus(), -(-total // CHUNK) or 1)
     reasons: list[str | None] = [None] * total
@@ -99,33 +120,42 @@ def verify(paths: Sequence[str], workers: int | None = None,
                 raise _stopped(i, total)
             reasons[i] = decode_reason(p, max_pixels)
         return reasons
-    # spawn: the parent may hold threads (Data-Juicer, torch) that a fork would copy mid-lock
-    ctx = multiprocessing.get_context("spawn")
-    starts = list(range(0, total, CHUNK))
+    # worker w decodes paths[w::workers]: slow images spread evenly
+    procs = {w: _start_worker(paths[w::workers], max_pixels) for w in range(workers)}
     done = 0
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init) as pool:
-        pending: dict[Future[list[str | None]], int] = {}
-        nxt = 0
-        try:
-            while nxt < len(starts) or pending:
-                while nxt < len(starts) and len(pending) < 2 * workers:  # a bounded window: stop fast
-                    s = starts[nxt]
-                    pending[pool.submit(_decode_chunk, paths[s:s + CHUNK], max_pixels)] = s
-                    nxt += 1
-                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in finished:
-                    s = pending.pop(fut)
-                    chunk = fut.result()
-                    reasons[s:s + len(chunk)] = chunk
-                    done += len(chunk)
+    partial = {w: b"" for w in procs}
+    try:
+        with selectors.DefaultSelector() as sel:
+            for w, proc in procs.items():
+                sel.register(proc.stdout.fileno(), selectors.EVENT_READ, w)  # type: ignore[union-attr]
+            open_ = len(procs)
+            while open_:
+                for key, _ in sel.select(timeout=1.0):
+                    w = key.data
+                    data = os.read(key.fd, 1 << 16)
+                    if not data:
+                        sel.unregister(key.fd)
+                        open_ -= 1
+                        continue
+                    *lines, partial[w] = (partial[w] + data).split(b"\n")
+                    for line in lines:
+                        i, reason = json.loads(line)
+                        reasons[w + i * workers] = reason
+                        done += 1
                 if progress:
                     progress(done, total)
-                if interrupt.requested() is not None and (nxt < len(starts) or pending):
+                if interrupt.requested() is not None and done < total:
                     raise _stopped(done, total)
-        except BaseException:
-            for fut in pending:
-                fut.cancel()
-            raise
+        failed = {w: p.wait() for w, p in procs.items() if p.wait() != 0}
+        if failed or done != total:
+            raise RuntimeError(f"decode verification: worker exit codes {failed}, {done} of {total} images "
+                               "verified (see the job's stderr)")
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            proc.stdout.close()  # type: ignore[union-attr]
     return reasons
 
 
@@ -141,3 +171,7 @@ def verify_samples(good: list[dict[str, Any]], report: dict[str, dict[str, Any]]
         else:
             report[g["id"]].update(reason=reason, stage="decode")
     return kept
+
+
+if __name__ == "__main__":
+    _worker_main()
