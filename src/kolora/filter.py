@@ -189,8 +189,7 @@ def run(cfg: ExperimentConfig, run: RunDir) -> dict[str, Any]:
     report: dict[str, dict[str, Any]] = {}
     good: list[dict[str, Any]] = []
     for n, s in enumerate(samples):
-        if n % 256 == 0:
-            _stop_point(f"in the header pass ({n} of {len(samples)} images)")
+        _stop_point(f"in the header pass ({n} of {len(samples)} images)")
         image = _first_image(s)
         reason, size, fmt = check_image(image) if image else ImageCheck("no image", None)
         report[s["id"]] = {"id": s["id"], "image": image, "text": s.get("text"), "size": list(size) if size else None,
