@@ -79,7 +79,7 @@ def dirty_dataset(root: Path) -> dict[str, str]:
     })
     for name, (_, data) in files.items():
         (root / name).write_bytes(data)
-    # just over MAX_IMAGE_PIXELS (a warning from PIL, so the header pass lets it through) and far over it
+    # just over MAX_IMAGE_PIXELS (only a warning from PIL) and over twice that (an error from PIL)
     Image.new("1", (9500, 9500)).save(root / "bomb.png")
     Image.new("1", (14000, 14000)).save(root / "bigbomb.png")
     kinds = {name: kind for name, (kind, _) in files.items()} | {"bomb.png": "bomb", "bigbomb.png": "bomb"}
@@ -121,8 +121,11 @@ def test_kept_set_equals_an_independent_full_decode(tmp_path: Path, monkeypatch:
     kinds = dirty_dataset(ds)
     cfg = make_cfg(tmp_path, {"source": "folder", "path": str(ds)})
     run = RunDir(tmp_path / "run")
-    ingest.run(cfg, run)
-    summary = kfilter.run(cfg, run)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ingest.run(cfg, run)
+        summary = kfilter.run(cfg, run)
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
 
     expected = {name for name in kinds if decodes_independently(ds / name)}
     assert expected == {n for n, k in kinds.items() if k in ("good", "decodable garbage")}  # the data is as meant
@@ -132,9 +135,10 @@ def test_kept_set_equals_an_independent_full_decode(tmp_path: Path, monkeypatch:
     assert {name for name, e in by_text.items() if e["kept"]} == expected
     assert all(e["reason"] for e in report["samples"] if not e["kept"])
     # the files whose header and end marker are intact were caught by the full decode, not the header pass
-    for name in ("huffman.jpg", "marker.jpg", "idat.png", "bomb.png"):
+    for name in ("huffman.jpg", "marker.jpg", "idat.png"):
         assert by_text[name]["stage"] == "decode", (name, by_text[name])
-    assert by_text["bomb.png"]["reason"].startswith("decompression bomb")
+    for name in ("bomb.png", "bigbomb.png"):  # from the header alone, as a reason (not PIL's warning)
+        assert by_text[name]["reason"].startswith("decompression bomb (Image size"), by_text[name]
     assert "corrupt pixel data" in by_text["idat.png"]["reason"]
     assert summary["seconds"]["decode"] >= 0 and summary["kept"] == len(expected)
     # what reaches the cache stage decodes
@@ -157,13 +161,16 @@ def test_workers_and_serial_agree_and_bombs_are_reasons(tmp_path: Path) -> None:
     assert pooled == serial
     assert [r is None for r in serial] == [decodes_independently(Path(p)) for p in paths]
     assert all(r.startswith("corrupt pixel data") for r in serial[:-1] if r)
+    assert serial[-1] is None
     old = Image.MAX_IMAGE_PIXELS
     try:
-        Image.MAX_IMAGE_PIXELS = 200 * 200  # the limit in force in the parent is the workers' limit too
-        pooled = decode_check.verify(paths, workers=2)
+        for limit in (80_000, 30_000):  # over the limit (PIL warns), over twice the limit (PIL raises)
+            Image.MAX_IMAGE_PIXELS = limit  # the limit in force in the parent is the workers' limit too
+            pooled = decode_check.verify(paths, workers=2)
+            assert pooled == decode_check.verify(paths, workers=1)
+            assert pooled[:-1] == serial[:-1] and pooled[-1].startswith("decompression bomb ("), pooled[-1]
     finally:
         Image.MAX_IMAGE_PIXELS = old
-    assert pooled[:-1] == serial[:-1] and pooled[-1].startswith("decompression bomb (300x300 = 90000 pixels")
 
 
 def test_job_cpus_follow_slurm_then_affinity(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,6 +11,7 @@ processes sized to the job's CPUs; the parent checks the stop flag between image
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import selectors
@@ -18,7 +19,7 @@ import signal
 import subprocess
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,16 @@ def job_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+@contextlib.contextmanager
+def bombs_are_errors() -> Iterator[None]:
+    """PIL's DecompressionBombWarning (more than MAX_IMAGE_PIXELS, less than twice that) raised as an error."""
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        yield
+
+
 def decode_reason(path: str, max_pixels: int | None) -> str | None:
     """Why the image at `path` cannot be decoded as the cache stage decodes it; None when it can."""
     from PIL import Image, ImageFile, UnidentifiedImageError
@@ -46,8 +57,7 @@ def decode_reason(path: str, max_pixels: int | None) -> str | None:
     truncated_ok = ImageFile.LOAD_TRUNCATED_IMAGES  # Data-Juicer sets it process-wide; restored below
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with bombs_are_errors():
             with Image.open(path) as im:
                 w, h = im.size
                 if max_pixels is not None and w * h > max_pixels:
@@ -78,7 +88,9 @@ def _worker_main() -> None:
     # The stop signals are the parent's to act on (it ends the workers); a worker just decodes.
     for sig in (signal.SIGTERM, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
-    max_pixels = None if sys.argv[1] == "none" else int(sys.argv[1])
+    from PIL import Image
+
+    max_pixels = Image.MAX_IMAGE_PIXELS = None if sys.argv[1] == "none" else int(sys.argv[1])
     for i, path in enumerate(json.load(sys.stdin)):
         print(json.dumps([i, decode_reason(path, max_pixels)]), flush=True)
 

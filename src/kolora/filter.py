@@ -41,7 +41,7 @@ from kolora.data_juicer import (  # noqa: F401 - traced_op: part of this module'
     traced_op,
     validate_ops,
 )
-from kolora.decode_check import verify_samples
+from kolora.decode_check import bombs_are_errors, verify_samples
 from kolora.interrupt import Interrupted, requested
 from kolora.rundir import RunDir, atomic_dir, atomic_write_json, atomic_write_text
 from kolora.safe_paths import copy_no_wider
@@ -101,7 +101,7 @@ def check_image(path: str | Path) -> ImageCheck:
     if st.st_size == 0:
         return ImageCheck("empty file", None)
     try:
-        with open(p, "rb") as f, Image.open(f) as im:
+        with bombs_are_errors(), open(p, "rb") as f, Image.open(f) as im:
             size, fmt = im.size, im.format
             if _ends_complete(fmt, f, st.st_size):
                 return ImageCheck(None, size, fmt)
@@ -116,8 +116,8 @@ def check_image(path: str | Path) -> ImageCheck:
             return ImageCheck(None, size, fmt)
     except UnidentifiedImageError:
         return ImageCheck("not an image", None)
-    except Image.DecompressionBombError as e:
-        return ImageCheck(f"too many pixels ({e})", None)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        return ImageCheck(f"decompression bomb ({e})", None)
     except PermissionError as e:
         return ImageCheck(f"unreadable file ({e.strerror})", None)
     except (OSError, SyntaxError, ValueError, EOFError) as e:
