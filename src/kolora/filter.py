@@ -3,6 +3,8 @@
 1. Header pass (PIL, no full decode for complete JPEG/PNG files): missing, unreadable, non-image and truncated
    files are recorded with their reason. Only good samples reach Data-Juicer, which otherwise drops whole
    batches on one bad file and keeps truncated JPEGs (notes/data-juicer.md).
+   Then every image that passed is fully decoded, as the cache stage decodes it, over the job's CPUs
+   (kolora.decode_check): pixel data that does not decode and decompression bombs get their reason too.
 2. Data-Juicer through its Python API with cfg.filter.ops as `process`, `skip_op_error: false` and a tracer
    that logs every dropped sample (`kolora.data_juicer`; Data-Juicer's own RayTracer with the Ray executor), so each
    dropped sample is attributed to the op that dropped it. Its work dir, caches
@@ -11,6 +13,7 @@
    With filter.fast_ops (the default) image_shape_filter / image_aspect_ratio_filter run as kolora's header-only
    ops (kolora.dj_ops: same arguments and stats, same kept samples, no full decode); the report names the ops
    as configured, `summary.dj_ops` what ran.
+   A stop request (kolora.interrupt) ends the stage between images or around Data-Juicer; the rerun redoes it.
 3. Outputs:
      filter/result.jsonl           kept samples, tutorial format {"id", "text", "image": [path]}
      filter/report.json            {"summary", "samples": [every sample and every ingest rejection, with reason]}

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from kolora import interrupt
 from kolora.config import ExperimentConfig
 from kolora.dataset import (
     DatasetError,
@@ -34,7 +35,6 @@ from kolora.dataset import (
     sample_text,
     sniff_ext,
 )
-from kolora import interrupt
 from kolora.rundir import RunDir, atomic_dir, atomic_write_text
 from kolora.safe_paths import PathGuard, Unsafe, copy_checked, link_checked, write_bytes
 
