@@ -6,7 +6,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import random
+import signal
 import warnings
 from pathlib import Path
 from typing import Any
@@ -177,8 +179,6 @@ def test_job_cpus_follow_slurm_then_affinity(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "3")
     assert decode_check.job_cpus() == 3
     monkeypatch.delenv("SLURM_CPUS_PER_TASK")
-    import os
-
     assert decode_check.job_cpus() == len(os.sched_getaffinity(0))
 
 
@@ -200,3 +200,42 @@ def test_verification_stops_on_the_stop_flag(tmp_path: Path) -> None:
     interrupt.request("SIGTERM")
     with pytest.raises(interrupt.Interrupted, match=r"\(0 of"):
         decode_check.verify(paths[:3], workers=1)
+
+
+def _my_workers() -> list[int]:
+    """PIDs of this process's decode workers (children running kolora.decode_check)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmd = (proc / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == os.getpid() and b"kolora.decode_check" in cmd:
+            pids.append(int(proc.name))
+    return pids
+
+
+def test_a_worker_that_dies_costs_one_image_not_the_stage(tmp_path: Path) -> None:
+    """A decoder crash (here: SIGKILL, as from a segfault or the OOM killer) rejects the image the worker was
+    on, with the reason; every other image is still verified."""
+    paths = []
+    for i in range(12 * decode_check.CHUNK):
+        (tmp_path / f"{i}.png").write_bytes(encoded("PNG", i, (96, 96)))
+        paths.append(str(tmp_path / f"{i}.png"))
+    killed: list[int] = []
+
+    def progress(done: int, total: int) -> None:
+        if not killed and done >= 4:
+            pids = _my_workers()
+            if pids:
+                os.kill(pids[0], signal.SIGKILL)
+                killed.append(pids[0])
+
+    reasons = decode_check.verify(paths, workers=2, progress=progress)
+    assert killed
+    crashed = [r for r in reasons if r is not None]
+    assert crashed == ["crashed the decoder (killed by SIGKILL)"]
+    assert not _my_workers()

@@ -6,7 +6,8 @@ stage would then die on it on a GPU node. Here every such image is decoded the w
 it (PIL open, load, convert("RGB")) with truncated data an error (PIL's LOAD_TRUNCATED_IMAGES off) and more
 than PIL's MAX_IMAGE_PIXELS a rejection (a decompression bomb is a reason, not a warning), in worker
 processes sized to the job's CPUs; the parent checks the stop flag between images
-(kolora.interrupt) and ends the workers on a stop request.
+(kolora.interrupt) and ends the workers on a stop request. A worker that dies (a decoder crash, the OOM
+killer) costs the image it was decoding, rejected with that reason; the rest go to new workers.
 """
 
 from __future__ import annotations
@@ -84,13 +85,14 @@ def decode_reason(path: str, max_pixels: int | None) -> str | None:
 
 def _worker_main() -> None:
     """`python -m kolora.decode_check MAX_PIXELS`: decode the paths of a JSON list on stdin, print one JSON
-    line [index, reason] per image as it is done."""
+    line [index, reason] per image as it is done (after a [-1, "ready"] line)."""
     # The stop signals are the parent's to act on (it ends the workers); a worker just decodes.
     for sig in (signal.SIGTERM, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
     from PIL import Image
 
     max_pixels = Image.MAX_IMAGE_PIXELS = None if sys.argv[1] == "none" else int(sys.argv[1])
+    print(json.dumps([-1, "ready"]), flush=True)  # imports done: a death from here on is an image's
     for i, path in enumerate(json.load(sys.stdin)):
         print(json.dumps([i, decode_reason(path, max_pixels)]), flush=True)
 
@@ -116,25 +118,23 @@ def _start_worker(paths: Sequence[str], max_pixels: int | None) -> subprocess.Po
     return proc
 
 
-def verify(paths: Sequence[str], workers: int | None = None,
-           progress: Callable[[int, int], None] | None = None) -> list[str | None]:
-    """The decode reason of every path (None: decodes), in order; raises interrupt.Interrupted on a stop
-    request. `workers` (processes) defaults to the job's CPUs; small inputs are decoded in this process."""
-    from PIL import Image
+def _exit_reason(rc: int) -> str:
+    if rc < 0:
+        try:
+            return f"killed by {signal.Signals(-rc).name}"
+        except ValueError:
+            return f"killed by signal {-rc}"
+    return f"exit status {rc}"
 
-    max_pixels = Image.MAX_IMAGE_PIXELS  # the limit in force here is the workers' limit too
-    total = len(paths)
-    workers = min(workers or job_cpus(), -(-total // CHUNK) or 1)
-    reasons: list[str | None] = [None] * total
-    if workers <= 1 or total < SERIAL_BELOW:
-        for i, p in enumerate(paths):
-            if interrupt.requested() is not None:
-                raise _stopped(i, total)
-            reasons[i] = decode_reason(p, max_pixels)
-        return reasons
-    # worker w decodes paths[w::workers]: slow images spread evenly
+
+def _in_workers(paths: Sequence[str], workers: int, max_pixels: int | None, progress, done0: int,
+                total: int) -> dict[int, str | None]:
+    """Decode `paths` over `workers` processes (worker w takes paths[w::workers]: slow images spread evenly).
+    Returns {index: reason} for every image a worker reported and, for a worker that died (a decoder crash,
+    the OOM killer), the image it was decoding; the images after it are left for another round."""
     procs = {w: _start_worker(paths[w::workers], max_pixels) for w in range(workers)}
-    done = 0
+    got: dict[int, str | None] = {}
+    ready: set[int] = set()
     partial = {w: b"" for w in procs}
     try:
         with selectors.DefaultSelector() as sel:
@@ -152,22 +152,55 @@ def verify(paths: Sequence[str], workers: int | None = None,
                     *lines, partial[w] = (partial[w] + data).split(b"\n")
                     for line in lines:
                         i, reason = json.loads(line)
-                        reasons[w + i * workers] = reason
-                        done += 1
+                        if i < 0:
+                            ready.add(w)
+                        else:
+                            got[w + i * workers] = reason
                 if progress:
-                    progress(done, total)
-                if interrupt.requested() is not None and done < total:
-                    raise _stopped(done, total)
-        failed = {w: p.wait() for w, p in procs.items() if p.wait() != 0}
-        if failed or done != total:
-            raise RuntimeError(f"decode verification: worker exit codes {failed}, {done} of {total} images "
-                               "verified (see the job's stderr)")
+                    progress(done0 + len(got), total)
+                if interrupt.requested() is not None and len(got) < len(paths):
+                    raise _stopped(done0 + len(got), total)
+        for w, proc in procs.items():
+            rc = proc.wait()
+            first = next((j for j in range(w, len(paths), workers) if j not in got), None)
+            if first is None:
+                continue
+            if w not in ready:
+                raise RuntimeError(f"decode verification: a worker process (python -m kolora.decode_check) did "
+                                   f"not start ({_exit_reason(rc)}); its error is in the job's stderr")
+            got[first] = f"crashed the decoder ({_exit_reason(rc)})"
     finally:
         for proc in procs.values():
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
             proc.stdout.close()  # type: ignore[union-attr]
+    return got
+
+
+def verify(paths: Sequence[str], workers: int | None = None,
+           progress: Callable[[int, int], None] | None = None) -> list[str | None]:
+    """The decode reason of every path (None: decodes), in order; raises interrupt.Interrupted on a stop
+    request. `workers` (processes) defaults to the job's CPUs; small inputs are decoded in this process."""
+    from PIL import Image
+
+    max_pixels = Image.MAX_IMAGE_PIXELS  # the limit in force here is the workers' limit too
+    total = len(paths)
+    workers = workers or job_cpus()
+    reasons: list[str | None] = [None] * total
+    if min(workers, -(-total // CHUNK)) <= 1 or total < SERIAL_BELOW:
+        for i, p in enumerate(paths):
+            if interrupt.requested() is not None:
+                raise _stopped(i, total)
+            reasons[i] = decode_reason(p, max_pixels)
+        return reasons
+    todo = list(range(total))
+    while todo:  # each round settles at least one image per worker that died, so this ends
+        got = _in_workers([paths[j] for j in todo], max(1, min(workers, -(-len(todo) // CHUNK))), max_pixels,
+                          progress, total - len(todo), total)
+        for k, reason in got.items():
+            reasons[todo[k]] = reason
+        todo = [j for k, j in enumerate(todo) if k not in got]
     return reasons
 
 
