@@ -18,6 +18,7 @@ from PIL import Image
 from kolora import filter as kfilter
 from kolora import ingest, interrupt, safe_paths
 from kolora.config import validate_config
+from kolora.pipeline import run_stage
 from kolora.rundir import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -209,12 +210,15 @@ def test_ingest_stops_on_the_stop_flag_and_a_rerun_completes(tmp_path: Path, mon
 
     monkeypatch.setattr(ingest, "_materialise", materialise_then_stop)
     with pytest.raises(interrupt.Interrupted, match=r"ingest stopped after 1 records on SIGTERM"):
-        ingest.run(cfg, run)
+        run_stage("ingest", cfg, run)  # as `kolora run` and the Slurm job call it
     assert not run.data.exists() and not list(run.root.glob(".data.*"))  # nothing half-written is left
+    assert json.loads((run.root / "manifest.json").read_text())["stages"]["ingest"]["status"] == "interrupted"
     interrupt.clear()
     monkeypatch.setattr(ingest, "_materialise", real)
-    summary = ingest.run(cfg, run)
+    summary = run_stage("ingest", cfg, run)
     assert summary["samples"] == sum(not why for why in rows.values())
+    assert json.loads((run.root / "manifest.json").read_text())["stages"]["ingest"]["status"] == "complete"
+    assert run_stage("ingest", cfg, run) == {"skipped": True}
 
 
 def test_guard_unit_rules(tmp_path: Path) -> None:
