@@ -231,3 +231,18 @@ def test_guard_unit_rules(tmp_path: Path) -> None:
     assert guard.check(root / "missing.png") == (root / "missing.png", None)
     with pytest.raises(safe_paths.Unsafe, match="outside the dataset root"):
         guard.check(root / ".." / "root-sibling.png")
+
+
+def test_check_dataset_names_the_rows_ingest_would_reject(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kolora.dataset import check_folder
+
+    ds, rows, _ = hostile_dataset(tmp_path, monkeypatch)
+    (ds / "img" / "big.png").unlink()  # under the default cap it would be fine; not this test's point
+    problems = "\n".join(check_folder(ds).problems)
+    for name, why in rows.items():
+        if why and name != "img/big.png":
+            line = next((p for p in problems.splitlines() if f"image {Path(name).expanduser()}" in p
+                         or f"image {ds / name}" in p), "")
+            assert why in line, (name, problems)
+    assert "img/missing.png does not exist" in problems
+    assert "good.png" not in problems and "private.png" not in problems

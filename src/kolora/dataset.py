@@ -326,16 +326,23 @@ def _check_image_head(p: Path, label: str, problems: list[str]) -> bool:
 
 
 def _check_records(d: DataConfig, root: Path, checker, problems: list[str]) -> None:
+    from kolora.safe_paths import PathGuard, Unsafe
+
+    guard = PathGuard(root, allow_external=False, max_bytes=d.max_image_bytes)  # ingest's rules, by default
     found: list[str] = []
     for rec in records(d):
         if isinstance(rec, Rejected):
             found.append(f"{checker.rel(Path(rec.source))}: {rec.reason}")
         elif sample_text(rec.text, d.caption) is None:
             found.append(f"{checker.rel(Path(rec.source))}: no text")
-        elif rec.path is not None and not rec.path.is_file():
-            found.append(f"{checker.rel(Path(rec.source))}: image {rec.path} does not exist")
-        elif rec.path is not None and not rec.path.resolve().is_relative_to(root):  # inside: checked above
-            _check_image_head(rec.path, f"{checker.rel(Path(rec.source))}: {rec.path}", found)
+        elif rec.path is not None:
+            try:
+                _, st = guard.check(rec.path)
+            except Unsafe as e:  # the images inside the folder were checked above
+                found.append(f"{checker.rel(Path(rec.source))}: image {rec.path}: {e}")
+                continue
+            if st is None:
+                found.append(f"{checker.rel(Path(rec.source))}: image {rec.path} does not exist")
     problems += found[:MAX_LISTED]
     if len(found) > MAX_LISTED:
         problems.append(f"... and {len(found) - MAX_LISTED} more records with problems")
