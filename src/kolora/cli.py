@@ -223,7 +223,12 @@ def cmd_status(args) -> int:
     import json
 
     from kolora.launch.monitor import environment_hint, format_status, resolve_run, status
+    from kolora.sweep import find_sweep
 
+    if sweep_dir := find_sweep(args.run, _runs_dir(args)):
+        from kolora.cli_sweep import cmd_sweep_status
+
+        return cmd_sweep_status(args, sweep_dir)
     st = status(resolve_run(args.run, _runs_dir(args)))
     if args.json:
         print(json.dumps(st, indent=2, default=str))
@@ -308,10 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_submit)
 
     def _add_run_arg(p: argparse.ArgumentParser) -> None:
-        p.add_argument("run", help="run name (under --runs-dir) or run directory")
+        p.add_argument("run", help="run name (under --runs-dir) or run directory (status: also a sweep)")
         p.add_argument("--runs-dir", help="where run directories are (default: $KOLORA_RUNS or ./runs)")
 
-    p = sub.add_parser("status", help="Slurm state and progress of every job of a submitted run")
+    p = sub.add_parser("status", help="Slurm state and progress of every job of a submitted run, or of every "
+                                      "variant of a sweep (and the best so far)")
     _add_run_arg(p)
     p.add_argument("--json", action="store_true", help="machine-readable")
     p.set_defaults(func=cmd_status)
@@ -342,6 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_tiny)
     cli_models.register(sub)
+    from kolora import cli_sweep
+
+    cli_sweep.register(sub)
     for command in sub.choices.values():  # -v also after the command: `kolora run X -v`
         command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                              help="show the traceback of an error")
