@@ -229,7 +229,14 @@ def cmd_status(args) -> int:
         from kolora.cli_sweep import cmd_sweep_status
 
         return cmd_sweep_status(args, sweep_dir)
-    st = status(resolve_run(args.run, _runs_dir(args)))
+    run = resolve_run(args.run, _runs_dir(args))
+    if not (run.read_manifest().get("slurm") or {}).get("latest") and not args.json:
+        from kolora.sweep_status import format_local_run
+
+        text, failed = format_local_run(run)
+        print(text)
+        return 1 if failed else 0
+    st = status(run)
     if args.json:
         print(json.dumps(st, indent=2, default=str))
     else:

@@ -136,7 +136,7 @@ def plan(config_file: str | Path, vary_items: list[str], runs_dir: Path, name: s
         except ConfigError as e:
             raise ConfigError(f"variant {vname} ({', '.join(_set_item(f, v) for f, v in own.items())}): "
                               f"{e}") from None
-        variants.append(Variant(vname, own, cfg))
+        variants.append(Variant(vname, {f: field_value(cfg, f) for f in own}, cfg))
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", sweep_name):
         raise ConfigError(f"--name {sweep_name}: a sweep name is letters, digits, '.', '_' and '-'")
     return Sweep(sweep_name, sweep_dir, Path(config_file).resolve(), overrides, vary, variants)

@@ -111,3 +111,19 @@ def format_status(st: dict[str, Any]) -> str:
     if st["sheet"]:
         lines.append(f"sheet: {st['sheet']}")
     return "\n".join(lines)
+
+
+def format_local_run(run: RunDir) -> tuple[str, bool]:
+    """`kolora status RUN` for a run made in process (`kolora run`, an in-process sweep): each stage's state
+    and the progress the run folder shows. Returns (text, failed)."""
+    row = _variant_row(run)
+    stages = ", ".join(f"{s} {v}" for s, v in row["stages"].items())
+    lines = [f"run {run.root.name} ({run.root}), in process (no Slurm submission): {row['state']}",
+             f"stages: {stages}", f"progress: {row['progress'] or '-'}"]
+    score = score_run(run.root.name, run.root)
+    if score.scored or score.final_loss is not None:
+        lines.append(f"result: {score.describe()}")
+    if row["failed"]:
+        f = row["failed"]
+        lines.append(f"FAILED: stage {f['stage']}" + (f": {str(f['error']).splitlines()[0]}" if f.get("error") else ""))
+    return "\n".join(lines), bool(row["failed"])

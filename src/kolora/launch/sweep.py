@@ -104,7 +104,7 @@ def submit_sweep(sweep: Sweep, profile: ClusterProfile, profile_file: Path | Non
     if busy:
         raise LaunchError("variants still have jobs in the queue ("
                           + "; ".join(f"{n}: {' '.join(i)}" for n, i in busy.items())
-                          + f"): wait for them or `kolora cancel` them, or use another --name")
+                          + "): wait for them or `kolora cancel` them, or use another --name")
     stamp = new_stamp()
     folder = (Path(profile.job_folder) / sweep.name if profile.job_folder else sweep.dir / "slurm") / stamp
     python = python_command(profile)
