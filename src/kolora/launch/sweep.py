@@ -173,7 +173,7 @@ def submit_sweep(sweep: Sweep, profile: ClusterProfile, profile_file: Path | Non
         seconds = round(time.perf_counter() - t0, 2)
         submitted = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         for i, v in enumerate(sweep.variants):
-            _record_variant(runs[v.name], stamp, folder, profile, profile_file, python, jobs, task_ids[i],
+            _record_variant(runs[v.name], stamp, folder, configs[v.name], profile, profile_file, python, jobs, task_ids[i],
                             first=v is first, submitted=submitted, cfg_digest=v.cfg.digest())
             claim_for_submission(v.root(sweep.dir), stamp, queued)
     entry = {"stamp": stamp, "folder": str(folder), "profile": profile.name,
@@ -185,7 +185,7 @@ def submit_sweep(sweep: Sweep, profile: ClusterProfile, profile_file: Path | Non
     return entry
 
 
-def _record_variant(run: RunDir, stamp: str, folder: Path, profile: ClusterProfile, profile_file: Path | None,
+def _record_variant(run: RunDir, stamp: str, folder: Path, config_file: Path, profile: ClusterProfile, profile_file: Path | None,
                     python: str, jobs: dict[str, str], task_id: str, first: bool, submitted: str,
                     cfg_digest: str) -> None:
     """The variant's own view of the submission, in the shape `kolora submit` writes: its array task runs
@@ -206,7 +206,7 @@ def _record_variant(run: RunDir, stamp: str, folder: Path, profile: ClusterProfi
         slurm = m.setdefault("slurm", {})
         slurm.setdefault("submissions", {})[stamp] = {
             "submitted": submitted, "profile": profile.name, "profile_file": str(profile_file) if profile_file else None,
-            "folder": str(folder), "config_digest": cfg_digest, "python": python, "jobs": view, "resume": False,
+            "folder": str(folder), "config_file": str(config_file), "config_digest": cfg_digest, "python": python, "jobs": view, "resume": False,
             "sweep": {"name": run.root.parent.name, "jobs": jobs}}
         slurm["latest"] = stamp
         slurm["jobs"] = {job: info["job_id"] for job, info in view.items()}
