@@ -15,8 +15,8 @@ from slurmkit import DEMO, LOCAL, kolora, run_progress, sacct, wait_for
 
 pytestmark = [pytest.mark.slurm]
 
-STEPS = 200
-LONG = ["--set", f"train.steps={STEPS}", "--set", "train.checkpoint_every=20", "--set", "render.steps=2"]
+STEPS = 150
+LONG = ["--set", f"train.steps={STEPS}", "--set", "train.checkpoint_every=10", "--set", "render.steps=2"]
 
 
 def attempts(env, job_id: str) -> list[str]:
@@ -66,7 +66,7 @@ def test_sweep_on_slurm_shares_the_cache_and_survives_preemption(env, tmp_path):
 
         wait_for("the sweep's comparison sheet", sheet_done, state, poll_s=3)
     finally:
-        subprocess.run(["scancel", *jobs.values()], env=env, capture_output=True, timeout=30)
+        kolora(env, "cancel", "sw", "--runs-dir", runs, timeout=60)  # a sweep's jobs, if the test failed
 
     # preempted tasks were requeued and resumed: every step trained exactly once, both runs complete
     requeued = {tid: attempts(env, tid) for tid in task_ids.values()}

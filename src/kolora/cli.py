@@ -269,7 +269,12 @@ def cmd_logs(args) -> int:
 
 def cmd_cancel(args) -> int:
     from kolora.launch.monitor import cancel, resolve_run
+    from kolora.sweep import find_sweep
 
+    if sweep_dir := find_sweep(args.run, _runs_dir(args)):
+        from kolora.cli_sweep import cmd_sweep_cancel
+
+        return cmd_sweep_cancel(sweep_dir)
     run = resolve_run(args.run, _runs_dir(args))
     cancelled, left = cancel(run)
     if not cancelled:
@@ -339,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--follow", action="store_true", help="keep printing as the log grows (tail -F)")
     p.set_defaults(func=cmd_logs)
 
-    p = sub.add_parser("cancel", help="cancel every queued or running job of a run")
+    p = sub.add_parser("cancel", help="cancel every queued or running job of a run (or of a sweep)")
     _add_run_arg(p)
     p.set_defaults(func=cmd_cancel)
 

@@ -85,3 +85,17 @@ def register(subparsers) -> None:
     p.add_argument("--cluster", metavar="PROFILE", help="submit to Slurm with this cluster profile")
     p.add_argument("--force", action="store_true", help="in process: rerun every stage of every variant")
     p.set_defaults(func=cmd_sweep)
+
+
+def cmd_sweep_cancel(sweep_dir: Path) -> int:
+    """Cancel every queued job of the sweep's latest submission (the variants' tasks included)."""
+    from kolora.launch.monitor import scancel, squeue
+    from kolora.sweep import read_manifest
+
+    entry = read_manifest(sweep_dir).get("slurm") or {}
+    ids = list((entry.get("jobs") or {}).values())
+    queued = sorted({r["base"] for r in squeue(ids)})
+    scancel(queued)
+    name = Path(sweep_dir).name
+    print(f"sweep {name}: cancelled {' '.join(queued)}" if queued else f"sweep {name}: no job in the queue")
+    return 0
