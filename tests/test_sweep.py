@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import DEMO as DEMO_PATH
+from test_launch import LOCAL, fake_slurm, sbatch_scripts  # noqa: F401 - fake_slurm is a fixture
 
 from kolora.config import ConfigError
 from kolora.ranking import RunScore, rank
@@ -131,3 +132,54 @@ def test_sweep_in_process_shares_the_cache_and_compares_the_variants(tmp_path, t
     assert main(["sweep", DEMO, "--runs-dir", str(runs), "--set", f"model.path={tiny_diffusers}", *FAST,
                  "--vary", "train.lr=1e-3,3e-3"]) == 0
     assert capsys.readouterr().err.count("complete, skipped") == 12
+
+
+def test_sweep_submission_is_one_graph_with_a_train_array(tmp_path, tiny_diffusers, fake_slurm, capsys):
+    """The Slurm graph, against a fake sbatch (the dev-cluster run is tests/test_sweep_slurm.py)."""
+    from kolora.cli import main
+
+    runs = tmp_path / "runs"
+    assert main(["sweep", DEMO, "--cluster", LOCAL, "--runs-dir", str(runs), "--name", "g",
+                 "--set", f"model.path={tiny_diffusers}", "--vary", "train.lr=1e-3,3e-3",
+                 "--vary", "train.rank=4,8"]) == 0
+    assert "train array 1003 (4 tasks, at most 2 at once)" in capsys.readouterr().out
+    scripts = sbatch_scripts(fake_slurm)
+    assert sorted(scripts) == [1001, 1002, 1003, 1004]  # prep, cache, train array, sheet
+    assert "--dependency" not in scripts[1001] and "#SBATCH --partition=cpu\n" in scripts[1001]
+    assert "#SBATCH --dependency=afterok:1001\n" in scripts[1002] and "#SBATCH --gres=gpu:1\n" in scripts[1002]
+    # a task per variant, at most jobs.render.array_throttle at once, time for training + rendering
+    assert "#SBATCH --array=0-3%2\n" in scripts[1003] and "#SBATCH --dependency=afterok:1002\n" in scripts[1003]
+    assert "#SBATCH --time=60\n" in scripts[1003] and "#SBATCH --gres=gpu:1\n" in scripts[1003]
+    assert "#SBATCH --dependency=afterany:1003\n" in scripts[1004]  # the sheet, also when a variant failed
+    assert all("#SBATCH --requeue\n" in s for s in scripts.values())
+
+    sweep = json.loads((runs / "g" / "sweep.json").read_text())
+    names = [v["name"] for v in sweep["variants"]]
+    assert names == ["lr-1e-3_rank-4", "lr-1e-3_rank-8", "lr-3e-3_rank-4", "lr-3e-3_rank-8"]
+    assert sweep["slurm"]["task_ids"] == {n: f"1003_{i}" for i, n in enumerate(names)}
+    for i, name in enumerate(names):  # each variant records the jobs that run its stages, like `kolora submit`
+        slurm = json.loads((runs / "g" / name / "manifest.json").read_text())["slurm"]
+        sub = slurm["submissions"][slurm["latest"]]
+        assert slurm["jobs"] == ({"filter": "1001"} if i == 0 else {}) | {
+            "train": f"1003_{i}", "render": f"1003_{i}", "grid": f"1003_{i}"}
+        from kolora.config import load_config
+
+        cfg = load_config(sub["config_file"])
+        assert (cfg.name, cfg.train.rank, cfg.cache.dir) == (name, [4, 8][i % 2], runs / "g" / "cache")
+
+    (fake_slurm / "sacct.txt").write_text(
+        "1001|COMPLETED|cpu|0:0|||||\n1002|COMPLETED|gpu|0:0|||||\n1003_0|RUNNING|gpu|0:0|||||\n"
+        "1003_1|RUNNING|gpu|0:0|||||\n1003_[2-3%2]|PENDING|gpu|0:0|||||\n1004|PENDING|cpu|0:0|||||\n")
+    assert main(["status", "g", "--runs-dir", str(runs)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"train +1003_\[0-3\]%2 +RUNNING 2/4, PENDING 2/4", out), out
+    assert re.search(r"lr-1e-3_rank-8 +train.lr=0.001, train.rank=8 +RUNNING", out), out
+    assert re.search(r"lr-3e-3_rank-4 +train.lr=0.003, train.rank=4 +PENDING", out), out
+
+    # cancelling one variant cancels its own array task, not the others'; cancelling the sweep, all of it
+    (fake_slurm / "squeue.txt").write_text("1003_1|RUNNING|gpu|None\n")
+    assert main(["cancel", "g/lr-1e-3_rank-8", "--runs-dir", str(runs)]) == 0
+    assert (fake_slurm / "scancel.log").read_text().split() == ["1003_1"]
+    (fake_slurm / "squeue.txt").write_text("1003_2|PENDING|gpu|None\n1004|PENDING|cpu|Dependency\n")
+    assert main(["cancel", "g", "--runs-dir", str(runs)]) == 0
+    assert (fake_slurm / "scancel.log").read_text().split()[1:] == ["1003", "1004"]

@@ -125,5 +125,6 @@ def format_local_run(run: RunDir) -> tuple[str, bool]:
         lines.append(f"result: {score.describe()}")
     if row["failed"]:
         f = row["failed"]
-        lines.append(f"FAILED: stage {f['stage']}" + (f": {str(f['error']).splitlines()[0]}" if f.get("error") else ""))
+        error = f": {str(f['error']).splitlines()[0]}" if f.get("error") else ""
+        lines.append(f"FAILED: stage {f['stage']}{error}")
     return "\n".join(lines), bool(row["failed"])

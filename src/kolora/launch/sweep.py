@@ -84,9 +84,8 @@ def array_throttle(profile: ClusterProfile) -> int:
 
 
 def _params(plan, name: str, **changes: Any) -> dict[str, Any]:
-    params = {**plan.params, "job_name": name, **changes}
-    params.pop("array_parallelism", None)
-    return params
+    inherited = {k: v for k, v in plan.params.items() if k != "array_parallelism"}  # render's, not ours
+    return {**inherited, "job_name": name, **changes}
 
 
 def submit_sweep(sweep: Sweep, profile: ClusterProfile, profile_file: Path | None = None) -> dict[str, Any]:
@@ -171,23 +170,22 @@ def submit_sweep(sweep: Sweep, profile: ClusterProfile, profile_file: Path | Non
                 f"; cancelled the jobs already queued ({' '.join(queued)})" if queued else "")) from e
 
         seconds = round(time.perf_counter() - t0, 2)
-        submitted = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-        for i, v in enumerate(sweep.variants):
-            _record_variant(runs[v.name], stamp, folder, configs[v.name], profile, profile_file, python, jobs, task_ids[i],
-                            first=v is first, submitted=submitted, cfg_digest=v.cfg.digest())
+        common = {"submitted": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "profile": profile.name,
+                  "profile_file": str(profile_file) if profile_file else None, "folder": str(folder),
+                  "python": python, "resume": False}
+        for v, task_id in zip(sweep.variants, task_ids, strict=True):
+            _record_variant(runs[v.name], stamp, {**common, "config_file": str(configs[v.name]),
+                                                  "config_digest": v.cfg.digest()}, jobs, task_id, v is first)
             claim_for_submission(v.root(sweep.dir), stamp, queued)
-    entry = {"stamp": stamp, "folder": str(folder), "profile": profile.name,
-             "profile_file": str(profile_file) if profile_file else None, "submitted": submitted,
-             "submit_s": seconds, "jobs": jobs, "task_ids": dict(zip([v.name for v in sweep.variants], task_ids,
-                                                                      strict=True)),
+    entry = {"stamp": stamp, **common, "submit_s": seconds, "jobs": jobs,
+             "task_ids": {v.name: t for v, t in zip(sweep.variants, task_ids, strict=True)},
              "throttle": array_throttle(profile), "train_time": format_minutes(train_time)}
     write_manifest(sweep, launcher="slurm", slurm=entry)
     return entry
 
 
-def _record_variant(run: RunDir, stamp: str, folder: Path, config_file: Path, profile: ClusterProfile, profile_file: Path | None,
-                    python: str, jobs: dict[str, str], task_id: str, first: bool, submitted: str,
-                    cfg_digest: str) -> None:
+def _record_variant(run: RunDir, stamp: str, common: dict[str, Any], jobs: dict[str, str], task_id: str,
+                    first: bool) -> None:
     """The variant's own view of the submission, in the shape `kolora submit` writes: its array task runs
     its train, render and grid (and everything after); the first variant's prep/cache jobs ran the shared
     stages (other variants adopt them inside their task)."""
@@ -205,8 +203,6 @@ def _record_variant(run: RunDir, stamp: str, folder: Path, config_file: Path, pr
     with run.manifest() as m:
         slurm = m.setdefault("slurm", {})
         slurm.setdefault("submissions", {})[stamp] = {
-            "submitted": submitted, "profile": profile.name, "profile_file": str(profile_file) if profile_file else None,
-            "folder": str(folder), "config_file": str(config_file), "config_digest": cfg_digest, "python": python, "jobs": view, "resume": False,
-            "sweep": {"name": run.root.parent.name, "jobs": jobs}}
+            **common, "jobs": view, "sweep": {"name": run.root.parent.name, "jobs": jobs}}
         slurm["latest"] = stamp
         slurm["jobs"] = {job: info["job_id"] for job, info in view.items()}
