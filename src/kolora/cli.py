@@ -223,8 +223,20 @@ def cmd_status(args) -> int:
     import json
 
     from kolora.launch.monitor import environment_hint, format_status, resolve_run, status
+    from kolora.sweep import find_sweep
 
-    st = status(resolve_run(args.run, _runs_dir(args)))
+    if sweep_dir := find_sweep(args.run, _runs_dir(args)):
+        from kolora.cli_sweep import cmd_sweep_status
+
+        return cmd_sweep_status(args, sweep_dir)
+    run = resolve_run(args.run, _runs_dir(args))
+    if not (run.read_manifest().get("slurm") or {}).get("latest") and not args.json:
+        from kolora.sweep_status import format_local_run
+
+        text, failed = format_local_run(run)
+        print(text)
+        return 1 if failed else 0
+    st = status(run)
     if args.json:
         print(json.dumps(st, indent=2, default=str))
     else:
@@ -257,7 +269,12 @@ def cmd_logs(args) -> int:
 
 def cmd_cancel(args) -> int:
     from kolora.launch.monitor import cancel, resolve_run
+    from kolora.sweep import find_sweep
 
+    if sweep_dir := find_sweep(args.run, _runs_dir(args)):
+        from kolora.cli_sweep import cmd_sweep_cancel
+
+        return cmd_sweep_cancel(sweep_dir)
     run = resolve_run(args.run, _runs_dir(args))
     cancelled, left = cancel(run)
     if not cancelled:
@@ -308,10 +325,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_submit)
 
     def _add_run_arg(p: argparse.ArgumentParser) -> None:
-        p.add_argument("run", help="run name (under --runs-dir) or run directory")
+        p.add_argument("run", help="run name (under --runs-dir) or run directory (status: also a sweep)")
         p.add_argument("--runs-dir", help="where run directories are (default: $KOLORA_RUNS or ./runs)")
 
-    p = sub.add_parser("status", help="Slurm state and progress of every job of a submitted run")
+    p = sub.add_parser("status", help="Slurm state and progress of every job of a submitted run, or of every "
+                                      "variant of a sweep (and the best so far)")
     _add_run_arg(p)
     p.add_argument("--json", action="store_true", help="machine-readable")
     p.set_defaults(func=cmd_status)
@@ -326,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--follow", action="store_true", help="keep printing as the log grows (tail -F)")
     p.set_defaults(func=cmd_logs)
 
-    p = sub.add_parser("cancel", help="cancel every queued or running job of a run")
+    p = sub.add_parser("cancel", help="cancel every queued or running job of a run (or of a sweep)")
     _add_run_arg(p)
     p.set_defaults(func=cmd_cancel)
 
@@ -342,6 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_tiny)
     cli_models.register(sub)
+    from kolora import cli_sweep
+
+    cli_sweep.register(sub)
     for command in sub.choices.values():  # -v also after the command: `kolora run X -v`
         command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                              help="show the traceback of an error")

@@ -190,7 +190,7 @@ def progress(run: RunDir, sub: dict[str, Any], manifest: dict[str, Any]) -> dict
     status = {s: (stages.get(s) or {}).get("status", "-") for s in NAMES}
     job_stages = jobs()
     try:
-        cfg = load_config(Path(sub["folder"]) / "config.yaml")
+        cfg = load_config(sub.get("config_file") or Path(sub["folder"]) / "config.yaml")  # a sweep's: per variant
     except (ConfigError, OSError):
         cfg = None
     out: dict[str, dict[str, Any]] = {}
@@ -341,13 +341,18 @@ def cancel(run: RunDir, wait_s: float = 30) -> tuple[list[str], list[str]]:
     Returns (cancelled ids, ids still in the queue after wait_s)."""
     manifest = run.read_manifest()
     ids = all_job_ids(manifest)
-    queued = sorted({r["base"] for r in squeue(ids)})
+
+    def queued_of(wanted: list[str]) -> list[str]:  # a sweep variant's own array task, not its whole array
+        return sorted({r["base"] if r["base"] in wanted else r["JobID"] for r in squeue(wanted)
+                       if r["base"] in wanted or r["JobID"] in wanted})
+
+    queued = queued_of(ids)
     scancel(queued)
     deadline = time.monotonic() + wait_s
     left = queued
     while left and time.monotonic() < deadline:
         time.sleep(0.5)
-        left = sorted({r["base"] for r in squeue(left)})
+        left = queued_of(left)
     if queued:
         with run.manifest() as m:
             stamp = (m.get("slurm") or {}).get("latest")

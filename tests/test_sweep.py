@@ -1,0 +1,185 @@
+"""`kolora sweep` in process: the product of --vary values as normal run folders, ingest/filter/cache run once
+(the second variant adopts them: cache encoded=0), a self-contained sweep.html + sweep.png that ranks the
+variants, and `kolora status` per sweep and per variant."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from conftest import DEMO as DEMO_PATH
+from test_launch import LOCAL, fake_slurm, sbatch_scripts  # noqa: F401 - fake_slurm is a fixture
+
+from kolora.config import ConfigError
+from kolora.ranking import RunScore, rank
+from kolora.sweep import parse_vary, plan, variant_names
+
+DEMO = str(DEMO_PATH)
+FAST = ["--set", "train.steps=6", "--set", "train.checkpoint_every=3", "--set", "render.steps=2"]
+
+
+def test_vary_is_the_cartesian_product_in_order():
+    vary = parse_vary(["train.lr=1e-4,3e-4", "train.rank=8,16"])
+    assert vary == {"train.lr": ["1e-4", "3e-4"], "train.rank": [8, 16]}  # YAML scalars, like --set
+    names = [n for n, _ in variant_names(vary)]
+    assert names == ["lr-1e-4_rank-8", "lr-1e-4_rank-16", "lr-3e-4_rank-8", "lr-3e-4_rank-16"]
+    # two varied fields with the same last part are named by their whole path
+    assert [n for n, _ in variant_names({"seed": [1], "train.seed": [2]})] == ["seed-1_train-seed-2"]
+    assert parse_vary(["train.target_modules=[[to_q], [to_k, to_v]]"]) == {
+        "train.target_modules": [["to_q"], ["to_k", "to_v"]]}
+
+
+@pytest.mark.parametrize("items, message", [
+    (["train.lr"], "expected FIELD=V1,V2"),
+    (["train.lr=1e-3,1e-3"], "repeated"),
+    (["train.lr=1e-3", "train.lr=2e-3"], "varied twice"),
+    ([], "at least one --vary"),
+])
+def test_bad_vary_names_the_argument(items, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_vary(items)
+
+
+def test_unknown_field_or_bad_value_names_the_variant(tmp_path, tiny_diffusers):
+    base = ["model.path=" + str(tiny_diffusers)]
+    with pytest.raises(ConfigError, match="no config field train.learning_rate"):
+        plan(DEMO, ["train.learning_rate=1,2"], tmp_path, overrides=base)
+    with pytest.raises(ConfigError, match=r"variant rank-0 \(train.rank=0\)"):
+        plan(DEMO, ["train.rank=4,0"], tmp_path, overrides=base)
+
+
+def test_ranking_contract():
+    def s(name, aesthetic=None, clip=None, loss=None):
+        return RunScore(name, Path(name), aesthetic=aesthetic, clip=clip, final_loss=loss, step=1 if loss else None)
+
+    ranked = rank([s("none"), s("loss-high", loss=0.9), s("scored-low", 4.0, 0.30, 0.1), s("loss-low", loss=0.2),
+                   s("scored-tie-better-clip", 5.0, 0.31, 0.5), s("scored-tie", 5.0, 0.28, 0.05)])
+    assert [r.name for r in ranked] == ["scored-tie-better-clip", "scored-tie", "scored-low", "loss-low",
+                                        "loss-high", "none"]
+
+
+def _write_scores(run: Path, aesthetic: float, clip: float) -> None:
+    (run / "eval").mkdir(exist_ok=True)
+    (run / "eval" / "scores.json").write_text(json.dumps({
+        "models": {"clip": "tiny", "aesthetic": "tiny"}, "tiles": [],
+        "summary": {"clip": {"lora": clip, "base": 0.2}, "aesthetic": {"lora": aesthetic, "base": 4.0}}}))
+
+
+def test_sweep_in_process_shares_the_cache_and_compares_the_variants(tmp_path, tiny_diffusers, capsys):
+    from kolora.cli import main
+
+    runs = tmp_path / "runs"
+    rc = main(["sweep", DEMO, "--runs-dir", str(runs), "--set", f"model.path={tiny_diffusers}", *FAST,
+               "--vary", "train.lr=1e-3,3e-3"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err[-3000:]
+    sweep = runs / "demo-sweep"
+    manifest = json.loads((sweep / "sweep.json").read_text())
+    assert [(v["name"], v["overrides"]) for v in manifest["variants"]] == [
+        ("lr-1e-3", {"train.lr": 0.001}), ("lr-3e-3", {"train.lr": 0.003})]
+    first, second = sweep / "lr-1e-3", sweep / "lr-3e-3"
+    for run in (first, second):  # two complete, normal runs
+        assert (run / "lora" / "pytorch_lora_weights.safetensors").is_file() and (run / "grid.png").is_file()
+        assert json.loads((run / "manifest.json").read_text())["name"] == run.name
+    assert (first / "lora" / "pytorch_lora_weights.safetensors").read_bytes() != \
+        (second / "lora" / "pytorch_lora_weights.safetensors").read_bytes()
+
+    # ingest/filter/cache ran once: the second variant's are hard links to the first's, nothing encoded twice
+    cache = [json.loads((r / "manifest.json").read_text())["stages"]["cache"]["summary"] for r in (first, second)]
+    assert cache[0]["encoded"] > 0 and cache[1]["encoded"] == 0
+    assert cache[1]["reused"] == cache[0]["encoded"] + cache[0]["reused"]
+    meta = Path("trainset/train/metadata.csv")
+    assert (first / meta).stat().st_ino == (second / meta).stat().st_ino
+    assert json.loads((second / "cache" / "index.json").read_text())["store"] == str(sweep / "cache")
+
+    # the sheet: both variants, images embedded, nothing fetched from elsewhere
+    page = (sweep / "sweep.html").read_text()
+    assert "lr-1e-3" in page and "lr-3e-3" in page
+    assert len(re.findall(r'<img [^>]*src="data:image/png;base64,', page)) == 3  # loss curves + 2 grids
+    assert not re.search(r'(src|href)="(?!data:)', page)
+    assert (sweep / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # status of the sweep: each variant, and the best by final loss while no variant has scores
+    assert main(["status", "demo-sweep", "--runs-dir", str(runs)]) == 0
+    text = capsys.readouterr().out
+    assert re.search(r"lr-1e-3 +train.lr=0.001 +complete .*cache encoded [1-9]", text), text
+    assert re.search(r"lr-3e-3 +train.lr=0.003 +complete .*cache encoded 0, reused", text), text
+    losses = {r.name: json.loads((r / "manifest.json").read_text())["stages"]["train"]["summary"]["last_loss"]
+              for r in (first, second)}
+    best = min(losses, key=losses.get)
+    assert f"best so far (by final training loss (no scores yet)): {best}:" in text
+
+    # scores (the evaluate stage's eval/scores.json) rank before losses: the scored variant is best
+    worst = max(losses, key=losses.get)
+    _write_scores(sweep / worst, aesthetic=5.5, clip=0.3)
+    from kolora.sweep import write_sheet
+
+    write_sheet(sweep)
+    assert main(["status", "demo-sweep", "--runs-dir", str(runs)]) == 0
+    assert f"best so far (by scores): {worst}: aesthetic 5.5, clip 0.3" in capsys.readouterr().out
+    first_row = re.search(r'<tbody><tr><td>1</td><td>([^<]+)</td>', (sweep / "sweep.html").read_text())
+    assert first_row and first_row.group(1) == worst
+
+    # every variant is a normal run: status and export work on it
+    assert main(["status", str(second)]) == 0
+    assert "cache encoded 0, reused" in capsys.readouterr().out
+    assert main(["export", str(second), "--format", "kohya", "--to", str(tmp_path / "k.safetensors")]) == 0
+    assert (tmp_path / "k.safetensors").is_file()
+
+    # a second sweep of the same config does nothing again
+    assert main(["sweep", DEMO, "--runs-dir", str(runs), "--set", f"model.path={tiny_diffusers}", *FAST,
+                 "--vary", "train.lr=1e-3,3e-3"]) == 0
+    assert capsys.readouterr().err.count("complete, skipped") == 12
+
+
+def test_sweep_submission_is_one_graph_with_a_train_array(tmp_path, tiny_diffusers, fake_slurm, capsys):
+    """The Slurm graph, against a fake sbatch (the dev-cluster run is tests/test_sweep_slurm.py)."""
+    from kolora.cli import main
+
+    runs = tmp_path / "runs"
+    assert main(["sweep", DEMO, "--cluster", LOCAL, "--runs-dir", str(runs), "--name", "g",
+                 "--set", f"model.path={tiny_diffusers}", "--vary", "train.lr=1e-3,3e-3",
+                 "--vary", "train.rank=4,8"]) == 0
+    assert "train array 1003 (4 tasks, at most 2 at once)" in capsys.readouterr().out
+    scripts = sbatch_scripts(fake_slurm)
+    assert sorted(scripts) == [1001, 1002, 1003, 1004]  # prep, cache, train array, sheet
+    assert "--dependency" not in scripts[1001] and "#SBATCH --partition=cpu\n" in scripts[1001]
+    assert "#SBATCH --dependency=afterok:1001\n" in scripts[1002] and "#SBATCH --gres=gpu:1\n" in scripts[1002]
+    # a task per variant, at most jobs.render.array_throttle at once, time for training + rendering
+    assert "#SBATCH --array=0-3%2\n" in scripts[1003] and "#SBATCH --dependency=afterok:1002\n" in scripts[1003]
+    assert "#SBATCH --time=60\n" in scripts[1003] and "#SBATCH --gres=gpu:1\n" in scripts[1003]
+    assert "#SBATCH --dependency=afterany:1003\n" in scripts[1004]  # the sheet, also when a variant failed
+    assert all("#SBATCH --requeue\n" in s for s in scripts.values())
+
+    sweep = json.loads((runs / "g" / "sweep.json").read_text())
+    names = [v["name"] for v in sweep["variants"]]
+    assert names == ["lr-1e-3_rank-4", "lr-1e-3_rank-8", "lr-3e-3_rank-4", "lr-3e-3_rank-8"]
+    assert sweep["slurm"]["task_ids"] == {n: f"1003_{i}" for i, n in enumerate(names)}
+    for i, name in enumerate(names):  # each variant records the jobs that run its stages, like `kolora submit`
+        slurm = json.loads((runs / "g" / name / "manifest.json").read_text())["slurm"]
+        sub = slurm["submissions"][slurm["latest"]]
+        assert slurm["jobs"] == ({"filter": "1001"} if i == 0 else {}) | {
+            "train": f"1003_{i}", "render": f"1003_{i}", "grid": f"1003_{i}"}
+        from kolora.config import load_config
+
+        cfg = load_config(sub["config_file"])
+        assert (cfg.name, cfg.train.rank, cfg.cache.dir) == (name, [4, 8][i % 2], runs / "g" / "cache")
+
+    (fake_slurm / "sacct.txt").write_text(
+        "1001|COMPLETED|cpu|0:0|||||\n1002|COMPLETED|gpu|0:0|||||\n1003_0|RUNNING|gpu|0:0|||||\n"
+        "1003_1|RUNNING|gpu|0:0|||||\n1003_[2-3%2]|PENDING|gpu|0:0|||||\n1004|PENDING|cpu|0:0|||||\n")
+    assert main(["status", "g", "--runs-dir", str(runs)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"train +1003_\[0-3\]%2 +RUNNING 2/4, PENDING 2/4", out), out
+    assert re.search(r"lr-1e-3_rank-8 +train.lr=0.001, train.rank=8 +RUNNING", out), out
+    assert re.search(r"lr-3e-3_rank-4 +train.lr=0.003, train.rank=4 +PENDING", out), out
+
+    # cancelling one variant cancels its own array task, not the others'; cancelling the sweep, all of it
+    (fake_slurm / "squeue.txt").write_text("1003_1|RUNNING|gpu|None\n")
+    assert main(["cancel", "g/lr-1e-3_rank-8", "--runs-dir", str(runs)]) == 0
+    assert (fake_slurm / "scancel.log").read_text().split() == ["1003_1"]
+    (fake_slurm / "squeue.txt").write_text("1003_2|PENDING|gpu|None\n1004|PENDING|cpu|Dependency\n")
+    assert main(["cancel", "g", "--runs-dir", str(runs)]) == 0
+    assert (fake_slurm / "scancel.log").read_text().split()[1:] == ["1003", "1004"]
