@@ -6,7 +6,10 @@ exactly the same training (notes/kolors-model.md) while ChatGLM3-6B (12.5 GB fp1
 
 Layout: STORE/text/<sha256>.safetensors (prompt_embeds [seq, 4096], pooled [4096]),
         STORE/latents/<sha256>.safetensors (latents [4, h/8, w/8], already scaled by the VAE's factor),
-        <run>/cache/index.json (one entry per training sample → its two keys and its add_time_ids, and STORE).
+        <run>/cache/index.json (one entry per training sample → its two keys and its add_time_ids, and STORE),
+        <run>/cache/report.json (the samples whose image could not be read or decoded, with the reason).
+The work is sharded over the train job's ranks and journaled batch by batch (kolora.cache_shards): a stop
+loses at most the batch in flight, and the next attempt encodes only what the journal lacks.
 With train.buckets each image's latents are at its aspect-ratio bucket's size (kolora.buckets), its entry
 names the bucket, and its add_time_ids are that sample's original size, crop and target.
 STORE is cache.dir (a lab folder shared by runs) or <run>/cache. Keys hash the content *and* what produced
@@ -22,7 +25,7 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from kolora import buckets, fingerprint
+from kolora import buckets
 from kolora.config import ExperimentConfig
 from kolora.errors import RunFailure
 from kolora.rundir import RunDir, atomic_path
