@@ -89,9 +89,11 @@ def test_a_stopped_cache_continues_from_its_journal(demo_run, tmp_path):
     assert _index(run)["entries"] == reference
 
 
-def test_an_image_corrupted_after_the_filter_is_skipped_with_its_reason(demo_run, tmp_path):
+@pytest.mark.parametrize("bucketed", [False, True], ids=["square", "buckets"])
+def test_an_image_corrupted_after_the_filter_is_skipped_with_its_reason(demo_run, tmp_path, bucketed):
     run = _copy(demo_run, tmp_path)
     cfg = _fresh_cache(run, tmp_path)
+    cfg.train.buckets = bucketed  # buckets read each image's header first: a garbage file fails there
     images = run.trainset / "train"
     entries = _index(run)["entries"]
     truncated, garbage, deleted = (entries[i]["file_name"] for i in (1, 4, 7))
@@ -104,7 +106,8 @@ def test_an_image_corrupted_after_the_filter_is_skipped_with_its_reason(demo_run
     reasons = {row["image"]: row["reason"] for row in report["skipped"]}
     assert set(reasons) == {truncated, garbage, deleted}
     assert reasons[truncated].startswith("does not decode: OSError") and "truncated" in reasons[truncated]
-    assert reasons[garbage].startswith("does not decode: UnidentifiedImageError")
+    assert reasons[garbage].startswith(("cannot be read" if bucketed else "does not decode") +
+                                       ": UnidentifiedImageError")
     assert reasons[deleted].startswith("cannot be read: FileNotFoundError")
     assert (report["samples"], report["cached"]) == (len(entries), len(entries) - 3)
     assert summary["skipped"] == 3 and summary["samples"] == len(entries) - 3
