@@ -23,7 +23,7 @@ from slurmkit import LOCAL, kolora, run_progress, sacct, submit, wait_for
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("cancel_leftovers")]
 
 # Small batches of larger images: the cache lasts many batches, so the stop lands in the middle of it.
-CACHE = ["--set", "data.synthetic.count=96", "--set", "cache.batch_size=2", "--set", "train.resolution=256",
+CACHE = ["--set", "data.synthetic.count=96", "--set", "cache.batch_size=2", "--set", "train.resolution=512",
          "--set", "train.steps=4", "--set", "train.checkpoint_every=2"]
 
 
@@ -83,16 +83,17 @@ def test_time_limit_during_the_cache_requeues_and_the_cache_continues(env, tmp_p
         states = [r["State"] for r in sacct(env, [job])]
         if any(s.startswith(("FAILED", "CANCELLED", "TIMEOUT")) for s in states):
             pytest.fail(f"train job {job} ended {states}:\n{_log(run, job)[-3000:]}")
-        return (run / "lora" / "pytorch_lora_weights.safetensors").is_file()
+        return (run / ".complete" / "train.json").is_file()
 
     wait_for("training after the requeue", trained, lambda: (sacct(env, [job]), run_progress(run)))
     kolora(env, "cancel", "cache-limit", "--runs-dir", runs, timeout=60)  # render and grid are not the point
 
     log = _log(run, job)
-    assert "cache rank 0: stopped (SIGUSR2)" in log and "time limit" in log and "requeued job" in log, log[-3000:]
+    assert "cache rank 0: stopped (SIGUSR2)" in log and "stage checkpointed after time limit" in log, log[-3000:]
     assert max(json.loads((run / "slurm" / "timeouts.json").read_text()).values()) == 1
     train = [a for a in _attempts(run) if a["job"].split("/")[1] == "train"]
     assert len(train) >= 2 and train[0]["exit"] == 75 and "cache" not in train[0]["progress_after"]["complete"]
+    assert train[1]["restart"] == 1 and train[1]["slurm_job"] == job  # the same job, requeued
     assert train[0]["progress_after"]["cache_entries"] > train[0]["progress_before"]["cache_entries"]
     manifest = json.loads((run / "manifest.json").read_text())
     summary = manifest["stages"]["cache"]["summary"]
