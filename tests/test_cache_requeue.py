@@ -83,7 +83,7 @@ def test_time_limit_during_the_cache_requeues_and_the_cache_continues(env, tmp_p
         states = [r["State"] for r in sacct(env, [job])]
         if any(s.startswith(("FAILED", "CANCELLED", "TIMEOUT")) for s in states):
             pytest.fail(f"train job {job} ended {states}:\n{_log(run, job)[-3000:]}")
-        return (run / ".complete" / "train.json").is_file()
+        return states == ["COMPLETED"]  # the requeued attempt finished cache and training
 
     wait_for("training after the requeue", trained, lambda: (sacct(env, [job]), run_progress(run)))
     kolora(env, "cancel", "cache-limit", "--runs-dir", runs, timeout=60)  # render and grid are not the point
@@ -93,7 +93,7 @@ def test_time_limit_during_the_cache_requeues_and_the_cache_continues(env, tmp_p
     assert max(json.loads((run / "slurm" / "timeouts.json").read_text()).values()) == 1
     train = [a for a in _attempts(run) if a["job"].split("/")[1] == "train"]
     assert len(train) >= 2 and train[0]["exit"] == 75 and "cache" not in train[0]["progress_after"]["complete"]
-    assert train[1]["restart"] == 1 and train[1]["slurm_job"] == job  # the same job, requeued
+    assert train[1]["restart"] == 1 and train[1]["slurm_job"] == job and train[-1]["exit"] == 0  # requeued, done
     assert train[0]["progress_after"]["cache_entries"] > train[0]["progress_before"]["cache_entries"]
     manifest = json.loads((run / "manifest.json").read_text())
     summary = manifest["stages"]["cache"]["summary"]
