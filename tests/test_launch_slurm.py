@@ -150,5 +150,8 @@ def test_multi_gpu_training_runs_ddp_under_srun(env: dict[str, str], tmp_path: P
     for rank in (0, 1):
         log = (Path(sub["folder"]) / f"{ids['train']}_{rank}_log.err").read_text()
         assert f"train rank {rank}: DDP process group gloo, rank {rank} of world 2" in log
+    # the cache ran on both ranks, each on its shard; rank 0 merged them
+    assert "cache rank 1: {'rank': 1, 'world': 2" in (Path(sub["folder"]) / f"{ids['train']}_1_log.err").read_text()
+    assert manifest["stages"]["cache"]["summary"]["ranks"] == 2
     assert sorted(p.name for p in (runs / "ddp" / "train" / "checkpoints").glob("*.ckpt"))[-1] == "step=000006.ckpt"
     assert not squeue(env, list(ids.values()))

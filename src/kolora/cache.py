@@ -6,7 +6,10 @@ exactly the same training (notes/kolors-model.md) while ChatGLM3-6B (12.5 GB fp1
 
 Layout: STORE/text/<sha256>.safetensors (prompt_embeds [seq, 4096], pooled [4096]),
         STORE/latents/<sha256>.safetensors (latents [4, h/8, w/8], already scaled by the VAE's factor),
-        <run>/cache/index.json (one entry per training sample → its two keys and its add_time_ids, and STORE).
+        <run>/cache/index.json (one entry per training sample → its two keys and its add_time_ids, and STORE),
+        <run>/cache/report.json (the samples whose image could not be read or decoded, with the reason).
+The work is sharded over the train job's ranks and journaled batch by batch (kolora.cache_shards): a stop
+loses at most the batch in flight, and the next attempt encodes only what the journal lacks.
 With train.buckets each image's latents are at its aspect-ratio bucket's size (kolora.buckets), its entry
 names the bucket, and its add_time_ids are that sample's original size, crop and target.
 STORE is cache.dir (a lab folder shared by runs) or <run>/cache. Keys hash the content *and* what produced
@@ -22,11 +25,10 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from kolora import buckets, fingerprint
+from kolora import buckets
 from kolora.config import ExperimentConfig
 from kolora.errors import RunFailure
-from kolora.rundir import RunDir, atomic_path, atomic_write_json, fsync_dir
-from kolora.stages import cache_store
+from kolora.rundir import RunDir, atomic_path
 
 
 def read_trainset(run: RunDir) -> list[dict[str, str]]:
@@ -150,22 +152,39 @@ def text_key(cfg: ExperimentConfig, ident: str, text: str) -> str:
     return _sha("text", ident, str(cfg.cache.max_sequence_length), stored, text)
 
 
-def _entries(cfg: ExperimentConfig, rows: list[dict[str, str]], ident: str) -> list[dict[str, Any]]:
+# What makes an image uncacheable (it changed on disk after filtering): skipped with the reason, never a crash.
+DECODE_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, SyntaxError, EOFError)
+
+
+def _decode_errors() -> tuple[type[BaseException], ...]:
+    from PIL import Image
+
+    return (*DECODE_ERRORS, Image.DecompressionBombError)
+
+
+def _reason(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"[:300]
+
+
+def _entry(cfg: ExperimentConfig, row: dict[str, str], ident: str,
+           sizes: list[tuple[int, int]] | None) -> dict[str, Any]:
     res, center = cfg.train.resolution, cfg.train.center_crop
+    img_hash = _sha(Path(row["path"]).read_bytes())
+    entry = {
+        "file_name": row["file_name"], "text": row["text"],
+        "text_key": text_key(cfg, ident, row["text"]),
+        "latent_key": _sha("latent", ident, str(res), str(center), cfg.cache.vae_dtype, img_hash),
+        # The tutorial's add_time_ids: original size, crop top-left, target size = [h, w, 0, 0, h, w].
+        "time_ids": [res, res, 0, 0, res, res],
+    }
+    if sizes is not None:
+        _bucket_entry(entry, row["path"], sizes, center, img_hash)
+    return entry
+
+
+def _entries(cfg: ExperimentConfig, rows: list[dict[str, str]], ident: str) -> list[dict[str, Any]]:
     sizes = buckets.for_config(cfg) if cfg.train.buckets else None
-    out = []
-    for r in rows:
-        img_hash = _sha(Path(r["path"]).read_bytes())
-        out.append({
-            "file_name": r["file_name"], "text": r["text"],
-            "text_key": text_key(cfg, ident, r["text"]),
-            "latent_key": _sha("latent", ident, str(res), str(center), cfg.cache.vae_dtype, img_hash),
-            # The tutorial's add_time_ids: original size, crop top-left, target size = [h, w, 0, 0, h, w].
-            "time_ids": [res, res, 0, 0, res, res],
-        })
-        if sizes is not None:
-            _bucket_entry(out[-1], r["path"], sizes, center, img_hash)
-    return out
+    return [_entry(cfg, r, ident, sizes) for r in rows]
 
 
 def _bucket_entry(entry: dict[str, Any], path: str, sizes: list[tuple[int, int]], center: bool,
@@ -181,10 +200,10 @@ def _bucket_entry(entry: dict[str, Any], path: str, sizes: list[tuple[int, int]]
                                f"{p.top},{p.left}")
     entry["time_ids"] = p.time_ids
     entry["bucket"] = list(p.bucket)
-    entry["_plan"] = p  # for encoding and the summary; kolora.cache.run takes it out before writing the index
+    entry["_plan"] = p  # for encoding and the summary; taken out before the entry is journaled
 
 
-def _encode_texts(cfg, files, todo: list[tuple[str, str]], text_dir: Path, device: str, tick) -> None:
+def _encode_texts(cfg, files, todo: list[tuple[str, str]], text_dir: Path, device: str, after_batch) -> None:
     import torch
     from safetensors.torch import save_file
 
@@ -195,31 +214,35 @@ def _encode_texts(cfg, files, todo: list[tuple[str, str]], text_dir: Path, devic
     # diffusers' own encode_prompt, so training sees exactly what rendering computes.
     encoder = models.prompt_encoder(files, te_dtype, device)
     bs, seq = cfg.cache.batch_size, cfg.cache.max_sequence_length
-    for i in range(0, len(todo), bs):
-        chunk = todo[i:i + bs]
-        texts = [t for _, t in chunk]
-        with torch.no_grad():
-            embeds, _, pooled, _ = encoder.encode_prompt(
-                texts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False,
-                max_sequence_length=seq)
-        # the tokenizer's own padding (encode_prompt's call): how many leading rows are padding
-        mask = encoder.tokenizer(texts, padding="max_length", max_length=seq, truncation=True)["attention_mask"]
-        for j, (key, text) in enumerate(chunk):
-            tensors = {"prompt_embeds": embeds[j].to(stored).cpu(), "pooled": pooled[j].to(stored).cpu().contiguous()}
-            for name, t in tensors.items():
-                _check_finite(t, f"the {name} of caption {text[:60]!r}",
-                              f"ChatGLM3 overflowed in {te_dtype} or in the stored {stored}: use train.precision "
-                              "bf16-mixed, or cache.device: cpu to encode in float32")
-            tensors.update(compact_text(tensors["prompt_embeds"], seq - sum(mask[j])))
-            with atomic_path(text_dir / f"{key}.safetensors") as tmp:
-                save_file(tensors, str(tmp))
-        tick(len(chunk))
-    del encoder
-    models.free_gpu(device)
+    try:
+        for i in range(0, len(todo), bs):
+            chunk = todo[i:i + bs]
+            texts = [t for _, t in chunk]
+            with torch.no_grad():
+                embeds, _, pooled, _ = encoder.encode_prompt(
+                    texts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False,
+                    max_sequence_length=seq)
+            # the tokenizer's own padding (encode_prompt's call): how many leading rows are padding
+            mask = encoder.tokenizer(texts, padding="max_length", max_length=seq, truncation=True)["attention_mask"]
+            for j, (key, text) in enumerate(chunk):
+                tensors = {"prompt_embeds": embeds[j].to(stored).cpu(),
+                           "pooled": pooled[j].to(stored).cpu().contiguous()}
+                for name, t in tensors.items():
+                    _check_finite(t, f"the {name} of caption {text[:60]!r}",
+                                  f"ChatGLM3 overflowed in {te_dtype} or in the stored {stored}: use train.precision "
+                                  "bf16-mixed, or cache.device: cpu to encode in float32")
+                tensors.update(compact_text(tensors["prompt_embeds"], seq - sum(mask[j])))
+                with atomic_path(text_dir / f"{key}.safetensors") as tmp:
+                    save_file(tensors, str(tmp))
+            after_batch([key for key, _ in chunk])
+    finally:
+        del encoder
+        models.free_gpu(device)
 
 
-def _encode_latents(cfg, files, todo: list[tuple[str, str, str]], lat_dir: Path, device: str, tick,
+def _encode_latents(cfg, files, todo: list[tuple[str, str, str]], lat_dir: Path, device: str, after_batch,
                     plans: dict[str, buckets.Plan] | None = None) -> None:
+    """`after_batch(written keys, {key: why it could not be read})` after each batch is on disk."""
     import torch
     from safetensors.torch import save_file
 
@@ -231,78 +254,52 @@ def _encode_latents(cfg, files, todo: list[tuple[str, str, str]], lat_dir: Path,
     sf = vae.config.scaling_factor
     bs = cfg.cache.batch_size
     plans = plans or {}
+    undecodable = _decode_errors()
     # One bucket per batch (images of different sizes cannot be stacked); buckets off: one group, as before.
     groups: dict[Any, list[tuple[str, str, str]]] = {}
     for item in todo:
         groups.setdefault(plans[item[0]].bucket if plans else None, []).append(item)
-    for chunk in [items[i:i + bs] for items in groups.values() for i in range(0, len(items), bs)]:
-        pixels = torch.stack([buckets.load_tensor(p, plans[key]) if plans else load_image_tensor(p, res, center, key)
-                              for key, p, _ in chunk])
-        with torch.no_grad():
-            # The latent distribution's mean (DiffSynth's encoder is deterministic too).
-            lat = vae.encode(pixels.to(device, vae_dtype)).latent_dist.mean * sf
-        for j, (key, _, name) in enumerate(chunk):
-            latent = lat[j].float().cpu().contiguous()
-            _check_finite(latent, f"the latents of {name}",
-                          f"the SDXL VAE overflows in {cfg.cache.vae_dtype}: set cache.vae_dtype: float32 (the "
-                          "default), or model.vae_path to the fp16-fix VAE (`kolora fetch models` downloads it)")
-            with atomic_path(lat_dir / f"{key}.safetensors") as tmp:
-                save_file({"latents": latent}, str(tmp))
-        tick(len(chunk))
-    del vae
-    models.free_gpu(device)
+    try:
+        for chunk in [items[i:i + bs] for items in groups.values() for i in range(0, len(items), bs)]:
+            pixels, good, failed = [], [], {}
+            for key, path, name in chunk:
+                try:
+                    pixels.append(buckets.load_tensor(path, plans[key]) if plans
+                                  else load_image_tensor(path, res, center, key))
+                    good.append((key, name))
+                except undecodable as e:
+                    failed[key] = f"does not decode: {_reason(e)}"
+            if good:
+                with torch.no_grad():
+                    # The latent distribution's mean (DiffSynth's encoder is deterministic too).
+                    lat = vae.encode(torch.stack(pixels).to(device, vae_dtype)).latent_dist.mean * sf
+            for j, (key, name) in enumerate(good):
+                latent = lat[j].float().cpu().contiguous()
+                _check_finite(latent, f"the latents of {name}",
+                              f"the SDXL VAE overflows in {cfg.cache.vae_dtype}: set cache.vae_dtype: float32 (the "
+                              "default), or model.vae_path to the fp16-fix VAE (`kolora fetch models` downloads it)")
+                with atomic_path(lat_dir / f"{key}.safetensors") as tmp:
+                    save_file({"latents": latent}, str(tmp))
+            after_batch([key for key, _ in good], failed)
+    finally:
+        del vae
+        models.free_gpu(device)
 
 
-def run(cfg: ExperimentConfig, run: RunDir, progress=None) -> dict[str, Any]:
-    from safetensors.torch import load_file
-
-    from kolora import models
+def run(cfg: ExperimentConfig, run: RunDir, progress=None, rank: int = 0, world: int = 1,
+        barrier: str | None = None) -> dict[str, Any]:
+    """Cache this rank's shard of the training set (samples i with i % world == rank that the journal does not
+    hold yet), journaling each batch; rank 0 then waits for the other ranks (files in `barrier`, a folder
+    unique to this attempt) and writes cache/index.json and cache/report.json. Stops between batches on the
+    stop signal (Interrupted); the next attempt, on any number of ranks, continues from the journal."""
+    from kolora import cache_shards
 
     rows = read_trainset(run)
     if not rows:
         raise RunFailure(f"{run.trainset}/train/metadata.csv has no samples: nothing to cache")
-    files = models.resolve(cfg.model)
-    store = cache_store(cfg, run)
-    text_dir, lat_dir = store / "text", store / "latents"
-    ident = fingerprint.model(cfg.model)
-    entries = _entries(cfg, rows, ident)
-    empty_key = text_key(cfg, ident, "")  # the empty caption, once: what caption dropout trains on
-    texts = {empty_key: "", **{e["text_key"]: e["text"] for e in entries}}
-    todo_text = sorted((k, t) for k, t in texts.items() if not (text_dir / f"{k}.safetensors").is_file())
-    plans = [e.pop("_plan") for e in entries if "_plan" in e]  # buckets on: how each image becomes its bucket
-    todo_lat = sorted({e["latent_key"]: (e["latent_key"], r["path"], e["file_name"])
-                       for e, r in zip(entries, rows, strict=True)
-                       if not (lat_dir / f"{e['latent_key']}.safetensors").is_file()}.values())
-    device = _device(cfg.cache.device)
-    total, done = len(todo_text) + len(todo_lat), 0
-
-    def tick(n: int) -> None:
-        nonlocal done
-        done += n
-        if progress:
-            progress(done, total)
-
-    if todo_text:
-        _encode_texts(cfg, files, todo_text, text_dir, device, tick)
-    if todo_lat:
-        _encode_latents(cfg, files, todo_lat, lat_dir, device, tick,
-                        {e["latent_key"]: p for e, p in zip(entries, plans, strict=True)} if plans else None)
-    # Verify every entry is readable before declaring the cache complete.
-    for key in texts:
-        load_file(str(text_dir / f"{key}.safetensors"))
-    for e in entries:
-        load_file(str(lat_dir / f"{e['latent_key']}.safetensors"))
-    for folder in (text_dir, lat_dir):
-        fsync_dir(folder)
-    atomic_write_json(run.cache / "index.json", {"resolution": cfg.train.resolution,
-                                                 "max_sequence_length": cfg.cache.max_sequence_length,
-                                                 # null: <run>/cache, wherever the run folder moves
-                                                 "store": str(cfg.cache.dir) if cfg.cache.dir else None,
-                                                 "empty_text_key": empty_key, "entries": entries})
-    unique = len(texts) + len({e["latent_key"] for e in entries})
-    return {"samples": len(entries), "encoded": total, "reused": unique - total,
-            "encoded_texts": len(todo_text), "encoded_images": len(todo_lat), "store": str(store), "device": device,
-            **(_bucket_summary(plans, cfg.train.resolution) if plans else {})}
+    if world > 1 and barrier is None:
+        raise ValueError("cache.run: a sharded cache (world > 1) needs a barrier folder")
+    return cache_shards.run_shard(cfg, run, rows, rank, world, barrier, progress)
 
 
 def _bucket_summary(plans: list[buckets.Plan], resolution: int) -> dict[str, Any]:

@@ -75,7 +75,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("cache", job="train", where="gpu", after=("filter",),
           inputs=("cache.max_sequence_length", "cache.vae_dtype", "train.resolution", "train.center_crop",
                   "train.precision", "train.buckets"), content=MODEL_FIELDS,
-          outputs=("cache/index.json",), done=_file("cache/index.json"), stoppable=False),
+          outputs=("cache/index.json", "cache/report.json"), done=_file("cache/index.json"), stoppable=True),
     Stage("train", job="train", where="gpu", after=("cache",),
           inputs=("train.rank", "train.alpha", "train.target_modules", "train.lr", "train.batch_size",
                   "train.precision", "train.gradient_checkpointing", "train.seed", "train.deterministic",

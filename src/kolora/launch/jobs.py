@@ -158,6 +158,7 @@ class StageJob:
 
     # ------------------------------------------------------------------------------------------------------
     def _run(self, cfg, run, task_index: int) -> dict[str, Any]:
+        from kolora.interrupt import Interrupted
         from kolora.pipeline import run_stage
 
         results: dict[str, Any] = {}
@@ -168,11 +169,15 @@ class StageJob:
             if stage == "train" and self.distributed:
                 kw = {"devices": self.tasks_per_node, "num_nodes": self.nodes}
                 self._release_followers(cfg, run)
+            if stage == "cache" and self.distributed:  # every rank caches its shard
+                kw = {"rank": 0, "world": self.tasks_per_node * self.nodes, "barrier": str(self._go_file("cache"))}
+                self._release_followers(cfg, run, "cache")
             try:
                 results[stage] = summary = run_stage(stage, cfg, run, **kw)
-            except Exception:
-                if self.distributed and stage != "train":
-                    self._go_file().write_text("fail\n")  # the other ranks wait for training: let them go
+            except Exception as e:
+                if self.distributed and stage != "train":  # the other ranks wait for rank 0: let them go
+                    for later in ("cache", "train"):
+                        self._decide(later, "stop" if isinstance(e, Interrupted) else "fail", overwrite=False)
                 raise
             log.info("stage %s: %s", stage, "complete, skipped" if summary.get("skipped") else
                      ", ".join(f"{k}={v}" for k, v in summary.items() if not isinstance(v, dict | list)))
@@ -180,38 +185,63 @@ class StageJob:
                 run.record_stage("train", distributed=_process_group(0))
         return results
 
-    # DDP: rank 0 runs the stages before train (cache) alone; the other ranks wait for its go-ahead, then
-    # join Lightning's process group in train.run (rank and world size come from Slurm's srun variables).
-    def _go_file(self) -> Path:
+    # DDP: rank 0 decides and prepares each stage (a go file says run/skip/fail/stop); every rank caches its
+    # shard of the samples (rank 0 then writes the index), then all join Lightning's process group in
+    # train.run (rank and world size come from Slurm's srun variables).
+    def _go_file(self, stage: str = "train") -> Path:
         job_id = os.environ.get("SLURM_JOB_ID", "local")
-        return Path(self.folder) / f".train-go-{job_id}-{os.environ.get('SLURM_RESTART_COUNT', '0')}"
+        return Path(self.folder) / f".{stage}-go-{job_id}-{os.environ.get('SLURM_RESTART_COUNT', '0')}"
 
-    def _release_followers(self, cfg, run) -> None:
+    def _release_followers(self, cfg, run, stage: str = "train") -> None:
         from kolora import pipeline, stages
 
         keys = stages.Keys(cfg, run)
-        decision = "skip" if stages.is_complete("train", cfg, run, keys) else "run"  # what run_stage will decide
+        decision = "skip" if stages.is_complete(stage, cfg, run, keys) else "run"  # what run_stage will decide
         if decision == "run":
             # settle the outputs of other inputs now, not inside run_stage while the others already read them
-            for note in pipeline.prepare("train", cfg, run, keys):
+            for note in pipeline.prepare(stage, cfg, run, keys):
                 log.warning("%s", note)
-        self._go_file().write_text(decision + "\n")
+        self._decide(stage, decision)
 
-    def _train_follower(self, cfg, run, rank: int) -> dict[str, Any]:
-        go = self._go_file()
+    def _decision_file(self, stage: str) -> Path:
+        # cache: a folder, also the ranks' barrier (kolora.cache_shards)
+        return self._go_file(stage) / "decision" if stage == "cache" else self._go_file(stage)
+
+    def _decide(self, stage: str, decision: str, overwrite: bool = True) -> None:
+        path = self._decision_file(stage)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if overwrite or not path.is_file():
+            path.write_text(decision + "\n")
+
+    def _wait_go(self, rank: int, stage: str) -> str:
+        from kolora.interrupt import Interrupted, requested
+
+        go = self._decision_file(stage)
         deadline = time.monotonic() + self.time_limit_s
         while not go.is_file():
+            if requested():
+                raise Interrupted(f"rank {rank}: stopped ({requested()}) while waiting for rank 0 ({stage})")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"rank {rank}: rank 0 did not start training within the time limit ({go})")
+                raise TimeoutError(f"rank {rank}: rank 0 did not start {stage} within the time limit ({go})")
             time.sleep(1)
         decision = go.read_text().strip()
         if decision == "fail":
-            raise RuntimeError(f"rank {rank}: rank 0 failed before training; see the rank 0 log")
-        if decision == "skip":
-            return {"train": {"skipped": True}}
-        # only rank 0 records the stage (manifest, completion marker): this rank just trains
+            raise RuntimeError(f"rank {rank}: rank 0 failed before {stage}; see the rank 0 log")
+        if decision == "stop":
+            raise Interrupted(f"rank {rank}: rank 0 stopped on a signal before {stage}")
+        return decision
+
+    def _train_follower(self, cfg, run, rank: int) -> dict[str, Any]:
         from kolora.pipeline import run_stage
 
+        world = self.tasks_per_node * self.nodes
+        if "cache" in self.stages and self._wait_go(rank, "cache") == "run":
+            barrier = str(self._go_file("cache"))
+            summary = run_stage("cache", cfg, run, follower=True, rank=rank, world=world, barrier=barrier)
+            log.info("cache rank %d: %s", rank, summary)
+        if self._wait_go(rank, "train") == "skip":
+            return {"train": {"skipped": True}}
+        # only rank 0 records the stage (manifest, completion marker): this rank just trains
         summary = run_stage("train", cfg, run, follower=True, devices=self.tasks_per_node, num_nodes=self.nodes)
         log.info("train rank %d: %s", rank, {k: v for k, v in summary.items() if not isinstance(v, dict | list)})
         _process_group(rank)
