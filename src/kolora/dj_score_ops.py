@@ -26,7 +26,11 @@ def _load(name: str, device: str = "cpu", **_: Any) -> tuple[Any, Any]:
 
 
 class ImageAestheticsLocalFilter(ImageAestheticsFilter):
-    """`image_aesthetics_filter` with kolora's loader for the predictor (a local folder; never a download)."""
+    """`image_aesthetics_filter` with kolora's loader for the predictor (a local folder; never a download).
+    Run batched (Filter's per-sample loop): Data-Juicer's tracer only sees a single-sample filter's drops
+    when the op is batched, and kolora attributes every dropped sample through it."""
+
+    _batched_op = True
 
     def __init__(self, hf_scorer_model: str = "", trust_remote_code: bool = False, min_score: float = 0.5,
                  max_score: float = 1.0, any_or_all: str = "any", *args, **kwargs):

@@ -118,6 +118,10 @@ def aesthetic_head(name: str) -> str:
                            f"as the hub ids of shunk031/aesthetics-predictor-* do; keep the hub id as folder name")
 
 
+_HEAD_CLASSES = {"v1": "AestheticsPredictorV1", "v2-linear": "AestheticsPredictorV2Linear",
+                 "v2-relu": "AestheticsPredictorV2ReLU"}
+
+
 def aesthetic_scaled(name: str) -> bool:
     """Data-Juicer divides by 10 only for these models (the LAION predictors output 0-10)."""
     return "aesthetics-predictor" in name
@@ -149,6 +153,8 @@ def _predictor_class(head: str):
             embeds = super().forward(pixel_values=pixel_values).image_embeds
             return ImageClassifierOutputWithNoAttention(logits=self.layers(embeds / embeds.norm(dim=-1, keepdim=True)))
 
+    # the class name save_pretrained writes into config.json's architectures, as the hub checkpoints have it
+    AestheticsPredictor.__name__ = AestheticsPredictor.__qualname__ = _HEAD_CLASSES[head]
     return AestheticsPredictor
 
 
@@ -319,10 +325,7 @@ def build_tiny_aesthetic(path: Path, name: str = AESTHETIC, seed: int = 0) -> Pa
     def save(tmp: Path) -> None:
         torch.manual_seed(seed)
         cls = _predictor_class(head)
-        cfg = CLIPVisionConfig(**_TINY_VISION, projection_dim=16)
-        cfg.architectures = [{"v1": "AestheticsPredictorV1", "v2-linear": "AestheticsPredictorV2Linear",
-                              "v2-relu": "AestheticsPredictorV2ReLU"}[head]]
-        model = cls(cfg)
+        model = cls(CLIPVisionConfig(**_TINY_VISION, projection_dim=16))
         with torch.no_grad():  # spread the random head's output around 5 (of 10) so thresholds mean something
             head_linears = [m for m in model.layers.modules() if isinstance(m, torch.nn.Linear)]
             for m in head_linears:
@@ -331,9 +334,6 @@ def build_tiny_aesthetic(path: Path, name: str = AESTHETIC, seed: int = 0) -> Pa
             head_linears[-1].weight.mul_(10.0)
             head_linears[-1].bias.fill_(5.0)
         model.save_pretrained(str(tmp))
-        config = json.loads((tmp / "config.json").read_text())
-        config["architectures"] = cfg.architectures
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
         CLIPProcessor(image_processor=CLIPImageProcessor(**_PROCESSOR), tokenizer=_clip_tokenizer()).save_pretrained(
             str(tmp))
 
