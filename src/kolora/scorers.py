@@ -297,7 +297,12 @@ def build_tiny_clip(path: Path, seed: int = 0) -> Path:
 def build_tiny_chinese_clip(path: Path, seed: int = 0) -> Path:
     """OFA-Sys/chinese-clip-vit-base-patch16's layout (ChineseCLIPModel: a BERT text tower, vocab.txt)."""
     import torch
-    from transformers import ChineseCLIPConfig, ChineseCLIPImageProcessor, ChineseCLIPModel, ChineseCLIPProcessor
+    from transformers import (
+        ChineseCLIPConfig,
+        ChineseCLIPImageProcessor,
+        ChineseCLIPModel,
+        ChineseCLIPProcessor,
+    )
 
     def save(tmp: Path) -> None:
         torch.manual_seed(seed)
