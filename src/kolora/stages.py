@@ -170,7 +170,7 @@ def _content(cfg: ExperimentConfig, dotted: str) -> Any:
     if dotted == "data.path":
         return fingerprint.dataset(cfg.data)
     if dotted == "scorers.dir":
-        return scorer_models(cfg)
+        return fingerprint.scorers(cfg.scorers)
     value = field_value(cfg, dotted)
     if value is None:
         return None
@@ -333,20 +333,6 @@ def stale_tiles(cfg: ExperimentConfig, run: RunDir) -> list[Path]:
     base = {t.name for t in base_tiles(cfg, run)} if base_tiles_on(cfg) else set()
     return ([p for p in run.render.glob("*.png") if p.name not in names]
             + [p for p in (run.render / "base").glob("*.png") if p.name not in base])
-
-
-def scorer_models(cfg: ExperimentConfig) -> dict[str, Any] | None:
-    """The configured scorer models by content (the tiny ones are built first when scorers.tiny)."""
-    if cfg.scorers.dir is None:
-        return None
-    from kolora import scorers
-
-    scorers.ensure_tiny(cfg.scorers)
-    out: dict[str, Any] = {}
-    for name in (cfg.scorers.clip, cfg.scorers.chinese_clip, cfg.scorers.aesthetic):
-        folder = Path(cfg.scorers.dir) / name
-        out[name] = fingerprint.digest(fingerprint.tree(folder)) if folder.is_dir() else "missing"
-    return out
 
 
 def prune_stale_tiles(cfg: ExperimentConfig, run: RunDir) -> int:
