@@ -361,7 +361,8 @@ def progress(run: RunDir) -> dict[str, Any]:
              if (m := re.fullmatch(r"step=(\d+)\.ckpt", p.name))]
     store = cache_store_of(run)
     return {"complete": complete_stages(run), "checkpoint_step": max(steps, default=None),
-            "tiles": count(run.render) + count(run.render / "base"), "cache_entries": count(store / "text") + count(store / "latents")}
+            "tiles": sum(not p.name.startswith(".") for f in (run.render, run.render / "base") for p in f.glob("*.png")),
+            "cache_entries": count(store / "text") + count(store / "latents")}
 
 
 def cache_store(cfg: ExperimentConfig, run: RunDir) -> Path:
