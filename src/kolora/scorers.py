@@ -254,6 +254,7 @@ def _bert_tokenizer(folder: Path):
 
 
 def _write_atomically(path: Path, save) -> Path:
+    """Build in a temp folder beside `path`, then rename it into place; a model already at `path` is kept."""
     import shutil
     import tempfile
 
@@ -268,9 +269,11 @@ def _write_atomically(path: Path, save) -> Path:
         save(tmp)
         (tmp / TINY_MARKER).write_text("Random tiny weights made by kolora for tests and the demo. Not a real "
                                        "model.\n")
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
+        try:
+            tmp.rename(path)
+        except OSError:  # there already: another process built the same (seeded) model, or a real one is there
+            if not (path / "config.json").is_file():
+                raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
