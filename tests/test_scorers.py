@@ -169,3 +169,11 @@ def test_base_tiles_are_shared_across_runs_through_the_cache_dir(tiny_diffusers,
     assert [lf is None for lf, _n in calls] == [False]  # only the LoRA tiles rendered
     a, b = runs / "a" / "render" / "base", runs / "b" / "render" / "base"
     assert sorted(p.name for p in a.glob("*.png")) == sorted(p.name for p in b.glob("*.png"))
+
+
+def test_fetch_scorers_offline_fails_fast_with_login_node_advice(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as compute jobs have it
+    assert main(["fetch", "models", "--clip", "--aesthetics", "--to", str(tmp_path / "m")]) == 1
+    err = capsys.readouterr().err
+    assert "login node" in err and "kolora fetch models --clip --aesthetics" in err
+    assert not (tmp_path / "m").exists()
