@@ -120,7 +120,7 @@ def test_submit_runs_the_whole_graph(env: dict[str, str], tmp_path: Path) -> Non
     assert (detail["filter"]["kept"], detail["filter"]["dropped"]) == (24, 24)
     assert detail["train"]["step"] == detail["train"]["total_steps"] == 10
     assert detail["train"]["cache_encoded"] > 0 and detail["train"]["cache_reused"] == 0
-    assert (detail["render"]["tiles_done"], detail["render"]["tiles_total"]) == (8, 8)
+    assert (detail["render"]["tiles_done"], detail["render"]["tiles_total"]) == (16, 16)  # 8 LoRA + 8 base-model tiles (the demo evaluates)
 
     # jobs ran hub-offline with their caches inside the run directory
     filter_log = (Path(sub["folder"]) / f"{ids['filter']}_0_log.err").read_text()

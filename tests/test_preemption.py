@@ -227,7 +227,8 @@ def test_requeued_render_task_renders_only_its_missing_tiles(env, tmp_path):
     path.write_text(yaml.safe_dump(profile))
     runs = tmp_path / "runs"
     sub, _ = submit(env, runs, "render-requeue", "--set", "train.steps=5", "--set", "render.steps=30",
-                    "--set", "render.width=256", "--set", "render.height=256", profile=str(path))
+                    "--set", "render.width=256", "--set", "render.height=256",
+                    "--set", "evaluate.enabled=false", profile=str(path))  # LoRA tiles only
     run = runs / "render-requeue"
     task = sub["jobs"]["render"]["task_ids"][0]
     wait_for("a first tile", lambda: list((run / "render").glob("*.png")),

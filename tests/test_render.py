@@ -51,7 +51,7 @@ def test_rerun_after_deleting_one_tile_renders_only_that_tile(demo_run, tmp_path
     original = np.asarray(Image.open(victim))
     victim.unlink()
     out = render.run(cfg, run)
-    assert (out["rendered"], out["already_done"]) == (1, 7)
+    assert (out["rendered"], out["already_done"]) == (1, 15)  # 7 LoRA and the 8 base-model tiles are there
     assert np.array_equal(np.asarray(Image.open(victim)), original)
     assert {p.name: p.stat().st_mtime_ns for p in run.render.glob("*.png") if p != victim} == keep
     # And through the stage runner: the stage is incomplete while a tile is missing.
@@ -64,10 +64,11 @@ def test_array_tasks_split_the_tiles(demo_run, tmp_path):
     cfg = run.load_config()
     shutil.rmtree(run.render)
     a = render.run(cfg, run, task_index=0, task_count=3)
-    assert a["rendered"] == 3 and missing_tiles(cfg, run) != []
+    assert a["rendered"] == 6 and missing_tiles(cfg, run) != []  # prompts 0, 3, 6: LoRA and base tiles
+    assert sorted(p.name[:3] for p in (run.render / "base").glob("*.png")) == ["000", "003", "006"]
     b = render.run(cfg, run, task_index=1, task_count=3)
     c = render.run(cfg, run, task_index=2, task_count=3)
-    assert a["rendered"] + b["rendered"] + c["rendered"] == 8
+    assert a["rendered"] + b["rendered"] + c["rendered"] == 16
     assert missing_tiles(cfg, run) == []
 
 
@@ -88,7 +89,8 @@ def test_no_partial_tile_survives_a_crash(demo_run, tmp_path, monkeypatch):
     except KeyboardInterrupt:
         pass
     assert not victim.exists()
-    assert [n for n in os.listdir(run.render) if not n.endswith(".png")] == []
+    assert [n for n in os.listdir(run.render) if not n.endswith(".png") and n != "base"] == []
+    assert [n for n in os.listdir(run.render / "base") if not n.endswith(".png")] == []
 
 
 def test_stop_request_ends_the_task_after_the_current_tile(demo_run, tmp_path, monkeypatch):
@@ -111,14 +113,14 @@ def test_stop_request_ends_the_task_after_the_current_tile(demo_run, tmp_path, m
             run_stage("render", cfg, run)
             raise AssertionError("render did not stop on the request")
         except interrupt.Interrupted as e:
-            assert "stopped after 1 of 8 tiles" in str(e)
+            assert "stopped after 1 of 16 tiles" in str(e)  # 8 LoRA tiles, then 8 base-model tiles
     finally:
         interrupt.clear()
     assert len(list(run.render.glob("*.png"))) == 1
     assert run.read_manifest()["stages"]["render"]["status"] == "interrupted"
     monkeypatch.setattr(render, "render_tile", original)
     out = run_stage("render", cfg, run)
-    assert (out["rendered"], out["already_done"]) == (7, 1)
+    assert (out["rendered"], out["already_done"]) == (15, 1)
 
 
 TASK = """
@@ -155,7 +157,7 @@ def test_two_array_tasks_after_a_prompt_change_never_undo_each_other(demo_run, t
                               stderr=subprocess.PIPE, text=True) for i in (0, 1)]
     outs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
-    assert ["'rendered': 1" in out for out, _ in outs] == [True, True], outs
+    assert ["'rendered': 2" in out for out, _ in outs] == [True, True], outs  # its LoRA and base tile
     cfg = load_config(DEMO, [f"model.path={tiny_diffusers}", f"render.prompts={prompts}"])
     assert missing_tiles(cfg, run) == []
     after = {p.name: p.stat().st_mtime_ns for p in run.render.glob("*.png")}

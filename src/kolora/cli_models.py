@@ -2,6 +2,7 @@
 
     kolora fetch models --to DIR [--layout diffusers|diffsynth]   # login node: download + verify
     kolora fetch dataset AI-ModelScope/lowres_anime --to DIR       # login node
+    kolora fetch models --clip --aesthetics --to DIR               # login node: scorers, DIR/<hub id>/
     kolora check models DIR                                        # offline (compute node / before submit)
     kolora check dataset DIR
     kolora export RUN --format peft|kohya|diffsynth [--to PATH]
@@ -29,6 +30,13 @@ def _report(report) -> int:
 def cmd_fetch(args) -> int:
     from kolora import fetch
 
+    if args.what == "models" and (args.clip or args.aesthetics):
+        from kolora import scorer_fetch
+
+        return _report(scorer_fetch.fetch(Path(args.to), args.clip, args.aesthetics, tiny=args.tiny,
+                                          timeout=args.timeout))
+    if args.tiny:
+        raise InputError("--tiny goes with --clip/--aesthetics (tiny Kolors: kolora make-tiny DIR)")
     if args.what == "models":
         if args.id:
             raise InputError(f"fetch models takes no id (got {args.id!r}); it downloads Kolors and the fp16-fix VAE")
@@ -154,6 +162,12 @@ def register(subparsers) -> None:
                    help="models: Kwai-Kolors/Kolors-diffusers (diffusers) or Kwai-Kolors/Kolors as DiffSynth lays "
                         "it out (diffsynth); both add the fp16-fix SDXL VAE")
     p.add_argument("--timeout", type=_positive_float, default=5.0, help="seconds to wait for the hub before giving up")
+    p.add_argument("--clip", action="store_true", help="models: the CLIP scorers instead of Kolors (OpenAI CLIP "
+                                                       "and Chinese-CLIP, Hugging Face hub) into DIR/<hub id>/")
+    p.add_argument("--aesthetics", action="store_true", help="models: the LAION aesthetic predictor into "
+                                                             "DIR/<hub id>/ (set scorers.dir: DIR)")
+    p.add_argument("--tiny", action="store_true", help="with --clip/--aesthetics: write tiny random models "
+                                                       "(tests, demos; offline)")
     p.set_defaults(func=cmd_fetch)
 
     p = subparsers.add_parser("check", help="verify downloaded models or a dataset offline",

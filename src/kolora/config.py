@@ -215,6 +215,9 @@ class RenderConfig(_Section):
     lora_scale: float = 1.0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    # Also render every (prompt, seed) with the base model (no LoRA) into render/base/, for evaluate's
+    # comparison; None: when evaluate.enabled.
+    base_tiles: bool | None = None
 
     @field_validator("width", "height")
     @classmethod
@@ -232,6 +235,26 @@ class GridConfig(_Section):
     font: Path | None = None  # a TrueType font with CJK glyphs for prompt captions
 
 
+class ScorersConfig(_Section):
+    """Local CLIP / Chinese-CLIP / aesthetic models (kolora.scorers) for filter ops and evaluate."""
+
+    # Data-Juicer's external models home: <dir>/<hub id>/ (`kolora fetch models --clip --aesthetics --to DIR`)
+    dir: Path | None = None
+    # Build tiny random scorer models in `dir` when missing (demo and tests only).
+    tiny: bool = False
+    clip: str = "openai/clip-vit-base-patch32"  # English text
+    chinese_clip: str = "OFA-Sys/chinese-clip-vit-base-patch16"  # Chinese text
+    aesthetic: str = "shunk031/aesthetics-predictor-v2-sac-logos-ava1-l14-linearMSE"
+    # Which CLIP scores a text: auto = Chinese-CLIP when CJK ideographs are ≥ 1/5 of its letters, else CLIP.
+    language: Literal["auto", "zh", "en"] = "auto"
+
+
+class EvaluateConfig(_Section):
+    # CLIP and aesthetic scores of every tile, LoRA vs base model (kolora.evaluate) -> eval/scores.json/csv
+    enabled: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
 class ExperimentConfig(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     seed: int = 0
@@ -247,6 +270,19 @@ class ExperimentConfig(_Section):
     train: TrainConfig = TrainConfig()
     render: RenderConfig
     grid: GridConfig = GridConfig()
+    scorers: ScorersConfig = ScorersConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+
+    @model_serializer(mode="wrap")
+    def _omit_default_evaluation(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Sections added later: at their defaults left out of dumps and digests, so earlier runs stay bound.
+        data = handler(self)
+        for section, default in (("scorers", ScorersConfig()), ("evaluate", EvaluateConfig())):
+            if getattr(self, section) == default:
+                data.pop(section, None)
+        if self.render.base_tiles is None and isinstance(data.get("render"), dict):
+            data["render"].pop("base_tiles", None)
+        return data
 
     def digest(self) -> str:
         """Hash of the resolved config (what a run directory is bound to)."""
@@ -261,7 +297,7 @@ def config_digest(obj: Any) -> str:
 _PATH_FIELDS = [
     ("model", "path"), ("model", "vae_path"), ("model", "tokenizer_path"), ("model", "unet_config"),
     ("model", "vae_config"), ("data", "path"), ("render", "prompts"), ("render", "lora"), ("grid", "font"),
-    ("cache", "dir"),
+    ("cache", "dir"), ("scorers", "dir"),
 ]
 
 

@@ -34,6 +34,7 @@ def _dj_operators() -> Any:
         from data_juicer.ops import OPERATORS
 
         import kolora.dj_ops  # noqa: F401 - registers image_shape_header_filter, image_aspect_ratio_header_filter
+        import kolora.dj_score_ops  # noqa: F401 - registers image_aesthetics_local_filter
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = before
     return OPERATORS
@@ -43,8 +44,9 @@ def dj_process(fcfg: FilterConfig) -> list[dict[str, dict[str, Any]]]:
     """The `process:` list Data-Juicer runs: filter.ops, with the built-in shape ops swapped for kolora's
     header-only ones when filter.fast_ops is on (same arguments, same kept samples)."""
     from kolora.dj_ops import HEADER_OPS
+    from kolora.scorers import LOCAL_MODEL_OPS
 
-    swap = HEADER_OPS if fcfg.fast_ops else {}
+    swap = {**(HEADER_OPS if fcfg.fast_ops else {}), **LOCAL_MODEL_OPS}
     return [{swap.get(name, name): copy.deepcopy(args) for name, args in item.items()} for item in fcfg.ops]
 
 
@@ -323,8 +325,18 @@ def run_data_juicer(cfg: ExperimentConfig, samples: list[dict[str, Any]], dj_dir
     its tracer)."""
     import yaml
 
+    from kolora import scorers
+
     process = dj_process(cfg.filter)
     configured = {next(iter(ran)): next(iter(item)) for ran, item in zip(process, cfg.filter.ops, strict=True)}
+    try:  # scorer ops (CLIP, aesthetics) read local folders under scorers.dir, never a hub
+        scorers.ensure_tiny(cfg.scorers)
+        process = scorers.localize_ops(process, cfg.filter.ops, cfg.scorers, [str(s["text"]) for s in samples])
+    except scorers.ScorerModelError as e:
+        raise FilterError(f"filter.ops: {e}") from None
+    if any("image_text_similarity_filter" in item for item in process):
+        # the op scores only text chunks that hold the image token (filter strips it again)
+        samples = [{**s, "text": f"<__dj__image>{s['text']} <|__dj__eoc|>"} for s in samples]
     filters = _filter_op_names(process)  # also registers kolora's ops before Data-Juicer parses the config
 
     if dj_dir.exists():

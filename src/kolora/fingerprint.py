@@ -103,6 +103,20 @@ def model(cfg) -> str:
     return digest(parts)
 
 
+def scorers(scfg) -> dict[str, str] | None:
+    """The configured scorer models (scorers.*) by content; the tiny ones are built first (scorers.tiny)."""
+    if scfg.dir is None:
+        return None
+    from kolora.scorers import ensure_tiny
+
+    ensure_tiny(scfg)
+    out = {}
+    for name in (scfg.clip, scfg.chinese_clip, scfg.aesthetic):
+        folder = Path(scfg.dir) / name
+        out[name] = digest(tree(folder)) if folder.is_dir() else "missing"
+    return out
+
+
 def dataset(cfg) -> dict[str, Any]:
     """The dataset's listing (names + sizes; metadata files in full), for the sources that live on disk."""
     if cfg.path is None:

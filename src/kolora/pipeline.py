@@ -64,6 +64,11 @@ def preflight(cfg: ExperimentConfig, here: bool = False) -> None:
     from kolora.data_juicer import validate_ops
 
     validate_ops(cfg.filter.ops)
+    from kolora import scorers
+
+    problems = scorers.missing_for_config(cfg, prompts)
+    if problems:
+        raise ConfigError("scorer models missing (filter.ops / evaluate):\n  " + "\n  ".join(problems))
     if cfg.train.buckets:
         from kolora import buckets
 

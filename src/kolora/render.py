@@ -4,6 +4,11 @@ Tiles are named by their index, seed and key (kolora.stages.tiles: everything th
 changed prompt or LoRA re-renders exactly the affected tiles, an unchanged tile is never rendered twice, and
 array tasks never write or remove each other's files. `task_index`/`task_count` split the tiles round-robin
 so that one Slurm array task renders only its share. Tiles are written atomically.
+
+With base tiles on (render.base_tiles, or evaluate.enabled), each task also renders its share of the same
+prompts and seeds with the base model (no LoRA) into render/base/, for evaluate's LoRA-vs-base comparison.
+Their keys hold no LoRA, so with a shared cache.dir they are kept in <cache.dir>/base-tiles/ and every other
+run of the same model and render settings (another lr, a sweep variant) links them instead of rendering.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from kolora.config import ExperimentConfig, PromptItem
 from kolora.errors import RunFailure
 from kolora.lora import LoraFileError
 from kolora.rundir import RunDir, atomic_path, fsync_dir
-from kolora.stages import Tile, lora_file, tiles
+from kolora.stages import Tile, base_tiles, base_tiles_on, cache_store, lora_file, tiles
 
 
 def build_pipeline(cfg: ExperimentConfig, lora_file: Path | None, device: str, dtype, text_encoder: bool = True):
@@ -87,19 +92,62 @@ def encode_prompts(cfg: ExperimentConfig, items: list[PromptItem], device: str, 
     return out
 
 
-def _reuse(run: RunDir, tile: Tile) -> bool:
-    """A tile already rendered under another index (the prompt set was reordered): link it to its new name."""
+def _link(src: Path, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(dest) as tmp:
+        tmp.unlink()
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+
+
+def _shared_base(cfg: ExperimentConfig, run: RunDir, tile: Tile) -> Path | None:
+    """Where a base tile is shared across runs: <cache.dir>/base-tiles/<key>.png (with a shared cache only)."""
+    return cache_store(cfg, run) / "base-tiles" / f"{tile.key}.png" if tile.base and cfg.cache.dir else None
+
+
+def _reuse(cfg: ExperimentConfig, run: RunDir, tile: Tile) -> bool:
+    """A tile already rendered under another index (the prompt set was reordered), or a base tile another run
+    rendered: link it to its name here."""
     assert tile.key is not None
-    for p in run.render.glob(f"*-{tile.key[:12]}.png"):
+    found = list(tile.path(run).parent.glob(f"*-{tile.key[:12]}.png"))
+    shared = _shared_base(cfg, run, tile)
+    for p in found + ([shared] if shared is not None and shared.is_file() else []):
         with contextlib.suppress(OSError):
-            with atomic_path(run.render / tile.name) as tmp:
-                tmp.unlink()
-                try:
-                    os.link(p, tmp)
-                except OSError:
-                    shutil.copyfile(p, tmp)
+            _link(p, tile.path(run))
             return True
     return False
+
+
+def _render_tiles(cfg: ExperimentConfig, run: RunDir, lf: Path | None, todo: list[Tile], done_before: int,
+                  total: int, task_index: int, progress) -> None:
+    """Render `todo` (all LoRA tiles, or all base tiles: lf None) with one pipeline, stopping between tiles on
+    a stop request."""
+    device, dtype = _device_dtype(cfg)
+    embeds = encode_prompts(cfg, [t.item for t in todo], device, dtype)
+    try:
+        pipe = build_pipeline(cfg, lf, device, dtype, text_encoder=False)
+    except LoraFileError as e:
+        raise LoraFileError(f"render.lora: {e}") if cfg.render.lora else e from None
+    for n, (tile, tile_embeds) in enumerate(zip(todo, embeds, strict=True), done_before + 1):
+        image = render_tile(pipe, cfg, tile.item, device, tile_embeds)
+        tile.path(run).parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(tile.path(run)) as tmp:
+            image.save(tmp, format="PNG")
+        shared = _shared_base(cfg, run, tile)
+        if shared is not None:
+            with contextlib.suppress(OSError):
+                _link(tile.path(run), shared)
+        if progress:
+            progress(n, total)
+        if interrupt.requested() is not None and n < total:
+            raise interrupt.Interrupted(f"render task {task_index} stopped after {n} of {total} tiles "
+                                        f"({interrupt.requested()}); the rest render when it runs again")
+    del pipe
+    from kolora import models
+
+    models.free_gpu(device)
 
 
 def run(cfg: ExperimentConfig, run: RunDir, task_index: int = 0, task_count: int = 1,
@@ -109,26 +157,21 @@ def run(cfg: ExperimentConfig, run: RunDir, task_index: int = 0, task_count: int
     lf = lora_file(cfg, run)
     if not lf.is_file():
         raise RunFailure(f"LoRA {lf} is missing: run the train stage first, or set render.lora")
-    mine = [t for t in tiles(cfg, run) if t.index % task_count == task_index]
-    todo = [t for t in mine if not (run.render / t.name).is_file()]
-    reused = [t for t in todo if _reuse(run, t)]
+    base = base_tiles(cfg, run) if base_tiles_on(cfg) else []
+    mine = [t for t in tiles(cfg, run) + base if t.index % task_count == task_index]
+    todo = [t for t in mine if not t.path(run).is_file()]
+    reused = [t for t in todo if _reuse(cfg, run, t)]
     todo = [t for t in todo if t not in reused]
-    if todo:
-        device, dtype = _device_dtype(cfg)
-        embeds = encode_prompts(cfg, [t.item for t in todo], device, dtype)
-        try:
-            pipe = build_pipeline(cfg, lf, device, dtype, text_encoder=False)
-        except LoraFileError as e:
-            raise LoraFileError(f"render.lora: {e}") if cfg.render.lora else e from None
-        for n, (tile, tile_embeds) in enumerate(zip(todo, embeds, strict=True), 1):
-            image = render_tile(pipe, cfg, tile.item, device, tile_embeds)
-            with atomic_path(run.render / tile.name) as tmp:
-                image.save(tmp, format="PNG")
-            if progress:
-                progress(n, len(todo))
-            if interrupt.requested() is not None and n < len(todo):
-                raise interrupt.Interrupted(f"render task {task_index} stopped after {n} of {len(todo)} tiles "
-                                            f"({interrupt.requested()}); the rest render when it runs again")
+    lora_todo = [t for t in todo if not t.base]
+    base_todo = [t for t in todo if t.base]
+    # one pipeline per kind: the LoRA tiles' pixels never depend on whether base tiles rendered beside them
+    if lora_todo:
+        _render_tiles(cfg, run, lf, lora_todo, 0, len(todo), task_index, progress)
+    if base_todo:
+        _render_tiles(cfg, run, None, base_todo, len(lora_todo), len(todo), task_index, progress)
     fsync_dir(run.render)
+    if base:
+        fsync_dir(run.render / "base")
     return {"task": task_index, "tasks": task_count, "tiles": len(mine), "rendered": len(todo),
-            "reused": len(reused), "already_done": len(mine) - len(todo) - len(reused)}
+            "reused": len(reused), "already_done": len(mine) - len(todo) - len(reused),
+            **({"base_tiles": sum(t.base for t in mine)} if base else {})}

@@ -59,6 +59,10 @@ def _render_done(cfg, run) -> bool:
     return not missing_tiles(cfg, run)
 
 
+def _evaluate_done(cfg, run) -> bool:
+    return not cfg.evaluate.enabled or (run.root / "eval" / "scores.json").is_file()
+
+
 # The model enters a key as one fingerprint of all its files (fingerprint.model), never by its paths.
 MODEL_FIELDS = ("model.path", "model.layout", "model.variant", "model.vae_path", "model.tokenizer_path",
                 "model.unet_config", "model.vae_config")
@@ -85,12 +89,15 @@ STAGES: tuple[Stage, ...] = (
           stoppable=True, on_change="keep", continues=("train.steps",), keeps_partial=True),
     Stage("render", job="render", where="gpu array", after=(),
           inputs=("render.negative_prompt", "render.cfg", "render.steps", "render.width", "render.height",
-                  "render.lora_scale", "render.dtype", "cache.max_sequence_length"),
+                  "render.lora_scale", "render.dtype", "cache.max_sequence_length", "render.base_tiles"),
           content=("render.prompts", "render.lora", *MODEL_FIELDS),
           outputs=("render",), done=_render_done, stoppable=True, on_change="keyed", keeps_partial=True),
     Stage("grid", job="grid", where="cpu", after=("render",),
           inputs=("grid.columns", "grid.rows", "grid.captions", "grid.tile_size"), content=("grid.font",),
           outputs=("grid.png",), done=_file("grid.png"), stoppable=False),
+    Stage("evaluate", job="grid", where="cpu", after=("render",),
+          inputs=("evaluate.enabled", "scorers.clip", "scorers.chinese_clip", "scorers.aesthetic", "scorers.language"),
+          content=("scorers.dir",), outputs=("eval",), done=_evaluate_done, stoppable=False),
 )
 
 # Fields added after runs were made, with the value that means "as before": at that value a field is left
@@ -98,7 +105,7 @@ STAGES: tuple[Stage, ...] = (
 SINCE: dict[str, Any] = {"train.buckets": False, "train.min_snr_gamma": None, "train.noise_offset": 0.0,
                          "train.caption_dropout": 0.0, "train.ema_decay": None, "train.dora": False,
                          "train.optimizer": "adamw", "data.allow_external_paths": False,
-                         "data.max_image_bytes": 256 * 2**20}
+                         "data.max_image_bytes": 256 * 2**20, "render.base_tiles": None}
 
 # Fields that never make a stage rerun: the stage they concern ("" = the run) and why no output depends on them.
 OPERATIONAL: dict[str, tuple[str, str]] = {
@@ -117,6 +124,8 @@ OPERATIONAL: dict[str, tuple[str, str]] = {
     "train.num_workers": ("train", "data loader processes; the sample order is a function of (seed, step)"),
     "train.accelerator": ("train", "cpu or gpu; a run may continue on the other (results differ by rounding)"),
     "render.device": ("render", "where tiles render (cpu and cuda differ by rounding; render.dtype is an input)"),
+    "scorers.tiny": ("", "builds tiny scorer models when scorers.dir lacks them; their files are fingerprinted"),
+    "evaluate.device": ("evaluate", "where the scorers run (cpu and cuda scores differ by rounding)"),
 }
 
 BY_NAME: dict[str, Stage] = {s.name: s for s in STAGES}
@@ -162,6 +171,8 @@ def _content(cfg: ExperimentConfig, dotted: str) -> Any:
         return fingerprint.model(cfg.model)
     if dotted == "data.path":
         return fingerprint.dataset(cfg.data)
+    if dotted == "scorers.dir":
+        return fingerprint.scorers(cfg.scorers)
     value = field_value(cfg, dotted)
     if value is None:
         return None
@@ -194,6 +205,8 @@ class Keys:
         out["after"] = {a: self.output(a) for a in s.after}
         if name == "render":
             out["tiles"] = [t.key for t in tiles(self.cfg, self.run)]
+            if base_tiles_on(self.cfg):
+                out["base_tiles"] = [t.key for t in base_tiles(self.cfg, self.run)]
         return out
 
     def work(self, name: str) -> str | None:
@@ -253,10 +266,14 @@ class Tile:
     index: int
     item: Any  # config.PromptItem
     key: str | None  # None while the LoRA it depends on does not exist
+    base: bool = False  # rendered with the base model (no LoRA), in render/base/
 
     @property
     def name(self) -> str | None:
         return None if self.key is None else f"{self.index:03d}-{self.item.seed}-{self.key[:12]}.png"
+
+    def path(self, run: RunDir) -> Path | None:
+        return None if self.name is None else (run.render / "base" if self.base else run.render) / self.name
 
 
 def lora_file(cfg: ExperimentConfig, run: RunDir) -> Path:
@@ -272,7 +289,7 @@ def tiles(cfg: ExperimentConfig, run: RunDir) -> list[Tile]:
     from kolora.config import load_prompts
 
     s = get("render")
-    common = {f: field_value(cfg, f) for f in s.inputs if f != "render.negative_prompt"}
+    common = {f: field_value(cfg, f) for f in s.inputs if f not in ("render.negative_prompt", "render.base_tiles")}
     common["model"] = fingerprint.model(cfg.model)
     lora = lora_file(cfg, run)
     lora_sha = fingerprint.file_sha256(lora) if lora.is_file() else None
@@ -284,15 +301,40 @@ def tiles(cfg: ExperimentConfig, run: RunDir) -> list[Tile]:
     return out
 
 
+def base_tiles_on(cfg: ExperimentConfig) -> bool:
+    return cfg.evaluate.enabled if cfg.render.base_tiles is None else cfg.render.base_tiles
+
+
+def base_tiles(cfg: ExperimentConfig, run: RunDir) -> list[Tile]:
+    """The same prompts and seeds rendered with the base model (LoRA scale 0: no LoRA loaded), keyed by the
+    render fields, the model, the prompt, negative prompt and seed: not by any LoRA, so every run of the same
+    model and render settings (every variant of a sweep) has the same base tiles."""
+    from kolora.config import load_prompts
+
+    s = get("render")
+    common = {f: field_value(cfg, f) for f in s.inputs
+              if f not in ("render.negative_prompt", "render.base_tiles", "render.lora_scale")}
+    common["model"] = fingerprint.model(cfg.model)
+    return [Tile(i, item, fingerprint.digest(["base", common, item.prompt, item.negative_prompt, item.seed]), True)
+            for i, item in enumerate(load_prompts(cfg.render.prompts, cfg.render.negative_prompt))]
+
+
+def all_tiles(cfg: ExperimentConfig, run: RunDir) -> list[Tile]:
+    """The tiles render makes: the LoRA's, then the base model's when base tiles are on."""
+    return tiles(cfg, run) + (base_tiles(cfg, run) if base_tiles_on(cfg) else [])
+
+
 def missing_tiles(cfg: ExperimentConfig, run: RunDir, wanted: list[Tile] | None = None) -> list[Tile]:
-    wanted = tiles(cfg, run) if wanted is None else wanted
-    return [t for t in wanted if t.name is None or not (run.render / t.name).is_file()]
+    wanted = all_tiles(cfg, run) if wanted is None else wanted
+    return [t for t in wanted if t.name is None or not t.path(run).is_file()]
 
 
 def stale_tiles(cfg: ExperimentConfig, run: RunDir) -> list[Path]:
-    """Tiles in render/ that the current config does not show (other prompts, seeds, LoRA...)."""
+    """Tiles in render/ (and render/base/) that the current config does not show (other prompts, LoRA...)."""
     names = {t.name for t in tiles(cfg, run)}
-    return [p for p in run.render.glob("*.png") if p.name not in names]
+    base = {t.name for t in base_tiles(cfg, run)} if base_tiles_on(cfg) else set()
+    return ([p for p in run.render.glob("*.png") if p.name not in names]
+            + [p for p in (run.render / "base").glob("*.png") if p.name not in base])
 
 
 def prune_stale_tiles(cfg: ExperimentConfig, run: RunDir) -> int:
@@ -321,7 +363,8 @@ def progress(run: RunDir) -> dict[str, Any]:
              if (m := re.fullmatch(r"step=(\d+)\.ckpt", p.name))]
     store = cache_store_of(run)
     return {"complete": complete_stages(run), "checkpoint_step": max(steps, default=None),
-            "tiles": count(run.render), "cache_entries": count(store / "text") + count(store / "latents")}
+            "tiles": sum(not p.name.startswith(".") for f in (run.render, run.render / "base") for p in f.glob("*.png")),
+            "cache_entries": count(store / "text") + count(store / "latents")}
 
 
 def cache_store(cfg: ExperimentConfig, run: RunDir) -> Path:

@@ -224,10 +224,10 @@ def progress(run: RunDir, sub: dict[str, Any], manifest: dict[str, Any]) -> dict
     info = {"stages": {"render": status["render"]}}
     if cfg is not None:
         from kolora.errors import InputError
-        from kolora.stages import missing_tiles, tiles
+        from kolora.stages import all_tiles, missing_tiles
 
         try:  # tile keys need the model's files and the prompt set, which this machine may not see
-            wanted = tiles(cfg, run)
+            wanted = all_tiles(cfg, run)  # the LoRA's and, with evaluate on, the base model's
         except (InputError, OSError) as e:
             info["text"] = f"tiles unknown here ({str(e).splitlines()[0][:80]})"
         else:
@@ -236,8 +236,12 @@ def progress(run: RunDir, sub: dict[str, Any], manifest: dict[str, Any]) -> dict
             info["text"] = f"tiles {done}/{len(wanted)}"
     out["render"] = info
 
-    out["grid"] = {"stages": {"grid": status["grid"]},
-                   "text": str(run.grid_file) if status["grid"] == "complete" and run.grid_file.is_file() else ""}
+    text = [str(run.grid_file)] if status["grid"] == "complete" and run.grid_file.is_file() else []
+    scores = (stages.get("evaluate") or {}).get("summary") or {}
+    if status.get("evaluate") == "complete" and "clip_lora" in scores:
+        text.append(f"clip {scores['clip_lora']:.3f} (base {scores['clip_base']:.3f}), aesthetic "
+                    f"{scores['aesthetic_lora']:.3f} (base {scores['aesthetic_base']:.3f})")
+    out["grid"] = {"stages": {s: status[s] for s in job_stages["grid"]}, "text": "; ".join(text)}
     return out
 
 
