@@ -267,7 +267,10 @@ def run(cfg: ExperimentConfig, run: RunDir, progress=None) -> dict[str, Any]:
     ident = fingerprint.model(cfg.model)
     entries = _entries(cfg, rows, ident)
     empty_key = text_key(cfg, ident, "")  # the empty caption, once: what caption dropout trains on
-    texts = {empty_key: "", **{e["text_key"]: e["text"] for e in entries}}
+    from kolora.validation import texts_to_cache  # train.validation's prompts: sampling never loads the encoder
+
+    validation = {t: text_key(cfg, ident, t) for t in texts_to_cache(cfg)}
+    texts = {empty_key: "", **{k: t for t, k in validation.items()}, **{e["text_key"]: e["text"] for e in entries}}
     todo_text = sorted((k, t) for k, t in texts.items() if not (text_dir / f"{k}.safetensors").is_file())
     plans = [e.pop("_plan") for e in entries if "_plan" in e]  # buckets on: how each image becomes its bucket
     todo_lat = sorted({e["latent_key"]: (e["latent_key"], r["path"], e["file_name"])
@@ -298,7 +301,8 @@ def run(cfg: ExperimentConfig, run: RunDir, progress=None) -> dict[str, Any]:
                                                  "max_sequence_length": cfg.cache.max_sequence_length,
                                                  # null: <run>/cache, wherever the run folder moves
                                                  "store": str(cfg.cache.dir) if cfg.cache.dir else None,
-                                                 "empty_text_key": empty_key, "entries": entries})
+                                                 "empty_text_key": empty_key, "entries": entries,
+                                                 **({"validation": validation} if validation else {})})
     unique = len(texts) + len({e["latent_key"] for e in entries})
     return {"samples": len(entries), "encoded": total, "reused": unique - total,
             "encoded_texts": len(todo_text), "encoded_images": len(todo_lat), "store": str(store), "device": device,
