@@ -1,8 +1,8 @@
 """Training logs the field's viewers read: TensorBoard event files in train/tensorboard/ (beside metrics.csv),
 and wandb when `train.wandb` names a project and the wandb package is installed.
 
-Per optimizer step: loss (the module's own `self.log`), lr, step time and, on CUDA, the step's peak GPU memory;
-validation images come from kolora.validation_sampler. A resumed run's writer purges what an earlier attempt
+Per optimizer step k (after its update, as in metrics.csv): loss, lr, step time and, on CUDA, the step's peak
+GPU memory; validation images come from kolora.validation_sampler. A resumed run's writer purges what an earlier attempt
 logged after the checkpoint it resumes from, so every step appears once in TensorBoard.
 """
 
@@ -57,7 +57,7 @@ def wandb_logger(cfg: ExperimentConfig, run: RunDir):
 
 
 class StepScalars(L.Callback):
-    """lr, step time and (on CUDA) the step's peak GPU memory, to every logger, once per optimizer step."""
+    """loss, lr, step time and (on CUDA) the step's peak GPU memory, to every logger, once per optimizer step."""
 
     def __init__(self) -> None:
         self.started = 0.0
@@ -68,7 +68,8 @@ class StepScalars(L.Callback):
             torch.cuda.reset_peak_memory_stats(pl_module.device)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        metrics = {"lr": trainer.optimizers[0].param_groups[0]["lr"],
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        metrics = {"loss": float(loss), "lr": trainer.optimizers[0].param_groups[0]["lr"],
                    "step_time_s": time.perf_counter() - self.started}
         if pl_module.device.type == "cuda":
             metrics["gpu_mem_gb"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
