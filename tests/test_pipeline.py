@@ -9,6 +9,7 @@ import time
 from conftest import DEMO
 from PIL import Image
 
+from kolora import stages
 from kolora.cli import main
 
 
@@ -51,7 +52,7 @@ def test_manifest_records_provenance_and_timings(demo_run):
     assert m["provenance"]["versions"]["diffusers"] and m["provenance"]["versions"]["torch"]
     assert "git_sha" in m["provenance"]
     assert m["seeds"]["train"] == 0
-    for stage in ("ingest", "filter", "cache", "train", "render", "grid"):
+    for stage in ("ingest", "filter", "cache", "train", "render", "grid", "report"):
         assert m["stages"][stage]["status"] == "complete"
         assert m["stages"][stage]["wall_s"] >= 0
 
@@ -63,7 +64,7 @@ def test_second_run_skips_every_stage(demo_run, tiny_diffusers, capsys):
     elapsed = time.time() - t0
     err = capsys.readouterr().err
     assert rc == 0
-    assert err.count("complete, skipped") == 6, err
+    assert err.count("complete, skipped") == len(stages.NAMES), err
     assert (demo_run / "grid.png").stat().st_mtime_ns == grid_mtime
     print(f"second run: {elapsed:.2f} s")
 

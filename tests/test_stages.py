@@ -26,6 +26,9 @@ OPERATIONAL_CHANGES = {
     "filter.fast_ops": False, "cache.batch_size": 3, "cache.device": "cpu", "cache.dir": "/tmp/kolora-lab-cache",
     "train.checkpoint_every": 7, "train.checkpoint_minutes": 5, "train.keep_checkpoints": 2,
     "train.num_workers": 2, "train.accelerator": "cpu", "render.device": "cpu",
+    "train.validation.every": 10, "train.validation.prompts": "[a lighthouse]", "train.validation.count": 1,
+    "train.validation.seeds": "[3, 4]", "train.validation.steps": 5, "train.validation.size": 32,
+    "train.wandb": "kolora-lab",
 }
 
 
@@ -88,7 +91,7 @@ def test_an_input_changes_its_stage_and_what_follows_only(demo_run, tiny_diffuse
     changed = load_config(DEMO, [f"model.path={tiny_diffusers}", f"{field}={value}"])
     differs = [s for s in NAMES if Keys(base, run).output(s) != Keys(changed, run).output(s)]
     assert differs[0] == first
-    if first in ("render", "grid"):
+    if first in ("render", "grid", "report"):
         assert differs == list(NAMES[NAMES.index(first):])
     # render is keyed by its LoRA's bytes: an upstream change reaches it when the new LoRA exists
     assert set(differs) >= set(NAMES[NAMES.index(first):NAMES.index("train") + 1]) - {"render", "grid"}
@@ -112,7 +115,7 @@ def test_operational_changes_rerun_nothing(demo_run, tiny_diffusers, tmp_path, c
     sets = [f"{f}={v}" for f, v in OPERATIONAL_CHANGES.items() if f != "name"]  # another name: another run
     assert _run(runs, tiny_diffusers, *sets) == 0
     err = capsys.readouterr().err
-    assert err.count("complete, skipped") == 6, err
+    assert err.count("complete, skipped") == len(NAMES), err
     assert _sha(runs / "demo" / LORA) == lora
 
 
@@ -186,7 +189,7 @@ def test_a_copied_model_folder_reruns_nothing(demo_run, tiny_diffusers, tmp_path
     elsewhere = tmp_path / "lab-models" / "kolors-copy"
     shutil.copytree(tiny_diffusers, elsewhere)
     assert _run(runs, elsewhere) == 0
-    assert capsys.readouterr().err.count("complete, skipped") == 6
+    assert capsys.readouterr().err.count("complete, skipped") == len(NAMES)
 
 
 def test_one_edited_prompt_rerenders_exactly_its_tile(demo_run, tiny_diffusers, tmp_path, capsys):
@@ -195,7 +198,7 @@ def test_one_edited_prompt_rerenders_exactly_its_tile(demo_run, tiny_diffusers, 
     prompts = tmp_path / "my-prompts.yaml"
     shutil.copyfile(PROMPTS, prompts)
     assert _run(runs, tiny_diffusers, f"render.prompts={prompts}") == 0  # same bytes elsewhere: nothing reruns
-    assert capsys.readouterr().err.count("complete, skipped") == 6
+    assert capsys.readouterr().err.count("complete, skipped") == len(NAMES)
     tiles = {p.name: p.stat().st_mtime_ns for p in (run / "render").glob("*.png")}
     grid = _sha(run / "grid.png")
 

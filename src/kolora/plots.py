@@ -67,7 +67,8 @@ def validation_over_steps(samples: dict[int, list[tuple[str, Path]]]) -> Figure:
             if label in found:
                 ax.imshow(_image(found[label]))
             if r == 0:
-                ax.set_title(f"prompt {label}", fontsize=8)
+                prompt, seed = label.split("-", 1)
+                ax.set_title(f"prompt {prompt}, seed {seed}", fontsize=8)
             if c == 0:
                 ax.set_ylabel(f"step {step}", fontsize=8)
     return fig

@@ -29,8 +29,10 @@ body { font-family: system-ui, sans-serif; margin: 24px auto; max-width: 1100px;
 h1 { font-size: 22px; } h2 { font-size: 17px; margin-top: 28px; border-bottom: 1px solid #ddd; }
 table { border-collapse: collapse; font-size: 13px; } td, th { border: 1px solid #ccc; padding: 3px 8px; }
 th { background: #f0f3f7; text-align: left; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
-img.plot, img.grid { max-width: 100%; border: 1px solid #eee; }
-.pairs { display: flex; flex-wrap: wrap; gap: 12px; } .pair { font-size: 12px; text-align: center; }
+img.plot { max-width: 100%; border: 1px solid #eee; }
+img.grid { width: min(100%, 512px); image-rendering: pixelated; border: 1px solid #eee; }
+.pairs { display: flex; flex-wrap: wrap; gap: 12px; }
+.pair { font-size: 12px; text-align: center; width: 330px; overflow-wrap: anywhere; }
 .pair img { width: 160px; height: 160px; object-fit: contain; image-rendering: pixelated; border: 1px solid #ccc; }
 p.note { color: #666; font-size: 13px; }
 """
