@@ -90,7 +90,7 @@ def test_run_progress_sums_up_what_the_stages_wrote(demo_run, tmp_path):
     from kolora.rundir import RunDir
 
     done = RunDir(demo_run).progress()
-    assert done["complete"] == sorted(["ingest", "filter", "cache", "train", "render", "grid"])
+    assert done["complete"] == sorted(["ingest", "filter", "cache", "train", "render", "grid", "report"])
     assert done["checkpoint_step"] == 30 and done["tiles"] == 8 and done["cache_entries"] > 0
     assert RunDir(tmp_path / "empty").progress() == {"complete": [], "checkpoint_step": None, "tiles": 0,
                                                      "cache_entries": 0}
