@@ -27,6 +27,7 @@ from kolora.config import ExperimentConfig
 from kolora.errors import RunFailure
 from kolora.rundir import RunDir, atomic_path, atomic_write_json, fsync_dir
 from kolora.stages import cache_store
+from kolora.validation import texts_to_cache
 
 
 def read_trainset(run: RunDir) -> list[dict[str, str]]:
@@ -267,8 +268,7 @@ def run(cfg: ExperimentConfig, run: RunDir, progress=None) -> dict[str, Any]:
     ident = fingerprint.model(cfg.model)
     entries = _entries(cfg, rows, ident)
     empty_key = text_key(cfg, ident, "")  # the empty caption, once: what caption dropout trains on
-    from kolora.validation import texts_to_cache  # train.validation's prompts: sampling never loads the encoder
-
+    # train.validation's prompts (and negative prompt): sampling during training never loads the encoder
     validation = {t: text_key(cfg, ident, t) for t in texts_to_cache(cfg)}
     texts = {empty_key: "", **{k: t for t, k in validation.items()}, **{e["text_key"]: e["text"] for e in entries}}
     todo_text = sorted((k, t) for k, t in texts.items() if not (text_dir / f"{k}.safetensors").is_file())

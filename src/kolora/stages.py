@@ -56,7 +56,8 @@ def _file(rel: str) -> Callable[[Any, Any], bool]:
 
 
 def _cache_done(cfg, run) -> bool:
-    from kolora.validation import cache_ready  # the validation prompts' embeddings too, while training needs them
+    """The index, and the validation prompts' embeddings while training still needs them."""
+    from kolora.validation import cache_ready
 
     return (run.root / "cache/index.json").is_file() and cache_ready(cfg, run)
 
