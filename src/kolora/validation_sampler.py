@@ -22,7 +22,7 @@ class ValidationSampler(L.Callback):
     def __init__(self, cfg: ExperimentConfig, run: RunDir, weight_dtype):
         self.cfg, self.run, self.weight_dtype = cfg, run, weight_dtype
         self.every = cfg.train.validation.every
-        self.names = sample_names(cfg)
+        self.names, self.prompts = sample_names(cfg), prompt_texts(cfg)
         self.vae = self.embeds = None
 
     def on_train_start(self, trainer, pl_module) -> None:
@@ -88,17 +88,21 @@ class ValidationSampler(L.Callback):
         pipe.set_progress_bar_config(disable=True)
         images = []
         try:
-            with torch.no_grad(), torch.autocast(device.type, dtype=self.weight_dtype,
-                                                 enabled=self.weight_dtype != torch.float32):
+            # no autocast: the UNet runs in its weight dtype (peft computes the LoRA in float32 and casts back),
+            # the VAE in its own (autocast would run the SDXL VAE in float16, which overflows)
+            with torch.no_grad():
                 for i, seed, _ in self.names:
-                    text = self.embeds[prompt_texts(self.cfg)[i]]
-                    images.append(pipe(
+                    text = self.embeds[self.prompts[i]]
+                    latents = pipe(
                         prompt_embeds=_batch(text["prompt_embeds"], device, self.weight_dtype),
                         pooled_prompt_embeds=_batch(text["pooled"], device, self.weight_dtype),
                         negative_prompt_embeds=_batch(negative["prompt_embeds"], device, self.weight_dtype),
                         negative_pooled_prompt_embeds=_batch(negative["pooled"], device, self.weight_dtype),
                         guidance_scale=rcfg.cfg, num_inference_steps=v.steps, height=size, width=size,
-                        generator=torch.Generator("cpu").manual_seed(seed)).images[0])
+                        generator=torch.Generator("cpu").manual_seed(seed), output_type="latent").images
+                    # decoded here in the VAE's dtype (the pipeline would feed it latents in the UNet's)
+                    pixels = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+                    images.append(pipe.image_processor.postprocess(pixels, output_type="pil")[0])
         finally:
             unet.train(was_training)
             self.vae.to("cpu")
