@@ -163,3 +163,35 @@ def test_wandb_asked_for_without_the_package_names_the_field(demo_run, tmp_path)
     cfg.train.wandb = "kolora-tests"
     with pytest.raises(InputError, match=r"train\.wandb.*pip install wandb"):
         loggers(cfg, run, 0)
+
+
+def test_sampling_leaves_rng_mode_and_devices_as_it_found_them(uninterrupted):
+    import random
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch
+
+    from kolora import lora, models
+    from kolora.validation_sampler import ValidationSampler
+
+    cfg = uninterrupted.load_config()
+    cfg.train.validation.every, cfg.train.validation.steps = 10, 2
+    sampler = ValidationSampler(cfg, uninterrupted, torch.float32)
+    sampler.embeds = sampler._read_embeddings()
+    files = models.resolve(cfg.model)
+    sampler.vae = models.load_vae(files, torch.float32)
+    unet = models.load_unet(files, torch.float32).train()
+    lora.add_lora(unet, cfg.train.rank, cfg.train.alpha, cfg.train.target_modules)
+    torch.manual_seed(123)
+    random.seed(4)
+    np.random.seed(5)
+    before = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
+    images = sampler.render(SimpleNamespace(unet=unet, device=torch.device("cpu")))
+    assert len(images) == 2 and images[0].size == (64, 64)
+    assert torch.equal(torch.get_rng_state(), before[0]) and random.getstate() == before[1]
+    assert np.array_equal(np.random.get_state()[1], before[2])
+    assert unet.training, "the UNet goes back to training mode"
+    assert all(p.device.type == "cpu" for p in sampler.vae.parameters())  # the VAE waits off the GPU
+    again = sampler.render(SimpleNamespace(unet=unet, device=torch.device("cpu")))
+    assert [im.tobytes() for im in again] == [im.tobytes() for im in images]  # its own seeded generators
