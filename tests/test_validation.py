@@ -137,6 +137,13 @@ def test_validation_turned_on_after_training_reruns_nothing(demo_run, tiny_diffu
     assert capsys.readouterr().err.count("complete, skipped") == len(NAMES)  # the cache too: training is over
     assert _sha(runs / "demo" / "lora" / LORA) == lora
     assert not (runs / "demo" / "train" / "samples").exists()
+    # more steps: training runs again, so the cache first encodes the validation prompts; the step it continues
+    # from (30) and step 40 are sampled
+    assert main(["run", str(DEMO), "--runs-dir", str(runs), "--set", f"model.path={tiny_diffusers}",
+                 "--set", "train.validation.every=10", "--set", "train.steps=40", "--stage", "cache",
+                 "--stage", "train"]) == 0
+    assert "encoded_texts=3" in capsys.readouterr().err.replace("\n", "")
+    assert _sample_steps(RunDir(runs / "demo")) == [30, 40]
 
 
 def test_wandb_mode_is_offline_in_slurm_jobs_unless_set():

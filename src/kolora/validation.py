@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from kolora.config import ExperimentConfig
     from kolora.rundir import RunDir
 
+
 def prompt_texts(cfg: ExperimentConfig) -> list[str]:
     """The validation prompts: train.validation.prompts, else the first `count` prompts of render.prompts."""
     v = cfg.train.validation
@@ -36,15 +37,20 @@ def texts_to_cache(cfg: ExperimentConfig) -> list[str]:
 
 
 def cache_ready(cfg: ExperimentConfig, run: RunDir) -> bool:
-    """The cache holds the validation embeddings training will read (or training is over and needs none)."""
+    """The cache holds the validation embeddings training will read, or training is complete and needs none
+    (turning validation on afterwards reruns nothing; raising train.steps then encodes them first)."""
     wanted = texts_to_cache(cfg)
-    if not wanted or (run.lora / "pytorch_lora_weights.safetensors").is_file():
+    if not wanted:
         return True
     try:
         cached = json.loads((run.cache / "index.json").read_text()).get("validation") or {}
     except (OSError, ValueError):
-        return False
-    return set(wanted) <= set(cached)
+        cached = {}
+    if set(wanted) <= set(cached):
+        return True
+    from kolora.stages import is_complete
+
+    return is_complete("train", cfg, run)
 
 
 def step_dir(run_train: Path, step: int) -> Path:
