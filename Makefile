@@ -9,7 +9,7 @@ STAMP := $(VENV)/.kolora-installed
 TORCH_SPEC ?= $(or $(shell grep -m1 -E '^torch==' constraints.txt 2>/dev/null),torch)
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-fast lint bench clean-runs
+.PHONY: venv demo test test-fast lint bench clean-runs browser
 .DEFAULT_GOAL := demo
 
 # The environment: created when missing, reinstalled only when pyproject.toml or constraints.txt change.
@@ -32,12 +32,24 @@ demo: $(STAMP)
 
 # Starts the project's own single-machine Slurm, runs every test, stops it (even when tests fail). A cluster
 # that does not come up, or a Slurm test that was skipped, fails the run (KOLORA_REQUIRE_SLURM, tests/conftest.py).
-test: $(STAMP)
+test: $(STAMP) browser
 	@if ! $(MAKE) --no-print-directory cluster-up; then \
 	   echo "make test: the dev Slurm cluster did not come up (see above)"; \
 	   $(MAKE) --no-print-directory cluster-down; exit 1; fi; \
 	 KOLORA_REQUIRE_SLURM=1 $(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	 $(MAKE) --no-print-directory cluster-down; exit $$rc
+
+# Debian's Chromium for the report's screenshot test (tests/test_report.py), installed when missing (root);
+# nothing to do when it is there. `apt-get update` only when the package lists do not know it yet.
+BROWSER_PACKAGES := chromium fonts-liberation
+browser:
+	@command -v chromium >/dev/null || { \
+	  command -v apt-get >/dev/null || { echo "make: chromium is missing and there is no apt-get: install Chromium"; exit 1; }; \
+	  echo "make: installing $(BROWSER_PACKAGES) (the report's screenshot test)"; \
+	  apt-cache show $(BROWSER_PACKAGES) >/dev/null 2>&1 || apt-get update -q >/dev/null; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(BROWSER_PACKAGES) >/dev/null \
+	    || { echo "make: apt-get install $(BROWSER_PACKAGES) failed (root needed)"; exit 1; }; \
+	  command -v chromium >/dev/null || { echo "make: chromium still missing after apt-get install"; exit 1; }; }
 
 # Tests that need neither Slurm nor much time.
 test-fast: $(STAMP)

@@ -59,7 +59,7 @@ def test_dry_run_shows_every_job(tmp_path: Path, fake_slurm: Path, capsys: pytes
     assert table["filter"][1:4] == ["ingest+filter", "cpu", "0:30:00"] and table["filter"][-1] == "-"
     assert table["train"][1:4] == ["cache+train", "gpu", "0:30:00"] and table["train"][-1] == "afterok:filter"
     assert table["render"][-2:] == ["0-3%2", "afterok:train"]
-    assert table["grid"][1:4] == ["grid+evaluate", "cpu", "0:10:00"] and table["grid"][-1] == "afterok:render"
+    assert table["grid"][1:4] == ["grid+evaluate+report", "cpu", "0:10:00"] and table["grid"][-1] == "afterok:render"
     sections = dict(re.findall(r"# ---- (\w+): [^\n]*\n(.*?)(?=\n# ---- |\Z)", out, re.S))
     assert set(sections) == {"filter", "train", "render", "grid"}
     expect = {

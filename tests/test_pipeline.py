@@ -9,6 +9,7 @@ import time
 from conftest import DEMO
 from PIL import Image
 
+from kolora import stages
 from kolora.cli import main
 from kolora.stages import NAMES
 
@@ -52,7 +53,7 @@ def test_manifest_records_provenance_and_timings(demo_run):
     assert m["provenance"]["versions"]["diffusers"] and m["provenance"]["versions"]["torch"]
     assert "git_sha" in m["provenance"]
     assert m["seeds"]["train"] == 0
-    for stage in ("ingest", "filter", "cache", "train", "render", "grid"):
+    for stage in ("ingest", "filter", "cache", "train", "render", "grid", "report"):
         assert m["stages"][stage]["status"] == "complete"
         assert m["stages"][stage]["wall_s"] >= 0
 

@@ -27,6 +27,9 @@ OPERATIONAL_CHANGES = {
     "train.checkpoint_every": 7, "train.checkpoint_minutes": 5, "train.keep_checkpoints": 2,
     "train.num_workers": 2, "train.accelerator": "cpu", "render.device": "cpu",
     "scorers.tiny": False, "evaluate.device": "cpu",
+    "train.validation.every": 10, "train.validation.prompts": "[a lighthouse]", "train.validation.count": 1,
+    "train.validation.seeds": "[3, 4]", "train.validation.steps": 5, "train.validation.size": 32,
+    "train.wandb": "kolora-lab",
 }
 
 
@@ -98,7 +101,7 @@ def test_an_input_changes_its_stage_and_what_follows_only(demo_run, tiny_diffuse
     changed = load_config(DEMO, [f"model.path={tiny_diffusers}", f"{field}={value}"])
     differs = [s for s in NAMES if Keys(base, run).output(s) != Keys(changed, run).output(s)]
     assert differs[0] == first
-    if first in ("render", "grid"):
+    if first in ("render", "grid", "evaluate", "report"):
         assert differs == _downstream(first)
     # render is keyed by its LoRA's bytes: an upstream change reaches it when the new LoRA exists
     assert set(differs) >= set(NAMES[NAMES.index(first):NAMES.index("train") + 1]) - {"render", "grid"}

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from kolora import interrupt
 from kolora.errors import RunFailure
 from kolora.rundir import atomic_write_json, fsync_dir
+from kolora.validation import texts_to_cache
 
 if TYPE_CHECKING:
     from kolora.config import ExperimentConfig
@@ -187,6 +188,8 @@ def _cache_shard(cfg: ExperimentConfig, rows: list[dict[str, str]], rank: int, w
     texts = {e["text_key"]: e["text"] for e in pending.values()}
     if rank == 0:
         texts[cache.text_key(cfg, ident, "")] = ""  # the empty caption, once: what caption dropout trains on
+        # train.validation's prompts (and negative prompt): sampling during training never loads the encoder
+        texts.update({cache.text_key(cfg, ident, t): t for t in texts_to_cache(cfg)})
     todo_text = sorted((k, t) for k, t in texts.items() if not (text_dir / f"{k}.safetensors").is_file())
     by_latent: dict[str, list[int]] = {}
     for i, e in pending.items():
@@ -256,7 +259,9 @@ def _merge(cfg: ExperimentConfig, run: RunDir, rows: list[dict[str, str]], journ
                          f"{run.cache / 'report.json'} says why for each")
     text_dir, lat_dir = store / "text", store / "latents"
     empty_key = cache.text_key(cfg, ident, "")
+    validation = {t: cache.text_key(cfg, ident, t) for t in texts_to_cache(cfg)}
     for name, path in [("", text_dir / f"{empty_key}.safetensors")] + [
+            (f"validation prompt {t!r}", text_dir / f"{k}.safetensors") for t, k in validation.items()] + [
             (e["file_name"], d / f"{e[k]}.safetensors") for e in entries
             for d, k in ((text_dir, "text_key"), (lat_dir, "latent_key"))]:
         if not path.is_file():
@@ -269,9 +274,10 @@ def _merge(cfg: ExperimentConfig, run: RunDir, rows: list[dict[str, str]], journ
                                                  "max_sequence_length": cfg.cache.max_sequence_length,
                                                  # null: <run>/cache, wherever the run folder moves
                                                  "store": str(cfg.cache.dir) if cfg.cache.dir else None,
-                                                 "empty_text_key": empty_key, "entries": entries})
+                                                 "empty_text_key": empty_key, "entries": entries,
+                                                 **({"validation": validation} if validation else {})})
     journal.remove()
-    texts = {e["text_key"] for e in entries} | {empty_key}
+    texts = {e["text_key"] for e in entries} | {empty_key} | set(validation.values())
     latents = {e["latent_key"] for e in entries}
     enc_t, enc_l = len(encoded["text"] & texts), len(encoded["latent"] & latents)
     summary = {"samples": len(entries), "skipped": len(skipped), "encoded": enc_t + enc_l,

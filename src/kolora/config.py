@@ -149,6 +149,17 @@ class CacheConfig(_Section):
     dir: Path | None = None
 
 
+class ValidationConfig(_Section):
+    """Sample images with the current LoRA every `every` training steps (0: off) → train/samples/."""
+
+    every: int = Field(0, ge=0)
+    prompts: list[str] = Field(default_factory=list)  # empty: the first `count` prompts of render.prompts
+    count: int = Field(2, ge=1)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    steps: int = Field(20, ge=1)  # sampling steps (render.cfg and render.negative_prompt apply)
+    size: int | None = Field(None, ge=8, multiple_of=8)  # square side; None: train.resolution
+
+
 class TrainConfig(_Section):
     rank: int = Field(16, ge=1)
     alpha: float = Field(4.0, gt=0)
@@ -179,6 +190,8 @@ class TrainConfig(_Section):
     ema_decay: float | None = Field(None, gt=0, lt=1)  # EMA of the LoRA weights, exported when set (e.g. 0.999)
     dora: bool = False  # DoRA (weight-decomposed LoRA, peft's use_dora)
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"  # adamw8bit: bitsandbytes, on a GPU only
+    validation: ValidationConfig = ValidationConfig()
+    wandb: str | None = None  # a wandb project to log to as well (needs the wandb package; offline in Slurm jobs)
 
     @field_validator("precision", mode="before")
     @classmethod
@@ -200,6 +213,11 @@ class TrainConfig(_Section):
         data = handler(self)
         if not self.buckets:
             data.pop("buckets", None)
+        # nor do validation samples and wandb (off by default) change the LoRA's bytes
+        if self.validation == ValidationConfig():
+            data.pop("validation", None)
+        if self.wandb is None:
+            data.pop("wandb", None)
         return data
 
 

@@ -55,6 +55,13 @@ def _file(rel: str) -> Callable[[Any, Any], bool]:
     return lambda cfg, run: (run.root / rel).is_file()
 
 
+def _cache_done(cfg, run) -> bool:
+    """The index, and the validation prompts' embeddings while training still needs them."""
+    from kolora.validation import cache_ready
+
+    return (run.root / "cache/index.json").is_file() and cache_ready(cfg, run)
+
+
 def _render_done(cfg, run) -> bool:
     return not missing_tiles(cfg, run)
 
@@ -79,7 +86,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("cache", job="train", where="gpu", after=("filter",),
           inputs=("cache.max_sequence_length", "cache.vae_dtype", "train.resolution", "train.center_crop",
                   "train.precision", "train.buckets"), content=MODEL_FIELDS,
-          outputs=("cache/index.json", "cache/report.json"), done=_file("cache/index.json"), stoppable=True),
+          outputs=("cache/index.json", "cache/report.json"), done=_cache_done, stoppable=True),
     Stage("train", job="train", where="gpu", after=("cache",),
           inputs=("train.rank", "train.alpha", "train.target_modules", "train.lr", "train.batch_size",
                   "train.precision", "train.gradient_checkpointing", "train.seed", "train.deterministic",
@@ -98,6 +105,9 @@ STAGES: tuple[Stage, ...] = (
     Stage("evaluate", job="grid", where="cpu", after=("render",),
           inputs=("evaluate.enabled", "scorers.clip", "scorers.chinese_clip", "scorers.aesthetic", "scorers.language"),
           content=("scorers.dir",), outputs=("eval",), done=_evaluate_done, stoppable=False),
+    # reads train/metrics.csv, train/samples/ and eval/scores.json (when present) as well
+    Stage("report", job="grid", where="cpu", after=("grid", "evaluate"), inputs=(), content=(),
+          outputs=("report",), done=_file("report/report.html"), stoppable=False),
 )
 
 # Fields added after runs were made, with the value that means "as before": at that value a field is left
@@ -123,6 +133,13 @@ OPERATIONAL: dict[str, tuple[str, str]] = {
     "train.keep_checkpoints": ("train", "how many checkpoints are kept"),
     "train.num_workers": ("train", "data loader processes; the sample order is a function of (seed, step)"),
     "train.accelerator": ("train", "cpu or gpu; a run may continue on the other (results differ by rounding)"),
+    "train.validation.every": ("train", "validation samples (train/samples/): their RNG is their own"),
+    "train.validation.prompts": ("train", "validation samples only"),
+    "train.validation.count": ("train", "validation samples only"),
+    "train.validation.seeds": ("train", "validation samples only"),
+    "train.validation.steps": ("train", "validation samples only"),
+    "train.validation.size": ("train", "validation samples only"),
+    "train.wandb": ("train", "where training logs go (wandb), besides TensorBoard"),
     "render.device": ("render", "where tiles render (cpu and cuda differ by rounding; render.dtype is an input)"),
     "scorers.tiny": ("", "builds tiny scorer models when scorers.dir lacks them; their files are fingerprinted"),
     "evaluate.device": ("evaluate", "where the scorers run (cpu and cuda scores differ by rounding)"),

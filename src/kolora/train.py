@@ -25,7 +25,7 @@ import lightning as L
 import torch
 
 from kolora import checkpoint as ckpt_io
-from kolora import interrupt, models, objective
+from kolora import interrupt, models, objective, trainlogs, validation
 from kolora import lora as lora_io
 from kolora.config import ExperimentConfig, TrainConfig
 from kolora.ema import LoraEMA
@@ -108,7 +108,8 @@ class LoRATrainer(L.LightningModule):
         pred = self.unet(noisy, timesteps, encoder_hidden_states=embeds,
                          added_cond_kwargs={"text_embeds": pooled, "time_ids": batch["time_ids"]}).sample
         loss = objective.loss(pred, noise, a, t.min_snr_gamma)
-        self.log("loss", loss.detach(), prog_bar=True, on_step=True, batch_size=latents.shape[0])
+        # loggers get it from trainlogs.StepScalars, at the step count metrics.csv uses (after the update)
+        self.log("loss", loss.detach(), prog_bar=True, on_step=True, batch_size=latents.shape[0], logger=False)
         return loss
 
     def on_before_backward(self, loss: torch.Tensor) -> None:
@@ -294,12 +295,13 @@ def run(cfg: ExperimentConfig, run: RunDir, progress=None, devices: int = 1, num
         precision=precision, max_steps=tcfg.steps, max_epochs=-1,
         # torch's deterministic algorithms (warn where an op has none), cuDNN deterministic, no autotuning
         deterministic="warn" if tcfg.deterministic else None, benchmark=False if tcfg.deterministic else None,
-        logger=False, default_root_dir=str(run.train), plugins=[*plugins, ckpt_io.AtomicCheckpointIO()],
+        logger=trainlogs.loggers(cfg, run, start_step), default_root_dir=str(run.train),
+        plugins=[*plugins, ckpt_io.AtomicCheckpointIO()],
         enable_model_summary=False, enable_checkpointing=False, enable_progress_bar=False,
         # the EMA is updated before the checkpointer saves that step
         callbacks=[StepProgress(tcfg.steps, progress), MetricsCSV(run.train / "metrics.csv"), *([ema] if ema else []),
                    Checkpointer(ckpt_dir, tcfg.checkpoint_every, tcfg.checkpoint_minutes, tcfg.keep_checkpoints,
-                                tcfg.steps)],
+                                tcfg.steps), *trainlogs.callbacks(), *validation.callbacks(cfg, run, weight_dtype)],
         num_sanity_val_steps=0, log_every_n_steps=1,
     )
     # Whoever launched us may already route signals to interrupt.request (the Slurm job wrapper does);

@@ -1,0 +1,118 @@
+"""The report's figures, drawn with matplotlib's object API (no pyplot, no global backend state): the loss
+curve, validation samples over steps, LoRA-vs-base scores, and the one-page summary (report.png)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+
+def png_bytes(fig: Figure, dpi: int = 100) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight", facecolor="white")
+    return buf.getvalue()
+
+
+def _loss_axes(ax, rows: list[dict[str, float]]) -> None:
+    steps = [r["step"] for r in rows]
+    losses = [r["loss"] for r in rows]
+    ax.plot(steps, losses, color="#9bb7d4", linewidth=1, label="loss")
+    window = max(1, len(losses) // 20)
+    if window > 1:  # a running mean: single-batch losses are noisy
+        smooth = [sum(losses[max(0, i - window + 1):i + 1]) / len(losses[max(0, i - window + 1):i + 1])
+                  for i in range(len(losses))]
+        ax.plot(steps, smooth, color="#1f4e79", linewidth=2, label=f"mean of {window}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title("training loss")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right", fontsize=8)
+
+
+def loss_curve(rows: list[dict[str, float]]) -> Figure:
+    fig = Figure(figsize=(6, 3.2))
+    ax = fig.add_subplot()
+    _loss_axes(ax, rows)
+    lrs = {r["lr"] for r in rows}
+    if len(lrs) > 1:  # a schedule: lr on its own axis
+        twin = ax.twinx()
+        twin.plot([r["step"] for r in rows], [r["lr"] for r in rows], color="#c55a11", linewidth=1)
+        twin.set_ylabel("lr", color="#c55a11")
+    return fig
+
+
+def _image(path: Path):
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.convert("RGB").copy()
+
+
+def validation_over_steps(samples: dict[int, list[tuple[str, Path]]]) -> Figure:
+    """Rows: the steps sampled; columns: the samples (prompt index-seed)."""
+    steps = sorted(samples)
+    labels = sorted({label for row in samples.values() for label, _ in row})
+    cell = 1.6
+    fig = Figure(figsize=(cell * len(labels) + 0.8, cell * len(steps) + 0.4))
+    axes = fig.subplots(len(steps), len(labels), squeeze=False)
+    for r, step in enumerate(steps):
+        found = dict(samples[step])
+        for c, label in enumerate(labels):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if label in found:
+                ax.imshow(_image(found[label]))
+            if r == 0:
+                prompt, seed = label.split("-", 1)
+                ax.set_title(f"prompt {prompt}, seed {seed}", fontsize=8)
+            if c == 0:
+                ax.set_ylabel(f"step {step}", fontsize=8)
+    return fig
+
+
+def score_bars(summary: dict[str, dict[str, float]]) -> Figure:
+    fig = Figure(figsize=(4, 3))
+    _score_axes(fig.add_subplot(), summary)
+    return fig
+
+
+def _score_axes(ax, summary: dict[str, dict[str, float]]) -> None:
+    metrics = [m for m in ("clip", "aesthetic") if m in summary]
+    width = 0.38
+    for k, (which, color) in enumerate((("base", "#a6a6a6"), ("lora", "#1f4e79"))):
+        values = [summary[m].get(which) for m in metrics]
+        xs = [i + (k - 0.5) * width for i in range(len(metrics))]
+        ax.bar(xs, [v if v is not None else 0 for v in values], width, label=which, color=color)
+    ax.set_xticks(range(len(metrics)), metrics)
+    ax.set_title("mean scores")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def summary_figure(title: str, grid: Path | None, loss: list[dict[str, float]],
+                   scores: dict[str, Any] | None, last_samples: list[tuple[str, Path]]) -> Figure:
+    """report.png: the grid, the loss curve, and the scores (or the last validation samples) on one page."""
+    fig = Figure(figsize=(12, 5.5))
+    fig.suptitle(title, fontsize=13)
+    spec = fig.add_gridspec(2, 3, width_ratios=[1.1, 1.3, 1])
+    ax = fig.add_subplot(spec[:, 0])
+    ax.set_axis_off()
+    ax.set_title("grid")
+    if grid is not None and grid.is_file():
+        ax.imshow(_image(grid))
+    if loss:
+        _loss_axes(fig.add_subplot(spec[:, 1]), loss)
+    if scores and scores.get("summary"):
+        _score_axes(fig.add_subplot(spec[:, 2]), scores["summary"])
+    elif last_samples:
+        sub = spec[:, 2].subgridspec(2, 2)
+        for k, (label, path) in enumerate(last_samples[:4]):
+            a = fig.add_subplot(sub[k // 2, k % 2])
+            a.imshow(_image(path))
+            a.set_axis_off()
+            a.set_title(f"last samples: {label}" if k == 0 else label, fontsize=8)
+    return fig

@@ -1,0 +1,81 @@
+"""Training logs the field's viewers read: TensorBoard event files in train/tensorboard/ (beside metrics.csv),
+and wandb when `train.wandb` names a project and the wandb package is installed.
+
+Per optimizer step k (after its update, as in metrics.csv): loss, lr, step time and, on CUDA, the step's peak
+GPU memory; validation images come from kolora.validation_sampler. A resumed run's writer purges what an earlier attempt
+logged after the checkpoint it resumes from, so every step appears once in TensorBoard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from typing import Any
+
+import lightning as L
+import torch
+
+from kolora.config import ExperimentConfig
+from kolora.errors import InputError
+from kolora.rundir import RunDir
+
+TENSORBOARD_DIR = "tensorboard"  # under train/
+
+
+def loggers(cfg: ExperimentConfig, run: RunDir, start_step: int) -> list[Any]:
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    purge = {"purge_step": start_step + 1} if start_step else {}
+    out: list[Any] = [TensorBoardLogger(save_dir=str(run.train), name=TENSORBOARD_DIR, version="",
+                                        default_hp_metric=False, **purge)]
+    wandb = wandb_logger(cfg, run)
+    return out + ([wandb] if wandb else [])
+
+
+def wandb_mode(environ: dict[str, str] | None = None) -> str:
+    """wandb's mode: WANDB_MODE when set, else offline inside a Slurm job (compute nodes rarely reach the
+    internet; `wandb sync` uploads later) and online elsewhere."""
+    environ = os.environ if environ is None else environ
+    return environ.get("WANDB_MODE") or ("offline" if "SLURM_JOB_ID" in environ else "online")
+
+
+def wandb_logger(cfg: ExperimentConfig, run: RunDir):
+    if not cfg.train.wandb:
+        return None
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        raise InputError(f"train.wandb: {cfg.train.wandb!r} asks for wandb logging, but the wandb package is not "
+                         "installed; install it (pip install wandb) or remove train.wandb") from None
+    from lightning.pytorch.loggers import WandbLogger
+
+    # one wandb run per kolora run, continued by every attempt (requeues, resumes)
+    run_id = hashlib.sha256(str(run.root.resolve()).encode()).hexdigest()[:16]
+    return WandbLogger(project=cfg.train.wandb, name=cfg.name, id=run_id, resume="allow", save_dir=str(run.train),
+                       offline=wandb_mode() == "offline")
+
+
+class StepScalars(L.Callback):
+    """loss, lr, step time and (on CUDA) the step's peak GPU memory, to every logger, once per optimizer step."""
+
+    def __init__(self) -> None:
+        self.started = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.started = time.perf_counter()
+        if pl_module.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        metrics = {"loss": float(loss), "lr": trainer.optimizers[0].param_groups[0]["lr"],
+                   "step_time_s": time.perf_counter() - self.started}
+        if pl_module.device.type == "cuda":
+            metrics["gpu_mem_gb"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+
+
+def callbacks() -> list[L.Callback]:
+    return [StepScalars()]

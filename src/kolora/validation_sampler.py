@@ -1,0 +1,129 @@
+"""The validation sampler (train.validation): a Lightning callback that renders the validation prompts with
+the UNet being trained, from the cached embeddings (kolora.validation), on rank 0."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import lightning as L
+import torch
+
+from kolora import checkpoint, interrupt, models
+from kolora.config import ExperimentConfig
+from kolora.errors import RunFailure
+from kolora.rundir import RunDir, atomic_path
+from kolora.validation import prompt_texts, sample_names, step_dir, texts_to_cache
+
+
+class ValidationSampler(L.Callback):
+    """Samples at every `train.validation.every`-th step on rank 0 (a step already sampled is skipped)."""
+
+    def __init__(self, cfg: ExperimentConfig, run: RunDir, weight_dtype):
+        self.cfg, self.run, self.weight_dtype = cfg, run, weight_dtype
+        self.every = cfg.train.validation.every
+        self.names, self.prompts = sample_names(cfg), prompt_texts(cfg)
+        self.vae = self.embeds = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        self.embeds = self._read_embeddings()
+        self.vae = models.load_vae(models.resolve(self.cfg.model), self._vae_dtype(pl_module.device))  # on the CPU
+        step = trainer.global_step  # resumed at a sampling step whose samples a stop request cut short
+        if step and step % self.every == 0 and not self.done(step):
+            self.sample(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if trainer.is_global_zero and step % self.every == 0 and interrupt.requested() is None:
+            self.sample(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.vae = self.embeds = None
+
+    def done(self, step: int) -> bool:
+        folder = step_dir(self.run.train, step)
+        return all((folder / name).is_file() for _, _, name in self.names)
+
+    def _vae_dtype(self, device):
+        # float16 only with a VAE that survives it (the fp16-fix VAE the recipe uses, as cache.vae_dtype says)
+        return getattr(torch, self.cfg.cache.vae_dtype) if device.type == "cuda" else torch.float32
+
+    def _read_embeddings(self) -> dict[str, dict[str, Any]]:
+        from kolora.cache import read_text
+        from kolora.samples import CachedSamples
+
+        data = CachedSamples(self.run.cache)
+        cached = json.loads((self.run.cache / "index.json").read_text()).get("validation") or {}
+        missing = [t for t in texts_to_cache(self.cfg) if t not in cached]
+        if missing:
+            raise RunFailure(f"train.validation: the cache has no embeddings for {missing[0][:60]!r}: rerun the "
+                             "cache stage (kolora run CONFIG --stage cache), which encodes the validation prompts")
+        return {t: read_text(data.dir / "text" / f"{cached[t]}.safetensors", data.seq)
+                for t in texts_to_cache(self.cfg)}
+
+    def sample(self, trainer, pl_module) -> None:
+        if self.done(trainer.global_step):
+            return
+        images = self.render(pl_module)
+        folder = step_dir(self.run.train, trainer.global_step)
+        folder.mkdir(parents=True, exist_ok=True)
+        for (_, _, name), image in zip(self.names, images, strict=True):
+            with atomic_path(folder / name) as tmp:
+                image.save(tmp, format="PNG")
+        for logger in trainer.loggers:
+            log_images(logger, images, self.names, trainer.global_step)
+
+    def render(self, pl_module) -> list[Any]:
+        """The samples with the UNet as it is now, its RNG, mode and device left as they were."""
+        from diffusers import KolorsPipeline
+
+        v, rcfg, unet, device = self.cfg.train.validation, self.cfg.render, pl_module.unet, pl_module.device
+        size = v.size or self.cfg.train.resolution
+        negative = self.embeds[rcfg.negative_prompt]
+        rng, was_training = checkpoint.rng_state(), unet.training
+        pipe = KolorsPipeline(vae=self.vae.to(device), text_encoder=None, tokenizer=None, unet=unet.eval(),
+                              scheduler=models.make_scheduler(models.resolve(self.cfg.model)))
+        pipe.set_progress_bar_config(disable=True)
+        images = []
+        try:
+            # no autocast: the UNet runs in its weight dtype (peft computes the LoRA in float32 and casts back),
+            # the VAE in its own (autocast would run the SDXL VAE in float16, which overflows)
+            with torch.no_grad():
+                for i, seed, _ in self.names:
+                    text = self.embeds[self.prompts[i]]
+                    latents = pipe(
+                        prompt_embeds=_batch(text["prompt_embeds"], device, self.weight_dtype),
+                        pooled_prompt_embeds=_batch(text["pooled"], device, self.weight_dtype),
+                        negative_prompt_embeds=_batch(negative["prompt_embeds"], device, self.weight_dtype),
+                        negative_pooled_prompt_embeds=_batch(negative["pooled"], device, self.weight_dtype),
+                        guidance_scale=rcfg.cfg, num_inference_steps=v.steps, height=size, width=size,
+                        generator=torch.Generator("cpu").manual_seed(seed), output_type="latent").images
+                    # decoded here in the VAE's dtype (the pipeline would feed it latents in the UNet's)
+                    pixels = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+                    images.append(pipe.image_processor.postprocess(pixels, output_type="pil")[0])
+        finally:
+            unet.train(was_training)
+            self.vae.to("cpu")
+            del pipe
+            models.free_gpu(device.type)
+            checkpoint.set_rng_state(rng)
+        return images
+
+
+def _batch(tensor, device, dtype):
+    return tensor.unsqueeze(0).to(device, dtype)
+
+
+def log_images(logger, images: list[Any], names: list[tuple[int, int, str]], step: int) -> None:
+    """Validation images to a Lightning logger that takes images (TensorBoard, wandb)."""
+    import numpy as np
+
+    experiment = logger.experiment
+    for (i, seed, _), image in zip(names, images, strict=True):
+        tag = f"validation/{i}-{seed}"
+        if hasattr(experiment, "add_image"):  # TensorBoard's SummaryWriter
+            experiment.add_image(tag, np.asarray(image.convert("RGB")), step, dataformats="HWC")
+        elif hasattr(logger, "log_image"):  # wandb
+            logger.log_image(key=tag, images=[image], step=step)
