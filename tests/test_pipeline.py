@@ -9,7 +9,6 @@ import time
 from conftest import DEMO
 from PIL import Image
 
-from kolora import stages
 from kolora.cli import main
 from kolora.stages import NAMES
 

@@ -134,7 +134,7 @@ def test_sweep_in_process_shares_the_cache_and_compares_the_variants(tmp_path, t
     assert capsys.readouterr().err.count("complete, skipped") == 12
 
 
-def test_sweep_submission_is_one_graph_with_a_train_array(tmp_path, tiny_diffusers, fake_slurm, capsys):
+def test_sweep_submission_is_one_graph_with_a_train_array(tmp_path, tiny_diffusers, fake_slurm, capsys):  # noqa: F811
     """The Slurm graph, against a fake sbatch (the dev-cluster run is tests/test_sweep_slurm.py)."""
     from kolora.cli import main
 
