@@ -14,6 +14,7 @@ from test_launch import LOCAL, fake_slurm, sbatch_scripts  # noqa: F401 - fake_s
 
 from kolora.config import ConfigError
 from kolora.ranking import RunScore, rank
+from kolora.stages import NAMES
 from kolora.sweep import parse_vary, plan, variant_names
 
 DEMO = str(DEMO_PATH)
@@ -101,15 +102,23 @@ def test_sweep_in_process_shares_the_cache_and_compares_the_variants(tmp_path, t
     assert not re.search(r'(src|href)="(?!data:)', page)
     assert (sweep / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    # status of the sweep: each variant, and the best by final loss while no variant has scores
+    # status of the sweep: each variant, and the best by the demo's scores (it evaluates), else by final loss
     assert main(["status", "demo-sweep", "--runs-dir", str(runs)]) == 0
     text = capsys.readouterr().out
     assert re.search(r"lr-1e-3 +train.lr=0.001 +complete .*cache encoded [1-9]", text), text
     assert re.search(r"lr-3e-3 +train.lr=0.003 +complete .*cache encoded 0, reused", text), text
+    scored = {r.name: json.loads((r / "eval" / "scores.json").read_text())["summary"] for r in (first, second)}
+    best = max(scored, key=lambda n: (scored[n]["aesthetic"]["lora"], scored[n]["clip"]["lora"]))
+    assert f"best so far (by scores): {best}:" in text
+    for r in (first, second):  # without scores
+        (r / "eval").rename(r / "eval.kept")
+    assert main(["status", "demo-sweep", "--runs-dir", str(runs)]) == 0
     losses = {r.name: json.loads((r / "manifest.json").read_text())["stages"]["train"]["summary"]["last_loss"]
               for r in (first, second)}
-    best = min(losses, key=losses.get)
-    assert f"best so far (by final training loss (no scores yet)): {best}:" in text
+    assert f"best so far (by final training loss (no scores yet)): {min(losses, key=losses.get)}:" in \
+        capsys.readouterr().out
+    for r in (first, second):
+        (r / "eval.kept").rename(r / "eval")
 
     # scores (the evaluate stage's eval/scores.json) rank before losses: the scored variant is best
     worst = max(losses, key=losses.get)
@@ -131,7 +140,7 @@ def test_sweep_in_process_shares_the_cache_and_compares_the_variants(tmp_path, t
     # a second sweep of the same config does nothing again
     assert main(["sweep", DEMO, "--runs-dir", str(runs), "--set", f"model.path={tiny_diffusers}", *FAST,
                  "--vary", "train.lr=1e-3,3e-3"]) == 0
-    assert capsys.readouterr().err.count("complete, skipped") == 12
+    assert capsys.readouterr().err.count("complete, skipped") == 2 * len(NAMES)
 
 
 def test_sweep_submission_is_one_graph_with_a_train_array(tmp_path, tiny_diffusers, fake_slurm, capsys):  # noqa: F811
