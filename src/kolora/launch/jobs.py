@@ -182,6 +182,8 @@ class StageJob:
 
     # DDP: rank 0 runs the stages before train (cache) alone; the other ranks wait for its go-ahead, then
     # join Lightning's process group in train.run (rank and world size come from Slurm's srun variables).
+    # The go file also carries the rendezvous port rank 0 found free on its node (MASTER_PORT): Lightning's
+    # default, 15000 + the job id's last 4 digits, collides for two jobs on one node whose ids share them.
     def _go_file(self) -> Path:
         job_id = os.environ.get("SLURM_JOB_ID", "local")
         return Path(self.folder) / f".train-go-{job_id}-{os.environ.get('SLURM_RESTART_COUNT', '0')}"
@@ -190,12 +192,17 @@ class StageJob:
         from kolora import pipeline, stages
 
         keys = stages.Keys(cfg, run)
+        from kolora.distributed import free_port
+        from kolora.rundir import atomic_write_text
+
         decision = "skip" if stages.is_complete("train", cfg, run, keys) else "run"  # what run_stage will decide
         if decision == "run":
             # settle the outputs of other inputs now, not inside run_stage while the others already read them
             for note in pipeline.prepare("train", cfg, run, keys):
                 log.warning("%s", note)
-        self._go_file().write_text(decision + "\n")
+            os.environ["MASTER_PORT"] = str(free_port())
+            decision += f" {os.environ['MASTER_PORT']}"
+        atomic_write_text(self._go_file(), decision + "\n")
 
     def _train_follower(self, cfg, run, rank: int) -> dict[str, Any]:
         go = self._go_file()
@@ -204,7 +211,9 @@ class StageJob:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"rank {rank}: rank 0 did not start training within the time limit ({go})")
             time.sleep(1)
-        decision = go.read_text().strip()
+        decision, *port = go.read_text().split()
+        if port:
+            os.environ["MASTER_PORT"] = port[0]
         if decision == "fail":
             raise RuntimeError(f"rank {rank}: rank 0 failed before training; see the rank 0 log")
         if decision == "skip":

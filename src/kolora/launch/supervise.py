@@ -211,8 +211,13 @@ def supervise(command: list[str], *, signal_lead_s: int, max_requeues: int, coun
 
     job_id = slurm_job_id()
     names = [signal.Signals(s).name for s in received] or [f"exit {rc}"]
-    if rank != 0 or job_id is None:
+    if rank != 0:
+        # All ranks stopped at the same step, after the same checkpoint (train's broadcast decision). Exit 0:
+        # a non-zero exit would make srun (--kill-on-bad-exit) kill rank 0 before its `scontrol requeue`.
         log.warning("stage stopped (%s); rank %d leaves the requeue to rank 0", "+".join(names), rank)
+        sys.exit(0)
+    if job_id is None:
+        log.warning("stage stopped (%s) outside Slurm: nothing to requeue", "+".join(names))
         sys.exit(EXIT_INTERRUPTED)
     if signal.SIGUSR2 in received:
         left = parse_slurm_duration(_squeue_field(job_id, "%L") or "")
