@@ -5,8 +5,11 @@ The multi-process runs here are real: 2 training processes joined by gloo on the
 externally launched ranks (tests/ddp_worker.py), on the tiny demo model.
 
 Tolerance (measured, stated in the README): a 2-process run and a 1-process run with the doubled batch, or the
-2-process run resumed on 1 process with 2 accumulated micro-batches, differ only by float summation order;
-their LoRA tensors agree within TOLERANCE (max |Δ| relative to the tensor's max |w|).
+2-process run resumed on 1 process with 2 accumulated micro-batches, differ only by float summation order:
+the global batch's loss of every step agrees within LOSS_TOLERANCE (relative), and the LoRA tensors within
+TOLERANCE (max |Δ| relative to the tensor's max |w|; AdamW divides by √v, which magnifies the rounding of the
+near-zero gradients of a freshly initialised LoRA). A rank's own loss differs from the global batch's by ~10 %:
+the loss check sees any sample or noise that differs.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from kolora.samples import BucketSampler, RankShare, StepSampler
 
 WORKER = str(Path(__file__).with_name("ddp_worker.py"))
 STEPS = 12
-TOLERANCE = 1e-4
+TOLERANCE = 1e-3
+LOSS_TOLERANCE = 1e-5
 LORA = "lora/pytorch_lora_weights.safetensors"
 
 
@@ -201,6 +205,16 @@ def _metric_steps(run: RunDir) -> list[int]:
         return [int(r["step"]) for r in csv.DictReader(f)]
 
 
+def _loss_diff(a: RunDir, b: RunDir) -> float:
+    """The largest relative difference of the logged global-batch loss, step by step."""
+    rows = []
+    for run in (a, b):
+        with open(run.train / "metrics.csv") as f:
+            rows.append([float(r["loss"]) for r in csv.DictReader(f)])
+    assert len(rows[0]) == len(rows[1])
+    return max(abs(x - y) / abs(y) for x, y in zip(*rows, strict=True))
+
+
 @pytest.fixture(scope="module")
 def two_process_run(demo_run, tmp_path_factory) -> RunDir:
     """2 processes × batch 1, a checkpoint after nearly every step (checkpoint_minutes tiny)."""
@@ -223,10 +237,10 @@ def test_two_processes_with_a_checkpoint_every_step_match_one_process_with_the_d
     one = _copy_run(demo_run, tmp_path / "one")
     [p] = _train(one, 1, steps=STEPS, batch_size=2, checkpoint_every=1000)
     assert p.returncode == 0, p.stderr[-4000:]
-    diff = _max_rel_diff(_lora(run), _lora(one))
-    print(f"\n2 processes × batch 1 vs 1 process × batch 2, {STEPS} steps: max relative |Δ| {diff:.2e}")
-    assert diff <= TOLERANCE
-    assert _lora(run).keys() and diff < 1 - 1e-9  # and they did train (not both untouched)
+    diff, loss = _max_rel_diff(_lora(run), _lora(one)), _loss_diff(run, one)
+    print(f"\n2 processes × batch 1 vs 1 process × batch 2, {STEPS} steps: LoRA max relative |Δ| {diff:.2e}, "
+          f"loss {loss:.2e}")
+    assert diff <= TOLERANCE and loss <= LOSS_TOLERANCE
 
 
 def test_a_stop_on_rank_0_stops_every_rank_and_resumes_on_one_process(two_process_run, demo_run, tmp_path):
@@ -243,9 +257,10 @@ def test_a_stop_on_rank_0_stops_every_rank_and_resumes_on_one_process(two_proces
     summary = json.loads(p.stdout.strip().splitlines()[-1])
     assert (summary["resumed_from_step"], summary["world_size"], summary["accumulate"]) == (6, 1, 2)
     assert _metric_steps(run) == list(range(1, STEPS + 1))
-    diff = _max_rel_diff(_lora(run), _lora(two_process_run))
-    print(f"\n2 processes, stopped at step 6, resumed on 1 process (accumulation 2): max relative |Δ| {diff:.2e}")
-    assert diff <= TOLERANCE
+    diff, loss = _max_rel_diff(_lora(run), _lora(two_process_run)), _loss_diff(run, two_process_run)
+    print(f"\n2 processes, stopped at step 6, resumed on 1 process (accumulation 2): LoRA max relative |Δ| "
+          f"{diff:.2e}, loss {loss:.2e}")
+    assert diff <= TOLERANCE and loss <= LOSS_TOLERANCE
 
     # a GPU count that cannot keep the global batch of 2 is refused, naming what differs
     with pytest.raises(InputError, match="global batch of 2"):

@@ -168,9 +168,12 @@ class MetricsCSV(L.Callback):
             return
         self.step = trainer.global_step
         lr = trainer.optimizers[0].param_groups[0]["lr"]
-        # rank 0's loss: the mean over its micro-batches (Lightning's outputs are divided by the accumulation)
+        # the global batch's loss: the mean over this rank's micro-batches (Lightning's outputs are divided by
+        # the accumulation), then over the ranks (a collective every rank reaches at this same step)
         loss = sum(self.losses) * trainer.accumulate_grad_batches / len(self.losses)
         self.losses = []
+        if trainer.world_size > 1:
+            loss = float(trainer.strategy.reduce(torch.tensor(loss, device=pl_module.device), reduce_op="mean"))
         self.rows.append({"step": trainer.global_step, "loss": f"{loss:.6g}", "lr": f"{lr:.6g}",
                           "time": f"{time.time():.3f}"})
 
