@@ -110,6 +110,18 @@ def job_end_time(job_id: str | None) -> float | None:
         return None
 
 
+def cancelled(job_id: str) -> bool:
+    """Whether Slurm's accounting says the job was cancelled (scancel); False when it cannot tell."""
+    try:
+        out = subprocess.run(["sacct", "-X", "-n", "-P", "-j", job_id, "-o", "State"], capture_output=True,
+                             text=True, timeout=30, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    states = out.stdout.split("\n")
+    last = [line for line in states if line.strip()]
+    return bool(last) and last[-1].startswith("CANCELLED")
+
+
 def requeue(job_id: str) -> bool:
     out = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60, check=False)
     if out.returncode != 0:
@@ -241,6 +253,11 @@ def supervise(command: list[str], *, signal_lead_s: int, max_requeues: int, coun
             log.warning("stage stopped on %s (job state %s): Slurm requeues or cancels it", "+".join(names), state)
             sys.exit(EXIT_INTERRUPTED)
         why = "preemption (SIGTERM)"
+    if cancelled(job_id):
+        # `scontrol requeue` also takes a finished job: requeueing one that was cancelled while it stopped would
+        # bring it back PENDING after `kolora cancel` / scancel emptied the queue.
+        log.warning("stage checkpointed after %s, but job %s was cancelled meanwhile: not requeued", why, job_id)
+        sys.exit(EXIT_INTERRUPTED)
     ok = requeue(job_id)
     log.warning("stage checkpointed after %s; %s job %s", why, "requeued" if ok else "could not requeue", job_id)
     sys.exit(EXIT_INTERRUPTED)
