@@ -253,8 +253,10 @@ def main(argv: list[str] | None = None) -> int:
              "requeue-ddp": "2-task DDP, `scontrol requeue` (SIGTERM to both ranks → one decision)",
              "kill": "SIGKILL of `kolora run --stage train`, rerun (no signal checkpoint)"}
     rows = [[label[k], r["stopped"], r["resumed"], r["redone"], r["from"], r["to_step"]] for k, r in res.items()]
+    ddp = " DDP rows: jobs.train.gpus 2 (2 srun tasks, gloo), global batch 2 × train.batch_size." \
+        if any(k.endswith("-ddp") for k in res) else ""
     body = (f"demo config, train.steps={args.steps}, checkpoint_every=50; one interruption per kind after the "
-            "first checkpoint.\n\n" + table(["interruption", "stopped at step", "resumed from", "steps redone",
+            f"first checkpoint.{ddp}\n\n" + table(["interruption", "stopped at step", "resumed from", "steps redone",
                                              "clock from", "s to first new step"], rows))
     keys = {"preempt": ("preempt_steps_redone", "preempt_requeue_to_step_s"),
             "requeue": ("requeue_steps_redone", "requeue_to_step_s"),

@@ -23,7 +23,7 @@ from kolora.rundir import RunDir
 
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("cancel_leftovers")]
 
-STEPS = 300
+STEPS = 120
 DDP = ["--set", f"train.steps={STEPS}", "--set", "train.batch_size=1", "--set", "train.checkpoint_every=1000",
        "--set", "train.checkpoint_minutes=0.0001", "--set", "render.steps=2"]
 
