@@ -110,6 +110,7 @@ def test_preempted_two_task_training_ends_bit_identical(env, tmp_path, two_gpu_p
     assert sha[0] == sha[1], "the preempted 2-task run's LoRA differs from the uninterrupted 2-process run"
 
 
+@pytest.mark.slow  # ≈ 3 graphs' worth of work; tests/test_ddp.py covers the same elastic path without Slurm
 def test_two_task_run_resumed_on_one_task_matches_within_tolerance(env, tmp_path, two_gpu_profile):
     runs = tmp_path / "runs"
     submit(env, runs, "ddp-elastic", *DDP, profile=two_gpu_profile)
