@@ -11,6 +11,8 @@ Kinds (configs/demo.yaml with train.steps=STEPS, train.checkpoint_every=50, rend
   "job received SIGTERM" line to the first new step.
 - kill: in process, no Slurm: `kolora run --stage train` (ingest/filter/cache done once before), SIGKILL after
   its first checkpoint plus a few seconds, rerun; seconds from the rerun's start to its first new step.
+- preempt-ddp, requeue-ddp: the same with `jobs.train.gpus: 2` (2 srun tasks, DDP over gloo): rank 0 decides the
+  stop and broadcasts it, both ranks checkpoint at the same step, rank 0's host requeues once.
 Steps redone = steps trained before the interruption − step resumed from (the "training stopped at step K" and
 "resuming from ... (step N" log lines; K = N when the stop line is missing but N is off the
 checkpoint_every grid, i.e. the signal's checkpoint; for kill, K is estimated from the step rate up to the kill). Step times are
@@ -108,10 +110,21 @@ def wait_for(what: str, ready, timeout: float, failed=lambda: None) -> None:
         time.sleep(0.5)
 
 
+def two_gpu_profile(base: Path) -> Path:
+    import yaml
+
+    profile = yaml.safe_load(LOCAL.read_text())
+    profile["jobs"]["train"]["gpus"] = 2
+    path = base / "ddp.yaml"
+    path.write_text(yaml.safe_dump(profile))
+    return path
+
+
 def slurm_kind(kind: str, env: dict[str, str], base: Path, overrides: list[str], timeout: float,
                every: int = 50) -> dict[str, Any]:
     runs = base / f"runs-{kind}"
-    proc = kolora(env, "submit", DEMO, "--cluster", LOCAL, "--runs-dir", runs, "--name", kind, *overrides)
+    profile = two_gpu_profile(base) if kind.endswith("-ddp") else LOCAL
+    proc = kolora(env, "submit", DEMO, "--cluster", profile, "--runs-dir", runs, "--name", kind, *overrides)
     if proc.returncode != 0:
         raise SystemExit(f"kolora submit failed: {proc.stderr[-2000:]}")
     run = runs / kind
@@ -120,7 +133,7 @@ def slurm_kind(kind: str, env: dict[str, str], base: Path, overrides: list[str],
         ended = lambda: job_state(env, job) if job_state(env, job).startswith(ENDED) else None  # noqa: E731
         wait_for(f"{kind}: first checkpoint of job {job}",
                  lambda: any((run / "train" / "checkpoints").glob("step=*.ckpt")), timeout, ended)
-        if kind == "preempt":
+        if kind.startswith("preempt"):
             cmd = ["sbatch", "--parsable", "-p", "gpu-urgent", "--gres=gpu:2", "-J", "urgent",
                    "-o", str(base / "urgent.out"), "--wrap", "sleep 5"]
         else:
@@ -139,7 +152,7 @@ def slurm_kind(kind: str, env: dict[str, str], base: Path, overrides: list[str],
         n = int(m.group(1)) if m else None
         # a checkpoint off the checkpoint_every grid was written on the signal, at the stop step
         k = n if n is not None and n % every != 0 else None
-    mark = "requeued job" if kind == "preempt" else "job received SIGTERM"
+    mark = "requeued job" if kind.startswith("preempt") else "job received SIGTERM"
     t0 = next((stamp(line) for line in log.splitlines() if mark in line and stamp(line)), None)
     t1 = step_time(metrics(run), n + 1) if n is not None else None
     return {"stopped": k, "resumed": n, "redone": (k - n) if k is not None and n is not None else float("nan"),
@@ -236,13 +249,19 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
     label = {"preempt": "preemption by gpu-urgent (USR2 → checkpoint → host requeue)",
              "requeue": "`scontrol requeue` (SIGTERM → checkpoint → Slurm requeue)",
+             "preempt-ddp": "2-task DDP, preemption by gpu-urgent (rank 0 decides, both save, one requeue)",
+             "requeue-ddp": "2-task DDP, `scontrol requeue` (SIGTERM to both ranks → one decision)",
              "kill": "SIGKILL of `kolora run --stage train`, rerun (no signal checkpoint)"}
     rows = [[label[k], r["stopped"], r["resumed"], r["redone"], r["from"], r["to_step"]] for k, r in res.items()]
+    ddp = " DDP rows: jobs.train.gpus 2 (2 srun tasks, gloo), global batch 2 × train.batch_size." \
+        if any(k.endswith("-ddp") for k in res) else ""
     body = (f"demo config, train.steps={args.steps}, checkpoint_every=50; one interruption per kind after the "
-            "first checkpoint.\n\n" + table(["interruption", "stopped at step", "resumed from", "steps redone",
+            f"first checkpoint.{ddp}\n\n" + table(["interruption", "stopped at step", "resumed from", "steps redone",
                                              "clock from", "s to first new step"], rows))
     keys = {"preempt": ("preempt_steps_redone", "preempt_requeue_to_step_s"),
             "requeue": ("requeue_steps_redone", "requeue_to_step_s"),
+            "preempt-ddp": ("ddp_preempt_steps_redone", "ddp_preempt_requeue_to_step_s"),
+            "requeue-ddp": ("ddp_requeue_steps_redone", "ddp_requeue_to_step_s"),
             "kill": ("kill_steps_redone", "kill_restart_to_step_s")}
     result: dict[str, Any] = {}
     for k, r in res.items():

@@ -102,11 +102,14 @@ def test_the_sampler_gives_one_bucket_per_batch_as_a_function_of_seed_and_step()
     for start in (1, 7, 13):  # a resumed run yields exactly the rest
         assert list(BucketSampler(sizes, 3, 20, 5, start_step=start)) == flat[start * 3:]
     assert list(BucketSampler(sizes, 3, 20, 6)) != flat  # another seed, another order
-    # DDP: one bucket per global batch of batch_size × replicas, dealt to the ranks in turn
-    ddp = list(BucketSampler(sizes, 2, 10, 5, replicas=2))
+    # DDP: one bucket per global batch; each rank's slice of it (RankShare) is of that bucket
+    from kolora.samples import RankShare
+
+    global_batches = BucketSampler(sizes, 4, 10, 5)
     for rank in (0, 1):
-        mine = ddp[rank::2]
+        mine = [i for _, i in RankShare(global_batches, 10, 0, 2, world=2, rank=rank)]
         assert all(len({sizes[i] for i in mine[k:k + 2]}) == 1 for k in range(0, len(mine), 2))
+        assert all(mine[k:k + 2] == global_batches.batch(k // 2)[2 * rank:2 * rank + 2] for k in range(0, 20, 2))
 
 
 # ---- cache and training on a dataset of wide, tall and square images ----------------------------------------

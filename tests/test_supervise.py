@@ -155,6 +155,7 @@ def test_a_time_limit_attempt_without_progress_is_not_requeued(tmp_path: Path, m
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     monkeypatch.setattr(sv, "_squeue_field", lambda job_id, fmt: "0:20" if fmt == "%L" else None)
     monkeypatch.setattr(sv, "requeue", lambda job_id: requeued.append(job_id) or True)
+    monkeypatch.setattr(sv, "cancelled", lambda job_id: False)
     env = {"PROGRESS_FILE": str(checkpoints / "step=7.ckpt")} if progressed else {}
     attempts = tmp_path / "attempts.jsonl"
     call = dict(signal_lead_s=5, max_requeues=3, counter=tmp_path / "timeouts.json", key="train/0", env=env,
@@ -171,3 +172,22 @@ def test_a_time_limit_attempt_without_progress_is_not_requeued(tmp_path: Path, m
     entry = json.loads(attempts.read_text())
     assert entry["slurm_job"] == "4242" and entry["exit"] == sv.EXIT_INTERRUPTED and entry["signals"] == ["SIGUSR2"]
     assert entry["progress_before"] == [] and entry["progress_after"] == (["step=7.ckpt"] if progressed else [])
+
+
+@pytest.mark.parametrize("case", ["cancelled meanwhile", "rank 1"])
+def test_only_rank_0_requeues_and_never_a_cancelled_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       case: str) -> None:
+    """A stop (here the supervisor's own deadline, as for a preemption) is requeued by rank 0 only; the other
+    ranks exit 0 (srun --kill-on-bad-exit would otherwise kill rank 0 before its requeue); and a job cancelled
+    while it stopped is not brought back (`scontrol requeue` also takes a finished job)."""
+    requeued: list[str] = []
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setattr(sv, "_squeue_field", lambda job_id, fmt: "25:00" if fmt == "%L" else "RUNNING")
+    monkeypatch.setattr(sv, "requeue", lambda job_id: requeued.append(job_id) or True)
+    monkeypatch.setattr(sv, "cancelled", lambda job_id: case == "cancelled meanwhile")
+    with pytest.raises(SystemExit) as stop:
+        sv.supervise([sys.executable, "-c", STOPPING_CHILD], signal_lead_s=5, max_requeues=3,
+                     counter=tmp_path / "timeouts.json", key="train/0", result_dir=tmp_path,
+                     end_time=time.time() + 5 + 1.0, rank=1 if case == "rank 1" else 0)
+    assert requeued == []
+    assert stop.value.code == (0 if case == "rank 1" else sv.EXIT_INTERRUPTED)

@@ -48,8 +48,8 @@ def test_min_snr_weights_each_sample_by_min_snr_over_snr():
 
 
 def test_noise_offset_shifts_each_channel_and_keeps_the_base_draws():
-    base = objective.draw(0, 7, (4, 4, 8, 8), 1100)
-    off = objective.draw(0, 7, (4, 4, 8, 8), 1100, noise_offset=0.1)
+    base = objective.draw(0, 7, [28, 29, 30, 31], (4, 4, 8, 8), 1100)
+    off = objective.draw(0, 7, [28, 29, 30, 31], (4, 4, 8, 8), 1100, noise_offset=0.1)
     assert torch.equal(base.timestep, off.timestep)
     shift = off.noise - base.noise
     assert torch.allclose(shift, shift[:, :, :1, :1].expand_as(shift), atol=1e-6)  # one value per (sample, channel)
@@ -57,14 +57,14 @@ def test_noise_offset_shifts_each_channel_and_keeps_the_base_draws():
 
 
 def test_caption_dropout_uses_the_empty_caption_at_the_rate():
-    drops = torch.cat([objective.draw(3, k, (8, 4, 8, 8), 1100, caption_dropout=0.25).drop for k in range(400)])
+    drops = torch.cat([objective.draw(3, k, range(8 * k, 8 * k + 8), (8, 4, 8, 8), 1100, caption_dropout=0.25).drop for k in range(400)])
     assert abs(drops.float().mean().item() - 0.25) < 0.03  # 3,200 draws: 4.5 standard deviations
     batch = {"prompt_embeds": torch.randn(3, 5, 6), "pooled": torch.randn(3, 6)}
     empty = torch.zeros(5, 6), torch.full((6,), 7.0)
     embeds, pooled = objective.drop_captions(batch, torch.tensor([False, True, False]), *empty)
     assert torch.equal(embeds[1], empty[0]) and torch.equal(pooled[1], empty[1])
     assert torch.equal(embeds[[0, 2]], batch["prompt_embeds"][[0, 2]])
-    assert objective.draw(3, 0, (8, 4, 8, 8), 1100).drop is None  # off: nothing more is drawn
+    assert objective.draw(3, 0, range(8), (8, 4, 8, 8), 1100).drop is None  # off: nothing more is drawn
 
 
 @pytest.mark.parametrize("option", ["min_snr_gamma", "noise_offset", "caption_dropout"])

@@ -191,6 +191,7 @@ def cmd_submit(args) -> int:
 
 
 def cmd_resume(args) -> int:
+    from kolora import distributed
     from kolora.cluster import find_profile, load_profile
     from kolora.launch.monitor import resolve_run
     from kolora.launch.submit import LaunchError, format_submitted, submit
@@ -207,7 +208,15 @@ def cmd_resume(args) -> int:
         return EXIT_INPUT
     profile_file = find_profile(profile_ref)
     profile = load_profile(profile_file)
+    if args.gpus is not None:  # elastic: training continues on M GPUs, accumulating to keep its global batch
+        jobs = profile.jobs.model_copy(update={"train": profile.jobs.train.model_copy(update={"gpus": args.gpus})})
+        profile = profile.model_copy(update={"jobs": jobs})
     preflight(cfg)
+    try:  # a checkpoint's global batch that this GPU count cannot keep: refused before queueing
+        distributed.check_resume(run.train, cfg.train.batch_size, profile.resources("train"))
+    except InputError as e:
+        print(f"kolora: resume: {e}", file=sys.stderr)
+        return EXIT_INPUT
     _warn_attempt_window(cfg, profile)
     _check_gpu_memory(cfg, profile, profile_file, show=False)
     try:
@@ -352,6 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
                                       "crash, a cancel, or a job that ran out of requeues)")
     _add_run_arg(p)
     p.add_argument("--cluster", help="cluster profile (default: the one of the run's last submission)")
+    p.add_argument("--gpus", type=whole_number(1), metavar="M",
+                   help="GPUs per node for the train job (overrides the profile's jobs.train.gpus): a run "
+                        "checkpointed on another GPU count continues with gradient accumulation keeping its global "
+                        "batch, or is refused when M cannot keep it")
     p.set_defaults(func=cmd_resume)
 
     p = sub.add_parser("make-tiny", help="write tiny random Kolors-shaped models (tests, demos)")

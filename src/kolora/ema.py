@@ -21,10 +21,14 @@ class LoraEMA(L.Callback):
     def __init__(self, decay: float):
         self.decay = decay
         self.shadow: dict[str, torch.Tensor] = {}
+        self.step = 0
 
     @staticmethod
     def _trainable(pl_module) -> dict[str, torch.nn.Parameter]:
         return {n: p for n, p in pl_module.named_parameters() if p.requires_grad}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.step = trainer.global_step
 
     def on_fit_start(self, trainer, pl_module) -> None:
         if not self.shadow:  # a fresh run (a resumed one got its state from the checkpoint already)
@@ -33,6 +37,9 @@ class LoraEMA(L.Callback):
             self.shadow = {n: self.shadow[n].to(p.device) for n, p in self._trainable(pl_module).items()}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:  # a micro-batch of gradient accumulation: no update yet
+            return
+        self.step = trainer.global_step
         with torch.no_grad():
             for n, p in self._trainable(pl_module).items():
                 self.shadow[n].mul_(self.decay).add_(p.detach().float(), alpha=1 - self.decay)

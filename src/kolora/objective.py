@@ -1,9 +1,14 @@
 """The training objective: what step k draws and how its loss is weighted.
 
-Every random draw of step k comes from one generator seeded by (seed, k), in a fixed order: the noise, the
-timestep (one per batch, as the tutorial's DiffSynth trainer), then, only when their option is on, the noise
-offset and the caption-dropout mask. So with every option off the draws are bit-for-bit the tutorial recipe's,
-and with any option on a resumed run still repeats the uninterrupted one.
+The draws do not depend on how many processes train. Step k's *global batch* is positions
+[k·G, (k+1)·G) of the run's sample sequence (G = world size × train.batch_size × gradient accumulation;
+kolora.samples), and:
+- the timestep is drawn once per global batch (the tutorial's DiffSynth trainer draws one per batch), from a
+  generator seeded by (seed, k);
+- everything per sample — its noise, then, only when their option is on, its noise offset and its
+  caption-dropout draw — comes from a generator seeded by (seed, the sample's position in the sequence).
+So a rank draws exactly its own samples' values, a 2-GPU run and a 1-GPU run with the doubled batch compute the
+same update up to the all-reduce's summation order, and a resumed run repeats the uninterrupted one.
 
 - noise offset (`train.noise_offset`, crosslabs' "diffusion with offset noise", as kohya and diffusers' SDXL
   script add it): noise += offset · N(0, 1) per sample and channel, so the model learns to shift the mean;
@@ -11,6 +16,8 @@ and with any option on a resumed run still repeats the uninterrupted one.
   embedding with this probability (what classifier-free guidance at render time contrasts with);
 - min-SNR-γ weighting (`train.min_snr_gamma`, Hang et al. 2023, as in diffusers' train scripts for epsilon
   prediction): each sample's MSE is weighted by min(SNR(t), γ) / SNR(t).
+The loss is a mean over the rank's samples; DDP averages the ranks' gradients and Lightning divides by the
+accumulation count, so the gradient is the mean over the whole global batch, whatever its split.
 """
 
 from __future__ import annotations
@@ -24,22 +31,36 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 2_654_435_761 + step) % (2**63))
 
 
+def sample_generator(seed: int, position: int) -> torch.Generator:
+    """The generator of the sample at `position` of the run's sample sequence (distinct from step_generator's
+    streams: another multiplier and an offset of 2**40 positions)."""
+    return torch.Generator().manual_seed((seed * 1_000_000_007 + 2**40 + position) % (2**63))
+
+
 @dataclass
 class Draws:
     noise: torch.Tensor  # float32, the latents' shape
-    timestep: torch.Tensor  # [1], shared by the batch
+    timestep: torch.Tensor  # [1], shared by the global batch
     drop: torch.Tensor | None  # [batch] bool: captions replaced by the empty one
 
 
-def draw(seed: int, step: int, shape: tuple[int, ...], num_timesteps: int, noise_offset: float = 0.0,
-         caption_dropout: float = 0.0) -> Draws:
-    g = step_generator(seed, step)
-    noise = torch.randn(shape, generator=g, dtype=torch.float32)
-    t = torch.randint(0, num_timesteps, (1,), generator=g)
-    if noise_offset:
-        noise = noise + noise_offset * torch.randn((shape[0], shape[1], 1, 1), generator=g, dtype=torch.float32)
-    drop = torch.rand(shape[0], generator=g) < caption_dropout if caption_dropout else None
-    return Draws(noise, t, drop)
+def draw(seed: int, step: int, positions: list[int], shape: tuple[int, ...], num_timesteps: int,
+         noise_offset: float = 0.0, caption_dropout: float = 0.0) -> Draws:
+    """The draws of this rank's samples of step `step`: `positions` are their places in the sample sequence,
+    `shape` the batch's latents' shape (one sample per position)."""
+    if len(positions) != shape[0]:
+        raise ValueError(f"{len(positions)} sample positions for a batch of {shape[0]}")
+    t = torch.randint(0, num_timesteps, (1,), generator=step_generator(seed, step))
+    noise, drop = [], []
+    for position in positions:
+        g = sample_generator(seed, int(position))
+        n = torch.randn(shape[1:], generator=g, dtype=torch.float32)
+        if noise_offset:
+            n = n + noise_offset * torch.randn((shape[1], 1, 1), generator=g, dtype=torch.float32)
+        noise.append(n)
+        if caption_dropout:
+            drop.append(bool(torch.rand(1, generator=g) < caption_dropout))
+    return Draws(torch.stack(noise), t, torch.tensor(drop) if caption_dropout else None)
 
 
 def drop_captions(batch: dict[str, torch.Tensor], drop: torch.Tensor | None, empty_embeds: torch.Tensor | None,

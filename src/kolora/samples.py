@@ -1,5 +1,11 @@
 """What training reads and in which order: cached samples, and samplers whose step k is a pure function of
-(seed, k), so a run resumed from any checkpoint continues exactly as if it had never stopped."""
+(seed, k), so a run resumed from any checkpoint continues exactly as if it had never stopped.
+
+The order is one *global* sample sequence, independent of how many processes train: step k consumes its
+positions [k·G, (k+1)·G), G = world size × train.batch_size × gradient accumulation (the global batch).
+`RankShare` deals them: micro-batch m of rank r takes positions k·G + (m·world + r)·batch_size onwards, so
+1 GPU with the doubled batch, 2 GPUs, and 1 GPU accumulating 2 batches all train on the same samples at step k.
+"""
 
 from __future__ import annotations
 
@@ -47,6 +53,46 @@ class CachedSamples(Dataset):
                 "time_ids": torch.tensor(e["time_ids"], dtype=torch.float32)}
 
 
+class Positioned(Dataset):
+    """`data` read by (position in the sample sequence, index) pairs: each sample carries its position, which
+    seeds its noise (kolora.objective)."""
+
+    def __init__(self, data: Dataset):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)  # type: ignore[arg-type]
+
+    def __getitem__(self, item: tuple[int, int]) -> dict[str, torch.Tensor]:
+        position, index = item
+        return {**self.data[index], "position": torch.tensor(position, dtype=torch.int64)}
+
+
+class RankShare(Sampler[tuple[int, int]]):
+    """This rank's (position, index) pairs of a global sample sequence (StepSampler or BucketSampler, which
+    start at step `start_step`): of every global batch, micro-batch m (of `accumulate`) takes the slice
+    (m·world + rank)·per_rank. Lightning's DistributedSampler must stay off (use_distributed_sampler=False)."""
+
+    def __init__(self, sequence: Sampler[int], steps: int, start_step: int, per_rank: int, world: int = 1,
+                 rank: int = 0, accumulate: int = 1):
+        self.sequence, self.steps, self.start_step = sequence, steps, start_step
+        self.per_rank, self.world, self.rank, self.accumulate = per_rank, world, rank, accumulate
+        self.global_batch = per_rank * world * accumulate
+
+    def __len__(self) -> int:
+        return self.steps * self.accumulate * self.per_rank  # the whole run's, as StepSampler.__len__ explains
+
+    def __iter__(self):
+        batch: list[tuple[int, int]] = []
+        for position, index in enumerate(self.sequence, start=self.start_step * self.global_batch):
+            batch.append((position, index))
+            if len(batch) == self.global_batch:
+                for m in range(self.accumulate):
+                    first = (m * self.world + self.rank) * self.per_rank
+                    yield from batch[first:first + self.per_rank]
+                batch = []
+
+
 class StepSampler(Sampler[int]):
     """Sample i of the run is `perm_e[i % n]` with e = i // n and perm_e a permutation seeded by (seed, e):
     epochs are reshuffled, and starting at `start` (resume) yields exactly the rest of the sequence."""
@@ -78,16 +124,14 @@ class BucketSampler(Sampler[int]):
     sample is skipped in an epoch, a few are seen twice, and a bucket smaller than a batch still trains),
     then all the epoch's batches in an order seeded by (seed, e). Batch k is batch k % per_epoch of epoch
     k // per_epoch. Like StepSampler it yields sample indices, `batch_size` per batch, for the DataLoader's
-    own batch_size. Under DDP a batch is batch_size × replicas samples of one bucket: Lightning's
-    DistributedSamplerWrapper deals consecutive indices to the ranks in turn, so each rank's share of it is
-    its batch of that same bucket."""
+    own batch_size. `batch_size` is the global batch (world × per-rank batch × accumulation): RankShare deals
+    each rank its slices of it, all of that same bucket."""
 
-    def __init__(self, buckets: list[tuple[int, int]], batch_size: int, steps: int, seed: int, start_step: int = 0,
-                 replicas: int = 1):
+    def __init__(self, buckets: list[tuple[int, int]], batch_size: int, steps: int, seed: int, start_step: int = 0):
         self.members: dict[tuple[int, int], list[int]] = {}
         for i, b in enumerate(buckets):
             self.members.setdefault(tuple(b), []).append(i)
-        self.size, self.steps, self.seed, self.start = batch_size * replicas, steps, seed, start_step
+        self.size, self.steps, self.seed, self.start = batch_size, steps, seed, start_step
         self.per_epoch = sum(-(-len(m) // self.size) for m in self.members.values())
 
     def __len__(self) -> int:

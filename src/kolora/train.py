@@ -1,9 +1,10 @@
 """train: a LoRA on the Kolors UNet from cached embeddings and latents (Lightning + peft).
 
 The objective is the tutorial's (DiffSynth 1.1.9): scaled-linear betas up to 0.014 over 1100 steps, one
-uniform timestep per batch, epsilon target, MSE, AdamW without schedule. Noise and timestep of step k are
-drawn from a generator seeded by (seed, k), and the sample order of step k is a pure function of
-(seed, k): a run resumed from any checkpoint continues exactly as if it had never stopped.
+uniform timestep per (global) batch, epsilon target, MSE, AdamW without schedule. The samples of step k, their
+noise and the timestep are pure functions of (seed, k) and of each sample's position in the run's sample
+sequence, whatever the number of GPUs (kolora.samples, kolora.objective): a run resumed from any checkpoint,
+on as many GPUs or fewer (kolora.distributed), continues as if it had never stopped.
 
 Outputs: train/checkpoints/ (Lightning checkpoints holding only the LoRA tensors + optimizer + loop state),
 train/metrics.csv (one row per optimizer step), lora/pytorch_lora_weights.safetensors (rank/alpha inside).
@@ -25,13 +26,13 @@ import lightning as L
 import torch
 
 from kolora import checkpoint as ckpt_io
-from kolora import interrupt, models, objective, trainlogs, validation
+from kolora import distributed, interrupt, models, objective, trainlogs, validation
 from kolora import lora as lora_io
 from kolora.config import ExperimentConfig, TrainConfig
 from kolora.ema import LoraEMA
 from kolora.errors import InputError, RunFailure
 from kolora.rundir import RunDir, atomic_write_text
-from kolora.samples import BucketSampler, CachedSamples, StepSampler
+from kolora.samples import BucketSampler, CachedSamples, Positioned, RankShare, StepSampler
 from kolora.stages import Keys
 
 log = logging.getLogger("kolora.train")
@@ -66,8 +67,11 @@ class NonFiniteLoss(RunFailure):
 
 class LoRATrainer(L.LightningModule):
     def __init__(self, unet, tcfg: TrainConfig, config_digest: str, ckpt_dir: Path | None = None,
-                 empty_caption: dict[str, torch.Tensor] | None = None):
+                 empty_caption: dict[str, torch.Tensor] | None = None, batch: distributed.GlobalBatch | None = None,
+                 loader=None):
         super().__init__()
+        self.batch = batch or distributed.GlobalBatch(tcfg.batch_size, 1, 1)
+        self.loader = loader  # (rank, world) → this rank's DataLoader, built once the strategy knows the rank
         self.unet = unet
         self.tcfg = tcfg
         self.config_digest = config_digest
@@ -85,10 +89,21 @@ class LoRATrainer(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = self.trainable_state_dict()
         checkpoint["kolora"] = {"rank": self.tcfg.rank, "alpha": self.tcfg.alpha,
-                                "config_digest": self.config_digest, "rng": ckpt_io.rng_state()}
+                                "config_digest": self.config_digest, "rng": ckpt_io.rng_state(),
+                                "batch": self.batch.record()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         ckpt_io.set_rng_state(checkpoint["kolora"]["rng"])
+        distributed.rescale_loop_progress(checkpoint, self.batch.accumulate)
+
+    def on_train_start(self) -> None:
+        if self.trainer.is_global_zero and self.ckpt_dir is not None:
+            from kolora.rundir import atomic_write_json
+
+            atomic_write_json(self.ckpt_dir.parent / distributed.BATCH_FILE, self.batch.record())
+
+    def train_dataloader(self):
+        return self.loader(self.global_rank, self.trainer.world_size)
 
     def configure_optimizers(self):
         params = [p for p in self.unet.parameters() if p.requires_grad]
@@ -96,8 +111,8 @@ class LoRATrainer(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int):
         latents, t = batch["latents"], self.tcfg
-        d = objective.draw(t.seed, self.global_step, tuple(latents.shape), self.noise_scheduler.config.num_train_timesteps,
-                           t.noise_offset, t.caption_dropout)
+        d = objective.draw(t.seed, self.global_step, batch["position"].tolist(), tuple(latents.shape),
+                           self.noise_scheduler.config.num_train_timesteps, t.noise_offset, t.caption_dropout)
         noise = d.noise.to(latents.device, latents.dtype)
         timesteps = d.timestep.expand(latents.shape[0]).to(latents.device)
         a = self.alphas_cumprod.to(latents.device)[timesteps].float()
@@ -137,9 +152,11 @@ class MetricsCSV(L.Callback):
         self.path = Path(path)
         self.rows: list[dict[str, Any]] = []
         self.writer = True
+        self.step, self.losses = 0, []
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.writer = trainer.is_global_zero  # under DDP only rank 0 keeps the file
+        self.step = trainer.global_step
         if self.path.is_file():
             with open(self.path, newline="") as f:
                 self.rows = [r for r in csv.DictReader(f) if int(r["step"]) <= trainer.global_step]
@@ -147,8 +164,18 @@ class MetricsCSV(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self.losses.append(float(loss))
+        if trainer.global_step == self.step:  # a micro-batch of gradient accumulation
+            return
+        self.step = trainer.global_step
         lr = trainer.optimizers[0].param_groups[0]["lr"]
-        self.rows.append({"step": trainer.global_step, "loss": f"{float(loss):.6g}", "lr": f"{lr:.6g}",
+        # the global batch's loss: the mean over this rank's micro-batches (Lightning's outputs are divided by
+        # the accumulation), then over the ranks (a collective every rank reaches at this same step)
+        loss = sum(self.losses) * trainer.accumulate_grad_batches / len(self.losses)
+        self.losses = []
+        if trainer.world_size > 1:
+            loss = float(trainer.strategy.reduce(torch.tensor(loss, device=pl_module.device), reduce_op="mean"))
+        self.rows.append({"step": trainer.global_step, "loss": f"{loss:.6g}", "lr": f"{lr:.6g}",
                           "time": f"{time.time():.3f}"})
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
@@ -185,28 +212,35 @@ class StepProgress(L.Callback):
 
 class Checkpointer(L.Callback):
     """Checkpoints every N steps and/or M minutes, and at once when a stop was requested (signal); keeps the
-    newest K. (Lightning's ModelCheckpoint takes steps *or* a time interval, not both, and has no notion of
-    a stop request, hence this small callback.)"""
+    newest K. Under DDP the decision is rank 0's, broadcast after every optimizer step, so all ranks save and
+    stop at the same step (kolora.distributed.StepDecision). (Lightning's ModelCheckpoint takes steps *or* a
+    time interval, not both, and has no notion of a stop request, hence this small callback.)"""
 
     def __init__(self, ckpt_dir: Path, every_steps: int, every_minutes: float | None, keep: int, last: int):
-        self.dir, self.every_steps, self.every_minutes, self.keep = Path(ckpt_dir), every_steps, every_minutes, keep
-        self.last = last  # the final step is always saved: raising train.steps later continues from it
-        self.last_time = time.monotonic()
+        self.dir, self.keep = Path(ckpt_dir), keep
+        # the final step is always saved: raising train.steps later continues from it
+        self.decide = distributed.StepDecision(every_steps, every_minutes, last)
+        self.step = 0
+        self.stopped = False  # rank 0 decided to stop early: every rank leaves fit() at this step
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.step = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        due = step % self.every_steps == 0 or step == self.last or interrupt.requested() is not None or (
-            self.every_minutes is not None and time.monotonic() - self.last_time >= 60 * self.every_minutes)
-        if due:
+        if trainer.global_step == self.step:  # a micro-batch of gradient accumulation: no step yet
+            return
+        self.step = trainer.global_step
+        save, stop = self.decide(trainer)
+        if save:
             self.save(trainer)
-        if interrupt.requested() is not None:
-            trainer.should_stop = True
+        if stop:
+            trainer.should_stop = self.stopped = True
 
     def save(self, trainer) -> None:
         step = trainer.global_step
         # Every rank calls save_checkpoint (it holds a collective under DDP); only rank 0 writes the file.
         trainer.save_checkpoint(str(self.dir / f"step={step:06d}.ckpt"))
-        self.last_time = time.monotonic()
+        self.decide.saved()
         if trainer.is_global_zero:
             for _, old in ckpt_io.checkpoints(self.dir)[self.keep:]:
                 old.unlink(missing_ok=True)
@@ -269,18 +303,30 @@ def run(cfg: ExperimentConfig, run: RunDir, progress=None, devices: int = 1, num
                     f"training continues from step {start_step} to {tcfg.steps}", tcfg.steps)
     elif resume:
         log.info("resuming from %s (step %d of %d)", resume, start_step, tcfg.steps)
+    world = devices * num_nodes
+    batch = distributed.GlobalBatch.resumed(found[1]["kolora"].get("batch") if found else None, tcfg.batch_size,
+                                            world, str(resume))
+    if found and batch.accumulate > 1:
+        log.info("resumed on %d processes: %d micro-batches per step keep the checkpoint's global batch of %d",
+                 world, batch.accumulate, batch.size)
     if tcfg.buckets:
         sizes = [e.get("bucket") for e in data.entries]
         if None in sizes:
             raise RunFailure(f"train.buckets is on but {run.cache / 'index.json'} has no buckets (cached with "
                              "train.buckets off): rerun the cache stage (kolora run --stage cache --force)")
-        sampler = BucketSampler(sizes, tcfg.batch_size, tcfg.steps, tcfg.seed, start_step, devices * num_nodes)
+        sequence = BucketSampler(sizes, batch.size, tcfg.steps, tcfg.seed, start_step)
     else:
-        sampler = StepSampler(len(data), tcfg.steps * tcfg.batch_size, tcfg.seed, start=start_step * tcfg.batch_size)
-    loader = torch.utils.data.DataLoader(data, batch_size=tcfg.batch_size, sampler=sampler,
-                                         num_workers=tcfg.num_workers, drop_last=False)
+        sequence = StepSampler(len(data), tcfg.steps * batch.size, tcfg.seed, start=start_step * batch.size)
 
-    module = LoRATrainer(unet, tcfg, digest, ckpt_dir, data.empty_caption() if tcfg.caption_dropout else None)
+    def loader(rank: int, world_size: int) -> torch.utils.data.DataLoader:
+        if world_size != world:
+            raise RunFailure(f"train: Lightning formed a process group of {world_size}, kolora planned {world}")
+        share = RankShare(sequence, tcfg.steps, start_step, tcfg.batch_size, world, rank, batch.accumulate)
+        return torch.utils.data.DataLoader(Positioned(data), batch_size=tcfg.batch_size, sampler=share,
+                                           num_workers=tcfg.num_workers, drop_last=False)
+
+    module = LoRATrainer(unet, tcfg, digest, ckpt_dir, data.empty_caption() if tcfg.caption_dropout else None,
+                         batch, loader)
     ema = LoraEMA(tcfg.ema_decay) if tcfg.ema_decay else None
     plugins = []
     if "SLURM_JOB_ID" in os.environ:
@@ -288,11 +334,14 @@ def run(cfg: ExperimentConfig, run: RunDir, progress=None, devices: int = 1, num
         from lightning.pytorch.plugins.environments import SLURMEnvironment
 
         plugins.append(SLURMEnvironment(auto_requeue=False))
+    checkpointer = Checkpointer(ckpt_dir, tcfg.checkpoint_every, tcfg.checkpoint_minutes, tcfg.keep_checkpoints,
+                                tcfg.steps)
     trainer = L.Trainer(
         # devices/num_nodes > 1: DDP, one process per device started by srun (the launcher's multi-GPU jobs)
         accelerator=accel, devices=devices, num_nodes=num_nodes,
         strategy="ddp" if devices * num_nodes > 1 else "auto",
-        precision=precision, max_steps=tcfg.steps, max_epochs=-1,
+        precision=precision, max_steps=tcfg.steps, max_epochs=-1, accumulate_grad_batches=batch.accumulate,
+        use_distributed_sampler=False,  # kolora.samples deals each rank its share of the global order
         # torch's deterministic algorithms (warn where an op has none), cuDNN deterministic, no autotuning
         deterministic="warn" if tcfg.deterministic else None, benchmark=False if tcfg.deterministic else None,
         logger=trainlogs.loggers(cfg, run, start_step), default_root_dir=str(run.train),
@@ -300,28 +349,30 @@ def run(cfg: ExperimentConfig, run: RunDir, progress=None, devices: int = 1, num
         enable_model_summary=False, enable_checkpointing=False, enable_progress_bar=False,
         # the EMA is updated before the checkpointer saves that step
         callbacks=[StepProgress(tcfg.steps, progress), MetricsCSV(run.train / "metrics.csv"), *([ema] if ema else []),
-                   Checkpointer(ckpt_dir, tcfg.checkpoint_every, tcfg.checkpoint_minutes, tcfg.keep_checkpoints,
-                                tcfg.steps), *trainlogs.callbacks(), *validation.callbacks(cfg, run, weight_dtype)],
+                   checkpointer, *trainlogs.callbacks(), *validation.callbacks(cfg, run, weight_dtype)],
         num_sanity_val_steps=0, log_every_n_steps=1,
     )
+    distributed.keep_signals_out(trainer)
     # Whoever launched us may already route signals to interrupt.request (the Slurm job wrapper does);
     # in a plain `kolora run` SIGUSR2/SIGTERM stop training cleanly at the next step with a checkpoint.
-    # Our StepSampler restarts at the resumed step by construction, which Lightning cannot know.
+    # Our sampler restarts at the resumed step by construction, which Lightning cannot know.
     warnings.filterwarnings("ignore", message=".*dataloader is not resumable.*")
     with interrupt.handle():
-        trainer.fit(module, train_dataloaders=loader, ckpt_path=str(resume) if resume else None)
-    if interrupt.requested() is not None and trainer.global_step < tcfg.steps:
-        raise interrupt.Interrupted(f"training stopped at step {trainer.global_step}/{tcfg.steps} "
-                                    f"({interrupt.requested()}); checkpoint in {ckpt_dir}")
+        trainer.fit(module, ckpt_path=str(resume) if resume else None)
+    if checkpointer.stopped and trainer.global_step < tcfg.steps:  # rank 0's decision, the same on every rank
+        why = interrupt.requested() or "rank 0 was asked to stop"
+        raise interrupt.Interrupted(f"training stopped at step {trainer.global_step}/{tcfg.steps} ({why}); "
+                                    f"checkpoint in {ckpt_dir}")
 
     out = run.lora / LORA_FILE
     if trainer.is_global_zero:
         with ema.applied(module) if ema else contextlib.nullcontext():
             lora_io.save_lora(unet, out, tcfg.rank, tcfg.alpha, tcfg.target_modules, dora=tcfg.dora,
                               extra_metadata={"kolora.steps": str(tcfg.steps), "kolora.config": cfg.digest(),
-                                              **option_metadata(tcfg)})
+                                              "kolora.global_batch": str(batch.size), **option_metadata(tcfg)})
     trainer.strategy.barrier("kolora-lora-saved")
     rows = list(csv.DictReader(open(run.train / "metrics.csv")))
     return {"steps": trainer.global_step, "resumed_from_step": start_step, "precision": precision,
+            "world_size": world, "accumulate": batch.accumulate, "global_batch": batch.size,
             "last_loss": float(rows[-1]["loss"]) if rows else None, "lora": str(out),
             "trainable_params": sum(p.numel() for p in unet.parameters() if p.requires_grad)}

@@ -188,6 +188,8 @@ class StageJob:
     # DDP: rank 0 decides and prepares each stage (a go file says run/skip/fail/stop); every rank caches its
     # shard of the samples (rank 0 then writes the index), then all join Lightning's process group in
     # train.run (rank and world size come from Slurm's srun variables).
+    # The train go file also carries the rendezvous port rank 0 found free on its node (MASTER_PORT): Lightning's
+    # default, 15000 + the job id's last 4 digits, collides for two jobs on one node whose ids share them.
     def _go_file(self, stage: str = "train") -> Path:
         job_id = os.environ.get("SLURM_JOB_ID", "local")
         return Path(self.folder) / f".{stage}-go-{job_id}-{os.environ.get('SLURM_RESTART_COUNT', '0')}"
@@ -201,6 +203,11 @@ class StageJob:
             # settle the outputs of other inputs now, not inside run_stage while the others already read them
             for note in pipeline.prepare(stage, cfg, run, keys):
                 log.warning("%s", note)
+            if stage == "train":
+                from kolora.distributed import free_port
+
+                os.environ["MASTER_PORT"] = str(free_port())
+                decision += f" {os.environ['MASTER_PORT']}"
         self._decide(stage, decision)
 
     def _decision_file(self, stage: str) -> Path:
@@ -208,10 +215,12 @@ class StageJob:
         return self._go_file(stage) / "decision" if stage == "cache" else self._go_file(stage)
 
     def _decide(self, stage: str, decision: str, overwrite: bool = True) -> None:
+        from kolora.rundir import atomic_write_text
+
         path = self._decision_file(stage)
         path.parent.mkdir(parents=True, exist_ok=True)
         if overwrite or not path.is_file():
-            path.write_text(decision + "\n")
+            atomic_write_text(path, decision + "\n")
 
     def _wait_go(self, rank: int, stage: str) -> str:
         from kolora.interrupt import Interrupted, requested
@@ -224,7 +233,9 @@ class StageJob:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"rank {rank}: rank 0 did not start {stage} within the time limit ({go})")
             time.sleep(1)
-        decision = go.read_text().strip()
+        decision, *port = go.read_text().split()
+        if port:
+            os.environ["MASTER_PORT"] = port[0]
         if decision == "fail":
             raise RuntimeError(f"rank {rank}: rank 0 failed before {stage}; see the rank 0 log")
         if decision == "stop":

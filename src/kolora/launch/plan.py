@@ -42,13 +42,14 @@ def format_minutes(minutes: int) -> str:
     return f"{d}-{h:02d}:{m:02d}:00" if d else f"{h}:{m:02d}:00"
 
 
-def gpu_request(r: ResolvedResources) -> dict[str, Any]:
-    """The submitit parameters asking for the job's GPUs (and other gres)."""
+def gpu_request(r: ResolvedResources, per_node: bool = False) -> dict[str, Any]:
+    """The submitit parameters asking for the job's GPUs (and other gres). `per_node`: DDP asks with
+    --gpus-per-node unless the profile chose gres explicitly."""
     out: dict[str, Any] = {}
     gres = [r.gres] if r.gres else []
     if r.gpus:
         typed = f"{r.gpu_type}:{r.gpus}" if r.gpu_type else str(r.gpus)
-        if r.gpu_option == "gpus-per-node":
+        if r.gpu_option == "gpus-per-node" or (per_node and r.gpu_option is None):
             out["gpus_per_node"] = typed if r.gpu_type else r.gpus
         else:
             gres.insert(0, f"gpu:{typed}")
@@ -82,12 +83,14 @@ def plan_jobs(cfg: ExperimentConfig, profile: ClusterProfile) -> list[JobPlan]:
         for key in ("partition", "account", "qos", "mem", "constraint"):
             if getattr(r, key) is not None:
                 params[key] = getattr(r, key)
-        params.update(gpu_request(r))
+        ddp = job == "train" and (r.gpus > 1 or r.nodes > 1)
+        params.update(gpu_request(r, per_node=ddp))
         if r.setup:
             params["setup"] = list(r.setup)
         plan = JobPlan(job=job, stages=stages, params=params, after=previous, resources=r)
-        if job == "train" and (r.gpus > 1 or r.nodes > 1):
-            # DDP: one task per GPU under srun; Lightning reads rank and world size from Slurm
+        if ddp:
+            # DDP: one task per GPU under srun (--nodes K --ntasks-per-node N --gpus-per-node N); Lightning
+            # reads rank and world size from Slurm and checks ntasks-per-node = devices, nnodes = num_nodes
             plan.tasks_per_node = max(r.gpus, 1)
             params["ntasks_per_node"] = plan.tasks_per_node
             params["srun_args"] = ["--kill-on-bad-exit=1"]  # one rank failing must not leave the others waiting

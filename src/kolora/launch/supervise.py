@@ -8,6 +8,8 @@ kolora.launch.child`, or the same inside `apptainer exec` when the profile has a
 - then requeues the job itself with `scontrol requeue` (which exists on the host, not in the image):
   preemptions always, time limits up to the profile's `max_requeues`. A preempted job that exited 0 during
   GraceTime would end COMPLETED and never come back (notes/slurm-devcluster.md), hence the explicit requeue.
+  Under DDP only rank 0's host requeues (once); the other ranks exit 0, since a non-zero exit would make srun
+  (--kill-on-bad-exit) kill rank 0 before its `scontrol requeue`. A job cancelled meanwhile is never requeued.
 - A SIGTERM alone (`scontrol requeue` by hand, `scancel`, GraceTime=0 preemption) is Slurm's decision: the
   child checkpoints and the job leaves; Slurm requeues or cancels it.
 
@@ -108,6 +110,18 @@ def job_end_time(job_id: str | None) -> float | None:
         return datetime.datetime.fromisoformat(text).timestamp()
     except ValueError:  # N/A, Unknown, NONE
         return None
+
+
+def cancelled(job_id: str) -> bool:
+    """Whether Slurm's accounting says the job was cancelled (scancel); False when it cannot tell."""
+    try:
+        out = subprocess.run(["sacct", "-X", "-n", "-P", "-j", job_id, "-o", "State"], capture_output=True,
+                             text=True, timeout=30, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    states = out.stdout.split("\n")
+    last = [line for line in states if line.strip()]
+    return bool(last) and last[-1].startswith("CANCELLED")
 
 
 def requeue(job_id: str) -> bool:
@@ -211,8 +225,13 @@ def supervise(command: list[str], *, signal_lead_s: int, max_requeues: int, coun
 
     job_id = slurm_job_id()
     names = [signal.Signals(s).name for s in received] or [f"exit {rc}"]
-    if rank != 0 or job_id is None:
+    if rank != 0:
+        # All ranks stopped at the same step, after the same checkpoint (train's broadcast decision). Exit 0:
+        # a non-zero exit would make srun (--kill-on-bad-exit) kill rank 0 before its `scontrol requeue`.
         log.warning("stage stopped (%s); rank %d leaves the requeue to rank 0", "+".join(names), rank)
+        sys.exit(0)
+    if job_id is None:
+        log.warning("stage stopped (%s) outside Slurm: nothing to requeue", "+".join(names))
         sys.exit(EXIT_INTERRUPTED)
     if signal.SIGUSR2 in received:
         left = parse_slurm_duration(_squeue_field(job_id, "%L") or "")
@@ -236,6 +255,11 @@ def supervise(command: list[str], *, signal_lead_s: int, max_requeues: int, coun
             log.warning("stage stopped on %s (job state %s): Slurm requeues or cancels it", "+".join(names), state)
             sys.exit(EXIT_INTERRUPTED)
         why = "preemption (SIGTERM)"
+    if cancelled(job_id):
+        # `scontrol requeue` also takes a finished job: requeueing one that was cancelled while it stopped would
+        # bring it back PENDING after `kolora cancel` / scancel emptied the queue.
+        log.warning("stage checkpointed after %s, but job %s was cancelled meanwhile: not requeued", why, job_id)
+        sys.exit(EXIT_INTERRUPTED)
     ok = requeue(job_id)
     log.warning("stage checkpointed after %s; %s job %s", why, "requeued" if ok else "could not requeue", job_id)
     sys.exit(EXIT_INTERRUPTED)
