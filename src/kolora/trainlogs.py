@@ -60,16 +60,25 @@ class StepScalars(L.Callback):
     """loss, lr, step time and (on CUDA) the step's peak GPU memory, to every logger, once per optimizer step."""
 
     def __init__(self) -> None:
-        self.started = 0.0
+        self.started, self.step = 0.0, None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self.started = time.perf_counter()
-        if pl_module.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(pl_module.device)
+        if self.step != trainer.global_step:  # the first micro-batch of an optimizer step
+            self.step = trainer.global_step
+            self.started = time.perf_counter()
+            if pl_module.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(pl_module.device)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        metrics = {"loss": float(loss), "lr": trainer.optimizers[0].param_groups[0]["lr"],
+        if trainer.global_step == self.step:  # a micro-batch of gradient accumulation
+            return
+        # the global batch's loss as metrics.csv has it (the MetricsCSV callback runs before this one)
+        rows = next((c.rows for c in trainer.callbacks if type(c).__name__ == "MetricsCSV"), None)
+        if rows and int(rows[-1]["step"]) == trainer.global_step:
+            loss = float(rows[-1]["loss"])
+        else:
+            loss = float(outputs["loss"] if isinstance(outputs, dict) else outputs)
+        metrics = {"loss": loss, "lr": trainer.optimizers[0].param_groups[0]["lr"],
                    "step_time_s": time.perf_counter() - self.started}
         if pl_module.device.type == "cuda":
             metrics["gpu_mem_gb"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**30

@@ -36,7 +36,8 @@ class ValidationSampler(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if trainer.is_global_zero and step % self.every == 0 and interrupt.requested() is None:
+        # step 0: micro-batches of the first optimizer step under gradient accumulation
+        if trainer.is_global_zero and step and step % self.every == 0 and interrupt.requested() is None:
             self.sample(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
