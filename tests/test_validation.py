@@ -6,9 +6,9 @@ import hashlib
 import shutil
 
 import pytest
+from test_train import _stop_at
 
 from kolora import interrupt
-from kolora import train as train_mod
 from kolora.pipeline import run_stage
 from kolora.rundir import RunDir
 
@@ -95,16 +95,7 @@ def test_tensorboard_events_hold_the_scalars_and_the_validation_images(uninterru
 
 def test_resumed_run_with_validation_ends_bit_identical(uninterrupted, demo_run, tmp_path, monkeypatch):
     run, cfg = _validation_run(demo_run, tmp_path, "uninterrupted")  # same name: same config digest
-    original = train_mod.Checkpointer.on_train_batch_end
-    stops = {10, 25}  # at a sampling step (its samples are cut short by the stop) and between two
-
-    def stop(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step in stops:
-            stops.discard(trainer.global_step)
-            interrupt.request("SIGUSR2")
-        return original(self, trainer, pl_module, outputs, batch, batch_idx)
-
-    monkeypatch.setattr(train_mod.Checkpointer, "on_train_batch_end", stop)
+    _stop_at(monkeypatch, {10, 25})  # at a sampling step (its samples are cut short by the stop) and between two
     for step in (10, 25):
         with pytest.raises(interrupt.Interrupted, match=f"step {step}/30"):
             run_stage("train", cfg, run)

@@ -39,16 +39,9 @@ def _loss_figure(scores: list[RunScore]):
     from matplotlib import pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 3.2), dpi=100)
-    for s in scores:
-        curve = loss_curve(s.root)
-        if curve:
-            ax.plot([c[0] for c in curve], [c[1] for c in curve], label=s.name, linewidth=1.2)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
+    _loss_curves(ax, scores)
     ax.set_title("loss per step")
-    if ax.lines:
-        ax.legend(fontsize=8)
-    else:
+    if not ax.lines:
         ax.text(0.5, 0.5, "no metrics yet", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     return fig
@@ -149,14 +142,7 @@ def _summary_png(ranked: list[RunScore], thumbs: dict[str, Any], manifest: dict[
             ax.text(0.5, 0.5, "no grid yet", ha="center", va="center", transform=ax.transAxes)
         ax.set_title(f"#{i + 1} {s.name}\n{s.describe()}", fontsize=8)
     ax = fig.add_subplot(grid[1, :])
-    for s in ranked:
-        curve = loss_curve(s.root)
-        if curve:
-            ax.plot([c[0] for c in curve], [c[1] for c in curve], label=s.name, linewidth=1.2)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    if ax.lines:
-        ax.legend(fontsize=8)
+    _loss_curves(ax, ranked)
     fig.suptitle(f"kolora sweep {manifest['name']}")
     fig.tight_layout()
     return _fig_png(fig)
@@ -179,3 +165,15 @@ def write(sweep_dir: Path) -> tuple[Path, Path]:
     with atomic_path(png_file) as tmp:
         Path(tmp).write_bytes(png)
     return html_file, png_file
+
+
+def _loss_curves(ax, runs) -> None:
+    """Every run's training loss per step on one axis, labelled by variant."""
+    for s in runs:
+        curve = loss_curve(s.root)
+        if curve:
+            ax.plot([c[0] for c in curve], [c[1] for c in curve], label=s.name, linewidth=1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    if ax.lines:
+        ax.legend(fontsize=8)
