@@ -23,7 +23,7 @@ class JobPlan:
     params: dict[str, Any]        # SlurmExecutor parameters (the dependency is added at submit time)
     after: str | None             # the job this one waits for (afterok)
     resources: ResolvedResources
-    array_tasks: int = 0          # render: number of array tasks (0: not an array)
+    array_tasks: int = 0          # render, sharded filter: number of array tasks (0: not an array)
     tasks_per_node: int = 1       # train: one task per GPU when it runs DDP
     extra_info: dict[str, Any] = field(default_factory=dict)
 
@@ -91,6 +91,11 @@ def plan_jobs(cfg: ExperimentConfig, profile: ClusterProfile) -> list[JobPlan]:
             plan.tasks_per_node = max(r.gpus, 1)
             params["ntasks_per_node"] = plan.tasks_per_node
             params["srun_args"] = ["--kill-on-bad-exit=1"]  # one rank failing must not leave the others waiting
+        if job == "filter" and cfg.filter.shards > 1:
+            # one CPU task per shard; the task that finds every shard done merges (kolora.filter_shards)
+            plan.array_tasks = cfg.filter.shards
+            plan.extra_info = {"shards": cfg.filter.shards, "throttle": r.array_throttle}
+            params["array_parallelism"] = r.array_throttle
         if job == "render":
             tiles, tasks = render_task_count(cfg, r.tiles_per_task)
             plan.array_tasks = tasks
