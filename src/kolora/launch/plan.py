@@ -94,8 +94,9 @@ def plan_jobs(cfg: ExperimentConfig, profile: ClusterProfile) -> list[JobPlan]:
         if job == "filter" and cfg.filter.shards > 1:
             # one CPU task per shard; the task that finds every shard done merges (kolora.filter_shards)
             plan.array_tasks = cfg.filter.shards
-            plan.extra_info = {"shards": cfg.filter.shards, "throttle": r.array_throttle}
-            params["array_parallelism"] = r.array_throttle
+            # all shards at once: Slurm starts as many as the partition has CPUs for
+            plan.extra_info = {"shards": cfg.filter.shards}
+            params["array_parallelism"] = cfg.filter.shards
         if job == "render":
             tiles, tasks = render_task_count(cfg, r.tiles_per_task)
             plan.array_tasks = tasks
@@ -123,7 +124,7 @@ def describe(plan: JobPlan) -> dict[str, str]:
     r = plan.resources
     gpus = str(r.gpus) + (f" ({r.gpu_type})" if r.gpu_type else "") if r.gpus else "0"
     if plan.array_tasks:
-        throttle = min(plan.array_tasks, r.array_throttle)
+        throttle = min(plan.array_tasks, plan.params.get("array_parallelism", r.array_throttle))
         array = f"0-{plan.array_tasks - 1}%{throttle}" if plan.array_tasks > 1 else "1 task"
     else:
         array = "-"
