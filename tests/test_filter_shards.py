@@ -82,7 +82,7 @@ def test_sharded_filter_equals_unsharded_and_reruns_only_missing_shards(tmp_path
         assert summary["merged"] is False and summary["ran"] == [i] and i not in summary["waiting_for"]
         assert not (sharded.filter / "report.json").exists()
     summary = kfilter.run(four, sharded, task_index=1, task_count=4)
-    assert summary["shards"] == 4 and summary["shards_run"] == [1] and summary["kept"] == len(kept)
+    assert summary["shards"] == 4 and summary["ran"] == [1] and summary["merged"] is True and summary["kept"] == len(kept)
     assert outputs(sharded) == want
     check_outputs(sharded, {e["id"] for e in outputs(sharded)["samples"] if e["kept"]})
     for i in range(4):  # each shard ran Data-Juicer on its own slice
@@ -97,7 +97,7 @@ def test_sharded_filter_equals_unsharded_and_reruns_only_missing_shards(tmp_path
     (filter_shards.folder(sharded, 2, 4) / "done.json").unlink()
     summary = kfilter.run(four, sharded)
     after = markers(sharded, 4)
-    assert summary["shards_run"] == [2]
+    assert summary["ran"] == [2]
     assert {i: after[i] == before[i] for i in range(4)} == {0: True, 1: True, 2: False, 3: True}
     assert outputs(sharded) == want
 

@@ -162,9 +162,8 @@ def run(cfg: ExperimentConfig, run: RunDir, task_index: int | None = None,
             if filter_shards.is_merged(run, n):
                 return {"shard": task_index, "shards": n, "ran": ran, "merged": "by another task"}
             summary = _merge_shards(cfg, run, samples, rejected, t_validate, t0)
-    else:
-        summary = _merge_shards(cfg, run, samples, rejected, t_validate, t0)
-    return {**summary, "shards_run": ran}
+        return {**summary, "shard": task_index, "ran": ran, "merged": True}
+    return {**_merge_shards(cfg, run, samples, rejected, t_validate, t0), "ran": ran}
 
 
 def _merge_shards(cfg: ExperimentConfig, run: RunDir, samples: list[dict[str, Any]],

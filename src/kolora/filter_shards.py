@@ -57,7 +57,8 @@ def write(run: RunDir, index: int, shards: int, samples: list[dict[str, Any]], r
     atomic_write_json(d / "report.json", result)
     atomic_write_json(d / "done.json", {
         "shard": index, "shards": shards, "identity": identity(samples), "finished": now(),
-        "host": socket.gethostname(), "slurm_job": os.environ.get("SLURM_JOB_ID"),
+        "host": socket.gethostname(),
+        "slurm_job": os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID"),
         "slurm_array_task": os.environ.get("SLURM_ARRAY_TASK_ID"), "seconds": result.get("seconds")})
 
 
