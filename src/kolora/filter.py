@@ -107,6 +107,7 @@ def filter_slice(cfg: ExperimentConfig, samples: list[dict[str, Any]], dj_dir: P
             report[sid].update(stage="data-juicer", op=op, stats=stats or None, reason=reason)
     else:
         shutil.rmtree(dj_dir, ignore_errors=True)  # no stale Data-Juicer output from an earlier run
+    # (a check of the kept images that needs their full decode belongs here: per slice, so shards share it)
     if len(report) != len(samples):
         raise RuntimeError(f"filter: {len(samples)} samples in, {len(report)} report rows (duplicate ids?)")
     return {"entries": list(report.values()), "kept": kept,
