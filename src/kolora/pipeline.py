@@ -164,7 +164,7 @@ def _settle(stage: str, run: RunDir, succeeded: bool) -> str | None:
     if not aside.is_dir():
         return None
     if succeeded:
-        shutil.rmtree(aside)
+        shutil.rmtree(aside, ignore_errors=True)  # array tasks completing together: either may remove it
         return None
     state = json.loads((aside / ".state.json").read_text())
     failed = run.root / ".failed" / stage
