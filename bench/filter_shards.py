@@ -96,7 +96,13 @@ def one_variant(env: dict[str, str], runs: Path, meta: Path, shards: int, stall_
     ingest_done = (run / ".complete" / "ingest.json").stat().st_mtime
     filter_done = (run / ".complete" / "filter.json").stat().st_mtime
     summary = json.loads((run / "filter" / "report.json").read_text())["summary"]
+    if shards > 1:
+        parts = [json.loads(p.read_text())["seconds"] for p in (run / "filter" / "shards").glob("*/done.json")]
+    else:
+        parts = [summary["seconds"]]
+    slice_s = max(s["header"] + s["data_juicer"] for s in parts)
     return {"shards": shards, "job": job, "wall_s": filter_done - ingest_done, "samples": summary["samples"],
+            "slice_s": slice_s, "load": os.getloadavg()[0],
             "kept": summary["kept"], "span_s": max(ts(r["End"]) for r in rows) - min(ts(r["Start"]) for r in rows),
             "outputs": outputs(run)}
 
@@ -129,16 +135,22 @@ def main() -> int:
     speedup = one["wall_s"] / many["wall_s"]
     efficiency = speedup / args.shards
     rows = [[f"{r['shards']} shard{'s' if r['shards'] > 1 else ''}", r["samples"], r["kept"], round(r["wall_s"], 1),
-             round(r["samples"] / r["wall_s"], 1), round(r["span_s"]), round(one["wall_s"] / r["wall_s"], 2)]
-            for r in results]
+             round(r["samples"] / r["wall_s"], 1), round(r["slice_s"], 1), round(r["wall_s"] - r["slice_s"], 1),
+             round(r["span_s"]), round(one["wall_s"] / r["wall_s"], 2), round(r["load"], 1)] for r in results]
     body = (f"{args.count} synthetic images (kolora.synthetic, 32-160 px JPEG/PNG), configs/demo.yaml's two ops "
             f"(header-only), Data-Juicer np=1 per task; dev cluster cpu partition, one CPU per shard task; "
             f"{os.cpu_count()} cores on this machine.\n\n"
-            + table(["variant", "samples", "kept", "filter wall s", "images/s", "job span s", "speed-up"], rows)
+            + table(["variant", "samples", "kept", "filter wall s", "images/s", "slowest slice s", "rest s",
+                     "job span s", "speed-up", "load avg"], rows)
             + f"\n\nscaling efficiency at {args.shards} shards: {efficiency:.0%}; kept sets and report rows equal: "
             f"{'yes' if equal else 'NO'}\n")
     notes = ["filter wall: ingest's completion marker to the filter's (every shard + merge); job span: sacct, "
-             "first Start to last End of the filter job (ingest, start-up and scheduling included)."]
+             "first Start to last End of the filter job (ingest, start-up and scheduling included).",
+             "slowest slice: the longest header pass + Data-Juicer run of one shard (its own CPU-seconds on a busy "
+             "machine); rest: the filter wall minus that (Data-Juicer's import and op check per task, waiting for "
+             "a CPU, the in-order merge: report.json, result.jsonl, trainset/ links).",
+             "load avg: the machine's 1-minute load average when the variant ended (other work on the same cores "
+             "slows both variants, the sharded one more)."]
     if os.cpu_count() and os.cpu_count() < args.shards:
         notes.append(f"this machine has {os.cpu_count()} cores for the dev cluster's 4 CPUs: the {args.shards} "
                      f"shard tasks share them, so the efficiency is bounded by {os.cpu_count()}/{args.shards}.")

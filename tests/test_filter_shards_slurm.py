@@ -64,6 +64,11 @@ def test_killed_shard_task_is_the_only_one_resume_reruns(env: dict[str, str], tm
     manifest = json.loads(run.manifest_file.read_text())
     assert manifest["stages"]["filter"]["status"] == "complete"
     assert json.loads((run.filter / "report.json").read_text())["summary"]["shards"] == 4
+    status = json.loads(kolora(env, "status", "shards", "--runs-dir", runs, "--json").stdout)
+    detail = {j["job"]: j["detail"] for j in status["jobs"]}["filter"]
+    assert (detail["kept"], detail["dropped"]) == (24, 24)
+    logs = kolora(env, "logs", "shards", "--runs-dir", runs, "--stage", "filter", "--task", "2", "--stream", "err")
+    assert logs.returncode == 0 and "'ran': [2]" in logs.stdout
 
     # the same config unsharded, in this process
     cfg = load_config(DEMO)
