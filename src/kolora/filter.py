@@ -138,8 +138,6 @@ def run(cfg: ExperimentConfig, run: RunDir, task_index: int | None = None,
     from kolora.ingest import read_samples
 
     t0 = time.perf_counter()
-    validate_ops(cfg.filter.ops)
-    t_validate = time.perf_counter() - t0
     meta = run.data / "metadata.jsonl"
     if not meta.is_file():
         raise FilterError(f"{meta} does not exist: run the ingest stage first")
@@ -150,6 +148,10 @@ def run(cfg: ExperimentConfig, run: RunDir, task_index: int | None = None,
     if task_count is not None and task_count != n:
         raise FilterError(f"filter: this job has {task_count} array tasks but filter.shards is {n}; resubmit "
                           "(`kolora resume`) so that the job is planned from the current config")
+    t1 = time.perf_counter()
+    if n == 1 or task_index is None or task_index in filter_shards.missing(run, n, samples):
+        validate_ops(cfg.filter.ops)  # before Data-Juicer runs (a task whose shard is done skips its import)
+    t_validate = time.perf_counter() - t1
     if n == 1:
         parts = [filter_slice(cfg, samples, run.filter / "dj")]
         return _merge(cfg, run, samples, rejected, parts, t_validate, t0)
