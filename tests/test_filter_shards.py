@@ -101,6 +101,11 @@ def test_sharded_filter_equals_unsharded_and_reruns_only_missing_shards(tmp_path
     assert {i: after[i] == before[i] for i in range(4)} == {0: True, 1: True, 2: False, 3: True}
     assert outputs(sharded) == want
 
+    # filter.shard_size: 22 samples at 6 per shard are the same 4 shards, all done: only the merge runs
+    by_size = four.model_copy(update={"filter": one.filter.model_copy(update={"shard_size": 6})})
+    summary = kfilter.run(by_size, sharded)
+    assert summary["ran"] == [] and summary["shards"] == 4 and outputs(sharded) == want
+
     # a mismatched array (planned for another shard count) is refused, naming the fix
     with pytest.raises(kfilter.FilterError, match="filter.shards is 4.*kolora resume"):
         kfilter.run(four, sharded, task_index=0, task_count=3)
@@ -122,7 +127,7 @@ def test_shards_config_and_plan() -> None:
     assert "shards" not in cfg.model_dump()["filter"]  # at its default: runs made before it stay bound
     dedup = [{"image_deduplicator": {}}]
     validate_config({**base, "filter": {"ops": dedup}})
-    with pytest.raises(ConfigError, match="filter.shards: 1 or remove the deduplicator"):
+    with pytest.raises(ConfigError, match=r"set filter.shards: 1 \(no shard_size\) or remove the deduplicator"):
         validate_config({**base, "filter": {"ops": dedup, "shards": 4}})
 
     from kolora.cluster import load_profile
@@ -134,3 +139,14 @@ def test_shards_config_and_plan() -> None:
     assert plans["filter"].array_tasks == 4 and describe(plans["filter"])["array"] == "0-3%4"
     assert plans["filter"].stages == ("ingest", "filter")
     assert {p.job: p.array_tasks for p in plan_jobs(cfg, profile)}["filter"] == 0
+    # shard_size: the array's size from the dataset's size, known before ingest (48 synthetic samples)
+    by_size = validate_config({**base, "filter": {"shard_size": 20}, "data": {"synthetic": {"count": 48}}})
+    assert {p.job: p.array_tasks for p in plan_jobs(by_size, profile)}["filter"] == 3
+    limited = validate_config({**base, "filter": {"shard_size": 20}, "data": {"limit": 20}})
+    assert {p.job: p.array_tasks for p in plan_jobs(limited, profile)}["filter"] == 0
+    hub = validate_config({**base, "filter": {"shard_size": 20},
+                           "data": {"source": "modelscope", "dataset_id": "AI-ModelScope/lowres_anime"}})
+    with pytest.raises(ConfigError, match="set filter.shards: N instead"):
+        plan_jobs(hub, profile)
+    with pytest.raises(ConfigError, match="not both"):
+        validate_config({**base, "filter": {"shards": 2, "shard_size": 20}})

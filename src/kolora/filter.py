@@ -114,9 +114,9 @@ def filter_slice(cfg: ExperimentConfig, samples: list[dict[str, Any]], dj_dir: P
             "seconds": {"header": round(t_header, 2), "data_juicer": round(time.perf_counter() - t1, 2)}}
 
 
-def _run_shards(cfg: ExperimentConfig, run: RunDir, samples: list[dict[str, Any]], indices: list[int]) -> list[int]:
-    """Filter the shards among `indices` that are not done yet; returns those it ran."""
-    n = cfg.filter.shards
+def _run_shards(cfg: ExperimentConfig, run: RunDir, samples: list[dict[str, Any]], n: int,
+                indices: list[int]) -> list[int]:
+    """Filter the shards (of n) among `indices` that are not done yet; returns those it ran."""
     ran = []
     for i in indices:
         part = samples[slice(*filter_shards.bounds(len(samples), n, i))]
@@ -133,8 +133,9 @@ def run(cfg: ExperimentConfig, run: RunDir, task_index: int | None = None,
         task_count: int | None = None) -> dict[str, Any]:
     """Filter run.data into run.filter (result.jsonl, report.json) and run.trainset; return a summary.
 
-    With filter.shards: N, a Slurm array task (`task_index` of `task_count` = N) filters its shard and, when
-    it finds every shard done, merges; without a task index every missing shard runs here, then the merge."""
+    With N shards (filter.shards, or filter.shard_size: the array's size as planned at submission), a Slurm
+    array task (`task_index` of `task_count` = N) filters its shard and, when it finds every shard done,
+    merges; without a task index every missing shard runs here, then the merge."""
     from kolora.ingest import read_samples
 
     t0 = time.perf_counter()
@@ -144,7 +145,7 @@ def run(cfg: ExperimentConfig, run: RunDir, task_index: int | None = None,
     samples = read_samples(meta)
     rejected = read_samples(run.data / "rejected.jsonl")
     run.filter.mkdir(parents=True, exist_ok=True)
-    n = cfg.filter.shards
+    n = filter_shards.count(cfg.filter, len(samples), task_count)
     if task_count is not None and task_count != n:
         raise FilterError(f"filter: this job has {task_count} array tasks but filter.shards is {n}; resubmit "
                           "(`kolora resume`) so that the job is planned from the current config")
@@ -156,7 +157,7 @@ def run(cfg: ExperimentConfig, run: RunDir, task_index: int | None = None,
         parts = [filter_slice(cfg, samples, run.filter / "dj")]
         return _merge(cfg, run, samples, rejected, parts, t_validate, t0)
     shutil.rmtree(run.filter / "dj", ignore_errors=True)  # an unsharded run's Data-Juicer dir: not read here
-    ran = _run_shards(cfg, run, samples, list(range(n)) if task_index is None else [task_index])
+    ran = _run_shards(cfg, run, samples, n, list(range(n)) if task_index is None else [task_index])
     if task_index is not None:
         todo = filter_shards.missing(run, n, samples)
         if todo:  # another task merges when its shard is the last one
@@ -164,14 +165,13 @@ def run(cfg: ExperimentConfig, run: RunDir, task_index: int | None = None,
         with filter_shards.merge_lock(run):
             if filter_shards.is_merged(run, n):
                 return {"shard": task_index, "shards": n, "ran": ran, "merged": "by another task"}
-            summary = _merge_shards(cfg, run, samples, rejected, t_validate, t0)
+            summary = _merge_shards(cfg, run, samples, n, rejected, t_validate, t0)
         return {**summary, "shard": task_index, "ran": ran, "merged": True}
-    return {**_merge_shards(cfg, run, samples, rejected, t_validate, t0), "ran": ran}
+    return {**_merge_shards(cfg, run, samples, n, rejected, t_validate, t0), "ran": ran}
 
 
-def _merge_shards(cfg: ExperimentConfig, run: RunDir, samples: list[dict[str, Any]],
+def _merge_shards(cfg: ExperimentConfig, run: RunDir, samples: list[dict[str, Any]], n: int,
                   rejected: list[dict[str, Any]], t_validate: float, t0: float) -> dict[str, Any]:
-    n = cfg.filter.shards
     todo = filter_shards.missing(run, n, samples)
     if todo:
         raise RuntimeError(f"filter: cannot merge, shards {todo} of {n} are not done")
@@ -201,7 +201,7 @@ def _merge(cfg: ExperimentConfig, run: RunDir, samples: list[dict[str, Any]], re
         "input": len(samples) + len(rejected), "samples": len(samples), "rejected_at_ingest": len(rejected),
         "kept": len(kept), "dropped": len(entries) - len(kept), "by_reason": dict(by_reason), "by_op": dict(by_op),
         "ops": [next(iter(op)) for op in cfg.filter.ops], "dj_ops": [next(iter(op)) for op in dj_process(cfg.filter)],
-        "executor": cfg.filter.executor, "np": cfg.filter.np, "shards": cfg.filter.shards, "seconds": seconds,
+        "executor": cfg.filter.executor, "np": cfg.filter.np, "shards": len(parts), "seconds": seconds,
     }
     # the report last: with shards, its presence (and trainset/) says the merge is done
     atomic_write_text(run.filter / "result.jsonl", "".join(json.dumps(k, ensure_ascii=False) + "\n" for k in kept))

@@ -16,13 +16,53 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import socket
 from pathlib import Path
 from typing import Any
 
+from kolora.config import ConfigError, DataConfig, ExperimentConfig, FilterConfig
 from kolora.rundir import RunDir, atomic_write_json, file_lock, now
+
+
+def count(fcfg: FilterConfig, samples: int, task_count: int | None = None) -> int:
+    """The shard count: filter.shards, or with filter.shard_size the array's size (`task_count`, planned from
+    the dataset's size before ingest) or, in process, ceil(samples / shard_size)."""
+    if fcfg.shard_size is None:
+        return fcfg.shards
+    return task_count or max(1, math.ceil(samples / fcfg.shard_size))
+
+
+def planned_count(cfg: ExperimentConfig) -> int:
+    """The filter job's array size at submission, before ingest ran: with filter.shard_size, from the size of
+    the dataset as ingest will read it (ConfigError when that cannot be known: a hub dataset)."""
+    if cfg.filter.shard_size is None:
+        return cfg.filter.shards
+    size = expected_samples(cfg.data)
+    if size is None:
+        raise ConfigError(f"filter.shard_size: the size of a data.source {cfg.data.source!r} dataset is not known "
+                          "before ingest; set filter.shards: N instead")
+    return count(cfg.filter, size)
+
+
+def expected_samples(d: DataConfig) -> int | None:
+    """Records ingest will read (before its own checks), data.limit applied; None when unknown."""
+    if d.source == "synthetic":
+        n = d.synthetic.count
+    elif d.source == "parquet" and d.path is not None:
+        import pyarrow.parquet as pq
+
+        files = [d.path] if d.path.is_file() else sorted(d.path.rglob("*.parquet"))
+        n = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    elif d.source in ("folder", "jsonl"):
+        from kolora.dataset import Rejected, records
+
+        n = sum(not isinstance(r, Rejected) for r in records(d))
+    else:
+        return None
+    return min(n, d.limit) if d.limit else n
 
 
 def bounds(count: int, shards: int, index: int) -> tuple[int, int]:

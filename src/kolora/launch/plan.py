@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kolora import filter_shards
 from kolora.cluster import ClusterProfile, ResolvedResources
 from kolora.config import ExperimentConfig
 from kolora.stages import jobs
@@ -91,12 +92,13 @@ def plan_jobs(cfg: ExperimentConfig, profile: ClusterProfile) -> list[JobPlan]:
             plan.tasks_per_node = max(r.gpus, 1)
             params["ntasks_per_node"] = plan.tasks_per_node
             params["srun_args"] = ["--kill-on-bad-exit=1"]  # one rank failing must not leave the others waiting
-        if job == "filter" and cfg.filter.shards > 1:
+        shards = filter_shards.planned_count(cfg) if job == "filter" else 1
+        if shards > 1:
             # one CPU task per shard; the task that finds every shard done merges (kolora.filter_shards)
-            plan.array_tasks = cfg.filter.shards
+            plan.array_tasks = shards
             # all shards at once: Slurm starts as many as the partition has CPUs for
-            plan.extra_info = {"shards": cfg.filter.shards}
-            params["array_parallelism"] = cfg.filter.shards
+            plan.extra_info = {"shards": shards}
+            params["array_parallelism"] = shards
         if job == "render":
             tiles, tasks = render_task_count(cfg, r.tiles_per_task)
             plan.array_tasks = tasks
