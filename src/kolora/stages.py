@@ -44,7 +44,7 @@ class Stage:
     # outputs are named by their own key, nothing is stale by name (render tiles).
     on_change: Literal["replace", "keep", "keyed"] = "replace"
     continues: tuple[str, ...] = ()  # fields in the output's key but not in its checkpoints' (resume extends)
-    keeps_partial: bool = False  # a failed attempt's partial work (checkpoints, tiles) stays for the rerun
+    keeps_partial: bool = False  # a failed attempt's partial work (checkpoints, tiles, shards) stays for the rerun
 
     @property
     def module(self) -> str:
@@ -69,7 +69,7 @@ STAGES: tuple[Stage, ...] = (
                   "data.image_column", "data.caption", "data.limit", "data.synthetic.count", "data.synthetic.seed",
                   "data.synthetic.min_side", "data.synthetic.max_side"),
           content=("data.path",), outputs=("data",), done=_file("data/metadata.jsonl"), stoppable=False),
-    # filter.shards > 1 makes its job an array of CPU tasks, one per shard (kolora.filter_shards)
+    # filter.shards > 1 (or shard_size) makes its job an array of CPU tasks, one per shard (kolora.filter_shards)
     Stage("filter", job="filter", where="cpu", after=("ingest",), inputs=("filter.ops",), content=(),
           outputs=("filter", "trainset"), done=_file("trainset/train/metadata.csv"), stoppable=False,
           keeps_partial=True),
