@@ -148,5 +148,5 @@ def test_shards_config_and_plan() -> None:
                            "data": {"source": "modelscope", "dataset_id": "AI-ModelScope/lowres_anime"}})
     with pytest.raises(ConfigError, match="set filter.shards: N instead"):
         plan_jobs(hub, profile)
-    with pytest.raises(ConfigError, match="not both"):
-        validate_config({**base, "filter": {"shards": 2, "shard_size": 20}})
+    both = validate_config({**base, "filter": {"shards": 2, "shard_size": 30}, "data": {"synthetic": {"count": 48}}})
+    assert {p.job: p.array_tasks for p in plan_jobs(both, profile)}["filter"] == 2  # shard_size decides

@@ -107,7 +107,8 @@ class FilterConfig(_Section):
     # Contiguous slices of the samples filtered separately (a Slurm array of CPU tasks; one after another in
     # `kolora run`) and merged into the same outputs as one pass (kolora.filter_shards).
     shards: int = Field(1, ge=1)
-    # ... or as many shards as the dataset has samples per shard_size (counted at submission)
+    # ... or as many shards as the dataset has samples per shard_size (counted at submission; when set, it
+    # decides the count instead of shards)
     shard_size: int | None = Field(None, ge=1)
 
     @model_serializer(mode="wrap")
@@ -126,8 +127,6 @@ class FilterConfig(_Section):
     @model_validator(mode="after")
     def _shards_without_dedup(self) -> FilterConfig:
         # a deduplicator compares samples with each other: within a shard it would miss duplicates across shards
-        if self.shards > 1 and self.shard_size is not None:
-            raise ValueError("set filter.shards or filter.shard_size, not both")
         dedups = [next(iter(op)) for op in self.ops if next(iter(op)).endswith("deduplicator")]
         if (self.shards > 1 or self.shard_size is not None) and dedups:
             raise ValueError(f"sharding cannot run {', '.join(dedups)} (a deduplicator sees only its own shard's "
