@@ -23,7 +23,7 @@ LORA = Path("lora") / "pytorch_lora_weights.safetensors"
 # A changed value for every operational field (the test below checks this covers all of them).
 OPERATIONAL_CHANGES = {
     "name": "demo", "seed": 7, "model.tiny": False, "filter.np": 2, "filter.executor": "ray",
-    "filter.fast_ops": False, "cache.batch_size": 3, "cache.device": "cpu", "cache.dir": "/tmp/kolora-lab-cache",
+    "filter.fast_ops": False, "filter.shards": 3, "filter.shard_size": 5, "cache.batch_size": 3, "cache.device": "cpu", "cache.dir": "/tmp/kolora-lab-cache",
     "train.checkpoint_every": 7, "train.checkpoint_minutes": 5, "train.keep_checkpoints": 2,
     "train.num_workers": 2, "train.accelerator": "cpu", "render.device": "cpu",
     "scorers.tiny": False, "evaluate.device": "cpu",

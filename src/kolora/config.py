@@ -108,15 +108,34 @@ class FilterConfig(_Section):
     # Run image_shape_filter / image_aspect_ratio_filter as kolora's header-only Data-Juicer ops
     # (kolora.dj_ops: same arguments, stats and kept samples, no full decode); false runs the built-ins.
     fast_ops: bool = True
+    # Contiguous slices of the samples filtered separately (a Slurm array of CPU tasks; one after another in
+    # `kolora run`) and merged into the same outputs as one pass (kolora.filter_shards).
+    shards: int = Field(1, ge=1)
+    # ... or as many shards as the dataset has samples per shard_size (counted at submission; when set, it
+    # decides the count instead of shards)
+    shard_size: int | None = Field(None, ge=1)
 
     @model_serializer(mode="wrap")
     def _omit_default_fast_ops(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         # The swap keeps exactly the same samples, so at its default it is left out of dumps and digests:
-        # runs made before the field existed stay complete.
+        # runs made before the field existed stay complete. Likewise shards (same outputs).
         data = handler(self)
         if self.fast_ops:
             data.pop("fast_ops", None)
+        if self.shards == 1:
+            data.pop("shards", None)
+        if self.shard_size is None:
+            data.pop("shard_size", None)
         return data
+
+    @model_validator(mode="after")
+    def _shards_without_dedup(self) -> FilterConfig:
+        # a deduplicator compares samples with each other: within a shard it would miss duplicates across shards
+        dedups = [next(iter(op)) for op in self.ops if next(iter(op)).endswith("deduplicator")]
+        if (self.shards > 1 or self.shard_size is not None) and dedups:
+            raise ValueError(f"sharding cannot run {', '.join(dedups)} (a deduplicator sees only its own shard's "
+                             "samples); set filter.shards: 1 (no shard_size) or remove the deduplicator")
+        return self
 
     @field_validator("ops", mode="before")
     @classmethod

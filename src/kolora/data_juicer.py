@@ -1,20 +1,20 @@
 """Data-Juicer for the filter stage: checking filter.ops against its op registry before anything runs, and
-running it contained (its work dir, caches and logs in run/filter/dj/, the process-wide state it changes
-restored afterwards) with a light tracer that attributes every dropped sample to its op. See kolora.filter."""
+running it contained (kolora.dj_sandbox: its work dir, caches and logs in the given dj/ folder, the
+process-wide state it changes restored afterwards) with a light tracer that attributes every dropped sample
+to its op (kolora.dj_trace). See kolora.filter."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
 import shutil
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from kolora.config import ConfigError, ExperimentConfig, FilterConfig
+from kolora.dj_sandbox import contained, ray_session
+from kolora.dj_trace import drop_log, traced_op
 from kolora.errors import RunFailure
 
 
@@ -126,111 +126,6 @@ def validate_ops(ops: list[dict[str, dict[str, Any]]]) -> None:
 
 
 # Data-Juicer ------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _contained(dj_dir: Path, console: Path) -> Iterator[None]:
-    """Run Data-Juicer in its own corner: cwd, HF caches and console output in dj_dir; global state restored."""
-    import tempfile
-
-    import multiprocess
-    from PIL import ImageFile
-
-    saved_env = dict(os.environ)
-    saved_cwd = os.getcwd()
-    saved_streams = sys.stdout, sys.stderr
-    saved_truncated = ImageFile.LOAD_TRUNCATED_IMAGES
-    saved_mp = multiprocess.get_start_method(allow_none=True)
-    saved_tempdir = tempfile.tempdir
-    os.environ.update({
-        "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(dj_dir / "hf"),
-        "HF_DATASETS_CACHE": str(dj_dir / "hf" / "datasets"), "UV_CACHE_DIR": str(dj_dir / "uv-cache"),
-        "UV_OFFLINE": "1", "PIP_NO_INDEX": "1",  # Data-Juicer pip-installs missing deps at run time; never here
-        "TQDM_DISABLE": "1",
-    })
-    ds_config = None
-    saved_ds = {}
-    with contextlib.suppress(ImportError):
-        from datasets import config as ds_config
-
-        saved_ds = {k: getattr(ds_config, k) for k in ("HF_DATASETS_CACHE", "DEFAULT_DOWNLOADED_DATASETS_PATH",
-                                                      "DOWNLOADED_DATASETS_PATH", "DEFAULT_EXTRACTED_DATASETS_PATH",
-                                                      "EXTRACTED_DATASETS_PATH", "HF_HUB_OFFLINE",
-                                                      "HF_DATASETS_OFFLINE") if hasattr(ds_config, k)}
-        for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-            if k in saved_ds:
-                setattr(ds_config, k, True)
-    hub_constants = None
-    with contextlib.suppress(ImportError):  # read from the environment once, at import
-        from huggingface_hub import constants as hub_constants
-
-        saved_hub_offline = hub_constants.HF_HUB_OFFLINE
-        hub_constants.HF_HUB_OFFLINE = True
-    saved_verbosity = None
-    with contextlib.suppress(ImportError):
-        from datasets.utils import logging as ds_logging
-
-        saved_verbosity = ds_logging.get_verbosity()
-        ds_logging.set_verbosity_error()  # its handlers hold the real stderr: keep its chatter off the console
-    os.chdir(dj_dir)
-    log = open(console, "a", encoding="utf-8")  # noqa: SIM115 - closed in finally, after loguru let go of it
-    sys.stdout = sys.stderr = log
-    try:
-        from data_juicer.utils import logger_utils
-
-        logger_utils.LOGGER_SETUP = False  # else a second run in this process logs into the first run's files
-        yield
-    finally:
-        from loguru import logger
-
-        with contextlib.suppress(Exception):
-            logger.remove()  # flushes and closes Data-Juicer's file sinks
-            logger.add(saved_streams[1], level="WARNING")
-        with contextlib.suppress(Exception):
-            from data_juicer.utils import logger_utils
-
-            logger_utils.LOGGER_SETUP = False
-        sys.stdout, sys.stderr = saved_streams
-        log.close()
-        os.chdir(saved_cwd)
-        os.environ.clear()
-        os.environ.update(saved_env)
-        ImageFile.LOAD_TRUNCATED_IMAGES = saved_truncated
-        tempfile.tempdir = saved_tempdir
-        if ds_config is not None:
-            for k, v in saved_ds.items():
-                setattr(ds_config, k, v)
-        with contextlib.suppress(Exception):
-            multiprocess.set_start_method(saved_mp, force=True)
-        if saved_verbosity is not None:
-            ds_logging.set_verbosity(saved_verbosity)
-        if hub_constants is not None:
-            hub_constants.HF_HUB_OFFLINE = saved_hub_offline
-
-
-@contextlib.contextmanager
-def _ray_session(wanted: bool) -> Iterator[None]:
-    """For the Ray executor without RAY_ADDRESS: a private local Ray whose session files (in a short /tmp
-    path: Ray's socket paths are length-limited) and processes are gone when the call ends."""
-    if not wanted:
-        yield
-        return
-    import tempfile
-
-    import ray
-
-    started_here = not ray.is_initialized()
-    ray_tmp = None
-    if started_here and not os.environ.get("RAY_ADDRESS") and not os.environ.get("RAY_TMPDIR"):
-        ray_tmp = tempfile.mkdtemp(prefix="kolora-ray-", dir="/tmp")
-        os.environ["RAY_TMPDIR"] = ray_tmp  # the caller's environment is restored by _contained
-    try:
-        yield
-    finally:
-        if started_here and ray.is_initialized():
-            ray.shutdown()
-        if ray_tmp:
-            shutil.rmtree(ray_tmp, ignore_errors=True)
-
-
 def _read_json_records(path: Path) -> list[dict[str, Any]]:
     """Data-Juicer's export: one jsonl file (default executor) or a folder of json shards (Ray executor)."""
     if not path.exists():
@@ -251,70 +146,6 @@ def _filter_op_names(ops: list[dict[str, Any]], kind: str = "Filter") -> set[str
     base = getattr(base_op, kind)
     return {name for item in ops for name in item
             if name in OPERATORS.modules and issubclass(OPERATORS.modules[name], base)}
-
-
-def _drop_log(work_dir: str, filters: set[str]) -> Any:
-    """A Data-Juicer Tracer (its own extension point: the executor hands it to every Filter) that records each
-    sample a filter drops as one JSON line in trace/sample_trace-<op>.<pid>.jsonl.
-
-    Written here because Data-Juicer's Tracer costs more than the header-only ops themselves: per sample it
-    asks a multiprocessing Manager lock whether enough samples were collected (an IPC round trip), and per
-    dropped sample it builds a one-row pandas DataFrame and reopens the trace file (~1.4 ms per drop, ~1.2 s of
-    the 2.3 s the header ops took on 2,000 images). kolora traces every drop, so there is no count to share:
-    each process appends to its own file (no lock, safe with np > 1 and on network file systems) through a
-    handle kept open and flushed per line."""
-    import threading
-
-    from data_juicer.core.tracer import Tracer
-
-    class DropLog(Tracer):
-        def __init__(self) -> None:
-            super().__init__(work_dir, op_list_to_trace=sorted(filters), show_num=sys.maxsize,
-                             lock=threading.Lock())
-            self._files: dict[tuple[int, str], Any] = {}
-
-        def is_collection_complete(self, op_name: str) -> bool:
-            return False
-
-        def collect_filter_sample(self, op_name: str, sample: dict, should_keep: bool) -> bool:
-            if should_keep or op_name not in self.op_list_to_trace:
-                return False
-            key = (os.getpid(), op_name)  # a forked worker inherits the parent's handles: key them by pid
-            f = self._files.get(key)
-            if f is None:
-                f = self._files[key] = open(  # noqa: SIM115 - closed in close() / at process exit
-                    os.path.join(self.work_dir, f"sample_trace-{op_name}.{os.getpid()}.jsonl"), "a", encoding="utf-8")
-            f.write(json.dumps(dict(sample), ensure_ascii=False, default=_jsonable) + "\n")
-            f.flush()
-            return True
-
-        def __getstate__(self) -> dict[str, Any]:  # sent to worker processes: without this process's files
-            return {**self.__dict__, "_files": {}}
-
-        def close(self) -> None:
-            for (pid, _op), f in list(self._files.items()):
-                if pid == os.getpid():
-                    f.close()
-            self._files.clear()
-
-    return DropLog()
-
-
-def traced_op(trace: Path) -> str:
-    """The op a trace file belongs to: sample_trace-<op>.jsonl (Data-Juicer's Ray tracer) or
-    sample_trace-<op>.<pid>.jsonl (_drop_log)."""
-    return trace.name.removeprefix("sample_trace-").removesuffix(".jsonl").split(".")[0]
-
-
-def _jsonable(obj: Any) -> Any:
-    """numpy arrays/scalars, pyarrow scalars and mapping-likes as JSON (the tracer's samples carry them)."""
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    if hasattr(obj, "as_py"):
-        return obj.as_py()
-    if hasattr(obj, "items"):  # mapping-likes that are not dicts
-        return dict(obj.items())
-    return str(obj)
 
 
 def run_data_juicer(cfg: ExperimentConfig, samples: list[dict[str, Any]], dj_dir: Path
@@ -366,7 +197,7 @@ def run_data_juicer(cfg: ExperimentConfig, samples: list[dict[str, Any]], dj_dir
     config_file = dj_dir / "config.yaml"
     config_file.write_text(yaml.safe_dump(dj_cfg, allow_unicode=True, sort_keys=False), encoding="utf-8")
     console = dj_dir / "console.log"
-    with _contained(dj_dir, console), _ray_session(cfg.filter.executor == "ray"):
+    with contained(dj_dir, console), ray_session(cfg.filter.executor == "ray"):
         try:
             from data_juicer.config import init_configs
 
@@ -379,7 +210,7 @@ def run_data_juicer(cfg: ExperimentConfig, samples: list[dict[str, Any]], dj_dir
                 from data_juicer.core import DefaultExecutor
 
                 executor = DefaultExecutor(dj)
-                executor.tracer = _drop_log(str(executor.work_dir), filters)
+                executor.tracer = drop_log(str(executor.work_dir), filters)
                 try:
                     executor.run()
                 finally:

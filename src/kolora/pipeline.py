@@ -169,7 +169,7 @@ def _settle(stage: str, run: RunDir, succeeded: bool) -> str | None:
     if not aside.is_dir():
         return None
     if succeeded:
-        shutil.rmtree(aside)
+        shutil.rmtree(aside, ignore_errors=True)  # array tasks completing together: either may remove it
         return None
     state = json.loads((aside / ".state.json").read_text())
     failed = run.root / ".failed" / stage
@@ -228,7 +228,10 @@ def run_stage(stage: str, cfg: ExperimentConfig, run: RunDir, force: bool = Fals
         summary["stale_removed"] = stages.prune_stale_tiles(cfg, run)
     with run.manifest() as m:
         entry = m.setdefault("stages", {}).setdefault(stage, {})
-        entry.update(status="complete" if done else "partial", summary=summary, error=None)
+        done = done or s.done(cfg, run)  # array tasks: another task may have completed it meanwhile
+        if not (done and "merged" in summary and entry.get("status") == "complete"):  # a shard's own summary
+            entry["summary"] = summary
+        entry.update(status="complete" if done else "partial", error=None)
         entry["wall_s"] = round(entry.get("wall_s", 0) + wall, 2) if "task_index" in kw else wall
     if done:
         _settle(stage, run, succeeded=True)

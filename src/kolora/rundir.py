@@ -149,6 +149,19 @@ def atomic_dir(path: Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def file_lock(path: Path | str) -> Iterator[None]:
+    """An exclusive flock on `path` (created) for the block: array tasks of one job taking turns."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def sweep_temp(run_root: Path | str) -> int:
     """Remove what killed writers left anywhere under the run directory: the temp files of atomic_write_*
     and atomic_path (".<name>.<random>.kolora-tmp…") and the temp folders of atomic_dir

@@ -44,7 +44,7 @@ class Stage:
     # outputs are named by their own key, nothing is stale by name (render tiles).
     on_change: Literal["replace", "keep", "keyed"] = "replace"
     continues: tuple[str, ...] = ()  # fields in the output's key but not in its checkpoints' (resume extends)
-    keeps_partial: bool = False  # a failed attempt's partial work (checkpoints, tiles) stays for the rerun
+    keeps_partial: bool = False  # a failed attempt's partial work (checkpoints, tiles, shards) stays for the rerun
 
     @property
     def module(self) -> str:
@@ -81,8 +81,10 @@ STAGES: tuple[Stage, ...] = (
                   "data.synthetic.min_side", "data.synthetic.max_side", "data.allow_external_paths",
                   "data.max_image_bytes"),
           content=("data.path",), outputs=("data",), done=_file("data/metadata.jsonl"), stoppable=True),
+    # filter.shards > 1 (or shard_size) makes its job an array of CPU tasks, one per shard (kolora.filter_shards)
     Stage("filter", job="filter", where="cpu", after=("ingest",), inputs=("filter.ops",), content=(),
-          outputs=("filter", "trainset"), done=_file("trainset/train/metadata.csv"), stoppable=True),
+          outputs=("filter", "trainset"), done=_file("trainset/train/metadata.csv"), stoppable=True,
+          keeps_partial=True),
     Stage("cache", job="train", where="gpu", after=("filter",),
           inputs=("cache.max_sequence_length", "cache.vae_dtype", "train.resolution", "train.center_crop",
                   "train.precision", "train.buckets"), content=MODEL_FIELDS,
@@ -125,6 +127,8 @@ OPERATIONAL: dict[str, tuple[str, str]] = {
     "filter.np": ("filter", "Data-Juicer worker processes; the kept set does not depend on them"),
     "filter.executor": ("filter", "Data-Juicer's executor (default or Ray); same ops, same kept set"),
     "filter.fast_ops": ("filter", "header-only versions of the shape/aspect ops: same stats, same kept samples"),
+    "filter.shards": ("filter", "slices filtered separately and merged in order: same report, same kept set"),
+    "filter.shard_size": ("filter", "the shard count from the dataset's size: same report, same kept set"),
     "cache.batch_size": ("cache", "how many samples the encoders take at once"),
     "cache.device": ("cache", "where the encoders run (cpu and cuda entries differ by rounding)"),
     "cache.dir": ("cache", "where the content-addressed entries live (shared across runs)"),

@@ -164,8 +164,11 @@ class StageJob:
         results: dict[str, Any] = {}
         for stage in self.stages:
             kw: dict[str, Any] = {}
-            if stage == "render":
+            if stage == "render" or (stage == "filter" and self.task_count > 1):
                 kw = {"task_index": task_index, "task_count": self.task_count}
+            if stage in ("ingest", "filter") and self.task_count > 1:
+                results[stage] = self._run_shared(stage, cfg, run, kw)
+                continue
             if stage == "train" and self.distributed:
                 kw = {"devices": self.tasks_per_node, "num_nodes": self.nodes}
                 self._release_followers(cfg, run)
@@ -184,6 +187,25 @@ class StageJob:
             if stage == "train" and self.distributed and not summary.get("skipped"):
                 run.record_stage("train", distributed=_process_group(0))
         return results
+
+    def _run_shared(self, stage: str, cfg, run, kw: dict[str, Any]) -> dict[str, Any]:
+        """A stage in a sharded filter array: ingest once (the first task to take the lock; the others find it
+        complete), and the filter's preparation of outputs made for other inputs once, before any shard."""
+        from kolora import pipeline, stages
+        from kolora.rundir import file_lock
+
+        with file_lock(run.root / ".locks" / f"{stage}.lock"):
+            if stage == "ingest":
+                summary = pipeline.run_stage(stage, cfg, run)
+            else:
+                keys = stages.Keys(cfg, run)
+                if not stages.is_complete(stage, cfg, run, keys):
+                    for note in pipeline.prepare(stage, cfg, run, keys):
+                        log.warning("%s", note)
+        if stage == "filter":
+            summary = pipeline.run_stage(stage, cfg, run, **kw)
+        log.info("stage %s (task %s): %s", stage, kw.get("task_index", "-"), summary)
+        return summary
 
     # DDP: rank 0 decides and prepares each stage (a go file says run/skip/fail/stop); every rank caches its
     # shard of the samples (rank 0 then writes the index), then all join Lightning's process group in

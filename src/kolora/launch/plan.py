@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kolora import filter_shards
 from kolora.cluster import ClusterProfile, ResolvedResources
 from kolora.config import ExperimentConfig
 from kolora.stages import jobs
@@ -23,7 +24,7 @@ class JobPlan:
     params: dict[str, Any]        # SlurmExecutor parameters (the dependency is added at submit time)
     after: str | None             # the job this one waits for (afterok)
     resources: ResolvedResources
-    array_tasks: int = 0          # render: number of array tasks (0: not an array)
+    array_tasks: int = 0          # render, sharded filter: number of array tasks (0: not an array)
     tasks_per_node: int = 1       # train: one task per GPU when it runs DDP
     extra_info: dict[str, Any] = field(default_factory=dict)
 
@@ -94,6 +95,13 @@ def plan_jobs(cfg: ExperimentConfig, profile: ClusterProfile) -> list[JobPlan]:
             plan.tasks_per_node = max(r.gpus, 1)
             params["ntasks_per_node"] = plan.tasks_per_node
             params["srun_args"] = ["--kill-on-bad-exit=1"]  # one rank failing must not leave the others waiting
+        shards = filter_shards.planned_count(cfg) if job == "filter" else 1
+        if shards > 1:
+            # one CPU task per shard; the task that finds every shard done merges (kolora.filter_shards)
+            plan.array_tasks = shards
+            # all shards at once: Slurm starts as many as the partition has CPUs for
+            plan.extra_info = {"shards": shards}
+            params["array_parallelism"] = shards
         if job == "render":
             tiles, tasks = render_task_count(cfg, r.tiles_per_task)
             plan.array_tasks = tasks
@@ -121,7 +129,7 @@ def describe(plan: JobPlan) -> dict[str, str]:
     r = plan.resources
     gpus = str(r.gpus) + (f" ({r.gpu_type})" if r.gpu_type else "") if r.gpus else "0"
     if plan.array_tasks:
-        throttle = min(plan.array_tasks, r.array_throttle)
+        throttle = min(plan.array_tasks, plan.params.get("array_parallelism", r.array_throttle))
         array = f"0-{plan.array_tasks - 1}%{throttle}" if plan.array_tasks > 1 else "1 task"
     else:
         array = "-"
