@@ -96,6 +96,9 @@ def test_lightning_reads_a_multi_node_slurm_job_as_planned(monkeypatch):
     env = {"SLURM_NTASKS": "4", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "2", "SLURM_PROCID": "3",
            "SLURM_LOCALID": "1", "SLURM_NODEID": "1", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "kolora-x-train",
            "SLURM_NODELIST": "gpu[07-08]", "MASTER_PORT": "41234"}
+    # Lightning writes MASTER_ADDR into os.environ itself: restore the whole environment afterwards, or the
+    # Slurm jobs later tests submit inherit "gpu07" as their rendezvous host
+    monkeypatch.setattr(os, "environ", os.environ.copy())
     for key in [k for k in os.environ if k.startswith("SLURM_")] + ["MASTER_ADDR", "MASTER_PORT"]:
         monkeypatch.delenv(key, raising=False)
     for key, value in env.items():

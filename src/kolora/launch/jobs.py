@@ -142,6 +142,9 @@ class StageJob:
         from kolora.rundir import RunDir
 
         rank = int(os.environ.get("SLURM_PROCID", "0")) if self.distributed else 0
+        if self.distributed and "MASTER_ADDR" not in self.env:
+            # one inherited from the submitting shell would be wrong here: Lightning takes the job's first node
+            os.environ.pop("MASTER_ADDR", None)
         log.info("kolora job %s (stages %s, task %d/%d, rank %d) run %s; HF_HOME=%s HF_HUB_OFFLINE=%s",
                  self.job, "+".join(self.stages), task_index, self.task_count, rank, self.run_root,
                  os.environ.get("HF_HOME"), os.environ.get("HF_HUB_OFFLINE"))
