@@ -7,7 +7,8 @@ import yaml
 from conftest import DEMO, PROMPTS, REPO
 
 from kolora.cli import main
-from kolora.config import ConfigError, load_config, load_prompts
+from kolora.config import ConfigError, load_config
+from kolora.prompts import load_prompts
 
 
 def test_shipped_configs_validate():

@@ -20,7 +20,7 @@ def _cfg(path, layout, **extra):
 
 
 def _render(cfg):
-    from kolora.config import load_prompts
+    from kolora.prompts import load_prompts
     from kolora.render import build_pipeline, render_tile
 
     pipe = build_pipeline(cfg, None, "cpu", torch.float32)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,13 +22,10 @@ from pydantic import (
     model_validator,
 )
 
-from kolora.errors import InputError, read_text
+from kolora.errors import ConfigError, InputError, read_text
+from kolora.overrides import apply_overrides, override_origin, resolve_paths
 from kolora.schema import Section as _Section
 from kolora.schema import describe_validation_error, format_problems
-
-
-class ConfigError(InputError):
-    """A config problem, with a message meant for the person who wrote the config."""
 
 
 class ModelConfig(_Section):
@@ -330,65 +326,6 @@ def config_digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
-# Fields holding file paths: relative values are resolved against the folder of the file that set them.
-_PATH_FIELDS = [
-    ("model", "path"), ("model", "vae_path"), ("model", "tokenizer_path"), ("model", "unet_config"),
-    ("model", "vae_config"), ("data", "path"), ("render", "prompts"), ("render", "lora"), ("grid", "font"),
-    ("cache", "dir"), ("scorers", "dir"),
-]
-
-
-def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
-    for section, key in _PATH_FIELDS:
-        sec = raw.get(section)
-        if isinstance(sec, dict) and isinstance(sec.get(key), str | Path):
-            p = Path(sec[key]).expanduser()
-            sec[key] = str(p if p.is_absolute() else (base / p).resolve())
-
-
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """`train.steps=200` → (["train", "steps"], 200). Values are parsed as YAML scalars/lists."""
-    if "=" not in item:
-        raise ConfigError(f"--set {item}: expected key.path=value, e.g. --set train.steps=200")
-    key, value = item.split("=", 1)
-    keys = [k for k in key.strip().split(".") if k]
-    if not keys:
-        raise ConfigError(f"--set {item}: the key before '=' is empty (e.g. --set train.steps=200)")
-    try:
-        parsed = yaml.safe_load(value) if value.strip() else ""
-    except yaml.YAMLError:
-        parsed = value
-    return keys, parsed
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str], base: Path) -> dict[tuple[str, ...], str]:
-    """Apply `--set` items to `raw` in place; returns {field path: "--set item"} to blame problems on them."""
-    origins: dict[tuple[str, ...], str] = {}
-    for item in overrides:
-        keys, value = parse_override(item)
-        node = raw
-        for n, k in enumerate(keys[:-1], 1):
-            nxt = node.setdefault(k, {})
-            if not isinstance(nxt, dict):
-                raise ConfigError(f"--set {item}: {'.'.join(keys[:n])} is a value, not a section")
-            node = nxt
-        node[keys[-1]] = value
-        if tuple(keys) in _PATH_FIELDS and isinstance(value, str):
-            p = Path(value).expanduser()
-            node[keys[-1]] = str(p if p.is_absolute() else (base / p).resolve())
-        origins[tuple(keys)] = f"--set {item}"
-    return origins
-
-
-def override_origin(origins: dict[tuple[str, ...], str]) -> Callable[[tuple[Any, ...]], str | None]:
-    """loc → the --set/--name that set that field (or a section holding it), else None (the file did)."""
-    def origin(loc: tuple[Any, ...]) -> str | None:
-        keys = tuple(str(p) for p in loc)
-        found = [o for k, o in origins.items() if keys[:len(k)] == k]
-        return found[-1] if found else None
-    return origin
-
-
 def format_errors(err: ValidationError, source: str, origins: dict[tuple[str, ...], str] | None = None) -> str:
     problems = describe_validation_error(err, ExperimentConfig, override_origin(origins or {}))
     return format_problems(source, "config", problems)
@@ -415,7 +352,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None, name: str 
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist (try configs/demo.yaml)")
     raw = read_yaml_mapping(path, "sections (model, data, filter, ...)")
-    _resolve_paths(raw, path.parent.resolve())
+    resolve_paths(raw, path.parent.resolve())
     origins = apply_overrides(raw, overrides or [], Path.cwd())
     if name is not None:
         raw["name"] = name
@@ -433,33 +370,3 @@ def validate_config(raw: dict[str, Any], source: str = "config",
 
 def dump_config(cfg: ExperimentConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), allow_unicode=True, sort_keys=False)
-
-
-class PromptItem(_Section):
-    prompt: str = Field(min_length=1)
-    seed: int
-    negative_prompt: str | None = None
-
-
-class PromptSet(_Section):
-    negative_prompt: str | None = None
-    prompts: list[PromptItem] = Field(min_length=1)
-
-
-def load_prompts(path: Path, default_negative: str) -> list[PromptItem]:
-    """Prompt set → items with their negative prompt filled in (item, else file default, else config default)."""
-    if not Path(path).exists():
-        raise ConfigError(f"render.prompts: prompt file {path} does not exist (see configs/prompts/anime-story.yaml)")
-    try:
-        raw = yaml.safe_load(read_text(path))
-        ps = PromptSet.model_validate(raw)
-    except InputError as e:
-        raise ConfigError(f"render.prompts: {e}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"render.prompts: {path} is not valid YAML: {e}") from None
-    except ValidationError as e:
-        problems = describe_validation_error(e, PromptSet)
-        raise ConfigError(format_problems(f"render.prompts: {path}", "prompt set", problems)) from None
-    neg = ps.negative_prompt if ps.negative_prompt is not None else default_negative
-    return [p.model_copy(update={"negative_prompt": p.negative_prompt if p.negative_prompt is not None else neg})
-            for p in ps.prompts]

@@ -25,6 +25,10 @@ class InputError(KoloraError, ValueError):
     exit_code = EXIT_INPUT
 
 
+class ConfigError(InputError):
+    """A config problem, with a message meant for the person who wrote the config."""
+
+
 class RunFailure(KoloraError, RuntimeError):
     """Something failed while running (network, Slurm, a stage that found nothing to do)."""
 

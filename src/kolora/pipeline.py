@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from kolora import stages
-from kolora.config import ConfigError, ExperimentConfig, load_prompts
+from kolora.config import ConfigError, ExperimentConfig
 from kolora.interrupt import Interrupted
+from kolora.prompts import load_prompts
 from kolora.rundir import RunDir, atomic_write_json, atomic_write_text
 
 log = logging.getLogger("kolora.pipeline")

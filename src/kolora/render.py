@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from kolora import interrupt
-from kolora.config import ExperimentConfig, PromptItem
+from kolora.config import ExperimentConfig
 from kolora.errors import RunFailure
 from kolora.lora import LoraFileError
+from kolora.prompts import PromptItem
 from kolora.rundir import RunDir, atomic_path, fsync_dir
 from kolora.stages import Tile, base_tiles, base_tiles_on, cache_store, lora_file, tiles
 

@@ -285,7 +285,7 @@ def complete_stages(run: RunDir) -> list[str]:
 @dataclass(frozen=True)
 class Tile:
     index: int
-    item: Any  # config.PromptItem
+    item: Any  # prompts.PromptItem
     key: str | None  # None while the LoRA it depends on does not exist
     base: bool = False  # rendered with the base model (no LoRA), in render/base/
 
@@ -307,7 +307,7 @@ def lora_file(cfg: ExperimentConfig, run: RunDir) -> Path:
 def tiles(cfg: ExperimentConfig, run: RunDir) -> list[Tile]:
     """Every (prompt, seed) of the prompt set, keyed by what its pixels depend on: prompt, negative prompt,
     seed and the render fields, the LoRA's bytes and scale, the model, the text length."""
-    from kolora.config import load_prompts
+    from kolora.prompts import load_prompts
 
     s = get("render")
     common = {f: field_value(cfg, f) for f in s.inputs if f not in ("render.negative_prompt", "render.base_tiles")}
@@ -330,7 +330,7 @@ def base_tiles(cfg: ExperimentConfig, run: RunDir) -> list[Tile]:
     """The same prompts and seeds rendered with the base model (LoRA scale 0: no LoRA loaded), keyed by the
     render fields, the model, the prompt, negative prompt and seed: not by any LoRA, so every run of the same
     model and render settings (every variant of a sweep) has the same base tiles."""
-    from kolora.config import load_prompts
+    from kolora.prompts import load_prompts
 
     s = get("render")
     common = {f: field_value(cfg, f) for f in s.inputs

@@ -24,7 +24,7 @@ def prompt_texts(cfg: ExperimentConfig) -> list[str]:
     v = cfg.train.validation
     if v.prompts:
         return list(v.prompts)
-    from kolora.config import load_prompts
+    from kolora.prompts import load_prompts
 
     return [p.prompt for p in load_prompts(cfg.render.prompts, cfg.render.negative_prompt)[:v.count]]
 

@@ -61,7 +61,7 @@ def gpu_request(r: ResolvedResources, per_node: bool = False) -> dict[str, Any]:
 
 def render_task_count(cfg: ExperimentConfig, tiles_per_task: int) -> tuple[int, int]:
     """(tiles, array tasks): one task per `tiles_per_task` tiles (render splits them round-robin)."""
-    from kolora.config import load_prompts
+    from kolora.prompts import load_prompts
 
     n = len(load_prompts(cfg.render.prompts, cfg.render.negative_prompt))
     return n, max(1, math.ceil(n / tiles_per_task))
