@@ -9,11 +9,11 @@ from pathlib import Path
 def cmd_sweep(args) -> int:
     from rich.console import Console
 
-    from kolora.cli import _runs_dir
+    from kolora.cli import resolve_runs_dir
     from kolora.sweep import plan
 
     console = Console(stderr=True)
-    sweep = plan(args.config, args.vary, _runs_dir(args), args.name, args.overrides)
+    sweep = plan(args.config, args.vary, resolve_runs_dir(args), args.name, args.overrides)
     if args.cluster:
         return _submit(args, sweep)
     from kolora.sweep import run_in_process
@@ -32,7 +32,7 @@ def cmd_sweep(args) -> int:
 
 
 def _submit(args, sweep) -> int:
-    from kolora.cli import _check_gpu_memory, _warn_attempt_window
+    from kolora.cli_slurm import check_gpu_memory, warn_attempt_window
     from kolora.cluster import find_profile, load_profile
     from kolora.launch.submit import LaunchError
     from kolora.launch.sweep import submit_sweep
@@ -42,9 +42,9 @@ def _submit(args, sweep) -> int:
     profile = load_profile(profile_file)
     for v in sweep.variants:
         preflight(v.cfg)
-    _warn_attempt_window(sweep.variants[0].cfg, profile)
+    warn_attempt_window(sweep.variants[0].cfg, profile)
     for v in sweep.variants:
-        _check_gpu_memory(v.cfg, profile, profile_file, show=False)
+        check_gpu_memory(v.cfg, profile, profile_file, show=False)
     try:
         entry = submit_sweep(sweep, profile, profile_file.resolve())
     except LaunchError as e:
@@ -71,7 +71,7 @@ def cmd_sweep_status(args, sweep_dir: Path) -> int:
 
 
 def register(subparsers) -> None:
-    from kolora.cli import _add_config_args
+    from kolora.cli import add_config_args
 
     p = subparsers.add_parser(
         "sweep", help="train several variants of a config (the product of --vary values) and compare them",
@@ -79,7 +79,7 @@ def register(subparsers) -> None:
                     "on it); ingest/filter/cache run once and are shared; a comparison sheet sweep.html + "
                     "sweep.png ranks the variants. Without --cluster the variants run one after another here; "
                     "with it, one submission (training is one Slurm array, a task per variant).")
-    _add_config_args(p)
+    add_config_args(p)
     p.add_argument("--vary", action="append", default=[], required=True, metavar="FIELD=V1,V2",
                    help="a field and its values, e.g. --vary train.lr=1e-4,3e-4 (repeatable: the product)")
     p.add_argument("--cluster", metavar="PROFILE", help="submit to Slurm with this cluster profile")
