@@ -120,7 +120,7 @@ def test_render_stage_renders_with_a_kohya_lora(files, trained, tiny_diffusers, 
     """render.lora pointing at a ComfyUI-style file: render.build_pipeline loads it with the trained alpha."""
     from kolora import render
     from kolora.config import load_config
-    from kolora.stages import lora_file
+    from kolora.tiles import lora_file
 
     kohya = ix.export_lora(trained[0], "kohya", tmp_path / "someone-elses.safetensors", tiny_diffusers)
     cfg = load_config(Path(__file__).parent.parent / "configs" / "demo.yaml",

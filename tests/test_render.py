@@ -11,7 +11,7 @@ from PIL import Image
 from kolora import render
 from kolora.pipeline import run_stage
 from kolora.rundir import RunDir
-from kolora.stages import missing_tiles
+from kolora.tiles import missing_tiles
 
 
 def _copy_run(demo_run, tmp_path) -> RunDir:
@@ -172,7 +172,7 @@ def test_precomputed_prompt_embeddings_render_the_same_pixels(demo_run, tmp_path
     the UNet never share a 24 GB GPU); the tiles are what the all-in-one pipeline gives for those embeddings."""
     import torch
 
-    from kolora.stages import lora_file, tiles
+    from kolora.tiles import lora_file, tiles
 
     run = _copy_run(demo_run, tmp_path)
     cfg = run.load_config()

@@ -20,7 +20,7 @@ def _scored_run(demo_run, tmp_path) -> RunDir:
     tiles are the LoRA tiles mirrored: any image will do for the page)."""
     from PIL import Image, ImageOps
 
-    from kolora.stages import tiles
+    from kolora.tiles import tiles
 
     dst = tmp_path / "demo"
     shutil.copytree(demo_run, dst)

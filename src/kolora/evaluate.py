@@ -24,7 +24,7 @@ from kolora import scorers
 from kolora.config import ExperimentConfig
 from kolora.errors import RunFailure
 from kolora.rundir import RunDir, atomic_dir
-from kolora.stages import base_tiles, base_tiles_on, missing_tiles, tiles
+from kolora.tiles import base_tiles, base_tiles_on, missing_tiles, tiles
 
 CSV_COLUMNS = ("index", "prompt", "seed", "clip_lora", "clip_base", "aesthetic_lora", "aesthetic_base")
 

@@ -9,7 +9,7 @@ from typing import Any
 from kolora.config import ExperimentConfig
 from kolora.errors import InputError, RunFailure
 from kolora.rundir import RunDir, atomic_path
-from kolora.stages import missing_tiles, tiles
+from kolora.tiles import missing_tiles, tiles
 
 
 def _font(path: Path | None, size: int):

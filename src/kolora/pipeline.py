@@ -22,7 +22,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from kolora import stages
+from kolora import stages, tiles
 from kolora.config import ConfigError, ExperimentConfig
 from kolora.interrupt import Interrupted
 from kolora.prompts import load_prompts
@@ -226,7 +226,7 @@ def run_stage(stage: str, cfg: ExperimentConfig, run: RunDir, force: bool = Fals
     wall = round(time.time() - started, 2)
     done = s.done(cfg, run)
     if done and s.on_change == "keyed":
-        summary["stale_removed"] = stages.prune_stale_tiles(cfg, run)
+        summary["stale_removed"] = tiles.prune_stale_tiles(cfg, run)
     with run.manifest() as m:
         entry = m.setdefault("stages", {}).setdefault(stage, {})
         done = done or s.done(cfg, run)  # array tasks: another task may have completed it meanwhile

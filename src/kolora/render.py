@@ -1,6 +1,6 @@
 """render: every (prompt, seed) of the prompt set through KolorsPipeline + the LoRA → render/<tile>.png.
 
-Tiles are named by their index, seed and key (kolora.stages.tiles: everything their pixels depend on), so a
+Tiles are named by their index, seed and key (kolora.tiles: everything their pixels depend on), so a
 changed prompt or LoRA re-renders exactly the affected tiles, an unchanged tile is never rendered twice, and
 array tasks never write or remove each other's files. `task_index`/`task_count` split the tiles round-robin
 so that one Slurm array task renders only its share. Tiles are written atomically.
@@ -25,7 +25,8 @@ from kolora.errors import RunFailure
 from kolora.lora import LoraFileError
 from kolora.prompts import PromptItem
 from kolora.rundir import RunDir, atomic_path, fsync_dir
-from kolora.stages import Tile, base_tiles, base_tiles_on, cache_store, lora_file, tiles
+from kolora.stages import cache_store
+from kolora.tiles import Tile, base_tiles, base_tiles_on, lora_file, tiles
 
 
 def build_pipeline(cfg: ExperimentConfig, lora_file: Path | None, device: str, dtype, text_encoder: bool = True):

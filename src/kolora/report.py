@@ -157,7 +157,7 @@ def build_html(cfg: ExperimentConfig, run: RunDir, figures: dict[str, bytes], sc
 
 def run(cfg: ExperimentConfig, run: RunDir, progress=None) -> dict[str, Any]:
     from kolora import plots
-    from kolora.stages import tiles
+    from kolora.tiles import tiles
 
     if not run.grid_file.is_file():
         raise RunFailure(f"report: {run.grid_file} is missing: run the grid stage first")

@@ -224,7 +224,7 @@ def progress(run: RunDir, sub: dict[str, Any], manifest: dict[str, Any]) -> dict
     info = {"stages": {"render": status["render"]}}
     if cfg is not None:
         from kolora.errors import InputError
-        from kolora.stages import all_tiles, missing_tiles
+        from kolora.tiles import all_tiles, missing_tiles
 
         try:  # tile keys need the model's files and the prompt set, which this machine may not see
             wanted = all_tiles(cfg, run)  # the LoRA's and, with evaluate on, the base model's
