@@ -44,6 +44,19 @@ def demo_run(tmp_path_factory, tiny_diffusers):
     return runs / "demo"
 
 
+def untrained_copy(demo_run: Path, dst: Path):
+    """A copy of the demo run at dst with its cache but no training, LoRA or tiles: (RunDir, its config)."""
+    import shutil
+
+    from kolora.rundir import RunDir
+
+    shutil.copytree(demo_run, dst)
+    for d in ("train", "lora", "render"):
+        shutil.rmtree(dst / d, ignore_errors=True)
+    run = RunDir(dst)
+    return run, run.load_config()
+
+
 def unet_inputs(unet):
     """Fixed random inputs for a Kolors-shaped UNet (8x8 latents, 7 tokens), for comparing outputs."""
     import torch

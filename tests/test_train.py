@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import shutil
 
 import pytest
+from conftest import untrained_copy
 
 from kolora import interrupt
 from kolora import train as train_mod
@@ -18,12 +18,7 @@ STEPS = 30
 
 
 def _fresh_train_run(demo_run, tmp_path, name) -> tuple[RunDir, object]:
-    dst = tmp_path / name
-    shutil.copytree(demo_run, dst)
-    for d in ("train", "lora", "render"):
-        shutil.rmtree(dst / d, ignore_errors=True)
-    run = RunDir(dst)
-    cfg = run.load_config()
+    run, cfg = untrained_copy(demo_run, tmp_path / name)
     cfg.train.steps = STEPS
     cfg.train.checkpoint_every = 8
     cfg.train.keep_checkpoints = 2

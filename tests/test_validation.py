@@ -6,6 +6,7 @@ import hashlib
 import shutil
 
 import pytest
+from conftest import untrained_copy
 from test_train import _stop_at
 
 from kolora import interrupt
@@ -19,12 +20,7 @@ SAMPLED = [10, 20, 30]  # the demo's 30 steps, every 10
 def _validation_run(demo_run, tmp_path, name) -> tuple[RunDir, object]:
     """A copy of the demo run with validation every 10 steps and no training yet; its cache stage reruns
     (validation prompts to encode) and reuses every training entry."""
-    dst = tmp_path / name
-    shutil.copytree(demo_run, dst)
-    for d in ("train", "lora", "render"):
-        shutil.rmtree(dst / d, ignore_errors=True)
-    run = RunDir(dst)
-    cfg = run.load_config()
+    run, cfg = untrained_copy(demo_run, tmp_path / name)
     cfg.train.validation.every = 10
     cfg.train.validation.steps = 3
     summary = run_stage("cache", cfg, run)

@@ -45,7 +45,7 @@ def check_gpu_memory(cfg, profile, profile_file, show: bool) -> list[str]:
 def cmd_submit(args) -> int:
     from kolora.cluster import find_profile, load_profile
     from kolora.config import load_config
-    from kolora.launch.submit import LaunchError, dry_run, format_submitted, submit
+    from kolora.launch.submit import dry_run
     from kolora.pipeline import preflight
 
     cfg = load_config(args.config, args.overrides, args.name)
@@ -64,20 +64,13 @@ def cmd_submit(args) -> int:
         for line in gpu_memory:
             print(line)
         return 0
-    try:
-        sub = submit(cfg, profile, runs_dir, profile_file.resolve(), check=False)
-    except LaunchError as e:
-        print(f"kolora: submit: {e}", file=sys.stderr)
-        return 1
-    print(format_submitted(sub))
-    return 0
+    return _queue("submit", cfg, profile, runs_dir, profile_file)
 
 
 def cmd_resume(args) -> int:
     from kolora import distributed
     from kolora.cluster import find_profile, load_profile
     from kolora.launch.monitor import resolve_run
-    from kolora.launch.submit import LaunchError, format_submitted, submit
     from kolora.pipeline import preflight
 
     run = resolve_run(args.run, resolve_runs_dir(args))
@@ -102,10 +95,16 @@ def cmd_resume(args) -> int:
         return EXIT_INPUT
     warn_attempt_window(cfg, profile)
     check_gpu_memory(cfg, profile, profile_file, show=False)
+    return _queue("resume", cfg, profile, run.root.parent, profile_file, only_incomplete=True)
+
+
+def _queue(command: str, cfg, profile, runs_dir, profile_file, **kw) -> int:
+    from kolora.launch.submit import LaunchError, format_submitted, submit
+
     try:
-        sub = submit(cfg, profile, run.root.parent, profile_file.resolve(), check=False, only_incomplete=True)
+        sub = submit(cfg, profile, runs_dir, profile_file.resolve(), check=False, **kw)
     except LaunchError as e:
-        print(f"kolora: resume: {e}", file=sys.stderr)
+        print(f"kolora: {command}: {e}", file=sys.stderr)
         return 1
     print(format_submitted(sub))
     return 0

@@ -27,10 +27,21 @@ def loggers(cfg: ExperimentConfig, run: RunDir, start_step: int) -> list[Any]:
     from lightning.pytorch.loggers import TensorBoardLogger
 
     purge = {"purge_step": start_step + 1} if start_step else {}
+    _after_earlier_event_files(run.train / TENSORBOARD_DIR)
     out: list[Any] = [TensorBoardLogger(save_dir=str(run.train), name=TENSORBOARD_DIR, version="",
                                         default_hp_metric=False, **purge)]
     wandb = wandb_logger(cfg, run)
     return out + ([wandb] if wandb else [])
+
+
+def _after_earlier_event_files(folder) -> None:
+    """TensorBoard reads a folder's event files in name order, and a name is the creation second, host, pid and
+    a per-process counter: an attempt resumed within the second of the one before it, in the same process,
+    could sort before it ("...10" < "...9") and lose its steps to the purge. Wait into the next second."""
+    seconds = [int(parts[3]) for p in folder.glob("events.out.tfevents.*")
+               if len(parts := p.name.split(".")) > 3 and parts[3].isdigit()]
+    while seconds and time.time() < max(seconds) + 1:
+        time.sleep(0.05)
 
 
 def wandb_mode(environ: dict[str, str] | None = None) -> str:
