@@ -89,6 +89,19 @@ def test_tensorboard_events_hold_the_scalars_and_the_validation_images(uninterru
     assert images[-1].encoded_image_string[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_new_event_file_sorts_after_the_previous_attempts(tmp_path):
+    """TensorBoard reads event files in name order; a name starts with its creation second, then a per-process
+    counter ("...10" sorts before "...9"): a writer made within the second of an earlier file waits it out."""
+    import time
+
+    from kolora.trainlogs import _after_earlier_event_files
+
+    now = int(time.time())
+    (tmp_path / f"events.out.tfevents.{now}.host.1.9").write_bytes(b"")
+    _after_earlier_event_files(tmp_path)
+    assert time.time() >= now + 1
+
+
 def test_resumed_run_with_validation_ends_bit_identical(uninterrupted, demo_run, tmp_path, monkeypatch):
     run, cfg = _validation_run(demo_run, tmp_path, "uninterrupted")  # same name: same config digest
     _stop_at(monkeypatch, {10, 25})  # at a sampling step (its samples are cut short by the stop) and between two
