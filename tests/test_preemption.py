@@ -90,9 +90,13 @@ def wait_for_checkpoint(env, run: Path, job_id: str) -> None:
 
 
 def wait_grid(env, run: Path) -> None:
+    """Until grid.png exists and the grid job (grid, then evaluate and report) has left the queue."""
     def finished() -> bool:
         if (run / "grid.png").is_file():
-            return True
+            ids = ",".join(info["job_id"] for info in latest_jobs(run).values())
+            queued = subprocess.run(["squeue", "-h", "-j", ids, "-o", "%i"], env=env, capture_output=True,
+                                    text=True, timeout=30)
+            return queued.returncode == 0 and not queued.stdout.strip()
         status = kolora(env, "status", run, timeout=60)
         if "FAILED" in status.stdout or "CANCELLED" in status.stdout:
             pytest.fail(f"the run failed:\n{status.stdout}\n{status.stderr}")

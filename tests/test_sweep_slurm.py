@@ -90,4 +90,4 @@ def test_sweep_on_slurm_shares_the_cache_and_survives_preemption(env, tmp_path):
     assert status.returncode == 0, status.stdout + status.stderr
     assert "best so far" in status.stdout and status.stdout.count("COMPLETED") >= 4 + 2, status.stdout
     one = kolora(env, "status", variants[1], timeout=60)  # a variant is a normal submitted run
-    assert one.returncode == 0 and "tiles 8/8" in one.stdout, one.stdout + one.stderr
+    assert one.returncode == 0 and "tiles 8/8, base model 8/8" in one.stdout, one.stdout + one.stderr

@@ -231,9 +231,11 @@ def progress(run: RunDir, sub: dict[str, Any], manifest: dict[str, Any]) -> dict
         except (InputError, OSError) as e:
             info["text"] = f"tiles unknown here ({str(e).splitlines()[0][:80]})"
         else:
-            done = len(wanted) - len(missing_tiles(cfg, run, wanted))
-            info.update(tiles_done=done, tiles_total=len(wanted))
-            info["text"] = f"tiles {done}/{len(wanted)}"
+            missing = missing_tiles(cfg, run, wanted)
+            info.update(tiles_done=len(wanted) - len(missing), tiles_total=len(wanted))
+            lora, base = ([sum(t.base == b for t in tiles) for tiles in (wanted, missing)] for b in (False, True))
+            info["text"] = f"tiles {lora[0] - lora[1]}/{lora[0]}" + (
+                f", base model {base[0] - base[1]}/{base[0]}" if base[0] else "")
     out["render"] = info
 
     text = [str(run.grid_file)] if status["grid"] == "complete" and run.grid_file.is_file() else []
