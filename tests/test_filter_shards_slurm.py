@@ -4,8 +4,10 @@ shard only, merges, and the outputs equal an unsharded in-process filter of the 
 
 from __future__ import annotations
 
+import ast
 import json
 import os
+import re
 import signal
 import subprocess
 from pathlib import Path
@@ -13,6 +15,7 @@ from pathlib import Path
 import pytest
 from slurmkit import DEMO, kolora, run_progress, sacct, submit, wait_ended, wait_for
 from test_filter_shards import markers, outputs
+from test_ingest_shards import outputs as data_outputs
 
 from kolora import filter as kfilter
 from kolora import filter_shards, ingest
@@ -99,3 +102,52 @@ def test_killed_shard_task_is_the_only_one_resume_reruns(env: dict[str, str], tm
     want, got = outputs(ref), outputs(run)
     assert got == want
     assert want["summary"]["kept"] == 24 and want["summary"]["dropped"] == 24
+
+
+def synthetic_parquet(root: Path, files: int = 3) -> Path:
+    """The demo's 48 synthetic images as a parquet dataset (encoded bytes), in `files` files of row groups of 5."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from kolora.synthetic import make_synthetic
+
+    items = make_synthetic(root / "images", 48, seed=0, min_side=32, max_side=160)
+    folder = root / "parquet"
+    folder.mkdir()
+    for k in range(files):
+        part = items[k::files]
+        table = pa.table({"image": [p.read_bytes() for p, _ in part], "text": [caption for _, caption in part]})
+        pq.write_table(table, folder / f"train-{k:05d}-of-{files:05d}.parquet", row_group_size=5)
+    return folder
+
+
+def test_parquet_ingest_is_sharded_over_the_filter_array(env: dict[str, str], tmp_path: Path) -> None:
+    dataset = synthetic_parquet(tmp_path)
+    runs = tmp_path / "runs"
+    data = ["--set", "data.source=parquet", "--set", f"data.path={dataset}"]
+    sub, _ = submit(env, runs, "pq", *data, "--set", "filter.shards=2")
+    run = RunDir(runs / "pq")
+    filt = sub["jobs"]["filter"]["job_id"]
+    rows = wait_ended(env, [filt], 2, run.root)
+    kolora(env, "cancel", "pq", "--runs-dir", runs, timeout=60)  # training is not what is tested here
+    assert {r["State"] for r in rows.values()} == {"COMPLETED"}, rows
+
+    folder = Path(sub["folder"])
+    logs = [(folder / f"{filt}_{i}_0_log.err").read_text() for i in range(2)]
+    lines = [re.search(rf"stage ingest \(task {i}\): (.*)", logs[i]) for i in range(2)]
+    assert all(lines), logs
+    summaries = [ast.literal_eval(line.group(1)) for line in lines]
+    assert sorted(r for s in summaries for r in s["ran"]) == [0, 1], summaries  # each row range read once
+    assert sorted(str(s["merged"]) for s in summaries) == ["True", "by another task"], summaries
+    manifest = json.loads(run.manifest_file.read_text())
+    assert manifest["stages"]["ingest"]["status"] == "complete"
+    assert manifest["stages"]["ingest"]["summary"]["shards"] == 2
+    assert json.loads((run.filter / "report.json").read_text())["summary"]["shards"] == 2
+
+    # the same config in one pass, in this process: the same data/ and the same filter outputs
+    cfg = load_config(DEMO, [item for item in data if item != "--set"])
+    ref = RunDir(tmp_path / "ref")
+    ingest.run(cfg, ref)
+    kfilter.run(cfg, ref)
+    assert data_outputs(run) == data_outputs(ref)
+    assert outputs(run) == outputs(ref)

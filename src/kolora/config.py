@@ -105,7 +105,8 @@ class FilterConfig(_Section):
     # (kolora.dj_ops: same arguments, stats and kept samples, no full decode); false runs the built-ins.
     fast_ops: bool = True
     # Contiguous slices of the samples filtered separately (a Slurm array of CPU tasks; one after another in
-    # `kolora run`) and merged into the same outputs as one pass (kolora.filter_shards).
+    # `kolora run`) and merged into the same outputs as one pass (kolora.filter_shards); a parquet or
+    # ModelScope source is ingested in as many row ranges (kolora.ingest_shards).
     shards: int = Field(1, ge=1)
     # ... or as many shards as the dataset has samples per shard_size (counted at submission; when set, it
     # decides the count instead of shards)

@@ -178,8 +178,9 @@ def image_value(value: Any, base: Path) -> tuple[Path | None, bytes | None, str 
 
 
 def rows_to_records(rows: Iterable[dict[str, Any]], src_prefix: str, base: Path, image_key: str,
-                    text_key: str) -> Iterator[Record | Rejected]:
-    for i, row in enumerate(rows):
+                    text_key: str, start: int = 0) -> Iterator[Record | Rejected]:
+    """Records of table rows; `start`: the number of the first row (rows of a shard)."""
+    for i, row in enumerate(rows, start):
         src = f"{src_prefix}:row {i}"
         p, data, name = image_value(row.get(image_key), base)
         if p is None and data is None:
@@ -216,31 +217,63 @@ def _parquet_files(path: Path, image_key: str, text_key: str, caption: str | Non
     return opened
 
 
-def _read_parquet(path: Path, image_key: str, text_key: str, caption: str | None) -> Iterator[Record | Rejected]:
+def parquet_rows(path: Path, image_key: str, text_key: str, caption: str | None) -> int:
+    """Rows of data.path's parquet files, from their footers."""
+    return sum(pf.metadata.num_rows for _, pf in _parquet_files(path, image_key, text_key, caption))
+
+
+def _row_groups(pf: Any, start: int, end: int) -> tuple[list[int], int]:
+    """The row groups of a parquet file holding its rows [start, end), and the number of their first row."""
+    groups, first, offset = [], None, 0
+    for g in range(pf.metadata.num_row_groups):
+        n = pf.metadata.row_group(g).num_rows
+        if offset < end and offset + n > start:
+            groups.append(g)
+            first = offset if first is None else first
+        offset += n
+    return groups, first or 0
+
+
+def _read_parquet(path: Path, image_key: str, text_key: str, caption: str | None,
+                  rows: tuple[int, int] | None = None) -> Iterator[Record | Rejected]:
+    """Every row's record; with `rows` = [a, b), only rows a..b-1 counted over the files in order, reading
+    only the row groups that hold them (an ingest shard)."""
+    offset = 0
     for file, pf in _parquet_files(path, image_key, text_key, caption):
         cols = [image_key] + ([text_key] if text_key in pf.schema_arrow.names else [])
+        count = pf.metadata.num_rows
+        start, end = (0, count) if rows is None else (max(rows[0] - offset, 0), min(rows[1] - offset, count))
+        offset += count
+        if start >= end:
+            continue
+        groups, first = _row_groups(pf, start, end)
 
-        def rows(pf=pf, cols=cols) -> Iterator[dict[str, Any]]:
-            for batch in pf.iter_batches(batch_size=64, columns=cols):
-                yield from batch.to_pylist()
+        def table_rows(pf=pf, cols=cols, groups=groups, first=first, start=start, end=end):
+            number = first
+            for batch in pf.iter_batches(batch_size=64, columns=cols, row_groups=groups):
+                for row in batch.to_pylist():
+                    if start <= number < end:
+                        yield row
+                    number += 1
 
         mode = file.stat().st_mode
-        for rec in rows_to_records(rows(), str(file), file.parent, image_key, text_key):
+        for rec in rows_to_records(table_rows(), str(file), file.parent, image_key, text_key, start):
             if isinstance(rec, Record):
                 rec.origin_mode = mode
             yield rec
 
 
 # the three uses ---------------------------------------------------------------------------------------------
-def records(d: DataConfig) -> Iterator[Record | Rejected]:
-    """Every record of a local folder, jsonl or parquet source (synthetic and modelscope live in ingest)."""
+def records(d: DataConfig, rows: tuple[int, int] | None = None) -> Iterator[Record | Rejected]:
+    """Every record of a local folder, jsonl or parquet source (synthetic and modelscope live in ingest);
+    `rows`: only those rows of a parquet source (an ingest shard)."""
     assert d.path is not None  # the config schema guarantees it for these sources
     if d.source == "jsonl":
         return _read_jsonl(d.path, d.text_column, d.image_column)
     if d.source == "folder":
         return _read_folder(d.path, d.text_column, d.caption)
     if d.source == "parquet":
-        return _read_parquet(d.path, d.image_column, d.text_column, d.caption)
+        return _read_parquet(d.path, d.image_column, d.text_column, d.caption, rows)
     raise DatasetError(f"data.source: {d.source!r} is not a local file source")
 
 
@@ -264,7 +297,7 @@ def probe(d: DataConfig) -> None:
         raise DatasetError(f"data.path: {d.path} does not exist (data.source {d.source!r}: expected "
                            f"{EXPECTED[d.source]}); fix the path or download the dataset first")
     if d.source == "parquet":
-        if sum(pf.metadata.num_rows for _, pf in _parquet_files(d.path, d.image_column, d.text_column, d.caption)) == 0:
+        if parquet_rows(d.path, d.image_column, d.text_column, d.caption) == 0:
             raise DatasetError(f"data.path: the parquet data in {d.path} has no rows")
         return
     rejected: list[dict[str, Any]] = []

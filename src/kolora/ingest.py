@@ -23,13 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from kolora import interrupt
-from kolora.config import ExperimentConfig
+from kolora.config import DataConfig, ExperimentConfig
 from kolora.dataset import (
     DatasetError,
     Record,
     Rejected,
     check_columns,
     no_sample_error,
+    parquet_rows,
     records,
     rows_to_records,
     sample_text,
@@ -38,6 +39,7 @@ from kolora.dataset import (
 from kolora.rundir import RunDir, atomic_dir, atomic_write_text
 from kolora.safe_paths import PathGuard, Unsafe, copy_checked, link_checked, write_bytes
 
+COUNTS = ("linked", "copied", "written", "generated", "referenced")  # how each sample's image got into data/
 OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "MODELSCOPE_OFFLINE", "KOLORA_OFFLINE")
 
 
@@ -59,7 +61,9 @@ def _offline_reason() -> str | None:
         return f"{host} cannot be reached ({e.__class__.__name__}: {e})"
 
 
-def _read_modelscope(cfg: ExperimentConfig, cache_dir: Path) -> Iterator[Record | Rejected]:
+def _load_modelscope(cfg: ExperimentConfig, cache_dir: Path) -> tuple[Any, str, Path]:
+    """The hub dataset (or its local download) as a Hugging Face dataset of image and text columns, with
+    the image cells left encoded; its name for the report and the folder relative image paths start from."""
     d = cfg.data
     ds_id = d.dataset_id or "<dataset id>"
     hint = f"run `modelscope download --dataset {ds_id} --local-dir DIR` on a login node and set data.path: DIR"
@@ -90,8 +94,39 @@ def _read_modelscope(cfg: ExperimentConfig, cache_dir: Path) -> Iterator[Record 
         hf = hf.cast_column(d.image_column, HFImage(decode=False))
     except Exception:  # noqa: BLE001 - not an image-like column; read it as it is
         pass
-    base = Path(target) if d.path is not None else cache_dir
-    yield from rows_to_records(hf, str(target), base, d.image_column, d.text_column)
+    return hf, str(target), Path(target) if d.path is not None else cache_dir
+
+
+class TableSource:
+    """A parquet or ModelScope source read by row ranges (ingest shards); the hub dataset loads once."""
+
+    def __init__(self, cfg: ExperimentConfig, run: RunDir) -> None:
+        self.cfg, self.cache_dir = cfg, run.root / ".cache" / "modelscope"
+        self._hf: tuple[Any, str, Path] | None = None
+
+    def _hub(self) -> tuple[Any, str, Path]:
+        if self._hf is None:
+            self._hf = _load_modelscope(self.cfg, self.cache_dir)
+        return self._hf
+
+    @property
+    def where(self) -> str:
+        return str(self.cfg.data.path or self.cfg.data.dataset_id)
+
+    def rows(self) -> int:
+        d = self.cfg.data
+        if d.source == "parquet":
+            return parquet_rows(d.path, d.image_column, d.text_column, d.caption)  # type: ignore[arg-type]
+        return len(self._hub()[0])
+
+    def records(self, rows: tuple[int, int] | None = None) -> Iterator[Record | Rejected]:
+        d = self.cfg.data
+        if d.source == "parquet":
+            return records(d, rows)
+        hf, target, base = self._hub()
+        start, end = rows or (0, len(hf))
+        part = hf if rows is None else hf.select(range(start, end))
+        return rows_to_records(part, target, base, d.image_column, d.text_column, start)
 
 
 # materialising ----------------------------------------------------------------------------------------------
@@ -143,7 +178,7 @@ def _materialise(rec: Record, dst_stem: Path, counts: dict[str, int], guard: Pat
         return src
 
 
-def _guard(cfg: ExperimentConfig, run: RunDir) -> PathGuard | None:
+def guard(cfg: ExperimentConfig, run: RunDir) -> PathGuard | None:
     """The path rules for cfg.data's source (None for generated images): paths stay inside data.path (a
     file's folder), or the ModelScope cache a hub dataset was loaded into."""
     d = cfg.data
@@ -166,52 +201,78 @@ def _records(cfg: ExperimentConfig, work: Path, run: RunDir) -> tuple[Iterator[R
         items = make_synthetic(work / "images", count, s.seed, s.min_side, s.max_side)
         return (Record(f"synthetic:{i}", cap, path=p) for i, (p, cap) in enumerate(items)), "synthetic"
     if d.source == "modelscope":
-        return _read_modelscope(cfg, run.root / ".cache" / "modelscope"), str(d.path or d.dataset_id)
+        source = TableSource(cfg, run)
+        return source.records(), source.where
     return records(d), str(d.path)
 
 
-def run(cfg: ExperimentConfig, run: RunDir) -> dict[str, Any]:
-    """Read cfg.data's source into run.data (images/, metadata.jsonl, rejected.jsonl); return a summary."""
+def take(records: Iterator[Record | Rejected], work: Path, d: DataConfig, guard: PathGuard | None,
+         counts: dict[str, int], limit: int | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Materialise the records' images into work/images/<id>.<ext> (ids 000000, ... in record order); returns
+    the samples (their "image": the Path taken) and the rejected records with reasons."""
+    samples: list[dict[str, Any]] = []
+    rejected: list[dict[str, Any]] = []
+    for n, rec in enumerate(records):
+        if interrupt.requested() is not None:  # nothing is kept: the rerun starts over (outputs are atomic)
+            raise interrupt.Interrupted(f"ingest stopped after {n} records on {interrupt.requested()}; "
+                                        "run it again to redo the stage")
+        if isinstance(rec, Rejected):
+            rejected.append({"source": rec.source, "reason": rec.reason, **{k: v for k, v in rec.extra.items()
+                                                                             if v is not None}})
+            continue
+        text = sample_text(rec.text, d.caption)
+        if text is None:
+            rejected.append({"source": rec.source, "reason": "missing text",
+                             "image": str(rec.path) if rec.path else rec.name})
+            continue
+        sid = f"{len(samples):06d}"
+        try:
+            path = _materialise(rec, work / "images" / sid, counts, guard)
+        except Unsafe as e:
+            rejected.append({"source": rec.source, "reason": str(e),
+                             "image": str(rec.path) if rec.path else rec.name, "text": text})
+            continue
+        samples.append({"id": sid, "text": text, "image": path})
+        if limit and len(samples) >= limit:
+            break
+    return samples, rejected
+
+
+def write_lists(folder: Path, samples: list[dict[str, Any]], rejected: list[dict[str, Any]]) -> None:
+    """rejected.jsonl, then metadata.jsonl: its presence says the lists are complete."""
+    atomic_write_text(folder / "rejected.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejected))
+    atomic_write_text(folder / "metadata.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+
+
+def run(cfg: ExperimentConfig, run: RunDir, task_index: int | None = None,
+        task_count: int | None = None) -> dict[str, Any]:
+    """Read cfg.data's source into run.data (images/, metadata.jsonl, rejected.jsonl); return a summary.
+    A parquet or ModelScope source is read in shards when the filter is sharded (kolora.ingest_shards)."""
+    from kolora import ingest_shards
+
+    shards = ingest_shards.count(cfg, task_count)
+    if shards > 1:
+        return ingest_shards.run(cfg, run, shards, task_index)
     t0 = time.perf_counter()
     d = cfg.data
-    counts = {"linked": 0, "copied": 0, "written": 0, "generated": 0, "referenced": 0}
+    counts = dict.fromkeys(COUNTS, 0)
     with atomic_dir(run.data) as work:
         (work / "images").mkdir()
         records, where = _records(cfg, work, run)
-        guard = _guard(cfg, run)
-        samples: list[dict[str, Any]] = []
-        rejected: list[dict[str, Any]] = []
-        for n, rec in enumerate(records):
-            if interrupt.requested() is not None:  # nothing is kept: the rerun starts over (outputs are atomic)
-                raise interrupt.Interrupted(f"ingest stopped after {n} records on {interrupt.requested()}; "
-                                            "run it again to redo the stage")
-            if isinstance(rec, Rejected):
-                rejected.append({"source": rec.source, "reason": rec.reason, **{k: v for k, v in rec.extra.items()
-                                                                                 if v is not None}})
-                continue
-            text = sample_text(rec.text, d.caption)
-            if text is None:
-                rejected.append({"source": rec.source, "reason": "missing text",
-                                 "image": str(rec.path) if rec.path else rec.name})
-                continue
-            sid = f"{len(samples):06d}"
-            try:
-                path = _materialise(rec, work / "images" / sid, counts, guard)
-            except Unsafe as e:
-                rejected.append({"source": rec.source, "reason": str(e),
-                                 "image": str(rec.path) if rec.path else rec.name, "text": text})
-                continue
-            samples.append({"id": sid, "text": text, "image": [str(run.data / path.relative_to(work))
-                                                               if path.is_relative_to(work) else str(path)]})
-            if d.limit and len(samples) >= d.limit:
-                break
+        samples, rejected = take(records, work, d, guard(cfg, run), counts, d.limit)
         if not samples:
             raise no_sample_error(d, where, rejected)
-        atomic_write_text(work / "metadata.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
-        atomic_write_text(work / "rejected.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejected))
-    summary = {"source": d.source, "path": where, "samples": len(samples), "rejected": len(rejected),
-               **{k: v for k, v in counts.items() if v}, "seconds": round(time.perf_counter() - t0, 2)}
-    return summary
+        for s in samples:
+            path = s["image"]
+            s["image"] = [str(run.data / path.relative_to(work)) if path.is_relative_to(work) else str(path)]
+        write_lists(work, samples, rejected)
+    return summary(d, where, len(samples), len(rejected), counts, t0)
+
+
+def summary(d: DataConfig, where: str, samples: int, rejected: int, counts: dict[str, int], t0: float,
+            **extra: Any) -> dict[str, Any]:
+    return {"source": d.source, "path": where, "samples": samples, "rejected": rejected,
+            **{k: v for k, v in counts.items() if v}, **extra, "seconds": round(time.perf_counter() - t0, 2)}
 
 
 def read_samples(path: Path) -> list[dict[str, Any]]:

@@ -129,7 +129,8 @@ OPERATIONAL: dict[str, tuple[str, str]] = {
     "filter.np": ("filter", "Data-Juicer worker processes; the kept set does not depend on them"),
     "filter.executor": ("filter", "Data-Juicer's executor (default or Ray); same ops, same kept set"),
     "filter.fast_ops": ("filter", "header-only versions of the shape/aspect ops: same stats, same kept samples"),
-    "filter.shards": ("filter", "slices filtered separately and merged in order: same report, same kept set"),
+    "filter.shards": ("filter", "slices filtered (parquet/ModelScope rows ingested) separately and merged in order: "
+                      "same data, report and kept set"),
     "filter.shard_size": ("filter", "the shard count from the dataset's size: same report, same kept set"),
     "cache.batch_size": ("cache", "how many samples the encoders take at once"),
     "cache.device": ("cache", "where the encoders run (cpu and cuda entries differ by rounding)"),

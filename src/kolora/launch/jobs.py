@@ -167,7 +167,7 @@ class StageJob:
         results: dict[str, Any] = {}
         for stage in self.stages:
             kw: dict[str, Any] = {}
-            if stage == "render" or (stage == "filter" and self.task_count > 1):
+            if stage == "render" or (stage in ("ingest", "filter") and self.task_count > 1):
                 kw = {"task_index": task_index, "task_count": self.task_count}
             if stage in ("ingest", "filter") and self.task_count > 1:
                 results[stage] = self._run_shared(stage, cfg, run, kw)
@@ -192,22 +192,24 @@ class StageJob:
         return results
 
     def _run_shared(self, stage: str, cfg, run, kw: dict[str, Any]) -> dict[str, Any]:
-        """A stage in a sharded filter array: ingest once (the first task to take the lock; the others find it
-        complete), and the filter's preparation of outputs made for other inputs once, before any shard."""
-        from kolora import pipeline, stages
+        """A stage in a sharded filter array: its preparation of outputs made for other inputs once, before any
+        shard, then every task runs its shard; an ingest that is not sharded (kolora.ingest_shards) runs once
+        (the first task to take the lock; the others find it complete)."""
+        from kolora import ingest_shards, pipeline, stages
         from kolora.rundir import file_lock
 
+        sharded = stage == "filter" or ingest_shards.count(cfg, self.task_count) > 1
         with file_lock(run.root / ".locks" / f"{stage}.lock"):
-            if stage == "ingest":
+            if not sharded:
                 summary = pipeline.run_stage(stage, cfg, run)
             else:
                 keys = stages.Keys(cfg, run)
                 if not stages.is_complete(stage, cfg, run, keys):
                     for note in pipeline.prepare(stage, cfg, run, keys):
                         log.warning("%s", note)
-        if stage == "filter":
+        if sharded:
             summary = pipeline.run_stage(stage, cfg, run, **kw)
-        log.info("stage %s (task %s): %s", stage, kw.get("task_index", "-"), summary)
+        log.info("stage %s (task %s): %s", stage, kw.get("task_index", "-") if sharded else "-", summary)
         return summary
 
     # DDP: rank 0 decides and prepares each stage (a go file says run/skip/fail/stop); every rank caches its
