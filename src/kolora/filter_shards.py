@@ -52,10 +52,9 @@ def expected_samples(d: DataConfig) -> int | None:
     if d.source == "synthetic":
         n = d.synthetic.count
     elif d.source == "parquet" and d.path is not None:
-        import pyarrow.parquet as pq
+        from kolora.dataset import parquet_rows
 
-        files = [d.path] if d.path.is_file() else sorted(d.path.rglob("*.parquet"))
-        n = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+        n = parquet_rows(d.path, d.image_column, d.text_column, d.caption)
     elif d.source in ("folder", "jsonl"):
         from kolora.dataset import Rejected, records
 

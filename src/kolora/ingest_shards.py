@@ -2,7 +2,7 @@
 (the filter job's array tasks each take one; `kolora run` takes them one after another), into
 
     data/shards/<i>-of-<N>/images/       the range's images (hard links, copies or written bytes)
-    data/shards/<i>-of-<N>/samples.jsonl  its samples (ids local to the shard), rejected.jsonl, done.json
+    data/shards/<i>-of-<N>/metadata.jsonl its samples (ids local to the shard), rejected.jsonl, done.json
 
 and merged, in row order, into the same data/ one unsharded pass writes: ids renumbered, images hard-linked
 to data/images/<id>.<ext>, metadata.jsonl last. A shard folder appears whole (kolora.rundir.atomic_dir) with
@@ -17,20 +17,17 @@ any source with data.limit (which stops after its first samples).
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import shutil
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from kolora import filter_shards, interrupt, stages
 from kolora.config import ExperimentConfig
-from kolora.dataset import no_sample_error
+from kolora.dataset import no_sample_error, parquet_rows
 from kolora.rundir import RunDir, atomic_dir, atomic_write_json, file_lock, now
 
 SHARDED_SOURCES = ("parquet", "modelscope")
@@ -44,10 +41,10 @@ def count(cfg: ExperimentConfig, task_count: int | None = None) -> int:
         return 1
     if task_count:
         return task_count
-    if cfg.filter.shard_size is None or d.source != "parquet":
-        return cfg.filter.shards if cfg.filter.shard_size is None else 1
-    from kolora.dataset import parquet_rows
-
+    if cfg.filter.shard_size is None:
+        return cfg.filter.shards
+    if d.source != "parquet":  # a hub dataset's size is known only once it is loaded
+        return 1
     return filter_shards.count(cfg.filter, parquet_rows(d.path, d.image_column, d.text_column, d.caption))
 
 
@@ -66,22 +63,6 @@ def is_merged(run: RunDir) -> bool:
     return (run.data / "metadata.jsonl").is_file()
 
 
-@contextlib.contextmanager
-def _try_lock(path: Path, wait: bool) -> Iterator[bool]:
-    """An exclusive flock on `path`: yields whether it was taken (always, when `wait`)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def run(cfg: ExperimentConfig, run: RunDir, shards: int, task_index: int | None = None) -> dict[str, Any]:
     """Read the ranges nobody has read yet (this task's first), then merge when every range is done."""
     from kolora.ingest import TableSource, guard
@@ -97,17 +78,18 @@ def run(cfg: ExperimentConfig, run: RunDir, shards: int, task_index: int | None 
     def identity(i: int) -> dict[str, Any]:
         return {"key": key, "shard": i, "shards": shards, "rows": list(filter_shards.bounds(total, shards, i))}
 
+    path_guard = guard(cfg, run)
     first = task_index or 0
     pending = [(first + k) % shards for k in range(shards)]
     ran: list[int] = []
     for wait in (False, True):  # first the free ranges, then wait for those running tasks hold
         busy = []
         for i in pending:
-            with _try_lock(run.data / "shards" / f".{i}-of-{shards}.lock", wait) as taken:
+            with file_lock(run.data / "shards" / f".{i}-of-{shards}.lock", wait) as taken:
                 if not taken:
                     busy.append(i)
                 elif not is_merged(run) and not is_done(run, i, shards, identity(i)):
-                    _read_range(cfg, run, source, guard(cfg, run), i, shards, identity(i))
+                    _read_range(cfg, run, source, path_guard, i, shards, identity(i))
                     ran.append(i)
         pending = busy
     with file_lock(run.data / "shards" / ".merge.lock"):

@@ -150,14 +150,19 @@ def atomic_dir(path: Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def file_lock(path: Path | str) -> Iterator[None]:
-    """An exclusive flock on `path` (created) for the block: array tasks of one job taking turns."""
+def file_lock(path: Path | str, wait: bool = True) -> Iterator[bool]:
+    """An exclusive flock on `path` (created) for the block: array tasks of one job taking turns. Yields
+    whether it was taken: always when `wait`, else only when no other holder had it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
         try:
-            yield
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
 
