@@ -25,7 +25,7 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from kolora import buckets
+from kolora import buckets, devices
 from kolora.config import ExperimentConfig
 from kolora.errors import RunFailure
 from kolora.rundir import RunDir, atomic_path
@@ -74,14 +74,6 @@ def load_image_tensor(path: str, resolution: int, center: bool, key: str):
         im = im.crop((left, top, left + resolution, top + resolution))
         arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
-
-
-def _device(choice: str) -> str:
-    import torch
-
-    if choice == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return choice
 
 
 def text_dtype(precision: str):
@@ -209,7 +201,7 @@ def _encode_texts(cfg, files, todo: list[tuple[str, str]], text_dir: Path, devic
 
     from kolora import models
 
-    te_dtype = torch.float16 if device == "cuda" else torch.float32
+    te_dtype = torch.float16 if devices.is_cuda(device) else torch.float32
     stored = text_dtype(cfg.train.precision)
     # diffusers' own encode_prompt, so training sees exactly what rendering computes.
     encoder = models.prompt_encoder(files, te_dtype, device)

@@ -164,7 +164,7 @@ def _cache_shard(cfg: ExperimentConfig, rows: list[dict[str, str]], rank: int, w
                  ident: str, journal: Journal, attempt: str, progress) -> dict[str, Any]:
     from safetensors.torch import load_file
 
-    from kolora import buckets, cache, models
+    from kolora import buckets, cache, devices, models
 
     text_dir, lat_dir = store / "text", store / "latents"
 
@@ -196,7 +196,7 @@ def _cache_shard(cfg: ExperimentConfig, rows: list[dict[str, str]], rank: int, w
         by_latent.setdefault(e["latent_key"], []).append(i)
     todo_lat = sorted((key, rows[idx[0]]["path"], rows[idx[0]]["file_name"]) for key, idx in by_latent.items()
                       if not (lat_dir / f"{key}.safetensors").is_file())
-    device = cache._device(cfg.cache.device)
+    device = devices.pick(cfg.cache.device)
     total, done, skipped = len(todo_text) + len(todo_lat), 0, len(skips)
 
     def advanced(n: int) -> None:

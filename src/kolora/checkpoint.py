@@ -1,9 +1,11 @@
 """Full-state training checkpoints: written atomically, the last K kept, verified on load.
 
 A checkpoint is Lightning's (LoRA tensors only — not the frozen UNet —, optimizer, loop state incl. the
-global step) plus kolora's block: config digest, rank/alpha, and every RNG state (python, numpy, torch, CUDA).
-Kolora's training draws its noise and sample order from (seed, step), so RNG states are not needed for an
-exact resume; they are saved so that anything else random (user callbacks, dropout) resumes exactly too.
+global step) plus kolora's block: config digest, rank/alpha, and the RNG states (python, numpy, torch, and the
+CUDA generator of the rank's own GPU) of every rank, by global rank. Kolora's training draws its noise and
+sample order from (seed, step), so RNG states are not needed for an exact resume; they are saved so that
+anything else random (user callbacks, dropout) resumes exactly too. A run resumed on fewer ranks drops the
+states of the ranks it no longer has; one resumed on more seeds its new ranks (each says so).
 """
 
 from __future__ import annotations
@@ -48,7 +50,9 @@ def rng_state() -> dict[str, Any]:
              "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype("int64")),
                        "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "gauss": float(np_state[4])}}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # this process's own GPU only (kolora.devices made it the current one): a state per *visible* GPU
+        # cannot be restored where fewer are visible (set_rng_state_all raises IndexError)
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -59,8 +63,38 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
     np.random.set_state((n["name"], n["keys"].numpy().astype("uint32"), n["pos"], n["has_gauss"], n["gauss"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is None or not torch.cuda.is_available():
+        return
+    if isinstance(cuda, list | tuple):  # kolora ≤ 0.1 saved every visible GPU's state: take this one's, if any
+        current = torch.cuda.current_device()
+        cuda = cuda[current] if current < len(cuda) else None
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda)
+
+
+def seed_rng(seed: int) -> None:
+    """python, numpy, torch and CUDA generators from one seed (a rank the checkpoint has no state for)."""
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def restore_rank_rng(kolora_block: dict[str, Any], rank: int, world: int, seed: int) -> str | None:
+    """This rank's RNG states from a checkpoint's kolora block; a line saying what changed when the
+    checkpoint was written by another number of ranks (None when nothing did)."""
+    states = kolora_block.get("rng_ranks") or [kolora_block["rng"]]  # older checkpoints: rank 0's only
+    if rank < len(states):
+        set_rng_state(states[rank])
+        if rank == 0 and len(states) > world:
+            return (f"the checkpoint holds the RNG states of {len(states)} ranks and {world} resume: the states of "
+                    f"ranks {world}–{len(states) - 1} are dropped")
+        return None
+    seed_rng(seed + rank)
+    return (f"rank {rank}: the checkpoint holds RNG states for {len(states)} rank(s); this rank's generators are "
+            f"seeded from train.seed + rank ({seed + rank})")
 
 
 def _plain(x):

@@ -5,7 +5,9 @@
   or is refused when it cannot (kolora.samples deals the same samples at every step either way).
 - `StepDecision`: whether to checkpoint and/or stop after an optimizer step is decided on rank 0 (its stop
   flag, the step, its wall clock) and broadcast, so every rank saves and stops at the same step.
+- `gather_objects`: a value of every rank (their RNG states, into the checkpoint).
 - `keep_signals_out`: Lightning's signal connector must not touch SIGTERM (kolora.interrupt owns it).
+- `placement`: Lightning's accelerator, devices and strategy for this process's own GPU (kolora.devices).
 - `free_port`: rank 0 picks the process group's port on its node (launch.jobs hands it to the other ranks),
   so two jobs sharing a node never collide as Lightning's default (15000 + job id digits) can.
 """
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from kolora import interrupt
+from kolora.devices import is_cuda
 from kolora.errors import InputError
 
 
@@ -124,6 +127,38 @@ def rescale_loop_progress(checkpoint: dict[str, Any], accumulate: int) -> None:
     state = loop.get("epoch_loop.state_dict")
     if isinstance(state, dict) and "_batches_that_stepped" in state:
         state["_batches_that_stepped"] = step
+
+
+def gather_objects(trainer, obj: Any) -> list[Any]:
+    """`obj` of every rank, by global rank (a collective: every rank must call it at the same point)."""
+    if trainer is None or trainer.world_size == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * trainer.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def placement(device: str, tasks_per_node: int = 1, num_nodes: int = 1) -> dict[str, Any]:
+    """`L.Trainer` arguments that train on `device` (kolora.devices.pick: this process's own GPU, or the CPU)
+    with `tasks_per_node` × `num_nodes` processes. Lightning's own choice, GPU <local rank> of `devices`
+    visible ones, fails where Slurm gives each task its own GPU (--gpus-per-task: one visible, always index 0):
+    each process names its own device instead, once per process of its node."""
+    world = tasks_per_node * num_nodes
+    if not is_cuda(device):
+        return {"accelerator": "cpu", "devices": tasks_per_node, "num_nodes": num_nodes,
+                "strategy": "ddp" if world > 1 else "auto"}
+    import torch
+
+    own = torch.device(device)
+    own = torch.device("cuda", own.index if own.index is not None else torch.cuda.current_device())
+    if world == 1:
+        return {"accelerator": "gpu", "devices": [own.index], "num_nodes": 1, "strategy": "auto"}
+    from lightning.pytorch.strategies import DDPStrategy
+
+    return {"accelerator": "gpu", "devices": [own.index], "num_nodes": num_nodes,
+            "strategy": DDPStrategy(parallel_devices=[own] * tasks_per_node)}
 
 
 def free_port() -> int:

@@ -52,3 +52,15 @@ def handle(signals: tuple[int, ...] = (signal.SIGUSR2, signal.SIGTERM)) -> Itera
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+WORKER_BLOCKED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def shield_worker(_worker_id: int = 0) -> None:
+    """A DataLoader worker's `worker_init_fn`: the stop signals stay blocked in it. Slurm signals every process
+    of a step (preemption, scancel, the time limit) and a terminal's Ctrl-C reaches the whole process group;
+    torch's worker dies on a SIGTERM not sent by its parent, and the training with it ("DataLoader worker
+    killed") instead of checkpointing. The training process alone decides when to stop; its workers end
+    with it."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_BLOCKED)

@@ -125,13 +125,17 @@ def load_tokenizer(files: ModelFiles):
     return ChatGLMTokenizer.from_pretrained(str(files.tokenizer))
 
 
-def load_text_encoder(files: ModelFiles, dtype=None):
+def load_text_encoder(files: ModelFiles, dtype=None, device: str = "cpu"):
     import torch
     from diffusers.pipelines.kolors import ChatGLMModel
 
+    from kolora.devices import is_cuda
+
     # ChatGLM3 checkpoints (both layouts) are sharded .bin/.safetensors with a `transformer.` prefix that
-    # transformers strips; .bin files are read with weights_only=True by transformers 5.
-    model = ChatGLMModel.from_pretrained(str(files.text_encoder), torch_dtype=dtype or torch.float32)
+    # transformers strips; .bin files are read with weights_only=True by transformers 5. On a GPU the shards
+    # load straight onto it: no 12.5 GB host copy in each rank of a multi-GPU job.
+    placement = {"device_map": {"": device}} if is_cuda(device) else {}
+    model = ChatGLMModel.from_pretrained(str(files.text_encoder), torch_dtype=dtype or torch.float32, **placement)
     return model.eval().requires_grad_(False)
 
 
@@ -140,7 +144,7 @@ def prompt_encoder(files: ModelFiles, dtype, device: str):
     the cache and render stages so both compute the same embeddings."""
     from diffusers import KolorsPipeline
 
-    return KolorsPipeline(vae=None, text_encoder=load_text_encoder(files, dtype).to(device),
+    return KolorsPipeline(vae=None, text_encoder=load_text_encoder(files, dtype, device).to(device),
                           tokenizer=load_tokenizer(files), unet=None, scheduler=None)
 
 
@@ -150,8 +154,10 @@ def free_gpu(device: str) -> None:
 
     import torch
 
+    from kolora.devices import is_cuda
+
     gc.collect()
-    if device == "cuda":
+    if is_cuda(device):
         torch.cuda.empty_cache()
 
 

@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from kolora import interrupt
+from kolora import devices, interrupt
 from kolora.config import ExperimentConfig
 from kolora.errors import RunFailure
 from kolora.lora import LoraFileError
@@ -43,7 +43,7 @@ def build_pipeline(cfg: ExperimentConfig, lora_file: Path | None, device: str, d
     if lora_file is not None:
         lora.load_into_pipeline(pipe, lora_file, scale=cfg.render.lora_scale)
     pipe.set_progress_bar_config(disable=True)
-    if device == "cuda":
+    if devices.is_cuda(device):
         pipe.vae.enable_tiling()  # decodes above the VAE's sample size (1024) in tiles; no change at or below it
     return pipe.to(device)
 
@@ -51,12 +51,10 @@ def build_pipeline(cfg: ExperimentConfig, lora_file: Path | None, device: str, d
 def _device_dtype(cfg: ExperimentConfig):
     import torch
 
-    device = cfg.render.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = devices.pick(cfg.render.device)
     dtype = cfg.render.dtype
     if dtype == "auto":
-        dtype = "float16" if device == "cuda" else "float32"
+        dtype = "float16" if devices.is_cuda(device) else "float32"
     return device, getattr(torch, dtype)
 
 

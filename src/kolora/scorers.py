@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kolora import devices
+
 CLIP_EN = "openai/clip-vit-base-patch32"
 CLIP_ZH = "OFA-Sys/chinese-clip-vit-base-patch16"
 AESTHETIC = "shunk031/aesthetics-predictor-v2-sac-logos-ava1-l14-linearMSE"
@@ -167,12 +169,6 @@ class Loaded:
     device: str
 
 
-def _device(device: str) -> str:
-    import torch
-
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-
-
 def load_clip(folder: Path, name: str, device: str = "cpu") -> Loaded:
     """CLIP or Chinese-CLIP (by its config's model_type) with its processor, in eval mode on `device`."""
     import transformers
@@ -182,7 +178,7 @@ def load_clip(folder: Path, name: str, device: str = "cpu") -> Loaded:
                            "chinese_clip": ("ChineseCLIPModel", "ChineseCLIPProcessor")}.get(model_type, (None, None))
     if model_cls is None:
         raise ScorerModelError(f"{folder}: model_type {model_type!r} is not a CLIP (clip or chinese_clip)")
-    device = _device(device)
+    device = devices.pick(device)
     model = getattr(transformers, model_cls).from_pretrained(str(folder)).eval().to(device)
     return Loaded(model, getattr(transformers, proc_cls).from_pretrained(str(folder)), name, device)
 
@@ -190,7 +186,7 @@ def load_clip(folder: Path, name: str, device: str = "cpu") -> Loaded:
 def load_aesthetic(folder: Path, name: str, device: str = "cpu") -> Loaded:
     from transformers import CLIPProcessor
 
-    device = _device(device)
+    device = devices.pick(device)
     model = _predictor_class(aesthetic_head(name)).from_pretrained(str(folder)).eval().to(device)
     return Loaded(model, CLIPProcessor.from_pretrained(str(folder)), name, device)
 

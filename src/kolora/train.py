@@ -29,6 +29,7 @@ from kolora import checkpoint as ckpt_io
 from kolora import distributed, interrupt, models, objective, trainlogs, validation
 from kolora import lora as lora_io
 from kolora.config import ExperimentConfig, TrainConfig
+from kolora.devices import is_cuda, pick
 from kolora.ema import LoraEMA
 from kolora.errors import InputError, RunFailure
 from kolora.rundir import RunDir, atomic_write_text
@@ -88,12 +89,17 @@ class LoRATrainer(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = self.trainable_state_dict()
+        # every rank's RNG states (all ranks save together: Checkpointer.save), by global rank
+        rng = distributed.gather_objects(self.trainer, ckpt_io.rng_state())
         checkpoint["kolora"] = {"rank": self.tcfg.rank, "alpha": self.tcfg.alpha,
-                                "config_digest": self.config_digest, "rng": ckpt_io.rng_state(),
+                                "config_digest": self.config_digest, "rng": rng[0], "rng_ranks": rng,
                                 "batch": self.batch.record()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        ckpt_io.set_rng_state(checkpoint["kolora"]["rng"])
+        note = ckpt_io.restore_rank_rng(checkpoint["kolora"], self.global_rank, self.trainer.world_size,
+                                        self.tcfg.seed)
+        if note:
+            log.info("resume: %s", note)
         distributed.rescale_loop_progress(checkpoint, self.batch.accumulate)
 
     def on_train_start(self) -> None:
@@ -262,17 +268,12 @@ def resolve_precision(precision: str, accelerator: str) -> tuple[str, str | None
     return want, None
 
 
-def _accelerator(choice: str) -> str:
-    if choice == "auto":
-        return "gpu" if torch.cuda.is_available() else "cpu"
-    return choice
-
-
 def run(cfg: ExperimentConfig, run: RunDir, progress=None, devices: int = 1, num_nodes: int = 1) -> dict[str, Any]:
     tcfg = cfg.train
     for name in ("lightning.pytorch", "lightning.fabric"):  # hardware banners and tips, not our business
         logging.getLogger(name).setLevel(logging.WARNING)
-    accel = _accelerator(tcfg.accelerator)
+    device = pick(tcfg.accelerator)  # this rank's own GPU (or the CPU), current before the first CUDA call
+    accel = "gpu" if is_cuda(device) else "cpu"
     check_options(tcfg, accel)
     precision, note = resolve_precision(tcfg.precision, accel)
     if note:
@@ -323,7 +324,8 @@ def run(cfg: ExperimentConfig, run: RunDir, progress=None, devices: int = 1, num
             raise RunFailure(f"train: Lightning formed a process group of {world_size}, kolora planned {world}")
         share = RankShare(sequence, tcfg.steps, start_step, tcfg.batch_size, world, rank, batch.accumulate)
         return torch.utils.data.DataLoader(Positioned(data), batch_size=tcfg.batch_size, sampler=share,
-                                           num_workers=tcfg.num_workers, drop_last=False)
+                                           num_workers=tcfg.num_workers, drop_last=False,
+                                           worker_init_fn=interrupt.shield_worker if tcfg.num_workers else None)
 
     module = LoRATrainer(unet, tcfg, digest, ckpt_dir, data.empty_caption() if tcfg.caption_dropout else None,
                          batch, loader)
@@ -338,8 +340,7 @@ def run(cfg: ExperimentConfig, run: RunDir, progress=None, devices: int = 1, num
                                 tcfg.steps)
     trainer = L.Trainer(
         # devices/num_nodes > 1: DDP, one process per device started by srun (the launcher's multi-GPU jobs)
-        accelerator=accel, devices=devices, num_nodes=num_nodes,
-        strategy="ddp" if devices * num_nodes > 1 else "auto",
+        **distributed.placement(device, devices, num_nodes),
         precision=precision, max_steps=tcfg.steps, max_epochs=-1, accumulate_grad_batches=batch.accumulate,
         use_distributed_sampler=False,  # kolora.samples deals each rank its share of the global order
         # torch's deterministic algorithms (warn where an op has none), cuDNN deterministic, no autotuning

@@ -108,7 +108,7 @@ class ValidationSampler(L.Callback):
             unet.train(was_training)
             self.vae.to("cpu")
             del pipe
-            models.free_gpu(device.type)
+            models.free_gpu(device)
             checkpoint.set_rng_state(rng)
         return images
 
