@@ -2,8 +2,10 @@
 # The GPU benches in one command, on a machine with CUDA:
 #   bash bench/run_gpu.sh            (or: make bench-gpu)
 #   bash bench/run_gpu.sh --check    only set up the imports and print the versions
-# flops first (the floors the GPU numbers are compared with), then gpu_train and gpu_render. Without CUDA the
-# GPU scripts print "skipped: no CUDA" and exit 0. PY selects the interpreter (default .venv/bin/python, else
+# gpu_suite first (the `gpu`-marked tests: real CUDA training steps, resume, render, the memory planner against
+# the allocator; their rows go to bench/RESULTS.md with the device name), then flops (the floors the GPU numbers
+# are compared with), gpu_train and gpu_render. Without CUDA the GPU scripts print "skipped: no CUDA" and exit 0.
+# A failing test does not stop the benches: every number is wanted from a lent GPU; the exit status says. PY selects the interpreter (default .venv/bin/python, else
 # python3). A GPU image that has torch/transformers/peft but not diffusers (or pydantic, which kolora's modules
 # import) needs no network: `make bench-wheels` (anywhere with a package index) puts the missing wheels in
 # bench/wheels/, and this script installs them from there into a temporary folder put first on PYTHONPATH.
@@ -38,7 +40,9 @@ print("torch", torch.__version__, "CUDA", torch.version.cuda,
 print("diffusers", diffusers.__version__, "transformers", transformers.__version__, "peft", peft.__version__,
       "kolora from", kolora.__file__)'
 [[ ${1:-} == --check ]] && exit 0
-for b in flops gpu_train gpu_render; do
+rc=0
+for b in gpu_suite flops gpu_train gpu_render; do
   echo "== bench/$b.py"
-  "$PY" "bench/$b.py"
+  "$PY" "bench/$b.py" || rc=1
 done
+exit $rc

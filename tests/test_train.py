@@ -147,3 +147,71 @@ def test_sigkill_during_a_checkpoint_write_resumes_from_the_previous_one(referen
     assert _sha(run.lora / "pytorch_lora_weights.safetensors") == _sha(
         reference.lora / "pytorch_lora_weights.safetensors")
     assert _steps(run) == list(range(1, STEPS + 1))
+
+
+PACED = '''
+import os, sys, time
+from pathlib import Path
+from kolora import train
+
+MARK = Path(os.environ["KOLORA_TEST_STEP_FILE"])
+original = train.StepProgress.on_train_batch_end
+
+def paced(self, trainer, *args):  # a step takes long enough for the test to signal mid-training
+    original(self, trainer, *args)
+    MARK.write_text(str(trainer.global_step))
+    time.sleep(0.2)
+
+train.StepProgress.on_train_batch_end = paced
+from kolora.cli import main
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+def test_sigterm_to_the_process_group_with_dataloader_workers_checkpoints(reference, demo_run, tmp_path):
+    """Slurm signals every process of a job step (preemption, scancel, the time limit), the DataLoader's
+    workers included: the training still checkpoints at the next step and exits 3, and the rerun ends
+    bit-identical to an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    run, cfg = _fresh_train_run(demo_run, tmp_path / "runs", "demo")
+    cfg.train.num_workers = 2  # operational: the reference (no workers) trained on the same samples
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), allow_unicode=True))
+    driver, mark = tmp_path / "driver.py", tmp_path / "step"
+    driver.write_text(PACED)
+    args = [sys.executable, str(driver), "run", str(config), "--runs-dir", str(run.root.parent), "--stage", "train"]
+    env = {**os.environ, "KOLORA_TEST_STEP_FILE": str(mark)}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        last, since = None, time.monotonic()
+        while not (mark.is_file() and mark.read_text().strip() and int(mark.read_text()) >= 10):
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            step = mark.read_text() if mark.is_file() else None
+            if step != last:
+                last, since = step, time.monotonic()
+            assert time.monotonic() - since < 240, f"no training step for 4 minutes (last: {last})"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGTERM)  # the whole process group: trainer and its 2 workers
+        out, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 3, err[-3000:]
+    assert "DataLoader worker" not in err
+    stopped = checkpoints(run.train / "checkpoints")[0][0]
+    assert 10 <= stopped < STEPS, err[-3000:]
+    assert f"training stopped at step {stopped}/{STEPS}" in err.replace("\n", " ")
+    resumed = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed_from_step={stopped}" in resumed.stderr.replace("\n", "")
+    assert _sha(run.lora / "pytorch_lora_weights.safetensors") == _sha(
+        reference.lora / "pytorch_lora_weights.safetensors")
+    assert _steps(run) == list(range(1, STEPS + 1))
