@@ -253,12 +253,16 @@ def test_a_stop_on_rank_0_stops_every_rank_and_resumes_on_one_process(two_proces
     assert [p.returncode for p in ranks] == [75, 75], [p.stderr[-3000:] for p in ranks]
     assert all("training stopped at step 6/12" in p.stderr for p in ranks)
     assert sorted(p.name for p in (run.train / "checkpoints").glob("*.ckpt"))[-1] == "step=000006.ckpt"
+    # each rank's RNG states, by global rank (a CUDA run keeps each rank's own GPU's generator there)
+    ckpt = torch.load(run.train / "checkpoints" / "step=000006.ckpt", weights_only=True)
+    assert len(ckpt["kolora"]["rng_ranks"]) == 2
 
     # the next allocation has one GPU: 2 micro-batches of 1 per step keep the global batch of 2
     [p] = _train(run, 1, steps=STEPS, batch_size=1, checkpoint_every=4)
     assert p.returncode == 0, p.stderr[-4000:]
     summary = json.loads(p.stdout.strip().splitlines()[-1])
     assert (summary["resumed_from_step"], summary["world_size"], summary["accumulate"]) == (6, 1, 2)
+    assert "RNG states of 2 ranks and 1 resume: the states of ranks 1–1 are dropped" in p.stderr
     assert _metric_steps(run) == list(range(1, STEPS + 1))
     diff, loss = _max_rel_diff(_lora(run), _lora(two_process_run)), _loss_diff(run, two_process_run)
     print(f"\n2 processes, stopped at step 6, resumed on 1 process (accumulation 2): LoRA max relative |Δ| "

@@ -99,7 +99,7 @@ class LoRATrainer(L.LightningModule):
         note = ckpt_io.restore_rank_rng(checkpoint["kolora"], self.global_rank, self.trainer.world_size,
                                         self.tcfg.seed)
         if note:
-            log.info("resume: %s", note)
+            log.warning("resume: %s", note)
         distributed.rescale_loop_progress(checkpoint, self.batch.accumulate)
 
     def on_train_start(self) -> None:
