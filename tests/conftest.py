@@ -1,7 +1,9 @@
-"""Shared fixtures: tiny Kolors models (both layouts) built once per session, and one demo run."""
+"""Shared fixtures: tiny Kolors models (both layouts) built once per session, full-size Kolors configs without
+weights (for the memory planner), and one demo run."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -27,6 +29,29 @@ def tiny_diffsynth(tmp_path_factory) -> Path:
     from kolora.models import build_tiny
 
     return build_tiny(tmp_path_factory.mktemp("models") / "tiny-diffsynth", layout="diffsynth")
+
+
+@pytest.fixture(scope="session")
+def kolors_configs(tmp_path_factory) -> Path:
+    """Kolors-diffusers' layout with its configs and no weights: the packaged Kolors UNet and SDXL VAE configs
+    (the VAE as diffusers saves the SDXL one, force_upcast on), ChatGLM3-6B's shape (diffusers' ChatGLMConfig
+    defaults + Kolors' 2-group multi-query attention, as bench/_common.py builds it), and the empty tokenizer.model
+    that models.resolve asks to exist. Nothing else is read on the meta device."""
+    from diffusers.pipelines.kolors.text_encoder import ChatGLMConfig
+
+    from kolora.models import packaged_config
+
+    root = tmp_path_factory.mktemp("kolors-configs")
+    for part in ("unet", "vae", "text_encoder", "tokenizer"):
+        (root / part).mkdir()
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "KolorsPipeline"}))
+    (root / "unet" / "config.json").write_text(json.dumps(packaged_config("kolors-unet-config.json")))
+    (root / "vae" / "config.json").write_text(json.dumps({**packaged_config("sdxl-vae-config.json"),
+                                                         "force_upcast": True}))
+    ChatGLMConfig(multi_query_attention=True, multi_query_group_num=2, add_qkv_bias=True, original_rope=True,
+                  use_cache=True).save_pretrained(str(root / "text_encoder"))
+    (root / "tokenizer" / "tokenizer.model").write_bytes(b"")
+    return root
 
 
 def demo_overrides(model_path: Path, *extra: str) -> list[str]:

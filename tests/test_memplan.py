@@ -3,7 +3,6 @@ and the jobs.<job>.gpu_mem_gb check of `kolora validate --cluster` and `kolora s
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -18,29 +17,6 @@ KOLORS = str(REPO / "configs" / "kolors-anime.yaml")
 DEMO = str(REPO / "configs" / "demo.yaml")
 LOCAL = REPO / "slurm" / "clusters" / "local.yaml"
 GIB = 2**30
-
-
-@pytest.fixture(scope="module")
-def kolors_configs(tmp_path_factory) -> Path:
-    """Kolors-diffusers' layout with its configs and no weights: the packaged Kolors UNet and SDXL VAE configs
-    (the VAE as diffusers saves the SDXL one, force_upcast on), ChatGLM3-6B's shape (diffusers' ChatGLMConfig
-    defaults + Kolors' 2-group multi-query attention, as bench/_common.py builds it), and the empty tokenizer.model
-    that models.resolve asks to exist. Nothing else is read on the meta device."""
-    from diffusers.pipelines.kolors.text_encoder import ChatGLMConfig
-
-    from kolora.models import packaged_config
-
-    root = tmp_path_factory.mktemp("kolors-configs")
-    for part in ("unet", "vae", "text_encoder", "tokenizer"):
-        (root / part).mkdir()
-    (root / "model_index.json").write_text(json.dumps({"_class_name": "KolorsPipeline"}))
-    (root / "unet" / "config.json").write_text(json.dumps(packaged_config("kolors-unet-config.json")))
-    (root / "vae" / "config.json").write_text(json.dumps({**packaged_config("sdxl-vae-config.json"),
-                                                         "force_upcast": True}))
-    ChatGLMConfig(multi_query_attention=True, multi_query_group_num=2, add_qkv_bias=True, original_rope=True,
-                  use_cache=True).save_pretrained(str(root / "text_encoder"))
-    (root / "tokenizer" / "tokenizer.model").write_bytes(b"")
-    return root
 
 
 def kolors_sets(folder: Path, *more: str) -> list[str]:
@@ -71,6 +47,8 @@ def test_real_kolors_at_1024(kolors_configs: Path, capsys: pytest.CaptureFixture
         print("\nKolors, configs/kolors-anime.yaml (1024², 16-mixed, checkpointing, batch 1, LoRA r16, 256 tokens):")
         for stage, e in est.items():
             print(f"  {stage:<6} {e.describe()}  [{e.assumptions}]")
+        for name, phase in est["train"].phases.items():
+            print(f"         train · {name}: {phase.describe()}")
 
     keys = {k: memplan._key(c) for k, c in memplan.model_configs(cfg.model).items()}
     unet, text = memplan.param_count("unet", keys["unet"]), memplan.param_count("text_encoder", keys["text_encoder"])
@@ -78,7 +56,8 @@ def test_real_kolors_at_1024(kolors_configs: Path, capsys: pytest.CaptureFixture
     assert abs(text / 6.2e9 - 1) < 0.02, text  # ChatGLM3-6B: 6.24 B with the unused output layer
     assert memplan.param_count("vae", keys["vae"]) == 83_653_863  # the SDXL VAE
     train = est["train"]
-    assert train.weights == pytest.approx(unet * 2 / GIB)  # fp16 base
+    step = train.phases["train step"]
+    assert step.weights == pytest.approx(unet * 2 / GIB)  # fp16 base
     # peft's count (add_lora on the meta UNet) = rank · (in + out) summed over the Linears the targets name
     import torch
 
@@ -86,15 +65,16 @@ def test_real_kolors_at_1024(kolors_configs: Path, capsys: pytest.CaptureFixture
                if isinstance(m, torch.nn.Linear) and name.endswith(("to_q", "to_k", "to_v", "to_out.0"))]
     assert len(linears) == 560  # 70 transformer blocks × 2 attentions × 4
     assert train.lora_params == 16 * sum(m.in_features + m.out_features for m in linears) == 23_224_320
-    assert train.trainable == pytest.approx(train.lora_params * 16 / GIB)  # fp32 weight + grad + 2 AdamW states
+    # fp32 weight + grad + 2 AdamW states, resident through every phase
+    assert all(p.trainable == pytest.approx(train.lora_params * 16 / GIB) for p in train.phases.values())
     # Published SDXL figures (the same UNet size; Kolors adds a 4096→2048 text projection and reads 256 instead of
     # 77 tokens): kohya-ss/sd-scripts docs/train_SDXL-en.md: LoRA training "can be done with 8GB GPU memory (10GB
     # recommended)" training the U-Net only with gradient checkpointing and cached text-encoder outputs and
     # latents (8-bit optimizer, rank 4-8 for 8 GB); SimpleTuner TUTORIAL.md: "for LoRA ... you can get by with a
     # 12G or 16G GPU"; Civitai's SDXL 1.0 Training Overview: peaks of 13-14.8 GB with gradient checkpointing
     # (settings not given). So: above the fp16 weights, within kohya's recommended 10 GB for this cached recipe.
-    assert 6.0 <= train.total_gib <= 10.0, train.describe()
-    assert train.activations < 2.0  # checkpointing keeps block inputs and one block's recomputation
+    assert 6.0 <= step.total_gib <= 10.0, train.describe()
+    assert step.activations < 2.0  # checkpointing keeps block inputs and one block's recomputation
     # cache: ChatGLM3 in fp16 (12.5 GB of weights) is the larger phase; the fp32 VAE encoder on 4 images of 1024²
     # holds several 128-channel 1024² maps at once
     cache = est["cache"]
@@ -109,6 +89,12 @@ def test_real_kolors_at_1024(kolors_configs: Path, capsys: pytest.CaptureFixture
     image = render.parts["image phase"]
     assert (unet + est["train"].lora_params) * 2 / GIB + 83_653_863 * 4 / GIB + 1.0 < image < render.total_gib
     assert 12.0 < render.total_gib < 16.0 and image < 16.0, render.describe()
+    # the recipe samples validation images at 1024² (cfg 4) with the VAE in cache.vae_dtype (fp32): that phase
+    # holds what render's image phase holds (UNet fp16, VAE fp32, the fp32 VAE decoder at 1024² its largest
+    # activation) with the LoRA in fp32 beside its gradients and AdamW states instead of in fp16; it is the peak
+    sample = train.phases["validation sample"]
+    assert sample.total_gib == pytest.approx(image + train.lora_params * (16 - 2) / GIB)
+    assert train.peak_phase == "validation sample" and train.total_gib == sample.total_gib > step.total_gib
 
 
 # (b) --------------------------------------------------------------------------------------------------------
@@ -117,8 +103,8 @@ def test_real_kolors_at_1024(kolors_configs: Path, capsys: pytest.CaptureFixture
     ("train.precision=32", +1),
 ])
 def test_the_estimate_moves_the_right_way(kolors_configs: Path, change: str, direction: int) -> None:
-    base = memplan.estimate(kolors(kolors_configs))["train"]
-    other = memplan.estimate(kolors(kolors_configs, change))["train"]
+    base = memplan.estimate(kolors(kolors_configs))["train"].phases["train step"]
+    other = memplan.estimate(kolors(kolors_configs, change))["train"].phases["train step"]
     assert (other.total_gib - base.total_gib) * direction > 0.1, (change, base.describe(), other.describe())
     assert (other.activations - base.activations) * direction > 0, (change, base.describe(), other.describe())
 
@@ -151,6 +137,120 @@ def test_the_tracker_sees_what_autograd_keeps(kolors_configs: Path) -> None:
     with memplan._simulated_cuda(torch.float16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         memplan._unet_call(unet, 1, 1024, 1024, 256, torch.float32)
     assert sum(saved.values()) <= peak <= 1.2 * sum(saved.values()), (sum(saved.values()) / GIB, peak / GIB)
+
+
+# (f) each phase of training ------------------------------------------------------------------------------------
+TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def test_validation_sampling_raises_the_train_figure_by_its_phase(kolors_configs: Path) -> None:
+    """The recipe samples every 100 steps at 1024² (cfg 4): the UNet, LoRA, gradients and AdamW states stay on the
+    GPU while the sampler brings the VAE there (in cache.vae_dtype, fp32) and runs the UNet at batch 2 without
+    grad, then the VAE decoder."""
+    on = memplan.estimate(kolors(kolors_configs))["train"]
+    off = memplan.estimate(kolors(kolors_configs, "train.validation.every=0"))["train"]
+    assert on.total_gib > off.total_gib + 1.0, (on.describe(), off.describe())
+    step, sample, save = (on.phases[name] for name in ("train step", "validation sample", "checkpoint save"))
+    assert list(off.phases) == ["train step", "checkpoint save"] and off.phases["train step"] == step
+    # raised by exactly the sampling phase's excess over the step; the figure is the largest phase, named
+    assert on.total_gib - off.total_gib == pytest.approx(sample.total_gib - step.total_gib)
+    assert on.peak_phase == "validation sample" and on.total_gib == max(p.total_gib for p in on.phases.values())
+    confs = memplan.model_configs(kolors(kolors_configs).model)
+    unet_key, vae_key = memplan._key(confs["unet"]), memplan._key(confs["vae"])
+    assert sample.weights == pytest.approx(step.weights + memplan.param_count("vae", vae_key) * 4 / GIB)
+    assert sample.trainable == step.trainable
+    unet_sampling = memplan.sampling_activation_bytes(unet_key, "float16", 2, 1024, 256, 16, TARGETS)
+    vae_decoder = memplan.inference_bytes("vae_decode", vae_key, "float32", 1, 1024, 1024)
+    assert sample.activations == pytest.approx(max(unet_sampling, vae_decoder) / GIB)
+    # saving a checkpoint holds the resident state only (torch.save copies each GPU tensor to host memory)
+    assert (save.weights, save.trainable, save.activations) == (step.weights, step.trainable, 0.0)
+    # sampling at 256² needs less than a training step at 1024²: the step stays the peak, the figure is off's
+    small = memplan.estimate(kolors(kolors_configs, "train.validation.size=256"))["train"]
+    assert small.phases["validation sample"].total_gib < step.total_gib
+    assert small.peak_phase == "train step" and small.total_gib == off.total_gib
+
+
+def _targeted_linears(unet_key: str) -> list:
+    import torch
+
+    return [m for name, m in memplan._build("unet", unet_key).named_modules()
+            if isinstance(m, torch.nn.Linear) and name.endswith(TARGETS)]
+
+
+@pytest.mark.parametrize("change", ["train.dora=true", "train.ema_decay=0.999", "train.optimizer=adamw8bit"])
+def test_what_training_keeps_on_the_gpu_moves_every_phase(kolors_configs: Path, change: str) -> None:
+    """DoRA trains a magnitude per output channel of every adapted Linear (peft's lora_magnitude_vector) like the
+    LoRA matrices: fp32 weight, gradient, two AdamW states. The EMA keeps an fp32 copy of the trainable tensors on
+    their device. 8-bit AdamW keeps 2 bytes of state per parameter instead of 8."""
+    base = memplan.estimate(kolors(kolors_configs))["train"]
+    other = memplan.estimate(kolors(kolors_configs, change))["train"]
+    unet_key = memplan._key(memplan.model_configs(kolors(kolors_configs).model)["unet"])
+    magnitudes = sum(m.out_features for m in _targeted_linears(unet_key))
+    resident = {"train.dora=true": magnitudes * 16, "train.ema_decay=0.999": base.lora_params * 4,
+                "train.optimizer=adamw8bit": -base.lora_params * 6}[change] / GIB
+    # the figure moves by the resident bytes (and by what DoRA's forward adds to the peak phase's activations)
+    assert other.total_gib - base.total_gib == pytest.approx(resident + other.activations - base.activations)
+    assert (other.total_gib - base.total_gib) * resident > 0 and other.activations >= base.activations
+    assert other.lora_params == base.lora_params + (magnitudes if change == "train.dora=true" else 0)
+    assert list(other.phases) == list(base.phases) and other.peak_phase == base.peak_phase
+    for name, phase in base.phases.items():
+        assert other.phases[name].trainable - phase.trainable == pytest.approx(resident), name
+    assert other.phases["checkpoint save"].total_gib - base.phases["checkpoint save"].total_gib == \
+        pytest.approx(resident)
+
+
+def test_the_batch_and_the_largest_bucket_enter_the_train_step(tmp_path: Path) -> None:
+    from kolora import buckets, models
+
+    sets = [f"model.path={tmp_path / 'not-built'}", "train.validation.every=10"]  # the tiny demo, sampling
+    base = memplan.estimate(load_config(DEMO, sets))["train"]
+    # buckets (sampling off, so the step is the figure): the step is measured at the bucket whose UNet feature
+    # maps are largest. In the demo's 64² list that is 56×72: fewer pixels than 64², but its 7×9 latents round up
+    # to 4×5 at the UNet's second resolution (the square's: 4×4)
+    square = memplan.estimate(load_config(DEMO, [*sets, "train.validation.every=0"]))["train"]
+    cfg = load_config(DEMO, [*sets, "train.validation.every=0", "train.buckets=true"])
+    bucketed = memplan.estimate(cfg)["train"]
+    assert bucketed.total_gib > square.total_gib, (bucketed.describe(), square.describe())
+    t, unet_config = cfg.train, models.tiny_unet_config(models.TINY_TEXT["hidden_size"])
+    sizes = buckets.for_config(cfg)
+    w, h = memplan.largest_bucket(sizes, unet_config)
+    assert w * h < t.resolution ** 2 and f"{w}×{h} (the largest bucket)" in bucketed.assumptions
+    measured = {size: memplan.train_activation_bytes(memplan._key(unet_config), "float32", False,
+                                                     t.gradient_checkpointing, t.batch_size, size[1],
+                                                     cfg.cache.max_sequence_length, t.rank, tuple(t.target_modules), False,
+                                                     size[0])
+                for size in sizes}
+    assert bucketed.phases["train step"].activations * GIB == measured[w, h] == max(measured.values())
+    # the training batch: the step grows past the sampling phase (batch 2 with cfg, whatever the training batch)
+    assert base.peak_phase == "validation sample"
+    bigger = memplan.estimate(load_config(DEMO, [*sets, f"train.batch_size={4 * t.batch_size}"]))["train"]
+    assert bigger.phases["train step"].activations > base.phases["train step"].activations
+    assert bigger.phases["validation sample"] == base.phases["validation sample"]
+    assert bigger.peak_phase == "train step" and bigger.total_gib > base.total_gib
+    for e in (base, bigger, square, bucketed):
+        assert e.total_gib == max(p.total_gib for p in e.phases.values()) == e.phases[e.peak_phase].total_gib
+
+
+def test_validate_prints_each_phase_of_training_and_its_remedies(
+        kolors_configs: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The recipe on a 9 GB GPU (the cache stage on the CPU, so only training is checked): sampling validation
+    images at 1024² is the train stage's peak, and a smaller sampling size is a remedy."""
+    sets = [x for s in kolors_sets(kolors_configs, "cache.device=cpu") for x in ("--set", s)]
+    assert main(["validate", KOLORS, *sets, "--cluster", str(profile(tmp_path, 9))]) == 2
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("gpu memory: train (job train): "))
+    assert "does NOT fit jobs.train.gpu_mem_gb 9" in lines[at]
+    phases = lines[at + 1:at + 4]
+    assert [line.split(":")[0] for line in phases] == [
+        "    train · train step", "    train · validation sample", "    train · checkpoint save"]
+    assert [line.endswith(" ← peak") for line in phases] == [False, True, False]
+    assert "VAE float32 0.31" in phases[1] and "VAE" not in phases[0] + phases[2]
+    assert lines[at + 4].startswith("gpu memory: render (job render): ")
+    assert "the train stage needs about " in err and "its peak in the validation sample" in err
+    remedies = [line.strip()[2:] for line in err.split("the train stage needs about ")[1].splitlines()
+                if line.startswith("  - ")]
+    assert any(r.startswith("--set train.validation.size=768 → ") and r.endswith("(fits)") for r in remedies)
 
 
 # (c) --------------------------------------------------------------------------------------------------------

@@ -2,20 +2,33 @@
 
 From the configured model's own configs (unet/, vae/, text_encoder/ config.json; kolora's packaged UNet/VAE
 configs for DiffSynth's layout), with the modules built on the meta device: no weight is read or allocated.
-Per stage, in GiB:
-- weights: every parameter and buffer the stage keeps on the GPU, in the dtype it keeps them (train: the UNet
-  in the precision's weight dtype; cache: ChatGLM3 in fp16, then the VAE in `cache.vae_dtype`; render: the text
-  encoder alone, then UNet, LoRA and VAE, the VAE in fp32 where diffusers upcasts it; each stage's peak is its
-  larger phase);
-- trainable (train): the LoRA parameters in fp32, their fp32 gradients and AdamW's two fp32 states;
-- activations: the most memory the stage's own tensors hold at one time, measured by running its forward (train:
-  forward and backward, checkpointed blocks recomputed as torch.utils.checkpoint does) on meta tensors of the
-  real shapes while following every tensor storage from creation to release. Two things CUDA does differently
-  from the meta device are emulated: mixed precision's autocast casts (16-mixed / bf16-mixed: matmuls and
-  convolutions in 16 bit, norms, softmax and the loss in fp32, the casts saved for backward as autocast's are)
-  and attention as PyTorch's memory-efficient kernel (no sequence × sequence matrix);
+A stage runs in phases that hold different things on the GPU; each phase is planned and the stage's estimate
+is its largest phase (named):
+- cache: ChatGLM3 in fp16 on `cache.batch_size` prompts, freed, then the VAE encoder in `cache.vae_dtype` on
+  `cache.batch_size` images (of the largest bucket with `train.buckets`);
+- train: `train step` (the UNet in the precision's weight dtype, LoRA + gradients + optimizer states + EMA copy,
+  a forward and backward at `train.batch_size` and `train.resolution`², or the largest bucket); `validation
+  sample` with `train.validation.every` (the same resident state, plus the VAE in `cache.vae_dtype`, which the
+  sampler moves to the GPU only while sampling, and the larger of the UNet's no-grad forward with classifier-free
+  guidance — batch 2 — and the VAE decoder, at `train.validation.size`); `checkpoint save` (the resident state
+  alone: the state dicts Lightning assembles refer to the GPU tensors, torch.save copies them to host memory one
+  storage at a time, and the EMA's state is copied on the CPU);
+- render: the text encoder alone, then UNet, LoRA and VAE, the VAE in fp32 where diffusers upcasts it.
+What a phase holds, in GiB:
+- weights: every parameter and buffer it keeps on the GPU, in the dtype it keeps them;
+- trainable (train): the LoRA parameters (with DoRA, peft's magnitude vectors too; counted on the peft-wrapped
+  UNet) in fp32, their fp32 gradients (kept from one step's backward to the next step's zero_grad, which
+  Lightning calls after the forward), the optimizer's states (AdamW: 8 bytes a parameter, 8-bit AdamW: 2) and,
+  with `train.ema_decay`, the EMA's fp32 copy (kolora.ema keeps it on the module's device);
+- activations: the most memory the phase's own tensors hold at one time, measured by running its forward
+  (train: forward and backward, checkpointed blocks recomputed as torch.utils.checkpoint does) on meta tensors
+  of the real shapes while following every tensor storage from creation to release. Two things CUDA does
+  differently from the meta device are emulated: mixed precision's autocast casts (16-mixed / bf16-mixed:
+  matmuls and convolutions in 16 bit, norms, softmax and the loss in fp32, the casts saved for backward as
+  autocast's are) and attention as PyTorch's memory-efficient kernel (no sequence × sequence matrix);
 - overhead: OVERHEAD_GIB for the CUDA context, cuBLAS/cuDNN workspaces and the caching allocator's slack.
-Not modelled: fragmentation beyond that slack, per-GPU convolution workspaces, DDP's gradient buckets.
+Not modelled: fragmentation beyond that slack, per-GPU convolution workspaces, DDP's gradient buckets,
+bitsandbytes keeping 32-bit states for tensors under 4096 elements.
 """
 
 from __future__ import annotations
@@ -40,17 +53,15 @@ _BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 @dataclass(frozen=True)
-class Estimate:
-    """The peak GPU memory of one stage, in GiB, and what it is made of."""
+class Phase:
+    """What one phase of a stage holds on the GPU at its peak, in GiB; `detail` names the parts of weights,
+    trainable and activations (they sum to them)."""
 
-    stage: str
     weights: float
-    trainable: float  # LoRA parameters + gradients + optimizer states (train only)
+    trainable: float  # LoRA parameters + gradients + optimizer states + EMA copy (train only)
     activations: float
     overhead: float = OVERHEAD_GIB
-    parts: dict[str, float] = field(default_factory=dict)  # finer detail in GiB (per phase, per model)
-    lora_params: int = 0
-    assumptions: str = ""  # the shapes and dtypes estimated
+    detail: dict[str, float] = field(default_factory=dict)
 
     @property
     def total_gib(self) -> float:
@@ -61,10 +72,78 @@ class Estimate:
                 "activations": self.activations, "overhead": self.overhead}
 
     def describe(self) -> str:
-        trainable = f", LoRA+grads+AdamW {self.trainable:.2f}" if self.trainable else ""
+        detail = "".join(f", {k} {v:.2f}" for k, v in self.detail.items())
+        return f"{self.total_gib:.1f} GiB ({detail[2:]}{', ' if detail else ''}overhead {self.overhead:.1f})"
+
+
+def _phase(weights: dict[str, float], trainable: dict[str, float], activations: dict[str, float]) -> Phase:
+    """A phase from its named parts in bytes."""
+    parts = {k: v / GIB for k, v in {**weights, **trainable, **activations}.items()}
+    return Phase(sum(weights.values()) / GIB, sum(trainable.values()) / GIB, sum(activations.values()) / GIB,
+                 detail=parts)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """The peak GPU memory of one stage: each of its phases, in the order they run; the stage needs its largest
+    (`peak_phase`), whose figures weights, trainable, activations and total_gib are."""
+
+    stage: str
+    phases: dict[str, Phase]
+    lora_params: int = 0  # trainable parameters (train), or the LoRA's parameters (render)
+    assumptions: str = ""  # the shapes and dtypes estimated
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phases, key=lambda name: self.phases[name].total_gib)  # the first on a tie
+
+    @property
+    def peak(self) -> Phase:
+        return self.phases[self.peak_phase]
+
+    @property
+    def weights(self) -> float:
+        return self.peak.weights
+
+    @property
+    def trainable(self) -> float:
+        return self.peak.trainable
+
+    @property
+    def activations(self) -> float:
+        return self.peak.activations
+
+    @property
+    def overhead(self) -> float:
+        return self.peak.overhead
+
+    @property
+    def total_gib(self) -> float:
+        return self.peak.total_gib
+
+    @property
+    def parts(self) -> dict[str, float]:
+        """Each phase's total in GiB (nothing for a stage of one phase)."""
+        return {name: p.total_gib for name, p in self.phases.items()} if len(self.phases) > 1 else {}
+
+    def breakdown(self) -> dict[str, float]:
+        return self.peak.breakdown()
+
+    def describe(self) -> str:
+        trainable = f", LoRA+grads+optimizer {self.trainable:.2f}" if self.trainable else ""
         detail = "".join(f", {k} {v:.1f}" for k, v in self.parts.items()).replace(", ", "; ", 1)
         return (f"{self.total_gib:.1f} GiB (weights {self.weights:.1f}{trainable}, activations "
                 f"{self.activations:.1f}, overhead {self.overhead:.1f}{detail})")
+
+
+@dataclass(frozen=True)
+class ValidationSampling:
+    """Validation sampling during training (kolora.validation_sampler): what it adds to the train stage."""
+
+    vae_config: dict[str, Any]
+    vae_dtype: str  # the sampler's VAE dtype on a GPU: cache.vae_dtype
+    size: int  # square side: train.validation.size, else train.resolution
+    batch: int  # 2 with classifier-free guidance (render.cfg > 1): the negative prompt beside the prompt
 
 
 # ---- the model's configs ------------------------------------------------------------------------------------
@@ -136,14 +215,30 @@ def param_count(kind: str, key: str) -> int:
 
 
 @functools.lru_cache(maxsize=32)
-def lora_param_count(key: str, rank: int, targets: tuple[str, ...]) -> int:
-    """LoRA parameters kolora.lora.add_lora puts on the UNet (peft on the meta device: exact)."""
+def lora_param_count(key: str, rank: int, targets: tuple[str, ...], dora: bool = False) -> int:
+    """Trainable parameters kolora.lora.add_lora puts on the UNet, DoRA's magnitude vectors included (peft on the
+    meta device: exact)."""
     from kolora.lora import add_lora
 
     unet = _build("unet", key)
     unet.requires_grad_(False)
-    add_lora(unet, rank, 1.0, list(targets))
+    add_lora(unet, rank, 1.0, list(targets), dora=dora)
     return sum(p.numel() for p in unet.parameters() if p.requires_grad)
+
+
+def _lora_unet(key: str, weight_dtype: str, rank: int, targets: tuple[str, ...], dora: bool):
+    """The UNet as kolora.train holds it: base weights in `weight_dtype`, LoRA (DoRA) parameters in float32."""
+    import torch
+
+    from kolora.lora import add_lora
+
+    unet = _build("unet", key).to(getattr(torch, weight_dtype))
+    unet.requires_grad_(False)
+    add_lora(unet, rank, 1.0, list(targets), dora=dora)
+    for p in unet.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    return unet
 
 
 # ---- measuring activations on the meta device ---------------------------------------------------------------
@@ -264,27 +359,23 @@ def _unet_call(unet, batch: int, height: int, width: int, seq: int, dtype):
 
 @functools.lru_cache(maxsize=64)
 def train_activation_bytes(key: str, weight_dtype: str, mixed: bool, checkpointing: bool, batch: int, res: int,
-                           seq: int, rank: int, targets: tuple[str, ...]) -> int:
-    """One step of kolora.train.LoRATrainer: fp32 cached latents/embeddings → UNet (base in `weight_dtype`, LoRA
-    in fp32, under autocast when `mixed`) → MSE → backward. LoRA gradients are released as they arrive (they are
-    counted in the trainable part)."""
+                           seq: int, rank: int, targets: tuple[str, ...], dora: bool = False,
+                           width: int | None = None) -> int:
+    """One step of kolora.train.LoRATrainer: fp32 cached latents/embeddings of `res` (height) × `width` (`res`
+    when None) pixels → UNet (base in `weight_dtype`, LoRA in fp32, under autocast when `mixed`) → MSE →
+    backward. LoRA gradients are released as they arrive (they are counted in the trainable part)."""
     import torch
     from torch.autograd.variable import Variable
 
-    from kolora.lora import add_lora
-
-    unet = _build("unet", key).to(getattr(torch, weight_dtype)).train()
-    unet.requires_grad_(False)
-    add_lora(unet, rank, 1.0, list(targets))
+    unet = _lora_unet(key, weight_dtype, rank, targets, dora).train()
     for p in unet.parameters():
         if p.requires_grad:
-            p.data = p.data.float()
             p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
     if checkpointing:
         unet.enable_gradient_checkpointing()
 
     def step() -> None:
-        sample, pred = _unet_call(unet, batch, res, res, seq, torch.float32)
+        sample, pred = _unet_call(unet, batch, res, width or res, seq, torch.float32)
         loss = torch.nn.functional.mse_loss(pred.float(), sample)
         # the engine itself, not loss.backward(): inside Tensor.backward (a torch function) the function mode is
         # switched off, and checkpoint recomputation has to run under it
@@ -292,6 +383,22 @@ def train_activation_bytes(key: str, weight_dtype: str, mixed: bool, checkpointi
                                                 allow_unreachable=True, accumulate_grad=True)
 
     return _peak_bytes(unet, step, getattr(torch, weight_dtype) if mixed else None)
+
+
+@functools.lru_cache(maxsize=64)
+def sampling_activation_bytes(key: str, weight_dtype: str, batch: int, size: int, seq: int, rank: int,
+                              targets: tuple[str, ...], dora: bool = False) -> int:
+    """One denoising step of the validation sampler: the training UNet (base in `weight_dtype`, LoRA in fp32)
+    without grad and without autocast, on `batch` latents of size² pixels and embeddings in `weight_dtype`."""
+    import torch
+
+    unet = _lora_unet(key, weight_dtype, rank, targets, dora).eval()
+
+    def forward() -> Any:
+        with torch.no_grad():
+            return _unet_call(unet, batch, size, size, seq, getattr(torch, weight_dtype))
+
+    return _peak_bytes(unet, forward)
 
 
 @functools.lru_cache(maxsize=64)
@@ -332,64 +439,110 @@ def _render_dtype(cfg: ExperimentConfig) -> str:
     return "float16" if cfg.render.dtype == "auto" else cfg.render.dtype  # auto on a GPU: float16 (render.py)
 
 
+def largest_bucket(sizes: list[tuple[int, int]], unet_config: dict[str, Any]) -> tuple[int, int]:
+    """The (w, h) bucket whose UNet feature maps are largest: latent pixels summed over the UNet's resolutions,
+    each downsampling rounding an odd side up (for a grid of 64 px this is the bucket with the most pixels)."""
+    levels = len(unet_config.get("block_out_channels") or [0])
+
+    def feature_pixels(size: tuple[int, int]) -> int:
+        w, h, total = size[0] // 8, size[1] // 8, 0
+        for _ in range(levels):
+            total += w * h
+            w, h = (w + 1) // 2, (h + 1) // 2
+        return total
+
+    return max(sizes, key=feature_pixels)
+
+
 def train_estimate(unet_config: dict[str, Any], precision: str, checkpointing: bool, batch: int, resolution: int,
-                   seq: int, rank: int, targets: tuple[str, ...] | list[str], optimizer: str = "adamw") -> Estimate:
-    """The train stage alone, from the UNet's config (bench/gpu_train.py compares it with CUDA's own peak)."""
+                   seq: int, rank: int, targets: tuple[str, ...] | list[str], optimizer: str = "adamw", *,
+                   dora: bool = False, ema: bool = False, bucket: tuple[int, int] | None = None,
+                   validation: ValidationSampling | None = None) -> Estimate:
+    """The train stage from the UNet's config, phase by phase (bench/gpu_train.py compares its train step with
+    CUDA's own peak). `bucket`: the (w, h) the step's activations are measured at instead of resolution²."""
     key, targets, wdt = _key(unet_config), tuple(targets), _weight_dtype(precision)
-    lora = lora_param_count(key, rank, targets)
-    act = train_activation_bytes(key, wdt, wdt != "float32", checkpointing, batch, resolution, seq, rank, targets)
-    states = ADAM8BIT_STATE_BYTES if optimizer == "adamw8bit" else ADAMW_STATE_BYTES
-    return Estimate("train", param_count("unet", key) * _BYTES[wdt] / GIB, lora * (4 + 4 + states) / GIB,
-                    act / GIB, lora_params=lora,
+    lora = lora_param_count(key, rank, targets, dora)
+    width, height = bucket or (resolution, resolution)
+    act = train_activation_bytes(key, wdt, wdt != "float32", checkpointing, batch, height, seq, rank, targets,
+                                 dora, width)
+    eight_bit = optimizer == "adamw8bit"
+    states = ADAM8BIT_STATE_BYTES if eight_bit else ADAMW_STATE_BYTES
+    # resident through every phase: the frozen UNet, and what training keeps of the LoRA between steps
+    resident = {f"UNet {wdt}": param_count("unet", key) * _BYTES[wdt]}
+    trainable = {"LoRA fp32": lora * 4, "gradients": lora * 4,
+                 f"{'8-bit AdamW' if eight_bit else 'AdamW'} states": lora * states,
+                 **({"EMA copy": lora * 4} if ema else {})}
+    phases = {"train step": _phase(resident, trainable, {f"activations (batch {batch}, {width}×{height})": act})}
+    sampled = ""
+    if validation is not None:
+        v, vkey = validation, _key(validation.vae_config)
+        acts = {f"UNet sampling (batch {v.batch}, {v.size}²)":
+                sampling_activation_bytes(key, wdt, v.batch, v.size, seq, rank, targets, dora),
+                f"VAE decoder ({v.size}²)": inference_bytes("vae_decode", vkey, v.vae_dtype, 1, v.size, v.size)}
+        largest = max(acts, key=lambda k: acts[k])  # the UNet's loop ends before the VAE decodes
+        phases["validation sample"] = _phase({**resident, f"VAE {v.vae_dtype}": param_count("vae", vkey) *
+                                              _BYTES[v.vae_dtype]}, trainable, {largest: acts[largest]})
+        sampled = (f"; validation samples at {v.size}², UNet batch {v.batch}, VAE in {v.vae_dtype} (largest "
+                   f"activations: {largest.split(' (')[0]})")
+    phases["checkpoint save"] = _phase(resident, trainable, {})
+    options = "".join(f", {o}" for o, on in (("DoRA", dora), ("EMA", ema)) if on)
+    return Estimate("train", phases, lora_params=lora,
                     assumptions=f"precision {precision}, gradient checkpointing {'on' if checkpointing else 'off'}, "
-                                f"batch {batch}, {resolution}², {seq} tokens, LoRA rank {rank} on {', '.join(targets)}, "
-                                f"{'8-bit AdamW' if optimizer == 'adamw8bit' else 'AdamW'}")
+                                f"batch {batch}, {width}×{height}{' (the largest bucket)' if bucket else ''}, "
+                                f"{seq} tokens, LoRA rank {rank} on {', '.join(targets)}{options}, "
+                                f"{'8-bit AdamW' if eight_bit else 'AdamW'}{sampled}")
 
 
 def estimate(cfg: ExperimentConfig) -> dict[str, Estimate]:
     """{"cache", "train", "render"} → the stage's peak GPU memory, as if it ran on a GPU (the devices the config
     asks for are not looked at)."""
+    from kolora import buckets
+
     vae_dtype = cfg.cache.vae_dtype
     confs = model_configs(cfg.model)
     keys = {name: _key(c) for name, c in confs.items()}
     n = {name: param_count(name, key) for name, key in keys.items()}
     t, seq = cfg.train, cfg.cache.max_sequence_length
     targets = tuple(t.target_modules)
-    lora = lora_param_count(keys["unet"], t.rank, targets)
+    lora = lora_param_count(keys["unet"], t.rank, targets, t.dora)
+    bucket = largest_bucket(buckets.for_config(cfg), confs["unet"]) if t.buckets else None
+    width, height = bucket or (t.resolution, t.resolution)
 
-    # cache: ChatGLM3 (fp16 on a GPU, cache.py), freed, then the VAE encoder: the peak is the larger phase
+    # cache: ChatGLM3 (fp16 on a GPU, cache.py), freed, then the VAE encoder on batches of one bucket
     bs = cfg.cache.batch_size
-    te_w = n["text_encoder"] * 2 / GIB
-    te_a = inference_bytes("text_encoder", keys["text_encoder"], "float16", bs, 0, 0, seq) / GIB
-    vae_w = n["vae"] * _BYTES[vae_dtype] / GIB
-    vae_a = inference_bytes("vae_encode", keys["vae"], vae_dtype, bs, t.resolution, t.resolution) / GIB
-    w, a = (te_w, te_a) if te_w + te_a >= vae_w + vae_a else (vae_w, vae_a)
-    cache = Estimate("cache", w, 0.0, a, parts={"text encoder phase": te_w + te_a + OVERHEAD_GIB,
-                                                "VAE encoder phase": vae_w + vae_a + OVERHEAD_GIB},
-                     assumptions=f"text encoder fp16 on {bs} prompts × {seq} tokens, then the VAE encoder in "
-                                 f"{vae_dtype} on {bs} images of {t.resolution}²")
+    cache = Estimate("cache", {
+        "text encoder phase": _phase(
+            {"ChatGLM3 float16": n["text_encoder"] * 2}, {},
+            {"activations": inference_bytes("text_encoder", keys["text_encoder"], "float16", bs, 0, 0, seq)}),
+        "VAE encoder phase": _phase(
+            {f"VAE {vae_dtype}": n["vae"] * _BYTES[vae_dtype]}, {},
+            {"activations": inference_bytes("vae_encode", keys["vae"], vae_dtype, bs, height, width)})},
+        assumptions=f"text encoder fp16 on {bs} prompts × {seq} tokens, then the VAE encoder in {vae_dtype} on "
+                    f"{bs} images of {width}×{height}{' (the largest bucket)' if bucket else ''}")
 
+    v = t.validation
+    sampling = ValidationSampling(confs["vae"], vae_dtype, v.size or t.resolution, 2 if cfg.render.cfg > 1 else 1)
     train = train_estimate(confs["unet"], t.precision, t.gradient_checkpointing, t.batch_size, t.resolution, seq,
-                           t.rank, targets, t.optimizer)
+                           t.rank, targets, t.optimizer, dora=t.dora, ema=t.ema_decay is not None, bucket=bucket,
+                           validation=sampling if v.every else None)
 
     # render (render.py): the task's prompts are encoded first, the text encoder freed, then UNet (+ LoRA) and VAE
     # run; diffusers decodes with an fp16 VAE upcast to fp32 when its config says force_upcast (its default)
     r, rdt = cfg.render, _render_dtype(cfg)
     dec = "float32" if rdt == "float16" and confs["vae"].get("force_upcast", True) else rdt
     batch = 2 if r.cfg > 1 else 1  # classifier-free guidance runs the negative prompt beside the prompt
-    text_w = n["text_encoder"] * _BYTES[rdt] / GIB
-    text_a = inference_bytes("text_encoder", keys["text_encoder"], rdt, 1, 0, 0, seq) / GIB
-    image_w = {"UNet+LoRA weights": (n["unet"] + lora) * _BYTES[rdt] / GIB, "VAE weights": n["vae"] * _BYTES[dec] / GIB}
     acts = {"UNet": inference_bytes("unet", keys["unet"], rdt, batch, r.height, r.width, seq),
             "VAE decoder": inference_bytes("vae_decode", keys["vae"], dec, 1, r.height, r.width)}
-    image_a = max(acts.values()) / GIB
-    phases = {"text encoder phase": text_w + text_a + OVERHEAD_GIB,
-              "image phase": sum(image_w.values()) + image_a + OVERHEAD_GIB}
-    w, a = (text_w, text_a) if text_w + text_a >= sum(image_w.values()) + image_a else (sum(image_w.values()), image_a)
-    render = Estimate("render", w, 0.0, a, parts=phases, lora_params=lora,
-                      assumptions=f"{rdt}, text encoder alone first (freed), then UNet batch {batch} (cfg {r.cfg:g}), "
-                                  f"{r.width}×{r.height}, {seq} tokens, VAE decode in {dec}; the largest activations: "
-                                  f"{max(acts, key=lambda k: acts[k])}")
+    largest = max(acts, key=lambda k: acts[k])
+    render = Estimate("render", {
+        "text encoder phase": _phase(
+            {f"ChatGLM3 {rdt}": n["text_encoder"] * _BYTES[rdt]}, {},
+            {"activations": inference_bytes("text_encoder", keys["text_encoder"], rdt, 1, 0, 0, seq)}),
+        "image phase": _phase({"UNet+LoRA weights": (n["unet"] + lora) * _BYTES[rdt],
+                               "VAE weights": n["vae"] * _BYTES[dec]}, {}, {f"{largest} activations": acts[largest]})},
+        lora_params=lora,
+        assumptions=f"{rdt}, text encoder alone first (freed), then UNet batch {batch} (cfg {r.cfg:g}), "
+                    f"{r.width}×{r.height}, {seq} tokens, VAE decode in {dec}; the largest activations: {largest}")
     return {"cache": cache, "train": train, "render": render}
 
 

@@ -210,11 +210,13 @@ def _smaller(size: int) -> int:
 
 
 def _variant(cfg: ExperimentConfig, changes: dict[str, Any]) -> ExperimentConfig:
-    sections: dict[str, dict[str, Any]] = {}
+    def changed(section, path: list[str], value: Any):
+        head, *rest = path
+        return section.model_copy(update={head: changed(getattr(section, head), rest, value) if rest else value})
+
     for dotted, value in changes.items():
-        section, key = dotted.split(".")
-        sections.setdefault(section, {})[key] = value
-    return cfg.model_copy(update={s: getattr(cfg, s).model_copy(update=u) for s, u in sections.items()})
+        cfg = changed(cfg, dotted.split("."), value)
+    return cfg
 
 
 def gpu_memory_remedies(cfg: ExperimentConfig, stage: str, total: float, limit: float, job: str,
@@ -230,6 +232,9 @@ def gpu_memory_remedies(cfg: ExperimentConfig, stage: str, total: float, limit: 
         candidates += [{"train.gradient_checkpointing": True}] if not t.gradient_checkpointing else []
         candidates += [{"train.resolution": _smaller(t.resolution)}]
         candidates += [{"train.precision": "bf16-mixed"}] if t.precision in ("32", "32-true") else []
+        # the validation sample phase: its UNet batch and VAE decoder scale with the sampling size
+        candidates += [{"train.validation.size": _smaller(t.validation.size or t.resolution)}] \
+            if t.validation.every else []
     elif stage == "cache":
         candidates += [{"cache.batch_size": 1}] if cfg.cache.batch_size > 1 else []
         candidates += [{"train.resolution": _smaller(t.resolution)}]
@@ -254,8 +259,9 @@ def gpu_memory_remedies(cfg: ExperimentConfig, stage: str, total: float, limit: 
 
 def gpu_memory_check(cfg: ExperimentConfig, profile: ClusterProfile,
                      source: str = "the cluster profile") -> tuple[list[str], list[str]]:
-    """(one line per GPU stage: its job, estimate and the job's gpu_mem_gb; one refusal per stage that does not
-    fit, naming the job, the numbers and the remedies)."""
+    """(one line per GPU stage: its job, estimate and the job's gpu_mem_gb, the train stage's followed by one line
+    per phase; one refusal per stage that does not fit, naming the job, the numbers, the peak phase and the
+    remedies)."""
     from kolora import memplan
     from kolora.stages import job_of
 
@@ -279,6 +285,10 @@ def gpu_memory_check(cfg: ExperimentConfig, profile: ClusterProfile,
             lines.append(f"{head}; does NOT fit jobs.{job}.gpu_mem_gb {limit:g}")
             fixes = gpu_memory_remedies(cfg, stage, e.total_gib, limit, job, e.lora_params)
             refusals.append(f"jobs.{job}.gpu_mem_gb in {source}: the {stage} stage needs about {e.describe()} of "
-                            f"GPU memory ({e.assumptions}), more than the {limit:g} GB of job {job}'s GPU. "
-                            "Remedies, the most effective first:\n" + "\n".join(f"  - {x}" for x in fixes))
+                            f"GPU memory, its peak in the {e.peak_phase} ({e.assumptions}), more than the "
+                            f"{limit:g} GB of job {job}'s GPU. Remedies, the most effective first:\n"
+                            + "\n".join(f"  - {x}" for x in fixes))
+        if stage == "train":  # its phases hold different things: each on a line of its own
+            lines += [f"    {stage} · {name}: {phase.describe()}{' ← peak' if name == e.peak_phase else ''}"
+                      for name, phase in e.phases.items()]
     return lines, refusals
