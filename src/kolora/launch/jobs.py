@@ -129,9 +129,13 @@ class StageJob:
         command = [*self.python, "-m", "kolora.launch.child", json.dumps(self.spec()), str(task_index)]
         if not self.container:
             return command
-        env = {**self.env, **forward_env(environ)}
-        return exec_argv(ContainerConfig.model_validate(self.container), binds=self.binds,
-                         workdir=self.run_root, env=env, command=command)
+        container = ContainerConfig.model_validate(self.container)
+        # what the profile sets explicitly (container.env) wins over what the host happens to have
+        forwarded = {name: value for name, value in
+                     forward_env(environ, container.forward_env_prefixes.prefixes()).items()
+                     if name not in container.env}
+        return exec_argv(container, binds=self.binds, workdir=self.run_root, env={**self.env, **forwarded},
+                         command=command)
 
     def run_here(self, task_index: int = 0) -> dict[str, Any]:
         """The stages themselves (in the child process)."""
