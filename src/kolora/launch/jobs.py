@@ -266,8 +266,9 @@ class StageJob:
 
     def _release_followers(self, cfg, run, stage: str) -> dict[str, Any]:
         """Rank 0: decide `stage` for every rank and write the decision; returns what its own run_stage needs
-        of it. A stop requested before then is the decision: everyone stops (Interrupted), rather than rank 0
-        entering a stage, or a rendezvous, that the other ranks left."""
+        of it. A stop requested by then (during the cache merge, say) becomes the decision: every rank stops
+        here (Interrupted; rank 0's host requeues), rather than loading models and meeting in the rendezvous
+        for a stage that would stop at its first step."""
         from kolora import pipeline, stages
         from kolora.interrupt import Interrupted, requested
 
