@@ -139,22 +139,18 @@ def test_rank_0_stops_when_a_rank_stopped_or_fails_when_one_failed(tmp_path):
 
 def test_ddp_ranks_wait_for_rank_0s_cache_decision_and_stop_with_it(tmp_path, monkeypatch):
     """jobs.StageJob: rank 0 writes run/skip/fail/stop per stage; the other ranks follow it (a stop before a
-    stage is a stop, not a failure), and a signal while they wait stops them."""
-    from kolora.launch.jobs import StageJob
+    stage is a stop, not a failure; a failure is a failure)."""
+    from kolora.launch.jobs import Decision, StageJob
 
     monkeypatch.setenv("SLURM_JOB_ID", "42")
     job = StageJob(str(tmp_path / "run"), "config.yaml", str(tmp_path / "job"), "stamp", "train", ("cache", "train"),
                    tasks_per_node=2)
-    job._decide("cache", "run")
-    assert job._wait_go(1, "cache") == "run" and (job._go_file("cache") / "decision").is_file()
-    job._decide("train", "stop")
-    job._decide("train", "fail", overwrite=False)  # the first word stays
+    job._decide("cache", Decision("run"))
+    assert job._wait_go(1, "cache").action == "run" and (job._go_file("cache") / "decision").is_file()
+    job._decide("train", Decision("stop"))
+    job._decide("train", Decision("fail"), overwrite=False)  # the first decision stays
     with pytest.raises(Interrupted, match="rank 0 stopped on a signal before train"):
         job._wait_go(1, "train")
-    job._go_file("train").unlink()
-    interrupt.request("SIGUSR2")
-    try:
-        with pytest.raises(Interrupted, match=r"stopped \(SIGUSR2\) while waiting for rank 0 \(train\)"):
-            job._wait_go(1, "train")
-    finally:
-        interrupt.clear()
+    job._decide("train", Decision("fail"))
+    with pytest.raises(RuntimeError, match="rank 0 failed before train"):
+        job._wait_go(1, "train")

@@ -16,6 +16,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import yaml
 from pydantic import ValidationError
 
 from kolora.config import ConfigError, load_config
@@ -395,6 +396,67 @@ def test_forward_env_passes_gpu_selection_and_slurm_task_variables():
             "SLURM_WEIRD": "a=b,c", "HOME": "/home/u"}
     assert forward_env(host) == {"CUDA_VISIBLE_DEVICES": "2,3", "SLURM_JOB_ID": "123",
                                  "SLURM_JOB_NODELIST": "gpu[01-02]", "SLURM_PROCID": "1"}
+
+
+SITE_NETWORK = {"NCCL_SOCKET_IFNAME": "ib0", "NCCL_IB_HCA": "mlx5_0", "UCX_TLS": "rc,sm", "FI_PROVIDER": "cxi",
+                "OMPI_MCA_btl": "^openib", "PMIX_RANK": "1", "MYSITE_FABRIC": "hdr200",
+                "PYTHONPATH": "/home/u/lib", "SLURM_PROCID": "1", "CUDA_VISIBLE_DEVICES": "0,1"}
+
+
+def _stage_argv(tmp_path: Path, **container_fields) -> list[str]:
+    """The argument list a Slurm job runs its stage with, on a host with the site's network settings."""
+    from kolora.launch.jobs import StageJob
+
+    job = StageJob(str(tmp_path / "run"), str(tmp_path / "run" / "config.yaml"), str(tmp_path / "jobs"), "stamp",
+                   "train", ("cache", "train"), tasks_per_node=2, env={"HF_HUB_OFFLINE": "1"},
+                   container={"image": "/shared/containers/kolora.sif", **container_fields},
+                   binds=[str(tmp_path / "run")])
+    return job.child_command(0, environ=SITE_NETWORK)
+
+
+def _env_args(argv: list[str]) -> dict[str, str]:
+    return dict(argv[i + 1].split("=", 1) for i, a in enumerate(argv) if a == "--env")
+
+
+def test_site_network_settings_reach_the_container_by_default(tmp_path):
+    env = _env_args(_stage_argv(tmp_path))
+    for name in ("NCCL_SOCKET_IFNAME", "NCCL_IB_HCA", "UCX_TLS", "FI_PROVIDER", "OMPI_MCA_btl", "PMIX_RANK",
+                 "SLURM_PROCID", "CUDA_VISIBLE_DEVICES"):
+        assert env[name] == SITE_NETWORK[name], name
+    assert "PYTHONPATH" not in env and "MYSITE_FABRIC" not in env  # --cleanenv still keeps the rest out
+    assert env["HF_HUB_OFFLINE"] == "1"
+
+
+def test_profile_adds_and_removes_forwarded_prefixes(tmp_path):
+    argv = _stage_argv(tmp_path, forward_env_prefixes={"add": ["MYSITE_"], "remove": ["UCX_", "PMIX_"]},
+                       env={"NCCL_SOCKET_IFNAME": "hsn0"})
+    env = _env_args(argv)
+    assert env["MYSITE_FABRIC"] == "hdr200" and env["FI_PROVIDER"] == "cxi"
+    assert "UCX_TLS" not in env and "PMIX_RANK" not in env
+    assert env["NCCL_SOCKET_IFNAME"] == "hsn0"  # container.env, set on purpose, wins over the host's value
+    assert argv.count("NCCL_SOCKET_IFNAME=hsn0") == 1 and not any(a.startswith("NCCL_SOCKET_IFNAME=ib0") for a in argv)
+    assert container(forward_env_prefixes={"add": ["MYSITE_"]}).forward_env_prefixes.prefixes() == (
+        "SLURM_", "NCCL_", "UCX_", "FI_", "OMPI_", "PMIX_", "MYSITE_")
+
+
+@pytest.mark.parametrize(("prefixes", "message"), [
+    ({"remove": ["SLURM_"]}, "SLURM_ cannot be removed"),
+    ({"remove": ["LD_"]}, "LD_ is not forwarded by default"),
+    ({"add": ["NCCL-"]}, "not the start of an environment variable name"),
+    ({"add": [""]}, "not the start of an environment variable name"),
+    ({"add": ["FI_"], "remove": ["FI_"]}, "FI_ is both added and removed"),
+    ({"keep": ["X_"]}, r"forward_env_prefixes\.keep\s+Extra inputs"),
+])
+def test_bad_forward_env_prefixes_are_refused_naming_the_field(tmp_path, prefixes, message):
+    from kolora.cluster import load_profile
+
+    with pytest.raises(ValidationError, match=message):
+        container(forward_env_prefixes=prefixes)
+    profile = tmp_path / "site.yaml"
+    profile.write_text(yaml.safe_dump({"name": "site", "container": {
+        "image": "/shared/containers/kolora.sif", "forward_env_prefixes": prefixes}}))
+    with pytest.raises(ConfigError, match=r" container\.forward_env_prefixes"):
+        load_profile(profile)
 
 
 # -------------------------------------------------------------------------------------------- digest, binds

@@ -138,3 +138,31 @@ def newest_valid(ckpt_dir: Path, config_digest: str, max_step: int | None = None
                 f"--force (or delete {Path(ckpt_dir)}) to start this config from scratch.")
         return path, ckpt
     return None
+
+
+def step_path(ckpt_dir: Path, step: int) -> Path:
+    """Where the checkpoint of `step` is (the name train.Checkpointer saves it under)."""
+    return Path(ckpt_dir) / f"step={step:06d}.ckpt"
+
+
+def load_step(ckpt_dir: Path, step: int, config_digest: str) -> tuple[Path, dict[str, Any]]:
+    """Exactly the checkpoint of `step`, the one rank 0 chose for every rank of a DDP job. Unlike newest_valid
+    it never falls back to another one (the ranks would resume from different states): a missing, unreadable
+    or foreign file is a CheckpointError naming it."""
+    path = step_path(ckpt_dir, step)
+    chosen = f"rank 0 chose {path} (step {step}) for every rank to resume from"
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        meta = ckpt["kolora"]
+        if int(ckpt["global_step"]) != step:
+            raise ValueError(f"global_step {ckpt['global_step']} does not match its name")
+    except FileNotFoundError:
+        raise CheckpointError(f"{chosen}, but it does not exist here: the run directory must be on a file "
+                              "system that every node of the job sees the same way") from None
+    except Exception as e:  # torch raises many types for truncated/corrupt zip archives
+        raise CheckpointError(f"{chosen}, but it cannot be read here ({type(e).__name__}: {str(e)[:200]}); "
+                              "no other checkpoint is taken in its place, since the ranks would diverge") from None
+    if meta.get("config_digest") != config_digest:
+        raise CheckpointError(f"{chosen}, but it was written by a different training config "
+                              f"({meta.get('config_digest')} ≠ {config_digest})")
+    return path, ckpt

@@ -10,7 +10,9 @@ Flags of the argument list, and why:
   --nv            (when `nv`) the host's NVIDIA driver libraries and devices inside the container.
   --cleanenv      the host environment stays out: a module-loaded PYTHONPATH / LD_LIBRARY_PATH / CONDA_PREFIX
                   would break the image's Python. What the stage needs is passed explicitly with --env
-                  (the job environment, plus `forward_env`: GPU selection and Slurm's task variables).
+                  (the job environment, plus `forward_env`: GPU selection, Slurm's task variables and the
+                  site's network settings, NCCL_* UCX_* FI_* OMPI_* PMIX_*; `forward_env_prefixes` changes
+                  the prefixes).
   --bind a:a      every path the stage reads or writes, mounted at the same path, so the frozen config's
                   absolute paths mean the same inside and outside. Nested binds are dropped, parents first.
   --pwd DIR       the working directory inside (the run directory); nothing relies on it, it just makes
@@ -35,7 +37,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from kolora.config import ConfigError, ExperimentConfig
 
@@ -52,7 +54,12 @@ BIND_OPTIONS = ("ro", "rw")
 # rendezvous of a torchrun-style launch.
 FORWARD_ENV = ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "GPU_DEVICE_ORDINAL",
                "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK")
-FORWARD_ENV_PREFIXES = ("SLURM_",)
+# ...and every variable with one of these prefixes: Slurm's, and the site's network stack as its modules set it
+# (NCCL's interface/IB/plugin choice, UCX, libfabric's FI_PROVIDER on Slingshot/EFA, Open MPI and PMIx). Dropped
+# by --cleanenv, multi-node NCCL falls back to the wrong interface and hangs or crawls.
+FORWARD_ENV_PREFIXES = ("SLURM_", "NCCL_", "UCX_", "FI_", "OMPI_", "PMIX_")
+# Without these the stage cannot form its process group: not removable.
+REQUIRED_ENV_PREFIXES = ("SLURM_",)
 
 
 def _plain(value: str, what: str) -> str:
@@ -157,6 +164,49 @@ def merge_binds(specs: Iterable[str | os.PathLike[str]]) -> list[Bind]:
     return kept
 
 
+class ForwardEnvPrefixes(BaseModel):
+    """`container.forward_env_prefixes`: change which host variable prefixes reach the stage (default
+    FORWARD_ENV_PREFIXES): `add` more (a site's own, e.g. MY_SITE_), `remove` some (e.g. UCX_ when the image
+    brings its own UCX that the host's settings would confuse)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    add: list[str] = Field(default_factory=list)
+    remove: list[str] = Field(default_factory=list)
+
+    @field_validator("add", "remove")
+    @classmethod
+    def _names(cls, v: list[str]) -> list[str]:
+        for prefix in v:
+            if not isinstance(prefix, str) or not _ENV_NAME.fullmatch(prefix):
+                raise ValueError(f"{prefix!r} is not the start of an environment variable name (e.g. NCCL_)")
+        return v
+
+    @field_validator("remove")
+    @classmethod
+    def _removable(cls, v: list[str]) -> list[str]:
+        for prefix in v:
+            if prefix in REQUIRED_ENV_PREFIXES:
+                raise ValueError(f"{prefix} cannot be removed: Lightning's DDP inside the container reads rank, "
+                                 "world size and node list from the SLURM_* variables")
+            if prefix not in FORWARD_ENV_PREFIXES:
+                raise ValueError(f"{prefix} is not forwarded by default (the defaults are "
+                                 f"{', '.join(FORWARD_ENV_PREFIXES)}), so there is nothing to remove")
+        return v
+
+    @model_validator(mode="after")
+    def _not_both(self) -> ForwardEnvPrefixes:
+        both = sorted(set(self.add) & set(self.remove))
+        if both:
+            raise ValueError(f"{', '.join(both)} is both added and removed; keep it in one list")
+        return self
+
+    def prefixes(self) -> tuple[str, ...]:
+        """The prefixes to forward: the defaults less `remove`, then `add`."""
+        kept = [p for p in FORWARD_ENV_PREFIXES if p not in self.remove]
+        return tuple(dict.fromkeys([*kept, *self.add]))
+
+
 class ContainerConfig(BaseModel):
     """A cluster profile's `container:` section: run every stage inside this image."""
 
@@ -168,6 +218,8 @@ class ContainerConfig(BaseModel):
     extra_args: list[str] = Field(default_factory=list)  # more apptainer exec flags, verbatim (e.g. --no-home)
     env: dict[str, str] = Field(default_factory=dict)  # more variables inside (NCCL_*, OMP_NUM_THREADS, ...)
     executable: str = "apptainer"  # or 'singularity' (SingularityCE takes the same flags), or a full path
+    # host variables forwarded by prefix past --cleanenv (FORWARD_ENV_PREFIXES), with additions and removals
+    forward_env_prefixes: ForwardEnvPrefixes = Field(default_factory=ForwardEnvPrefixes)
 
     @field_validator("image")
     @classmethod
@@ -238,15 +290,17 @@ def exec_argv(container: ContainerConfig | None, *, binds: Iterable[str | os.Pat
     return [*argv, *container.extra_args, str(container.image), *command]
 
 
-def forward_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The host variables a stage needs inside the container (see FORWARD_ENV), in a stable order.
+def forward_env(environ: Mapping[str, str] | None = None,
+                prefixes: tuple[str, ...] = FORWARD_ENV_PREFIXES) -> dict[str, str]:
+    """The host variables a stage needs inside the container (FORWARD_ENV, and those starting with one of
+    `prefixes`: a profile's `container.forward_env_prefixes.prefixes()`), in a stable order.
 
     A variable apptainer --env cannot carry unchanged is left out with a warning rather than mangled.
     """
     environ = os.environ if environ is None else environ
     out = {}
     for name in sorted(environ):
-        if name in FORWARD_ENV or name.startswith(FORWARD_ENV_PREFIXES):
+        if name in FORWARD_ENV or name.startswith(tuple(prefixes)):
             problem = env_value_problem(name, environ[name])
             if problem:
                 log.warning("not passing %s into the container: %s", name, problem)

@@ -268,7 +268,17 @@ def resolve_precision(precision: str, accelerator: str) -> tuple[str, str | None
     return want, None
 
 
-def run(cfg: ExperimentConfig, run: RunDir, progress=None, devices: int = 1, num_nodes: int = 1) -> dict[str, Any]:
+def newest_resume_step(cfg: ExperimentConfig, run: RunDir) -> int:
+    """The step of the checkpoint training continues from (0: none), as `run` finds it: what rank 0 of a DDP job
+    chooses once for every rank (launch.jobs), so that no rank lists the checkpoint folder by itself."""
+    found = ckpt_io.newest_valid(run.train / "checkpoints", Keys(cfg, run).work("train"), max_step=cfg.train.steps)
+    return int(found[1]["global_step"]) if found else 0
+
+
+def run(cfg: ExperimentConfig, run: RunDir, progress=None, devices: int = 1, num_nodes: int = 1,
+        resume_step: int | None = None) -> dict[str, Any]:
+    """Train; resume from the newest valid checkpoint, or with `resume_step` (a DDP job's step chosen by rank
+    0, 0 for none) from exactly that one."""
     tcfg = cfg.train
     for name in ("lightning.pytorch", "lightning.fabric"):  # hardware banners and tips, not our business
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -294,7 +304,10 @@ def run(cfg: ExperimentConfig, run: RunDir, progress=None, devices: int = 1, num
     ckpt_dir = run.train / "checkpoints"
     # Checkpoints belong to the training's inputs without train.steps: a run given more steps continues.
     digest = Keys(cfg, run).work("train")
-    found = ckpt_io.newest_valid(ckpt_dir, digest, max_step=tcfg.steps)
+    if resume_step is None:
+        found = ckpt_io.newest_valid(ckpt_dir, digest, max_step=tcfg.steps)
+    else:  # rank 0's choice, never another checkpoint: the ranks would diverge
+        found = ckpt_io.load_step(ckpt_dir, resume_step, digest) if resume_step else None
     resume, start_step = (found[0], int(found[1]["global_step"])) if found else (None, 0)
     beyond = [step for step, _ in ckpt_io.checkpoints(ckpt_dir) if step > tcfg.steps]
     if beyond:

@@ -11,11 +11,13 @@ hub-offline environment, before any library that might download is imported.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +59,39 @@ def _process_group(rank: int) -> dict[str, Any] | None:
     log.info("train rank %d: DDP process group %s, rank %d of world %d", rank, info["backend"], info["rank"],
              info["world_size"])
     return info
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Rank 0's word to the other ranks of a DDP job before a stage, written to the stage's go file as JSON:
+    `action` run / skip / stop / fail; for train's run also the rendezvous `port` and `resume_step`, the
+    checkpoint step every rank resumes from (0: from the start). A go file written before the JSON format
+    ("run 12345") still reads: without a resume_step each rank finds the newest checkpoint itself."""
+
+    action: str
+    port: int | None = None
+    resume_step: int | None = None
+
+    ACTIONS = ("run", "skip", "stop", "fail")
+
+    def __post_init__(self) -> None:
+        if self.action not in self.ACTIONS:
+            raise ValueError(f"unknown decision {self.action!r} (expected one of {', '.join(self.ACTIONS)})")
+
+    def dumps(self) -> str:
+        fields = {"action": self.action, "port": self.port, "resume_step": self.resume_step}
+        return json.dumps({k: v for k, v in fields.items() if v is not None}) + "\n"
+
+    @classmethod
+    def parse(cls, text: str, source: Path | str = "go file") -> Decision:
+        try:
+            if text.lstrip().startswith("{"):
+                data = json.loads(text)
+                return cls(data["action"], data.get("port"), data.get("resume_step"))
+            action, *port = text.split()  # the format before JSON: "ACTION [PORT]"
+            return cls(action, int(port[0]) if port else None)
+        except (ValueError, KeyError, TypeError) as e:
+            raise RuntimeError(f"{source}: not a decision of rank 0 ({e}): {text[:200]!r}") from None
 
 
 class StageJob:
@@ -122,16 +157,18 @@ class StageJob:
     def child_command(self, task_index: int, environ: dict[str, str] | None = None) -> list[str]:
         """The stage process's argument list (the result file is appended by supervise): plain Python, or
         `apptainer exec` with the run's binds, the job's environment and the Slurm variables Lightning reads."""
-        import json
-
         from kolora.container import ContainerConfig, exec_argv, forward_env
 
         command = [*self.python, "-m", "kolora.launch.child", json.dumps(self.spec()), str(task_index)]
         if not self.container:
             return command
-        env = {**self.env, **forward_env(environ)}
-        return exec_argv(ContainerConfig.model_validate(self.container), binds=self.binds,
-                         workdir=self.run_root, env=env, command=command)
+        container = ContainerConfig.model_validate(self.container)
+        # what the profile sets explicitly (container.env) wins over what the host happens to have
+        forwarded = {name: value for name, value in
+                     forward_env(environ, container.forward_env_prefixes.prefixes()).items()
+                     if name not in container.env}
+        return exec_argv(container, binds=self.binds, workdir=self.run_root, env={**self.env, **forwarded},
+                         command=command)
 
     def run_here(self, task_index: int = 0) -> dict[str, Any]:
         """The stages themselves (in the child process)."""
@@ -172,18 +209,21 @@ class StageJob:
             if stage in ("ingest", "filter") and self.task_count > 1:
                 results[stage] = self._run_shared(stage, cfg, run, kw)
                 continue
-            if stage == "train" and self.distributed:
-                kw = {"devices": self.tasks_per_node, "num_nodes": self.nodes}
-                self._release_followers(cfg, run)
-            if stage == "cache" and self.distributed:  # every rank caches its shard
-                kw = {"rank": 0, "world": self.tasks_per_node * self.nodes, "barrier": str(self._go_file("cache"))}
-                self._release_followers(cfg, run, "cache")
             try:
+                if stage == "train" and self.distributed:
+                    kw = {"devices": self.tasks_per_node, "num_nodes": self.nodes,
+                          **self._release_followers(cfg, run, "train")}
+                if stage == "cache" and self.distributed:  # every rank caches its shard
+                    kw = {"rank": 0, "world": self.tasks_per_node * self.nodes,
+                          "barrier": str(self._go_file("cache"))}
+                    self._release_followers(cfg, run, "cache")
                 results[stage] = summary = run_stage(stage, cfg, run, **kw)
             except Exception as e:
-                if self.distributed and stage != "train":  # the other ranks wait for rank 0: let them go
+                if self.distributed:  # the other ranks wait for rank 0's word on what it has not decided yet
+                    word = Decision("stop" if isinstance(e, Interrupted) else "fail")
                     for later in ("cache", "train"):
-                        self._decide(later, "stop" if isinstance(e, Interrupted) else "fail", overwrite=False)
+                        if later in self.stages:
+                            self._decide(later, word, overwrite=False)
                 raise
             log.info("stage %s: %s", stage, "complete, skipped" if summary.get("skipped") else
                      ", ".join(f"{k}={v}" for k, v in summary.items() if not isinstance(v, dict | list)))
@@ -212,60 +252,86 @@ class StageJob:
         log.info("stage %s (task %s): %s", stage, kw.get("task_index", "-") if sharded else "-", summary)
         return summary
 
-    # DDP: rank 0 decides and prepares each stage (a go file says run/skip/fail/stop); every rank caches its
-    # shard of the samples (rank 0 then writes the index), then all join Lightning's process group in
-    # train.run (rank and world size come from Slurm's srun variables).
-    # The train go file also carries the rendezvous port rank 0 found free on its node (MASTER_PORT): Lightning's
-    # default, 15000 + the job id's last 4 digits, collides for two jobs on one node whose ids share them.
+    # DDP: rank 0 decides and prepares each stage and writes its decision to a go file (launch.jobs.Decision);
+    # the other ranks wait for it and follow it, never their own stop flag: only rank 0 knows whether the stage
+    # is about to start. Every rank caches its shard of the samples (rank 0 then writes the index), then all
+    # join Lightning's process group in train.run (rank and world size come from Slurm's srun variables).
+    # The train decision also carries the rendezvous port rank 0 found free on its node (MASTER_PORT:
+    # Lightning's default, 15000 + the job id's last 4 digits, collides for two jobs on one node whose ids share
+    # them) and the checkpoint step every rank resumes from, so that no rank lists the (possibly NFS-cached)
+    # checkpoint folder by itself.
     def _go_file(self, stage: str = "train") -> Path:
         job_id = os.environ.get("SLURM_JOB_ID", "local")
         return Path(self.folder) / f".{stage}-go-{job_id}-{os.environ.get('SLURM_RESTART_COUNT', '0')}"
 
-    def _release_followers(self, cfg, run, stage: str = "train") -> None:
+    def _release_followers(self, cfg, run, stage: str) -> dict[str, Any]:
+        """Rank 0: decide `stage` for every rank and write the decision; returns what its own run_stage needs
+        of it. A stop requested by then (during the cache merge, say) becomes the decision: every rank stops
+        here (Interrupted; rank 0's host requeues), rather than loading models and meeting in the rendezvous
+        for a stage that would stop at its first step."""
         from kolora import pipeline, stages
+        from kolora.interrupt import Interrupted, requested
 
         keys = stages.Keys(cfg, run)
-        decision = "skip" if stages.is_complete(stage, cfg, run, keys) else "run"  # what run_stage will decide
-        if decision == "run":
-            # settle the outputs of other inputs now, not inside run_stage while the others already read them
-            for note in pipeline.prepare(stage, cfg, run, keys):
-                log.warning("%s", note)
-            if stage == "train":
-                from kolora.distributed import free_port
+        if stages.is_complete(stage, cfg, run, keys):  # what run_stage will decide
+            self._decide(stage, Decision("skip"))
+            return {}
+        # settle the outputs of other inputs now, not inside run_stage while the others already read them
+        for note in pipeline.prepare(stage, cfg, run, keys):
+            log.warning("%s", note)
+        decision = Decision("run")
+        if stage == "train":
+            from kolora.distributed import free_port
+            from kolora.train import newest_resume_step
 
-                os.environ["MASTER_PORT"] = str(free_port())
-                decision += f" {os.environ['MASTER_PORT']}"
+            decision = Decision("run", port=free_port(), resume_step=newest_resume_step(cfg, run))
+        if requested():  # the last moment before the other ranks commit to the stage
+            self._decide(stage, Decision("stop"))
+            raise Interrupted(f"rank 0: stopped ({requested()}) before {stage}; every rank stops with it")
+        if decision.port is not None:
+            os.environ["MASTER_PORT"] = str(decision.port)
         self._decide(stage, decision)
+        return {} if decision.resume_step is None else {"resume_step": decision.resume_step}
 
     def _decision_file(self, stage: str) -> Path:
         # cache: a folder, also the ranks' barrier (kolora.cache_shards)
         return self._go_file(stage) / "decision" if stage == "cache" else self._go_file(stage)
 
-    def _decide(self, stage: str, decision: str, overwrite: bool = True) -> None:
+    def _decide(self, stage: str, decision: Decision, overwrite: bool = True) -> None:
         from kolora.rundir import atomic_write_text
 
         path = self._decision_file(stage)
         path.parent.mkdir(parents=True, exist_ok=True)
         if overwrite or not path.is_file():
-            atomic_write_text(path, decision + "\n")
+            atomic_write_text(path, decision.dumps())
 
-    def _wait_go(self, rank: int, stage: str) -> str:
+    def _wait_go(self, rank: int, stage: str, poll_s: float = 1.0) -> Decision:
+        """A rank > 0: rank 0's decision on `stage` (run/skip; Interrupted on stop, RuntimeError on fail).
+
+        This rank's own stop flag does not end the wait: rank 0 got the same signal and decides for everyone
+        (stop, or run and stop at the stage's first safe point). A rank 0 that dies ends the job step with it
+        (srun --kill-on-bad-exit); the wait's bound, the job's time limit, only keeps a follower from waiting
+        past the job when something else goes wrong."""
         from kolora.interrupt import Interrupted, requested
 
         go = self._decision_file(stage)
         deadline = time.monotonic() + self.time_limit_s
+        told = False
         while not go.is_file():
-            if requested():
-                raise Interrupted(f"rank {rank}: stopped ({requested()}) while waiting for rank 0 ({stage})")
+            if requested() and not told:
+                log.warning("rank %d: stop requested (%s) while waiting for rank 0's decision on %s; following "
+                            "rank 0's decision", rank, requested(), stage)
+                told = True
             if time.monotonic() > deadline:
-                raise TimeoutError(f"rank {rank}: rank 0 did not start {stage} within the time limit ({go})")
-            time.sleep(1)
-        decision, *port = go.read_text().split()
-        if port:
-            os.environ["MASTER_PORT"] = port[0]
-        if decision == "fail":
+                raise TimeoutError(f"rank {rank}: rank 0 did not decide {stage} within the job's time limit "
+                                   f"({self.time_limit_s} s; {go})")
+            time.sleep(poll_s)
+        decision = Decision.parse(go.read_text(), go)
+        if decision.port is not None:
+            os.environ["MASTER_PORT"] = str(decision.port)
+        if decision.action == "fail":
             raise RuntimeError(f"rank {rank}: rank 0 failed before {stage}; see the rank 0 log")
-        if decision == "stop":
+        if decision.action == "stop":
             raise Interrupted(f"rank {rank}: rank 0 stopped on a signal before {stage}")
         return decision
 
@@ -273,14 +339,18 @@ class StageJob:
         from kolora.pipeline import run_stage
 
         world = self.tasks_per_node * self.nodes
-        if "cache" in self.stages and self._wait_go(rank, "cache") == "run":
+        if "cache" in self.stages and self._wait_go(rank, "cache").action == "run":
             barrier = str(self._go_file("cache"))
             summary = run_stage("cache", cfg, run, follower=True, rank=rank, world=world, barrier=barrier)
             log.info("cache rank %d: %s", rank, summary)
-        if self._wait_go(rank, "train") == "skip":
+        go = self._wait_go(rank, "train")
+        if go.action == "skip":
             return {"train": {"skipped": True}}
+        # rank 0's checkpoint, not this rank's view of the folder (a decision without one predates the field)
+        resume = {} if go.resume_step is None else {"resume_step": go.resume_step}
         # only rank 0 records the stage (manifest, completion marker): this rank just trains
-        summary = run_stage("train", cfg, run, follower=True, devices=self.tasks_per_node, num_nodes=self.nodes)
+        summary = run_stage("train", cfg, run, follower=True, devices=self.tasks_per_node, num_nodes=self.nodes,
+                            **resume)
         log.info("train rank %d: %s", rank, {k: v for k, v in summary.items() if not isinstance(v, dict | list)})
         _process_group(rank)
         return {"train": summary}
