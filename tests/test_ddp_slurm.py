@@ -162,8 +162,10 @@ def test_a_stop_between_the_cache_merge_and_the_train_decision_requeues_every_ra
     with each rank going its own way, rank 1 left and rank 0 waited in the DDP rendezvous until the time limit
     ended the job without a requeue."""
     runs = tmp_path / "runs"
+    # cache.batch_size 1: a journaled batch per image widens the window between "cache running" and the merge,
+    # in which the test takes the lock
     sub, _ = submit(env, runs, "ddp-gap", "--set", "train.steps=4", "--set", "train.checkpoint_every=2",
-           "--set", "render.steps=2", profile=two_gpu_profile)
+                    "--set", "render.steps=2", "--set", "cache.batch_size=1", profile=two_gpu_profile)
     run = runs / "ddp-gap"
     job = _train_job(run)
 
