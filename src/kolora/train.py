@@ -1,7 +1,8 @@
 """train: a LoRA on the Kolors UNet from cached embeddings and latents (Lightning + peft).
 
 The objective is the tutorial's (DiffSynth 1.1.9): scaled-linear betas up to 0.014 over 1100 steps, one
-uniform timestep per (global) batch, epsilon target, MSE, AdamW without schedule. The samples of step k, their
+uniform timestep per (global) batch (train.timesteps: per_sample draws one per sample, as diffusers' and
+kohya's scripts do), epsilon target, MSE, AdamW without schedule. The samples of step k, their
 noise and the timestep are pure functions of (seed, k) and of each sample's position in the run's sample
 sequence, whatever the number of GPUs (kolora.samples, kolora.objective): a run resumed from any checkpoint,
 on as many GPUs or fewer (kolora.distributed), continues as if it had never stopped.
@@ -112,7 +113,8 @@ class LoRATrainer(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int):
         latents, t = batch["latents"], self.tcfg
         d = objective.draw(t.seed, self.global_step, batch["position"].tolist(), tuple(latents.shape),
-                           self.noise_scheduler.config.num_train_timesteps, t.noise_offset, t.caption_dropout)
+                           self.noise_scheduler.config.num_train_timesteps, t.noise_offset, t.caption_dropout,
+                           per_sample_timesteps=t.timesteps == "per_sample")
         noise = d.noise.to(latents.device, latents.dtype)
         timesteps = d.timestep.expand(latents.shape[0]).to(latents.device)
         a = self.alphas_cumprod.to(latents.device)[timesteps].float()
@@ -250,7 +252,8 @@ def option_metadata(tcfg: TrainConfig) -> dict[str, str]:
     """The training options that are on, for the LoRA file's metadata (what made these weights)."""
     on = {"min_snr_gamma": tcfg.min_snr_gamma, "noise_offset": tcfg.noise_offset or None,
           "caption_dropout": tcfg.caption_dropout or None, "ema_decay": tcfg.ema_decay,
-          "dora": tcfg.dora or None, "optimizer": tcfg.optimizer if tcfg.optimizer != "adamw" else None}
+          "dora": tcfg.dora or None, "optimizer": tcfg.optimizer if tcfg.optimizer != "adamw" else None,
+          "timesteps": tcfg.timesteps if tcfg.timesteps != "per_batch" else None}
     return {f"kolora.{k}": str(v) for k, v in on.items() if v is not None}
 
 
