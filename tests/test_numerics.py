@@ -1,6 +1,7 @@
 """Numerics at Kolors size, tested on the tiny model: non-finite latents stop the cache with the reason, a nan
-loss stops training at that step keeping the last good checkpoint, text embeddings are stored in the dtype
-training feeds the UNet, and what that costs per caption at 256 × 4096."""
+loss stops training at that step keeping the last good checkpoint (its message shows the loss before the gradient
+scaler), text embeddings are stored in the dtype training feeds the UNet, and what that costs per caption at
+256 × 4096."""
 
 from __future__ import annotations
 
@@ -149,3 +150,30 @@ def test_text_entries_drop_repeated_pad_rows_and_restore_them_exactly(demo_run, 
         entry = cache_mod.read_text(path, seq)
         assert torch.equal(entry["prompt_embeds"], embeds[0]) and torch.equal(entry["pooled"], pooled[0])
     assert "pad_row" in _load(run.cache / "text" / f"{index['empty_text_key']}.safetensors")  # "" has 30 pads
+
+
+# ---- the non-finite loss as training_step returned it ------------------------------------------------------
+def test_the_non_finite_loss_message_shows_the_loss_before_the_gradient_scaler(tmp_path):
+    """Under 16-mixed Lightning's gradient scaler multiplies the loss (65536 at first) and accumulation divides it
+    before on_before_backward sees it. A rank whose own loss is finite stops with the others (one decision for
+    all) and says so, with its loss as training_step returned it."""
+    from types import SimpleNamespace
+
+    from kolora.config import TrainConfig
+
+    scaler = torch.amp.GradScaler("cpu")  # the CPU twin of the scaler MixedPrecision("16-mixed") holds on a GPU
+    module = train_mod.LoRATrainer(torch.nn.Linear(2, 2), TrainConfig(), "digest", tmp_path / "checkpoints")
+
+    def before_backward(raw: float, all_finite: bool) -> str:
+        module.trainer = SimpleNamespace(
+            global_step=14, accumulate_grad_batches=2, precision_plugin=SimpleNamespace(scaler=scaler),
+            strategy=SimpleNamespace(reduce_boolean_decision=lambda decision, all: all_finite and decision))
+        with pytest.raises(train_mod.NonFiniteLoss) as e:
+            module.on_before_backward(scaler.scale(torch.tensor(raw) / 2))  # as Lightning's hook receives it
+        return str(e.value)
+
+    message = before_backward(0.375, all_finite=False)
+    assert "the loss at step 15 is not finite on another rank (this rank's: 0.375)" in message
+    assert "12288" not in message  # 0.375 / 2 × 65536
+    assert "the loss at step 15 is nan (not finite)" in before_backward(float("nan"), all_finite=True)
+    assert "no checkpoint was written yet" in message and "bf16-mixed" in message

@@ -130,18 +130,28 @@ class LoRATrainer(L.LightningModule):
         return loss
 
     def on_before_backward(self, loss: torch.Tensor) -> None:
+        finite_here = bool(torch.isfinite(loss.detach()))
         # One decision for all ranks (a rank raising alone would leave the others in the next all-reduce).
-        if self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss.detach())), all=True):
+        if self.trainer.strategy.reduce_boolean_decision(finite_here, all=True):
             return
         step = self.global_step + 1
         newest = ckpt_io.checkpoints(self.ckpt_dir) if self.ckpt_dir else []
         kept = (f"the last good checkpoint, {newest[0][1]} (step {newest[0][0]}), is kept and a rerun resumes "
                 "from it" if newest else "no checkpoint was written yet")
+        value = f"{self._step_loss(loss):.6g}"
+        what = (f"the loss at step {step} is {value} (not finite)" if not finite_here else
+                f"the loss at step {step} is not finite on another rank (this rank's: {value})")
         raise NonFiniteLoss(
-            f"train: the loss at step {step} is {float(loss.detach())} (not finite); training stopped before that "
-            f"step's update, and {kept}. Likely causes: float16 overflow in the UNet (set train.precision: "
-            f"bf16-mixed), too high a learning rate (train.lr {self.tcfg.lr:g}), or non-finite cached inputs "
-            "(rerun the cache stage with --force)")
+            f"train: {what}; training stopped before that step's update, and {kept}. Likely causes: float16 "
+            f"overflow in the UNet (set train.precision: bf16-mixed), too high a learning rate (train.lr "
+            f"{self.tcfg.lr:g}), or non-finite cached inputs (rerun the cache stage with --force)")
+
+    def _step_loss(self, loss: torch.Tensor) -> float:
+        """The loss training_step returned, from what reaches on_before_backward: Lightning divided it by the
+        accumulation count and, under 16-mixed, the gradient scaler multiplied it by its scale (65536 at first)."""
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        scale = scaler.get_scale() if scaler is not None else 1.0
+        return float(loss.detach().float()) * self.trainer.accumulate_grad_batches / scale
 
 
 class MetricsCSV(L.Callback):
