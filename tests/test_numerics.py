@@ -1,7 +1,7 @@
 """Numerics at Kolors size, tested on the tiny model: non-finite latents stop the cache with the reason, a nan
 loss stops training at that step keeping the last good checkpoint (its message shows the loss before the gradient
 scaler), text embeddings are stored in the dtype training feeds the UNet, and what that costs per caption at
-256 × 4096."""
+256 × 4096; a tile that decodes to no picture is never written."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch
 from kolora import cache as cache_mod
 from kolora import train as train_mod
 from kolora.checkpoint import checkpoints
+from kolora.errors import RunFailure
 from kolora.pipeline import run_stage
 from kolora.rundir import RunDir
 
@@ -150,6 +151,82 @@ def test_text_entries_drop_repeated_pad_rows_and_restore_them_exactly(demo_run, 
         entry = cache_mod.read_text(path, seq)
         assert torch.equal(entry["prompt_embeds"], embeds[0]) and torch.equal(entry["pooled"], pooled[0])
     assert "pad_row" in _load(run.cache / "text" / f"{index['empty_text_key']}.safetensors")  # "" has 30 pads
+
+
+# ---- no PNG for a tile that is no picture ------------------------------------------------------------------
+@pytest.mark.parametrize(("broken", "dtype"), [("nan", "float16"), ("flat", "float32")])
+def test_a_tile_that_decodes_to_nan_or_one_colour_stops_the_render_without_its_png(demo_run, tmp_path, monkeypatch,
+                                                                                   broken, dtype):
+    from kolora import render
+
+    run = _copy(demo_run, tmp_path)
+    cfg = run.load_config()
+    cfg.render.dtype = dtype
+    shutil.rmtree(run.render)
+    real_build = render.build_pipeline
+
+    def fourth_decode_broken(*args, **kwargs):
+        pipe = real_build(*args, **kwargs)
+        decode, calls = pipe.vae.decode, []
+
+        def decode_and_break(z, *a, **k):
+            out = decode(z, *a, **k)
+            calls.append(1)
+            if len(calls) == 4:  # the tile of prompt 3 (the LoRA tiles render first, in order)
+                pixels = out[0] * float("nan") if broken == "nan" else torch.zeros_like(out[0])
+                return (pixels, *out[1:])
+            return out
+
+        pipe.vae.decode = decode_and_break
+        return pipe
+
+    monkeypatch.setattr(render, "build_pipeline", fourth_decode_broken)
+    with pytest.raises(RunFailure) as e:
+        render.run(cfg, run)
+    message = str(e.value)
+    assert isinstance(e.value, render.UnusableTile), message
+    assert "tile render/003-" in message and "(prompt 3, seed" in message and "LoRA)" in message
+    assert ("non-finite values (nan or inf)" if broken == "nan" else "one flat colour (every pixel (128, 128, 128))") \
+        in message
+    assert "no PNG was written" in message and "the tiles before it are kept" in message
+    if dtype == "float16":
+        assert "set render.dtype: float32" in message and "fp16-fix VAE (model.vae_path" in message
+    else:
+        assert "no float16 overflow" in message and "render.lora_scale" in message
+    assert sorted(p.name[:3] for p in run.render.iterdir()) == ["000", "001", "002"]  # no temp file either
+
+
+def test_a_validation_sample_that_decodes_to_nan_is_left_out_with_a_warning(demo_run, tmp_path, caplog):
+    """Training goes on (only rank 0 samples: stopping it alone would leave the other ranks waiting); the other
+    samples of that step are written."""
+    import logging
+    from types import SimpleNamespace
+
+    from test_validation import _validation_run
+
+    from kolora import lora, models
+    from kolora.validation_sampler import ValidationSampler
+
+    run, cfg = _validation_run(demo_run, tmp_path, "val")
+    sampler = ValidationSampler(cfg, run, torch.float32)
+    sampler.embeds = sampler._read_embeddings()
+    files = models.resolve(cfg.model)
+    sampler.vae = models.load_vae(files, torch.float32)
+    decode, calls = sampler.vae.decode, []
+
+    def second_decode_nan(z, *args, **kwargs):
+        out = decode(z, *args, **kwargs)
+        calls.append(1)
+        return SimpleNamespace(sample=out.sample * float("nan")) if len(calls) == 2 else out
+
+    sampler.vae.decode = second_decode_nan
+    unet = models.load_unet(files, torch.float32).train()
+    lora.add_lora(unet, cfg.train.rank, cfg.train.alpha, cfg.train.target_modules)
+    with caplog.at_level(logging.WARNING, logger="kolora.train"):
+        sampler.sample(SimpleNamespace(global_step=10, loggers=[]), SimpleNamespace(unet=unet, device=torch.device("cpu")))
+    assert sorted(p.name for p in (run.train / "samples" / "step-000010").iterdir()) == ["0-0.png"]
+    assert "sample 1-0.png of step 10 (prompt 1, seed 0) decoded to" in caplog.text
+    assert "non-finite values (nan or inf)" in caplog.text and "no PNG was written" in caplog.text
 
 
 # ---- the non-finite loss as training_step returned it ------------------------------------------------------
