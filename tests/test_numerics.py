@@ -1,12 +1,14 @@
 """Numerics at Kolors size, tested on the tiny model: non-finite latents stop the cache with the reason, a nan
 loss stops training at that step keeping the last good checkpoint (its message shows the loss before the gradient
 scaler), text embeddings are stored in the dtype training feeds the UNet, and what that costs per caption at
-256 × 4096; a tile that decodes to no picture is never written."""
+256 × 4096; a VAE decodes in float16 only when its weights survive it, and a tile that decodes to no picture is
+never written."""
 
 from __future__ import annotations
 
 import hashlib
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -151,6 +153,114 @@ def test_text_entries_drop_repeated_pad_rows_and_restore_them_exactly(demo_run, 
         entry = cache_mod.read_text(path, seq)
         assert torch.equal(entry["prompt_embeds"], embeds[0]) and torch.equal(entry["pooled"], pooled[0])
     assert "pad_row" in _load(run.cache / "text" / f"{index['empty_text_key']}.safetensors")  # "" has 30 pads
+
+
+# ---- float16 decoding: judged by the VAE's weights ---------------------------------------------------------
+def _stock_like_vae(fix_like: Path, dest: Path) -> Path:
+    """The tiny VAE made to behave like the stock SDXL (and Kolors) VAE: one decoder layer's weights × 1e5, so
+    activations inside go far beyond float16's range while the picture out stays the same kind (the next
+    GroupNorm scales them back). The tiny fp16-fix VAE is the unchanged one: small activations throughout."""
+    from safetensors.torch import save_file
+
+    state = _load(fix_like)
+    for name in ("decoder.mid_block.resnets.0.conv2.weight", "decoder.mid_block.resnets.0.conv2.bias"):
+        state[name] = state[name] * 1e5
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(dest))
+    return dest
+
+
+def _diffsynth_with_stock_vae(tiny_diffsynth, tmp_path) -> Path:
+    """DiffSynth's models/ folder as the tutorial has it: Kolors' own (stock-like) VAE in kolors/Kolors/vae/, the
+    fp16-fix one in sdxl-vae-fp16-fix/."""
+    models_dir = tmp_path / "models"
+    shutil.copytree(tiny_diffsynth, models_dir)
+    _stock_like_vae(models_dir / "sdxl-vae-fp16-fix" / "diffusion_pytorch_model.safetensors",
+                    models_dir / "kolors" / "Kolors" / "vae" / "diffusion_pytorch_model.safetensors")
+    return models_dir
+
+
+def _diffsynth_config(models_dir: Path, **model):
+    from conftest import PROMPTS
+
+    from kolora import models
+    from kolora.config import validate_config
+
+    # the tiny VAE config says force_upcast: false, like the packaged SDXL config before this rule
+    return validate_config({"name": "t", "model": {"path": str(models_dir), "layout": "diffsynth",
+                                                   **models.tiny_diffsynth_overrides(models_dir), **model},
+                            "render": {"prompts": str(PROMPTS), "steps": 2, "width": 32, "height": 32},
+                            "cache": {"max_sequence_length": 16, "vae_dtype": "float16"}})
+
+
+def test_a_float16_vae_is_upcast_unless_its_weights_survive_float16(tiny_diffsynth, tmp_path):
+    """By content, not by name or config: the stock-like VAE copied into a folder named sdxl-vae-fp16-fix is still
+    upcast, the fp16-fix one under a neutral name still decodes in float16; both configs say force_upcast: false."""
+    from types import SimpleNamespace
+
+    from kolora import models
+    from kolora.validation_sampler import ValidationSampler
+
+    models_dir = _diffsynth_with_stock_vae(tiny_diffsynth, tmp_path)
+    fix = models_dir / "sdxl-vae-fp16-fix" / "diffusion_pytorch_model.safetensors"
+    stock = models_dir / "kolors" / "Kolors" / "vae" / "diffusion_pytorch_model.safetensors"
+    neutral = tmp_path / "downloads" / "vae.safetensors"
+    neutral.parent.mkdir()
+    shutil.copyfile(fix, neutral)
+    misnamed = tmp_path / "elsewhere" / "sdxl-vae-fp16-fix" / "diffusion_pytorch_model.safetensors"
+    misnamed.parent.mkdir(parents=True)
+    shutil.copyfile(stock, misnamed)
+
+    def config(vae_path=None):
+        return _diffsynth_config(models_dir, **({"vae_path": str(vae_path)} if vae_path else {}))
+
+    def upcast(vae_path=None) -> bool:
+        vae = models.load_vae(models.resolve(config(vae_path).model), torch.float16)
+        assert vae.dtype == torch.float16
+        return vae.config.force_upcast
+
+    # None: the default diffsynth VAE, models/sdxl-vae-fp16-fix
+    assert [upcast(path) for path in (None, stock, neutral, misnamed)] == [False, True, False, True]
+    stock_vae = models.load_vae(models.resolve(config(stock).model))
+    assert models.decoder_peak(stock_vae) > models.FLOAT16_MAX  # the stock-like VAE does overflow float16 inside
+    assert models.packaged_config("sdxl-vae-config.json")["force_upcast"] is True  # diffusers' SDXL default
+    # the validation sampler decodes itself (cache.vae_dtype: float16 on a GPU): in float32 where render upcasts
+    for path, decodes_in in ((stock, torch.float32), (neutral, torch.float16)):
+        sampler = ValidationSampler(config(path), None, torch.float16)
+        assert sampler._load_vae(SimpleNamespace(type="cuda")).dtype == decodes_in
+
+
+def _record_decode_dtypes(vae) -> list:
+    """The dtype `vae` has at each decode call, from now on."""
+    seen, decode = [], vae.decode
+
+    def recording(*args, **kwargs):
+        seen.append(vae.dtype)
+        return decode(*args, **kwargs)
+
+    vae.decode = recording
+    return seen
+
+
+def test_a_float16_render_with_kolors_own_vae_decodes_in_float32(tiny_diffsynth, tmp_path):
+    """The tutorial's DiffSynth folder with Kolors' own VAE (model.vae_path at kolors/Kolors/vae): a float16 render
+    decodes in float32 and gives a picture; the fp16-fix VAE decodes in float16."""
+    import numpy as np
+
+    from kolora import render
+    from kolora.prompts import load_prompts
+
+    models_dir = _diffsynth_with_stock_vae(tiny_diffsynth, tmp_path)
+    stock = models_dir / "kolors" / "Kolors" / "vae" / "diffusion_pytorch_model.safetensors"
+    for vae_path, decoded_in in ((stock, torch.float32), (None, torch.float16)):
+        cfg = _diffsynth_config(models_dir, **({"vae_path": str(stock)} if vae_path else {}))
+        pipe = render.build_pipeline(cfg, None, "cpu", torch.float16)
+        seen = _record_decode_dtypes(pipe.vae)
+        item = load_prompts(cfg.render.prompts, cfg.render.negative_prompt)[0]
+        tile = np.asarray(render.render_tile(pipe, cfg, item, "cpu"))
+        assert seen == [decoded_in], vae_path
+        assert pipe.vae.dtype == torch.float16  # back in float16 after decoding
+        assert tile.std() > 0  # a picture, not the black tile a float16 decode of this VAE gives
 
 
 # ---- no PNG for a tile that is no picture ------------------------------------------------------------------

@@ -32,7 +32,7 @@ class ValidationSampler(L.Callback):
         if not trainer.is_global_zero:
             return
         self.embeds = self._read_embeddings()
-        self.vae = models.load_vae(models.resolve(self.cfg.model), self._vae_dtype(pl_module.device))  # on the CPU
+        self.vae = self._load_vae(pl_module.device)  # on the CPU
         step = trainer.global_step  # resumed at a sampling step whose samples a stop request cut short
         if step and step % self.every == 0 and not self.done(step):
             self.sample(trainer, pl_module)
@@ -53,6 +53,12 @@ class ValidationSampler(L.Callback):
     def _vae_dtype(self, device):
         # float16 only with a VAE that survives it (the fp16-fix VAE the recipe uses, as cache.vae_dtype says)
         return getattr(torch, self.cfg.cache.vae_dtype) if device.type == "cuda" else torch.float32
+
+    def _load_vae(self, device):
+        """The VAE in the dtype it decodes in: float32 where a float16 VAE needs upcasting (models.load_vae
+        judges that by its weights), since this sampler decodes itself rather than through the pipeline."""
+        vae = models.load_vae(models.resolve(self.cfg.model), self._vae_dtype(device))
+        return vae.float() if vae.dtype == torch.float16 and vae.config.force_upcast else vae
 
     def _read_embeddings(self) -> dict[str, dict[str, Any]]:
         from kolora.cache import read_text
