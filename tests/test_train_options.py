@@ -1,5 +1,5 @@
 """The options users of kohya / SimpleTuner / OneTrainer expect: min-SNR-γ, noise offset, caption dropout, EMA,
-DoRA, 8-bit AdamW. Each test would fail if its option were ignored; with every option on, an interrupted and
+DoRA, 8-bit AdamW, per-sample timesteps. Each test would fail if its option were ignored; with every option on, an interrupted and
 resumed training still ends bit-identical to an uninterrupted one."""
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from test_train import _fresh_train_run, _stop_at
 from kolora import interrupt, objective
 from kolora.pipeline import run_stage
 
-ALL_ON = {"min_snr_gamma": 5.0, "noise_offset": 0.1, "caption_dropout": 0.3, "ema_decay": 0.9, "dora": True}
+ALL_ON = {"min_snr_gamma": 5.0, "noise_offset": 0.1, "caption_dropout": 0.3, "ema_decay": 0.9, "dora": True,
+          "timesteps": "per_sample"}
 
 
 def _sha(p) -> str:
@@ -56,6 +57,45 @@ def test_noise_offset_shifts_each_channel_and_keeps_the_base_draws():
     assert 0.02 < shift[:, :, 0, 0].abs().mean() < 0.3
 
 
+def test_per_sample_timesteps_differ_within_a_batch_and_not_with_the_gpu_count():
+    """Each sample's timestep comes from its own position's generator: the global batch of step 5 (positions
+    40-47) drawn by one process, or split over 2 or 4 ranks, gets the same timesteps. per_batch: one for all."""
+    positions, shape = list(range(40, 48)), (8, 4, 8, 8)
+    whole = objective.draw(3, 5, positions, shape, 1100, caption_dropout=0.3, per_sample_timesteps=True)
+    assert whole.timestep.shape == (8,) and len(set(whole.timestep.tolist())) > 1
+    for ranks in (2, 4):
+        n = 8 // ranks
+        parts = [objective.draw(3, 5, positions[r * n:(r + 1) * n], (n, 4, 8, 8), 1100, caption_dropout=0.3,
+                                per_sample_timesteps=True) for r in range(ranks)]
+        assert torch.equal(torch.cat([p.timestep for p in parts]), whole.timestep)
+        assert torch.equal(torch.cat([p.noise for p in parts]), whole.noise)
+    batch = objective.draw(3, 5, positions, shape, 1100, caption_dropout=0.3)
+    assert batch.timestep.shape == (1,)
+    assert torch.equal(objective.draw(3, 5, positions[:2], (2, 4, 8, 8), 1100).timestep, batch.timestep)
+    # drawn after everything else of its sample: the noise and dropout draws are the per_batch run's
+    assert torch.equal(batch.noise, whole.noise) and torch.equal(batch.drop, whole.drop)
+
+
+def test_per_batch_timesteps_are_left_out_of_keys_and_digests(demo_run, tiny_diffusers):
+    """The default is how every run drew timesteps before the field existed: no stage key or config digest holds
+    it, so an upgrade reruns nothing; per_sample is a training input (train and what follows reruns)."""
+    from conftest import DEMO
+
+    from kolora.config import load_config
+    from kolora.rundir import RunDir
+    from kolora.stages import NAMES, Keys
+
+    run = RunDir(demo_run)
+    default = load_config(DEMO, [f"model.path={tiny_diffusers}"])
+    explicit = load_config(DEMO, [f"model.path={tiny_diffusers}", "train.timesteps=per_batch"])
+    per_sample = load_config(DEMO, [f"model.path={tiny_diffusers}", "train.timesteps=per_sample"])
+    assert "timesteps" not in explicit.model_dump(mode="json")["train"] and explicit.digest() == default.digest()
+    assert "train.timesteps" not in Keys(explicit, run).inputs("train")["fields"]
+    assert Keys(per_sample, run).inputs("train")["fields"]["train.timesteps"] == "per_sample"
+    differs = [s for s in NAMES if Keys(default, run).output(s) != Keys(per_sample, run).output(s)]
+    assert differs[0] == "train" and "cache" not in differs
+
+
 def test_caption_dropout_uses_the_empty_caption_at_the_rate():
     drops = torch.cat([objective.draw(3, k, range(8 * k, 8 * k + 8), (8, 4, 8, 8), 1100, caption_dropout=0.25).drop for k in range(400)])
     assert abs(drops.float().mean().item() - 0.25) < 0.03  # 3,200 draws: 4.5 standard deviations
@@ -67,7 +107,7 @@ def test_caption_dropout_uses_the_empty_caption_at_the_rate():
     assert objective.draw(3, 0, range(8), (8, 4, 8, 8), 1100).drop is None  # off: nothing more is drawn
 
 
-@pytest.mark.parametrize("option", ["min_snr_gamma", "noise_offset", "caption_dropout"])
+@pytest.mark.parametrize("option", ["min_snr_gamma", "noise_offset", "caption_dropout", "timesteps"])
 def test_each_loss_option_changes_the_trained_lora(demo_run, tmp_path, option):
     plain_run, plain_cfg = _train(demo_run, tmp_path, "plain", steps=6)
     run_stage("train", plain_cfg, plain_run)

@@ -206,6 +206,9 @@ class TrainConfig(_Section):
     ema_decay: float | None = Field(None, gt=0, lt=1)  # EMA of the LoRA weights, exported when set (e.g. 0.999)
     dora: bool = False  # DoRA (weight-decomposed LoRA, peft's use_dora)
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"  # adamw8bit: bitsandbytes, on a GPU only
+    # per_batch: one timestep for the whole global batch (the tutorial's DiffSynth trainer); per_sample: one per
+    # sample, as diffusers' and kohya's scripts draw them (a smoother gradient at larger batches)
+    timesteps: Literal["per_batch", "per_sample"] = "per_batch"
     validation: ValidationConfig = ValidationConfig()
     wandb: str | None = None  # a wandb project to log to as well (needs the wandb package; offline in Slurm jobs)
 
@@ -229,6 +232,8 @@ class TrainConfig(_Section):
         data = handler(self)
         if not self.buckets:
             data.pop("buckets", None)
+        if self.timesteps == "per_batch":  # likewise: the timesteps every run drew before the field existed
+            data.pop("timesteps", None)
         # nor do validation samples and wandb (off by default) change the LoRA's bytes
         if self.validation == ValidationConfig():
             data.pop("validation", None)

@@ -8,6 +8,12 @@ Layouts:
   ``models/sdxl-vae-fp16-fix/diffusion_pytorch_model.safetensors``. unet/ and vae/ have no config.json: they are
   built from the Kolors UNet / SDXL VAE configs shipped in kolora/data and loaded from the safetensors.
 
+Which VAE decodes in float16 is decided by its weights, never by its file name or a config's word
+(`decodes_in_float16`): Kolors' own VAE, like the stock SDXL VAE, overflows in float16 and decodes to nan
+(a black tile), while the fp16-fix VAE, the same architecture, was finetuned to stay small inside. A VAE
+loaded in float16 gets `force_upcast` (diffusers then decodes in float32) unless a probe decode shows its
+activations far below float16's range.
+
 The tiny factory writes random Kolors-shaped models in both layouts; tests load them through the very
 functions below that load real weights.
 """
@@ -15,12 +21,15 @@ functions below that load real weights.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from kolora.config import ConfigError, ModelConfig
+
+log = logging.getLogger("kolora.models")
 
 PARTS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
 
@@ -210,16 +219,79 @@ def load_unet(files: ModelFiles, dtype=None):
 
 
 def load_vae(files: ModelFiles, dtype=None):
+    """The VAE in `dtype`; in float16 its `force_upcast` is the probe's verdict (decodes_in_float16), whatever
+    its config says: diffusers' pipelines then decode in float32 unless the weights survive float16."""
+    import torch
     from diffusers import AutoencoderKL
 
     if files.vae.is_dir():
         cfg = json.loads((files.vae / "config.json").read_text())
-        model = _build_and_load(AutoencoderKL, cfg, _weights_file(files.vae, files.variant), dtype)
+        weights = _weights_file(files.vae, files.variant)
     else:
         cfg = json.loads(Path(files.vae_config).read_text()) if files.vae_config else \
             packaged_config("sdxl-vae-config.json")
-        model = _build_and_load(AutoencoderKL, cfg, files.vae, dtype)
-    return model.eval().requires_grad_(False)
+        weights = files.vae
+    model = _build_and_load(AutoencoderKL, cfg, weights, None).eval().requires_grad_(False)
+    if dtype == torch.float16:
+        peak = decoder_peak(model.float())
+        safe = decodes_in_float16(peak)
+        model.register_to_config(force_upcast=not safe)
+        log.info("%s: largest decoder activation on the probe image %.3g: %s", weights, peak,
+                 "decodes in float16" if safe else "upcast to float32 for decoding (stock SDXL VAE behaviour)")
+    return model.to(dtype) if dtype is not None else model
+
+
+# float16's largest finite value, and how far below it a VAE's activations on the probe must stay for it to
+# decode in float16: real images drive a VAE harder than one small probe does, and a wrong "yes" costs a
+# black tile (caught before it is written: render.UnusableTile) where a wrong "no" costs only a float32 decode.
+FLOAT16_MAX = 65504.0
+FLOAT16_HEADROOM = 16
+
+
+def decodes_in_float16(peak: float) -> bool:
+    """The rule: a VAE decodes in float16 only when its largest decoder activation on the probe (decoder_peak)
+    is finite and at most FLOAT16_MAX / FLOAT16_HEADROOM (4094); every other VAE is upcast."""
+    import math
+
+    return math.isfinite(peak) and peak <= FLOAT16_MAX / FLOAT16_HEADROOM
+
+
+def probe_image(size: int = 64):
+    """A fixed picture with smooth ramps, fine stripes and a saturated block, [1, 3, size, size] in [-1, 1]."""
+    import torch
+
+    ramp = torch.linspace(-1, 1, size)
+    y, x = torch.meshgrid(ramp, ramp, indexing="ij")
+    stripes = torch.sin(x * 40) * torch.cos(y * 25)
+    image = torch.stack([x, y, stripes])
+    image[:, : size // 4, : size // 4] = torch.tensor([1.0, -1.0, 1.0]).view(3, 1, 1)  # a saturated block
+    return image.unsqueeze(0)
+
+
+def decoder_peak(vae) -> float:
+    """The largest |value| any decoder layer outputs while the float32 `vae` decodes the latent of probe_image:
+    the number that decides whether float16 (largest finite value 65504) overflows inside it. The fp16-fix
+    VAE differs from the stock SDXL VAE only in its weights, finetuned to keep these activations small."""
+    import torch
+
+    peak = torch.zeros((), dtype=torch.float64)
+
+    def record(module, inputs, output):
+        nonlocal peak
+        out = output[0] if isinstance(output, tuple) else output
+        if isinstance(out, torch.Tensor) and out.is_floating_point() and out.numel():
+            peak = torch.maximum(peak, out.detach().abs().max().double().nan_to_num(float("inf")))
+
+    hooks = [m.register_forward_hook(record) for m in (vae.post_quant_conv, *vae.decoder.modules())
+             if m is not None]
+    try:
+        with torch.no_grad():
+            latent = vae.encode(probe_image().to(vae.device, vae.dtype)).latent_dist.mean
+            vae.decode(latent)
+    finally:
+        for h in hooks:
+            h.remove()
+    return float(peak)
 
 
 def make_scheduler(files: ModelFiles | None = None):

@@ -4,9 +4,11 @@ The draws do not depend on how many processes train. Step k's *global batch* is 
 [k·G, (k+1)·G) of the run's sample sequence (G = world size × train.batch_size × gradient accumulation;
 kolora.samples), and:
 - the timestep is drawn once per global batch (the tutorial's DiffSynth trainer draws one per batch), from a
-  generator seeded by (seed, k);
-- everything per sample — its noise, then, only when their option is on, its noise offset and its
-  caption-dropout draw — comes from a generator seeded by (seed, the sample's position in the sequence).
+  generator seeded by (seed, k); with `train.timesteps: per_sample` each sample draws its own instead, as
+  diffusers' and kohya's SDXL scripts do (at batch 1 the two are the same recipe, different draws);
+- everything per sample — its noise, then, only when their option is on, its noise offset, its
+  caption-dropout draw and its timestep — comes from a generator seeded by (seed, the sample's position in the
+  sequence), in that order, so turning an option on never changes the draws before it.
 So a rank draws exactly its own samples' values, a 2-GPU run and a 1-GPU run with the doubled batch compute the
 same update up to the all-reduce's summation order, and a resumed run repeats the uninterrupted one.
 
@@ -40,18 +42,17 @@ def sample_generator(seed: int, position: int) -> torch.Generator:
 @dataclass
 class Draws:
     noise: torch.Tensor  # float32, the latents' shape
-    timestep: torch.Tensor  # [1], shared by the global batch
+    timestep: torch.Tensor  # [1] shared by the global batch, or [batch] with per-sample timesteps
     drop: torch.Tensor | None  # [batch] bool: captions replaced by the empty one
 
 
 def draw(seed: int, step: int, positions: list[int], shape: tuple[int, ...], num_timesteps: int,
-         noise_offset: float = 0.0, caption_dropout: float = 0.0) -> Draws:
+         noise_offset: float = 0.0, caption_dropout: float = 0.0, per_sample_timesteps: bool = False) -> Draws:
     """The draws of this rank's samples of step `step`: `positions` are their places in the sample sequence,
     `shape` the batch's latents' shape (one sample per position)."""
     if len(positions) != shape[0]:
         raise ValueError(f"{len(positions)} sample positions for a batch of {shape[0]}")
-    t = torch.randint(0, num_timesteps, (1,), generator=step_generator(seed, step))
-    noise, drop = [], []
+    noise, drop, timesteps = [], [], []
     for position in positions:
         g = sample_generator(seed, int(position))
         n = torch.randn(shape[1:], generator=g, dtype=torch.float32)
@@ -60,6 +61,10 @@ def draw(seed: int, step: int, positions: list[int], shape: tuple[int, ...], num
         noise.append(n)
         if caption_dropout:
             drop.append(bool(torch.rand(1, generator=g) < caption_dropout))
+        if per_sample_timesteps:
+            timesteps.append(torch.randint(0, num_timesteps, (1,), generator=g))
+    t = torch.cat(timesteps) if per_sample_timesteps else \
+        torch.randint(0, num_timesteps, (1,), generator=step_generator(seed, step))
     return Draws(torch.stack(noise), t, torch.tensor(drop) if caption_dropout else None)
 
 

@@ -58,16 +58,46 @@ def _device_dtype(cfg: ExperimentConfig):
     return device, getattr(torch, dtype)
 
 
-def render_tile(pipe, cfg: ExperimentConfig, item: PromptItem, device: str, embeds: dict[str, Any] | None = None):
+class UnusableTile(RunFailure):
+    """A tile decoded to something that is no picture (nan pixels, one flat colour): no PNG is written for it."""
+
+
+def render_tile(pipe, cfg: ExperimentConfig, item: PromptItem, device: str, embeds: dict[str, Any] | None = None,
+                label: str | None = None):
     """One tile: from the prompt text, or from `embeds` (encode_prompts) with a pipeline that has no text
-    encoder. Both give the same pixels: the embeddings come from the same encode_prompt call."""
+    encoder. Both give the same pixels: the embeddings come from the same encode_prompt call.
+    UnusableTile (naming `label`, the tile) when the pixels are not finite or all one colour."""
     import torch
+
+    from kolora import pixels
 
     generator = torch.Generator(device="cpu").manual_seed(item.seed)
     text = dict(embeds) if embeds is not None else {"prompt": item.prompt, "negative_prompt": item.negative_prompt}
-    return pipe(**text, guidance_scale=cfg.render.cfg, num_inference_steps=cfg.render.steps,
-                height=cfg.render.height, width=cfg.render.width, generator=generator,
-                max_sequence_length=cfg.cache.max_sequence_length).images[0]
+    # as numbers first: PIL would write nan pixels as a black tile
+    image = pipe(**text, guidance_scale=cfg.render.cfg, num_inference_steps=cfg.render.steps,
+                 height=cfg.render.height, width=cfg.render.width, generator=generator,
+                 max_sequence_length=cfg.cache.max_sequence_length, output_type="np").images[0]
+    problem = pixels.problem(image)
+    if problem:
+        raise UnusableTile(f"render: {label or f'the tile of seed {item.seed}'} {problem}, so no PNG was written "
+                           f"for it (the tiles before it are kept). {_fix(pipe)}")
+    return pipe.image_processor.numpy_to_pil(image)[0]
+
+
+def _fix(pipe) -> str:
+    """What to change, given the dtypes this pipeline rendered in."""
+    import torch
+
+    if pipe.unet.dtype == torch.float16:
+        decoded = "in float32 (upcast)" if pipe.vae.config.force_upcast else "in float16"
+        return (f"The render ran in float16 and the VAE decoded {decoded}: set render.dtype: float32 (or "
+                "bfloat16), out of reach of a float16 overflow in the UNet or the stock SDXL VAE; the fp16-fix VAE "
+                "(model.vae_path: its folder, e.g. models/sdxl-vae-fp16-fix) is the one VAE that decodes in float16. "
+                "If render.dtype: float32 gives this too, the LoRA is broken: look for a diverged loss in "
+                "train/metrics.csv, or lower render.lora_scale")
+    return (f"The render ran in {str(pipe.unet.dtype).removeprefix('torch.')}, so this is no float16 overflow: the "
+            "LoRA or the model is broken (look for a diverged loss in train/metrics.csv, lower render.lora_scale, "
+            "or check the model files: kolora check models MODEL_PATH)")
 
 
 def encode_prompts(cfg: ExperimentConfig, items: list[PromptItem], device: str, dtype) -> list[dict[str, Any]]:
@@ -131,7 +161,9 @@ def _render_tiles(cfg: ExperimentConfig, run: RunDir, lf: Path | None, todo: lis
     except LoraFileError as e:
         raise LoraFileError(f"render.lora: {e}") if cfg.render.lora else e from None
     for n, (tile, tile_embeds) in enumerate(zip(todo, embeds, strict=True), done_before + 1):
-        image = render_tile(pipe, cfg, tile.item, device, tile_embeds)
+        label = (f"tile {tile.path(run).relative_to(run.root)} (prompt {tile.index}, seed {tile.item.seed}, "
+                 f"{'base model' if tile.base else 'LoRA'})")
+        image = render_tile(pipe, cfg, tile.item, device, tile_embeds, label=label)
         tile.path(run).parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(tile.path(run)) as tmp:
             image.save(tmp, format="PNG")

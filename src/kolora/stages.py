@@ -95,7 +95,7 @@ STAGES: tuple[Stage, ...] = (
           inputs=("train.rank", "train.alpha", "train.target_modules", "train.lr", "train.batch_size",
                   "train.precision", "train.gradient_checkpointing", "train.seed", "train.deterministic",
                   "train.min_snr_gamma", "train.noise_offset", "train.caption_dropout", "train.ema_decay",
-                  "train.dora", "train.optimizer", "cpu_threads", "train.buckets"),
+                  "train.dora", "train.optimizer", "cpu_threads", "train.buckets", "train.timesteps"),
           content=(), outputs=("train", "lora"), done=_file("lora/pytorch_lora_weights.safetensors"),
           stoppable=True, on_change="keep", continues=("train.steps",), keeps_partial=True),
     Stage("render", job="render", where="gpu array", after=(),
@@ -118,7 +118,7 @@ STAGES: tuple[Stage, ...] = (
 # out of its stages' keys, so the runs made before it existed stay complete (no retraining on an upgrade).
 SINCE: dict[str, Any] = {"train.buckets": False, "train.min_snr_gamma": None, "train.noise_offset": 0.0,
                          "train.caption_dropout": 0.0, "train.ema_decay": None, "train.dora": False,
-                         "train.optimizer": "adamw", "data.allow_external_paths": False,
+                         "train.optimizer": "adamw", "train.timesteps": "per_batch", "data.allow_external_paths": False,
                          "data.max_image_bytes": 256 * 2**20, "render.base_tiles": None}
 
 # Fields that never make a stage rerun: the stage they concern ("" = the run) and why no output depends on them.

@@ -1,7 +1,8 @@
 """train: a LoRA on the Kolors UNet from cached embeddings and latents (Lightning + peft).
 
 The objective is the tutorial's (DiffSynth 1.1.9): scaled-linear betas up to 0.014 over 1100 steps, one
-uniform timestep per (global) batch, epsilon target, MSE, AdamW without schedule. The samples of step k, their
+uniform timestep per (global) batch (train.timesteps: per_sample draws one per sample, as diffusers' and
+kohya's scripts do), epsilon target, MSE, AdamW without schedule. The samples of step k, their
 noise and the timestep are pure functions of (seed, k) and of each sample's position in the run's sample
 sequence, whatever the number of GPUs (kolora.samples, kolora.objective): a run resumed from any checkpoint,
 on as many GPUs or fewer (kolora.distributed), continues as if it had never stopped.
@@ -118,7 +119,8 @@ class LoRATrainer(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int):
         latents, t = batch["latents"], self.tcfg
         d = objective.draw(t.seed, self.global_step, batch["position"].tolist(), tuple(latents.shape),
-                           self.noise_scheduler.config.num_train_timesteps, t.noise_offset, t.caption_dropout)
+                           self.noise_scheduler.config.num_train_timesteps, t.noise_offset, t.caption_dropout,
+                           per_sample_timesteps=t.timesteps == "per_sample")
         noise = d.noise.to(latents.device, latents.dtype)
         timesteps = d.timestep.expand(latents.shape[0]).to(latents.device)
         a = self.alphas_cumprod.to(latents.device)[timesteps].float()
@@ -134,18 +136,28 @@ class LoRATrainer(L.LightningModule):
         return loss
 
     def on_before_backward(self, loss: torch.Tensor) -> None:
+        finite_here = bool(torch.isfinite(loss.detach()))
         # One decision for all ranks (a rank raising alone would leave the others in the next all-reduce).
-        if self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss.detach())), all=True):
+        if self.trainer.strategy.reduce_boolean_decision(finite_here, all=True):
             return
         step = self.global_step + 1
         newest = ckpt_io.checkpoints(self.ckpt_dir) if self.ckpt_dir else []
         kept = (f"the last good checkpoint, {newest[0][1]} (step {newest[0][0]}), is kept and a rerun resumes "
                 "from it" if newest else "no checkpoint was written yet")
+        value = f"{self._step_loss(loss):.6g}"
+        what = (f"the loss at step {step} is {value} (not finite)" if not finite_here else
+                f"the loss at step {step} is not finite on another rank (this rank's: {value})")
         raise NonFiniteLoss(
-            f"train: the loss at step {step} is {float(loss.detach())} (not finite); training stopped before that "
-            f"step's update, and {kept}. Likely causes: float16 overflow in the UNet (set train.precision: "
-            f"bf16-mixed), too high a learning rate (train.lr {self.tcfg.lr:g}), or non-finite cached inputs "
-            "(rerun the cache stage with --force)")
+            f"train: {what}; training stopped before that step's update, and {kept}. Likely causes: float16 "
+            f"overflow in the UNet (set train.precision: bf16-mixed), too high a learning rate (train.lr "
+            f"{self.tcfg.lr:g}), or non-finite cached inputs (rerun the cache stage with --force)")
+
+    def _step_loss(self, loss: torch.Tensor) -> float:
+        """The loss training_step returned, from what reaches on_before_backward: Lightning divided it by the
+        accumulation count and, under 16-mixed, the gradient scaler multiplied it by its scale (65536 at first)."""
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        scale = scaler.get_scale() if scaler is not None else 1.0
+        return float(loss.detach().float()) * self.trainer.accumulate_grad_batches / scale
 
 
 class MetricsCSV(L.Callback):
@@ -256,7 +268,8 @@ def option_metadata(tcfg: TrainConfig) -> dict[str, str]:
     """The training options that are on, for the LoRA file's metadata (what made these weights)."""
     on = {"min_snr_gamma": tcfg.min_snr_gamma, "noise_offset": tcfg.noise_offset or None,
           "caption_dropout": tcfg.caption_dropout or None, "ema_decay": tcfg.ema_decay,
-          "dora": tcfg.dora or None, "optimizer": tcfg.optimizer if tcfg.optimizer != "adamw" else None}
+          "dora": tcfg.dora or None, "optimizer": tcfg.optimizer if tcfg.optimizer != "adamw" else None,
+          "timesteps": tcfg.timesteps if tcfg.timesteps != "per_batch" else None}
     return {f"kolora.{k}": str(v) for k, v in on.items() if v is not None}
 
 

@@ -4,6 +4,7 @@ the UNet being trained, from the cached embeddings (kolora.validation), on rank 
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import lightning as L
@@ -14,6 +15,8 @@ from kolora.config import ExperimentConfig
 from kolora.errors import RunFailure
 from kolora.rundir import RunDir, atomic_path
 from kolora.validation import prompt_texts, sample_names, step_dir, texts_to_cache
+
+log = logging.getLogger("kolora.train")
 
 
 class ValidationSampler(L.Callback):
@@ -29,7 +32,7 @@ class ValidationSampler(L.Callback):
         if not trainer.is_global_zero:
             return
         self.embeds = self._read_embeddings()
-        self.vae = models.load_vae(models.resolve(self.cfg.model), self._vae_dtype(pl_module.device))  # on the CPU
+        self.vae = self._load_vae(pl_module.device)  # on the CPU
         step = trainer.global_step  # resumed at a sampling step whose samples a stop request cut short
         if step and step % self.every == 0 and not self.done(step):
             self.sample(trainer, pl_module)
@@ -51,6 +54,12 @@ class ValidationSampler(L.Callback):
         # float16 only with a VAE that survives it (the fp16-fix VAE the recipe uses, as cache.vae_dtype says)
         return getattr(torch, self.cfg.cache.vae_dtype) if device.type == "cuda" else torch.float32
 
+    def _load_vae(self, device):
+        """The VAE in the dtype it decodes in: float32 where a float16 VAE needs upcasting (models.load_vae
+        judges that by its weights), since this sampler decodes itself rather than through the pipeline."""
+        vae = models.load_vae(models.resolve(self.cfg.model), self._vae_dtype(device))
+        return vae.float() if vae.dtype == torch.float16 and vae.config.force_upcast else vae
+
     def _read_embeddings(self) -> dict[str, dict[str, Any]]:
         from kolora.cache import read_text
         from kolora.samples import CachedSamples
@@ -67,18 +76,23 @@ class ValidationSampler(L.Callback):
     def sample(self, trainer, pl_module) -> None:
         if self.done(trainer.global_step):
             return
-        images = self.render(pl_module)
+        images = self.render(pl_module, trainer.global_step)
         folder = step_dir(self.run.train, trainer.global_step)
         folder.mkdir(parents=True, exist_ok=True)
-        for (_, _, name), image in zip(self.names, images, strict=True):
+        usable = [(n, image) for n, image in zip(self.names, images, strict=True) if image is not None]
+        for (_, _, name), image in usable:
             with atomic_path(folder / name) as tmp:
                 image.save(tmp, format="PNG")
         for logger in trainer.loggers:
-            log_images(logger, images, self.names, trainer.global_step)
+            log_images(logger, [image for _, image in usable], [n for n, _ in usable], trainer.global_step)
 
-    def render(self, pl_module) -> list[Any]:
-        """The samples with the UNet as it is now, its RNG, mode and device left as they were."""
+    def render(self, pl_module, step: int | None = None) -> list[Any]:
+        """The samples with the UNet as it is now, its RNG, mode and device left as they were; None for a sample
+        that decoded to no picture (nan pixels, one flat colour: kolora.pixels), with a warning. Training goes
+        on: only rank 0 samples, and a rank that stopped alone would leave the others waiting in an all-reduce."""
         from diffusers import KolorsPipeline
+
+        from kolora import pixels
 
         v, rcfg, unet, device = self.cfg.train.validation, self.cfg.render, pl_module.unet, pl_module.device
         size = v.size or self.cfg.train.resolution
@@ -92,7 +106,7 @@ class ValidationSampler(L.Callback):
             # no autocast: the UNet runs in its weight dtype (peft computes the LoRA in float32 and casts back),
             # the VAE in its own (autocast would run the SDXL VAE in float16, which overflows)
             with torch.no_grad():
-                for i, seed, _ in self.names:
+                for i, seed, name in self.names:
                     text = self.embeds[self.prompts[i]]
                     latents = pipe(
                         prompt_embeds=_batch(text["prompt_embeds"], device, self.weight_dtype),
@@ -102,8 +116,17 @@ class ValidationSampler(L.Callback):
                         guidance_scale=rcfg.cfg, num_inference_steps=v.steps, height=size, width=size,
                         generator=torch.Generator("cpu").manual_seed(seed), output_type="latent").images
                     # decoded here in the VAE's dtype (the pipeline would feed it latents in the UNet's)
-                    pixels = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
-                    images.append(pipe.image_processor.postprocess(pixels, output_type="pil")[0])
+                    decoded = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+                    image = pipe.image_processor.postprocess(decoded, output_type="np")[0]
+                    problem = pixels.problem(image)
+                    if problem:
+                        log.warning(
+                            "train.validation: sample %s%s (prompt %d, seed %d) %s; no PNG was written for it. The "
+                            "UNet ran in %s and the VAE decoded in %s: a float16 overflow is out of reach with "
+                            "train.precision: bf16-mixed; otherwise the LoRA is diverging (see train/metrics.csv)",
+                            name, f" of step {step}" if step is not None else "", i, seed, problem,
+                            str(self.weight_dtype).removeprefix("torch."), str(self.vae.dtype).removeprefix("torch."))
+                    images.append(None if problem else pipe.image_processor.numpy_to_pil(image)[0])
         finally:
             unet.train(was_training)
             self.vae.to("cpu")
