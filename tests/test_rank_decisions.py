@@ -148,8 +148,10 @@ def test_decisions_are_json_and_the_earlier_words_still_read(tmp_path):
         Decision.parse("")
 
 
-def test_train_resumes_from_exactly_the_chosen_checkpoint_or_fails_naming_it(demo_run, tmp_path):
+def test_train_resumes_from_exactly_the_chosen_checkpoint_or_fails_naming_it(demo_run, tmp_path, monkeypatch):
     from kolora import train
+
+    monkeypatch.setattr(ckpt_io, "VISIBLE_WITHIN_S", 2.0)
 
     run, cfg = untrained_copy(demo_run, tmp_path / "run")
     ckpt_dir = run.train / "checkpoints"
@@ -159,8 +161,28 @@ def test_train_resumes_from_exactly_the_chosen_checkpoint_or_fails_naming_it(dem
     cfg.train.steps = 21
     summary = train.run(cfg, run, resume_step=20)
     assert (summary["resumed_from_step"], summary["steps"]) == (20, 21)  # not the newest (30), rank 0's choice
-    with pytest.raises(ckpt_io.CheckpointError, match=r"rank 0 chose .*step=000015\.ckpt.*does not exist here"):
+    with pytest.raises(ckpt_io.CheckpointError, match=r"rank 0 chose .*step=000015\.ckpt.*did not appear here within 2 s"):
         train.run(cfg, run, resume_step=15)
     (ckpt_dir / "step=000020.ckpt").write_bytes(b"truncated")
     with pytest.raises(ckpt_io.CheckpointError, match=r"step=000020\.ckpt.*cannot be read here"):
         ckpt_io.load_step(ckpt_dir, 20, Keys(cfg, run).work("train"))
+
+
+def test_a_chosen_checkpoint_that_appears_late_on_this_node_is_waited_for(demo_run, tmp_path):
+    """A network file system may show rank 0's new checkpoint on another node only after its directory cache
+    expires: the rank waits for it (boundedly) instead of failing the job."""
+    import threading
+
+    run, cfg = untrained_copy(demo_run, tmp_path / "run")
+    ckpt_dir = run.train / "checkpoints"
+    ckpt_dir.mkdir(parents=True)
+    source = demo_run / "train" / "checkpoints" / "step=000020.ckpt"
+    staged = tmp_path / source.name
+    staged.write_bytes(source.read_bytes())
+    late = threading.Timer(1.5, lambda: staged.rename(ckpt_dir / source.name))  # as Checkpointer: by rename
+    late.start()
+    try:
+        path, ckpt = ckpt_io.load_step(ckpt_dir, 20, Keys(cfg, run).work("train"), visible_within_s=30)
+    finally:
+        late.join()
+    assert path.name == "step=000020.ckpt" and int(ckpt["global_step"]) == 20

@@ -145,20 +145,33 @@ def step_path(ckpt_dir: Path, step: int) -> Path:
     return Path(ckpt_dir) / f"step={step:06d}.ckpt"
 
 
-def load_step(ckpt_dir: Path, step: int, config_digest: str) -> tuple[Path, dict[str, Any]]:
+# How long a rank waits for rank 0's chosen checkpoint to appear on its node: NFS caches a directory's
+# entries, misses included, for up to acdirmax (60 s by default).
+VISIBLE_WITHIN_S = 90.0
+
+
+def load_step(ckpt_dir: Path, step: int, config_digest: str,
+              visible_within_s: float | None = None) -> tuple[Path, dict[str, Any]]:
     """Exactly the checkpoint of `step`, the one rank 0 chose for every rank of a DDP job. Unlike newest_valid
-    it never falls back to another one (the ranks would resume from different states): a missing, unreadable
-    or foreign file is a CheckpointError naming it."""
+    it never falls back to another one (the ranks would resume from different states): a file still missing
+    after `visible_within_s`, unreadable or foreign is a CheckpointError naming it."""
+    import time
+
     path = step_path(ckpt_dir, step)
     chosen = f"rank 0 chose {path} (step {step}) for every rank to resume from"
+    visible_within_s = VISIBLE_WITHIN_S if visible_within_s is None else visible_within_s
+    deadline = time.monotonic() + visible_within_s
+    while not path.is_file() and time.monotonic() < deadline:
+        time.sleep(1.0)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         meta = ckpt["kolora"]
         if int(ckpt["global_step"]) != step:
             raise ValueError(f"global_step {ckpt['global_step']} does not match its name")
     except FileNotFoundError:
-        raise CheckpointError(f"{chosen}, but it does not exist here: the run directory must be on a file "
-                              "system that every node of the job sees the same way") from None
+        raise CheckpointError(f"{chosen}, but it did not appear here within {visible_within_s:g} s: the run "
+                              "directory must be on a file system that every node of the job sees the same "
+                              "way") from None
     except Exception as e:  # torch raises many types for truncated/corrupt zip archives
         raise CheckpointError(f"{chosen}, but it cannot be read here ({type(e).__name__}: {str(e)[:200]}); "
                               "no other checkpoint is taken in its place, since the ranks would diverge") from None
