@@ -50,7 +50,10 @@ def test_non_finite_latents_stop_the_cache_naming_the_image(demo_run, tmp_path, 
     assert written and all(torch.isfinite(_load(p)["latents"]).all() for p in written)  # others kept, no nan
     assert (run.cache / "index.json").read_bytes() == index  # the complete cache it had is untouched
     monkeypatch.setattr(cache_mod, "load_image_tensor", real)
-    summary = run_stage("cache", cfg, run, force=True)  # the image is fine again: only what is missing is encoded
+    # the image is fine again: only what is missing is encoded (without --force, which encodes every entry again;
+    # the index goes so that the stage runs)
+    (run.cache / "index.json").unlink()
+    summary = run_stage("cache", cfg, run)
     assert summary["encoded_texts"] == 0 and 0 < summary["encoded_images"] < summary["samples"]
 
 
@@ -150,7 +153,7 @@ def test_text_entries_drop_repeated_pad_rows_and_restore_them_exactly(demo_run, 
                                               truncation=True)["attention_mask"][0]))
         if pad > 1:  # compacted: the token rows and one pad row
             assert stored["prompt_embeds"].shape[0] == seq - pad and stored["pad_row"].shape[0] == 1
-        entry = cache_mod.read_text(path, seq)
+        entry = cache_mod.read_text(path, seq, f"caption {text!r}")
         assert torch.equal(entry["prompt_embeds"], embeds[0]) and torch.equal(entry["pooled"], pooled[0])
     assert "pad_row" in _load(run.cache / "text" / f"{index['empty_text_key']}.safetensors")  # "" has 30 pads
 

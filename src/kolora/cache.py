@@ -15,7 +15,8 @@ names the bucket, and its add_time_ids are that sample's original size, crop and
 STORE is cache.dir (a lab folder shared by runs) or <run>/cache. Keys hash the content *and* what produced
 it (the model's fingerprint, sequence length, resolution, crop), so a shared store never serves a stale
 entry, and a second run (another lr, a sweep variant) encodes nothing already there. Writers that race on
-one entry write identical bytes through atomic renames.
+one entry write identical bytes through atomic renames. Every entry carries a checksum and is verified when
+read (kolora.cache_entry): the cache stage moves a bad one aside and encodes it again.
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from kolora import buckets, devices
+from kolora import buckets, cache_entry, devices
 from kolora.config import ExperimentConfig
 from kolora.errors import RunFailure
-from kolora.rundir import RunDir, atomic_path
+from kolora.rundir import RunDir
 
 
 def read_trainset(run: RunDir) -> list[dict[str, str]]:
@@ -97,12 +98,12 @@ def compact_text(embeds, pad: int) -> dict[str, Any]:
     return {"prompt_embeds": embeds.contiguous()}
 
 
-def read_text(path: Path | str, seq: int) -> dict[str, Any]:
-    """A text entry as training uses it: prompt_embeds [seq, hidden] (pad rows restored) and pooled [hidden]."""
+def read_text(path: Path | str, seq: int, of: str) -> dict[str, Any]:
+    """A text entry as training uses it: prompt_embeds [seq, hidden] (pad rows restored) and pooled [hidden];
+    verified (cache_entry.read: BadCacheEntry naming the file, `of` — its caption — and the fix)."""
     import torch
-    from safetensors.torch import load_file
 
-    entry = load_file(str(path))
+    entry = cache_entry.read(path, of)
     pad_row = entry.pop("pad_row", None)
     if pad_row is not None:
         pad = seq - entry["prompt_embeds"].shape[0]
@@ -116,13 +117,12 @@ def text_entry_bytes(seq: int, hidden: int, dtype, tokens: int | None = None) ->
     import tempfile
 
     import torch
-    from safetensors.torch import save_file
 
     tokens = seq if tokens is None else tokens
     embeds = torch.cat([torch.zeros(seq - tokens, hidden, dtype=dtype), torch.ones(tokens, hidden, dtype=dtype)])
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "entry.safetensors"
-        save_file({**compact_text(embeds, seq - tokens), "pooled": torch.zeros(hidden, dtype=dtype)}, str(path))
+        cache_entry.write(path, {**compact_text(embeds, seq - tokens), "pooled": torch.zeros(hidden, dtype=dtype)})
         return path.stat().st_size
 
 
@@ -197,7 +197,6 @@ def _bucket_entry(entry: dict[str, Any], path: str, sizes: list[tuple[int, int]]
 
 def _encode_texts(cfg, files, todo: list[tuple[str, str]], text_dir: Path, device: str, after_batch) -> None:
     import torch
-    from safetensors.torch import save_file
 
     from kolora import models
 
@@ -224,8 +223,7 @@ def _encode_texts(cfg, files, todo: list[tuple[str, str]], text_dir: Path, devic
                                   f"ChatGLM3 overflowed in {te_dtype} or in the stored {stored}: use train.precision "
                                   "bf16-mixed, or cache.device: cpu to encode in float32")
                 tensors.update(compact_text(tensors["prompt_embeds"], seq - sum(mask[j])))
-                with atomic_path(text_dir / f"{key}.safetensors") as tmp:
-                    save_file(tensors, str(tmp))
+                cache_entry.write(text_dir / f"{key}.safetensors", tensors)
             after_batch([key for key, _ in chunk])
     finally:
         del encoder
@@ -236,7 +234,6 @@ def _encode_latents(cfg, files, todo: list[tuple[str, str, str]], lat_dir: Path,
                     plans: dict[str, buckets.Plan] | None = None) -> None:
     """`after_batch(written keys, {key: why it could not be read})` after each batch is on disk."""
     import torch
-    from safetensors.torch import save_file
 
     from kolora import models
 
@@ -270,8 +267,7 @@ def _encode_latents(cfg, files, todo: list[tuple[str, str, str]], lat_dir: Path,
                 _check_finite(latent, f"the latents of {name}",
                               f"the SDXL VAE overflows in {cfg.cache.vae_dtype}: set cache.vae_dtype: float32 (the "
                               "default), or model.vae_path to the fp16-fix VAE (`kolora fetch models` downloads it)")
-                with atomic_path(lat_dir / f"{key}.safetensors") as tmp:
-                    save_file({"latents": latent}, str(tmp))
+                cache_entry.write(lat_dir / f"{key}.safetensors", {"latents": latent})
             after_batch([key for key, _ in good], failed)
     finally:
         del vae
@@ -279,11 +275,13 @@ def _encode_latents(cfg, files, todo: list[tuple[str, str, str]], lat_dir: Path,
 
 
 def run(cfg: ExperimentConfig, run: RunDir, progress=None, rank: int = 0, world: int = 1,
-        barrier: str | None = None) -> dict[str, Any]:
+        barrier: str | None = None, force: bool = False) -> dict[str, Any]:
     """Cache this rank's shard of the training set (samples i with i % world == rank that the journal does not
     hold yet), journaling each batch; rank 0 then waits for the other ranks (files in `barrier`, a folder
     unique to this attempt) and writes cache/index.json and cache/report.json. Stops between batches on the
-    stop signal (Interrupted); the next attempt, on any number of ranks, continues from the journal."""
+    stop signal (Interrupted); the next attempt, on any number of ranks, continues from the journal. Entries
+    found in the store are verified; a bad one is moved aside and encoded again. `force` (--force) encodes
+    every entry of this run again, in a shared store too; entries only other runs use are not touched."""
     from kolora import cache_shards
 
     rows = read_trainset(run)
@@ -291,7 +289,7 @@ def run(cfg: ExperimentConfig, run: RunDir, progress=None, rank: int = 0, world:
         raise RunFailure(f"{run.trainset}/train/metadata.csv has no samples: nothing to cache")
     if world > 1 and barrier is None:
         raise ValueError("cache.run: a sharded cache (world > 1) needs a barrier folder")
-    return cache_shards.run_shard(cfg, run, rows, rank, world, barrier, progress)
+    return cache_shards.run_shard(cfg, run, rows, rank, world, barrier, progress, force)
 
 
 def _bucket_summary(plans: list[buckets.Plan], resolution: int) -> dict[str, Any]:

@@ -7,6 +7,7 @@ O_APPEND write + fsync per batch (never a rewrite: at 300,000 samples the index 
   {"row": i, "entry": {...}}               sample i (its metadata.csv row) is cached: its index entry
   {"row": i, "skipped": "reason"}          sample i could not be cached (its image does not decode)
   {"encoded": "text"|"latent", "keys": [...], "attempt": A}  entries encoded by attempt A (the summary)
+  {"repaired": path, "of": "...", "problem": "...", "aside": path}  a bad entry found in the store, moved aside
 The identity hashes the stage's work key and the entry store: a journal made for other inputs, or for
 another cache.dir, is never read. A torn last line (killed mid-write) is ignored. Rank 0 merges the parts
 into cache/index.json once every rank's shard is done, then removes the journal.
@@ -90,6 +91,10 @@ class Journal:
                 encoded[r["encoded"]].update(r["keys"])
         return cached, {i: why for i, why in skipped.items() if i not in cached}, encoded
 
+    def repaired(self) -> list[dict[str, Any]]:
+        """The bad entries any attempt of this cache run moved aside (each is encoded again)."""
+        return [{k: r[k] for k in ("repaired", "of", "problem", "aside")} for r in self.records() if "repaired" in r]
+
     def remove(self) -> None:
         shutil.rmtree(self.path.parent, ignore_errors=True)  # every identity's journal: the index is written
 
@@ -123,8 +128,9 @@ def wait_for_shards(barrier: Path | str, world: int, poll_s: float = 1.0) -> Non
 
 # ---- the stage ------------------------------------------------------------------------------------------
 def run_shard(cfg: ExperimentConfig, run: RunDir, rows: list[dict[str, str]], rank: int, world: int,
-              barrier: str | None, progress) -> dict[str, Any]:
-    """kolora.cache.run: this rank's shard, then (rank 0) the merge."""
+              barrier: str | None, progress, force: bool = False) -> dict[str, Any]:
+    """kolora.cache.run: this rank's shard, then (rank 0) the merge. `force`: encode every entry this shard
+    uses again, even those a shared store holds (other runs' entries are not touched)."""
     from kolora import fingerprint, stages
 
     store = stages.cache_store(cfg, run)
@@ -133,7 +139,7 @@ def run_shard(cfg: ExperimentConfig, run: RunDir, rows: list[dict[str, str]], ra
     attempt = Path(barrier).name if barrier else uuid.uuid4().hex[:12]
     resumed = len(journal.state()[0]) if rank == 0 else None
     try:
-        stats = _cache_shard(cfg, rows, rank, world, store, ident, journal, attempt, progress)
+        stats = _cache_shard(cfg, rows, rank, world, store, ident, journal, attempt, progress, force)
     except interrupt.Interrupted:
         if rank > 0:
             report_shard(barrier, rank, "interrupted")
@@ -161,10 +167,8 @@ def _line(i: int, entry: dict[str, Any]) -> dict[str, Any]:
 
 
 def _cache_shard(cfg: ExperimentConfig, rows: list[dict[str, str]], rank: int, world: int, store: Path,
-                 ident: str, journal: Journal, attempt: str, progress) -> dict[str, Any]:
-    from safetensors.torch import load_file
-
-    from kolora import buckets, cache, devices, models
+                 ident: str, journal: Journal, attempt: str, progress, force: bool) -> dict[str, Any]:
+    from kolora import buckets, cache, cache_entry, devices, models
 
     text_dir, lat_dir = store / "text", store / "latents"
 
@@ -173,7 +177,7 @@ def _cache_shard(cfg: ExperimentConfig, rows: list[dict[str, str]], rank: int, w
         return (text_dir / f"{e['text_key']}.safetensors").is_file() and \
             (lat_dir / f"{e['latent_key']}.safetensors").is_file()
 
-    cached = journal.state()[0]
+    cached = {} if force else journal.state()[0]
     mine = [i for i in range(rank, len(rows), world) if not (i in cached and present(cached[i]))]
     sizes = buckets.for_config(cfg) if cfg.train.buckets else None
     pending: dict[int, dict[str, Any]] = {}
@@ -190,12 +194,37 @@ def _cache_shard(cfg: ExperimentConfig, rows: list[dict[str, str]], rank: int, w
         texts[cache.text_key(cfg, ident, "")] = ""  # the empty caption, once: what caption dropout trains on
         # train.validation's prompts (and negative prompt): sampling during training never loads the encoder
         texts.update({cache.text_key(cfg, ident, t): t for t in texts_to_cache(cfg)})
-    todo_text = sorted((k, t) for k, t in texts.items() if not (text_dir / f"{k}.safetensors").is_file())
     by_latent: dict[str, list[int]] = {}
     for i, e in pending.items():
         by_latent.setdefault(e["latent_key"], []).append(i)
+    image_of = {e["text_key"]: e["file_name"] for e in pending.values()}
+
+    def reusable(path: Path, of: str) -> bool:
+        """An entry found in the store is reused when it verifies; a bad one is moved aside, named, and encoded
+        again. --force encodes every one again."""
+        if not path.is_file():
+            return False
+        try:
+            cache_entry.read(path, of)
+        except cache_entry.BadCacheEntry as e:
+            if e.reason == "missing":  # another writer just replaced it
+                return False
+            aside = cache_entry.quarantine(path, e.reason)
+            log.warning("cache: %s (%s) %s; moved aside to %s, encoding it again", path, of, e.problem, aside)
+            journal.append([{"repaired": str(path), "of": of, "problem": e.problem, "aside": str(aside)}])
+            return False
+        return not force
+
+    def caption(key: str, text: str) -> str:
+        if key in image_of:
+            return f"the caption of image {image_of[key]}: {text[:60]!r}"
+        return f"caption {text[:60]!r}" if text else "the empty caption"
+
+    todo_text = sorted((k, t) for k, t in texts.items()
+                       if not reusable(text_dir / f"{k}.safetensors", caption(k, t)))
     todo_lat = sorted((key, rows[idx[0]]["path"], rows[idx[0]]["file_name"]) for key, idx in by_latent.items()
-                      if not (lat_dir / f"{key}.safetensors").is_file())
+                      if not reusable(lat_dir / f"{key}.safetensors",
+                                      f"the latents of image {rows[idx[0]]['file_name']}"))
     device = devices.pick(cfg.cache.device)
     total, done, skipped = len(todo_text) + len(todo_lat), 0, len(skips)
 
@@ -225,11 +254,7 @@ def _cache_shard(cfg: ExperimentConfig, rows: list[dict[str, str]], rank: int, w
     if todo_text:
         cache._encode_texts(cfg, models.resolve(cfg.model), todo_text, text_dir, device, texts_written)
     encoding = {key for key, _, _ in todo_lat}
-    for key in sorted(set(texts) - {k for k, _ in todo_text}):  # entries found in the store: readable?
-        load_file(str(text_dir / f"{key}.safetensors"))
-    found = [key for key in by_latent if key not in encoding]
-    for key in found:
-        load_file(str(lat_dir / f"{key}.safetensors"))
+    found = [key for key in by_latent if key not in encoding]  # verified above
     journal.append([_line(i, pending[i]) for key in found for i in by_latent[key]])
     if todo_lat:
         plans = {e["latent_key"]: e["_plan"] for e in pending.values() if "_plan" in e}
@@ -241,7 +266,7 @@ def _cache_shard(cfg: ExperimentConfig, rows: list[dict[str, str]], rank: int, w
 def _merge(cfg: ExperimentConfig, run: RunDir, rows: list[dict[str, str]], journal: Journal, store: Path,
            ident: str, attempt: str, extra: dict[str, Any]) -> dict[str, Any]:
     """Rank 0, every shard done: the index (training reads it), the report of what was skipped and why."""
-    from kolora import buckets, cache
+    from kolora import buckets, cache, cache_entry
 
     cached, skipped, encoded = journal.state(attempt)
     missing = [i for i in range(len(rows)) if i not in cached and i not in skipped]
@@ -249,8 +274,10 @@ def _merge(cfg: ExperimentConfig, run: RunDir, rows: list[dict[str, str]], journ
         raise RunFailure(f"cache: {len(missing)} samples (first: {rows[missing[0]]['file_name']}) are in no rank's "
                          f"journal ({journal.path}); run the cache stage again")
     entries = [cached[i]["entry"] for i in sorted(cached)]
+    repaired = journal.repaired()
     report = {"samples": len(rows), "cached": len(entries),
-              "skipped": [{"image": rows[i]["file_name"], "reason": why} for i, why in sorted(skipped.items())]}
+              "skipped": [{"image": rows[i]["file_name"], "reason": why} for i, why in sorted(skipped.items())],
+              **({"repaired": repaired} if repaired else {})}
     atomic_write_json(run.cache / "report.json", report)
     for item in report["skipped"]:
         log.warning("cache: skipped %s: %s", item["image"], item["reason"])
@@ -276,13 +303,14 @@ def _merge(cfg: ExperimentConfig, run: RunDir, rows: list[dict[str, str]], journ
                                                  "store": str(cfg.cache.dir) if cfg.cache.dir else None,
                                                  "empty_text_key": empty_key, "entries": entries,
                                                  **({"validation": validation} if validation else {})})
+    (run.cache / cache_entry.DAMAGED).unlink(missing_ok=True)  # every entry this run uses verified again
     journal.remove()
     texts = {e["text_key"] for e in entries} | {empty_key} | set(validation.values())
     latents = {e["latent_key"] for e in entries}
     enc_t, enc_l = len(encoded["text"] & texts), len(encoded["latent"] & latents)
     summary = {"samples": len(entries), "skipped": len(skipped), "encoded": enc_t + enc_l,
                "reused": len(texts) + len(latents) - enc_t - enc_l, "encoded_texts": enc_t, "encoded_images": enc_l,
-               "store": str(store), **extra}
+               "store": str(store), **extra, **({"repaired": repaired} if repaired else {})}
     plans = [buckets.Plan((p[0], p[1]), (p[2], p[3]), (p[4], p[5]), p[6], p[7])
              for i in sorted(cached) if (p := cached[i].get("plan"))]
     if plans:

@@ -209,7 +209,7 @@ def run_stage(stage: str, cfg: ExperimentConfig, run: RunDir, force: bool = Fals
     started = time.time()
     run.record_stage(stage, status="running", started=time.strftime("%Y-%m-%dT%H:%M:%S%z"), notes=notes)
     try:
-        summary = _call(s, cfg, run, progress, kw)
+        summary = _call(s, cfg, run, progress, kw, force)
     except Interrupted as e:  # resumable: keep what it made (and, aside, what it supersedes)
         run.record_stage(stage, status="interrupted", error=str(e), wall_s=round(time.time() - started, 2))
         raise
@@ -240,7 +240,8 @@ def run_stage(stage: str, cfg: ExperimentConfig, run: RunDir, force: bool = Fals
     return {**summary, "wall_s": wall, **({"notes": notes} if notes else {})}
 
 
-def _call(s: stages.Stage, cfg: ExperimentConfig, run: RunDir, progress, kw: dict[str, Any]) -> dict[str, Any]:
+def _call(s: stages.Stage, cfg: ExperimentConfig, run: RunDir, progress, kw: dict[str, Any],
+          force: bool = False) -> dict[str, Any]:
     if s.where != "cpu":
         from kolora.models import ensure_model
 
@@ -249,8 +250,11 @@ def _call(s: stages.Stage, cfg: ExperimentConfig, run: RunDir, progress, kw: dic
     if s.where != "cpu":
         torch_setup(cfg)
     with offline_env(run):
-        if progress is not None and "progress" in inspect.signature(module.run).parameters:
+        accepted = inspect.signature(module.run).parameters
+        if progress is not None and "progress" in accepted:
             kw = {**kw, "progress": progress}
+        if force and "force" in accepted:  # a stage whose --force means more than "run again" (cache: re-encode)
+            kw = {**kw, "force": True}
         return module.run(cfg, run, **kw)
 
 

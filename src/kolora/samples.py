@@ -20,10 +20,13 @@ from kolora.errors import RunFailure
 
 
 class CachedSamples(Dataset):
-    """Training samples read from cache/: (latents, prompt_embeds, pooled, time_ids)."""
+    """Training samples read from cache/: (latents, prompt_embeds, pooled, time_ids). Every read is verified
+    (kolora.cache_entry); a bad entry fails naming it and marks the run's cache incomplete, so the cache stage
+    runs again, moves the entry aside and encodes it anew."""
 
     def __init__(self, cache_dir: Path):
-        index = json.loads((Path(cache_dir) / "index.json").read_text())
+        self.cache_dir = Path(cache_dir)
+        index = json.loads((self.cache_dir / "index.json").read_text())
         self.dir = Path(index.get("store") or cache_dir)  # the entries' store (cache.dir may be shared)
         self.entries = index["entries"]
         self.empty_text_key = index.get("empty_text_key")
@@ -32,23 +35,35 @@ class CachedSamples(Dataset):
     def __len__(self) -> int:
         return len(self.entries)
 
-    def empty_caption(self) -> dict[str, torch.Tensor]:
-        """The empty caption's embeddings (cached once by the cache stage), for caption dropout."""
+    def _verified(self, read):
+        from kolora import cache_entry
+
+        try:
+            return read()
+        except cache_entry.BadCacheEntry as e:
+            cache_entry.mark_damaged(self.cache_dir, e)
+            raise
+
+    def text(self, key: str, of: str) -> dict[str, torch.Tensor]:
+        """A text entry (pad rows restored); `of` names its caption in an error."""
         from kolora.cache import read_text
 
+        return self._verified(lambda: read_text(self.dir / "text" / f"{key}.safetensors", self.seq, of))
+
+    def empty_caption(self) -> dict[str, torch.Tensor]:
+        """The empty caption's embeddings (cached once by the cache stage), for caption dropout."""
         if not self.empty_text_key:
             raise RunFailure(f"{self.dir}: the cache index has no empty-caption entry (made by an older kolora); "
                              "rerun the cache stage with --force")
-        return read_text(self.dir / "text" / f"{self.empty_text_key}.safetensors", self.seq)
+        return self.text(self.empty_text_key, "the empty caption")
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        from safetensors.torch import load_file
-
-        from kolora.cache import read_text
+        from kolora import cache_entry
 
         e = self.entries[i]
-        text = read_text(self.dir / "text" / f"{e['text_key']}.safetensors", self.seq)
-        lat = load_file(str(self.dir / "latents" / f"{e['latent_key']}.safetensors"))
+        text = self.text(e["text_key"], f"the caption of image {e['file_name']}: {e['text'][:60]!r}")
+        lat = self._verified(lambda: cache_entry.read(self.dir / "latents" / f"{e['latent_key']}.safetensors",
+                                                      f"the latents of image {e['file_name']}"))
         return {"latents": lat["latents"], "prompt_embeds": text["prompt_embeds"], "pooled": text["pooled"],
                 "time_ids": torch.tensor(e["time_ids"], dtype=torch.float32)}
 

@@ -56,10 +56,13 @@ def _file(rel: str) -> Callable[[Any, Any], bool]:
 
 
 def _cache_done(cfg, run) -> bool:
-    """The index, and the validation prompts' embeddings while training still needs them."""
+    """The index, no entry found damaged since (training reads verify them), and the validation prompts'
+    embeddings while training still needs them."""
+    from kolora.cache_entry import DAMAGED
     from kolora.validation import cache_ready
 
-    return (run.root / "cache/index.json").is_file() and cache_ready(cfg, run)
+    return ((run.root / "cache/index.json").is_file() and not (run.root / "cache" / DAMAGED).is_file()
+            and cache_ready(cfg, run))
 
 
 def _render_done(cfg, run) -> bool:

@@ -61,7 +61,6 @@ class ValidationSampler(L.Callback):
         return vae.float() if vae.dtype == torch.float16 and vae.config.force_upcast else vae
 
     def _read_embeddings(self) -> dict[str, dict[str, Any]]:
-        from kolora.cache import read_text
         from kolora.samples import CachedSamples
 
         data = CachedSamples(self.run.cache)
@@ -70,8 +69,7 @@ class ValidationSampler(L.Callback):
         if missing:
             raise RunFailure(f"train.validation: the cache has no embeddings for {missing[0][:60]!r}: rerun the "
                              "cache stage (kolora run CONFIG --stage cache), which encodes the validation prompts")
-        return {t: read_text(data.dir / "text" / f"{cached[t]}.safetensors", data.seq)
-                for t in texts_to_cache(self.cfg)}
+        return {t: data.text(cached[t], f"validation prompt {t[:60]!r}") for t in texts_to_cache(self.cfg)}
 
     def sample(self, trainer, pl_module) -> None:
         if self.done(trainer.global_step):
