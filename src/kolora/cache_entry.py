@@ -7,9 +7,11 @@ it holds nan/inf. Entries written before checksums existed are checked for finit
 stays valid. The cache stage moves a bad entry aside to <store>/quarantine/ (never deletes it) and encodes it
 again; every other reader fails naming it and that fix.
 
-Cost: hashing runs at about 1 GB/s on one core (measured: 0.25 ms for a 256 KiB latent, 2 ms for the largest
-2 MiB text entry), the finiteness check about as much again; reading the file from a network file system costs
-more than both. Training pays it on each read, in its DataLoader (workers overlap it with the GPU step).
+Cost, measured on one CPU core: a verified read of a 256 KiB latent (1024²) takes 0.7 ms (load_file alone
+0.1 ms), of a short caption's text entry 0.4 ms, of the largest (256 tokens, 2 MiB) 2.5 ms: SHA-256 at about
+1 GB/s plus a float64 sum for finiteness; reading from a network file system costs more. Training pays about
+1 ms per sample, in its DataLoader (workers overlap it with the GPU step); the cache stage pays it once per entry
+found in the store (10⁵ samples: a few CPU minutes, where it read every entry before too).
 """
 
 from __future__ import annotations
@@ -70,7 +72,6 @@ def write(path: Path, tensors: Mapping[str, Any]) -> None:
 def read(path: Path | str, of: str) -> dict[str, Any]:
     """The entry's tensors, verified; BadCacheEntry naming the file, `of` (the image or caption it belongs to),
     what is wrong and the fix otherwise."""
-    import torch
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -82,8 +83,7 @@ def read(path: Path | str, of: str) -> dict[str, Any]:
         raise _bad(path, of, "missing", "is missing from the store") from None
     except (SafetensorError, OSError) as e:
         raise _bad(path, of, "unreadable", f"cannot be read ({e})") from None
-    nonfinite = {name: int((~torch.isfinite(t)).sum()) for name, t in tensors.items() if t.is_floating_point()}
-    nonfinite = {name: n for name, n in nonfinite.items() if n}
+    nonfinite = {name: n for name, t in tensors.items() if (n := _nonfinite(t))}
     mismatch = written is not None and written != checksum(tensors)
     if nonfinite:
         where = ", ".join(f"{n} in {name}" for name, n in nonfinite.items())
@@ -97,6 +97,17 @@ def read(path: Path | str, of: str) -> dict[str, Any]:
 
 def mark_damaged(run_cache: Path, e: BadCacheEntry) -> None:
     atomic_write_json(Path(run_cache) / DAMAGED, {"entry": str(e.path), "problem": e.problem})
+
+
+def _nonfinite(t) -> int:
+    """How many nan/inf `t` holds. Fast path: its float64 sum is finite exactly when every value is (float16/
+    bfloat16/float32 values stay below 3.5e38, so no sum of fewer than 1e269 of them overflows float64), about
+    4x cheaper than isfinite on 16-bit tensors; only a non-finite sum pays the exact count."""
+    import torch
+
+    if not t.is_floating_point() or bool(torch.isfinite(t.double().sum())):
+        return 0
+    return int((~torch.isfinite(t)).sum())
 
 
 def quarantine_dir(path: Path) -> Path:
