@@ -4,6 +4,7 @@ imported only by the commands that run them."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -95,7 +96,8 @@ def _run_stages(console, cfg, run, selected: tuple[str, ...], force: bool) -> No
             try:
                 summary = run_stage(stage, cfg, run, force=force and stage in stages, progress=progress)
             except interrupt.StopNow as e:
-                e.kept = _kept(cfg, run)
+                with contextlib.suppress(Exception):  # telling what is kept must not turn the stop into an error
+                    e.kept = _kept(cfg, run)
                 raise
         for note in summary.get("notes", []):
             console.print(f"{label} [yellow]{note}[/]")
