@@ -4,6 +4,7 @@ imported only by the commands that run them."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -11,6 +12,7 @@ import time
 import traceback
 from pathlib import Path
 
+from kolora import interrupt
 from kolora.config import ConfigError
 from kolora.errors import (
     EXIT_FAILURE,
@@ -19,7 +21,6 @@ from kolora.errors import (
     KoloraError,
     describe_os_error,
 )
-from kolora.interrupt import Interrupted
 
 
 def resolve_runs_dir(args) -> Path:
@@ -40,6 +41,11 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_run(args) -> int:
+    with interrupt.for_command():  # Ctrl-C included, from the first line on
+        return _run(args)
+
+
+def _run(args) -> int:
     from rich.console import Console
 
     from kolora.config import load_config
@@ -72,20 +78,27 @@ def cmd_run(args) -> int:
 def _run_stages(console, cfg, run, selected: tuple[str, ...], force: bool) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from kolora import stages as registry
     from kolora.pipeline import run_stage
-    from kolora.stages import NAMES
 
-    stages = selected or NAMES
+    stages = selected or registry.NAMES
     for n, stage in enumerate(stages, 1):
+        if why := interrupt.requested():  # a stage that cannot stop part-way finished first
+            raise interrupt.Interrupted(f"stopped on {why} before {stage}; the stages before it are complete")
         label = f"[{n}/{len(stages)}] {stage:<7}"
         with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console,
-                      transient=True) as bar:
+                      transient=True) as bar, interrupt.running(stage, registry.get(stage).stoppable):
             task = bar.add_task(stage, total=None)
 
             def progress(done: int, total: int, _bar=bar, _task=task) -> None:
                 _bar.update(_task, completed=done, total=total)
 
-            summary = run_stage(stage, cfg, run, force=force and stage in stages, progress=progress)
+            try:
+                summary = run_stage(stage, cfg, run, force=force and stage in stages, progress=progress)
+            except interrupt.StopNow as e:
+                with contextlib.suppress(Exception):  # telling what is kept must not turn the stop into an error
+                    e.kept = _kept(cfg, run)
+                raise
         for note in summary.get("notes", []):
             console.print(f"{label} [yellow]{note}[/]")
         if summary.get("skipped"):
@@ -94,6 +107,23 @@ def _run_stages(console, cfg, run, selected: tuple[str, ...], force: bool) -> No
             shown = ", ".join(f"{k}={v}" for k, v in summary.items() if k not in ("wall_s",) and
                               not isinstance(v, dict | list))
             console.print(f"{label} [green]done[/] in {summary['wall_s']:.1f} s  [dim]{shown}[/]")
+    if why := interrupt.requested():
+        console.print(f"[yellow]{why} came during {stages[-1]}, which finished: nothing was left to stop[/]")
+
+
+def _kept(cfg, run) -> str:
+    """What the run has on disk for this config, in a few words (for a stop that cut a stage short)."""
+    from kolora import stages
+
+    keys = stages.Keys(cfg, run)
+    complete = [s for s in stages.NAMES if stages.is_complete(s, cfg, run, keys)]
+    written = stages.progress(run)
+    parts = [f"{', '.join(complete)} complete" if complete else "no stage complete"]
+    if written["checkpoint_step"] is not None:
+        parts.append(f"newest checkpoint step {written['checkpoint_step']}")
+    if written["tiles"]:
+        parts.append(f"{written['tiles']} tiles")
+    return "; ".join(parts)
 
 
 def cmd_validate(args) -> int:
@@ -186,8 +216,15 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return args.func(args)
-    except Interrupted as e:
-        print(f"kolora: interrupted: {e}. Run the same command again to resume.", file=sys.stderr)
+    except interrupt.Interrupted as e:
+        during = f" during {e.stage}" if e.stage else ""
+        print(f"kolora: interrupted{during}: {e}. Run the same command again to resume.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except interrupt.StopNow as e:  # the second Ctrl-C: no traceback, the same exit status (outputs are atomic)
+        during = f" during {e.stage}" if e.stage else ""
+        kept = f" (kept: {e.kept})" if e.kept else ""
+        print(f"kolora: second Ctrl-C: stopped at once{during}{kept}. Run the same command again to resume.",
+              file=sys.stderr)
         return EXIT_INTERRUPTED
     except KoloraError as e:
         _explain(e, verbose, "config error" if isinstance(e, ConfigError) else "error")

@@ -16,9 +16,11 @@ def cmd_sweep(args) -> int:
     sweep = plan(args.config, args.vary, resolve_runs_dir(args), args.name, args.overrides)
     if args.cluster:
         return _submit(args, sweep)
+    from kolora import interrupt
     from kolora.sweep import run_in_process
 
-    outcome = run_in_process(sweep, console, force=args.force)
+    with interrupt.for_command():  # Ctrl-C stops the variant running now like `kolora run`, and the sweep
+        outcome = run_in_process(sweep, console, force=args.force)
     failed = {n: o for n, o in outcome.items() if o != "complete"}
     from kolora.sweep_status import format_status, status
 

@@ -16,6 +16,7 @@ from kolora.config import ConfigError, ExperimentConfig, FilterConfig
 from kolora.dj_sandbox import contained, ray_session
 from kolora.dj_trace import drop_log, traced_op
 from kolora.errors import RunFailure
+from kolora.interrupt import StopNow
 
 
 class FilterError(RunFailure):
@@ -216,7 +217,7 @@ def run_data_juicer(cfg: ExperimentConfig, samples: list[dict[str, Any]], dj_dir
                 finally:
                     executor.tracer.close()
         except BaseException as e:
-            if isinstance(e, KeyboardInterrupt):
+            if isinstance(e, KeyboardInterrupt | StopNow):  # the person at the terminal, not Data-Juicer
                 raise
             err = e
         else:

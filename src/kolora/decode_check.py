@@ -86,9 +86,9 @@ def decode_reason(path: str, max_pixels: int | None) -> str | None:
 def _worker_main() -> None:
     """`python -m kolora.decode_check MAX_PIXELS`: decode the paths of a JSON list on stdin, print one JSON
     line [index, reason] per image as it is done (after a [-1, "ready"] line)."""
-    # The stop signals are the parent's to act on (it ends the workers); a worker just decodes.
-    for sig in (signal.SIGTERM, signal.SIGUSR2):
-        signal.signal(sig, signal.SIG_IGN)
+    # The stop signals, and a terminal's Ctrl-C, are the parent's to act on (it ends the workers); a worker
+    # just decodes.
+    interrupt.shield_worker()
     from PIL import Image
 
     max_pixels = Image.MAX_IMAGE_PIXELS = None if sys.argv[1] == "none" else int(sys.argv[1])

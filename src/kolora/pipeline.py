@@ -24,7 +24,7 @@ from typing import Any
 
 from kolora import stages, tiles
 from kolora.config import ConfigError, ExperimentConfig
-from kolora.interrupt import Interrupted
+from kolora.interrupt import Interrupted, StopNow
 from kolora.prompts import load_prompts
 from kolora.rundir import RunDir, atomic_write_json, atomic_write_text
 
@@ -210,14 +210,16 @@ def run_stage(stage: str, cfg: ExperimentConfig, run: RunDir, force: bool = Fals
     run.record_stage(stage, status="running", started=time.strftime("%Y-%m-%dT%H:%M:%S%z"), notes=notes)
     try:
         summary = _call(s, cfg, run, progress, kw, force)
-    except Interrupted as e:  # resumable: keep what it made (and, aside, what it supersedes)
-        run.record_stage(stage, status="interrupted", error=str(e), wall_s=round(time.time() - started, 2))
+    except (Interrupted, StopNow) as e:  # resumable: keep what it made (and, aside, what it supersedes)
+        e.stage = stage
+        why = str(e) if isinstance(e, Interrupted) else f"stopped at once ({e})"
+        run.record_stage(stage, status="interrupted", error=why, wall_s=round(time.time() - started, 2))
         raise
     except BaseException as e:
         run.record_stage(stage, status="failed", error=f"{type(e).__name__}: {e}"[:2000],
                          wall_s=round(time.time() - started, 2))
-        # Not on Ctrl-C (like a stop request), nor for stages whose partial work (checkpoints, tiles) is what a
-        # rerun of the same config resumes from; what they supersede stays aside.
+        # Not on a BaseException (a KeyboardInterrupt outside `kolora run`), nor for stages whose partial work
+        # (checkpoints, tiles) is what a rerun of the same config resumes from; what they supersede stays aside.
         if isinstance(e, Exception) and not s.keeps_partial:
             note = _settle(stage, run, succeeded=False)
             if note:

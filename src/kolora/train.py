@@ -380,16 +380,18 @@ def run(cfg: ExperimentConfig, run: RunDir, progress=None, devices: int = 1, num
         num_sanity_val_steps=0, log_every_n_steps=1,
     )
     distributed.keep_signals_out(trainer)
-    # Whoever launched us may already route signals to interrupt.request (the Slurm job wrapper does);
-    # in a plain `kolora run` SIGUSR2/SIGTERM stop training cleanly at the next step with a checkpoint.
+    # Whoever launched us may already route signals to interrupt.request (the Slurm job wrapper does, and
+    # `kolora run` for Ctrl-C too); called any other way SIGUSR2/SIGTERM still stop training cleanly at the next
+    # step with a checkpoint.
     # Our sampler restarts at the resumed step by construction, which Lightning cannot know.
     warnings.filterwarnings("ignore", message=".*dataloader is not resumable.*")
     with interrupt.handle():
         trainer.fit(module, ckpt_path=str(resume) if resume else None)
     if checkpointer.stopped and trainer.global_step < tcfg.steps:  # rank 0's decision, the same on every rank
         why = interrupt.requested() or "rank 0 was asked to stop"
+        kept = ckpt_io.step_path(ckpt_dir, trainer.global_step)
         raise interrupt.Interrupted(f"training stopped at step {trainer.global_step}/{tcfg.steps} ({why}); "
-                                    f"checkpoint in {ckpt_dir}")
+                                    f"checkpoint {kept.stem} kept in {ckpt_dir}")
 
     out = run.lora / LORA_FILE
     if trainer.is_global_zero:
