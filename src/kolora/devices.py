@@ -59,6 +59,16 @@ def pick(choice: str = "auto") -> str:
     return f"cuda:{index}"
 
 
+def accelerator(choice: str) -> str:
+    """'gpu' or 'cpu': the kind of device `pick(choice)` would give, for checks made before any stage runs
+    (CUDA's current device is left alone)."""
+    if choice == "auto":
+        import torch
+
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    return "cpu" if choice == "cpu" else "gpu"
+
+
 def is_cuda(device) -> bool:
     """True for 'cuda', 'cuda:1' and torch.device('cuda', 1)."""
     return str(device).split(":")[0] == "cuda"

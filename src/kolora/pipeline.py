@@ -41,9 +41,10 @@ def preflight(cfg: ExperimentConfig, here: bool = False) -> None:
     from kolora import models
 
     if cfg.train.optimizer == "adamw8bit" and (here or cfg.train.accelerator == "cpu"):
-        from kolora.train import _accelerator, check_options
+        from kolora.devices import accelerator
+        from kolora.train import check_options
 
-        check_options(cfg.train, _accelerator(cfg.train.accelerator))
+        check_options(cfg.train, accelerator(cfg.train.accelerator))
 
     prompts = load_prompts(cfg.render.prompts, cfg.render.negative_prompt)
     cells = cfg.grid.columns * cfg.grid.rows
