@@ -126,7 +126,13 @@ def test_training_rank_runs_on_its_own_gpu(gpus, demo_run, tmp_path, monkeypatch
     """train.run as rank r of a 4-task Slurm step: Lightning's strategy puts the module on cuda:r (on cuda:0
     when each task sees only its own GPU), and CUDA's current device was set before the UNet was loaded."""
     import lightning as L
+    from lightning.pytorch.utilities import rank_zero as pl_rank_zero
+    from lightning_utilities.core import rank_zero as utils_rank_zero
 
+    # Lightning records the process's global rank in module globals when a strategy is set up: restore them,
+    # or every later Trainer of this pytest process would think it is rank 3 and log nothing
+    for module in (pl_rank_zero, utils_rank_zero):
+        monkeypatch.setattr(module.rank_zero_only, "rank", getattr(module.rank_zero_only, "rank", 0))
     run, cfg = untrained_copy(demo_run, tmp_path / "run")
     _slurm_rank(monkeypatch, rank, 4)
     calls = gpus(visible, rank)
