@@ -131,10 +131,10 @@ class NonFiniteCache(RunFailure):
 
 
 def _check_finite(tensor, what: str, remedy: str) -> None:
-    import torch
+    from kolora.cache_entry import nonfinite_count
 
-    if not bool(torch.isfinite(tensor).all()):
-        bad = int((~torch.isfinite(tensor)).sum())
+    bad = nonfinite_count(tensor)
+    if bad:
         raise NonFiniteCache(f"cache: {what} has {bad} non-finite values (nan/inf) of {tensor.numel()}; {remedy}. "
                              "Nothing was written for it; entries already written are kept.")
 

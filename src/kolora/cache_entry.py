@@ -83,7 +83,7 @@ def read(path: Path | str, of: str) -> dict[str, Any]:
         raise _bad(path, of, "missing", "is missing from the store") from None
     except (SafetensorError, OSError) as e:
         raise _bad(path, of, "unreadable", f"cannot be read ({e})") from None
-    nonfinite = {name: n for name, t in tensors.items() if (n := _nonfinite(t))}
+    nonfinite = {name: n for name, t in tensors.items() if (n := nonfinite_count(t))}
     mismatch = written is not None and written != checksum(tensors)
     if nonfinite:
         where = ", ".join(f"{n} in {name}" for name, n in nonfinite.items())
@@ -99,7 +99,7 @@ def mark_damaged(run_cache: Path, e: BadCacheEntry) -> None:
     atomic_write_json(Path(run_cache) / DAMAGED, {"entry": str(e.path), "problem": e.problem})
 
 
-def _nonfinite(t) -> int:
+def nonfinite_count(t) -> int:
     """How many nan/inf `t` holds. Fast path: its float64 sum is finite exactly when every value is (float16/
     bfloat16/float32 values stay below 3.5e38, so no sum of fewer than 1e269 of them overflows float64), about
     4x cheaper than isfinite on 16-bit tensors; only a non-finite sum pays the exact count."""

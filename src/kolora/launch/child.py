@@ -16,11 +16,11 @@ from pathlib import Path
 def main(argv: list[str]) -> int:
     from kolora import interrupt
     from kolora.launch.jobs import StageJob
-    from kolora.launch.supervise import EXIT_INTERRUPTED, STOP_SIGNALS
+    from kolora.launch.supervise import EXIT_INTERRUPTED
     from kolora.rundir import atomic_write_json
 
     spec, task_index, result_file = json.loads(argv[0]), int(argv[1]), Path(argv[2])
-    with interrupt.handle(STOP_SIGNALS):
+    with interrupt.handle(interrupt.STOP_SIGNALS):
         try:
             result = StageJob(**spec).run_here(task_index)
         except interrupt.Interrupted as e:

@@ -42,10 +42,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from kolora.interrupt import STOP_SIGNALS
+
 log = logging.getLogger("kolora.launch")
 
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped at a consistent point on request; run again to continue
-STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 
 # The first program of every job step (`python -S -I -c BOOT REAL_COMMAND...`, a few ms to start): block the
 # stop signals, then exec the real command, which inherits the mask. Written by hand because neither srun nor
