@@ -1,9 +1,11 @@
 """Training survives preemption, time limits, `scontrol requeue` and a cancel + `kolora resume`, for real on the
 dev Slurm cluster, and ends with a LoRA bit-identical to an uninterrupted in-process run.
 
-Training is made long enough (STEPS) that every interruption lands mid-run: each test waits for a first
-checkpoint before interrupting. A wait fails when nothing advances (no job state change, no new checkpoint,
-metrics row, tile or attempt) for slurmkit.STALL_S, so a slow machine makes a test slower, not red.
+Training is made long enough that every interruption lands mid-run: each test waits for a first checkpoint (step
+50) before interrupting, with hundreds of steps still to go (MID_RUN_STEPS); the time-limit test needs a training
+longer than Slurm's one-minute time-limit granularity (TIME_LIMIT_STEPS). A wait fails when nothing advances (no
+job state change, no new checkpoint, metrics row, tile or attempt) for slurmkit.STALL_S, so a slow machine makes a
+test slower, not red.
 """
 
 from __future__ import annotations
@@ -24,13 +26,20 @@ from slurmkit import DEMO, LOCAL, kolora, run_progress, sacct, submit, wait_for
 
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("cancel_leftovers")]
 
-STEPS = 1500
+MID_RUN_STEPS = 600
+TIME_LIMIT_STEPS = 1500
 # Every training option that draws randomness or carries state is on, so each interruption below also checks that
 # buckets, min-SNR, noise offset, caption dropout, the EMA and DoRA resume exactly.
 OPTIONS = ["train.buckets=true", "train.min_snr_gamma=5", "train.noise_offset=0.05", "train.caption_dropout=0.1",
            "train.ema_decay=0.99", "train.dora=true"]
-LONG = ["--set", f"train.steps={STEPS}", "--set", "train.checkpoint_every=50", "--set", "render.steps=2",
-        *(arg for option in OPTIONS for arg in ("--set", option))]
+
+
+def training(steps: int) -> list[str]:
+    return ["--set", f"train.steps={steps}", "--set", "train.checkpoint_every=50", "--set", "render.steps=2",
+            *(arg for option in OPTIONS for arg in ("--set", option))]
+
+
+LONG, LONGEST = training(MID_RUN_STEPS), training(TIME_LIMIT_STEPS)
 NAME = "preempt"  # same name everywhere: the LoRA's metadata carries the config digest, which includes it
 
 
@@ -43,12 +52,11 @@ def metric_steps(run: Path) -> list[int]:
         return [int(r["step"]) for r in csv.DictReader(f)]
 
 
-@pytest.fixture(scope="module")
-def reference(env, tmp_path_factory) -> Path:
-    """The same config, uninterrupted, in one process."""
-    runs = tmp_path_factory.mktemp("reference")
+def uninterrupted(env, runs: Path, args: list[str]) -> Path:
+    """The same config, uninterrupted, in one process, up to training (the LoRA is what the tests compare)."""
+    stages = [arg for stage in ("ingest", "filter", "cache", "train") for arg in ("--stage", stage)]
     proc = subprocess.Popen([sys.executable, "-m", "kolora.cli", "run", DEMO, "--runs-dir", str(runs), "--name", NAME,
-                             *LONG], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                             *stages, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         wait_for("the uninterrupted reference run", lambda: proc.poll() is not None,
                  lambda: run_progress(runs / NAME))
@@ -56,6 +64,16 @@ def reference(env, tmp_path_factory) -> Path:
         proc.kill()
     assert proc.returncode == 0, proc.stderr.read()[-3000:]
     return runs / NAME
+
+
+@pytest.fixture(scope="module")
+def reference(env, tmp_path_factory) -> Path:
+    return uninterrupted(env, tmp_path_factory.mktemp("reference"), LONG)
+
+
+@pytest.fixture(scope="module")
+def reference_longest(env, tmp_path_factory) -> Path:
+    return uninterrupted(env, tmp_path_factory.mktemp("reference-longest"), LONGEST)
 
 
 def latest_jobs(run: Path) -> dict[str, dict]:
@@ -116,9 +134,9 @@ def job_log(run: Path, job_id: str) -> str:
     return "\n".join(p.read_text(errors="replace") for p in (run / "slurm").rglob(f"{job_id}_*_log.err"))
 
 
-def check_result(run: Path, reference: Path) -> None:
+def check_result(run: Path, reference: Path, steps: int = MID_RUN_STEPS) -> None:
     assert lora_sha(run) == lora_sha(reference), "the interrupted run's LoRA differs from the uninterrupted one"
-    assert metric_steps(run) == list(range(1, STEPS + 1)), "each step exactly once in metrics.csv"
+    assert metric_steps(run) == list(range(1, steps + 1)), "each step exactly once in metrics.csv"
 
 
 def test_preempted_by_a_higher_priority_partition(env, tmp_path, reference):
@@ -159,8 +177,8 @@ def time_limit_for(train_s: float) -> tuple[int, int]:
     return minutes, round(minutes * 60 - longest)
 
 
-def test_time_limit_shorter_than_training_requeues_until_done(env, tmp_path, reference):
-    train_s = json.loads((reference / "manifest.json").read_text())["stages"]["train"]["wall_s"]
+def test_time_limit_shorter_than_training_requeues_until_done(env, tmp_path, reference_longest):
+    train_s = json.loads((reference_longest / "manifest.json").read_text())["stages"]["train"]["wall_s"]
     minutes, lead = time_limit_for(train_s)
     profile = yaml.safe_load(Path(LOCAL).read_text())
     profile["signal_lead_s"] = lead
@@ -169,11 +187,11 @@ def test_time_limit_shorter_than_training_requeues_until_done(env, tmp_path, ref
     path = tmp_path / "short.yaml"
     path.write_text(yaml.safe_dump(profile))
     runs = tmp_path / "runs"
-    submit(env, runs, NAME, *LONG, profile=str(path))
+    submit(env, runs, NAME, *LONGEST, profile=str(path))
     run = runs / NAME
     job = train_job(run)
     wait_grid(env, run)
-    check_result(run, reference)
+    check_result(run, reference_longest, TIME_LIMIT_STEPS)
     states = attempts(env, job)
     assert len(states) >= 2 and states[-1] == "COMPLETED", states
     assert "time limit" in job_log(run, job)
