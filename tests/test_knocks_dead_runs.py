@@ -171,16 +171,16 @@ def disk_full(w):
 
 
 def killed_for_real(w):
-    """kill -9 of a real `kolora run` while its filter stage runs."""
+    """kill -9 of a real `kolora run` while its ingest stage runs (made long enough to be caught at it)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.Popen([sys.executable, "-m", "kolora.cli", "run", str(w / "demo.yaml"), "--stage", "ingest",
-                             "--stage", "filter", "--runs-dir", str(w / "runs")], env=env,
+                             "--set", "data.synthetic.count=3000", "--runs-dir", str(w / "runs")], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     manifest, deadline = w / "runs" / "demo" / "manifest.json", time.monotonic() + 120
     try:
         while proc.poll() is None and time.monotonic() < deadline:
             try:
-                if json.loads(manifest.read_text())["stages"]["filter"]["status"] == "running":
+                if json.loads(manifest.read_text())["stages"]["ingest"]["status"] == "running":
                     break
             except (OSError, ValueError, KeyError):
                 pass
@@ -189,7 +189,7 @@ def killed_for_real(w):
     finally:
         proc.kill()
         proc.wait()
-    assert json.loads(manifest.read_text())["stages"]["filter"]["status"] == "running"
+    assert json.loads(manifest.read_text())["stages"]["ingest"]["status"] == "running"
     (w / "killed.pid").write_text(str(proc.pid))
 
 
@@ -221,8 +221,8 @@ CASES = [
     ("sigterm-then-sigkill-in-render", sigterm_then_sigkill_in_render, STATUS, 3,
      ["stopped (render)", f"stage render was running when {DIED}"], True),
     ("kill-9-for-real", killed_for_real, STATUS, 3,
-     ["stopped (filter)", "stage filter was running when its process died (pid {KILLED} on host {HOST}); "
-      "complete: ingest"], True),
+     ["stopped (ingest)", "stage ingest was running when its process died (pid {KILLED} on host {HOST}); "
+      "complete: none"], True),
     ("uncaught-error-after-the-stage", completion_check_raises, STATUS, 1,
      ["): failed (ingest)", "FAILED: stage ingest: RuntimeError: the completion check broke"], True),
     ("disk-full-also-for-the-record", disk_full, STATUS, 3,
@@ -338,3 +338,20 @@ def test_a_stage_that_raises_system_exit_is_recorded_failed(world, capsys):
     assert not (world / "runs" / "demo" / ".lock").exists()
     assert main(STATUS[:2] + ["--runs-dir", str(world / "runs")]) == 1
     assert "FAILED: stage ingest: SystemExit: 7" in capsys.readouterr().out
+
+
+def test_without_an_answer_from_squeue_status_claims_nothing(world, capsys):
+    _run(world, {**_until("train"), "train": "running"}, _submission_lock(heartbeat=time.time() - 3600), slurm=True)
+    (world / "fake-slurm" / "squeue").write_text("#!/bin/bash\necho 'Unable to contact slurm controller' >&2\nexit 1\n")
+    assert main(STATUS[:2] + ["--runs-dir", str(world / "runs"), "--json"]) == 0
+    state = json.loads(capsys.readouterr().out)["state"]
+    assert state["state"] == "unknown" and "squeue did not answer" in state["detail"], state
+
+
+def test_status_json_of_a_submitted_run_says_stopped(world, capsys):
+    slurm_jobs_gone("train")(world)
+    assert main(STATUS[:2] + ["--runs-dir", str(world / "runs"), "--json"]) == 3
+    st = json.loads(capsys.readouterr().out)
+    assert st["state"]["state"] == "stopped" and st["state"]["stage"] == "train", st["state"]
+    assert st["state"]["complete"] == ["ingest", "filter", "cache"]
+    assert {r["state"] for r in st["jobs"]} == {"GONE"}

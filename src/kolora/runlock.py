@@ -272,7 +272,8 @@ CUT_SHORT = ("running", "interrupted", "partial")  # manifest statuses of a stag
 class RunState:
     """What a run is doing (run_state): `state` is one of running, stopped (cut short: its process or jobs are
     gone; `kolora run` / `kolora resume` continues it), failed, complete, incomplete (stages left to run, none
-    cut short), not started. `stage`: the stage it runs, was stopped in, failed in, or runs next."""
+    cut short), not started, unknown (squeue does not answer for its jobs). `stage`: the stage it runs, was
+    stopped in, failed in, or runs next."""
 
     state: str
     stage: str | None
@@ -309,14 +310,18 @@ def run_state(run: RunDir, manifest: dict[str, Any] | None = None, stale_after_s
     entries = {s: (manifest.get("stages") or {}).get(s) or {} for s in NAMES}
     status = {s: e.get("status") for s, e in entries.items()}
     complete = tuple(s for s in NAMES if status[s] == "complete")
+    if len(complete) == len(NAMES):
+        return RunState("complete", None, "every stage is complete", complete)
     # the stage that ran last, among those that did not finish (a stage started later is the one that counts)
     last = max((s for s in NAMES if status[s] in (*CUT_SHORT, "failed")), default=None,
                key=lambda s: (str(entries[s].get("started") or ""), NAMES.index(s)))
     alive, holder = _holder(run, manifest, stale_after_s)
+    if alive is None:
+        return RunState("unknown", last, f"cannot tell whether it runs: {holder}", complete)
     if alive:
-        doing = f"stage {last} running" if last and status[last] == "running" else "running"
-        return RunState("running", last if status.get(last) == "running" else None, f"{doing}, by {holder}",
-                        complete)
+        running = last if last is not None and status[last] == "running" else None
+        return RunState("running", running, (f"stage {running} running" if running else "running")
+                        + f", by {holder}", complete)
     if last is not None and status[last] == "failed":
         error = str(entries[last].get("error") or "").strip().splitlines()
         return RunState("failed", last, f"stage {last} failed" + (f": {error[0]}" if error else ""), complete)
@@ -328,30 +333,31 @@ def run_state(run: RunDir, manifest: dict[str, Any] | None = None, stale_after_s
             verb = "was running" if status[last] == "running" else "was left partial (some of its tasks done)"
             why = f"stage {last} {verb} when {holder}"
         return RunState("stopped", last, why, complete)
-    if len(complete) == len(NAMES):
-        return RunState("complete", None, "every stage is complete", complete)
     if not any(status.values()):
         return RunState("not started", None, "no stage has run yet", complete)
     upcoming = next(s for s in NAMES if status[s] != "complete")
     return RunState("incomplete", upcoming, f"not running; stage {upcoming} has not run", complete)
 
 
-def _holder(run: RunDir, manifest: dict[str, Any], stale_after_s: float) -> tuple[bool, str]:
-    """(whether the run lock's holder may be alive, who holds it) or (False, how it went away, as the end of
-    "stage X was running when ...")."""
+def _holder(run: RunDir, manifest: dict[str, Any], stale_after_s: float) -> tuple[bool | None, str]:
+    """Whether the run lock's holder may be alive (None: squeue does not answer for its jobs), with who holds
+    it, or how it went away (the end of "stage X was running when ...")."""
     found = _read(run.root / LOCK)
     if found is None:  # every live writer holds the lock: a `kolora run`, a submission's queued jobs
         slurm = manifest.get("slurm") or {}
         ids = [str(j["job_id"]) for j in ((slurm.get("submissions") or {}).get(slurm.get("latest")) or {})
                .get("jobs", {}).values() if isinstance(j, dict) and j.get("job_id")]
-        if ids and (queued := still_queued(ids)):
+        queued = still_queued(ids) if ids else set()
+        if queued is None:
+            return None, f"no run lock, and squeue did not answer for its Slurm jobs ({' '.join(ids)})"
+        if queued:
             return True, f"Slurm jobs {' '.join(sorted(queued))}"
         return False, "its process ended (no process holds the run lock)"
     info = found[1]
     ids = _job_ids(info)
     queued = still_queued(ids) if ids else None
-    if ids and queued is None:  # squeue does not answer: this reader cannot tell, so it claims nothing
-        return True, f"{describe(info)}; squeue did not answer"
+    if ids and queued is None:  # a pending job sends no heartbeat: without squeue, nothing tells
+        return None, f"squeue did not answer for the Slurm jobs of {describe(info)}"
     reason = _stale_given(info, stale_after_s, queued)
     if reason is None:
         return True, describe(info)
