@@ -51,13 +51,14 @@ def _run(args) -> int:
     from kolora.config import load_config
     from kolora.pipeline import open_run, preflight
     from kolora.rundir import RunDir, sweep_temp
-    from kolora.runlock import acquire
+    from kolora.runlock import acquire, stopped_before
 
     console = Console(stderr=True)
     cfg = load_config(args.config, args.overrides, args.name)
     runs_dir = resolve_runs_dir(args)
     preflight(cfg, here=True)
     RunDir(runs_dir / cfg.name).read_manifest()  # an unusable run folder stops this before the lock is written
+    stopped = stopped_before(runs_dir / cfg.name)  # read before this run holds the lock
     # the run lock before anything of the run is written: no other `kolora run` or live submission's jobs
     # write it meanwhile (RunLocked names the holder)
     with acquire(runs_dir / cfg.name, "run"):
@@ -65,6 +66,8 @@ def _run(args) -> int:
             console.print(f"[dim]removed {removed} temp files of an interrupted earlier run[/]")
         run = open_run(cfg, runs_dir)
         console.print(f"[bold]kolora run[/] {cfg.name} → {run.root}")
+        if stopped:
+            print(stopped.continuing(cfg.name), file=sys.stderr)
         t0 = time.time()
         _run_stages(console, cfg, run, tuple(args.stage or ()), args.force)
         with run.manifest() as m:

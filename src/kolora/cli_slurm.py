@@ -100,12 +100,16 @@ def cmd_resume(args) -> int:
 
 def _queue(command: str, cfg, profile, runs_dir, profile_file, **kw) -> int:
     from kolora.launch.submit import LaunchError, format_submitted, submit
+    from kolora.runlock import stopped_before
 
+    stopped = stopped_before(runs_dir / cfg.name)  # read before the submission takes the run lock
     try:
         sub = submit(cfg, profile, runs_dir, profile_file.resolve(), check=False, **kw)
     except LaunchError as e:
         print(f"kolora: {command}: {e}", file=sys.stderr)
         return 1
+    if stopped:
+        print(stopped.continuing(cfg.name), file=sys.stderr)
     print(format_submitted(sub))
     return 0
 
@@ -124,10 +128,16 @@ def cmd_status(args) -> int:
     if not (run.read_manifest().get("slurm") or {}).get("latest") and not args.json:
         from kolora.sweep_status import format_local_run
 
-        text, failed = format_local_run(run)
+        text, code = format_local_run(run)
         print(text)
-        return 1 if failed else 0
+        return code
+    from kolora.runlock import run_state
+    from kolora.sweep_status import exit_code
+
     st = status(run)
+    state = run_state(run)
+    st["state"] = {"state": state.state, "stage": state.stage, "detail": state.detail, "complete": list(state.complete)}
+    st["stopped"] = state.line() if state.state == "stopped" and not st["failed"] else None
     if args.json:
         print(json.dumps(st, indent=2, default=str))
     else:
@@ -135,7 +145,7 @@ def cmd_status(args) -> int:
         hint = environment_hint()
         if hint and all(r["state"] == "UNKNOWN" for r in st["jobs"]):
             print(f"hint: {hint}", file=sys.stderr)
-    return 1 if st["failed"] else 0
+    return exit_code(bool(st["failed"]), bool(st["stopped"]))
 
 
 def cmd_logs(args) -> int:
@@ -192,7 +202,8 @@ def register(sub) -> None:
         p.add_argument("--runs-dir", help="where run directories are (default: $KOLORA_RUNS or ./runs)")
 
     p = sub.add_parser("status", help="Slurm state and progress of every job of a submitted run, or of every "
-                                      "variant of a sweep (and the best so far)")
+                                      "variant of a sweep (and the best so far); exit status 1 when a stage "
+                                      "failed, 3 when the run stopped (its process or jobs are gone)")
     _add_run_arg(p)
     p.add_argument("--json", action="store_true", help="machine-readable")
     p.set_defaults(func=cmd_status)

@@ -65,11 +65,11 @@ def _submit(args, sweep) -> int:
 def cmd_sweep_status(args, sweep_dir: Path) -> int:
     import json
 
-    from kolora.sweep_status import format_status, status
+    from kolora.sweep_status import exit_code, format_status, status
 
     st = status(sweep_dir)
     print(json.dumps(st, indent=2, default=str) if args.json else format_status(st))
-    return 1 if st["failed"] else 0
+    return exit_code(bool(st["failed"]), bool(st["stopped"]))
 
 
 def register(subparsers) -> None:

@@ -209,16 +209,18 @@ def run_stage(stage: str, cfg: ExperimentConfig, run: RunDir, force: bool = Fals
         log.warning("%s", note)
     started = time.time()
     run.record_stage(stage, status="running", started=time.strftime("%Y-%m-%dT%H:%M:%S%z"), notes=notes)
-    try:
+    try:  # from here on the manifest says "running" until one of the branches below records what became of it
         summary = _call(s, cfg, run, progress, kw, force)
+        wall = round(time.time() - started, 2)
+        _record_finished(s, cfg, run, summary, wall, "task_index" in kw)
     except (Interrupted, StopNow) as e:  # resumable: keep what it made (and, aside, what it supersedes)
         e.stage = stage
         why = str(e) if isinstance(e, Interrupted) else f"stopped at once ({e})"
-        run.record_stage(stage, status="interrupted", error=why, wall_s=round(time.time() - started, 2))
+        _record_end(run, stage, e, status="interrupted", error=why, wall_s=round(time.time() - started, 2))
         raise
-    except BaseException as e:
-        run.record_stage(stage, status="failed", error=f"{type(e).__name__}: {e}"[:2000],
-                         wall_s=round(time.time() - started, 2))
+    except BaseException as e:  # any other: an error of the stage or of its bookkeeping, SystemExit, Ctrl-C
+        _record_end(run, stage, e, status="failed", error=f"{type(e).__name__}: {e}"[:2000],
+                    wall_s=round(time.time() - started, 2))
         # Not on a BaseException (a KeyboardInterrupt outside `kolora run`), nor for stages whose partial work
         # (checkpoints, tiles) is what a rerun of the same config resumes from; what they supersede stays aside.
         if isinstance(e, Exception) and not s.keeps_partial:
@@ -226,21 +228,36 @@ def run_stage(stage: str, cfg: ExperimentConfig, run: RunDir, force: bool = Fals
             if note:
                 e.add_note(note)
         raise
-    wall = round(time.time() - started, 2)
+    return {**summary, "wall_s": wall, **({"notes": notes} if notes else {})}
+
+
+def _record_finished(s: stages.Stage, cfg: ExperimentConfig, run: RunDir, summary: dict[str, Any], wall: float,
+                     shard: bool) -> None:
+    """After the stage's work: record it complete (its marker too) or, for an array task whose siblings are
+    not done yet, partial."""
     done = s.done(cfg, run)
     if done and s.on_change == "keyed":
         summary["stale_removed"] = tiles.prune_stale_tiles(cfg, run)
     with run.manifest() as m:
-        entry = m.setdefault("stages", {}).setdefault(stage, {})
+        entry = m.setdefault("stages", {}).setdefault(s.name, {})
         done = done or s.done(cfg, run)  # array tasks: another task may have completed it meanwhile
         if not (done and "merged" in summary and entry.get("status") == "complete"):  # a shard's own summary
             entry["summary"] = summary
         entry.update(status="complete" if done else "partial", error=None)
-        entry["wall_s"] = round(entry.get("wall_s", 0) + wall, 2) if "task_index" in kw else wall
+        entry["wall_s"] = round(entry.get("wall_s", 0) + wall, 2) if shard else wall
     if done:
-        _settle(stage, run, succeeded=True)
-        stages.mark_complete(stage, run, stages.Keys(cfg, run).output(stage), wall_s=wall)
-    return {**summary, "wall_s": wall, **({"notes": notes} if notes else {})}
+        _settle(s.name, run, succeeded=True)
+        stages.mark_complete(s.name, run, stages.Keys(cfg, run).output(s.name), wall_s=wall)
+
+
+def _record_end(run: RunDir, stage: str, e: BaseException, **fields: Any) -> None:
+    """Record how the stage ended. When even that cannot be written (the disk that failed the stage is full),
+    the error that ended the stage is the one to report; `kolora status` then finds the stage "running" with
+    its process gone, and says it stopped."""
+    try:
+        run.record_stage(stage, **fields)
+    except OSError as write_error:
+        e.add_note(f"(the manifest could not record that {stage} {fields['status']}: {write_error})")
 
 
 def _call(s: stages.Stage, cfg: ExperimentConfig, run: RunDir, progress, kw: dict[str, Any],

@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -240,7 +241,7 @@ def run_in_process(sweep: Sweep, console, force: bool = False) -> dict[str, str]
     from kolora.interrupt import Interrupted
     from kolora.pipeline import open_run, preflight
     from kolora.rundir import sweep_temp
-    from kolora.runlock import acquire
+    from kolora.runlock import acquire, stopped_before
 
     for v in sweep.variants:
         preflight(v.cfg, here=True)
@@ -249,11 +250,14 @@ def run_in_process(sweep: Sweep, console, force: bool = False) -> dict[str, str]
     first = RunDir(sweep.variants[0].root(sweep.dir))
     outcome: dict[str, str] = {}
     for n, v in enumerate(sweep.variants, 1):
+        stopped = stopped_before(v.root(sweep.dir))  # read before this sweep holds the variant's lock
         with acquire(v.root(sweep.dir), "run"):
             sweep_temp(v.root(sweep.dir))
             run = open_run(v.cfg, sweep.dir)
             console.print(f"[bold]kolora sweep[/] {sweep.name}: variant {n}/{len(sweep.variants)} {v.name} "
                           f"({', '.join(_set_item(f, x) for f, x in v.overrides.items())}) → {run.root}")
+            if stopped:
+                print(stopped.continuing(f"{sweep.name}/{v.name}"), file=sys.stderr)
             for stage in adopt_shared(v.cfg, run, first):
                 console.print(f"  {stage:<7} [green]shared[/] with {first.root.name} (same key; hard links)")
             try:

@@ -12,14 +12,18 @@ from kolora.stages import NAMES
 
 
 def _variant_row(run: RunDir) -> dict[str, Any]:
+    """A run's state (kolora.runlock.run_state; for a submitted run, Slurm's job states unless it stopped),
+    each stage's manifest status, its progress, and what failed or stopped."""
     from kolora.launch import monitor
+    from kolora.runlock import run_state
 
     manifest = run.read_manifest() if run.manifest_file.is_file() else {}
     stages = manifest.get("stages", {})
     statuses = {s: (stages.get(s) or {}).get("status", "-") for s in NAMES}
-    row: dict[str, Any] = {"stages": statuses, "failed": None}
+    row: dict[str, Any] = {"stages": statuses, "failed": None, "stopped": None}
     if not manifest:
         return {**row, "state": "not started", "progress": ""}
+    state = run_state(run, manifest)
     if (manifest.get("slurm") or {}).get("latest"):
         st = monitor.status(run)
         jobs = {r["job"]: r for r in st["jobs"]}
@@ -27,16 +31,15 @@ def _variant_row(run: RunDir) -> dict[str, Any]:
         row["state"] = "COMPLETED" if st["done"] else (active or st["jobs"][-1])["state"]
         row["progress"] = "; ".join(r["progress"] for r in jobs.values() if r["progress"])
         row["failed"] = st["failed"]
+        if state.state == "stopped" and not st["failed"]:  # Slurm's own words for a dead job are better
+            row.update(state=state.label(), stopped=state.line())
         return row
     prog = monitor.progress(run, {"folder": str(run.root)}, manifest)
-    failed = [s for s, v in statuses.items() if v == "failed"]
-    if failed:
-        row["state"] = f"failed ({failed[0]})"
-        row["failed"] = {"stage": failed[0], "error": (stages.get(failed[0]) or {}).get("error")}
-    elif all(v == "complete" for v in statuses.values()):
-        row["state"] = "complete"
-    else:
-        row["state"] = next((f"{v} ({s})" for s, v in statuses.items() if v not in ("complete",)), "-")
+    row["state"] = state.label()
+    if state.state == "failed":
+        row["failed"] = {"stage": state.stage, "error": (stages.get(state.stage) or {}).get("error")}
+    elif state.state == "stopped":
+        row["stopped"] = state.line()
     row["progress"] = "; ".join(p["text"] for p in prog.values() if p.get("text"))
     return row
 
@@ -80,7 +83,16 @@ def status(sweep_dir: Path) -> dict[str, Any]:
             "slurm": slurm, "jobs": _sweep_jobs(slurm) if slurm else [], "variants": variants,
             "best": {"name": best.name, "why": best.describe(), "scored": best.scored} if best else None,
             "sheet": str(sheet) if sheet.is_file() else None,
-            "failed": [r["name"] for r in variants if r["failed"]]}
+            "failed": [r["name"] for r in variants if r["failed"]],
+            "stopped": [r["name"] for r in variants if r["stopped"]]}
+
+
+def exit_code(failed: bool, stopped: bool) -> int:
+    """`kolora status`: 1 when something failed, 3 when something was stopped (cut short: `kolora run` or
+    `kolora resume` continues it), else 0."""
+    from kolora.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK
+
+    return EXIT_FAILURE if failed else EXIT_INTERRUPTED if stopped else EXIT_OK
 
 
 def format_status(st: dict[str, Any]) -> str:
@@ -103,6 +115,8 @@ def format_status(st: dict[str, Any]) -> str:
             lines.append(f"FAILED: {r['name']}: stage {f.get('stage')}"
                          + (f": {str(f['error']).splitlines()[0]}" if f.get("error") else "")
                          + (f" (log: {f['log']})" if f.get("log") else ""))
+        elif r["stopped"]:
+            lines.append(f"STOPPED: {r['name']}: {r['stopped']}")
     if st["best"]:
         basis = "by scores" if st["best"]["scored"] else "by final training loss (no scores yet)"
         lines.append(f"best so far ({basis}): {st['best']['name']}: {st['best']['why']}")
@@ -113,9 +127,9 @@ def format_status(st: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def format_local_run(run: RunDir) -> tuple[str, bool]:
-    """`kolora status RUN` for a run made in process (`kolora run`, an in-process sweep): each stage's state
-    and the progress the run folder shows. Returns (text, failed)."""
+def format_local_run(run: RunDir) -> tuple[str, int]:
+    """`kolora status RUN` for a run made in process (`kolora run`, an in-process sweep): its state, each
+    stage's, and the progress the run folder shows. Returns (text, exit status: see exit_code)."""
     row = _variant_row(run)
     stages = ", ".join(f"{s} {v}" for s, v in row["stages"].items())
     lines = [f"run {run.root.name} ({run.root}), in process (no Slurm submission): {row['state']}",
@@ -127,4 +141,6 @@ def format_local_run(run: RunDir) -> tuple[str, bool]:
         f = row["failed"]
         error = f": {str(f['error']).splitlines()[0]}" if f.get("error") else ""
         lines.append(f"FAILED: stage {f['stage']}{error}")
-    return "\n".join(lines), bool(row["failed"])
+    elif row["stopped"]:
+        lines.append(f"STOPPED: {row['stopped']} (the same `kolora run` continues it)")
+    return "\n".join(lines), exit_code(bool(row["failed"]), bool(row["stopped"]))

@@ -22,6 +22,7 @@ from kolora.stages import NAMES, job_of, jobs
 # states after which a job never runs again (PREEMPTED/REQUEUED jobs come back as PENDING)
 ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE",
          "REVOKED", "SPECIAL_EXIT")
+GONE = "GONE"  # neither queued (squeue answered) nor accounted: Slurm has forgotten it, it runs no more
 BAD = ("FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "SPECIAL_EXIT")
 _BRACKET = re.compile(r"^(?P<base>\d+)_\[(?P<spec>[^\]]*)\]$")
 
@@ -60,27 +61,29 @@ def _rows(text: str, fields: list[str]) -> list[dict[str, str]]:
     return rows
 
 
-def squeue(ids: list[str]) -> list[dict[str, str]]:
-    """Rows of the jobs (array tasks expanded) still in the queue."""
+def queue_rows(ids: list[str]) -> list[dict[str, str]] | None:
+    """Rows of the jobs (array tasks expanded) still in the queue; None when squeue does not answer (missing,
+    timed out, controller down), which is not the same as "none"."""
     if not ids:
         return []
-    fields = ["JobID", "State", "Partition", "Reason"]
-    proc = _slurm(["squeue", "-h", "-r", "-j", ",".join(ids), "-o", "%i|%T|%P|%r"])
-    return _rows(proc.stdout, fields) if proc is not None and proc.returncode == 0 else []
-
-
-def still_queued(ids: list[str]) -> set[str] | None:
-    """Which of the job ids (array job ids for arrays) Slurm still has pending or running; None when squeue does
-    not answer (missing, timed out, controller down), which is not the same as "none"."""
-    if not ids:
-        return set()
     proc = _slurm(["squeue", "-h", "-r", "-j", ",".join(ids), "-o", "%i|%T|%P|%r"])
     if proc is None:
         return None
     if proc.returncode != 0:  # one id the controller has already forgotten: "Invalid job id specified"
-        return set() if "invalid job id" in (proc.stderr or "").lower() else None
-    rows = _rows(proc.stdout, ["JobID", "State", "Partition", "Reason"])
-    return {r["base"] for r in rows if r["State"] not in ENDED} & set(ids)
+        return [] if "invalid job id" in (proc.stderr or "").lower() else None
+    return _rows(proc.stdout, ["JobID", "State", "Partition", "Reason"])
+
+
+def squeue(ids: list[str]) -> list[dict[str, str]]:
+    """Rows of the jobs (array tasks expanded) still in the queue ([] also when squeue does not answer)."""
+    return queue_rows(ids) or []
+
+
+def still_queued(ids: list[str]) -> set[str] | None:
+    """Which of the job ids (array job ids for arrays) Slurm still has pending or running; None when squeue does
+    not answer."""
+    rows = queue_rows(ids)
+    return None if rows is None else {r["base"] for r in rows if r["State"] not in ENDED} & set(ids)
 
 
 def sacct(ids: list[str]) -> list[dict[str, str]] | None:
@@ -143,7 +146,8 @@ def _summarize(states: dict[str, str]) -> str:
 
 def _job_states(sub: dict[str, Any]) -> dict[str, dict[str, Any]]:
     ids = [info["job_id"] for info in sub["jobs"].values()]
-    live = {r["JobID"]: r for r in squeue(ids)}
+    queue = queue_rows(ids)
+    live = {r["JobID"]: r for r in queue or []}
     acct_rows = sacct(ids)
     acct = {r["JobID"]: r for r in acct_rows or []}
     out: dict[str, dict[str, Any]] = {}
@@ -152,8 +156,8 @@ def _job_states(sub: dict[str, Any]) -> dict[str, dict[str, Any]]:
         partition = reason = ""
         for task_id in info["task_ids"]:
             row = live.get(task_id) or acct.get(task_id)
-            if row is None:
-                tasks[task_id] = "UNKNOWN" if acct_rows is None else "PENDING"
+            if row is None:  # in neither: not yet in accounting (just queued), or gone from both
+                tasks[task_id] = "UNKNOWN" if acct_rows is None else "PENDING" if queue is None else GONE
                 continue
             tasks[task_id] = row["State"]
             partition = partition or row.get("Partition", "")
@@ -296,6 +300,8 @@ def format_status(st: dict[str, Any]) -> str:
             lines.append(f"  cancelled after it: {', '.join(downstream)}")
     elif st["cancelled"]:
         lines.append(f"CANCELLED: {', '.join(st['cancelled'])}")
+    if st.get("stopped") and not f:  # kolora.runlock.run_state's verdict, added by `kolora status`
+        lines.append(f"STOPPED: {st['stopped']} (`kolora resume {st['name']}` continues it)")
     elif st["done"]:
         lines.append(f"done: {st['grid']}")
     if st["jobs"] and not st["jobs"][0].get("tasks"):
