@@ -168,9 +168,9 @@ def distinct_values(vary: dict[str, list[Any]], given: list[dict[str, Any]], var
             same = spellings.setdefault(json.dumps(v.overrides[f], sort_keys=True, default=str), [])
             if typed[f] not in same:
                 same.append(typed[f])
-        problems += [f"--vary {f}={','.join(map(str, values))}: {' and '.join(map(str, typed))} are the same {f} "
+        problems += [f"--vary {f}={','.join(map(str, values))}: {' and '.join(map(str, forms))} are the same {f} "
                      f"once read ({read}), so their variants would be the same run; give each value once"
-                     for read, typed in spellings.items() if len(typed) > 1]
+                     for read, forms in spellings.items() if len(forms) > 1]
     if problems:
         raise ConfigError("\n".join(problems))
 
