@@ -33,11 +33,14 @@ def tiny_diffsynth(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def kolors_configs(tmp_path_factory) -> Path:
-    """Kolors-diffusers' layout with its configs and no weights: the packaged Kolors UNet and SDXL VAE configs
+    """Kolors-diffusers' layout with its configs and no real weights: the packaged Kolors UNet and SDXL VAE configs
     (the VAE as diffusers saves the SDXL one, force_upcast on), ChatGLM3-6B's shape (diffusers' ChatGLMConfig
-    defaults + Kolors' 2-group multi-query attention, as bench/_common.py builds it), and the empty tokenizer.model
-    that models.resolve asks to exist. Nothing else is read on the meta device."""
+    defaults + Kolors' 2-group multi-query attention, as bench/_common.py builds it), and stand-ins for the
+    files preflight checks (models.check_files reads their headers): a one-tensor safetensors file as each
+    component's weights and a placeholder tokenizer.model. Nothing else is read on the meta device."""
+    import numpy as np
     from diffusers.pipelines.kolors.text_encoder import ChatGLMConfig
+    from safetensors.numpy import save_file
 
     from kolora.models import packaged_config
 
@@ -50,7 +53,9 @@ def kolors_configs(tmp_path_factory) -> Path:
                                                          "force_upcast": True}))
     ChatGLMConfig(multi_query_attention=True, multi_query_group_num=2, add_qkv_bias=True, original_rope=True,
                   use_cache=True).save_pretrained(str(root / "text_encoder"))
-    (root / "tokenizer" / "tokenizer.model").write_bytes(b"")
+    (root / "tokenizer" / "tokenizer.model").write_bytes(b"placeholder")
+    for weights in ("unet/diffusion_pytorch_model", "vae/diffusion_pytorch_model", "text_encoder/model"):
+        save_file({"placeholder": np.zeros(1, np.float32)}, str(root / f"{weights}.safetensors"))
     return root
 
 

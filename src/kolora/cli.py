@@ -32,6 +32,12 @@ def resolve_runs_dir(args) -> Path:
     return path
 
 
+def print_warnings(lines: list[str]) -> None:
+    """What runs but is likely not meant (preflight's, the cluster checks'): printed, not refused."""
+    for line in lines:
+        print(f"kolora: warning: {line}", file=sys.stderr)
+
+
 def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="experiment YAML (e.g. configs/demo.yaml)")
     p.add_argument("--name", help="run name (default: the config's name)")
@@ -56,7 +62,7 @@ def _run(args) -> int:
     console = Console(stderr=True)
     cfg = load_config(args.config, args.overrides, args.name)
     runs_dir = resolve_runs_dir(args)
-    preflight(cfg, here=True)
+    print_warnings(preflight(cfg, here=True))
     RunDir(runs_dir / cfg.name).read_manifest()  # an unusable run folder stops this before the lock is written
     stopped = stopped_before(runs_dir / cfg.name)  # read before this run holds the lock
     # the run lock before anything of the run is written: no other `kolora run` or live submission's jobs
@@ -135,14 +141,16 @@ def cmd_validate(args) -> int:
 
     cfg = load_config(args.config, args.overrides, args.name)
     resolve_runs_dir(args)
-    preflight(cfg)
+    print_warnings(preflight(cfg))
     if args.cluster:
         from kolora.cluster import find_profile, load_profile
 
         profile_file = find_profile(args.cluster)
         profile = load_profile(profile_file)
         from kolora.cli_slurm import check_gpu_memory, warn_attempt_window
+        from kolora.launch.cluster_check import check_cluster
 
+        check_cluster(cfg, profile, str(profile_file))
         warn_attempt_window(cfg, profile)
         for line in check_gpu_memory(cfg, profile, profile_file, show=True):
             print(line)

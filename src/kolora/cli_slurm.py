@@ -7,7 +7,7 @@ import argparse
 import os
 import sys
 
-from kolora.cli import add_config_args, resolve_runs_dir
+from kolora.cli import add_config_args, print_warnings, resolve_runs_dir
 from kolora.cli_models import whole_number
 from kolora.errors import EXIT_INPUT, InputError, KoloraError
 
@@ -15,8 +15,7 @@ from kolora.errors import EXIT_INPUT, InputError, KoloraError
 def warn_attempt_window(cfg, profile) -> None:
     from kolora.launch.plan import attempt_window_warnings
 
-    for line in attempt_window_warnings(cfg, profile):
-        print(f"kolora: warning: {line}", file=sys.stderr)
+    print_warnings(attempt_window_warnings(cfg, profile))
 
 
 def check_gpu_memory(cfg, profile, profile_file, show: bool) -> list[str]:
@@ -45,6 +44,7 @@ def check_gpu_memory(cfg, profile, profile_file, show: bool) -> list[str]:
 def cmd_submit(args) -> int:
     from kolora.cluster import find_profile, load_profile
     from kolora.config import load_config
+    from kolora.launch.cluster_check import check_cluster
     from kolora.launch.submit import dry_run
     from kolora.pipeline import preflight
 
@@ -52,7 +52,8 @@ def cmd_submit(args) -> int:
     profile_file = find_profile(args.cluster)
     profile = load_profile(profile_file)
     runs_dir = resolve_runs_dir(args)
-    preflight(cfg)
+    print_warnings(preflight(cfg))
+    check_cluster(cfg, profile, str(profile_file))
     warn_attempt_window(cfg, profile)
     gpu_memory = check_gpu_memory(cfg, profile, profile_file, show=args.dry_run)
     if profile.container is not None and not args.dry_run:
@@ -70,6 +71,7 @@ def cmd_submit(args) -> int:
 def cmd_resume(args) -> int:
     from kolora import distributed
     from kolora.cluster import find_profile, load_profile
+    from kolora.launch.cluster_check import check_cluster
     from kolora.launch.monitor import resolve_run
     from kolora.pipeline import preflight
 
@@ -87,7 +89,8 @@ def cmd_resume(args) -> int:
     if args.gpus is not None:  # elastic: training continues on M GPUs, accumulating to keep its global batch
         jobs = profile.jobs.model_copy(update={"train": profile.jobs.train.model_copy(update={"gpus": args.gpus})})
         profile = profile.model_copy(update={"jobs": jobs})
-    preflight(cfg)
+    print_warnings(preflight(cfg))
+    check_cluster(cfg, profile, str(profile_file))
     try:  # a checkpoint's global batch that this GPU count cannot keep: refused before queueing
         distributed.check_resume(run.train, cfg.train.batch_size, profile.resources("train"))
     except InputError as e:

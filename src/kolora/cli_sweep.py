@@ -34,16 +34,18 @@ def cmd_sweep(args) -> int:
 
 
 def _submit(args, sweep) -> int:
+    from kolora.cli import print_warnings
     from kolora.cli_slurm import check_gpu_memory, warn_attempt_window
     from kolora.cluster import find_profile, load_profile
+    from kolora.launch.cluster_check import check_cluster
     from kolora.launch.submit import LaunchError
     from kolora.launch.sweep import submit_sweep
     from kolora.pipeline import preflight
 
     profile_file = find_profile(args.cluster)
     profile = load_profile(profile_file)
-    for v in sweep.variants:
-        preflight(v.cfg)
+    print_warnings(list(dict.fromkeys(line for v in sweep.variants for line in preflight(v.cfg))))
+    check_cluster(sweep.variants[0].cfg, profile, str(profile_file), variants=len(sweep.variants))
     warn_attempt_window(sweep.variants[0].cfg, profile)
     for v in sweep.variants:
         check_gpu_memory(v.cfg, profile, profile_file, show=False)

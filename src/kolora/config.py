@@ -25,7 +25,7 @@ from pydantic import (
 from kolora.errors import ConfigError, InputError, read_text
 from kolora.overrides import apply_overrides, override_origin, resolve_paths
 from kolora.schema import Section as _Section
-from kolora.schema import describe_validation_error, format_problems
+from kolora.schema import Seed, describe_validation_error, format_problems
 
 
 class ModelConfig(_Section):
@@ -48,7 +48,7 @@ class ModelConfig(_Section):
 
 class SyntheticConfig(_Section):
     count: int = Field(48, ge=1)
-    seed: int = 0
+    seed: Seed = 0
     # Sizes are drawn so that both tutorial filters keep some and drop some.
     min_side: int = Field(32, ge=8)
     max_side: int = Field(160, ge=8)
@@ -171,7 +171,7 @@ class ValidationConfig(_Section):
     every: int = Field(0, ge=0)
     prompts: list[str] = Field(default_factory=list)  # empty: the first `count` prompts of render.prompts
     count: int = Field(2, ge=1)
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
     steps: int = Field(20, ge=1)  # sampling steps (render.cfg and render.negative_prompt apply)
     size: int | None = Field(None, ge=8, multiple_of=8)  # square side; None: train.resolution
 
@@ -193,7 +193,7 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(100, ge=1)  # steps between checkpoints
     checkpoint_minutes: float | None = Field(None, gt=0)  # and/or wall-clock minutes between checkpoints
     keep_checkpoints: int = Field(3, ge=1)
-    seed: int = 0
+    seed: Seed = 0
     num_workers: int = Field(0, ge=0)
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
     # Deterministic algorithms (torch, cuDNN, cuBLAS workspace): what makes a resumed GPU run repeat the
@@ -296,7 +296,7 @@ class EvaluateConfig(_Section):
 
 class ExperimentConfig(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    seed: int = 0
+    seed: Seed = 0
     # torch threads for the stages that run on a CPU (cache, train, render without a GPU). The result of a
     # CPU float reduction depends on the thread count, so it is part of the config: the same config gives the
     # same bits in one process, in a Slurm job or after a requeue. 1 also avoids OpenMP's collapse when the

@@ -3,13 +3,34 @@ captions under each tile."""
 
 from __future__ import annotations
 
+import unicodedata
 from pathlib import Path
 from typing import Any
 
 from kolora.config import ExperimentConfig
 from kolora.errors import InputError, RunFailure
+from kolora.prompts import PromptItem
 from kolora.rundir import RunDir, atomic_path
 from kolora.tiles import missing_tiles, tiles
+
+# What a one-line caption cannot hold: control characters (a newline makes PIL refuse to measure the text; a
+# tab or an escape draws as nothing or a box) and Unicode's line and paragraph separators.
+CAPTION_BREAKERS = ("Cc", "Zl", "Zp")
+
+
+def caption_problems(cfg: ExperimentConfig, prompts: list[PromptItem]) -> list[str]:
+    """With grid.captions: prompt, one line per prompt that cannot be drawn as a one-line caption."""
+    if cfg.grid.captions != "prompt":
+        return []
+    out = []
+    for i, item in enumerate(prompts, 1):
+        found = sorted({ch for ch in item.prompt if unicodedata.category(ch) in CAPTION_BREAKERS})
+        if found:
+            names = {"\n": "a newline", "\r": "a carriage return", "\t": "a tab"}
+            out.append(f"prompt #{i} ({item.prompt[:24]!r}{'...' if len(item.prompt) > 24 else ''}) holds "
+                       + ", ".join(f"{names.get(ch) or unicodedata.name(ch, 'a control character').lower()} "
+                                   f"{ascii(ch)}" for ch in found))
+    return out
 
 
 def _font(path: Path | None, size: int):

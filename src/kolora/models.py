@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -121,6 +122,53 @@ def resolve(cfg: ModelConfig) -> ModelFiles:
     return files
 
 
+def check_files(cfg: ModelConfig) -> ModelFiles:
+    """`resolve`, then every file the stages load checked as `kolora check models` checks a download
+    (kolora.fetch.FileChecker: present, not empty, safetensors header and tensor sizes, every indexed shard),
+    so that a model folder missing its weights is refused before a run writes anything, not by the stage
+    that loads them. Only headers are read."""
+    from kolora.fetch import FileChecker, Report
+
+    files = resolve(cfg)
+    report = Report(root=Path(cfg.path), kind="model")
+    c = FileChecker(report)
+
+    def component(path: Path, what: str, folder: bool) -> Callable[[], Any]:
+        if not folder:  # a safetensors file (DiffSynth's layout, model.vae_path)
+            return lambda: c.file(path, f"the {what} weights")
+
+        def diffusers_folder() -> None:  # its config and the weights file the loader picks (load_unet/load_vae)
+            c.file(path / "config.json")
+            weights = find_weights(path, files.variant)
+            if weights is None:
+                report.problems.append(f"missing: {c.rel(path / 'diffusion_pytorch_model.safetensors')} "
+                                       f"(the {what} weights)")
+            else:
+                c.file(weights, f"the {what} weights")
+        return diffusers_folder
+
+    checks: list[tuple[str, Callable[[], Any]]] = [
+        ("model.path (unet)", component(files.unet, "UNet", folder=files.layout == "diffusers")),
+        ("model.vae_path" if cfg.vae_path else "model.path (vae)",
+         component(files.vae, "VAE", folder=files.vae.is_dir() or files.layout == "diffusers" and not cfg.vae_path)),
+        ("model.path (text_encoder)", lambda: c.weights(files.text_encoder, ("model", "pytorch_model"))),
+        ("model.tokenizer_path" if cfg.tokenizer_path else "model.path (tokenizer)",
+         lambda: c.file(files.tokenizer / "tokenizer.model", "ChatGLM sentencepiece model")),
+        *((field, lambda p=Path(path): c.file(p)) for field, path in
+          (("model.unet_config", files.unet_config), ("model.vae_config", files.vae_config)) if path),
+    ]
+    problems: list[str] = []
+    for field, check in checks:
+        before = len(report.problems)
+        check()
+        problems += [f"{field}: {p}" for p in report.problems[before:]]
+    if problems:
+        raise ConfigError(f"model.path: the model at {cfg.path} is incomplete or damaged ({len(problems)} "
+                          "problem(s), as `kolora check models` finds them):\n  " + "\n  ".join(problems)
+                          + "\nRe-download it on a login node (`kolora fetch models` resumes) or fix the path.")
+    return files
+
+
 def _require(path: Path, field: str) -> None:
     if not Path(path).exists():
         raise ConfigError(f"{field}: {path} is missing; the model folder is incomplete (re-download it "
@@ -194,15 +242,20 @@ def _build_and_load(cls, config: dict[str, Any], weights: Path, dtype):
     return model
 
 
-def _weights_file(folder: Path, variant: str | None) -> Path:
+def find_weights(folder: Path, variant: str | None) -> Path | None:
+    """The safetensors file a diffusers component folder is loaded from (the variant's first), None if none."""
     names = ["diffusion_pytorch_model.safetensors"]
     if variant:
         names.insert(0, f"diffusion_pytorch_model.{variant}.safetensors")
     names.append("diffusion_pytorch_model.fp16.safetensors")
-    for n in names:
-        if (folder / n).is_file():
-            return folder / n
-    raise ConfigError(f"model.path: no diffusion_pytorch_model*.safetensors in {folder}")
+    return next((folder / n for n in names if (folder / n).is_file()), None)
+
+
+def _weights_file(folder: Path, variant: str | None) -> Path:
+    found = find_weights(folder, variant)
+    if found is None:
+        raise ConfigError(f"model.path: no diffusion_pytorch_model*.safetensors in {folder}")
+    return found
 
 
 def load_unet(files: ModelFiles, dtype=None):

@@ -25,8 +25,8 @@ from typing import Any
 from kolora import stages, tiles
 from kolora.config import ConfigError, ExperimentConfig
 from kolora.interrupt import Interrupted, StopNow
-from kolora.prompts import load_prompts
-from kolora.rundir import RunDir, atomic_write_json, atomic_write_text
+from kolora.prompts import load_prompts, repeated
+from kolora.rundir import RunDir, atomic_write_json, atomic_write_text, unwritable
 
 log = logging.getLogger("kolora.pipeline")
 
@@ -34,11 +34,15 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_
                "DIFFUSERS_OFFLINE": "1", "MODELSCOPE_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def preflight(cfg: ExperimentConfig, here: bool = False) -> None:
-    """Fail before queueing or running anything: prompt set, model files, the dataset (as far as ingest would
-    look, without opening an image), render.lora, filter ops, the bucket list (train.buckets), training options
-    this machine (`here`: kolora run) or the configured accelerator cannot run."""
+def preflight(cfg: ExperimentConfig, here: bool = False) -> list[str]:
+    """Fail before queueing or running anything, on everything a stage would fail on that can be known now:
+    the prompt set (it fits the grid; captions it can draw), model files (each weights file's header, as
+    `kolora check models` reads them), cache.dir (a folder this user can write), the dataset (as far as ingest
+    would look, without opening an image), render.lora, filter ops, the bucket list (train.buckets), training
+    options this machine (`here`: kolora run) or the configured accelerator cannot run. Returns warnings: what
+    runs but is likely not meant (the same tile twice in the prompt set)."""
     from kolora import models
+    from kolora.grid import caption_problems
 
     if cfg.train.optimizer == "adamw8bit" and (here or cfg.train.accelerator == "cpu"):
         from kolora.devices import accelerator
@@ -51,8 +55,16 @@ def preflight(cfg: ExperimentConfig, here: bool = False) -> None:
     if len(prompts) > cells:
         raise ConfigError(f"grid: {len(prompts)} prompts in {cfg.render.prompts} do not fit grid.columns × "
                           f"grid.rows = {cells}; raise grid.rows or grid.columns")
-    if not (cfg.model.tiny and not Path(cfg.model.path).exists()):
-        models.resolve(cfg.model)
+    if unfit := caption_problems(cfg, prompts):
+        raise ConfigError(f"grid.captions: prompt draws each prompt of render.prompts {cfg.render.prompts} as a "
+                          "one-line caption, which these cannot be:\n  " + "\n  ".join(unfit)
+                          + "\nWrite each prompt on one line (in YAML, a folded `>-` block joins lines), or set "
+                          "grid.captions: seed (or none)")
+    if not (cfg.model.tiny and not Path(cfg.model.path).exists()):  # a tiny model is built by the first stage
+        models.check_files(cfg.model)
+    if cfg.cache.dir is not None and (why := unwritable(cfg.cache.dir)):
+        raise ConfigError(f"cache.dir: {why}. The cache stage writes its entries there: give a folder you can "
+                          "write, or leave cache.dir out (the run's own cache/)")
     from kolora.dataset import probe
 
     probe(cfg.data)
@@ -75,6 +87,9 @@ def preflight(cfg: ExperimentConfig, here: bool = False) -> None:
         from kolora import buckets
 
         buckets.for_config(cfg)  # the aspect-ratio range leaves at least one bucket
+    return [f"render.prompts: {cfg.render.prompts}: prompts #{a} and #{b} are the same prompt and seed (and "
+            "negative prompt): the same tile is rendered twice; change one's seed or drop it"
+            for a, b in repeated(prompts)]
 
 
 @contextlib.contextmanager

@@ -9,12 +9,12 @@ from pydantic import Field, ValidationError
 
 from kolora.errors import ConfigError, InputError, read_text
 from kolora.schema import Section as _Section
-from kolora.schema import describe_validation_error, format_problems
+from kolora.schema import Seed, describe_validation_error, format_problems
 
 
 class PromptItem(_Section):
     prompt: str = Field(min_length=1)
-    seed: int
+    seed: Seed
     negative_prompt: str | None = None
 
 
@@ -40,3 +40,17 @@ def load_prompts(path: Path, default_negative: str) -> list[PromptItem]:
     neg = ps.negative_prompt if ps.negative_prompt is not None else default_negative
     return [p.model_copy(update={"negative_prompt": p.negative_prompt if p.negative_prompt is not None else neg})
             for p in ps.prompts]
+
+
+def repeated(prompts: list[PromptItem]) -> list[tuple[int, int]]:
+    """(first, repeat), 1-based, for each item with the prompt, negative prompt and seed of an earlier one:
+    the same picture rendered twice (a different negative prompt is a comparison, not a repeat)."""
+    first: dict[tuple[str, str | None, int], int] = {}
+    out = []
+    for i, p in enumerate(prompts, 1):
+        key = (p.prompt, p.negative_prompt, p.seed)
+        if key in first:
+            out.append((first[key], i))
+        else:
+            first[key] = i
+    return out

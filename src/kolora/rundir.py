@@ -189,6 +189,29 @@ def sweep_temp(run_root: Path | str) -> int:
     return removed
 
 
+def unwritable(folder: Path | str) -> str | None:
+    """Why files cannot be written in `folder` (made with its parents when missing), or None. The kernel's
+    answer for this user (os.access: permissions, a read-only file system), then, for a folder that exists, a
+    real probe file, created and removed (ACLs and root-squashed NFS that os.access does not see)."""
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        return (f"{folder} is a file, not a folder" if existing == folder else
+                f"{existing} is a file, so the folder {folder} cannot be made inside it")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable by this user (its permissions, or a read-only file system)"
+    if existing == folder:
+        try:
+            fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-probe.", suffix=TEMP_MARK)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            return f"{folder} is not writable: creating a file in it failed ({e.strerror or e})"
+    return None
+
+
 def now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 

@@ -125,7 +125,8 @@ class StepSampler(Sampler[int]):
         for i in range(self.start, self.total):
             if i // self.n != epoch:
                 epoch = i // self.n
-                g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                # modulo 2^64: the value torch would wrap it to, for a train.seed up to 2^63 - 1 too
+                g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2**64)
                 perm = torch.randperm(self.n, generator=g).tolist()
             yield perm[i % self.n]
 

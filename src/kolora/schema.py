@@ -9,9 +9,9 @@ import types
 import typing
 from collections.abc import Callable
 from difflib import get_close_matches
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
 
 
 def _members(annotation: Any) -> tuple[Any, ...]:
@@ -37,6 +37,20 @@ class Section(BaseModel):
             if (int in members or float in members) and bool not in members and Any not in members:
                 raise ValueError(f"must be a number, got {str(value).lower()}")
         return value
+
+
+# The largest seed: a signed 64-bit integer, what every consumer of a seed (torch generators, numpy, parquet,
+# JSON readers in other languages) holds without wrapping; a negative seed would wrap to a large one in torch.
+MAX_SEED = 2**63 - 1
+
+
+def _seed_in_range(value: int) -> int:
+    if not 0 <= value <= MAX_SEED:
+        raise ValueError(f"must be a whole number from 0 to 2^63 - 1 ({MAX_SEED})")
+    return value
+
+
+Seed = Annotated[int, AfterValidator(_seed_in_range)]
 
 
 # ---- ValidationError → lines --------------------------------------------------------------------------------

@@ -113,7 +113,7 @@ def _set_item(field_: str, value: Any) -> str:
 def plan(config_file: str | Path, vary_items: list[str], runs_dir: Path, name: str | None = None,
          overrides: list[str] | None = None) -> Sweep:
     """Every variant's config, validated (a bad field or value names its --vary); nothing is written."""
-    from kolora.stages import field_value
+    from kolora.stages import OPERATIONAL, field_value
 
     overrides = list(overrides or [])
     base = load_config(config_file, overrides)
@@ -126,10 +126,15 @@ def plan(config_file: str | Path, vary_items: list[str], runs_dir: Path, name: s
         if f == "name":
             raise ConfigError("--vary name: the variants' names come from the varied fields; use --name for the "
                               "sweep's")
+        if not changes_outputs(f):
+            why = OPERATIONAL[f][1] if f in OPERATIONAL else "no stage's output depends on it"
+            hint = "; vary train.seed for another training run's randomness" if f == "seed" else ""
+            raise ConfigError(f"--vary {f}=...: {f} changes no output ({why}), so every variant would train the "
+                              f"same LoRA and render the same tiles; vary a field the stages read{hint}")
     sweep_name = name or f"{base.name}-sweep"
     sweep_dir = Path(runs_dir) / sweep_name
     shared = [] if base.cache.dir else [f"cache.dir={sweep_dir / 'cache'}"]  # one store: entries encoded once
-    variants = []
+    variants, given = [], []
     for vname, own in variant_names(vary):
         items = [*overrides, *shared, *(_set_item(f, v) for f, v in own.items())]
         try:
@@ -138,9 +143,37 @@ def plan(config_file: str | Path, vary_items: list[str], runs_dir: Path, name: s
             raise ConfigError(f"variant {vname} ({', '.join(_set_item(f, v) for f, v in own.items())}): "
                               f"{e}") from None
         variants.append(Variant(vname, {f: field_value(cfg, f) for f in own}, cfg))
+        given.append(own)
+    distinct_values(vary, given, variants)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", sweep_name):
         raise ConfigError(f"--name {sweep_name}: a sweep name is letters, digits, '.', '_' and '-'")
     return Sweep(sweep_name, sweep_dir, Path(config_file).resolve(), overrides, vary, variants)
+
+
+def changes_outputs(field_: str) -> bool:
+    """Whether some stage's output depends on `field_` (or on a field inside it, or on the section holding it):
+    it is an input, a content field or a `continues` field of a stage (kolora.stages), not operational."""
+    from kolora.stages import STAGES
+
+    read = {f for s in STAGES for f in (*s.inputs, *s.content, *s.continues)}
+    return any(f == field_ or f.startswith(field_ + ".") or field_.startswith(f + ".") for f in read)
+
+
+def distinct_values(vary: dict[str, list[Any]], given: list[dict[str, Any]], variants: list[Variant]) -> None:
+    """ConfigError when two values of a varied field are one once the config has read them (1e-3 and 0.001,
+    two spellings of one path): their variants would be the same run. `given[i]`: variant i's values as typed."""
+    problems = []
+    for f, values in vary.items():
+        spellings: dict[str, list[Any]] = {}  # the value as read → the values given for it
+        for typed, v in zip(given, variants, strict=True):
+            same = spellings.setdefault(json.dumps(v.overrides[f], sort_keys=True, default=str), [])
+            if typed[f] not in same:
+                same.append(typed[f])
+        problems += [f"--vary {f}={','.join(map(str, values))}: {' and '.join(map(str, forms))} are the same {f} "
+                     f"once read ({read}), so their variants would be the same run; give each value once"
+                     for read, forms in spellings.items() if len(forms) > 1]
+    if problems:
+        raise ConfigError("\n".join(problems))
 
 
 def write_manifest(sweep: Sweep, **extra: Any) -> dict[str, Any]:
@@ -243,9 +276,12 @@ def run_in_process(sweep: Sweep, console, force: bool = False) -> dict[str, str]
     from kolora.rundir import sweep_temp
     from kolora.runlock import acquire, stopped_before
 
+    warnings = []
     for v in sweep.variants:
-        preflight(v.cfg, here=True)
+        warnings += preflight(v.cfg, here=True)
         RunDir(v.root(sweep.dir)).read_manifest()
+    for line in dict.fromkeys(warnings):  # every variant reads the same prompt set
+        console.print(f"kolora: warning: {line}", style="yellow", markup=False, highlight=False)
     write_manifest(sweep, launcher="in-process")
     first = RunDir(sweep.variants[0].root(sweep.dir))
     outcome: dict[str, str] = {}

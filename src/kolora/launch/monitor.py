@@ -27,10 +27,11 @@ BAD = ("FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE
 _BRACKET = re.compile(r"^(?P<base>\d+)_\[(?P<spec>[^\]]*)\]$")
 
 
-def _slurm(args: list[str], timeout: float = 20) -> subprocess.CompletedProcess | None:
+def slurm_client(args: list[str], timeout: float = 20) -> subprocess.CompletedProcess | None:
+    """A Slurm client's answer, None when it is missing or does not answer within `timeout` seconds."""
     try:
         return subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False)
-    except (FileNotFoundError, subprocess.TimeoutExpired):
+    except (OSError, subprocess.TimeoutExpired):  # missing, not executable, or silent
         return None
 
 
@@ -66,7 +67,7 @@ def queue_rows(ids: list[str]) -> list[dict[str, str]] | None:
     timed out, controller down), which is not the same as "none"."""
     if not ids:
         return []
-    proc = _slurm(["squeue", "-h", "-r", "-j", ",".join(ids), "-o", "%i|%T|%P|%r"])
+    proc = slurm_client(["squeue", "-h", "-r", "-j", ",".join(ids), "-o", "%i|%T|%P|%r"])
     if proc is None:
         return None
     if proc.returncode != 0:  # one id the controller has already forgotten: "Invalid job id specified"
@@ -91,7 +92,7 @@ def sacct(ids: list[str]) -> list[dict[str, str]] | None:
     if not ids:
         return []
     fields = ["JobID", "State", "Partition", "ExitCode", "Start", "End", "Elapsed", "AllocTRES", "NodeList"]
-    proc = _slurm(["sacct", "-X", "-n", "-P", "-j", ",".join(ids), f"--format={','.join(fields)}"])
+    proc = slurm_client(["sacct", "-X", "-n", "-P", "-j", ",".join(ids), f"--format={','.join(fields)}"])
     if proc is None or proc.returncode != 0:
         return None
     return _rows(proc.stdout, fields)
@@ -99,7 +100,7 @@ def sacct(ids: list[str]) -> list[dict[str, str]] | None:
 
 def scancel(ids: list[str]) -> None:
     if ids:
-        _slurm(["scancel", *ids], timeout=30)
+        slurm_client(["scancel", *ids], timeout=30)
 
 
 # manifest ------------------------------------------------------------------------------------------------
