@@ -24,6 +24,7 @@ from typing import Any
 
 from kolora import stages, tiles
 from kolora.config import ConfigError, ExperimentConfig
+from kolora.errors import disk_full, disk_full_errno
 from kolora.interrupt import Interrupted, StopNow
 from kolora.prompts import load_prompts
 from kolora.rundir import RunDir, atomic_write_json, atomic_write_text
@@ -57,10 +58,12 @@ def preflight(cfg: ExperimentConfig, here: bool = False) -> None:
 
     probe(cfg.data)
     if cfg.render.lora is not None:
-        from kolora import lora
+        from kolora import interchange, lora
 
         try:
-            lora.rank_alpha(lora.resolve_file(cfg.render.lora))
+            path = lora.resolve_file(cfg.render.lora)
+            interchange.read_tensors(path)  # its weights, checked (lora.check_weights)
+            lora.rank_alpha(path)
         except lora.LoraFileError as e:
             raise lora.LoraFileError(f"render.lora: {e}") from None
     from kolora.data_juicer import validate_ops
@@ -211,22 +214,37 @@ def run_stage(stage: str, cfg: ExperimentConfig, run: RunDir, force: bool = Fals
     run.record_stage(stage, status="running", started=time.strftime("%Y-%m-%dT%H:%M:%S%z"), notes=notes)
     try:
         summary = _call(s, cfg, run, progress, kw, force)
+        wall = round(time.time() - started, 2)
+        _record_success(stage, s, cfg, run, summary, wall, kw)
     except (Interrupted, StopNow) as e:  # resumable: keep what it made (and, aside, what it supersedes)
         e.stage = stage
         why = str(e) if isinstance(e, Interrupted) else f"stopped at once ({e})"
         run.record_stage(stage, status="interrupted", error=why, wall_s=round(time.time() - started, 2))
         raise
     except BaseException as e:
-        run.record_stage(stage, status="failed", error=f"{type(e).__name__}: {e}"[:2000],
-                         wall_s=round(time.time() - started, 2))
+        full = disk_full(e, stage)  # one message naming the file and the stage, with what to do
+        failure = full or e
+        with _unless_the_disk_is_full(failure, f"{run.manifest_file} still says {stage} is running: it could not "
+                                      "be written either"):
+            run.record_stage(stage, status="failed", error=str(full) if full else f"{type(e).__name__}: {e}"[:2000],
+                             wall_s=round(time.time() - started, 2))
         # Not on a BaseException (a KeyboardInterrupt outside `kolora run`), nor for stages whose partial work
         # (checkpoints, tiles) is what a rerun of the same config resumes from; what they supersede stays aside.
         if isinstance(e, Exception) and not s.keeps_partial:
-            note = _settle(stage, run, succeeded=False)
-            if note:
-                e.add_note(note)
+            with _unless_the_disk_is_full(failure, f"the previous {stage} outputs are still aside in "
+                                          f"{_superseded(run, stage)}: the next run puts them back"):
+                note = _settle(stage, run, succeeded=False)
+                if note:
+                    failure.add_note(note)
+        if full is not None:
+            raise full from e
         raise
-    wall = round(time.time() - started, 2)
+    return {**summary, "wall_s": wall, **({"notes": notes} if notes else {})}
+
+
+def _record_success(stage: str, s: stages.Stage, cfg: ExperimentConfig, run: RunDir, summary: dict[str, Any],
+                    wall: float, kw: dict[str, Any]) -> None:
+    """The stage's summary and status in the manifest; its completion marker once its outputs are complete."""
     done = s.done(cfg, run)
     if done and s.on_change == "keyed":
         summary["stale_removed"] = tiles.prune_stale_tiles(cfg, run)
@@ -240,7 +258,18 @@ def run_stage(stage: str, cfg: ExperimentConfig, run: RunDir, force: bool = Fals
     if done:
         _settle(stage, run, succeeded=True)
         stages.mark_complete(stage, run, stages.Keys(cfg, run).output(stage), wall_s=wall)
-    return {**summary, "wall_s": wall, **({"notes": notes} if notes else {})}
+
+
+@contextlib.contextmanager
+def _unless_the_disk_is_full(failure: BaseException, note: str) -> Iterator[None]:
+    """Bookkeeping after a failure: when it cannot be written for a full disk, the failure says so (`note`)
+    instead of being replaced by a second full-disk error."""
+    try:
+        yield
+    except Exception as e:
+        if disk_full_errno(e) is None:
+            raise
+        failure.add_note(note)
 
 
 def _call(s: stages.Stage, cfg: ExperimentConfig, run: RunDir, progress, kw: dict[str, Any],
