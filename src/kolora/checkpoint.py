@@ -35,8 +35,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     loading never unpickles arbitrary objects (weights_only=True)."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
-        with atomic_path(Path(path)) as tmp:
-            torch.save(checkpoint, tmp)
+        # into a Python file: a full disk or quota arrives as its OSError (torch's own writer says only "file
+        # write failed")
+        with atomic_path(Path(path)) as tmp, open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
         return torch.load(path, map_location=map_location or "cpu", weights_only=True)

@@ -20,6 +20,7 @@ from kolora.errors import (
     InputError,
     KoloraError,
     describe_os_error,
+    disk_full,
 )
 
 
@@ -240,10 +241,13 @@ def main(argv: list[str] | None = None) -> int:
     except KoloraError as e:
         _explain(e, verbose, "config error" if isinstance(e, ConfigError) else "error")
         return e.exit_code
-    except OSError as e:  # a full disk, a permission, a path that is not a folder
-        _explain(e, verbose, "error", describe_os_error(e))
-        return EXIT_FAILURE
-    except Exception as e:  # noqa: BLE001 - anything else is a bug: show where
+    except Exception as e:  # noqa: BLE001 - a full disk, however its writer said so; else an OSError, or a bug
+        if full := disk_full(e):  # a stage's is a DiskFull already (kolora.pipeline); this is any other command's
+            _explain(e, verbose, "error", str(full))
+            return full.exit_code
+        if isinstance(e, OSError):  # a permission, a path that is not a folder
+            _explain(e, verbose, "error", describe_os_error(e))
+            return EXIT_FAILURE
         traceback.print_exc()
         print(f"kolora: internal error ({type(e).__name__}): this is a bug in kolora, not in your input; please "
               "report it with the traceback above", file=sys.stderr)

@@ -51,7 +51,14 @@ from pathlib import Path
 from typing import Any
 
 from kolora.errors import read_text
-from kolora.lora import WEIGHT_NAME, LoraFileError, check_rank_alpha, rank_alpha_from_metadata, read_metadata
+from kolora.lora import (
+    WEIGHT_NAME,
+    LoraFileError,
+    check_rank_alpha,
+    check_weights,
+    rank_alpha_from_metadata,
+    read_metadata,
+)
 from kolora.lora_formats import (  # noqa: F401 - the conversions are part of this module's interface
     LoraWeights,
     check_against_unet,
@@ -84,11 +91,18 @@ SIDECAR_SUFFIX = ".kolora.json"
 
 # files -----------------------------------------------------------------------------------------------------
 def read_tensors(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
-    """(tensors, metadata). safetensors, or a torch file read with weights_only=True (never unpickling code);
-    a Lightning checkpoint's 'state_dict' is used when present."""
+    """(tensors, metadata), the tensors checked (lora.check_weights: finite, of a LoRA's magnitude). safetensors,
+    or a torch file read with weights_only=True (never unpickling code); a Lightning checkpoint's 'state_dict' is
+    used when present."""
+    path = Path(path)
+    tensors, meta = _read_tensors(path)
+    check_weights(tensors, path)
+    return tensors, meta
+
+
+def _read_tensors(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     import torch
 
-    path = Path(path)
     if not path.is_file():
         raise LoraFileError(f"LoRA file {path} does not exist")
     if path.suffix == ".safetensors":
@@ -228,7 +242,8 @@ def write_diffsynth(w: LoraWeights, path: Path, config: Any = None) -> Path:
             save_file(tensors, str(tmp), metadata={"kolora.format": "diffsynth", "kolora.rank": str(w.rank),
                                                    "kolora.alpha": repr(float(w.alpha))})
         else:
-            torch.save(tensors, str(tmp))
+            with open(tmp, "wb") as f:  # a full disk as its OSError (see checkpoint.AtomicCheckpointIO)
+                torch.save(tensors, f)
     atomic_write_json(sidecar(path), {
         "format": "diffsynth", "rank": w.rank, "alpha": w.alpha, "layers": len(w.modules),
         "convention": "raw lora_A/lora_B (B not scaled); effective update W + (alpha/rank)·B·A",
@@ -255,11 +270,8 @@ def loadable(path: Path, config: Any = None) -> Iterator[Path]:
 
     path = Path(path)
     if path.suffix == ".safetensors" and path.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            keys, meta = list(f.keys()), dict(f.metadata() or {})
-        if keys and detect_format(keys, meta) == "peft" and rank_alpha_from_metadata(meta, path) is not None:
+        tensors, meta = read_tensors(path)  # read whole, not only its header: its weights are checked too
+        if tensors and detect_format(tensors.keys(), meta) == "peft" and rank_alpha_from_metadata(meta, path):
             yield path
             return
     w = read_lora(path, config)
@@ -305,13 +317,13 @@ def export_lora(source: Path, fmt: str, to: Path, config: Any = None) -> Path:
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
     to = Path(to)
-    to.parent.mkdir(parents=True, exist_ok=True)
     if is_dora(source):
         if fmt != "peft":
             raise LoraFileError(
                 f"{source}: a DoRA LoRA (train.dora): its per-channel magnitude vectors have no place in the {fmt} "
                 "format, so it cannot be exported as one; export it as peft (diffusers' load_lora_weights and "
                 "kolora's render.lora load it), or train without train.dora for kohya/ComfyUI or DiffSynth")
+        read_tensors(source)  # its weights checked before a copy is made
         with atomic_path(to) as tmp:  # kolora's file is the diffusers/peft file
             shutil.copyfile(source, tmp)
         return to

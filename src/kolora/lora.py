@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,40 @@ from kolora.rundir import atomic_path
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
+# The largest |value| a usable LoRA tensor holds. Trained factors are of order 1 (A starts at N(0, 1/rank), B at 0,
+# and steps of lr <= 1e-3 keep them there; LoRAs shared for SDXL-type models stay below ~10; kohya alphas are at most
+# the rank, DoRA magnitudes the norms of UNet weight rows). Past 1e4 the update B·A overflows float16 (max 65504)
+# as soon as the other factor reaches ~6, and swamps the UNet's own weights (|W| < 10) in any dtype: such a file
+# is a diverged training or damaged bytes, never a LoRA that renders.
+MAX_WEIGHT = 1e4
+
 
 class LoraFileError(InputError):
     """A LoRA file that cannot be used; the message names the file and the fix."""
+
+
+def check_weights(tensors: Mapping[str, Any], path: str | Path) -> None:
+    """Every tensor read from a LoRA file is finite and within MAX_WEIGHT; LoraFileError naming `path`, the tensors
+    (by their keys in the file) and the fix otherwise. Every reader of LoRA files calls it (kolora.interchange.
+    read_tensors, peft_state_dict), so a broken LoRA never reaches a pipeline, an export or a tile."""
+    from kolora.cache_entry import nonfinite_count
+
+    bad = []
+    for key, t in tensors.items():
+        if not t.is_floating_point() or t.numel() == 0:
+            continue
+        peak = float(t.detach().abs().max())  # nan if any value is
+        if not math.isfinite(peak):
+            bad.append(f"{key} holds nan/inf ({nonfinite_count(t):,} of its {t.numel():,} values)")
+        elif peak > MAX_WEIGHT:
+            bad.append(f"{key} holds a value of magnitude {peak:.3g} (a LoRA's stay below {MAX_WEIGHT:g})")
+    if bad:
+        raise LoraFileError(
+            f"{path}: values no trained LoRA holds, in {len(bad)} of its {len(tensors)} tensors: "
+            f"{'; '.join(bad[:3])}{f'; and {len(bad) - 3} more' if len(bad) > 3 else ''}. Its training diverged or "
+            "the file is damaged, so nothing was loaded or written from it: use an earlier checkpoint of the LoRA or "
+            "a fresh copy of the file; for a LoRA kolora trained, look at train/metrics.csv and train again with a "
+            "lower train.lr")
 
 
 def lora_config(rank: int, alpha: float, target_modules: list[str], dora: bool = False):
@@ -153,7 +185,9 @@ def peft_state_dict(path: Path) -> dict:
     from diffusers.utils import convert_unet_state_dict_to_peft
     from safetensors.torch import load_file
 
-    sd = {k.removeprefix("unet."): v for k, v in load_file(str(path)).items() if k.startswith("unet.")}
+    tensors = load_file(str(path))
+    check_weights(tensors, path)
+    sd = {k.removeprefix("unet."): v for k, v in tensors.items() if k.startswith("unet.")}
     return convert_unet_state_dict_to_peft(sd)
 
 

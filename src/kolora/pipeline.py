@@ -24,6 +24,7 @@ from typing import Any
 
 from kolora import stages, tiles
 from kolora.config import ConfigError, ExperimentConfig
+from kolora.errors import disk_full, disk_full_errno
 from kolora.interrupt import Interrupted, StopNow
 from kolora.prompts import load_prompts, repeated
 from kolora.rundir import RunDir, atomic_write_json, atomic_write_text, unwritable
@@ -69,10 +70,12 @@ def preflight(cfg: ExperimentConfig, here: bool = False) -> list[str]:
 
     probe(cfg.data)
     if cfg.render.lora is not None:
-        from kolora import lora
+        from kolora import interchange, lora
 
         try:
-            lora.rank_alpha(lora.resolve_file(cfg.render.lora))
+            path = lora.resolve_file(cfg.render.lora)
+            interchange.read_tensors(path)  # its weights, checked (lora.check_weights)
+            lora.rank_alpha(path)
         except lora.LoraFileError as e:
             raise lora.LoraFileError(f"render.lora: {e}") from None
     from kolora.data_juicer import validate_ops
@@ -234,14 +237,21 @@ def run_stage(stage: str, cfg: ExperimentConfig, run: RunDir, force: bool = Fals
         _record_end(run, stage, e, status="interrupted", error=why, wall_s=round(time.time() - started, 2))
         raise
     except BaseException as e:  # any other: an error of the stage or of its bookkeeping, SystemExit, Ctrl-C
-        _record_end(run, stage, e, status="failed", error=f"{type(e).__name__}: {e}"[:2000],
+        full = disk_full(e, stage)  # a full disk: one message naming the stage and the file, with what to do
+        failure = full or e
+        _record_end(run, stage, failure, status="failed",
+                    error=str(full) if full else f"{type(e).__name__}: {e}"[:2000],
                     wall_s=round(time.time() - started, 2))
         # Not on a BaseException (a KeyboardInterrupt outside `kolora run`), nor for stages whose partial work
         # (checkpoints, tiles) is what a rerun of the same config resumes from; what they supersede stays aside.
         if isinstance(e, Exception) and not s.keeps_partial:
-            note = _settle(stage, run, succeeded=False)
-            if note:
-                e.add_note(note)
+            with _unless_the_disk_is_full(failure, f"the previous {stage} outputs are still aside in "
+                                          f"{_superseded(run, stage)}: the next run puts them back"):
+                note = _settle(stage, run, succeeded=False)
+                if note:
+                    failure.add_note(note)
+        if full is not None:
+            raise full from e
         raise
     return {**summary, "wall_s": wall, **({"notes": notes} if notes else {})}
 
@@ -272,7 +282,20 @@ def _record_end(run: RunDir, stage: str, e: BaseException, **fields: Any) -> Non
     try:
         run.record_stage(stage, **fields)
     except OSError as write_error:
-        e.add_note(f"(the manifest could not record that {stage} {fields['status']}: {write_error})")
+        e.add_note(f"{run.manifest_file} still says {stage} is running: it could not be written either "
+                   f"({write_error})")
+
+
+@contextlib.contextmanager
+def _unless_the_disk_is_full(failure: BaseException, note: str) -> Iterator[None]:
+    """Bookkeeping after a failure: when it cannot be written for a full disk, the failure says so (`note`)
+    instead of being replaced by a second full-disk error."""
+    try:
+        yield
+    except Exception as e:
+        if disk_full_errno(e) is None:
+            raise
+        failure.add_note(note)
 
 
 def _call(s: stages.Stage, cfg: ExperimentConfig, run: RunDir, progress, kw: dict[str, Any],

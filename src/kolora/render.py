@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from kolora import devices, interrupt
+from kolora import devices, interchange, interrupt
 from kolora.config import ExperimentConfig
 from kolora.errors import RunFailure
 from kolora.lora import LoraFileError
@@ -150,16 +150,26 @@ def _reuse(cfg: ExperimentConfig, run: RunDir, tile: Tile) -> bool:
     return False
 
 
+@contextlib.contextmanager
+def _named_by_render_lora(cfg: ExperimentConfig):
+    """A LoRA file problem names render.lora when that field chose the file (else it is the run's own LoRA)."""
+    try:
+        yield
+    except LoraFileError as e:
+        raise LoraFileError(f"render.lora: {e}") if cfg.render.lora else e from None
+
+
 def _render_tiles(cfg: ExperimentConfig, run: RunDir, lf: Path | None, todo: list[Tile], done_before: int,
                   total: int, task_index: int, progress) -> None:
     """Render `todo` (all LoRA tiles, or all base tiles: lf None) with one pipeline, stopping between tiles on
     a stop request."""
     device, dtype = _device_dtype(cfg)
+    if lf is not None:
+        with _named_by_render_lora(cfg):
+            interchange.read_tensors(lf)  # a broken LoRA stops before the text encoder loads (minutes for Kolors)
     embeds = encode_prompts(cfg, [t.item for t in todo], device, dtype)
-    try:
+    with _named_by_render_lora(cfg):
         pipe = build_pipeline(cfg, lf, device, dtype, text_encoder=False)
-    except LoraFileError as e:
-        raise LoraFileError(f"render.lora: {e}") if cfg.render.lora else e from None
     for n, (tile, tile_embeds) in enumerate(zip(todo, embeds, strict=True), done_before + 1):
         label = (f"tile {tile.path(run).relative_to(run.root)} (prompt {tile.index}, seed {tile.item.seed}, "
                  f"{'base model' if tile.base else 'LoRA'})")

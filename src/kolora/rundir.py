@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from kolora.config import ExperimentConfig, dump_config
-from kolora.errors import InputError, read_text
+from kolora.errors import InputError, disk_full_errno, read_text
 
 # Temp names of the atomic writers: ".<name>.<mkstemp random>.kolora-tmp<suffix>" for files (the marker makes a
 # killed writer's leftover recognisable to sweep_temp; the real suffix stays last for writers that pick the
@@ -74,22 +74,38 @@ def fsync_dir(path: Path | str) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def _naming_a_full_disk(path: Path, needed: int | None = None) -> Iterator[None]:
+    """A write of `path` that finds the disk or the quota full, in whatever error its writer raises (see
+    errors.disk_full_errno), comes out as one OSError naming `path`, not the temp file it was written to."""
+    try:
+        yield
+    except BaseException as e:
+        code = disk_full_errno(e)
+        if code is None:
+            raise
+        full = OSError(code, os.strerror(code), str(path))
+        full.needed = needed  # type: ignore[attr-defined]  # for the message (errors.disk_full)
+        raise full from e
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_MARK)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)  # the rename itself, not only the data, must survive a crash
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with _naming_a_full_disk(path, len(data)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_MARK)
+        try:
+            os.fchmod(fd, 0o666 & ~_umask())
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            fsync_dir(path.parent)  # the rename itself, not only the data, must survive a crash
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -105,22 +121,24 @@ def atomic_path(path: Path, suffix: str = "") -> Iterator[Path]:
     """Yield a temp path next to `path` for writers that want a filename (PIL, safetensors, torch.save);
     it replaces `path` only if the block finishes."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_MARK + (suffix or path.suffix))
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        shareable(tmp)  # after the writer: some (safetensors) create the file anew
-        fd = os.open(tmp, os.O_RDONLY)  # the writer's data on disk before the rename makes it the real file
+    with _naming_a_full_disk(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
+                                   suffix=TEMP_MARK + (suffix or path.suffix))
+        os.close(fd)
         try:
-            os.fsync(fd)
+            yield Path(tmp)
+            shareable(tmp)  # after the writer: some (safetensors) create the file anew
+            fd = os.open(tmp, os.O_RDONLY)  # the writer's data on disk before the rename makes it the real file
+            try:
+                os.fsync(fd)  # a network file system may report a full disk or quota only here
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+            fsync_dir(path.parent)
         finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
 
 
 @contextlib.contextmanager
@@ -134,7 +152,14 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".dirtmp"))
     try:
         shareable(tmp, folder=True)
-        yield tmp
+        try:
+            yield tmp
+        except BaseException as e:  # a full disk: name the file by where it was going, <path>/<name>
+            written = Path(str(e.filename)) if getattr(e, "filename", None) is not None else tmp
+            if not written.is_relative_to(tmp):
+                raise
+            with _naming_a_full_disk(path / written.relative_to(tmp)):
+                raise
         if path.exists():
             old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old.", suffix=".dirtmp"))
             os.replace(path, old / path.name)
