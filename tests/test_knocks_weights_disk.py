@@ -164,7 +164,7 @@ def test_the_render_stage_refuses_a_lora_broken_after_preflight(world, demo_run,
     shutil.rmtree(run / "render")
     if not render_lora:
         shutil.copyfile(lora, run / "lora" / WEIGHT_NAME)
-    monkeypatch.setattr(kolora.pipeline, "preflight", lambda cfg, here=False: None)
+    monkeypatch.setattr(kolora.pipeline, "preflight", lambda cfg, here=False: [])
     rc = _run(["run", str(run / "config.yaml"), "--runs-dir", str(tmp_path), "--stage", "render",
                *(["--set", f"render.lora={lora}"] if render_lora else [])])
     err = capsys.readouterr().err
