@@ -209,3 +209,46 @@ def test_names_and_small_ones(world, case, argv, code, names, changes, capsys, c
     if not changes:
         assert _tree(world) == before, "a refused or read-only command wrote or deleted something"
     _after(case, world, text, capsys)
+
+
+def test_a_sweep_continues_under_its_name_and_force_replaces_its_plan(tmp_path, tiny_diffusers, fake_slurm,  # noqa: F811
+                                                                      capsys):
+    """The same variants (in any order) continue the sweep; other ones are refused until --force, which keeps the
+    earlier variants' folders and lists them as superseded."""
+    config = tmp_path / "good.yaml"
+    config.write_text(yaml.safe_dump(_demo(model__path=str(tiny_diffusers)), allow_unicode=True))
+    runs = tmp_path / "runs"
+
+    def sweep(vary: str, *more: str) -> int:
+        return main(["sweep", str(config), "--name", "s", "--runs-dir", str(runs), "--cluster", LOCAL, "--vary",
+                     vary, *more])
+
+    assert sweep("train.lr=1e-3,3e-3") == 0
+    assert sweep("train.lr=3e-3,1e-3") == 0  # the same variants: a rerun
+    before = _tree(runs)
+    assert sweep("train.rank=4,8") == 2
+    assert "--force" in capsys.readouterr().err and _tree(runs) == before
+    assert sweep("train.rank=4,8", "--force") == 0
+    manifest = json.loads((runs / "s" / "sweep.json").read_text())
+    assert [v["name"] for v in manifest["variants"]] == ["rank-4", "rank-8"]
+    assert sorted(v["name"] for v in manifest["superseded"]) == ["lr-1e-3", "lr-3e-3"]
+    assert all((runs / "s" / n / "manifest.json").is_file() for n in ("lr-1e-3", "lr-3e-3", "rank-4", "rank-8"))
+    capsys.readouterr()
+    assert main(["status", "s", "--runs-dir", str(runs)]) == 0
+    assert "superseded (an earlier plan replaced with --force" in capsys.readouterr().out
+    assert main(["status", "s/lr-1e-3", "--runs-dir", str(runs)]) == 0  # still addressable
+    # a variant resumes as a run inside its sweep
+    assert main(["resume", "s/rank-8", "--runs-dir", str(runs)]) == 0
+
+
+def test_a_copied_run_resumes_into_its_own_folder(tmp_path, tiny_diffusers, fake_slurm, capsys):  # noqa: F811
+    config = tmp_path / "good.yaml"
+    config.write_text(yaml.safe_dump(_demo(model__path=str(tiny_diffusers)), allow_unicode=True))
+    runs = tmp_path / "runs"
+    _bind(runs, config, "solo")
+    shutil.copytree(runs / "solo", runs / "copy")
+    before = _tree(runs / "solo")
+    assert main(["resume", "copy", "--runs-dir", str(runs), "--cluster", LOCAL]) == 0
+    assert "run copy: queued" in capsys.readouterr().out
+    assert json.loads((runs / "copy" / "manifest.json").read_text())["slurm"]["latest"]
+    assert _tree(runs / "solo") == before

@@ -65,7 +65,7 @@ def cmd_check(args) -> int:
 
 def _not_a_run(path: Path) -> None:
     """A run or sweep folder is not a dataset: say which dataset inside it to check (InputError)."""
-    from kolora.names import folder_kind, variant_names
+    from kolora.names import folder_kind, listed_variants
 
     kind = folder_kind(path)
     if kind == "run":
@@ -73,7 +73,7 @@ def _not_a_run(path: Path) -> None:
                          f"its filter stage wrote with `kolora check dataset {path / 'trainset' / 'train'}`, or "
                          f"see the run with `kolora status {path}`")
     if kind == "sweep":
-        first = next(iter(variant_names(path)), "VARIANT")
+        first = next(iter(listed_variants(path)), "VARIANT")
         raise InputError(f"{path} is a kolora sweep folder (sweep.json), not a dataset: a variant's training set is "
                          f"`kolora check dataset {path / first / 'trainset' / 'train'}`; see the sweep with "
                          f"`kolora status {path}`")

@@ -48,7 +48,7 @@ def folder_kind(path: Path | str) -> Kind:
     return "other" if visible else "empty"
 
 
-def variant_names(sweep_dir: Path) -> list[str]:
+def listed_variants(sweep_dir: Path) -> list[str]:
     return [str(v.get("name")) for v in read_manifest(sweep_dir)["variants"]]
 
 
@@ -80,7 +80,7 @@ def check_name(runs_dir: Path, name: str, make: Literal["run", "sweep"],
                         f"named {name} would be written inside that run; give the folder that holds the runs "
                         f"(e.g. --runs-dir {runs_dir.parent})")
     if around == "sweep":
-        listed = variant_names(runs_dir)
+        listed = listed_variants(runs_dir)
         if make == "sweep" or name not in listed:
             raise NameTaken(f"--runs-dir {runs_dir} is the folder of sweep {runs_dir.name} ({SWEEP_MANIFEST}, "
                             f"variants {', '.join(listed)}): a {make} named {name} would be written inside it, "
@@ -93,7 +93,7 @@ def check_name(runs_dir: Path, name: str, make: Literal["run", "sweep"],
                         f"write its {make} into it; use another --name, or move that folder away")
     if make == "run":  # the name is a sweep's
         raise NameTaken(f"{target} is the folder of sweep {name} ({SWEEP_MANIFEST}, variants "
-                        f"{', '.join(variant_names(target))}): a run named {name} would be written inside it; "
+                        f"{', '.join(listed_variants(target))}): a run named {name} would be written inside it; "
                         f"use another --name (`kolora status {name}` shows the sweep; a variant is "
                         f"{name}/VARIANT)")
     if kind == "run":
@@ -115,6 +115,6 @@ def describe_sweep(path: Path) -> str | None:
     """`path is sweep NAME's folder ...: give VARIANT paths` for a command that wants a run, or None."""
     if folder_kind(path) != "sweep":
         return None
-    listed = variant_names(path)
+    listed = listed_variants(path)
     return (f"{path} is the folder of sweep {Path(path).name} ({SWEEP_MANIFEST}), not a run; give one of its "
             f"variants: {', '.join(f'{Path(path).name}/{v}' for v in listed)}")
