@@ -56,6 +56,7 @@ def _run(args) -> int:
     from rich.console import Console
 
     from kolora.config import load_config
+    from kolora.names import check_name
     from kolora.pipeline import open_run, preflight
     from kolora.rundir import RunDir, sweep_temp
     from kolora.runlock import acquire, stopped_before
@@ -63,6 +64,7 @@ def _run(args) -> int:
     console = Console(stderr=True)
     cfg = load_config(args.config, args.overrides, args.name)
     runs_dir = resolve_runs_dir(args)
+    check_name(runs_dir, cfg.name, "run")  # before the lock: a refused name leaves the runs dir as it was
     print_warnings(preflight(cfg, here=True))
     RunDir(runs_dir / cfg.name).read_manifest()  # an unusable run folder stops this before the lock is written
     stopped = stopped_before(runs_dir / cfg.name)  # read before this run holds the lock

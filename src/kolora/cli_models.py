@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -57,8 +58,25 @@ def cmd_check(args) -> int:
     else:
         from kolora.dataset import check_folder
 
+        _not_a_run(Path(args.path))
         report = check_folder(Path(args.path))
     return _report(report)
+
+
+def _not_a_run(path: Path) -> None:
+    """A run or sweep folder is not a dataset: say which dataset inside it to check (InputError)."""
+    from kolora.names import folder_kind, listed_variants
+
+    kind = folder_kind(path)
+    if kind == "run":
+        raise InputError(f"{path} is a kolora run folder (manifest.json), not a dataset: check the training set "
+                         f"its filter stage wrote with `kolora check dataset {path / 'trainset' / 'train'}`, or "
+                         f"see the run with `kolora status {path}`")
+    if kind == "sweep":
+        first = next(iter(listed_variants(path)), "VARIANT")
+        raise InputError(f"{path} is a kolora sweep folder (sweep.json), not a dataset: a variant's training set is "
+                         f"`kolora check dataset {path / first / 'trainset' / 'train'}`; see the sweep with "
+                         f"`kolora status {path}`")
 
 
 def find_run(run: str, runs_dir: str | None) -> Path:
@@ -122,8 +140,9 @@ def cmd_import_lora(args) -> int:
                                   config=args.unet_config)
     rank, alpha = interchange.rank_alpha(out)
     print(out)
-    print(f"imported {args.file}: rank {rank}, alpha {alpha:g}; render with it: --set render.lora={out.parent}",
-          file=sys.stderr)
+    # the file itself, absolute: its folder may hold other LoRA files, and --set is read from any directory
+    print(f"imported {args.file}: rank {rank}, alpha {alpha:g}; render with it: --set "
+          f"{shlex.quote(f'render.lora={out.resolve()}')}", file=sys.stderr)
     return 0
 
 

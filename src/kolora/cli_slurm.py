@@ -46,12 +46,14 @@ def cmd_submit(args) -> int:
     from kolora.config import load_config
     from kolora.launch.cluster_check import check_cluster
     from kolora.launch.submit import dry_run
+    from kolora.names import check_name
     from kolora.pipeline import preflight
 
     cfg = load_config(args.config, args.overrides, args.name)
     profile_file = find_profile(args.cluster)
     profile = load_profile(profile_file)
     runs_dir = resolve_runs_dir(args)
+    check_name(runs_dir, cfg.name, "run")  # --dry-run too: it shows what a submission would do
     print_warnings(preflight(cfg))
     check_cluster(cfg, profile, str(profile_file))
     warn_attempt_window(cfg, profile)
@@ -73,10 +75,14 @@ def cmd_resume(args) -> int:
     from kolora.cluster import find_profile, load_profile
     from kolora.launch.cluster_check import check_cluster
     from kolora.launch.monitor import resolve_run
+    from kolora.names import check_name
     from kolora.pipeline import preflight
 
     run = resolve_run(args.run, resolve_runs_dir(args))
-    cfg = run.load_config()
+    # the folder's name, not the one its config.yaml was written with: a copied or renamed run folder resumes
+    # itself, never the run it was copied from
+    cfg = run.load_config(name=run.root.name)
+    check_name(run.root.parent, cfg.name, "run")
     manifest = run.read_manifest().get("slurm", {})
     profile_ref = args.cluster or (manifest.get("submissions", {}).get(manifest.get("latest"), {})
                                    .get("profile_file"))

@@ -10,10 +10,13 @@ def cmd_sweep(args) -> int:
     from rich.console import Console
 
     from kolora.cli import resolve_runs_dir
+    from kolora.names import check_name
     from kolora.sweep import plan
 
     console = Console(stderr=True)
-    sweep = plan(args.config, args.vary, resolve_runs_dir(args), args.name, args.overrides)
+    runs_dir = resolve_runs_dir(args)
+    sweep = plan(args.config, args.vary, runs_dir, args.name, args.overrides)
+    check_name(runs_dir, sweep.name, "sweep", {v.name: v.overrides for v in sweep.variants}, force=args.force)
     if args.cluster:
         return _submit(args, sweep)
     from kolora import interrupt
@@ -87,7 +90,10 @@ def register(subparsers) -> None:
     p.add_argument("--vary", action="append", default=[], required=True, metavar="FIELD=V1,V2",
                    help="a field and its values, e.g. --vary train.lr=1e-4,3e-4 (repeatable: the product)")
     p.add_argument("--cluster", metavar="PROFILE", help="submit to Slurm with this cluster profile")
-    p.add_argument("--force", action="store_true", help="in process: rerun every stage of every variant")
+    p.add_argument("--force", action="store_true",
+                   help="replace the plan of an earlier sweep of this name that has other variants (their folders "
+                        "are kept, listed as superseded in sweep.json); in process also: rerun every stage of "
+                        "every variant")
     p.set_defaults(func=cmd_sweep)
 
 

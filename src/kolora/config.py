@@ -79,6 +79,15 @@ class DataConfig(_Section):
     allow_external_paths: bool = False
     max_image_bytes: int = Field(256 * 2**20, ge=1)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _synthetic_reads_no_path(cls, raw: Any) -> Any:
+        # generated images read nothing: a data.path left from another source is not an input (not checked,
+        # not bound into a container, not in the config's digest or ingest's key)
+        if isinstance(raw, dict) and raw.get("source", "synthetic") == "synthetic":
+            return {k: v for k, v in raw.items() if k != "path"}
+        return raw
+
     @model_validator(mode="after")
     def _source_needs(self) -> DataConfig:
         if self.source in ("folder", "jsonl", "parquet") and self.path is None:

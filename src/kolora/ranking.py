@@ -7,7 +7,6 @@ Runs with scores (eval/scores.json, written by the evaluate stage) rank first, b
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from dataclasses import dataclass, field
@@ -49,18 +48,10 @@ def _finite(value: Any) -> float | None:
 
 
 def loss_curve(run_root: Path) -> list[tuple[int, float]]:
-    """(step, loss) rows of train/metrics.csv; rows without a finite loss are skipped."""
-    try:
-        with open(Path(run_root) / "train" / "metrics.csv", newline="") as f:
-            rows = list(csv.DictReader(f))
-    except OSError:
-        return []
-    out = []
-    for row in rows:
-        loss, step = _finite(row.get("loss")), _finite(row.get("step"))
-        if loss is not None and step is not None:
-            out.append((int(step), loss))
-    return out
+    """(step, loss) rows of train/metrics.csv up to the run's kept step; rows without a finite loss are skipped."""
+    from kolora import train_metrics
+
+    return [(r["step"], r["loss"]) for r in train_metrics.rows(run_root) if math.isfinite(r["loss"])]
 
 
 def read_scores(run_root: Path) -> dict[str, Any] | None:

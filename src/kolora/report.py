@@ -9,13 +9,13 @@ image has decoded (tests read it back from a headless browser)."""
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import json
 import re
 from pathlib import Path
 from typing import Any
 
+from kolora import train_metrics
 from kolora.config import ExperimentConfig
 from kolora.errors import RunFailure
 from kolora.rundir import RunDir, atomic_write_bytes, atomic_write_text
@@ -51,13 +51,6 @@ window.addEventListener('load', function () {
 
 def data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-
-
-def read_metrics(path: Path) -> list[dict[str, float]]:
-    if not path.is_file():
-        return []
-    with open(path, newline="") as f:
-        return [{"step": int(r["step"]), "loss": float(r["loss"]), "lr": float(r["lr"])} for r in csv.DictReader(f)]
 
 
 def read_scores(run: RunDir) -> dict[str, Any] | None:
@@ -161,7 +154,7 @@ def run(cfg: ExperimentConfig, run: RunDir, progress=None) -> dict[str, Any]:
 
     if not run.grid_file.is_file():
         raise RunFailure(f"report: {run.grid_file} is missing: run the grid stage first")
-    loss = read_metrics(run.train / "metrics.csv")
+    loss = train_metrics.rows(run.root, upto=cfg.train.steps)  # not a later step kept from a longer run
     scores = read_scores(run)
     samples = validation_samples(run.train)
     figures: dict[str, bytes] = {}

@@ -285,12 +285,13 @@ class RunDir:
                           "render": "per prompt (see render.prompts)"}
             m.setdefault("stages", {})
 
-    def load_config(self) -> ExperimentConfig:
+    def load_config(self, name: str | None = None) -> ExperimentConfig:
+        """The frozen config (with `name` in place of the one it was written with, when given)."""
         from kolora.config import load_config
 
         if not self.config_file.is_file():
             raise RunError(f"{self.root} is not a kolora run directory (no config.yaml)")
-        return load_config(self.config_file)
+        return load_config(self.config_file, name=name)
 
     # manifest -----------------------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -180,10 +180,18 @@ def write_manifest(sweep: Sweep, **extra: Any) -> dict[str, Any]:
     """runs/<sweep>/sweep.json: what a sweep is (kept across reruns: a `slurm` entry is replaced, not lost)."""
     path = sweep.dir / MANIFEST
     old = read_manifest(sweep.dir) if path.is_file() else {}
+    names = {v.name for v in sweep.variants}
+    # a plan replaced with --force (kolora.names.check_name): its variants' folders stay, listed here
+    superseded = {v.get("name"): v for v in old.get("superseded", []) if v.get("name") not in names}
+    superseded.update({v.get("name"): {**v, "vary": old.get("vary"), "superseded": now()}
+                       for v in old.get("variants", []) if v.get("name") not in names})
     data = {**old, "name": sweep.name, "config": str(sweep.config_file), "overrides": sweep.base_overrides,
             "vary": sweep.vary, "created": old.get("created", now()), "updated": now(),
             "variants": [{"name": v.name, "overrides": v.overrides, "run_dir": v.name,
-                          "config_digest": v.cfg.digest()} for v in sweep.variants], **extra}
+                          "config_digest": v.cfg.digest()} for v in sweep.variants],
+            "superseded": list(superseded.values()), **extra}
+    if not data["superseded"]:
+        del data["superseded"]
     sweep.dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, data)
     return data

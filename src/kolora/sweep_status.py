@@ -83,6 +83,7 @@ def status(sweep_dir: Path) -> dict[str, Any]:
             "slurm": slurm, "jobs": _sweep_jobs(slurm) if slurm else [], "variants": variants,
             "best": {"name": best.name, "why": best.describe(), "scored": best.scored} if best else None,
             "sheet": str(sheet) if sheet.is_file() else None,
+            "superseded": [str(v.get("name")) for v in manifest.get("superseded", [])],
             "failed": [r["name"] for r in variants if r["failed"]],
             "stopped": [r["name"] for r in variants if r["stopped"]]}
 
@@ -124,6 +125,9 @@ def format_status(st: dict[str, Any]) -> str:
         lines.append("best so far: none yet (no variant has a loss or scores)")
     if st["sheet"]:
         lines.append(f"sheet: {st['sheet']}")
+    if st["superseded"]:
+        lines.append(f"superseded (an earlier plan replaced with --force; kept, each `kolora status "
+                     f"{st['name']}/VARIANT`): {', '.join(st['superseded'])}")
     return "\n".join(lines)
 
 

@@ -27,7 +27,7 @@ import lightning as L
 import torch
 
 from kolora import checkpoint as ckpt_io
-from kolora import distributed, interrupt, models, objective, trainlogs, validation
+from kolora import distributed, interrupt, models, objective, train_metrics, trainlogs, validation
 from kolora import lora as lora_io
 from kolora.config import ExperimentConfig, TrainConfig
 from kolora.devices import is_cuda, pick
@@ -330,6 +330,9 @@ def run(cfg: ExperimentConfig, run: RunDir, progress=None, devices: int = 1, num
                     f"training continues from step {start_step} to {tcfg.steps}", tcfg.steps)
     elif resume:
         log.info("resuming from %s (step %d of %d)", resume, start_step, tcfg.steps)
+    elif earlier := train_metrics.all_rows(run.root):
+        log.warning("train.steps=%d: no checkpoint of the earlier training (metrics.csv reaches step %d) is left in "
+                    "%s; training starts again from step 0", tcfg.steps, max(r["step"] for r in earlier), ckpt_dir)
     world = devices * num_nodes
     batch = distributed.GlobalBatch.resumed(found[1]["kolora"].get("batch") if found else None, tcfg.batch_size,
                                             world, str(resume))
@@ -400,7 +403,8 @@ def run(cfg: ExperimentConfig, run: RunDir, progress=None, devices: int = 1, num
                               extra_metadata={"kolora.steps": str(tcfg.steps), "kolora.config": cfg.digest(),
                                               "kolora.global_batch": str(batch.size), **option_metadata(tcfg)})
     trainer.strategy.barrier("kolora-lora-saved")
-    rows = list(csv.DictReader(open(run.train / "metrics.csv")))
+    # the LoRA's step: a run re-run with a lower train.steps keeps the rows of its later steps
+    rows = [r for r in csv.DictReader(open(run.train / "metrics.csv")) if int(r["step"]) <= trainer.global_step]
     return {"steps": trainer.global_step, "resumed_from_step": start_step, "precision": precision,
             "world_size": world, "accumulate": batch.accumulate, "global_batch": batch.size,
             "last_loss": float(rows[-1]["loss"]) if rows else None, "lora": str(out),

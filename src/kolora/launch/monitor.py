@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kolora import train_metrics
 from kolora.config import ConfigError
 from kolora.rundir import RunDir
 from kolora.stages import NAMES, job_of, jobs
@@ -105,10 +106,14 @@ def scancel(ids: list[str]) -> None:
 
 # manifest ------------------------------------------------------------------------------------------------
 def resolve_run(name_or_path: str, runs_dir: Path) -> RunDir:
+    from kolora.names import NameTaken, describe_sweep
+
     p = Path(name_or_path).expanduser()
     for cand in (p, Path(runs_dir) / name_or_path):
         if (cand / "manifest.json").is_file():
             return RunDir(cand)
+        if sweep := describe_sweep(cand):
+            raise NameTaken(sweep)
     raise ConfigError(f"no run {name_or_path!r}: neither {p} nor {Path(runs_dir) / name_or_path} holds a "
                       "manifest.json (give the run name with --runs-dir, or the run directory)")
 
@@ -176,17 +181,6 @@ def _read_json(path: Path) -> dict[str, Any]:
         return {}
 
 
-def _last_metrics(path: Path) -> dict[str, str] | None:
-    try:
-        lines = path.read_text().strip().splitlines()
-    except OSError:
-        return None
-    if len(lines) < 2:
-        return None
-    header, last = lines[0].split(","), lines[-1].split(",")
-    return dict(zip(header, last, strict=False))
-
-
 def progress(run: RunDir, sub: dict[str, Any], manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """What the run directory says about each job's stages."""
     from kolora.config import load_config
@@ -214,14 +208,14 @@ def progress(run: RunDir, sub: dict[str, Any], manifest: dict[str, Any]) -> dict
     out["filter"] = info
 
     info = {"stages": {s: status[s] for s in job_stages["train"]}, "total_steps": cfg.train.steps if cfg else None}
-    metrics = _last_metrics(run.train / "metrics.csv")
+    metrics = next(reversed(train_metrics.rows(run.root)), None)  # the kept step's, not a later one's
     text = [f"cache {status['cache']}"] if status["cache"] not in ("complete", "-") else []
     cache = (stages.get("cache") or {}).get("summary") or {}
     if "encoded" in cache:
         info.update(cache_encoded=cache["encoded"], cache_reused=cache["reused"])
         text.append(f"cache encoded {cache['encoded']}, reused {cache['reused']}")
     if metrics and status["train"] != "-":
-        info.update(step=int(metrics.get("step", 0)), loss=float(metrics.get("loss", "nan")))
+        info.update(step=metrics["step"], loss=metrics["loss"])
         text.append(f"step {info['step']}/{info['total_steps']}, loss {info['loss']:.4g}")
     info["text"] = "; ".join(text)
     out["train"] = info

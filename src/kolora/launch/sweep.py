@@ -108,6 +108,9 @@ def submit_sweep(sweep: Sweep, profile: ClusterProfile, profile_file: Path | Non
     folder = (Path(profile.job_folder) / sweep.name if profile.job_folder else sweep.dir / "slurm") / stamp
     python = python_command(profile)
     t0 = time.perf_counter()
+    # the sweep's folder is a sweep (kolora.names) before any variant's folder is made in it: a submission
+    # that fails below can be retried under the same name
+    write_manifest(sweep, launcher="slurm")
     with contextlib.ExitStack() as locks:
         for v in sweep.variants:
             locks.enter_context(acquire(v.root(sweep.dir), "submission", stamp=stamp))
