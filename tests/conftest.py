@@ -59,6 +59,25 @@ def kolors_configs(tmp_path_factory) -> Path:
     return root
 
 
+def tree_state(root: Path) -> dict[str, tuple[int, int, int]]:
+    """Every path under root with its size, mtime and mode: a write or a deletion changes it."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        st = p.lstat()
+        out[str(p.relative_to(root))] = (st.st_size if p.is_file() else 0, st.st_mtime_ns, st.st_mode)
+    return out
+
+
+def run_cli(argv: list[str]) -> int:
+    """`kolora ARGV` in this process: its exit status, also when argparse refuses an argument value itself."""
+    from kolora.cli import main
+
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return int(e.code)
+
+
 def demo_overrides(model_path: Path, *extra: str) -> list[str]:
     return [f"model.path={model_path}", *extra]
 

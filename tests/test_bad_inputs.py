@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import DEMO, PROMPTS, REPO
+from conftest import DEMO, PROMPTS, REPO, run_cli, tree_state
 
 from kolora.cli import main
 
@@ -221,29 +221,13 @@ CASES = [
 ]
 
 
-def _tree(root: Path) -> dict[str, tuple[int, int, int]]:
-    """Every path under root with its size, mtime and mode: a write or a deletion changes it."""
-    out = {}
-    for p in sorted(root.rglob("*")):
-        st = p.lstat()
-        out[str(p.relative_to(root))] = (st.st_size if p.is_file() else 0, st.st_mtime_ns, st.st_mode)
-    return out
-
-
-def _run(argv: list[str]) -> int:
-    try:
-        return main(argv)
-    except SystemExit as e:  # argparse refuses a bad argument value itself
-        return int(e.code)
-
-
 @pytest.mark.parametrize("argv, code, names", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input_is_one_message_and_changes_nothing(world, argv, code, names, capsys, monkeypatch):
     monkeypatch.chdir(world)
     monkeypatch.setenv("KOLORA_RUNS", str(world / "runs"))
     monkeypatch.setenv("PATH", str(world / "empty-bin"))  # no Slurm client: nothing can be queued
-    before = _tree(world)
-    rc = _run([a.replace("{W}", str(world)) for a in argv])
+    before = tree_state(world)
+    rc = run_cli([a.replace("{W}", str(world)) for a in argv])
     out, err = capsys.readouterr()
     assert "Traceback" not in err and "internal error" not in err, err
     assert rc == code, out + err
@@ -251,7 +235,7 @@ def test_bad_input_is_one_message_and_changes_nothing(world, argv, code, names, 
         assert name.replace("{W}", str(world)) in out + err, out + err
     assert "Config" not in err and "PromptSet" not in err  # no internal class names
     assert err.count("(got ") <= err.count("\n") and "(got true) (got" not in err
-    assert _tree(world) == before, "a bad input wrote or deleted something"
+    assert tree_state(world) == before, "a bad input wrote or deleted something"
 
 
 @pytest.mark.parametrize("case", ["filter-op-args-not-a-mapping", "resume-without-config", "runs-dir-is-a-file"])
@@ -294,7 +278,7 @@ def test_failed_rerun_keeps_the_previous_data(world, tmp_path, capsys):
     good = str(world / "good.yaml")
     assert main(["run", good, "--stage", "ingest", "--runs-dir", str(runs)]) == 0
     run = runs / "demo"
-    data_before, marker_before = _tree(run / "data"), (run / ".complete" / "ingest.json").read_text()
+    data_before, marker_before = tree_state(run / "data"), (run / ".complete" / "ingest.json").read_text()
     config_before = (run / "config.yaml").read_text()
     nulls = tmp_path / "nulls.parquet"  # rows, so validate passes, but no image in any: ingest refuses it
     pq.write_table(pa.table({"image": pa.array([None, None], pa.binary()), "text": ["a", "b"]}), nulls)
@@ -303,7 +287,7 @@ def test_failed_rerun_keeps_the_previous_data(world, tmp_path, capsys):
                "--set", f"data.path={nulls}"])
     err = capsys.readouterr().err
     assert rc == 2 and "no usable sample" in err and "previous ingest outputs are back in place" in err, err
-    assert _tree(run / "data") == data_before
+    assert tree_state(run / "data") == data_before
     assert (run / ".complete" / "ingest.json").read_text() == marker_before
     assert (run / "config.yaml").read_text() != config_before  # the attempt ran: its config is the frozen one
     assert main(["run", good, "--stage", "ingest", "--runs-dir", str(runs)]) == 0

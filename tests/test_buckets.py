@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import DEMO, REPO
 from PIL import Image
-from test_train import _stop_at
+from test_train import stop_at
 
 from kolora import buckets, interrupt
 from kolora import train as train_mod
@@ -236,7 +236,7 @@ def test_buckets_on_resumed_twice_ends_bit_identical(bucket_run, tmp_path, monke
     run = RunDir(run_dir)
     cfg = run.load_config()
     assert cfg.train.buckets and cfg.train.steps == STEPS
-    _stop_at(monkeypatch, {3, 7})
+    stop_at(monkeypatch, {3, 7})
     for step in (3, 7):
         with pytest.raises(interrupt.Interrupted, match=f"step {step}/{STEPS}"):
             run_stage("train", cfg, run)

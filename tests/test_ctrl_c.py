@@ -15,7 +15,7 @@ import time
 
 import pytest
 from conftest import DEMO
-from test_train import PACED, STEPS, _fresh_train_run
+from test_train import PACED, STEPS, fresh_train_run
 
 from kolora import stages
 from kolora import train as train_mod
@@ -212,7 +212,7 @@ def _start(tmp_path, demo_run, driver_code: str):
     in a new session (its own process group, like a terminal's foreground job). (process, run, step file)"""
     import yaml
 
-    run, cfg = _fresh_train_run(demo_run, tmp_path / "runs", "demo")
+    run, cfg = fresh_train_run(demo_run, tmp_path / "runs", "demo")
     cfg.train.num_workers = 2  # the workers get the Ctrl-C as well
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), allow_unicode=True))

@@ -172,7 +172,7 @@ def _copy_run(demo_run: Path, dst: Path) -> RunDir:
     return RunDir(dst)
 
 
-def _train(run: RunDir, world: int, timeout: float = 600, **overrides) -> list[subprocess.CompletedProcess]:
+def train_ranks(run: RunDir, world: int, timeout: float = 600, **overrides) -> list[subprocess.CompletedProcess]:
     """Train `run` with `world` processes (gloo); returns each rank's finished process."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parents[1] / "src"),
@@ -194,16 +194,16 @@ def _train(run: RunDir, world: int, timeout: float = 600, **overrides) -> list[s
     return done
 
 
-def _lora(run: RunDir) -> dict[str, torch.Tensor]:
+def lora_tensors(run: RunDir) -> dict[str, torch.Tensor]:
     return load_file(str(run.root / LORA))
 
 
-def _max_rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+def max_rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-12)) for k in a)
 
 
-def _metric_steps(run: RunDir) -> list[int]:
+def metric_steps(run: RunDir) -> list[int]:
     with open(run.train / "metrics.csv") as f:
         return [int(r["step"]) for r in csv.DictReader(f)]
 
@@ -222,7 +222,7 @@ def _loss_diff(a: RunDir, b: RunDir) -> float:
 def two_process_run(demo_run, tmp_path_factory) -> RunDir:
     """2 processes × batch 1, a checkpoint after nearly every step (checkpoint_minutes tiny)."""
     run = _copy_run(demo_run, tmp_path_factory.mktemp("ddp") / "two")
-    ranks = _train(run, 2, steps=STEPS, batch_size=1, checkpoint_every=1000, checkpoint_minutes=1e-4)
+    ranks = train_ranks(run, 2, steps=STEPS, batch_size=1, checkpoint_every=1000, checkpoint_minutes=1e-4)
     for rank, p in enumerate(ranks):
         assert p.returncode == 0, f"rank {rank}:\n{p.stderr[-4000:]}"
     return run
@@ -231,16 +231,16 @@ def two_process_run(demo_run, tmp_path_factory) -> RunDir:
 def test_two_processes_with_a_checkpoint_every_step_match_one_process_with_the_doubled_batch(
         two_process_run, demo_run, tmp_path):
     run = two_process_run
-    assert _metric_steps(run) == list(range(1, STEPS + 1))
+    assert metric_steps(run) == list(range(1, STEPS + 1))
     summary = json.loads((run.root / "manifest.json").read_text())["stages"]["train"]["summary"]
     assert (summary["world_size"], summary["global_batch"], summary["accumulate"]) == (2, 2, 1)
     ckpt = torch.load(sorted((run.train / "checkpoints").glob("*.ckpt"))[-1], weights_only=True)
     assert ckpt["kolora"]["batch"] == {"per_rank_batch": 1, "world_size": 2, "accumulate": 1, "global_batch": 2}
 
     one = _copy_run(demo_run, tmp_path / "one")
-    [p] = _train(one, 1, steps=STEPS, batch_size=2, checkpoint_every=1000)
+    [p] = train_ranks(one, 1, steps=STEPS, batch_size=2, checkpoint_every=1000)
     assert p.returncode == 0, p.stderr[-4000:]
-    diff, loss = _max_rel_diff(_lora(run), _lora(one)), _loss_diff(run, one)
+    diff, loss = max_rel_diff(lora_tensors(run), lora_tensors(one)), _loss_diff(run, one)
     print(f"\n2 processes × batch 1 vs 1 process × batch 2, {STEPS} steps: LoRA max relative |Δ| {diff:.2e}, "
           f"loss {loss:.2e}")
     assert diff <= TOLERANCE and loss <= LOSS_TOLERANCE
@@ -248,7 +248,7 @@ def test_two_processes_with_a_checkpoint_every_step_match_one_process_with_the_d
 
 def test_a_stop_on_rank_0_stops_every_rank_and_resumes_on_one_process(two_process_run, demo_run, tmp_path):
     run = _copy_run(demo_run, tmp_path / "elastic")
-    ranks = _train(run, 2, steps=STEPS, batch_size=1, checkpoint_every=4, stop_rank0_at=6)
+    ranks = train_ranks(run, 2, steps=STEPS, batch_size=1, checkpoint_every=4, stop_rank0_at=6)
     # only rank 0 was asked to stop; both stopped after the same step (6), with one checkpoint
     assert [p.returncode for p in ranks] == [75, 75], [p.stderr[-3000:] for p in ranks]
     assert all("training stopped at step 6/12" in p.stderr for p in ranks)
@@ -258,13 +258,13 @@ def test_a_stop_on_rank_0_stops_every_rank_and_resumes_on_one_process(two_proces
     assert len(ckpt["kolora"]["rng_ranks"]) == 2
 
     # the next allocation has one GPU: 2 micro-batches of 1 per step keep the global batch of 2
-    [p] = _train(run, 1, steps=STEPS, batch_size=1, checkpoint_every=4)
+    [p] = train_ranks(run, 1, steps=STEPS, batch_size=1, checkpoint_every=4)
     assert p.returncode == 0, p.stderr[-4000:]
     summary = json.loads(p.stdout.strip().splitlines()[-1])
     assert (summary["resumed_from_step"], summary["world_size"], summary["accumulate"]) == (6, 1, 2)
     assert "RNG states of 2 ranks and 1 resume: the states of ranks 1–1 are dropped" in p.stderr
-    assert _metric_steps(run) == list(range(1, STEPS + 1))
-    diff, loss = _max_rel_diff(_lora(run), _lora(two_process_run)), _loss_diff(run, two_process_run)
+    assert metric_steps(run) == list(range(1, STEPS + 1))
+    diff, loss = max_rel_diff(lora_tensors(run), lora_tensors(two_process_run)), _loss_diff(run, two_process_run)
     print(f"\n2 processes, stopped at step 6, resumed on 1 process (accumulation 2): LoRA max relative |Δ| "
           f"{diff:.2e}, loss {loss:.2e}")
     assert diff <= TOLERANCE and loss <= LOSS_TOLERANCE

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 from slurmkit import LOCAL, kolora, run_progress, sacct, submit, wait_for
-from test_ddp import TOLERANCE, _lora, _max_rel_diff, _metric_steps, _train
+from test_ddp import TOLERANCE, lora_tensors, max_rel_diff, metric_steps, train_ranks
 
 from kolora.rundir import RunDir
 
@@ -77,7 +77,7 @@ def _uninterrupted_twin(run: Path, dst: Path) -> RunDir:
     """The run's config and cache, trained again by 2 processes without interruption."""
     shutil.copytree(run, dst, ignore=shutil.ignore_patterns("train", "lora", "render", "slurm", "grid.png"))
     twin = RunDir(dst)
-    ranks = _train(twin, 2)
+    ranks = train_ranks(twin, 2)
     assert all(p.returncode == 0 for p in ranks), [p.stderr[-3000:] for p in ranks]
     return twin
 
@@ -103,7 +103,7 @@ def test_preempted_two_task_training_ends_bit_identical(env, tmp_path, two_gpu_p
     assert len(states) >= 2 and states[-1] == "COMPLETED", (states, log[-3000:])
     assert "preemption" in log and "requeued job" in log and "rank 1 leaves the requeue to rank 0" in log
     assert log.count("requeued job") == len(states) - 1  # one requeue per preemption: rank 0's
-    assert _metric_steps(RunDir(run)) == list(range(1, STEPS + 1))
+    assert metric_steps(RunDir(run)) == list(range(1, STEPS + 1))
     checkpoints = json.loads((run / "manifest.json").read_text())["stages"]["train"]
     assert checkpoints["status"] == "complete"
 
@@ -130,9 +130,9 @@ def test_two_task_run_resumed_on_one_task_matches_within_tolerance(env, tmp_path
     summary = json.loads((run / "manifest.json").read_text())["stages"]["train"]["summary"]
     assert (summary["world_size"], summary["accumulate"], summary["global_batch"]) == (1, 2, 2)
     assert summary["resumed_from_step"] > 0
-    assert _metric_steps(RunDir(run)) == list(range(1, STEPS + 1))
+    assert metric_steps(RunDir(run)) == list(range(1, STEPS + 1))
     twin = _uninterrupted_twin(run, tmp_path / "twin" / "ddp-elastic")
-    diff = _max_rel_diff(_lora(RunDir(run)), _lora(twin))
+    diff = max_rel_diff(lora_tensors(RunDir(run)), lora_tensors(twin))
     print(f"\n2 tasks on Slurm, cancelled at step {summary['resumed_from_step']}, resumed on 1 task: max relative "
           f"|Δ| {diff:.2e} from the uninterrupted 2-process run")
     assert diff <= TOLERANCE
@@ -226,4 +226,4 @@ def test_a_stop_between_the_cache_merge_and_the_train_decision_requeues_every_ra
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["stages"]["train"]["status"] == "complete"
     assert manifest["stages"]["train"]["distributed"] == {"backend": "gloo", "world_size": 2, "rank": 0}
-    assert _metric_steps(RunDir(run)) == [1, 2, 3, 4]
+    assert metric_steps(RunDir(run)) == [1, 2, 3, 4]

@@ -144,7 +144,7 @@ def test_jsonl(tmp_path: Path) -> None:
     assert len(check_layout(run, 4)) == 4
 
 
-def _parquet_table(n: int, struct: bool):
+def parquet_table(n: int, struct: bool):
     import pyarrow as pa
 
     images = [image_bytes((60 + i, 50), "PNG" if i % 2 else "JPEG") for i in range(n)]
@@ -158,8 +158,8 @@ def test_parquet(tmp_path: Path) -> None:
 
     folder = tmp_path / "pq"
     folder.mkdir()
-    t1, img1 = _parquet_table(3, struct=True)
-    t2, img2 = _parquet_table(2, struct=False)
+    t1, img1 = parquet_table(3, struct=True)
+    t2, img2 = parquet_table(2, struct=False)
     pq.write_table(t1, folder / "a.parquet")
     pq.write_table(t2, folder / "b.parquet")
     pq.write_table(pa.table({"picture": pa.array([None], pa.binary()), "caption": ["no image"]}),
@@ -206,7 +206,7 @@ def test_modelscope_local_imagefolder_and_parquet(tmp_path: Path) -> None:
     # parquet with embedded bytes, as `modelscope download --dataset` leaves it
     pqd = tmp_path / "parquetds"
     (pqd / "data").mkdir(parents=True)
-    table, images = _parquet_table(4, struct=True)
+    table, images = parquet_table(4, struct=True)
     pq.write_table(table.rename_columns(["image", "text"]), pqd / "data" / "train-00000-of-00001.parquet")
     cfg = make_cfg(tmp_path, {"source": "modelscope", "path": str(pqd)})
     ingest.run(cfg, run)

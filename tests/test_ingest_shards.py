@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_ingest import _parquet_table, image_bytes, make_cfg
+from test_ingest import image_bytes, make_cfg, parquet_table
 
 from kolora import ingest, ingest_shards, interrupt
 from kolora.rundir import RunDir
@@ -24,8 +24,8 @@ def dirty_parquet(root: Path) -> Path:
 
     folder = root / "pq"
     folder.mkdir(parents=True)
-    t1, _ = _parquet_table(7, struct=True)
-    t2, _ = _parquet_table(5, struct=False)
+    t1, _ = parquet_table(7, struct=True)
+    t2, _ = parquet_table(5, struct=False)
     pq.write_table(t1, folder / "a.parquet", row_group_size=3)
     pq.write_table(t2, folder / "b.parquet", row_group_size=3)
     (root / "secret.png").write_bytes(image_bytes((40, 40), "PNG"))
@@ -129,7 +129,7 @@ def test_modelscope_download_is_sharded_too(tmp_path: Path) -> None:
 
     pqd = tmp_path / "parquetds"
     (pqd / "data").mkdir(parents=True)
-    table, images = _parquet_table(5, struct=True)
+    table, images = parquet_table(5, struct=True)
     pq.write_table(table.rename_columns(["image", "text"]), pqd / "data" / "train-00000-of-00001.parquet")
     one, many = RunDir(tmp_path / "one"), RunDir(tmp_path / "many")
     ingest.run(cfg_for(tmp_path, {"source": "modelscope", "path": str(pqd)}, 1), one)

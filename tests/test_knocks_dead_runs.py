@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import DEMO, PROMPTS
+from conftest import DEMO, PROMPTS, tree_state
 from test_launch import FAKE, LOCAL
 
 from kolora import stages
@@ -252,15 +252,6 @@ CASES = [
 ]
 
 
-def _tree(root: Path) -> dict[str, tuple[int, int, int]]:
-    """Every path under root with its size, mtime and mode: a write or a deletion changes it."""
-    out = {}
-    for p in sorted(root.rglob("*")):
-        st = p.lstat()
-        out[str(p.relative_to(root))] = (st.st_size if p.is_file() else 0, st.st_mtime_ns, st.st_mode)
-    return out
-
-
 @pytest.fixture
 def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """The demo config and fake Slurm clients that know no job (squeue and sacct answer, with nothing)."""
@@ -281,7 +272,7 @@ def test_a_dead_run_is_stopped_not_running(world, setup, argv, code, words, read
     setup(world)
     capsys.readouterr()
     killed = (world / "killed.pid").read_text() if (world / "killed.pid").is_file() else ""
-    before = _tree(world / "runs")
+    before = tree_state(world / "runs")
     rc = main([a.replace("{W}", str(world)) for a in argv])
     out, err = capsys.readouterr()
     assert "Traceback" not in out + err and "internal error" not in err, out + err
@@ -291,7 +282,7 @@ def test_a_dead_run_is_stopped_not_running(world, setup, argv, code, words, read
         assert word in out + err, f"{word!r} not in:\n{out}{err}"
     assert "running (" not in out and "): running" not in out, out
     if read_only:
-        assert _tree(world / "runs") == before, "status wrote or deleted something"
+        assert tree_state(world / "runs") == before, "status wrote or deleted something"
 
 
 # ---- negative controls: a live holder stays "running" (these pass on the base too) -------------------------
@@ -299,11 +290,11 @@ def test_a_live_holder_is_running(world, capsys):
     holder = subprocess.Popen(["sleep", "30"])
     try:
         root = _run(world, {**_until("train"), "train": "running"}, _lock(pid=holder.pid))
-        before = _tree(root)
+        before = tree_state(root)
         assert main(STATUS[:2] + ["--runs-dir", str(world / "runs")]) == 0
         out = capsys.readouterr().out
         assert "): running (train)" in out and "STOPPED" not in out, out
-        assert _tree(root) == before
+        assert tree_state(root) == before
     finally:
         holder.kill()
         holder.wait()

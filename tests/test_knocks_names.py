@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import DEMO, PROMPTS
-from test_bad_inputs import _tree
+from conftest import DEMO, PROMPTS, tree_state
 from test_launch import LOCAL, fake_slurm  # noqa: F401 - fake_slurm is a fixture
 
 from kolora.cli import main
@@ -195,7 +194,7 @@ def test_names_and_small_ones(world, case, argv, code, names, changes, capsys, c
     monkeypatch.setenv("PATH", str(world / "empty-bin"))  # no Slurm client: nothing can be queued
     if case in SETUP:
         SETUP[case](world)
-    before = _tree(world)
+    before = tree_state(world)
     try:
         rc = main([_substitute(a, world) for a in argv])
     except SystemExit as e:
@@ -207,7 +206,7 @@ def test_names_and_small_ones(world, case, argv, code, names, changes, capsys, c
     for name in names:
         assert _substitute(name, world) in text, text
     if not changes:
-        assert _tree(world) == before, "a refused or read-only command wrote or deleted something"
+        assert tree_state(world) == before, "a refused or read-only command wrote or deleted something"
     _after(case, world, text, capsys)
 
 
@@ -225,9 +224,9 @@ def test_a_sweep_continues_under_its_name_and_force_replaces_its_plan(tmp_path, 
 
     assert sweep("train.lr=1e-3,3e-3") == 0
     assert sweep("train.lr=3e-3,1e-3") == 0  # the same variants: a rerun
-    before = _tree(runs)
+    before = tree_state(runs)
     assert sweep("train.rank=4,8") == 2
-    assert "--force" in capsys.readouterr().err and _tree(runs) == before
+    assert "--force" in capsys.readouterr().err and tree_state(runs) == before
     assert sweep("train.rank=4,8", "--force") == 0
     manifest = json.loads((runs / "s" / "sweep.json").read_text())
     assert [v["name"] for v in manifest["variants"]] == ["rank-4", "rank-8"]
@@ -247,8 +246,8 @@ def test_a_copied_run_resumes_into_its_own_folder(tmp_path, tiny_diffusers, fake
     runs = tmp_path / "runs"
     _bind(runs, config, "solo")
     shutil.copytree(runs / "solo", runs / "copy")
-    before = _tree(runs / "solo")
+    before = tree_state(runs / "solo")
     assert main(["resume", "copy", "--runs-dir", str(runs), "--cluster", LOCAL]) == 0
     assert "run copy: queued" in capsys.readouterr().out
     assert json.loads((runs / "copy" / "manifest.json").read_text())["slurm"]["latest"]
-    assert _tree(runs / "solo") == before
+    assert tree_state(runs / "solo") == before

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import DEMO, PROMPTS, REPO
-from test_bad_inputs import _run, _tree
+from conftest import DEMO, PROMPTS, REPO, run_cli, tree_state
 
 LOCAL = str(REPO / "slurm" / "clusters" / "local.yaml")
 
@@ -192,14 +191,14 @@ def test_caught_before_anything_is_written(world, argv, path, code, names, capsy
         readonly = str(world / "readonly")
         monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if str(p) == readonly and mode & os.W_OK
                             else real_access(p, mode, **kw))
-    before = _tree(world)
-    rc = _run([_fill(a, world) for a in argv])
+    before = tree_state(world)
+    rc = run_cli([_fill(a, world) for a in argv])
     out, err = capsys.readouterr()
     assert "Traceback" not in err and "internal error" not in err, err
     assert rc == code, out + err
     for name in names:
         assert _fill(name, world) in out + err, out + err
-    assert _tree(world) == before, "a refused command wrote or deleted something"
+    assert tree_state(world) == before, "a refused command wrote or deleted something"
 
 
 def test_a_cluster_that_has_everything_passes(world, capsys, monkeypatch):
@@ -207,15 +206,15 @@ def test_a_cluster_that_has_everything_passes(world, capsys, monkeypatch):
     answering, partitions are not checked."""
     for path in ("fake-slurm", "no-slurm"):
         monkeypatch.setenv("PATH", str(world / path))
-        assert _run(["validate", str(world / "good.yaml"), "--cluster", LOCAL]) == 0, capsys.readouterr().err
-        assert _run(["submit", str(world / "good.yaml"), "--cluster", LOCAL, "--dry-run", "--runs-dir",
+        assert run_cli(["validate", str(world / "good.yaml"), "--cluster", LOCAL]) == 0, capsys.readouterr().err
+        assert run_cli(["submit", str(world / "good.yaml"), "--cluster", LOCAL, "--dry-run", "--runs-dir",
                      str(world / "runs")]) == 0
     assert "warning" not in capsys.readouterr().err
 
 
 def test_a_caption_limit_only_with_prompt_captions(world, capsys):
     """Without prompt captions, a newline in a prompt is the text encoder's business, not the grid's."""
-    assert _run(["validate", str(world / "good.yaml"), "--set",
+    assert run_cli(["validate", str(world / "good.yaml"), "--set",
                  f"render.prompts={world / 'prompts' / 'newline.yaml'}"]) == 0, capsys.readouterr().err
 
 

@@ -19,20 +19,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import DEMO, PROMPTS
+from conftest import DEMO, PROMPTS, run_cli, tree_state
 
 from kolora import interchange
-from kolora.cli import main
 from kolora.lora import WEIGHT_NAME
-
-
-def _tree(root: Path) -> dict[str, tuple[int, int, int]]:
-    """Every path under root with its size, mtime and mode: a write or a deletion changes it."""
-    out = {}
-    for p in sorted(root.rglob("*")):
-        st = p.lstat()
-        out[str(p.relative_to(root))] = (st.st_size if p.is_file() else 0, st.st_mtime_ns, st.st_mode)
-    return out
 
 
 def _break(src: Path, dst: Path, ending: str, value: float) -> str:
@@ -86,13 +76,6 @@ def world(tmp_path_factory, demo_run, tiny_diffusers) -> tuple[Path, dict[str, s
     return w, keys
 
 
-def _run(argv: list[str]) -> int:
-    try:
-        return main(argv)
-    except SystemExit as e:
-        return int(e.code)
-
-
 # (id, argv, the broken file whose key the message names, what else it names); {W} is the world folder, {M} the
 # tiny model the LoRAs were trained on
 IMPORT = ["import-lora", "--to", "{W}/out", "--unet-config", "{M}"]
@@ -139,14 +122,14 @@ def test_broken_lora_weights_are_refused_naming_the_file_and_tensor(world, tiny_
                                                                      capsys, monkeypatch):
     w, keys = world
     monkeypatch.chdir(w)
-    before = _tree(w)
-    rc = _run([a.replace("{W}", str(w)).replace("{M}", str(tiny_diffusers)) for a in argv])
+    before = tree_state(w)
+    rc = run_cli([a.replace("{W}", str(w)).replace("{M}", str(tiny_diffusers)) for a in argv])
     out, err = capsys.readouterr()
     assert "Traceback" not in err and "internal error" not in err, err
     assert rc == 2, out + err
     for name in [*names, keys[broken], "values no trained LoRA holds", "earlier checkpoint"]:
         assert name.replace("{W}", str(w)) in err, err
-    assert _tree(w) == before, "a broken LoRA wrote or deleted something"
+    assert tree_state(w) == before, "a broken LoRA wrote or deleted something"
 
 
 @pytest.mark.parametrize("broken, render_lora", [("nan-up", True), ("inf-down-kohya", True), ("nan-up", False)],
@@ -165,7 +148,7 @@ def test_the_render_stage_refuses_a_lora_broken_after_preflight(world, demo_run,
     if not render_lora:
         shutil.copyfile(lora, run / "lora" / WEIGHT_NAME)
     monkeypatch.setattr(kolora.pipeline, "preflight", lambda cfg, here=False: [])
-    rc = _run(["run", str(run / "config.yaml"), "--runs-dir", str(tmp_path), "--stage", "render",
+    rc = run_cli(["run", str(run / "config.yaml"), "--runs-dir", str(tmp_path), "--stage", "render",
                *(["--set", f"render.lora={lora}"] if render_lora else [])])
     err = capsys.readouterr().err
     assert "Traceback" not in err and "internal error" not in err, err
@@ -271,7 +254,7 @@ def _remove(run: Path, spec: str) -> None:
 
 def _work(run: Path) -> dict[str, tuple[int, int, int]]:
     """The run's output files (not its bookkeeping: manifest, frozen config, locks, input stamps)."""
-    return {k: v for k, v in _tree(run).items() if stat.S_ISREG(v[2])
+    return {k: v for k, v in tree_state(run).items() if stat.S_ISREG(v[2])
             and not k.startswith((".inputs", ".manifest.lock", ".run", "manifest.json", "config.yaml"))}
 
 
@@ -291,7 +274,7 @@ def test_a_full_disk_names_the_stage_and_file_and_the_rerun_completes(demo_run, 
     argv = ["run", str(run / "config.yaml"), "--runs-dir", str(tmp_path), "--stage", stage]
     with monkeypatch.context() as m:
         fill_the_disk(m, run, how, pattern, code)
-        rc = _run(argv)
+        rc = run_cli(argv)
     err = capsys.readouterr().err
     assert "Traceback" not in err and "internal error" not in err, err
     assert rc == 1, err
@@ -307,7 +290,7 @@ def test_a_full_disk_names_the_stage_and_file_and_the_rerun_completes(demo_run, 
     assert {k: after[k] for k, v in before.items() if not k.endswith(records)} == \
         {k: v for k, v in before.items() if not k.endswith(records)}, "finished work changed"
 
-    assert _run(argv) == 0, capsys.readouterr().err
+    assert run_cli(argv) == 0, capsys.readouterr().err
     capsys.readouterr()
     assert json.loads((run / "manifest.json").read_text())["stages"][stage]["status"] == "complete"
     assert any(fnmatch(_destination(p, run), pattern) for p in run.rglob("*")), f"{pattern} was not written"
@@ -319,13 +302,13 @@ def test_a_full_disk_while_exporting_names_the_file(demo_run, tmp_path, capsys, 
     run = tmp_path / "demo"
     with monkeypatch.context() as m:
         fill_the_disk(m, run, "fsync", "lora/kohya/*", errno.ENOSPC)
-        rc = _run(["export", str(run), "--format", "kohya"])
+        rc = run_cli(["export", str(run), "--format", "kohya"])
     err = capsys.readouterr().err
     assert rc == 1 and "Traceback" not in err, err
     assert f"kolora: error: the disk is full (no space left on device) writing {run}/lora/kohya/demo.safetensors" \
         in err and "Finished work is intact" in err, err
     assert not (run / "lora" / "kohya").exists() or not list((run / "lora" / "kohya").iterdir())
-    assert _run(["export", str(run), "--format", "kohya"]) == 0
+    assert run_cli(["export", str(run), "--format", "kohya"]) == 0
     assert (run / "lora" / "kohya" / "demo.safetensors").is_file()
 
 
@@ -347,11 +330,11 @@ def test_a_manifest_that_cannot_be_written_either_is_said(demo_run, tmp_path, ca
 
     with monkeypatch.context() as m:
         m.setattr(kolora.rundir.RunDir, "record_stage", record_then_fill)
-        rc = _run(argv)
+        rc = run_cli(argv)
     monkeypatch.undo()
     err = capsys.readouterr().err
     assert rc == 1 and "Traceback" not in err, err
     assert f"grid stage: the disk is full (no space left on device) writing {run}/grid.png" in err, err
     assert f"{run}/manifest.json still says grid is running: it could not be written either" in err, err
     assert not _leftovers(run)
-    assert _run(argv) == 0
+    assert run_cli(argv) == 0

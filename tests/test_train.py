@@ -17,7 +17,7 @@ from kolora.rundir import RunDir
 STEPS = 30
 
 
-def _fresh_train_run(demo_run, tmp_path, name) -> tuple[RunDir, object]:
+def fresh_train_run(demo_run, tmp_path, name) -> tuple[RunDir, object]:
     run, cfg = untrained_copy(demo_run, tmp_path / name)
     cfg.train.steps = STEPS
     cfg.train.checkpoint_every = 8
@@ -34,7 +34,7 @@ def _steps(run) -> list[int]:
         return [int(r["step"]) for r in csv.DictReader(f)]
 
 
-def _stop_at(monkeypatch, at_steps: set[int]):
+def stop_at(monkeypatch, at_steps: set[int]):
     original = train_mod.Checkpointer.on_train_batch_end
 
     def patched(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -48,14 +48,14 @@ def _stop_at(monkeypatch, at_steps: set[int]):
 
 @pytest.fixture(scope="module")
 def reference(demo_run, tmp_path_factory):
-    run, cfg = _fresh_train_run(demo_run, tmp_path_factory.mktemp("ref"), "ref")
+    run, cfg = fresh_train_run(demo_run, tmp_path_factory.mktemp("ref"), "ref")
     run_stage("train", cfg, run)
     return run
 
 
 def test_interrupted_twice_ends_bit_identical(reference, demo_run, tmp_path, monkeypatch):
-    run, cfg = _fresh_train_run(demo_run, tmp_path, "interrupted")
-    _stop_at(monkeypatch, {3, 7})  # between periodic checkpoints: the stop request itself must checkpoint
+    run, cfg = fresh_train_run(demo_run, tmp_path, "interrupted")
+    stop_at(monkeypatch, {3, 7})  # between periodic checkpoints: the stop request itself must checkpoint
     for expected_step in (3, 7):
         with pytest.raises(interrupt.Interrupted, match=f"step {expected_step}/{STEPS}"):
             run_stage("train", cfg, run)
@@ -71,8 +71,8 @@ def test_interrupted_twice_ends_bit_identical(reference, demo_run, tmp_path, mon
 
 
 def test_corrupt_newest_checkpoint_falls_back(reference, demo_run, tmp_path, monkeypatch, caplog):
-    run, cfg = _fresh_train_run(demo_run, tmp_path, "corrupt")
-    _stop_at(monkeypatch, {10})
+    run, cfg = fresh_train_run(demo_run, tmp_path, "corrupt")
+    stop_at(monkeypatch, {10})
     with pytest.raises(interrupt.Interrupted):
         run_stage("train", cfg, run)
     interrupt.clear()
@@ -89,8 +89,8 @@ def test_corrupt_newest_checkpoint_falls_back(reference, demo_run, tmp_path, mon
 
 
 def test_checkpoint_of_another_config_is_refused(demo_run, tmp_path, monkeypatch):
-    run, cfg = _fresh_train_run(demo_run, tmp_path, "other")
-    _stop_at(monkeypatch, {5})
+    run, cfg = fresh_train_run(demo_run, tmp_path, "other")
+    stop_at(monkeypatch, {5})
     with pytest.raises(interrupt.Interrupted):
         run_stage("train", cfg, run)
     interrupt.clear()
@@ -128,7 +128,7 @@ def test_sigkill_during_a_checkpoint_write_resumes_from_the_previous_one(referen
 
     import yaml
 
-    run, cfg = _fresh_train_run(demo_run, tmp_path / "runs", "demo")  # the run dir must carry the config's name
+    run, cfg = fresh_train_run(demo_run, tmp_path / "runs", "demo")  # the run dir must carry the config's name
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), allow_unicode=True))
     driver = tmp_path / "driver.py"
@@ -182,7 +182,7 @@ def test_sigterm_to_the_process_group_with_dataloader_workers_checkpoints(refere
     import yaml
     from safetensors.torch import load_file
 
-    run, cfg = _fresh_train_run(demo_run, tmp_path / "runs", "demo")
+    run, cfg = fresh_train_run(demo_run, tmp_path / "runs", "demo")
     cfg.train.num_workers = 2  # operational: the reference (no workers) trained on the same samples
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), allow_unicode=True))

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from test_train import _fresh_train_run, _stop_at
+from test_train import fresh_train_run, stop_at
 
 from kolora import interrupt, objective
 from kolora.pipeline import run_stage
@@ -29,7 +29,7 @@ def _lora(run):
 
 
 def _train(demo_run, tmp_path, name, steps=12, **options):
-    run, cfg = _fresh_train_run(demo_run, tmp_path, name)
+    run, cfg = fresh_train_run(demo_run, tmp_path, name)
     cfg.train.steps = steps
     for k, v in options.items():
         setattr(cfg.train, k, v)
@@ -183,7 +183,7 @@ def test_every_option_on_interrupted_twice_ends_bit_identical(demo_run, tmp_path
     run, cfg = _train(demo_run, tmp_path, "stopped", steps=20, buckets=True, **ALL_ON)
     run_stage("cache", cfg, run)
     cfg.train.checkpoint_every = 100  # only the stop requests checkpoint
-    _stop_at(monkeypatch, {5, 13})
+    stop_at(monkeypatch, {5, 13})
     for _ in range(2):
         with pytest.raises(interrupt.Interrupted):
             run_stage("train", cfg, run)

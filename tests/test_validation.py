@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 from conftest import untrained_copy
-from test_train import _stop_at
+from test_train import stop_at
 
 from kolora import interrupt
 from kolora.pipeline import run_stage
@@ -104,7 +104,7 @@ def test_a_new_event_file_sorts_after_the_previous_attempts(tmp_path):
 
 def test_resumed_run_with_validation_ends_bit_identical(uninterrupted, demo_run, tmp_path, monkeypatch):
     run, cfg = _validation_run(demo_run, tmp_path, "uninterrupted")  # same name: same config digest
-    _stop_at(monkeypatch, {10, 25})  # at a sampling step (its samples are cut short by the stop) and between two
+    stop_at(monkeypatch, {10, 25})  # at a sampling step (its samples are cut short by the stop) and between two
     for step in (10, 25):
         with pytest.raises(interrupt.Interrupted, match=f"step {step}/30"):
             run_stage("train", cfg, run)
