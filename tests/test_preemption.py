@@ -26,8 +26,8 @@ from slurmkit import DEMO, LOCAL, kolora, run_progress, sacct, submit, wait_for
 
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("cancel_leftovers")]
 
-MID_RUN_STEPS = 600
-TIME_LIMIT_STEPS = 1500
+MID_RUN_STEPS = 400
+TIME_LIMIT_STEPS = 1000
 # Every training option that draws randomness or carries state is on, so each interruption below also checks that
 # buckets, min-SNR, noise offset, caption dropout, the EMA and DoRA resume exactly.
 OPTIONS = ["train.buckets=true", "train.min_snr_gamma=5", "train.noise_offset=0.05", "train.caption_dropout=0.1",
