@@ -35,8 +35,9 @@ OPTIONS = ["train.buckets=true", "train.min_snr_gamma=5", "train.noise_offset=0.
 
 
 def training(steps: int) -> list[str]:
+    # evaluate off: no base-model tiles nor scoring after training (test_launch_slurm runs the whole graph)
     return ["--set", f"train.steps={steps}", "--set", "train.checkpoint_every=50", "--set", "render.steps=2",
-            *(arg for option in OPTIONS for arg in ("--set", option))]
+            "--set", "evaluate.enabled=false", *(arg for option in OPTIONS for arg in ("--set", option))]
 
 
 LONG, LONGEST = training(MID_RUN_STEPS), training(TIME_LIMIT_STEPS)
