@@ -6,10 +6,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from kolora.cli import add_config_args, print_warnings, resolve_runs_dir
 from kolora.cli_models import whole_number
-from kolora.errors import EXIT_INPUT, InputError, KoloraError
+from kolora.errors import EXIT_INPUT, ConfigError, InputError, KoloraError
 
 
 def warn_attempt_window(cfg, profile) -> None:
@@ -39,6 +40,21 @@ def check_gpu_memory(cfg, profile, profile_file, show: bool) -> list[str]:
             print(line)
         raise GPUMemoryError("\n".join(refusals))
     return lines
+
+
+def run_named(args):
+    """The run folder `args.run` names; a sweep's folder is refused with the VARIANT paths to give instead."""
+    from kolora.launch.monitor import resolve_run
+    from kolora.names import NameTaken, describe_sweep
+
+    runs_dir = resolve_runs_dir(args)
+    try:
+        return resolve_run(args.run, runs_dir)
+    except ConfigError:
+        for cand in (Path(args.run).expanduser(), Path(runs_dir) / args.run):
+            if sweep := describe_sweep(cand):
+                raise NameTaken(sweep) from None
+        raise
 
 
 def cmd_submit(args) -> int:
@@ -74,11 +90,10 @@ def cmd_resume(args) -> int:
     from kolora import distributed
     from kolora.cluster import find_profile, load_profile
     from kolora.launch.cluster_check import check_cluster
-    from kolora.launch.monitor import resolve_run
     from kolora.names import check_name
     from kolora.pipeline import preflight
 
-    run = resolve_run(args.run, resolve_runs_dir(args))
+    run = run_named(args)
     # the folder's name, not the one its config.yaml was written with: a copied or renamed run folder resumes
     # itself, never the run it was copied from
     cfg = run.load_config(name=run.root.name)
@@ -126,14 +141,14 @@ def _queue(command: str, cfg, profile, runs_dir, profile_file, **kw) -> int:
 def cmd_status(args) -> int:
     import json
 
-    from kolora.launch.monitor import environment_hint, format_status, resolve_run, status
+    from kolora.launch.monitor import environment_hint, format_status, status
     from kolora.sweep import find_sweep
 
     if sweep_dir := find_sweep(args.run, resolve_runs_dir(args)):
         from kolora.cli_sweep import cmd_sweep_status
 
         return cmd_sweep_status(args, sweep_dir)
-    run = resolve_run(args.run, resolve_runs_dir(args))
+    run = run_named(args)
     if not (run.read_manifest().get("slurm") or {}).get("latest") and not args.json:
         from kolora.sweep_status import format_local_run
 
@@ -158,9 +173,9 @@ def cmd_status(args) -> int:
 
 
 def cmd_logs(args) -> int:
-    from kolora.launch.monitor import pick_log, resolve_run, tail
+    from kolora.launch.monitor import pick_log, tail
 
-    run = resolve_run(args.run, resolve_runs_dir(args))
+    run = run_named(args)
     job, task_id, (out, err) = pick_log(run, args.stage, args.task, args.rank)
     paths = {"out": [out], "err": [err], "both": [out, err]}[args.stream]
     existing = [p for p in paths if p.is_file()]
@@ -178,14 +193,14 @@ def cmd_logs(args) -> int:
 
 
 def cmd_cancel(args) -> int:
-    from kolora.launch.monitor import cancel, resolve_run
+    from kolora.launch.monitor import cancel
     from kolora.sweep import find_sweep
 
     if sweep_dir := find_sweep(args.run, resolve_runs_dir(args)):
         from kolora.cli_sweep import cmd_sweep_cancel
 
         return cmd_sweep_cancel(sweep_dir)
-    run = resolve_run(args.run, resolve_runs_dir(args))
+    run = run_named(args)
     cancelled, left = cancel(run)
     if not cancelled:
         print(f"run {run.root.name}: no job in the queue")

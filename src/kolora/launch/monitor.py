@@ -106,14 +106,10 @@ def scancel(ids: list[str]) -> None:
 
 # manifest ------------------------------------------------------------------------------------------------
 def resolve_run(name_or_path: str, runs_dir: Path) -> RunDir:
-    from kolora.names import NameTaken, describe_sweep
-
     p = Path(name_or_path).expanduser()
     for cand in (p, Path(runs_dir) / name_or_path):
         if (cand / "manifest.json").is_file():
             return RunDir(cand)
-        if sweep := describe_sweep(cand):
-            raise NameTaken(sweep)
     raise ConfigError(f"no run {name_or_path!r}: neither {p} nor {Path(runs_dir) / name_or_path} holds a "
                       "manifest.json (give the run name with --runs-dir, or the run directory)")
 
