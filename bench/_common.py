@@ -172,7 +172,7 @@ def runs_table(sections: str, max_pairs: int = 8) -> str:
 
 def record_section(path: Path, section: str) -> None:
     """Append one run's section to RESULTS.md and regenerate the runs table at its top (atomic rewrite)."""
-    from kolora.rundir import atomic_write_text
+    from kolora.core.rundir import atomic_write_text
 
     text = path.read_text(encoding="utf-8") if path.exists() else RESULTS_HEADER
     if _RUNS_START in text:
@@ -207,7 +207,7 @@ def gpu_peak_tflops(name: str) -> float | None:
 
 
 def _init_chatglm(text_encoder) -> None:
-    from kolora.models import init_chatglm
+    from kolora.models.kolors import init_chatglm
 
     init_chatglm(text_encoder, std=0.02)
 
@@ -216,14 +216,13 @@ def kolors_models(device: str, dtype, tiny: bool = False, parts=("unet", "text_e
                   tokenizer_dir: Path | None = None) -> dict[str, Any]:
     """Randomly initialised Kolors built directly on `device` in `dtype` (no weights on disk, no CPU copy):
     full size = packaged kolors-unet-config.json (2.58 B), ChatGLM3-6B shape (diffusers' ChatGLMConfig defaults +
-    Kolors' 2-group multi-query attention), packaged SDXL VAE config; tiny = kolora.models' test models.
+    Kolors' 2-group multi-query attention), packaged SDXL VAE config; tiny = kolora.models.kolors' test models.
     `tokenizer` (a small sentencepiece ChatGLM tokenizer; fine for random weights) needs tokenizer_dir."""
     import tempfile
 
     import torch
 
-    from kolora import models
-
+    from kolora.models import kolors as models
     out: dict[str, Any] = {}
     if tiny:
         tok_dir = tokenizer_dir or Path(tempfile.mkdtemp(prefix="kolora-bench-tok-"))

@@ -3,7 +3,7 @@ entry as kolora writes them, per storage dtype and caption length, at Kolors siz
 
     .venv/bin/python bench/cache_size.py [--seq 256] [--captions 10000] [--no-record]
 
-The bytes are computed by writing the real safetensors layout (kolora.cache.text_entry_bytes), not estimated;
+The bytes are computed by writing the real safetensors layout (kolora.cache.stage.text_entry_bytes), not estimated;
 the float32 row is the layout before text entries followed the training dtype.
 """
 
@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from safetensors.torch import save_file
 
-    from kolora.cache import text_dtype, text_entry_bytes
+    from kolora.cache.stage import text_dtype, text_entry_bytes
 
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--seq", type=int, default=256, help="cache.max_sequence_length (default 256)")
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     result["fp16_vs_fp32"] = result["text_16-mixed_bytes"] / result["text_32_bytes"]
     body = table(["entry", "stored as", "bytes", "MiB", f"GiB for {args.captions:,}"], rows)
     notes = [f"text entry = the caption's token rows of prompt_embeds [{args.seq}, {HIDDEN}] + one of its "
-             "bit-identical left-padding rows + pooled [" + str(HIDDEN) + "] + safetensors header (kolora.cache."
+             "bit-identical left-padding rows + pooled [" + str(HIDDEN) + "] + safetensors header (kolora.cache.stage."
              "compact_text; read_text restores the exact tensor). A caption filling all 256 tokens has no padding: "
              "2 MiB of embeddings in 16 bits + 8 KiB pooled, the largest entry.",
              "Training reads the same numbers either way: autocast casts the embeddings to the training dtype in "

@@ -27,7 +27,7 @@ NAME = "demo"
 
 def kolora_cli() -> list[str]:
     exe = Path(sys.executable).parent / "kolora"
-    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "kolora.cli"]
+    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "kolora.cli.main"]
 
 
 def run_demo(runs: Path, model: Path, config: Path, log: Path) -> float:

@@ -5,12 +5,12 @@
 The images (default 2,000, cached under .cache/bench-filter/) have the sizes of real anime/illustration sets:
 SDXL-style buckets, pixiv-like portrait pages, 16:9 wallpapers, lower-resolution scans, a few extreme ratios and
 exact-boundary sizes; 3 % carry an EXIF orientation of 6 or 8. Content is smooth colour fields with strokes
-(JPEG q90), so decoding costs about what illustrations cost. Both op sets run through kolora.filter's
+(JPEG q90), so decoding costs about what illustrations cost. Both op sets run through kolora.filter.stage's
 Data-Juicer call (the filter stage's own), alternately in the same process; the kept sets and the per-sample
 stats must be identical, and equal to the set computed here from PIL's EXIF-transposed sizes.
 
-It also times what the filter stage does around Data-Juicer: the header pass (kolora.filter.check_image) and
-the full-decode verification of every image (kolora.decode_check, on one core and over the job's CPUs), and
+It also times what the filter stage does around Data-Juicer: the header pass (kolora.filter.stage.check_image) and
+the full-decode verification of every image (kolora.filter.decode, on one core and over the job's CPUs), and
 compares the whole stage (header pass + verification + header ops) with Data-Juicer's built-ins alone, which
 decode every image too.
 """
@@ -112,7 +112,7 @@ def oriented_sizes(samples: list[dict[str, Any]]) -> dict[str, tuple[int, int]]:
 
 
 def make_cfg(tmp: Path, fast: bool, np_: int):
-    from kolora.config import validate_config
+    from kolora.core.config import validate_config
 
     return validate_config({
         "name": "bench-filter", "model": {"path": str(tmp / "model"), "tiny": True},
@@ -123,7 +123,7 @@ def make_cfg(tmp: Path, fast: bool, np_: int):
 
 
 def run_dj(tmp: Path, samples: list[dict[str, Any]], fast: bool, np_: int) -> tuple[float, dict[str, Any]]:
-    from kolora.filter import run_data_juicer
+    from kolora.filter.stage import run_data_juicer
 
     dj_dir = tmp / ("header" if fast else "builtin")
     t0 = time.perf_counter()
@@ -149,7 +149,7 @@ def loader_rates(paths: list[str], repeats: int) -> tuple[float, float]:
     timed alternately on the same files (one process, one core)."""
     from data_juicer.utils.mm_utils import load_image
 
-    from kolora.dj_ops import image_size
+    from kolora.filter.dj.ops import image_size
 
     full, head = [], []
     for _ in range(repeats):
@@ -168,8 +168,8 @@ def loader_rates(paths: list[str], repeats: int) -> tuple[float, float]:
 def stage_parts(paths: list[str], workers: int) -> tuple[float, float, int]:
     """Seconds of the filter stage's header pass and of its decode verification over `workers` processes,
     and how many images the verification rejected (none in this clean set)."""
-    from kolora.decode_check import verify
-    from kolora.filter import check_image
+    from kolora.filter.decode import verify
+    from kolora.filter.stage import check_image
 
     t0 = time.perf_counter()
     for p in paths:
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up runs (smoke tests)")
     args = p.parse_args(argv)
 
-    from kolora.models import quiet_libraries
+    from kolora.models.kolors import quiet_libraries
 
     quiet_libraries()
     env = environment()
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     mean_mp = sum(w * h for w, h in sizes.values()) / len(sizes) / 1e6
     rotated = sum(1 for s in samples if _orientation(s["image"][0]))
 
-    from kolora.decode_check import job_cpus, verify
+    from kolora.filter.decode import job_cpus, verify
 
     cpus = job_cpus()
     paths = [s["image"][0] for s in samples]
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     body = (f"{args.count} JPEGs, mean {mean_mp:.2f} MP, {rotated} EXIF-rotated; ops min side {MIN_SIDE}, ratio "
             f"{MIN_RATIO}-{MAX_RATIO} (any); Data-Juicer np={args.np_}; median of {args.repeats} runs each, "
-            f"alternating; a run is kolora.filter.run_data_juicer end to end (config, load, ops, export).\n\n"
+            f"alternating; a run is kolora.filter.stage.run_data_juicer end to end (config, load, ops, export).\n\n"
             + table(["ops", "Data-Juicer run s", "run images/s", "ops s", "ops images/s", "kept"], rows)
             + f"\n\nspeedup of the ops (Data-Juicer's own per-op timing): **{bo / ho:.1f}x**; "
               f"of the whole Data-Juicer run: **{b / h:.1f}x** (target >= {TARGET:g}x: "
@@ -259,12 +259,12 @@ def main(argv: list[str] | None = None) -> int:
               f"stats identical: {same_stats}; equal to the sizes computed here: {correct}\n\n"
             + table([f"per-image read, one core (first {len(loader_paths)} images)", "images/s"],
                     [["Data-Juicer load_image (full decode + RGB)", load_rate],
-                     ["kolora.dj_ops.image_size (header)", header_rate],
+                     ["kolora.filter.dj.ops.image_size (header)", header_rate],
                      ["ratio", header_rate / load_rate]])
             + "\n\n"
             + table(["the filter stage, all images", "s", "images/s", "images/s per process"],
-                    [["header pass (kolora.filter.check_image, one process)", hp, args.count / hp, args.count / hp],
-                     [f"decode verification (kolora.decode_check, {cpus} processes)", vs, args.count / vs,
+                    [["header pass (kolora.filter.stage.check_image, one process)", hp, args.count / hp, args.count / hp],
+                     [f"decode verification (kolora.filter.decode, {cpus} processes)", vs, args.count / vs,
                       args.count / vs / cpus],
                      ["kolora stage: header pass + verification + header ops", stage, args.count / stage, "-"],
                      ["Data-Juicer built-ins alone (no verification)", b, args.count / b, "-"]])

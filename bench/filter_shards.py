@@ -3,7 +3,7 @@
     KOLORA_DEVCLUSTER=/tmp/kdc-bench bash slurm/devcluster/up.sh    # or make cluster-up (.devcluster)
     KOLORA_DEVCLUSTER=/tmp/kdc-bench .venv/bin/python bench/filter_shards.py [--count 20000] [--shards 4]
 
-The dataset (kolora.synthetic's images: 32-160 px JPEG/PNG, every aspect kind; cached under
+The dataset (kolora.ingest.synthetic's images: 32-160 px JPEG/PNG, every aspect kind; cached under
 .cache/bench-filter-shards/) is a local jsonl dataset, so ingest only hard-links it. Each variant is a fresh
 `kolora submit configs/demo.yaml --set filter.shards=N` on the dev cluster's cpu partition (4 CPUs, one per
 shard task); the rest of the graph is cancelled once the filter job ended. Times:
@@ -36,8 +36,8 @@ ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_F
 
 def dataset(count: int, cache: Path) -> Path:
     """metadata.jsonl + images of `count` synthetic samples (made once per count)."""
-    from kolora.rundir import atomic_write_text
-    from kolora.synthetic import make_synthetic
+    from kolora.core.rundir import atomic_write_text
+    from kolora.ingest.synthetic import make_synthetic
 
     folder = cache / f"synthetic-{count}"
     meta = folder / "metadata.jsonl"
@@ -51,7 +51,7 @@ def dataset(count: int, cache: Path) -> Path:
 
 
 def kolora(env: dict[str, str], *args: Any, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "kolora.cli", *map(str, args)], env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "kolora.cli.main", *map(str, args)], env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -137,7 +137,7 @@ def main() -> int:
     rows = [[f"{r['shards']} shard{'s' if r['shards'] > 1 else ''}", r["samples"], r["kept"], round(r["wall_s"], 1),
              round(r["samples"] / r["wall_s"], 1), round(r["slice_s"], 1), round(r["wall_s"] - r["slice_s"], 1),
              round(r["span_s"]), round(one["wall_s"] / r["wall_s"], 2), round(r["load"], 1)] for r in results]
-    body = (f"{args.count} synthetic images (kolora.synthetic, 32-160 px JPEG/PNG), configs/demo.yaml's two ops "
+    body = (f"{args.count} synthetic images (kolora.ingest.synthetic, 32-160 px JPEG/PNG), configs/demo.yaml's two ops "
             f"(header-only), Data-Juicer np=1 per task; dev cluster cpu partition, one CPU per shard task; "
             f"{os.cpu_count()} cores on this machine.\n\n"
             + table(["variant", "samples", "kept", "filter wall s", "images/s", "slowest slice s", "rest s",

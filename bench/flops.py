@@ -96,7 +96,7 @@ def hook_counter(model) -> Iterator[list[float]]:
 
 
 def _config(name: str) -> dict[str, Any]:
-    from kolora.models import packaged_config
+    from kolora.models.kolors import packaged_config
 
     return {k: v for k, v in packaged_config(name).items() if not k.startswith("_")}
 
@@ -156,7 +156,7 @@ def measure(res: int, tokens: int, quick: bool = False) -> dict[str, Any]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.pipelines.kolors import ChatGLMModel
 
-    from kolora.lora import add_lora
+    from kolora.formats.lora import add_lora
 
     out: dict[str, Any] = {}
     with torch.device("meta"):
@@ -195,7 +195,7 @@ def measure(res: int, tokens: int, quick: bool = False) -> dict[str, Any]:
     if quick:
         return out
 
-    # LoRA training step: base frozen, LoRA trainable (kolora.lora.add_lora = what kolora's train stage does)
+    # LoRA training step: base frozen, LoRA trainable (kolora.formats.lora.add_lora = what kolora's train stage does)
     unet.requires_grad_(False)
     add_lora(unet, 16, 4.0, LORA_TARGETS)
     out["params"]["lora"] = sum(p.numel() for p in unet.parameters() if p.requires_grad)
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="forward passes only (no training-step counts, no hook cross-check); not recorded")
     args = p.parse_args(argv)
 
-    from kolora.models import quiet_libraries
+    from kolora.models.kolors import quiet_libraries
 
     quiet_libraries()
     env = environment()

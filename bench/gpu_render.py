@@ -3,8 +3,8 @@
     .venv/bin/python bench/gpu_render.py [--images 3]      (bash bench/run_gpu.sh runs all GPU benches)
 
 The pipeline kolora's render stage builds (diffusers KolorsPipeline, the Kolors Euler scheduler from
-kolora.models.make_scheduler), with random weights (bench/_common.kolors_models) and an unfused LoRA r16
-adapter like a trained one loaded by kolora.lora.load_into_pipeline. Prompt and negative prompt are encoded by
+kolora.models.kolors.make_scheduler), with random weights (bench/_common.kolors_models) and an unfused LoRA r16
+adapter like a trained one loaded by kolora.formats.lora.load_into_pipeline. Prompt and negative prompt are encoded by
 the pipeline itself (ChatGLM3-shaped, 256 tokens). Rows: fp16 (kolora's default on CUDA) with and without the
 LoRA, bf16 with it. FLOPs per image are counted on the first measured image, the floor is FLOPs / the GPU's
 dense peak. Without CUDA it prints "skipped: no CUDA" and exits 0; --tiny runs the same code on tiny models.
@@ -53,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     from diffusers import KolorsPipeline
     from torch.utils.flop_counter import FlopCounterMode
 
-    from kolora import models
-    from kolora.lora import add_lora
+    from kolora.formats.lora import add_lora
+    from kolora.models import kolors as models
 
     models.quiet_libraries()
     env = environment(gpu=True)

@@ -3,14 +3,14 @@
     .venv/bin/python bench/gpu_train.py [--steps 20] [--warmup 5]      (bash bench/run_gpu.sh runs all GPU benches)
 
 Models: UNet from kolors-unet-config.json, ChatGLM3-6B-shaped text encoder, SDXL VAE, random weights built on
-the GPU. LoRA r16 / alpha 4 on to_q, to_k, to_v, to_out.0 (kolora.lora.add_lora), LoRA weights in float32,
-AdamW, batch 1, the tutorial's noise schedule (kolora.models.training_scheduler). The step body mirrors
-kolora.train.LoRATrainer.training_step in plain PyTorch (autocast + GradScaler for fp16, as Lightning's
+the GPU. LoRA r16 / alpha 4 on to_q, to_k, to_v, to_out.0 (kolora.formats.lora.add_lora), LoRA weights in float32,
+AdamW, batch 1, the tutorial's noise schedule (kolora.models.kolors.training_scheduler). The step body mirrors
+kolora.train.loop.LoRATrainer.training_step in plain PyTorch (autocast + GradScaler for fp16, as Lightning's
 16-mixed does), so the numbers are compute, not framework overhead.
   tutorial  fp16: ChatGLM3 (256 tokens) + VAE encoder on a 1024² image every step, then the UNet step;
             all three models on the GPU (what DiffSynth 1.1.9's recipe does)
   kolora    bf16 and fp16: cached prompt embeddings / latents, encoders not on the GPU
-each with gradient checkpointing on and off, the kolora rows beside kolora.memplan's estimate of their peak.
+each with gradient checkpointing on and off, the kolora rows beside kolora.launch.memplan's estimate of their peak.
 FLOPs per step are counted on the first measured step
 (torch.utils.flop_counter), so achieved TFLOP/s and the floor (FLOPs / the GPU's dense peak) use the same count.
 Without CUDA it prints "skipped: no CUDA" and exits 0; --tiny runs the same code on tiny models (any device:
@@ -52,8 +52,7 @@ class Step:
     def __init__(self, unet, amp_dtype, device: str, res: int, tokens: int, text_hidden: int, encoders=None):
         import torch
 
-        from kolora import models
-
+        from kolora.models import kolors as models
         self.unet, self.amp_dtype, self.device, self.encoders = unet, amp_dtype, device, encoders
         params = [p for p in unet.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=1e-4)
@@ -127,10 +126,10 @@ def measure(step: Step, device: str, warmup: int, steps: int) -> dict[str, Any]:
 
 
 def planned_gib(tiny: bool, dtype, ckpt: bool, res: int, tokens: int) -> float:
-    """kolora.memplan's estimate of a kolora step's peak (UNet weights, LoRA + fp32 grads + AdamW, activations),
+    """kolora.launch.memplan's estimate of a kolora step's peak (UNet weights, LoRA + fp32 grads + AdamW, activations),
     without its fixed CUDA-context overhead, which max_memory_allocated does not see either."""
-    from kolora import memplan, models
-
+    from kolora.launch import memplan
+    from kolora.models import kolors as models
     config = (models.tiny_unet_config(models.TINY_TEXT["hidden_size"]) if tiny
               else models.packaged_config("kolors-unet-config.json"))
     precision = {"bfloat16": "bf16-mixed", "float16": "16-mixed"}[str(dtype).removeprefix("torch.")]
@@ -139,7 +138,7 @@ def planned_gib(tiny: bool, dtype, ckpt: bool, res: int, tokens: int) -> float:
 
 
 def set_base_dtype(unet, dtype) -> None:
-    """Base weights to `dtype`, LoRA weights float32 (kolora.train does the same)."""
+    """Base weights to `dtype`, LoRA weights float32 (kolora.train.loop does the same)."""
     unet.to(dtype)
     for p in unet.parameters():
         if p.requires_grad:
@@ -161,8 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available() and not args.tiny:
         return skip(NAME, "no CUDA (run on a GPU machine: bash bench/run_gpu.sh)", "no-cuda")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    from kolora.lora import add_lora
-    from kolora.models import quiet_libraries
+    from kolora.formats.lora import add_lora
+    from kolora.models.kolors import quiet_libraries
 
     quiet_libraries()
     env = environment(gpu=True)
@@ -249,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
              "GPUs); 'of peak' = achieved / peak.",
              "peak GiB = torch.cuda.max_memory_allocated during the timed steps, weights included (tutorial rows "
              "hold ChatGLM3 and the VAE too).",
-             "planned GiB = kolora.memplan's estimate of the same step from the meta device (what `kolora validate "
+             "planned GiB = kolora.launch.memplan's estimate of the same step from the meta device (what `kolora validate "
              "--cluster` checks against gpu_mem_gb), less its fixed 1 GiB CUDA overhead."]
     report(NAME, "LoRA training step, tutorial vs kolora", env, body, result,
            record=not (args.no_record or args.tiny), notes=notes)

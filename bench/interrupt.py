@@ -61,7 +61,7 @@ def cluster_env() -> dict[str, str] | None:
 
 
 def kolora(env: dict[str, str], *args: Any, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "kolora.cli", *map(str, args)], env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "kolora.cli.main", *map(str, args)], env=env, capture_output=True,
                           text=True, timeout=timeout, cwd=REPO)
 
 
@@ -166,7 +166,7 @@ def kill_kind(env: dict[str, str], base: Path, overrides: list[str], timeout: fl
     if prep.returncode != 0:
         raise SystemExit(f"kolora run (ingest, filter, cache) failed: {prep.stderr[-2000:]}")
     run = runs / "kill"
-    train = [sys.executable, "-m", "kolora.cli", *map(str, common), "--stage", "train"]
+    train = [sys.executable, "-m", "kolora.cli.main", *map(str, common), "--stage", "train"]
     child = subprocess.Popen(train, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for("kill: first checkpoint", lambda: any((run / "train" / "checkpoints").glob("step=*.ckpt")),
@@ -221,8 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     # which Slurm, not where its conf lives on this machine (no machine path in RESULTS.md)
     info["cluster"] = ("dev cluster (slurm/devcluster)" if env.get("KOLORA_DEVCLUSTER") else "a Slurm cluster") \
         if env.get("SLURM_CONF") else "none (kill only)"
-    from kolora.config import load_config
-    from kolora.models import ensure_model
+    from kolora.core.config import load_config
+    from kolora.models.kolors import ensure_model
 
     ensure_model(load_config(DEMO).model)  # once here, not by two jobs at the same time
     overrides = ["--set", f"train.steps={args.steps}", "--set", "train.checkpoint_every=50",

@@ -31,7 +31,7 @@ RUNNING = {"RUNNING", "COMPLETING", "COMPLETED"}
 
 def kolora_cli() -> list[str]:
     exe = Path(sys.executable).parent / "kolora"
-    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "kolora.cli"]
+    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "kolora.cli.main"]
 
 
 def slurm_env() -> dict[str, str]:

@@ -19,14 +19,14 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 @pytest.fixture(scope="session")
 def tiny_diffusers(tmp_path_factory) -> Path:
-    from kolora.models import build_tiny
+    from kolora.models.kolors import build_tiny
 
     return build_tiny(tmp_path_factory.mktemp("models") / "tiny-diffusers", layout="diffusers")
 
 
 @pytest.fixture(scope="session")
 def tiny_diffsynth(tmp_path_factory) -> Path:
-    from kolora.models import build_tiny
+    from kolora.models.kolors import build_tiny
 
     return build_tiny(tmp_path_factory.mktemp("models") / "tiny-diffsynth", layout="diffsynth")
 
@@ -42,7 +42,7 @@ def kolors_configs(tmp_path_factory) -> Path:
     from diffusers.pipelines.kolors.text_encoder import ChatGLMConfig
     from safetensors.numpy import save_file
 
-    from kolora.models import packaged_config
+    from kolora.models.kolors import packaged_config
 
     root = tmp_path_factory.mktemp("kolors-configs")
     for part in ("unet", "vae", "text_encoder", "tokenizer"):
@@ -70,7 +70,7 @@ def tree_state(root: Path) -> dict[str, tuple[int, int, int]]:
 
 def run_cli(argv: list[str]) -> int:
     """`kolora ARGV` in this process: its exit status, also when argparse refuses an argument value itself."""
-    from kolora.cli import main
+    from kolora.cli.main import main
 
     try:
         return main(argv)
@@ -85,7 +85,7 @@ def demo_overrides(model_path: Path, *extra: str) -> list[str]:
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory, tiny_diffusers):
     """`kolora run configs/demo.yaml` once (in process), shared by the tests that only read its outputs."""
-    from kolora.cli import main
+    from kolora.cli.main import main
 
     runs = tmp_path_factory.mktemp("runs")
     rc = main(["run", str(DEMO), "--runs-dir", str(runs), "--set", f"model.path={tiny_diffusers}"])
@@ -97,7 +97,7 @@ def untrained_copy(demo_run: Path, dst: Path):
     """A copy of the demo run at dst with its cache but no training, LoRA or tiles: (RunDir, its config)."""
     import shutil
 
-    from kolora.rundir import RunDir
+    from kolora.core.rundir import RunDir
 
     shutil.copytree(demo_run, dst)
     for d in ("train", "lora", "render"):
@@ -138,8 +138,8 @@ def env() -> dict[str, str]:
     if proc.returncode != 0 or "up" not in proc.stdout.split():
         pytest.skip(f"no dev cluster answering at {environ.get('SLURM_CONF')}: {proc.stderr.strip()!r}")
     # the tiny demo model is built once here, not by two jobs at the same time
-    from kolora.config import load_config
-    from kolora.models import ensure_model
+    from kolora.core.config import load_config
+    from kolora.models.kolors import ensure_model
 
     ensure_model(load_config(DEMO).model)
     return environ

@@ -17,9 +17,9 @@ import sys
 
 
 def main(run_dir: str, world: int, overrides: str) -> int:
-    from kolora import interrupt
-    from kolora.pipeline import run_stage
-    from kolora.rundir import RunDir
+    from kolora.core import interrupt
+    from kolora.core.rundir import RunDir
+    from kolora.pipeline.runner import run_stage
 
     run = RunDir(run_dir)
     cfg = run.load_config()
@@ -29,8 +29,7 @@ def main(run_dir: str, world: int, overrides: str) -> int:
         setattr(cfg.train, key, value)
     rank = int(os.environ.get("LOCAL_RANK", "0"))
     if stop_at is not None and rank == 0:
-        from kolora import train
-
+        from kolora.train import loop as train
         original = train.Checkpointer.on_train_batch_end
 
         def stop_then_decide(self, trainer, *args):

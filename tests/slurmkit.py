@@ -22,7 +22,7 @@ ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_F
 
 
 def kolora(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "kolora.cli", *map(str, args)], env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "kolora.cli.main", *map(str, args)], env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -65,7 +65,7 @@ STALL_S = float(os.environ.get("KOLORA_TEST_STALL_S", "240"))
 
 def run_progress(run: Path) -> tuple:
     """What a submitted run has durably done so far (see RunDir.progress) plus its metrics rows and attempts."""
-    from kolora.rundir import RunDir
+    from kolora.core.rundir import RunDir
 
     metrics = run / "train" / "metrics.csv"
     attempts = run / "slurm" / "attempts.jsonl"

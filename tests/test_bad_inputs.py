@@ -15,7 +15,7 @@ import pytest
 import yaml
 from conftest import DEMO, PROMPTS, REPO, run_cli, tree_state
 
-from kolora.cli import main
+from kolora.cli.main import main
 
 LOCAL = str(REPO / "slurm" / "clusters" / "local.yaml")
 
@@ -242,7 +242,7 @@ def test_bad_input_is_one_message_and_changes_nothing(world, argv, code, names, 
 def test_no_traceback_in_a_real_process(world, case):
     _, argv, code, names = next(c for c in CASES if c[0] == case)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.run([sys.executable, "-m", "kolora.cli", *[a.replace("{W}", str(world)) for a in argv]],
+    proc = subprocess.run([sys.executable, "-m", "kolora.cli.main", *[a.replace("{W}", str(world)) for a in argv]],
                           capture_output=True, text=True, cwd=world, env=env, timeout=120)
     assert proc.returncode == code and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("kolora: "), proc.stderr
@@ -256,9 +256,9 @@ def test_verbose_shows_the_traceback(world, capsys):
 
 
 def test_a_bug_says_it_is_one(world, capsys, monkeypatch):
-    import kolora.pipeline
+    import kolora.pipeline.runner
 
-    monkeypatch.setattr(kolora.pipeline, "preflight", lambda cfg: {}["boom"])
+    monkeypatch.setattr(kolora.pipeline.runner, "preflight", lambda cfg: {}["boom"])
     assert main(["validate", str(world / "good.yaml")]) == 1
     err = capsys.readouterr().err
     assert "Traceback" in err and "KeyError" in err and "bug in kolora" in err

@@ -111,7 +111,7 @@ def test_filter_bench_small(tmp_path: Path) -> None:
     assert float(v["header_img_s"]) > 10 * float(v["load_image_img_s"])
     assert "| kolora header ops" in out
     assert v["verify_rejected"] == "0" and float(v["verify_img_s"]) > 0 and float(v["stage_vs_builtin"]) > 0
-    assert "decode verification (kolora.decode_check" in out
+    assert "decode verification (kolora.filter.decode" in out
 
 
 @pytest.mark.parametrize("name", ["gpu_train", "gpu_render"])

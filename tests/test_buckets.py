@@ -14,16 +14,17 @@ from conftest import DEMO, REPO
 from PIL import Image
 from test_train import stop_at
 
-from kolora import buckets, interrupt
-from kolora import train as train_mod
-from kolora.checkpoint import checkpoints
-from kolora.cli import main
-from kolora.config import ConfigError, load_config
-from kolora.pipeline import preflight, run_stage
-from kolora.rundir import RunDir
-from kolora.stages import NAMES, Keys
-from kolora.synthetic import _draw
-from kolora.train import BucketSampler
+from kolora.cache import buckets
+from kolora.cli.main import main
+from kolora.core import interrupt
+from kolora.core.config import ConfigError, load_config
+from kolora.core.rundir import RunDir
+from kolora.ingest.synthetic import _draw
+from kolora.pipeline.registry import NAMES, Keys
+from kolora.pipeline.runner import preflight, run_stage
+from kolora.train import loop as train_mod
+from kolora.train.checkpoint import checkpoints
+from kolora.train.loop import BucketSampler
 
 LORA = Path("lora") / "pytorch_lora_weights.safetensors"
 STEPS = 12
@@ -103,7 +104,7 @@ def test_the_sampler_gives_one_bucket_per_batch_as_a_function_of_seed_and_step()
         assert list(BucketSampler(sizes, 3, 20, 5, start_step=start)) == flat[start * 3:]
     assert list(BucketSampler(sizes, 3, 20, 6)) != flat  # another seed, another order
     # DDP: one bucket per global batch; each rank's slice of it (RankShare) is of that bucket
-    from kolora.samples import RankShare
+    from kolora.train.samples import RankShare
 
     global_batches = BucketSampler(sizes, 4, 10, 5)
     for rank in (0, 1):
@@ -248,8 +249,8 @@ def test_buckets_on_resumed_twice_ends_bit_identical(bucket_run, tmp_path, monke
 
 # ---- buckets off: nothing changes ---------------------------------------------------------------------------
 def test_buckets_off_keeps_todays_entries(demo_run, tiny_diffusers):
-    from kolora import cache, fingerprint
-
+    from kolora.cache import stage as cache
+    from kolora.models import fingerprint
     cfg = load_config(DEMO, [f"model.path={tiny_diffusers}"])
     assert cfg.train.buckets is False
     entries = _index(demo_run)["entries"]

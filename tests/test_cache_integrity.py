@@ -18,10 +18,10 @@ import torch
 from conftest import DEMO, untrained_copy
 from safetensors.torch import load_file, save_file
 
-from kolora import cache_entry
-from kolora.cli import main
-from kolora.pipeline import run_stage
-from kolora.samples import StepSampler
+from kolora.cache import entry as cache_entry
+from kolora.cli.main import main
+from kolora.pipeline.runner import run_stage
+from kolora.train.samples import StepSampler
 
 LORA = "lora/pytorch_lora_weights.safetensors"
 
@@ -97,7 +97,7 @@ def test_a_damaged_shared_entry_is_named_moved_aside_and_encoded_again(demo_run,
     entry.write_bytes(damage(good))
     damaged = entry.read_bytes()
 
-    with caplog.at_level(logging.WARNING, logger="kolora.cache"):
+    with caplog.at_level(logging.WARNING, logger="kolora.cache.stage"):
         summary = run_stage("cache", cfg, run)
     aside = store / "quarantine" / "latents" / f"{entry.name}.{reason}"
     (repaired,) = summary["repaired"]

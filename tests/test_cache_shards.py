@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from kolora import cache_shards, interrupt
-from kolora.interrupt import Interrupted
-from kolora.pipeline import run_stage
-from kolora.rundir import RunDir
+from kolora.cache import shards as cache_shards
+from kolora.core import interrupt
+from kolora.core.interrupt import Interrupted
+from kolora.core.rundir import RunDir
+from kolora.pipeline.runner import run_stage
 
 
 def _copy(demo_run: Path, tmp_path: Path) -> RunDir:

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kolora.cluster import ClusterProfile, find_profile, load_profile, parse_time
-from kolora.config import ConfigError
+from kolora.core.config import ConfigError
+from kolora.launch.cluster import ClusterProfile, find_profile, load_profile, parse_time
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTERS = REPO / "slurm" / "clusters"

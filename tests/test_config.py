@@ -6,9 +6,9 @@ import pytest
 import yaml
 from conftest import DEMO, PROMPTS, REPO
 
-from kolora.cli import main
-from kolora.config import ConfigError, load_config
-from kolora.prompts import load_prompts
+from kolora.cli.main import main
+from kolora.core.config import ConfigError, load_config
+from kolora.core.prompts import load_prompts
 
 
 def test_shipped_configs_validate():

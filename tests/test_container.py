@@ -19,8 +19,8 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from kolora.config import ConfigError, load_config
-from kolora.container import (
+from kolora.core.config import ConfigError, load_config
+from kolora.launch.container import (
     ContainerConfig,
     check_image,
     exec_argv,
@@ -29,7 +29,7 @@ from kolora.container import (
     merge_binds,
     required_binds,
 )
-from kolora.pipeline import OFFLINE_ENV
+from kolora.pipeline.runner import OFFLINE_ENV
 
 REPO = Path(__file__).resolve().parent.parent
 DEF_FILE = REPO / "containers" / "kolora.def"
@@ -121,7 +121,7 @@ def test_labels_carry_version_base_and_build_time_labels(recipe):
 def test_environment_is_hub_offline_with_caches_under_a_bound_path(recipe):
     env = dict(line.split("=", 1) for line in recipe.environ)
     for key, value in OFFLINE_ENV.items():
-        assert env.get(key) == value, f"%environment must set {key}={value} (kolora.pipeline.OFFLINE_ENV)"
+        assert env.get(key) == value, f"%environment must set {key}={value} (kolora.pipeline.runner.OFFLINE_ENV)"
     assert env["PYTHONNOUSERSITE"] == "1"
     assert env["KOLORA_CACHE"] == '"${KOLORA_CACHE:-/tmp/kolora-cache}"'
     for key in ("HF_HOME", "MODELSCOPE_CACHE", "XDG_CACHE_HOME", "UV_CACHE_DIR"):
@@ -141,7 +141,7 @@ def test_test_section_runs_the_tiny_demo_on_cpu_and_reports_the_gpu(tmp_path):
     assert words[0] == 'CUDA_VISIBLE_DEVICES=', "the smoke test stays on the CPU"
     args = words[words.index("kolora") + 1:]
     assert args[:2] == ["run", "/opt/kolora/configs/demo.yaml"]
-    from kolora.cli import build_parser
+    from kolora.cli.main import build_parser
 
     parsed = build_parser().parse_args(args)
     # the overrides are real config fields with valid values (the same config the image carries)
@@ -448,7 +448,7 @@ def test_profile_adds_and_removes_forwarded_prefixes(tmp_path):
     ({"keep": ["X_"]}, r"forward_env_prefixes\.keep\s+Extra inputs"),
 ])
 def test_bad_forward_env_prefixes_are_refused_naming_the_field(tmp_path, prefixes, message):
-    from kolora.cluster import load_profile
+    from kolora.launch.cluster import load_profile
 
     with pytest.raises(ValidationError, match=message):
         container(forward_env_prefixes=prefixes)

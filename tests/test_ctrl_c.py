@@ -17,11 +17,11 @@ import pytest
 from conftest import DEMO
 from test_train import PACED, STEPS, fresh_train_run
 
-from kolora import stages
-from kolora import train as train_mod
-from kolora.checkpoint import checkpoints
-from kolora.cli import main
-from kolora.rundir import RunDir
+from kolora.cli.main import main
+from kolora.core.rundir import RunDir
+from kolora.pipeline import registry as stages
+from kolora.train import loop as train_mod
+from kolora.train.checkpoint import checkpoints
 
 STOP_STEP = 5  # between the demo's periodic checkpoints (every 10): only the stop request itself saves it
 
@@ -175,8 +175,7 @@ def test_ctrl_c_in_a_sweep_stops_it_with_exit_3(tiny_diffusers, tmp_path, monkey
 
 def test_a_command_started_ignoring_ctrl_c_keeps_ignoring_it():
     """A background job of a shell script starts with SIGINT ignored: the terminal's Ctrl-C is not for it."""
-    from kolora import interrupt
-
+    from kolora.core import interrupt
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     with interrupt.for_command():
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
@@ -192,8 +191,8 @@ def test_a_command_started_ignoring_ctrl_c_keeps_ignoring_it():
 SLOW_STOP = '''
 import os, time
 from pathlib import Path
-from kolora import interrupt, train
-
+from kolora.core import interrupt
+from kolora.train import loop as train
 MARK = Path(os.environ["KOLORA_TEST_STEP_FILE"])
 save = train.Checkpointer.save
 

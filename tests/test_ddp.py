@@ -27,10 +27,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kolora import distributed, objective
-from kolora.errors import InputError
-from kolora.rundir import RunDir
-from kolora.samples import BucketSampler, RankShare, StepSampler
+from kolora.core.errors import InputError
+from kolora.core.rundir import RunDir
+from kolora.train import distributed, objective
+from kolora.train.samples import BucketSampler, RankShare, StepSampler
 
 WORKER = str(Path(__file__).with_name("ddp_worker.py"))
 STEPS = 12
@@ -115,8 +115,8 @@ def test_lightning_reads_a_multi_node_slurm_job_as_planned(monkeypatch):
 def test_multi_node_plan_asks_for_nodes_tasks_and_gpus_per_node(tmp_path):
     import yaml
 
-    from kolora.cluster import load_profile
-    from kolora.config import load_config
+    from kolora.core.config import load_config
+    from kolora.launch.cluster import load_profile
     from kolora.launch.plan import plan_jobs, sbatch_script
 
     profile = yaml.safe_load((Path(__file__).parents[1] / "slurm" / "clusters" / "local.yaml").read_text())
@@ -136,8 +136,7 @@ def test_multi_node_plan_asks_for_nodes_tasks_and_gpus_per_node(tmp_path):
 def test_lightning_does_not_install_its_sigterm_handler():
     import lightning as L
 
-    from kolora import interrupt
-
+    from kolora.core import interrupt
     seen = {}
 
     class Tiny(L.LightningModule):

@@ -22,7 +22,7 @@ import yaml
 from slurmkit import LOCAL, kolora, run_progress, sacct, submit, wait_for
 from test_ddp import TOLERANCE, lora_tensors, max_rel_diff, metric_steps, train_ranks
 
-from kolora.rundir import RunDir
+from kolora.core.rundir import RunDir
 
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("cancel_leftovers")]
 

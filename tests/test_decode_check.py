@@ -16,10 +16,12 @@ from typing import Any
 import pytest
 from PIL import Image, ImageFile
 
-from kolora import decode_check, ingest, interrupt
-from kolora import filter as kfilter
-from kolora.config import validate_config
-from kolora.rundir import RunDir
+from kolora.core import interrupt
+from kolora.core.config import validate_config
+from kolora.core.rundir import RunDir
+from kolora.filter import decode as decode_check
+from kolora.filter import stage as kfilter
+from kolora.ingest import stage as ingest
 
 REPO = Path(__file__).resolve().parents[1]
 KEEP_ALL = [{"image_shape_filter": {"min_width": 1, "min_height": 1, "any_or_all": "any"}}]
@@ -203,7 +205,7 @@ def test_verification_stops_on_the_stop_flag(tmp_path: Path) -> None:
 
 
 def _my_workers() -> list[int]:
-    """PIDs of this process's decode workers (children running kolora.decode_check)."""
+    """PIDs of this process's decode workers (children running kolora.filter.decode)."""
     pids = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -213,7 +215,7 @@ def _my_workers() -> list[int]:
             cmd = (proc / "cmdline").read_bytes()
         except (OSError, IndexError, ValueError):
             continue
-        if ppid == os.getpid() and b"kolora.decode_check" in cmd:
+        if ppid == os.getpid() and b"kolora.filter.decode" in cmd:
             pids.append(int(proc.name))
     return pids
 

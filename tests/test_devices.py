@@ -1,4 +1,4 @@
-"""One device per rank (kolora.devices): every stage of a multi-GPU job computes on the rank's own GPU, and
+"""One device per rank (kolora.core.devices): every stage of a multi-GPU job computes on the rank's own GPU, and
 CUDA knows it before any CUDA work. On this CPU machine torch.cuda and Lightning's view of it are
 monkeypatched to show N GPUs; nothing is allocated on them (the gpu-marked tests run the real thing)."""
 
@@ -10,10 +10,14 @@ import pytest
 import torch
 from conftest import untrained_copy
 
-from kolora import cache, checkpoint, devices, distributed, render, scorers
-from kolora import train as train_mod
-from kolora.errors import InputError
-from kolora.rundir import RunDir
+from kolora.cache import stage as cache
+from kolora.core import devices
+from kolora.core.errors import InputError
+from kolora.core.rundir import RunDir
+from kolora.models import scorers
+from kolora.render import stage as render
+from kolora.train import checkpoint, distributed
+from kolora.train import loop as train_mod
 
 
 @pytest.fixture
@@ -95,8 +99,7 @@ def test_a_cache_rank_encodes_on_its_own_gpu(gpus, demo_run, tmp_path, monkeypat
 
 
 def test_a_cache_rank_with_no_captions_left_never_loads_the_text_encoder(demo_run, tmp_path, monkeypatch):
-    from kolora import models
-
+    from kolora.models import kolors as models
     run, cfg = untrained_copy(demo_run, tmp_path / "run")
     shutil.rmtree(run.cache)
     cfg.cache.dir = str(tmp_path / "store")

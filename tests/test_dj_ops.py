@@ -1,9 +1,9 @@
-"""kolora.dj_ops: the header-only shape ops keep exactly the samples Data-Juicer's built-ins keep, with the same stats.
+"""kolora.filter.dj.ops: the header-only shape ops keep exactly the samples Data-Juicer's built-ins keep, with the same stats.
 
 One synthetic set (~260 samples) exercises inclusive bounds, any/all, EXIF and XMP orientations (the built-ins
 apply them: datasets' Image.decode_example runs ImageOps.exif_transpose), PNG metadata after the pixel data,
 WEBP/MPO/GIF/TIFF, multi-image samples, a repeated path and samples without images. Both op sets run through real
-Data-Juicer (kolora.filter.run_data_juicer) and are also checked against sizes computed here with PIL.
+Data-Juicer (kolora.filter.stage.run_data_juicer) and are also checked against sizes computed here with PIL.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 from PIL import Image, ImageFile, ImageOps, PngImagePlugin
 
-from kolora import filter as kfilter
-from kolora.config import ConfigError, validate_config
+from kolora.core.config import ConfigError, validate_config
+from kolora.filter import stage as kfilter
 
 REPO = Path(__file__).resolve().parents[1]
 MIN_W, MIN_H, MAX_W, MAX_H = 64, 80, 180, 200  # unequal, so a 90° EXIF rotation changes the verdict
@@ -185,8 +185,7 @@ def test_header_ops_keep_the_same_samples_and_stats_as_the_builtins(tmp_path: Pa
 def test_image_size_matches_load_image_without_decoding(tmp_path: Path, dataset, monkeypatch) -> None:
     from data_juicer.utils.mm_utils import load_image
 
-    from kolora import dj_ops
-
+    from kolora.filter.dj import ops as dj_ops
     samples, oriented, _ = dataset
     paths = sorted({p for s in samples for p in s["image"]})
     truth = {p: load_image(p).size for p in paths}
@@ -217,8 +216,7 @@ def test_ops_called_directly_with_bytes_context_and_no_images(dataset) -> None:
     from data_juicer.ops.filter.image_shape_filter import ImageShapeFilter
     from data_juicer.utils.constant import Fields
 
-    from kolora import dj_ops
-
+    from kolora.filter.dj import ops as dj_ops
     samples, _, _ = dataset
     rotated = [s for s in samples if "exif6" in s["text"] or "exif8" in s["text"]][:4]
     kw = {"image_key": "image", "min_width": MIN_W, "min_height": MIN_H}
@@ -278,8 +276,8 @@ def test_stage_swaps_by_default_and_validate_ops_accepts_both_names(tmp_path: Pa
 
 
 def test_filter_stage_reports_the_configured_op_names(tmp_path: Path) -> None:
-    from kolora import ingest
-    from kolora.rundir import RunDir
+    from kolora.core.rundir import RunDir
+    from kolora.ingest import stage as ingest
 
     cfg = validate_config({
         "name": "t", "model": {"path": str(tmp_path / "model"), "tiny": True},
@@ -298,14 +296,14 @@ def test_filter_stage_reports_the_configured_op_names(tmp_path: Path) -> None:
 
 
 def test_plain_data_juicer_loads_the_ops_from_custom_operator_paths(tmp_path: Path) -> None:
-    """Outside kolora: `custom_operator_paths: [.../kolora/dj_ops.py]`, also when kolora.dj_ops is imported."""
-    import kolora.dj_ops
+    """Outside kolora: `custom_operator_paths: [.../kolora/filter/dj/ops.py]`, also when kolora.filter.dj.ops is imported."""
+    import kolora.filter.dj.ops
 
     code = (
-        "import kolora.dj_ops\n"
+        "import kolora.filter.dj.ops\n"
         "from data_juicer.config.config import load_custom_operators\n"
         "from data_juicer.ops import OPERATORS\n"
-        f"load_custom_operators([{kolora.dj_ops.__file__!r}])\n"
+        f"load_custom_operators([{kolora.filter.dj.ops.__file__!r}])\n"
         "print(OPERATORS.modules['image_shape_header_filter'].__module__,"
         " OPERATORS.modules['image_aspect_ratio_header_filter']._name)\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)

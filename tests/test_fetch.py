@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from kolora import fetch
-from kolora.cli_models import main
+from kolora.cli.models import main
+from kolora.models import fetch
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -46,7 +46,7 @@ def test_fetch_without_network_fails_fast_with_login_node_message(no_network, tm
 
 def test_fetch_as_a_process_fails_fast(no_network, tmp_path):
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "kolora.cli_models", "fetch", "models", "--to", str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-m", "kolora.cli.models", "fetch", "models", "--to", str(tmp_path)],
                           capture_output=True, text=True, env=os.environ.copy(), timeout=60)
     assert proc.returncode == 1 and "login node" in proc.stderr
     assert time.monotonic() - t0 < 30
@@ -87,8 +87,8 @@ def test_download_errors_get_the_login_node_advice(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("layout", ["diffusers", "diffsynth"])
 def test_check_models_passes_on_tiny_models_and_prints_usable_config(layout, tiny_diffusers, tiny_diffsynth, capsys):
-    from kolora import models
-    from kolora.config import ModelConfig
+    from kolora.core.config import ModelConfig
+    from kolora.models import kolors as models
 
     path = tiny_diffusers if layout == "diffusers" else tiny_diffsynth
     assert main(["check", "models", str(path)]) == 0

@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 from PIL import Image, ImageFile
 
-from kolora import filter as kfilter
-from kolora import ingest
-from kolora.config import ConfigError, validate_config
-from kolora.rundir import RunDir
+from kolora.core.config import ConfigError, validate_config
+from kolora.core.rundir import RunDir
+from kolora.filter import stage as kfilter
+from kolora.ingest import stage as ingest
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_OPS = [{"image_shape_filter": {"min_width": 64, "min_height": 64, "any_or_all": "any"}},

@@ -14,10 +14,11 @@ import pytest
 from PIL import Image
 from test_filter import DEMO_OPS, check_outputs, make_cfg, noisy_jpeg
 
-from kolora import filter as kfilter
-from kolora import filter_shards, ingest
-from kolora.config import ConfigError, validate_config
-from kolora.rundir import RunDir
+from kolora.core.config import ConfigError, validate_config
+from kolora.core.rundir import RunDir
+from kolora.filter import shards as filter_shards
+from kolora.filter import stage as kfilter
+from kolora.ingest import stage as ingest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -130,7 +131,7 @@ def test_shards_config_and_plan() -> None:
     with pytest.raises(ConfigError, match=r"set filter.shards: 1 \(no shard_size\) or remove the deduplicator"):
         validate_config({**base, "filter": {"ops": dedup, "shards": 4}})
 
-    from kolora.cluster import load_profile
+    from kolora.launch.cluster import load_profile
     from kolora.launch.plan import describe, plan_jobs
 
     profile = load_profile(REPO / "slurm" / "clusters" / "local.yaml")

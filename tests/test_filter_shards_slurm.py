@@ -17,10 +17,11 @@ from slurmkit import DEMO, kolora, run_progress, sacct, submit, wait_ended, wait
 from test_filter_shards import markers, outputs
 from test_ingest_shards import outputs as data_outputs
 
-from kolora import filter as kfilter
-from kolora import filter_shards, ingest
-from kolora.config import load_config
-from kolora.rundir import RunDir
+from kolora.core.config import load_config
+from kolora.core.rundir import RunDir
+from kolora.filter import shards as filter_shards
+from kolora.filter import stage as kfilter
+from kolora.ingest import stage as ingest
 
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("cancel_leftovers")]
 
@@ -109,7 +110,7 @@ def synthetic_parquet(root: Path, files: int = 3) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from kolora.synthetic import make_synthetic
+    from kolora.ingest.synthetic import make_synthetic
 
     items = make_synthetic(root / "images", 48, seed=0, min_side=32, max_side=160)
     folder = root / "parquet"

@@ -33,10 +33,10 @@ def gpu_run(tmp_path_factory):
     Data-Juicer): cached on this GPU. Returns (run, config)."""
     import csv
 
-    from kolora.config import load_config
-    from kolora.models import build_tiny
-    from kolora.pipeline import open_run, run_stage
-    from kolora.synthetic import make_synthetic
+    from kolora.core.config import load_config
+    from kolora.ingest.synthetic import make_synthetic
+    from kolora.models.kolors import build_tiny
+    from kolora.pipeline.runner import open_run, run_stage
 
     root = tmp_path_factory.mktemp("gpu")
     model = build_tiny(root / "tiny-kolors")
@@ -58,8 +58,7 @@ def _sha(path: Path) -> str:
 
 
 def test_this_process_computes_on_its_own_gpu(monkeypatch):
-    from kolora import devices
-
+    from kolora.core import devices
     monkeypatch.setenv("SLURM_LOCALID", "0")
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     assert devices.pick("auto") == "cuda:0" and torch.cuda.current_device() == 0
@@ -89,10 +88,11 @@ def test_a_training_step_on_the_full_size_kolors_unet_is_finite(precision, recor
     sys.path.insert(0, str(BENCH))
     from _common import kolors_models
 
-    from kolora import devices, distributed
-    from kolora import lora as lora_io
-    from kolora.config import TrainConfig
-    from kolora.train import LoRATrainer
+    from kolora.core import devices
+    from kolora.core.config import TrainConfig
+    from kolora.formats import lora as lora_io
+    from kolora.train import distributed
+    from kolora.train.loop import LoRATrainer
 
     device = devices.pick("cuda")
     weight_dtype = torch.float16 if precision == "16-mixed" else torch.bfloat16
@@ -137,9 +137,9 @@ def test_a_deterministic_run_resumed_on_the_gpu_is_bit_identical(gpu_run, tmp_pa
 
     from safetensors.torch import load_file
 
-    from kolora import interrupt
-    from kolora import train as train_mod
-    from kolora.rundir import RunDir
+    from kolora.core import interrupt
+    from kolora.core.rundir import RunDir
+    from kolora.train import loop as train_mod
 
     lora = "lora/pytorch_lora_weights.safetensors"
     base, cfg = gpu_run
@@ -181,9 +181,8 @@ def test_a_float16_render_writes_finite_tiles(gpu_run, record_property):
     import numpy as np
     from PIL import Image
 
-    from kolora import render
-    from kolora import train as train_mod
-
+    from kolora.render import stage as render
+    from kolora.train import loop as train_mod
     run, cfg = gpu_run
     cfg = cfg.model_copy(deep=True)
     cfg.train.steps = 4

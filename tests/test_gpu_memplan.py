@@ -1,4 +1,4 @@
-"""kolora.memplan against CUDA's own count: full-size Kolors with random weights (the configs of the
+"""kolora.launch.memplan against CUDA's own count: full-size Kolors with random weights (the configs of the
 `kolors_configs` fixture: packaged Kolors UNet, SDXL VAE with force_upcast, ChatGLM3-6B's shape), built directly
 on the GPU as bench/_common.py builds them, run as configs/kolors-anime.yaml runs them at 1024² (plus an EMA).
 
@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from kolora import memplan
-from kolora.config import load_config
+from kolora.core.config import load_config
+from kolora.launch import memplan
 
 REPO = Path(__file__).resolve().parents[1]
 KOLORS = str(REPO / "configs" / "kolors-anime.yaml")
@@ -95,7 +95,7 @@ def _model(kind: str, config: dict[str, Any], dtype, device: str = "cuda"):
     """`kind` from its config with random weights, built directly on `device` in `dtype` (no CPU copy)."""
     import torch
 
-    from kolora.models import init_chatglm
+    from kolora.models.kolors import init_chatglm
 
     config = {k: v for k, v in config.items() if not k.startswith("_")}
     previous = torch.get_default_dtype()
@@ -126,7 +126,7 @@ def _prompt_encoder(config: dict[str, Any], tmp_path: Path):
     import torch
     from diffusers import KolorsPipeline
 
-    from kolora.models import build_tiny_components
+    from kolora.models.kolors import build_tiny_components
 
     tokenizer = build_tiny_components(tmp_path)[0]
     return KolorsPipeline(vae=None, text_encoder=_model("text_encoder", config, torch.float16), tokenizer=tokenizer,
@@ -135,7 +135,7 @@ def _prompt_encoder(config: dict[str, Any], tmp_path: Path):
 
 def _encode_texts(encoder, texts: str | list[str], seq: int, guidance: bool = False,
                   negative: str | None = None) -> dict[str, Any]:
-    """encode_prompt as kolora.cache (captions, no guidance) or kolora.render (a prompt and its negative) call it."""
+    """encode_prompt as kolora.cache.stage (captions, no guidance) or kolora.render.stage (a prompt and its negative) call it."""
     import torch
 
     with torch.no_grad():
@@ -149,12 +149,12 @@ def _encode_texts(encoder, texts: str | list[str], seq: int, guidance: bool = Fa
 def _encode_images(vae, pixels) -> None:
     import torch
 
-    with torch.no_grad():  # kolora.cache: the latent distribution's mean, scaled
+    with torch.no_grad():  # kolora.cache.stage: the latent distribution's mean, scaled
         vae.encode(pixels.to("cuda", vae.dtype)).latent_dist.mean * vae.config.scaling_factor
 
 
 def test_cache_encoders_match_the_plan(recipe, plan, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """kolora.cache: ChatGLM3 (fp16) on cache.batch_size captions, freed, then the VAE encoder in cache.vae_dtype
+    """kolora.cache.stage: ChatGLM3 (fp16) on cache.batch_size captions, freed, then the VAE encoder in cache.vae_dtype
     on cache.batch_size images of train.resolution²."""
     import torch
 
@@ -175,13 +175,12 @@ def test_cache_encoders_match_the_plan(recipe, plan, tmp_path: Path, capsys: pyt
 
 
 def _train_step(s: types.SimpleNamespace) -> None:
-    """kolora.train.LoRATrainer.training_step as Lightning's 16-mixed runs it: the forward and the loss under
+    """kolora.train.loop.LoRATrainer.training_step as Lightning's 16-mixed runs it: the forward and the loss under
     autocast, zero_grad after the forward (the previous step's gradients live through it), GradScaler's backward
     and step, then the EMA callback."""
     import torch
 
-    from kolora import objective
-
+    from kolora.train import objective
     latents = s.batch["latents"]
     noise = torch.randn_like(latents)
     timesteps = torch.randint(0, 1100, (latents.shape[0],), device="cuda")
@@ -201,14 +200,14 @@ def _train_step(s: types.SimpleNamespace) -> None:
 
 def test_train_step_and_validation_sample_match_the_plan(recipe, plan, capsys: pytest.CaptureFixture) -> None:
     """The train step (the UNet fp16, the LoRA fp32 with its gradients, AdamW states and EMA copy), then
-    kolora.validation_sampler's render on that state, its VAE brought from the CPU."""
+    kolora.train.validation_sampler's render on that state, its VAE brought from the CPU."""
     import torch
 
-    from kolora import models
-    from kolora.ema import LoraEMA
-    from kolora.lora import add_lora
-    from kolora.validation import prompt_texts
-    from kolora.validation_sampler import ValidationSampler
+    from kolora.formats.lora import add_lora
+    from kolora.models import kolors as models
+    from kolora.train.ema import LoraEMA
+    from kolora.train.validation import prompt_texts
+    from kolora.train.validation_sampler import ValidationSampler
 
     t, confs = recipe.train, memplan.model_configs(recipe.model)
     seq, res, weight_dtype = recipe.cache.max_sequence_length, t.resolution, torch.float16  # 16-mixed
@@ -216,7 +215,7 @@ def test_train_step_and_validation_sample_match_the_plan(recipe, plan, capsys: p
     unet = _model("unet", confs["unet"], weight_dtype).train()
     add_lora(unet, t.rank, t.alpha, t.target_modules)
     lora = [p for p in unet.parameters() if p.requires_grad]
-    for p in lora:  # the LoRA trains in float32 (kolora.train)
+    for p in lora:  # the LoRA trains in float32 (kolora.train.loop)
         p.data = p.data.float()
     unet.enable_gradient_checkpointing()
     optimizer = torch.optim.AdamW(lora, lr=t.lr)
@@ -252,14 +251,15 @@ def test_train_step_and_validation_sample_match_the_plan(recipe, plan, capsys: p
 
 
 def test_render_at_1024_matches_the_plan(recipe, plan, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """kolora.render: the tile's prompt encoded (ChatGLM3 fp16, with the negative prompt), the text encoder freed,
+    """kolora.render.stage: the tile's prompt encoded (ChatGLM3 fp16, with the negative prompt), the text encoder freed,
     then render_tile with UNet + LoRA (fp16) and the VAE (fp16, upcast to fp32 to decode: force_upcast)."""
     import torch
     from diffusers import KolorsPipeline
 
-    from kolora import models, render
-    from kolora.lora import add_lora
-    from kolora.prompts import PromptItem
+    from kolora.core.prompts import PromptItem
+    from kolora.formats.lora import add_lora
+    from kolora.models import kolors as models
+    from kolora.render import stage as render
 
     r, confs, t = recipe.render, memplan.model_configs(recipe.model), recipe.train
     assert r.dtype in ("auto", "float16") and (r.width, r.height) == (1024, 1024)

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from kolora import ingest
-from kolora.config import validate_config
-from kolora.rundir import RunDir
+from kolora.core.config import validate_config
+from kolora.core.rundir import RunDir
+from kolora.ingest import stage as ingest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -82,7 +82,7 @@ def test_synthetic(tmp_path: Path) -> None:
 
 
 def test_synthetic_is_deterministic(tmp_path: Path) -> None:
-    from kolora.synthetic import make_synthetic
+    from kolora.ingest.synthetic import make_synthetic
 
     a = make_synthetic(tmp_path / "a", 8, seed=1)
     b = make_synthetic(tmp_path / "b", 8, seed=1)

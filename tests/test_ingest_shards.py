@@ -1,4 +1,4 @@
-"""Sharded ingest (kolora.ingest_shards): a parquet or ModelScope source read in row ranges, each with a marker,
+"""Sharded ingest (kolora.ingest.shards): a parquet or ModelScope source read in row ranges, each with a marker,
 merged into the same data/ as one pass; an interrupted ingest rereads only the ranges without a marker; array
 tasks running together read every range once and merge once."""
 
@@ -12,8 +12,10 @@ from typing import Any
 import pytest
 from test_ingest import image_bytes, make_cfg, parquet_table
 
-from kolora import ingest, ingest_shards, interrupt
-from kolora.rundir import RunDir
+from kolora.core import interrupt
+from kolora.core.rundir import RunDir
+from kolora.ingest import shards as ingest_shards
+from kolora.ingest import stage as ingest
 
 
 def dirty_parquet(root: Path) -> Path:

@@ -12,10 +12,11 @@ import pytest
 import torch
 from conftest import unet_inputs
 
-from kolora import interchange as ix
-from kolora import lora, models
-from kolora.config import ModelConfig
-from kolora.lora import LoraFileError
+from kolora.core.config import ModelConfig
+from kolora.formats import interchange as ix
+from kolora.formats import lora
+from kolora.formats.lora import LoraFileError
+from kolora.models import kolors as models
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 RANK, ALPHA = 4, 8.0  # alpha != rank, so a lost or doubled alpha shows in the output
@@ -63,7 +64,7 @@ def _fake_run(tmp_path, trained, tiny_diffusers) -> Path:
     """A run directory as training leaves it: config.yaml (model: the tiny UNet) + lora/."""
     import shutil
 
-    from kolora.config import dump_config, load_config
+    from kolora.core.config import dump_config, load_config
 
     run = tmp_path / "runs" / "exp1"
     (run / "lora").mkdir(parents=True)
@@ -78,7 +79,7 @@ def _fake_run(tmp_path, trained, tiny_diffusers) -> Path:
 @pytest.mark.parametrize("fmt", ["peft", "kohya", "diffsynth"])
 def test_export_then_load_reproduces_the_lora_output(fmt, files, trained, tiny_diffusers, tmp_path, capsys):
     """kolora export RUN --format F → loaded back → the tiny UNet's output equals the original (≤ 1e-5)."""
-    from kolora.cli_models import main
+    from kolora.cli.models import main
 
     run = _fake_run(tmp_path, trained, tiny_diffusers)
     assert main(["export", str(run), "--format", fmt]) == 0
@@ -118,9 +119,9 @@ def test_export_then_load_reproduces_the_lora_output(fmt, files, trained, tiny_d
 
 def test_render_stage_renders_with_a_kohya_lora(files, trained, tiny_diffusers, tmp_path):
     """render.lora pointing at a ComfyUI-style file: render.build_pipeline loads it with the trained alpha."""
-    from kolora import render
-    from kolora.config import load_config
-    from kolora.tiles import lora_file
+    from kolora.core.config import load_config
+    from kolora.render import stage as render
+    from kolora.render.tiles import lora_file
 
     kohya = ix.export_lora(trained[0], "kohya", tmp_path / "someone-elses.safetensors", tiny_diffusers)
     cfg = load_config(Path(__file__).parent.parent / "configs" / "demo.yaml",
@@ -135,7 +136,7 @@ def test_diffsynth_checkpoint_in_diffsynth_naming_imports_and_matches(files, tra
                                                                       capsys):
     """A checkpoint like DiffSynth's trainer writes (only LoRA tensors, no alpha, torch.save, blocks.N keys),
     built here from DiffSynth's numbering rule worked out by hand for the tiny UNet, imports with --alpha."""
-    from kolora.cli_models import main
+    from kolora.cli.models import main
 
     # tiny UNet in DiffSynth's flat list: R0 P1 D2 P3 | R4 A5 P6 | mid R7 A8 R9 | P10 R11 A12 P13 R14 A15 U16 | ...
     by_hand = {"down_blocks.1.attentions.0": 5, "mid_block.attentions.0": 8,

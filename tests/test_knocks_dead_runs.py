@@ -2,7 +2,7 @@
 kill, SIGTERM then SIGKILL), whose stage raised an error its bookkeeping did not record, whose disk filled up,
 or whose Slurm jobs are all gone, is "stopped": `kolora status` of the run (or of its sweep) says so with the
 stage it was in and what is complete, exit status 3; the next `kolora run` / `kolora resume` says it continues
-a stopped run. The verdict comes from the manifest and the run lock (kolora.runlock.run_state), read-only.
+a stopped run. The verdict comes from the manifest and the run lock (kolora.core.runlock.run_state), read-only.
 
 The table: setup → argv → exit status, the words the output must hold, no traceback, and for `status`
 nothing in the folder changed. Negative controls (a live holder stays "running") are a separate test."""
@@ -25,8 +25,8 @@ import yaml
 from conftest import DEMO, PROMPTS, tree_state
 from test_launch import FAKE, LOCAL
 
-from kolora import stages
-from kolora.cli import main
+from kolora.cli.main import main
+from kolora.pipeline import registry as stages
 
 HOST = socket.gethostname()
 STAMP = "20260101-000000-abcd"
@@ -156,8 +156,8 @@ def completion_check_raises(w):
 
 def disk_full(w):
     """The stage fails on a full disk, and recording the failure fails on it too."""
-    from kolora import ingest
-    from kolora.rundir import RunDir
+    from kolora.core.rundir import RunDir
+    from kolora.ingest import stage as ingest
 
     def full(*args, **kw):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -173,7 +173,7 @@ def disk_full(w):
 def killed_for_real(w):
     """kill -9 of a real `kolora run` while its ingest stage runs (made long enough to be caught at it)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.Popen([sys.executable, "-m", "kolora.cli", "run", str(w / "demo.yaml"), "--stage", "ingest",
+    proc = subprocess.Popen([sys.executable, "-m", "kolora.cli.main", "run", str(w / "demo.yaml"), "--stage", "ingest",
                              "--set", "data.synthetic.count=3000", "--runs-dir", str(w / "runs")], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     manifest, deadline = w / "runs" / "demo" / "manifest.json", time.monotonic() + 120
@@ -319,8 +319,7 @@ def test_a_queued_slurm_job_is_running(world, capsys):
 
 def test_a_stage_that_raises_system_exit_is_recorded_failed(world, capsys):
     """Any BaseException ends the stage as failed in the manifest (a stop request is "interrupted" instead)."""
-    from kolora import ingest
-
+    from kolora.ingest import stage as ingest
     with pytest.MonkeyPatch.context() as mp, pytest.raises(SystemExit):
         mp.setattr(ingest, "run", lambda *a, **k: sys.exit(7))
         main(["run", str(world / "demo.yaml"), "--stage", "ingest", "--runs-dir", str(world / "runs")])

@@ -17,7 +17,7 @@ import yaml
 from conftest import DEMO, PROMPTS, tree_state
 from test_launch import LOCAL, fake_slurm  # noqa: F401 - fake_slurm is a fixture
 
-from kolora.cli import main
+from kolora.cli.main import main
 
 
 def _demo(**changes) -> dict:
@@ -33,8 +33,8 @@ TINY: list[str] = []  # the tiny model's folder, for {T}
 
 
 def _bind(runs: Path, config: Path, name: str, *overrides: str) -> None:
-    from kolora.config import load_config
-    from kolora.rundir import RunDir
+    from kolora.core.config import load_config
+    from kolora.core.rundir import RunDir
 
     RunDir(runs / name).bind(load_config(config, list(overrides), name=name))
 
@@ -44,8 +44,8 @@ def world(tmp_path_factory, demo_run, tiny_diffusers) -> Path:
     """A runs dir with a run, a sweep, someone's folder, a run re-run with a lower train.steps and a sweep whose
     variants were; configs, a container profile, a folder of LoRA files. (demo_run: 30 steps, checkpoints at
     10, 20 and 30.)"""
-    from kolora.rundir import RunDir
-    from kolora.sweep import plan, write_manifest
+    from kolora.core.rundir import RunDir
+    from kolora.sweep.plan import plan, write_manifest
 
     w = tmp_path_factory.mktemp("names")
     TINY.append(str(tiny_diffusers))
@@ -181,7 +181,7 @@ def _substitute(text: str, w: Path) -> str:
     if "{L20}" in text:
         text = text.replace("{L20}", _loss_at(w / "runs" / "lowered", 20))
     if "{DIGEST}" in text:
-        from kolora.config import load_config
+        from kolora.core.config import load_config
 
         text = text.replace("{DIGEST}", load_config(w / "good.yaml").digest())
     return text.replace("{W}", str(w)).replace("{T}", TINY[-1])

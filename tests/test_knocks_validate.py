@@ -16,7 +16,7 @@ from conftest import DEMO, PROMPTS, REPO, run_cli, tree_state
 
 LOCAL = str(REPO / "slurm" / "clusters" / "local.yaml")
 
-MAX_SEED = 2**63 - 1  # kolora.schema.MAX_SEED (spelled out: the table runs against code without it too)
+MAX_SEED = 2**63 - 1  # kolora.core.schema.MAX_SEED (spelled out: the table runs against code without it too)
 
 # Fake Slurm clients: a cluster with partitions cpu and gpu (the default, starred) and MaxArraySize 10.
 FAKE_SLURM = {
@@ -220,8 +220,8 @@ def test_a_caption_limit_only_with_prompt_captions(world, capsys):
 
 @pytest.mark.parametrize("layout", ["diffusers", "diffsynth"])
 def test_model_check_passes_a_complete_model(layout, tiny_diffusers, tiny_diffsynth):
-    from kolora.config import ModelConfig
-    from kolora.models import check_files, tiny_diffsynth_overrides
+    from kolora.core.config import ModelConfig
+    from kolora.models.kolors import check_files, tiny_diffsynth_overrides
 
     path = tiny_diffusers if layout == "diffusers" else tiny_diffsynth
     extra = tiny_diffsynth_overrides(path) if layout == "diffsynth" else {}
@@ -232,7 +232,7 @@ def test_model_check_passes_a_complete_model(layout, tiny_diffusers, tiny_diffsy
 def test_the_largest_seed_trains():
     """train.seed up to 2^63 - 1: the sample order's generator seed wraps like torch's own (2^64) instead of
     overflowing."""
-    from kolora.samples import StepSampler
+    from kolora.train.samples import StepSampler
 
     assert sorted(StepSampler(4, 4, MAX_SEED)) == [0, 1, 2, 3]
     assert list(StepSampler(4, 8, 7)) == list(StepSampler(4, 8, 7))

@@ -21,8 +21,8 @@ import pytest
 import yaml
 from conftest import DEMO, PROMPTS, run_cli, tree_state
 
-from kolora import interchange
-from kolora.lora import WEIGHT_NAME
+from kolora.formats import interchange
+from kolora.formats.lora import WEIGHT_NAME
 
 
 def _break(src: Path, dst: Path, ending: str, value: float) -> str:
@@ -138,7 +138,7 @@ def test_the_render_stage_refuses_a_lora_broken_after_preflight(world, demo_run,
                                                                 capsys, monkeypatch):
     """The file broke after `kolora submit` checked it (or training wrote a broken LoRA): the render stage itself
     refuses it before loading the text encoder, and no tile is written."""
-    import kolora.pipeline
+    import kolora.pipeline.runner
 
     w, keys = world
     lora = w / "lora" / f"{broken}.safetensors"
@@ -147,7 +147,7 @@ def test_the_render_stage_refuses_a_lora_broken_after_preflight(world, demo_run,
     shutil.rmtree(run / "render")
     if not render_lora:
         shutil.copyfile(lora, run / "lora" / WEIGHT_NAME)
-    monkeypatch.setattr(kolora.pipeline, "preflight", lambda cfg, here=False: [])
+    monkeypatch.setattr(kolora.pipeline.runner, "preflight", lambda cfg, here=False: [])
     rc = run_cli(["run", str(run / "config.yaml"), "--runs-dir", str(tmp_path), "--stage", "render",
                *(["--set", f"render.lora={lora}"] if render_lora else [])])
     err = capsys.readouterr().err
@@ -162,7 +162,7 @@ def test_the_render_stage_refuses_a_lora_broken_after_preflight(world, demo_run,
 def test_the_check_counts_and_bounds_every_float_tensor():
     import torch
 
-    from kolora.lora import check_weights
+    from kolora.formats.lora import check_weights
 
     ok = {"a": torch.full((2, 2), 9999.0), "steps": torch.tensor([10**6]), "empty": torch.zeros(0)}
     check_weights(ok, "ok.safetensors")
@@ -319,9 +319,9 @@ def test_a_manifest_that_cannot_be_written_either_is_said(demo_run, tmp_path, ca
     run = tmp_path / "demo"
     (run / "grid.png").unlink()
     argv = ["run", str(run / "config.yaml"), "--runs-dir", str(tmp_path), "--stage", "grid"]
-    import kolora.rundir
+    import kolora.core.rundir
 
-    real_record = kolora.rundir.RunDir.record_stage
+    real_record = kolora.core.rundir.RunDir.record_stage
 
     def record_then_fill(self, stage, **fields):  # "running" is recorded; then the disk is full for everything
         real_record(self, stage, **fields)
@@ -329,7 +329,7 @@ def test_a_manifest_that_cannot_be_written_either_is_said(demo_run, tmp_path, ca
             fill_the_disk(monkeypatch, run, "fsync", "*", errno.ENOSPC)
 
     with monkeypatch.context() as m:
-        m.setattr(kolora.rundir.RunDir, "record_stage", record_then_fill)
+        m.setattr(kolora.core.rundir.RunDir, "record_stage", record_then_fill)
         rc = run_cli(argv)
     monkeypatch.undo()
     err = capsys.readouterr().err

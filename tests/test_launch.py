@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kolora.cli import main
+from kolora.cli.main import main
 from kolora.launch.jobs import job_environment
 from kolora.launch.monitor import _rows
 from kolora.launch.supervise import BOOT
@@ -229,8 +229,8 @@ def test_a_time_limit_too_short_to_load_the_models_is_flagged_before_queueing(
         tmp_path: Path, tiny_diffusers: Path, capsys: pytest.CaptureFixture) -> None:
     import shutil
 
-    from kolora.cluster import load_profile
-    from kolora.config import load_config
+    from kolora.core.config import load_config
+    from kolora.launch.cluster import load_profile
     from kolora.launch.plan import attempt_window_warnings
 
     model = tmp_path / "model"

@@ -81,7 +81,7 @@ def test_submit_runs_the_whole_graph(env: dict[str, str], tmp_path: Path) -> Non
     assert "ArrayTaskThrottle=2" in throttle  # the profile's throttle, as Slurm holds it
     started = time.monotonic()
     # the same config in one process (another name, another runs dir) while the cluster works
-    reference = subprocess.Popen([sys.executable, "-m", "kolora.cli", "run", DEMO, "--runs-dir", tmp_path / "local",
+    reference = subprocess.Popen([sys.executable, "-m", "kolora.cli.main", "run", DEMO, "--runs-dir", tmp_path / "local",
                                   "--name", "ref", *FAST], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         rows = wait_ended(env, list(ids.values()), 1 + 1 + 4 + 1, runs / "dag")

@@ -6,8 +6,9 @@ import pytest
 import torch
 from conftest import unet_inputs
 
-from kolora import lora, models
-from kolora.config import ModelConfig
+from kolora.core.config import ModelConfig
+from kolora.formats import lora
+from kolora.models import kolors as models
 
 
 @pytest.fixture(scope="module")

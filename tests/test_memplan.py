@@ -1,4 +1,4 @@
-"""kolora.memplan: each GPU stage's peak memory from the model's configs on the meta device (no weights, no GPU),
+"""kolora.launch.memplan: each GPU stage's peak memory from the model's configs on the meta device (no weights, no GPU),
 and the jobs.<job>.gpu_mem_gb check of `kolora validate --cluster` and `kolora submit`."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kolora import memplan
-from kolora.cli import main
-from kolora.config import ConfigError, load_config
+from kolora.cli.main import main
+from kolora.core.config import ConfigError, load_config
+from kolora.launch import memplan
 
 REPO = Path(__file__).resolve().parents[1]
 KOLORS = str(REPO / "configs" / "kolors-anime.yaml")
@@ -115,7 +115,7 @@ def test_the_tracker_sees_what_autograd_keeps(kolors_configs: Path) -> None:
     not much more."""
     import torch
 
-    from kolora.lora import add_lora
+    from kolora.formats.lora import add_lora
 
     key = memplan._key(memplan.model_configs(kolors(kolors_configs).model)["unet"])
     peak = memplan.train_activation_bytes(key, "float16", True, False, 1, 1024, 256, 16,
@@ -200,8 +200,8 @@ def test_what_training_keeps_on_the_gpu_moves_every_phase(kolors_configs: Path, 
 
 
 def test_the_batch_and_the_largest_bucket_enter_the_train_step(tmp_path: Path) -> None:
-    from kolora import buckets, models
-
+    from kolora.cache import buckets
+    from kolora.models import kolors as models
     sets = [f"model.path={tmp_path / 'not-built'}", "train.validation.every=10"]  # the tiny demo, sampling
     base = memplan.estimate(load_config(DEMO, sets))["train"]
     # buckets (sampling off, so the step is the figure): the step is measured at the bucket whose UNet feature
@@ -330,7 +330,7 @@ def test_submit_dry_run_prints_the_estimates_and_submit_refuses_before_queueing(
 
 # (e) --------------------------------------------------------------------------------------------------------
 def test_the_tiny_demo_gets_small_estimates(tmp_path: Path, tiny_diffusers: Path, tiny_diffsynth: Path) -> None:
-    from kolora.models import tiny_diffsynth_overrides
+    from kolora.models.kolors import tiny_diffsynth_overrides
 
     not_built = memplan.estimate(load_config(DEMO, [f"model.path={tmp_path / 'not-built'}"]))
     built = memplan.estimate(load_config(DEMO, [f"model.path={tiny_diffusers}"]))
@@ -347,7 +347,7 @@ def test_the_tiny_demo_gets_small_estimates(tmp_path: Path, tiny_diffusers: Path
 
 # the profile field --------------------------------------------------------------------------------------------
 def test_gpu_mem_gb_inherits_and_is_checked(tmp_path: Path) -> None:
-    from kolora.cluster import load_profile
+    from kolora.launch.cluster import load_profile
 
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump({"name": "p", "defaults": {"gpu_mem_gb": 40},

@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import PROMPTS
 
-from kolora import models
-from kolora.config import ConfigError, ModelConfig, validate_config
+from kolora.core.config import ConfigError, ModelConfig, validate_config
+from kolora.models import kolors as models
 
 
 def _cfg(path, layout, **extra):
@@ -20,8 +20,8 @@ def _cfg(path, layout, **extra):
 
 
 def _render(cfg):
-    from kolora.prompts import load_prompts
-    from kolora.render import build_pipeline, render_tile
+    from kolora.core.prompts import load_prompts
+    from kolora.render.stage import build_pipeline, render_tile
 
     pipe = build_pipeline(cfg, None, "cpu", torch.float32)
     item = load_prompts(cfg.render.prompts, cfg.render.negative_prompt)[0]

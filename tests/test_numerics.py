@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from kolora import cache as cache_mod
-from kolora import train as train_mod
-from kolora.checkpoint import checkpoints
-from kolora.errors import RunFailure
-from kolora.pipeline import run_stage
-from kolora.rundir import RunDir
+from kolora.cache import stage as cache_mod
+from kolora.core.errors import RunFailure
+from kolora.core.rundir import RunDir
+from kolora.pipeline.runner import run_stage
+from kolora.train import loop as train_mod
+from kolora.train.checkpoint import checkpoints
 
 
 def _sha(p) -> str:
@@ -133,8 +133,7 @@ def test_text_entries_drop_repeated_pad_rows_and_restore_them_exactly(demo_run, 
 
     from diffusers import KolorsPipeline
 
-    from kolora import models
-
+    from kolora.models import kolors as models
     run = RunDir(demo_run)
     cfg = run.load_config()
     index = json.loads((run.cache / "index.json").read_text())
@@ -186,8 +185,8 @@ def _diffsynth_with_stock_vae(tiny_diffsynth, tmp_path) -> Path:
 def _diffsynth_config(models_dir: Path, **model):
     from conftest import PROMPTS
 
-    from kolora import models
-    from kolora.config import validate_config
+    from kolora.core.config import validate_config
+    from kolora.models import kolors as models
 
     # the tiny VAE config says force_upcast: false, like the packaged SDXL config before this rule
     return validate_config({"name": "t", "model": {"path": str(models_dir), "layout": "diffsynth",
@@ -201,8 +200,8 @@ def test_a_float16_vae_is_upcast_unless_its_weights_survive_float16(tiny_diffsyn
     upcast, the fp16-fix one under a neutral name still decodes in float16; both configs say force_upcast: false."""
     from types import SimpleNamespace
 
-    from kolora import models
-    from kolora.validation_sampler import ValidationSampler
+    from kolora.models import kolors as models
+    from kolora.train.validation_sampler import ValidationSampler
 
     models_dir = _diffsynth_with_stock_vae(tiny_diffsynth, tmp_path)
     fix = models_dir / "sdxl-vae-fp16-fix" / "diffusion_pytorch_model.safetensors"
@@ -250,8 +249,8 @@ def test_a_float16_render_with_kolors_own_vae_decodes_in_float32(tiny_diffsynth,
     decodes in float32 and gives a picture; the fp16-fix VAE decodes in float16."""
     import numpy as np
 
-    from kolora import render
-    from kolora.prompts import load_prompts
+    from kolora.core.prompts import load_prompts
+    from kolora.render import stage as render
 
     models_dir = _diffsynth_with_stock_vae(tiny_diffsynth, tmp_path)
     stock = models_dir / "kolors" / "Kolors" / "vae" / "diffusion_pytorch_model.safetensors"
@@ -270,8 +269,7 @@ def test_a_float16_render_with_kolors_own_vae_decodes_in_float32(tiny_diffsynth,
 @pytest.mark.parametrize(("broken", "dtype"), [("nan", "float16"), ("flat", "float32")])
 def test_a_tile_that_decodes_to_nan_or_one_colour_stops_the_render_without_its_png(demo_run, tmp_path, monkeypatch,
                                                                                    broken, dtype):
-    from kolora import render
-
+    from kolora.render import stage as render
     run = _copy(demo_run, tmp_path)
     cfg = run.load_config()
     cfg.render.dtype = dtype
@@ -317,8 +315,9 @@ def test_a_validation_sample_that_decodes_to_nan_is_left_out_with_a_warning(demo
 
     from test_validation import _validation_run
 
-    from kolora import lora, models
-    from kolora.validation_sampler import ValidationSampler
+    from kolora.formats import lora
+    from kolora.models import kolors as models
+    from kolora.train.validation_sampler import ValidationSampler
 
     run, cfg = _validation_run(demo_run, tmp_path, "val")
     sampler = ValidationSampler(cfg, run, torch.float32)
@@ -335,7 +334,7 @@ def test_a_validation_sample_that_decodes_to_nan_is_left_out_with_a_warning(demo
     sampler.vae.decode = second_decode_nan
     unet = models.load_unet(files, torch.float32).train()
     lora.add_lora(unet, cfg.train.rank, cfg.train.alpha, cfg.train.target_modules)
-    with caplog.at_level(logging.WARNING, logger="kolora.train"):
+    with caplog.at_level(logging.WARNING, logger="kolora.train.loop"):
         sampler.sample(SimpleNamespace(global_step=10, loggers=[]), SimpleNamespace(unet=unet, device=torch.device("cpu")))
     assert sorted(p.name for p in (run.train / "samples" / "step-000010").iterdir()) == ["0-0.png"]
     assert "sample 1-0.png of step 10 (prompt 1, seed 0) decoded to" in caplog.text
@@ -349,7 +348,7 @@ def test_the_non_finite_loss_message_shows_the_loss_before_the_gradient_scaler(t
     all) and says so, with its loss as training_step returned it."""
     from types import SimpleNamespace
 
-    from kolora.config import TrainConfig
+    from kolora.core.config import TrainConfig
 
     scaler = torch.amp.GradScaler("cpu")  # the CPU twin of the scaler MixedPrecision("16-mixed") holds on a GPU
     module = train_mod.LoRATrainer(torch.nn.Linear(2, 2), TrainConfig(), "digest", tmp_path / "checkpoints")

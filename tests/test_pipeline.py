@@ -9,8 +9,8 @@ import time
 from conftest import DEMO
 from PIL import Image
 
-from kolora.cli import main
-from kolora.stages import NAMES
+from kolora.cli.main import main
+from kolora.pipeline.registry import NAMES
 
 
 def test_demo_ends_with_a_2x4_grid(demo_run):
@@ -87,7 +87,7 @@ def test_changed_train_config_reruns_from_train(demo_run, tiny_diffusers, tmp_pa
 def test_run_progress_sums_up_what_the_stages_wrote(demo_run, tmp_path):
     """The supervisor compares this before and after a job attempt (an attempt that changed nothing is not
     requeued): it must see every kind of durable output."""
-    from kolora.rundir import RunDir
+    from kolora.core.rundir import RunDir
 
     done = RunDir(demo_run).progress()
     assert done["complete"] == sorted(NAMES)
@@ -103,8 +103,7 @@ def test_a_crashed_training_with_new_inputs_keeps_its_checkpoints_to_resume(demo
     superseded/train-<key>/."""
     import shutil
 
-    from kolora import train
-
+    from kolora.train import loop as train
     runs = tmp_path / "runs"
     shutil.copytree(demo_run, runs / "demo")
     run = runs / "demo"

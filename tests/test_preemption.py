@@ -56,7 +56,7 @@ def metric_steps(run: Path) -> list[int]:
 def uninterrupted(env, runs: Path, args: list[str]) -> Path:
     """The same config, uninterrupted, in one process, up to training (the LoRA is what the tests compare)."""
     stages = [arg for stage in ("ingest", "filter", "cache", "train") for arg in ("--stage", stage)]
-    proc = subprocess.Popen([sys.executable, "-m", "kolora.cli", "run", DEMO, "--runs-dir", str(runs), "--name", NAME,
+    proc = subprocess.Popen([sys.executable, "-m", "kolora.cli.main", "run", DEMO, "--runs-dir", str(runs), "--name", NAME,
                              *stages, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         wait_for("the uninterrupted reference run", lambda: proc.poll() is not None,

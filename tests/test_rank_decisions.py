@@ -18,11 +18,12 @@ import time
 import pytest
 from conftest import untrained_copy
 
-from kolora import checkpoint as ckpt_io
-from kolora import interrupt, pipeline
-from kolora.interrupt import Interrupted
+from kolora.core import interrupt
+from kolora.core.interrupt import Interrupted
 from kolora.launch.jobs import Decision, StageJob
-from kolora.stages import Keys
+from kolora.pipeline import runner as pipeline
+from kolora.pipeline.registry import Keys
+from kolora.train import checkpoint as ckpt_io
 
 
 @pytest.fixture
@@ -149,8 +150,7 @@ def test_decisions_are_json_and_the_earlier_words_still_read(tmp_path):
 
 
 def test_train_resumes_from_exactly_the_chosen_checkpoint_or_fails_naming_it(demo_run, tmp_path, monkeypatch):
-    from kolora import train
-
+    from kolora.train import loop as train
     monkeypatch.setattr(ckpt_io, "VISIBLE_WITHIN_S", 2.0)
 
     run, cfg = untrained_copy(demo_run, tmp_path / "run")

@@ -8,10 +8,10 @@ import shutil
 import numpy as np
 from PIL import Image
 
-from kolora import render
-from kolora.pipeline import run_stage
-from kolora.rundir import RunDir
-from kolora.tiles import missing_tiles
+from kolora.core.rundir import RunDir
+from kolora.pipeline.runner import run_stage
+from kolora.render import stage as render
+from kolora.render.tiles import missing_tiles
 
 
 def _copy_run(demo_run, tmp_path) -> RunDir:
@@ -95,8 +95,7 @@ def test_no_partial_tile_survives_a_crash(demo_run, tmp_path, monkeypatch):
 
 def test_stop_request_ends_the_task_after_the_current_tile(demo_run, tmp_path, monkeypatch):
     """A preempted/requeued render task stops between tiles; running it again renders only the rest."""
-    from kolora import interrupt
-
+    from kolora.core import interrupt
     run = _copy_run(demo_run, tmp_path)
     cfg = run.load_config()
     shutil.rmtree(run.render)
@@ -125,9 +124,9 @@ def test_stop_request_ends_the_task_after_the_current_tile(demo_run, tmp_path, m
 
 TASK = """
 import sys
-from kolora.pipeline import run_stage
-from kolora.rundir import RunDir
-from kolora.config import load_config
+from kolora.pipeline.runner import run_stage
+from kolora.core.rundir import RunDir
+from kolora.core.config import load_config
 run = RunDir(sys.argv[1])
 cfg = load_config(sys.argv[2], [f"model.path={sys.argv[3]}", f"render.prompts={sys.argv[4]}"])
 print(run_stage("render", cfg, run, task_index=int(sys.argv[5]), task_count=2))
@@ -143,7 +142,7 @@ def test_two_array_tasks_after_a_prompt_change_never_undo_each_other(demo_run, t
     import yaml
     from conftest import DEMO, PROMPTS
 
-    from kolora.config import load_config
+    from kolora.core.config import load_config
 
     run = _copy_run(demo_run, tmp_path)
     prompts = tmp_path / "prompts.yaml"
@@ -172,7 +171,7 @@ def test_precomputed_prompt_embeddings_render_the_same_pixels(demo_run, tmp_path
     the UNet never share a 24 GB GPU); the tiles are what the all-in-one pipeline gives for those embeddings."""
     import torch
 
-    from kolora.tiles import lora_file, tiles
+    from kolora.render.tiles import lora_file, tiles
 
     run = _copy_run(demo_run, tmp_path)
     cfg = run.load_config()

@@ -11,8 +11,8 @@ import subprocess
 
 import pytest
 
-from kolora.pipeline import run_stage
-from kolora.rundir import RunDir
+from kolora.core.rundir import RunDir
+from kolora.pipeline.runner import run_stage
 
 
 def _scored_run(demo_run, tmp_path) -> RunDir:
@@ -20,7 +20,7 @@ def _scored_run(demo_run, tmp_path) -> RunDir:
     tiles are the LoRA tiles mirrored: any image will do for the page)."""
     from PIL import Image, ImageOps
 
-    from kolora.tiles import tiles
+    from kolora.render.tiles import tiles
 
     dst = tmp_path / "demo"
     shutil.copytree(demo_run, dst)

@@ -1,4 +1,4 @@
-"""The run lock (kolora.runlock) and the durability helpers of kolora.rundir, without Slurm: who may write a
+"""The run lock (kolora.core.runlock) and the durability helpers of kolora.core.rundir, without Slurm: who may write a
 run directory, how a stale lock is broken (also by several takers at once), how a submission hands its lock
 to its jobs, and what sweep_temp removes. Fake squeue scripts stand in for Slurm where it matters."""
 
@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kolora.rundir import fsync_dir, sweep_temp
-from kolora.runlock import RunLocked, acquire, claim_for_submission, job_heartbeat
+from kolora.core.rundir import fsync_dir, sweep_temp
+from kolora.core.runlock import RunLocked, acquire, claim_for_submission, job_heartbeat
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -220,7 +220,7 @@ def _demo_config(tmp_path: Path) -> Path:
 
 
 def test_kolora_run_is_refused_while_another_process_holds_the_lock(tmp_path: Path, capsys) -> None:
-    from kolora.cli import main
+    from kolora.cli.main import main
 
     config, runs = _demo_config(tmp_path), tmp_path / "runs"
     holder = subprocess.Popen(["sleep", "30"])
@@ -239,7 +239,7 @@ def test_kolora_run_is_refused_while_another_process_holds_the_lock(tmp_path: Pa
 
 
 def test_kolora_submit_hands_the_lock_to_its_jobs(tmp_path: Path, squeue, capsys) -> None:
-    from kolora.cli import main
+    from kolora.cli.main import main
 
     config, runs, fake = _demo_config(tmp_path), tmp_path / "runs", tmp_path / "bin"
     for name, body in {"sbatch": 'n=$(( $(cat "$0.next" 2>/dev/null || echo 1000) + 1 )); echo $n > "$0.next"; '

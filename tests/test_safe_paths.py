@@ -15,11 +15,13 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from kolora import filter as kfilter
-from kolora import ingest, interrupt, safe_paths
-from kolora.config import validate_config
-from kolora.pipeline import run_stage
-from kolora.rundir import RunDir
+from kolora.core import interrupt
+from kolora.core.config import validate_config
+from kolora.core.rundir import RunDir
+from kolora.filter import stage as kfilter
+from kolora.ingest import safe_paths
+from kolora.ingest import stage as ingest
+from kolora.pipeline.runner import run_stage
 
 REPO = Path(__file__).resolve().parents[1]
 KEEP_ALL = [{"image_shape_filter": {"min_width": 1, "min_height": 1, "any_or_all": "any"}}]
@@ -234,7 +236,7 @@ def test_guard_unit_rules(tmp_path: Path) -> None:
 
 
 def test_check_dataset_names_the_rows_ingest_would_reject(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from kolora.dataset import check_folder
+    from kolora.ingest.sources import check_folder
 
     ds, rows, _ = hostile_dataset(tmp_path, monkeypatch)
     (ds / "img" / "big.png").unlink()  # under the default cap it would be fine; not this test's point

@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 from conftest import DEMO
 
-from kolora import filter as kfilter
-from kolora import ingest, scorers
-from kolora.cli import main
-from kolora.config import validate_config
-from kolora.rundir import RunDir
+from kolora.cli.main import main
+from kolora.core.config import validate_config
+from kolora.core.rundir import RunDir
+from kolora.filter import stage as kfilter
+from kolora.ingest import stage as ingest
+from kolora.models import scorers
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -148,8 +149,7 @@ def test_evaluate_on_the_demo_scores_every_lora_and_base_tile(demo_run):
 
 def test_base_tiles_are_shared_across_runs_through_the_cache_dir(tiny_diffusers, tmp_path):
     """A second run with another lr and a shared cache.dir links the base tiles the first one rendered."""
-    from kolora import render
-
+    from kolora.render import stage as render
     lab = tmp_path / "lab-cache"
     runs = tmp_path / "runs"
     common = ["--runs-dir", str(runs), "--set", f"model.path={tiny_diffusers}", "--set", f"cache.dir={lab}",

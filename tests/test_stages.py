@@ -13,10 +13,10 @@ import pytest
 from conftest import DEMO, PROMPTS, REPO
 from pydantic import BaseModel
 
-from kolora.cli import main
-from kolora.config import ExperimentConfig, load_config
-from kolora.rundir import RunDir
-from kolora.stages import NAMES, OPERATIONAL, STAGES, Keys, rerun_table
+from kolora.cli.main import main
+from kolora.core.config import ExperimentConfig, load_config
+from kolora.core.rundir import RunDir
+from kolora.pipeline.registry import NAMES, OPERATIONAL, STAGES, Keys, rerun_table
 
 LORA = Path("lora") / "pytorch_lora_weights.safetensors"
 
@@ -115,7 +115,7 @@ def test_no_stage_key_holds_a_path(demo_run, tiny_diffusers):
 
 def test_readme_has_the_registrys_rerun_table():
     readme = (REPO / "README.md").read_text()
-    assert rerun_table() in readme, "README's 'what reruns when' table differs from kolora.stages.rerun_table()"
+    assert rerun_table() in readme, "README's 'what reruns when' table differs from kolora.pipeline.registry.rerun_table()"
 
 
 # ---- through `kolora run` ----------------------------------------------------------------------------------
@@ -131,8 +131,8 @@ def test_operational_changes_rerun_nothing(demo_run, tiny_diffusers, tmp_path, c
 
 def test_new_lr_keeps_the_cache_and_sets_the_old_training_aside(demo_run, tiny_diffusers, tmp_path, capsys,
                                                                 monkeypatch):
-    from kolora import cache, models
-
+    from kolora.cache import stage as cache
+    from kolora.models import kolors as models
     def must_not_run(*a, **k):
         raise AssertionError("the cache stage re-read an image or loaded an encoder")
 
@@ -184,7 +184,7 @@ def test_lowering_steps_says_what_it_does_and_keeps_the_later_checkpoints(demo_r
     runs = _copy(demo_run, tmp_path)
     run = runs / "demo"
     original = _sha(run / LORA)
-    with caplog.at_level("WARNING", logger="kolora.train"):
+    with caplog.at_level("WARNING", logger="kolora.train.loop"):
         assert _run(runs, tiny_diffusers, "train.steps=20", stages=("train",)) == 0
     assert "train.steps=20 is below the newest checkpoint (step 30)" in caplog.text
     assert "the LoRA is the step-20 state from its checkpoint" in caplog.text
@@ -251,7 +251,7 @@ def test_two_runs_filling_one_cache_dir_at_once(tiny_diffusers, tmp_path):
     from safetensors.torch import load_file
 
     shared = tmp_path / "lab-cache"
-    cmd = [sys.executable, "-m", "kolora.cli", "run", str(DEMO), "--runs-dir", str(tmp_path / "runs"),
+    cmd = [sys.executable, "-m", "kolora.cli.main", "run", str(DEMO), "--runs-dir", str(tmp_path / "runs"),
            "--set", f"model.path={tiny_diffusers}", "--set", f"cache.dir={shared}",
            "--stage", "ingest", "--stage", "filter", "--stage", "cache"]
     procs = [subprocess.Popen([*cmd, "--name", name], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -25,7 +25,7 @@ CHILD = textwrap.dedent("""
     if os.environ.get("SIGNAL_PARENT_FIRST"):  # a stop signal reaches the supervisor while we still import
         os.kill(os.getppid(), signal.SIGUSR2)
     time.sleep(0.3)  # the imports before the handler is installed
-    from kolora import interrupt
+    from kolora.core import interrupt
     with interrupt.handle((signal.SIGUSR2, signal.SIGTERM)):
         deadline = time.monotonic() + float(os.environ.get("CHILD_WAIT_S", "20"))
         while interrupt.requested() is None and time.monotonic() < deadline:
@@ -133,7 +133,7 @@ def test_job_end_time(monkeypatch: pytest.MonkeyPatch) -> None:
 STOPPING_CHILD = textwrap.dedent("""
     import os, sys, time
     from pathlib import Path
-    from kolora import interrupt
+    from kolora.core import interrupt
     with interrupt.handle():
         deadline = time.monotonic() + 30
         while interrupt.requested() is None and time.monotonic() < deadline:

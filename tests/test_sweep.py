@@ -12,10 +12,10 @@ import pytest
 from conftest import DEMO as DEMO_PATH
 from test_launch import LOCAL, fake_slurm, sbatch_scripts  # noqa: F401 - fake_slurm is a fixture
 
-from kolora.config import ConfigError
-from kolora.ranking import RunScore, rank
-from kolora.stages import NAMES
-from kolora.sweep import parse_vary, plan, variant_names
+from kolora.core.config import ConfigError
+from kolora.pipeline.registry import NAMES
+from kolora.sweep.plan import parse_vary, plan, variant_names
+from kolora.sweep.ranking import RunScore, rank
 
 DEMO = str(DEMO_PATH)
 FAST = ["--set", "train.steps=6", "--set", "train.checkpoint_every=3", "--set", "render.steps=2"]
@@ -69,7 +69,7 @@ def _write_scores(run: Path, aesthetic: float, clip: float) -> None:
 
 
 def test_sweep_in_process_shares_the_cache_and_compares_the_variants(tmp_path, tiny_diffusers, capsys):
-    from kolora.cli import main
+    from kolora.cli.main import main
 
     runs = tmp_path / "runs"
     rc = main(["sweep", DEMO, "--runs-dir", str(runs), "--set", f"model.path={tiny_diffusers}", *FAST,
@@ -123,7 +123,7 @@ def test_sweep_in_process_shares_the_cache_and_compares_the_variants(tmp_path, t
     # scores (the evaluate stage's eval/scores.json) rank before losses: the scored variant is best
     worst = max(losses, key=losses.get)
     _write_scores(sweep / worst, aesthetic=5.5, clip=0.3)
-    from kolora.sweep import write_sheet
+    from kolora.sweep.plan import write_sheet
 
     write_sheet(sweep)
     assert main(["status", "demo-sweep", "--runs-dir", str(runs)]) == 0
@@ -145,7 +145,7 @@ def test_sweep_in_process_shares_the_cache_and_compares_the_variants(tmp_path, t
 
 def test_sweep_submission_is_one_graph_with_a_train_array(tmp_path, tiny_diffusers, fake_slurm, capsys):  # noqa: F811
     """The Slurm graph, against a fake sbatch (the dev-cluster run is tests/test_sweep_slurm.py)."""
-    from kolora.cli import main
+    from kolora.cli.main import main
 
     runs = tmp_path / "runs"
     assert main(["sweep", DEMO, "--cluster", LOCAL, "--runs-dir", str(runs), "--name", "g",
@@ -171,7 +171,7 @@ def test_sweep_submission_is_one_graph_with_a_train_array(tmp_path, tiny_diffuse
         sub = slurm["submissions"][slurm["latest"]]
         assert slurm["jobs"] == ({"filter": "1001"} if i == 0 else {}) | {
             "train": f"1003_{i}", "render": f"1003_{i}", "grid": f"1003_{i}"}
-        from kolora.config import load_config
+        from kolora.core.config import load_config
 
         cfg = load_config(sub["config_file"])
         assert (cfg.name, cfg.train.rank, cfg.cache.dir) == (name, [4, 8][i % 2], runs / "g" / "cache")

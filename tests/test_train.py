@@ -8,11 +8,11 @@ import hashlib
 import pytest
 from conftest import untrained_copy
 
-from kolora import interrupt
-from kolora import train as train_mod
-from kolora.checkpoint import CheckpointError, checkpoints
-from kolora.pipeline import run_stage
-from kolora.rundir import RunDir
+from kolora.core import interrupt
+from kolora.core.rundir import RunDir
+from kolora.pipeline.runner import run_stage
+from kolora.train import loop as train_mod
+from kolora.train.checkpoint import CheckpointError, checkpoints
 
 STEPS = 30
 
@@ -79,7 +79,7 @@ def test_corrupt_newest_checkpoint_falls_back(reference, demo_run, tmp_path, mon
     (step, newest), (prev_step, _) = checkpoints(run.train / "checkpoints")[:2]
     assert (step, prev_step) == (10, 8)
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # truncated by a hard kill
-    with caplog.at_level("WARNING", logger="kolora.checkpoint"):
+    with caplog.at_level("WARNING", logger="kolora.train.checkpoint"):
         summary = run_stage("train", cfg, run)
     assert "unreadable" in caplog.text and "falling back" in caplog.text
     assert summary["resumed_from_step"] == 8
@@ -104,8 +104,8 @@ def test_checkpoint_of_another_config_is_refused(demo_run, tmp_path, monkeypatch
 KILLER = '''
 import os, signal, sys
 import torch
-from kolora import checkpoint
-from kolora.rundir import atomic_path
+from kolora.train import checkpoint
+from kolora.core.rundir import atomic_path
 
 KILL_AT = int(os.environ["KOLORA_TEST_KILL_AT_STEP"])
 
@@ -116,7 +116,7 @@ def save_then_die(self, ckpt, path, storage_options=None):
             os.kill(os.getpid(), signal.SIGKILL)
 
 checkpoint.AtomicCheckpointIO.save_checkpoint = save_then_die
-from kolora.cli import main
+from kolora.cli.main import main
 sys.exit(main(sys.argv[1:]))
 '''
 
@@ -152,8 +152,7 @@ def test_sigkill_during_a_checkpoint_write_resumes_from_the_previous_one(referen
 PACED = '''
 import os, sys, time
 from pathlib import Path
-from kolora import train
-
+from kolora.train import loop as train
 MARK = Path(os.environ["KOLORA_TEST_STEP_FILE"])
 original = train.StepProgress.on_train_batch_end
 
@@ -163,7 +162,7 @@ def paced(self, trainer, *args):  # a step takes long enough for the test to sig
     time.sleep(0.2)
 
 train.StepProgress.on_train_batch_end = paced
-from kolora.cli import main
+from kolora.cli.main import main
 sys.exit(main(sys.argv[1:]))
 '''
 

@@ -13,8 +13,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from test_train import fresh_train_run, stop_at
 
-from kolora import interrupt, objective
-from kolora.pipeline import run_stage
+from kolora.core import interrupt
+from kolora.pipeline.runner import run_stage
+from kolora.train import objective
 
 ALL_ON = {"min_snr_gamma": 5.0, "noise_offset": 0.1, "caption_dropout": 0.3, "ema_decay": 0.9, "dora": True,
           "timesteps": "per_sample"}
@@ -81,9 +82,9 @@ def test_per_batch_timesteps_are_left_out_of_keys_and_digests(demo_run, tiny_dif
     it, so an upgrade reruns nothing; per_sample is a training input (train and what follows reruns)."""
     from conftest import DEMO
 
-    from kolora.config import load_config
-    from kolora.rundir import RunDir
-    from kolora.stages import NAMES, Keys
+    from kolora.core.config import load_config
+    from kolora.core.rundir import RunDir
+    from kolora.pipeline.registry import NAMES, Keys
 
     run = RunDir(demo_run)
     default = load_config(DEMO, [f"model.path={tiny_diffusers}"])
@@ -131,8 +132,9 @@ def test_ema_is_what_gets_exported(demo_run, tmp_path):
 
 
 def test_dora_trains_magnitude_vectors_that_render_loads_and_kohya_cannot_carry(demo_run, tmp_path):
-    from kolora import interchange, lora, render
-    from kolora.lora import LoraFileError
+    from kolora.formats import interchange, lora
+    from kolora.formats.lora import LoraFileError
+    from kolora.render import stage as render
 
     run, cfg = _train(demo_run, tmp_path, "dora", steps=6, dora=True)
     run_stage("train", cfg, run)
@@ -149,7 +151,7 @@ def test_dora_trains_magnitude_vectors_that_render_loads_and_kohya_cannot_carry(
 def test_adamw8bit_is_refused_on_a_cpu_naming_the_fix(tmp_path, tiny_diffusers, capsys):
     from conftest import DEMO
 
-    from kolora.cli import main
+    from kolora.cli.main import main
 
     rc = main(["run", str(DEMO), "--runs-dir", str(tmp_path), "--set", f"model.path={tiny_diffusers}",
                "--set", "train.optimizer=adamw8bit", "--set", "train.accelerator=cpu"])
@@ -162,7 +164,7 @@ def test_adamw8bit_uses_bitsandbytes(monkeypatch):
     import sys
     import types
 
-    from kolora.train import make_optimizer
+    from kolora.train.loop import make_optimizer
 
     class AdamW8bit(torch.optim.AdamW):
         pass

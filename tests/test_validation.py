@@ -9,9 +9,9 @@ import pytest
 from conftest import untrained_copy
 from test_train import stop_at
 
-from kolora import interrupt
-from kolora.pipeline import run_stage
-from kolora.rundir import RunDir
+from kolora.core import interrupt
+from kolora.core.rundir import RunDir
+from kolora.pipeline.runner import run_stage
 
 LORA = "pytorch_lora_weights.safetensors"
 SAMPLED = [10, 20, 30]  # the demo's 30 steps, every 10
@@ -94,7 +94,7 @@ def test_a_new_event_file_sorts_after_the_previous_attempts(tmp_path):
     counter ("...10" sorts before "...9"): a writer made within the second of an earlier file waits it out."""
     import time
 
-    from kolora.trainlogs import _after_earlier_event_files
+    from kolora.train.logs import _after_earlier_event_files
 
     now = int(time.time())
     (tmp_path / f"events.out.tfevents.{now}.host.1.9").write_bytes(b"")
@@ -126,8 +126,8 @@ def test_resumed_run_with_validation_ends_bit_identical(uninterrupted, demo_run,
 def test_validation_turned_on_after_training_reruns_nothing(demo_run, tiny_diffusers, tmp_path, capsys):
     from conftest import DEMO
 
-    from kolora.cli import main
-    from kolora.stages import NAMES
+    from kolora.cli.main import main
+    from kolora.pipeline.registry import NAMES
 
     runs = tmp_path / "runs"
     shutil.copytree(demo_run, runs / "demo")
@@ -147,7 +147,7 @@ def test_validation_turned_on_after_training_reruns_nothing(demo_run, tiny_diffu
 
 
 def test_wandb_mode_is_offline_in_slurm_jobs_unless_set():
-    from kolora.trainlogs import wandb_mode
+    from kolora.train.logs import wandb_mode
 
     assert wandb_mode({"SLURM_JOB_ID": "12"}) == "offline"
     assert wandb_mode({}) == "online"
@@ -162,8 +162,8 @@ def test_wandb_asked_for_without_the_package_names_the_field(demo_run, tmp_path)
         pass
     else:
         pytest.skip("wandb is installed here: the missing-package message cannot be shown")
-    from kolora.errors import InputError
-    from kolora.trainlogs import loggers
+    from kolora.core.errors import InputError
+    from kolora.train.logs import loggers
 
     run = RunDir(tmp_path / "r")
     cfg = RunDir(demo_run).load_config()
@@ -179,8 +179,9 @@ def test_sampling_leaves_rng_mode_and_devices_as_it_found_them(uninterrupted):
     import numpy as np
     import torch
 
-    from kolora import lora, models
-    from kolora.validation_sampler import ValidationSampler
+    from kolora.formats import lora
+    from kolora.models import kolors as models
+    from kolora.train.validation_sampler import ValidationSampler
 
     cfg = uninterrupted.load_config()
     cfg.train.validation.every, cfg.train.validation.steps = 10, 2

@@ -2,7 +2,7 @@
 
     python -m kolora.launch.child SPEC_JSON TASK_INDEX RESULT_FILE
 
-SPEC_JSON holds a StageJob's plain fields. Stop signals only set a flag (kolora.interrupt); a stage that
+SPEC_JSON holds a StageJob's plain fields. Stop signals only set a flag (kolora.core.interrupt); a stage that
 stops on it exits with EXIT_INTERRUPTED and the host requeues the job.
 """
 
@@ -14,10 +14,10 @@ from pathlib import Path
 
 
 def main(argv: list[str]) -> int:
-    from kolora import interrupt
+    from kolora.core import interrupt
+    from kolora.core.rundir import atomic_write_json
     from kolora.launch.jobs import StageJob
     from kolora.launch.supervise import EXIT_INTERRUPTED
-    from kolora.rundir import atomic_write_json
 
     spec, task_index, result_file = json.loads(argv[0]), int(argv[1]), Path(argv[2])
     with interrupt.handle(interrupt.STOP_SIGNALS):

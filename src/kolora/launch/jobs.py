@@ -29,7 +29,7 @@ def job_environment(run_root: Path, hf_home: Path | None = None, modelscope_cach
     """Environment of every job: the profile's extra variables, library caches (default: inside the run
     directory) and, last so that nothing turns them off, the hub-offline variables: no downloads on a
     compute node."""
-    from kolora.pipeline import OFFLINE_ENV
+    from kolora.pipeline.runner import OFFLINE_ENV
 
     env = dict(extra or {})
     env["HF_HOME"] = str(hf_home or Path(run_root) / ".hf_home")
@@ -132,9 +132,9 @@ class StageJob:
 
     def __call__(self, task_index: int = 0) -> dict[str, Any]:
 
+        from kolora.core.rundir import RunDir
+        from kolora.core.runlock import RunLocked, job_heartbeat
         from kolora.launch.supervise import JobFailed, job_end_time, slurm_job_id, supervise
-        from kolora.rundir import RunDir
-        from kolora.runlock import RunLocked, job_heartbeat
 
         os.environ.update(self.env)
         _setup_logging()
@@ -157,7 +157,7 @@ class StageJob:
     def child_command(self, task_index: int, environ: dict[str, str] | None = None) -> list[str]:
         """The stage process's argument list (the result file is appended by supervise): plain Python, or
         `apptainer exec` with the run's binds, the job's environment and the Slurm variables Lightning reads."""
-        from kolora.container import ContainerConfig, exec_argv, forward_env
+        from kolora.launch.container import ContainerConfig, exec_argv, forward_env
 
         command = [*self.python, "-m", "kolora.launch.child", json.dumps(self.spec()), str(task_index)]
         if not self.container:
@@ -174,9 +174,9 @@ class StageJob:
         """The stages themselves (in the child process)."""
         os.environ.update(self.env)
         _setup_logging()
-        from kolora.config import load_config
-        from kolora.interrupt import Interrupted
-        from kolora.rundir import RunDir
+        from kolora.core.config import load_config
+        from kolora.core.interrupt import Interrupted
+        from kolora.core.rundir import RunDir
 
         rank = int(os.environ.get("SLURM_PROCID", "0")) if self.distributed else 0
         if self.distributed and "MASTER_ADDR" not in self.env:
@@ -198,8 +198,8 @@ class StageJob:
 
     # ------------------------------------------------------------------------------------------------------
     def _run(self, cfg, run, task_index: int) -> dict[str, Any]:
-        from kolora.interrupt import Interrupted
-        from kolora.pipeline import run_stage
+        from kolora.core.interrupt import Interrupted
+        from kolora.pipeline.runner import run_stage
 
         results: dict[str, Any] = {}
         for stage in self.stages:
@@ -233,10 +233,12 @@ class StageJob:
 
     def _run_shared(self, stage: str, cfg, run, kw: dict[str, Any]) -> dict[str, Any]:
         """A stage in a sharded filter array: its preparation of outputs made for other inputs once, before any
-        shard, then every task runs its shard; an ingest that is not sharded (kolora.ingest_shards) runs once
+        shard, then every task runs its shard; an ingest that is not sharded (kolora.ingest.shards) runs once
         (the first task to take the lock; the others find it complete)."""
-        from kolora import ingest_shards, pipeline, stages
-        from kolora.rundir import file_lock
+        from kolora.core.rundir import file_lock
+        from kolora.ingest import shards as ingest_shards
+        from kolora.pipeline import registry as stages
+        from kolora.pipeline import runner as pipeline
 
         sharded = stage == "filter" or ingest_shards.count(cfg, self.task_count) > 1
         with file_lock(run.root / ".locks" / f"{stage}.lock"):
@@ -269,8 +271,9 @@ class StageJob:
         of it. A stop requested by then (during the cache merge, say) becomes the decision: every rank stops
         here (Interrupted; rank 0's host requeues), rather than loading models and meeting in the rendezvous
         for a stage that would stop at its first step."""
-        from kolora import pipeline, stages
-        from kolora.interrupt import Interrupted, requested
+        from kolora.core.interrupt import Interrupted, requested
+        from kolora.pipeline import registry as stages
+        from kolora.pipeline import runner as pipeline
 
         keys = stages.Keys(cfg, run)
         if stages.is_complete(stage, cfg, run, keys):  # what run_stage will decide
@@ -281,8 +284,8 @@ class StageJob:
             log.warning("%s", note)
         decision = Decision("run")
         if stage == "train":
-            from kolora.distributed import free_port
-            from kolora.train import newest_resume_step
+            from kolora.train.distributed import free_port
+            from kolora.train.loop import newest_resume_step
 
             decision = Decision("run", port=free_port(), resume_step=newest_resume_step(cfg, run))
         if requested():  # the last moment before the other ranks commit to the stage
@@ -294,11 +297,11 @@ class StageJob:
         return {} if decision.resume_step is None else {"resume_step": decision.resume_step}
 
     def _decision_file(self, stage: str) -> Path:
-        # cache: a folder, also the ranks' barrier (kolora.cache_shards)
+        # cache: a folder, also the ranks' barrier (kolora.cache.shards)
         return self._go_file(stage) / "decision" if stage == "cache" else self._go_file(stage)
 
     def _decide(self, stage: str, decision: Decision, overwrite: bool = True) -> None:
-        from kolora.rundir import atomic_write_text
+        from kolora.core.rundir import atomic_write_text
 
         path = self._decision_file(stage)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -312,7 +315,7 @@ class StageJob:
         (stop, or run and stop at the stage's first safe point). A rank 0 that dies ends the job step with it
         (srun --kill-on-bad-exit); the wait's bound, the job's time limit, only keeps a follower from waiting
         past the job when something else goes wrong."""
-        from kolora.interrupt import Interrupted, requested
+        from kolora.core.interrupt import Interrupted, requested
 
         go = self._decision_file(stage)
         deadline = time.monotonic() + self.time_limit_s
@@ -336,7 +339,7 @@ class StageJob:
         return decision
 
     def _train_follower(self, cfg, run, rank: int) -> dict[str, Any]:
-        from kolora.pipeline import run_stage
+        from kolora.pipeline.runner import run_stage
 
         world = self.tasks_per_node * self.nodes
         if "cache" in self.stages and self._wait_go(rank, "cache").action == "run":
@@ -356,8 +359,8 @@ class StageJob:
         return {"train": summary}
 
     def _cancel_downstream(self) -> None:
-        from kolora.rundir import RunDir
-        from kolora.stages import jobs
+        from kolora.core.rundir import RunDir
+        from kolora.pipeline.registry import jobs
 
         try:
             sub = RunDir(self.run_root).read_manifest()["slurm"]["submissions"][self.stamp]

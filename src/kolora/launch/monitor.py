@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kolora import train_metrics
-from kolora.config import ConfigError
-from kolora.rundir import RunDir
-from kolora.stages import NAMES, job_of, jobs
+from kolora.core.config import ConfigError
+from kolora.core.rundir import RunDir
+from kolora.pipeline.registry import NAMES, job_of, jobs
+from kolora.train import metrics as train_metrics
 
 # states after which a job never runs again (PREEMPTED/REQUEUED jobs come back as PENDING)
 ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE",
@@ -179,7 +179,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def progress(run: RunDir, sub: dict[str, Any], manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """What the run directory says about each job's stages."""
-    from kolora.config import load_config
+    from kolora.core.config import load_config
 
     stages = manifest.get("stages", {})
     status = {s: (stages.get(s) or {}).get("status", "-") for s in NAMES}
@@ -218,8 +218,8 @@ def progress(run: RunDir, sub: dict[str, Any], manifest: dict[str, Any]) -> dict
 
     info = {"stages": {"render": status["render"]}}
     if cfg is not None:
-        from kolora.errors import InputError
-        from kolora.tiles import all_tiles, missing_tiles
+        from kolora.core.errors import InputError
+        from kolora.render.tiles import all_tiles, missing_tiles
 
         try:  # tile keys need the model's files and the prompt set, which this machine may not see
             wanted = all_tiles(cfg, run)  # the LoRA's and, with evaluate on, the base model's
@@ -291,7 +291,7 @@ def format_status(st: dict[str, Any]) -> str:
             lines.append(f"  cancelled after it: {', '.join(downstream)}")
     elif st["cancelled"]:
         lines.append(f"CANCELLED: {', '.join(st['cancelled'])}")
-    if st.get("stopped") and not f:  # kolora.runlock.run_state's verdict, added by `kolora status`
+    if st.get("stopped") and not f:  # kolora.core.runlock.run_state's verdict, added by `kolora status`
         lines.append(f"STOPPED: {st['stopped']} (`kolora resume {st['name']}` continues it)")
     elif st["done"]:
         lines.append(f"done: {st['grid']}")

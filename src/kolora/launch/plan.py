@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kolora import filter_shards
-from kolora.cluster import ClusterProfile, ResolvedResources
-from kolora.config import ExperimentConfig
-from kolora.stages import jobs
+from kolora.core.config import ExperimentConfig
+from kolora.filter import shards as filter_shards
+from kolora.launch.cluster import ClusterProfile, ResolvedResources
+from kolora.pipeline.registry import jobs
 
 
 @dataclass
@@ -61,7 +61,7 @@ def gpu_request(r: ResolvedResources, per_node: bool = False) -> dict[str, Any]:
 
 def render_task_count(cfg: ExperimentConfig, tiles_per_task: int) -> tuple[int, int]:
     """(tiles, array tasks): one task per `tiles_per_task` tiles (render splits them round-robin)."""
-    from kolora.prompts import load_prompts
+    from kolora.core.prompts import load_prompts
 
     n = len(load_prompts(cfg.render.prompts, cfg.render.negative_prompt))
     return n, max(1, math.ceil(n / tiles_per_task))
@@ -97,7 +97,7 @@ def plan_jobs(cfg: ExperimentConfig, profile: ClusterProfile) -> list[JobPlan]:
             params["srun_args"] = ["--kill-on-bad-exit=1"]  # one rank failing must not leave the others waiting
         shards = filter_shards.planned_count(cfg) if job == "filter" else 1
         if shards > 1:
-            # one CPU task per shard; the task that finds every shard done merges (kolora.filter_shards)
+            # one CPU task per shard; the task that finds every shard done merges (kolora.filter.shards)
             plan.array_tasks = shards
             # all shards at once: Slurm starts as many as the partition has CPUs for
             plan.extra_info = {"shards": shards}
@@ -168,8 +168,7 @@ def _weight_bytes(path: Path) -> int:
 
 def startup_estimate(cfg: ExperimentConfig, job: str) -> tuple[float, int]:
     """(seconds, weight bytes): what an attempt of `job` spends before its first checkpoint or tile."""
-    from kolora import models
-
+    from kolora.models import kolors as models
     try:
         files = models.resolve(cfg.model)
     except Exception:  # a model not built yet (tiny demo) or not found: preflight reports the latter
@@ -197,10 +196,10 @@ def attempt_window_warnings(cfg: ExperimentConfig, profile: ClusterProfile) -> l
     return warnings
 
 
-# GPU memory: each GPU stage's estimated peak (kolora.memplan) against its job's jobs.<job>.gpu_mem_gb.
+# GPU memory: each GPU stage's estimated peak (kolora.launch.memplan) against its job's jobs.<job>.gpu_mem_gb.
 def has_gpu_mem_limits(profile: ClusterProfile) -> bool:
-    from kolora.memplan import GPU_STAGES
-    from kolora.stages import job_of
+    from kolora.launch.memplan import GPU_STAGES
+    from kolora.pipeline.registry import job_of
 
     return any(profile.resources(job_of(s)).gpu_mem_gb is not None for s in GPU_STAGES)
 
@@ -223,8 +222,7 @@ def gpu_memory_remedies(cfg: ExperimentConfig, stage: str, total: float, limit: 
                         lora_params: int = 0) -> list[str]:
     """What would bring `stage` (estimated `total` GiB) under `limit`: the config changes that help, each
     estimated, the most effective first; then a bigger GPU; then 8-bit AdamW where it alone would do."""
-    from kolora import memplan
-
+    from kolora.launch import memplan
     t = cfg.train
     candidates: list[dict[str, Any]] = []
     if stage == "train":
@@ -262,8 +260,8 @@ def gpu_memory_check(cfg: ExperimentConfig, profile: ClusterProfile,
     """(one line per GPU stage: its job, estimate and the job's gpu_mem_gb, the train stage's followed by one line
     per phase; one refusal per stage that does not fit, naming the job, the numbers, the peak phase and the
     remedies)."""
-    from kolora import memplan
-    from kolora.stages import job_of
+    from kolora.launch import memplan
+    from kolora.pipeline.registry import job_of
 
     estimates = memplan.estimate(cfg)
     devices = {"cache": ("cache.device", cfg.cache.device), "render": ("render.device", cfg.render.device),

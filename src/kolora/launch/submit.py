@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kolora.cluster import ClusterProfile
-from kolora.config import ExperimentConfig, dump_config
-from kolora.errors import RunFailure
+from kolora.core.config import ExperimentConfig, dump_config
+from kolora.core.errors import RunFailure
+from kolora.core.rundir import RunDir, atomic_write_text
+from kolora.core.runlock import acquire, claim_for_submission
+from kolora.launch.cluster import ClusterProfile
 from kolora.launch.plan import JobPlan, describe, plan_jobs
-from kolora.rundir import RunDir, atomic_write_text
-from kolora.runlock import acquire, claim_for_submission
 
 
 class LaunchError(RunFailure):
@@ -80,7 +80,7 @@ def stage_job(plan: JobPlan, run: RunDir, config_file: Path, folder: Path, stamp
     env = job_environment(run.root, profile.hf_home, profile.modelscope_cache, profile.env)
     container, binds = None, []
     if profile.container is not None:
-        from kolora.container import required_binds
+        from kolora.launch.container import required_binds
 
         container = profile.container.model_dump(mode="json")
         binds = [str(b) for b in required_binds(
@@ -99,7 +99,7 @@ def stage_job(plan: JobPlan, run: RunDir, config_file: Path, folder: Path, stamp
 def incomplete_plans(plans: list[JobPlan], cfg: ExperimentConfig, run: RunDir) -> list[JobPlan]:
     """The jobs that still have work: a job whose stages are all complete is dropped, and a job whose
     predecessor was dropped starts without a dependency."""
-    from kolora.stages import Keys, is_complete
+    from kolora.pipeline.registry import Keys, is_complete
 
     keys = Keys(cfg, run)
     kept = [p for p in plans if not all(is_complete(s, cfg, run, keys) for s in p.stages)]
@@ -117,7 +117,7 @@ def submit(cfg: ExperimentConfig, profile: ClusterProfile, runs_dir: Path, profi
     from submitit import SlurmExecutor
 
     from kolora.launch.monitor import scancel
-    from kolora.pipeline import open_run, preflight
+    from kolora.pipeline.runner import open_run, preflight
 
     t0 = time.perf_counter()
     if check:
@@ -148,7 +148,7 @@ def submit(cfg: ExperimentConfig, profile: ClusterProfile, runs_dir: Path, profi
         python = python_command(profile)
         digest = None
         if profile.container is not None:
-            from kolora.container import image_digest
+            from kolora.launch.container import image_digest
 
             digest = image_digest(profile.container.image) if Path(profile.container.image).is_file() else None
 

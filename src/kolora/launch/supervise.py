@@ -42,7 +42,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kolora.interrupt import STOP_SIGNALS
+from kolora.core.interrupt import STOP_SIGNALS
 
 log = logging.getLogger("kolora.launch")
 

@@ -20,8 +20,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kolora.cluster import ClusterProfile
-from kolora.config import dump_config
+from kolora.core.config import dump_config
+from kolora.core.rundir import RunDir, atomic_write_text
+from kolora.launch.cluster import ClusterProfile
 from kolora.launch.jobs import StageJob
 from kolora.launch.plan import format_minutes, plan_jobs
 from kolora.launch.submit import (
@@ -32,8 +33,7 @@ from kolora.launch.submit import (
     queued_jobs,
     stage_job,
 )
-from kolora.rundir import RunDir, atomic_write_text
-from kolora.sweep import Sweep, write_manifest
+from kolora.sweep.plan import Sweep, write_manifest
 
 
 class SweepStageJob(StageJob):
@@ -53,8 +53,8 @@ class SweepStageJob(StageJob):
         import os
 
         if self.adopt_from and int(os.environ.get("SLURM_PROCID", "0")) == 0:
-            from kolora.config import load_config
-            from kolora.sweep import adopt_shared
+            from kolora.core.config import load_config
+            from kolora.sweep.plan import adopt_shared
 
             os.environ.update(self.env)
             adopted = adopt_shared(load_config(self.config_file), RunDir(self.run_root), RunDir(self.adopt_from))
@@ -70,7 +70,7 @@ class SweepSheetJob:
         self.sweep_dir = sweep_dir
 
     def __call__(self) -> dict[str, str]:
-        from kolora.sweep import write_sheet
+        from kolora.sweep.plan import write_sheet
 
         html, png = write_sheet(Path(self.sweep_dir))
         return {"html": str(html), "png": str(png)}
@@ -92,9 +92,9 @@ def submit_sweep(sweep: Sweep, profile: ClusterProfile, profile_file: Path | Non
     """Queue the sweep (the caller ran preflight on every variant). Returns the sweep manifest's slurm entry."""
     from submitit import SlurmExecutor
 
+    from kolora.core.runlock import acquire, claim_for_submission
     from kolora.launch.monitor import scancel
-    from kolora.pipeline import open_run
-    from kolora.runlock import acquire, claim_for_submission
+    from kolora.pipeline.runner import open_run
 
     check_slurm_clients()
     first = sweep.variants[0]
@@ -108,7 +108,7 @@ def submit_sweep(sweep: Sweep, profile: ClusterProfile, profile_file: Path | Non
     folder = (Path(profile.job_folder) / sweep.name if profile.job_folder else sweep.dir / "slurm") / stamp
     python = python_command(profile)
     t0 = time.perf_counter()
-    # the sweep's folder is a sweep (kolora.names) before any variant's folder is made in it: a submission
+    # the sweep's folder is a sweep (kolora.sweep.names) before any variant's folder is made in it: a submission
     # that fails below can be retried under the same name
     write_manifest(sweep, launcher="slurm")
     with contextlib.ExitStack() as locks:
@@ -148,7 +148,7 @@ def submit_sweep(sweep: Sweep, profile: ClusterProfile, profile_file: Path | Non
                 cache_params.pop(key, None)
             cache = submit_one("cache", job_for(plans["train"], run0, first.cfg, ("cache",), tasks_per_node=1,
                                                 nodes=1), cache_params)
-            from kolora.stages import NAMES
+            from kolora.pipeline.registry import NAMES
 
             train_time = plans["train"].resources.time_min + plans["render"].resources.time_min
             ex = SlurmExecutor(folder=folder, max_num_timeout=profile.max_requeues, python=python)
@@ -192,7 +192,7 @@ def _record_variant(run: RunDir, stamp: str, common: dict[str, Any], jobs: dict[
     """The variant's own view of the submission, in the shape `kolora submit` writes: its array task runs
     its train, render and grid (and everything after); the first variant's prep/cache jobs ran the shared
     stages (other variants adopt them inside their task)."""
-    from kolora.stages import jobs as stage_jobs
+    from kolora.pipeline.registry import jobs as stage_jobs
 
     by_job = stage_jobs()
     entry = {"job_id": task_id, "task_ids": [task_id], "array": False, "dependency": f"afterok:{jobs['cache']}"}

@@ -1,0 +1,1 @@
+"""The cache stage: text embeddings and VAE latents, content-addressed."""

@@ -1,0 +1,223 @@
+"""`kolora fetch | check | export | import-lora`: real Kolors weights and LoRA interchange.
+
+    kolora fetch models --to DIR [--layout diffusers|diffsynth]   # login node: download + verify
+    kolora fetch dataset AI-ModelScope/lowres_anime --to DIR       # login node
+    kolora fetch models --clip --aesthetics --to DIR               # login node: scorers, DIR/<hub id>/
+    kolora check models DIR                                        # offline (compute node / before submit)
+    kolora check dataset DIR
+    kolora export RUN --format peft|kohya|diffsynth [--to PATH]
+    kolora import-lora FILE --alpha 4 [--rank 16] --to lora/
+
+`register(subparsers)` adds them to the main parser; heavy imports happen inside the commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from kolora.core.errors import EXIT_INPUT, EXIT_OK, InputError
+
+
+def _report(report) -> int:
+    print(report.render())
+    return EXIT_OK if report.ok else EXIT_INPUT
+
+
+def cmd_fetch(args) -> int:
+    from kolora.models import fetch
+    if args.what == "models" and (args.clip or args.aesthetics):
+        from kolora.models import scorer_fetch
+        return _report(scorer_fetch.fetch(Path(args.to), args.clip, args.aesthetics, tiny=args.tiny,
+                                          timeout=args.timeout))
+    if args.tiny:
+        raise InputError("--tiny goes with --clip/--aesthetics (tiny Kolors: kolora make-tiny DIR)")
+    if args.what == "models":
+        if args.id:
+            raise InputError(f"fetch models takes no id (got {args.id!r}); it downloads Kolors and the fp16-fix VAE")
+        report = fetch.fetch_models(Path(args.to), layout=args.layout, timeout=args.timeout)
+    else:
+        if not args.id:
+            raise InputError("fetch dataset needs a dataset id, e.g. kolora fetch dataset AI-ModelScope/lowres_anime "
+                             "--to DIR")
+        report = fetch.fetch_dataset(args.id, Path(args.to), timeout=args.timeout)
+    return _report(report)
+
+
+def cmd_check(args) -> int:
+    from kolora.models import fetch
+    if args.what == "models":
+        report = fetch.check_models(Path(args.path), layout=args.layout)
+    else:
+        from kolora.ingest.sources import check_folder
+
+        _not_a_run(Path(args.path))
+        report = check_folder(Path(args.path))
+    return _report(report)
+
+
+def _not_a_run(path: Path) -> None:
+    """A run or sweep folder is not a dataset: say which dataset inside it to check (InputError)."""
+    from kolora.sweep.names import folder_kind, listed_variants
+
+    kind = folder_kind(path)
+    if kind == "run":
+        raise InputError(f"{path} is a kolora run folder (manifest.json), not a dataset: check the training set "
+                         f"its filter stage wrote with `kolora check dataset {path / 'trainset' / 'train'}`, or "
+                         f"see the run with `kolora status {path}`")
+    if kind == "sweep":
+        first = next(iter(listed_variants(path)), "VARIANT")
+        raise InputError(f"{path} is a kolora sweep folder (sweep.json), not a dataset: a variant's training set is "
+                         f"`kolora check dataset {path / first / 'trainset' / 'train'}`; see the sweep with "
+                         f"`kolora status {path}`")
+
+
+def find_run(run: str, runs_dir: str | None) -> Path:
+    """RUN is a run directory, or a run name under --runs-dir / $KOLORA_RUNS / ./runs."""
+    p = Path(run)
+    if (p / "config.yaml").is_file() or (p / "lora").is_dir():
+        return p.resolve()
+    base = Path(runs_dir or os.environ.get("KOLORA_RUNS", "runs"))
+    if (base / run).is_dir():
+        return (base / run).resolve()
+    raise InputError(f"run {run}: neither a run directory (with config.yaml or lora/) nor a run under "
+                     f"{base.resolve()}")
+
+
+def run_unet_config(run_root: Path, override: str | None):
+    """The UNet config a run was trained on: --unet-config, else its frozen config's model, else Kolors'."""
+    if override:
+        return override
+    cfg_file = run_root / "config.yaml"
+    if cfg_file.is_file():
+        try:
+            from kolora.core.config import load_config
+
+            model = load_config(cfg_file).model
+            if model.unet_config:
+                return str(model.unet_config)
+            if Path(model.path).is_dir():
+                return str(model.path)  # unet/config.json, or tiny-configs/ of a tiny DiffSynth layout
+        except Exception:  # noqa: BLE001 - an unreadable config only means "use the Kolors default"
+            pass
+    return None
+
+
+def cmd_export(args) -> int:
+    from kolora.formats import interchange
+    from kolora.formats.lora import WEIGHT_NAME
+
+    root = find_run(args.run, args.runs_dir)
+    source = root / "lora" / WEIGHT_NAME
+    if not source.is_file():
+        raise InputError(f"{source} does not exist: train the run first (kolora run CONFIG --stage train)")
+    to = interchange.output_path(Path(args.to) if args.to else None, interchange.default_export_path(root, args.format),
+                                 args.format)
+    out = interchange.export_lora(source, args.format, to, run_unet_config(root, args.unet_config))
+    rank, alpha = interchange.rank_alpha(source)
+    print(out)
+    hint = {"peft": f"diffusers: pipe.load_lora_weights({str(out.parent)!r}, weight_name={out.name!r}); "
+                    f"kolora: render.lora: {out}",
+            "kohya": "ComfyUI: copy it to models/loras/ and use a LoraLoaderModelOnly node; "
+                     f"A1111/Forge: models/Lora/ (rank {rank}, alpha {alpha:g} inside)",
+            "diffsynth": "DiffSynth 1.x (raw tensors, no alpha inside; load with the trained alpha): "
+                         + interchange.diffsynth_usage(out, rank, alpha)}[args.format]
+    print(hint, file=sys.stderr)
+    return 0
+
+
+def cmd_import_lora(args) -> int:
+    from kolora.formats import interchange
+    out = interchange.import_lora(Path(args.file), Path(args.to), alpha=args.alpha, rank=args.rank,
+                                  config=args.unet_config)
+    rank, alpha = interchange.rank_alpha(out)
+    print(out)
+    # the file itself, absolute: its folder may hold other LoRA files, and --set is read from any directory
+    print(f"imported {args.file}: rank {rank}, alpha {alpha:g}; render with it: --set "
+          f"{shlex.quote(f'render.lora={out.resolve()}')}", file=sys.stderr)
+    return 0
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} must be a number > 0")
+    return value
+
+
+def whole_number(minimum: int):
+    """An argparse type: an integer >= minimum."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text} must be {minimum} or more")
+        return value
+    return parse
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("fetch", help="download Kolors or a dataset from ModelScope (login node)",
+                              description="Download with ModelScope's snapshot download, then verify what "
+                                          "arrived and print the config lines to use. Needs network: run it on "
+                                          "a login node.")
+    p.add_argument("what", choices=["models", "dataset"])
+    p.add_argument("id", nargs="?", help="dataset id for `fetch dataset` (e.g. AI-ModelScope/lowres_anime)")
+    p.add_argument("--to", required=True, help="destination folder")
+    p.add_argument("--layout", choices=["diffusers", "diffsynth"], default="diffusers",
+                   help="models: Kwai-Kolors/Kolors-diffusers (diffusers) or Kwai-Kolors/Kolors as DiffSynth lays "
+                        "it out (diffsynth); both add the fp16-fix SDXL VAE")
+    p.add_argument("--timeout", type=_positive_float, default=5.0, help="seconds to wait for the hub before giving up")
+    p.add_argument("--clip", action="store_true", help="models: the CLIP scorers instead of Kolors (OpenAI CLIP "
+                                                       "and Chinese-CLIP, Hugging Face hub) into DIR/<hub id>/")
+    p.add_argument("--aesthetics", action="store_true", help="models: the LAION aesthetic predictor into "
+                                                             "DIR/<hub id>/ (set scorers.dir: DIR)")
+    p.add_argument("--tiny", action="store_true", help="with --clip/--aesthetics: write tiny random models "
+                                                       "(tests, demos; offline)")
+    p.set_defaults(func=cmd_fetch)
+
+    p = subparsers.add_parser("check", help="verify downloaded models or a dataset offline",
+                              description="Offline check: expected files present and non-empty, safetensors "
+                                          "headers readable, every indexed shard present. Names what is missing.")
+    p.add_argument("what", choices=["models", "dataset"])
+    p.add_argument("path")
+    p.add_argument("--layout", choices=["diffusers", "diffsynth"], help="expect this layout (default: detect)")
+    p.set_defaults(func=cmd_check)
+
+    p = subparsers.add_parser("export", help="export a run's LoRA for diffusers/peft, ComfyUI/WebUI or DiffSynth")
+    p.add_argument("run", help="run directory, or run name under --runs-dir")
+    p.add_argument("--format", required=True, choices=["peft", "kohya", "diffsynth"])
+    p.add_argument("--to", help="output file or folder (default: RUN/lora/<format>/)")
+    p.add_argument("--runs-dir", help="where run directories are (default: $KOLORA_RUNS or ./runs)")
+    p.add_argument("--unet-config", help="UNet config.json or model folder (default: the run's model, else Kolors)")
+    p.set_defaults(func=cmd_export)
+
+    p = subparsers.add_parser("import-lora", help="convert a LoRA (DiffSynth checkpoint, kohya, diffusers) to "
+                                                  "kolora's file for render.lora")
+    p.add_argument("file", help="e.g. lightning_logs/version_0/checkpoints/epoch=0-step=500.ckpt")
+    p.add_argument("--alpha", type=_positive_float, help="the lora_alpha it was TRAINED with (required for DiffSynth "
+                                               "checkpoints, which do not store it; the tutorial trains with 4)")
+    p.add_argument("--rank", type=whole_number(1), help="expected rank (checked against the tensors)")
+    p.add_argument("--to", required=True, help="output folder (gets pytorch_lora_weights.safetensors) or file")
+    p.add_argument("--unet-config", help="UNet config.json or model folder (default: full-size Kolors)")
+    p.set_defaults(func=cmd_import_lora)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m kolora.cli.models ...`: the same commands through kolora's one error path."""
+    from kolora.cli.main import main as kolora_main
+
+    return kolora_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

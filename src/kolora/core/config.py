@@ -1,0 +1,387 @@
+"""Experiment config: a pydantic schema for the YAML recipes in configs/.
+
+Loading resolves relative paths against the config file's folder (paths given with --set against the
+current directory), applies dotted overrides, and turns every validation problem into one ConfigError
+whose message names the field, what was given and what is allowed. Nothing heavy is imported here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+
+from kolora.core.errors import ConfigError, InputError, read_text
+from kolora.core.overrides import apply_overrides, override_origin, resolve_paths
+from kolora.core.schema import Section as _Section
+from kolora.core.schema import Seed, describe_validation_error, format_problems
+
+
+class ModelConfig(_Section):
+    """Where Kolors lives on disk and in which layout."""
+
+    layout: Literal["diffusers", "diffsynth"] = "diffusers"
+    # diffusers: the Kwai-Kolors/Kolors-diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/).
+    # diffsynth: the models/ folder DiffSynth's download_models(["Kolors", "SDXL-vae-fp16-fix"]) fills,
+    #            or its models/kolors/Kolors subfolder.
+    path: Path
+    # Build tiny random Kolors-shaped weights at `path` when it does not exist yet (demo and tests only).
+    tiny: bool = False
+    # Optional overrides for the diffsynth layout, whose folders carry no config.json / tokenizer.
+    vae_path: Path | None = None
+    tokenizer_path: Path | None = None
+    unet_config: Path | None = None
+    vae_config: Path | None = None
+    variant: str | None = None  # e.g. "fp16" for Kolors-diffusers' *.fp16.safetensors
+
+
+class SyntheticConfig(_Section):
+    count: int = Field(48, ge=1)
+    seed: Seed = 0
+    # Sizes are drawn so that both tutorial filters keep some and drop some.
+    min_side: int = Field(32, ge=8)
+    max_side: int = Field(160, ge=8)
+
+    @model_validator(mode="after")
+    def _sides_in_order(self) -> SyntheticConfig:
+        if self.min_side > self.max_side:
+            raise ValueError(f"data.synthetic.min_side ({self.min_side}) is larger than max_side ({self.max_side})")
+        return self
+
+
+class DataConfig(_Section):
+    source: Literal["synthetic", "folder", "jsonl", "parquet", "modelscope"] = "synthetic"
+    # folder: images + metadata.csv (file_name,text); jsonl: {"text":..., "image": [path]} lines;
+    # parquet: a file (or folder of files) with image bytes + text; modelscope: a dataset id or a local folder.
+    path: Path | None = None
+    dataset_id: str | None = None
+    subset: str | None = "default"
+    split: str = "train"
+    text_column: str = "text"
+    image_column: str = "image"
+    # The tutorial captions every image "二次元"; set this to do the same (overrides the dataset's text).
+    caption: str | None = None
+    limit: int | None = Field(None, ge=1)
+    synthetic: SyntheticConfig = SyntheticConfig()
+    # Image paths from metadata must resolve inside the dataset's folder; true admits others (absolute paths
+    # listed on purpose). Larger files, and anything but regular files, are rejected at ingest either way.
+    allow_external_paths: bool = False
+    max_image_bytes: int = Field(256 * 2**20, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _synthetic_reads_no_path(cls, raw: Any) -> Any:
+        # generated images read nothing: a data.path left from another source is not an input (not checked,
+        # not bound into a container, not in the config's digest or ingest's key)
+        if isinstance(raw, dict) and raw.get("source", "synthetic") == "synthetic":
+            return {k: v for k, v in raw.items() if k != "path"}
+        return raw
+
+    @model_validator(mode="after")
+    def _source_needs(self) -> DataConfig:
+        if self.source in ("folder", "jsonl", "parquet") and self.path is None:
+            raise ValueError(f"data.path is required when data.source is {self.source!r}")
+        if self.source == "modelscope" and self.path is None and not self.dataset_id:
+            raise ValueError("data.source 'modelscope' needs data.dataset_id (e.g. AI-ModelScope/lowres_anime) "
+                             "or data.path (a folder made by `modelscope download --dataset ...`)")
+        return self
+
+
+def _default_ops() -> list[dict[str, dict[str, Any]]]:
+    return [
+        {"image_shape_filter": {"min_width": 1024, "min_height": 1024, "any_or_all": "any"}},
+        {"image_aspect_ratio_filter": {"min_ratio": 0.5, "max_ratio": 2.0, "any_or_all": "any"}},
+    ]
+
+
+class FilterConfig(_Section):
+    # A Data-Juicer `process:` list: each item is {op_name: {arguments}}.
+    ops: list[dict[str, dict[str, Any]]] = Field(default_factory=_default_ops)
+    np: int = Field(1, ge=1)
+    executor: Literal["default", "ray"] = "default"
+    # Run image_shape_filter / image_aspect_ratio_filter as kolora's header-only Data-Juicer ops
+    # (kolora.filter.dj.ops: same arguments, stats and kept samples, no full decode); false runs the built-ins.
+    fast_ops: bool = True
+    # Contiguous slices of the samples filtered separately (a Slurm array of CPU tasks; one after another in
+    # `kolora run`) and merged into the same outputs as one pass (kolora.filter.shards); a parquet or
+    # ModelScope source is ingested in as many row ranges (kolora.ingest.shards).
+    shards: int = Field(1, ge=1)
+    # ... or as many shards as the dataset has samples per shard_size (counted at submission; when set, it
+    # decides the count instead of shards)
+    shard_size: int | None = Field(None, ge=1)
+
+    @model_serializer(mode="wrap")
+    def _omit_default_fast_ops(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # The swap keeps exactly the same samples, so at its default it is left out of dumps and digests:
+        # runs made before the field existed stay complete. Likewise shards (same outputs).
+        data = handler(self)
+        if self.fast_ops:
+            data.pop("fast_ops", None)
+        if self.shards == 1:
+            data.pop("shards", None)
+        if self.shard_size is None:
+            data.pop("shard_size", None)
+        return data
+
+    @model_validator(mode="after")
+    def _shards_without_dedup(self) -> FilterConfig:
+        # a deduplicator compares samples with each other: within a shard it would miss duplicates across shards
+        dedups = [next(iter(op)) for op in self.ops if next(iter(op)).endswith("deduplicator")]
+        if (self.shards > 1 or self.shard_size is not None) and dedups:
+            raise ValueError(f"sharding cannot run {', '.join(dedups)} (a deduplicator sees only its own shard's "
+                             "samples); set filter.shards: 1 (no shard_size) or remove the deduplicator")
+        return self
+
+    @field_validator("ops", mode="before")
+    @classmethod
+    def _ops_shape(cls, ops: Any) -> Any:
+        if not isinstance(ops, list):
+            raise ValueError("must be a list of {op_name: {arguments}} items")
+        out = []
+        for i, op in enumerate(ops):
+            if isinstance(op, str):  # bare op name, default arguments
+                op = {op: {}}
+            if not isinstance(op, dict) or len(op) != 1:
+                raise ValueError(f"item {i} must be one mapping {{op_name: {{arguments}}}}, got {op!r}")
+            name, args = next(iter(op.items()))
+            if args is not None and not isinstance(args, dict):
+                raise ValueError(f"item {i} ({name}): the arguments must be a mapping such as "
+                                 f"{{min_width: 1024}}, got {args!r}")
+            out.append({name: dict(args or {})})
+        return out
+
+
+class CacheConfig(_Section):
+    max_sequence_length: int = Field(256, ge=8, le=4096)
+    batch_size: int = Field(4, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # The VAE's dtype for encoding latents. The stock SDXL VAE overflows (nan) in float16; float32 is what
+    # diffusers' SDXL training scripts use. float16 is safe only with the fp16-fix VAE (model.vae_path).
+    vae_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    # Where the content-addressed entries live (default: <run>/cache). A lab folder shared by several runs
+    # (a sweep, a rerun with another lr) means each image and caption is encoded once.
+    dir: Path | None = None
+
+
+class ValidationConfig(_Section):
+    """Sample images with the current LoRA every `every` training steps (0: off) → train/samples/."""
+
+    every: int = Field(0, ge=0)
+    prompts: list[str] = Field(default_factory=list)  # empty: the first `count` prompts of render.prompts
+    count: int = Field(2, ge=1)
+    seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
+    steps: int = Field(20, ge=1)  # sampling steps (render.cfg and render.negative_prompt apply)
+    size: int | None = Field(None, ge=8, multiple_of=8)  # square side; None: train.resolution
+
+
+class TrainConfig(_Section):
+    rank: int = Field(16, ge=1)
+    alpha: float = Field(4.0, gt=0)
+    target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    lr: float = Field(1e-4, gt=0)
+    steps: int = Field(500, ge=1)
+    batch_size: int = Field(1, ge=1)
+    resolution: int = Field(1024, ge=8)
+    center_crop: bool = True
+    # SDXL-style aspect-ratio buckets around resolution² pixels (kolora.cache.buckets) instead of the square crop;
+    # the ratio range is filter.ops' image_aspect_ratio_filter's (else 0.5-2.0)
+    buckets: bool = False
+    precision: Literal["16-mixed", "bf16-mixed", "32", "32-true"] = "16-mixed"
+    gradient_checkpointing: bool = True
+    checkpoint_every: int = Field(100, ge=1)  # steps between checkpoints
+    checkpoint_minutes: float | None = Field(None, gt=0)  # and/or wall-clock minutes between checkpoints
+    keep_checkpoints: int = Field(3, ge=1)
+    seed: Seed = 0
+    num_workers: int = Field(0, ge=0)
+    accelerator: Literal["auto", "cpu", "gpu"] = "auto"
+    # Deterministic algorithms (torch, cuDNN, cuBLAS workspace): what makes a resumed GPU run repeat the
+    # uninterrupted one. Ops without a deterministic kernel warn instead of failing.
+    deterministic: bool = True
+    # The options kohya / SimpleTuner / OneTrainer users expect; all off by default (the tutorial's recipe).
+    min_snr_gamma: float | None = Field(None, gt=0)  # min-SNR-γ loss weighting (5 is the paper's choice)
+    noise_offset: float = Field(0.0, ge=0, le=1)  # offset noise strength (0.05-0.1 is usual)
+    caption_dropout: float = Field(0.0, ge=0, lt=1)  # probability of training a sample on the empty caption
+    ema_decay: float | None = Field(None, gt=0, lt=1)  # EMA of the LoRA weights, exported when set (e.g. 0.999)
+    dora: bool = False  # DoRA (weight-decomposed LoRA, peft's use_dora)
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"  # adamw8bit: bitsandbytes, on a GPU only
+    # per_batch: one timestep for the whole global batch (the tutorial's DiffSynth trainer); per_sample: one per
+    # sample, as diffusers' and kohya's scripts draw them (a smoother gradient at larger batches)
+    timesteps: Literal["per_batch", "per_sample"] = "per_batch"
+    validation: ValidationConfig = ValidationConfig()
+    wandb: str | None = None  # a wandb project to log to as well (needs the wandb package; offline in Slurm jobs)
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _unquoted_32(cls, v: Any) -> Any:
+        # YAML reads an unquoted `precision: 32` as a number; it can only mean "32"
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) and v == 32 else v
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiple_of_8(cls, v: int) -> int:
+        if v % 8:
+            raise ValueError("must be a multiple of 8 (the VAE downsamples 8x)")
+        return v
+
+    @model_serializer(mode="wrap")
+    def _omit_buckets_off(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Off is training as before the field existed: left out of dumps and digests, so a LoRA trained
+        # without buckets keeps its bytes (its metadata holds the config digest).
+        data = handler(self)
+        if not self.buckets:
+            data.pop("buckets", None)
+        if self.timesteps == "per_batch":  # likewise: the timesteps every run drew before the field existed
+            data.pop("timesteps", None)
+        # nor do validation samples and wandb (off by default) change the LoRA's bytes
+        if self.validation == ValidationConfig():
+            data.pop("validation", None)
+        if self.wandb is None:
+            data.pop("wandb", None)
+        return data
+
+
+class RenderConfig(_Section):
+    prompts: Path
+    cfg: float = Field(4.0, ge=0)
+    steps: int = Field(50, ge=1)
+    width: int = Field(1024, ge=8)
+    height: int = Field(1024, ge=8)
+    negative_prompt: str = "丑陋、变形、嘈杂、模糊、低对比度"
+    # Render with this LoRA instead of the run's own lora/ (another lab's adapter); None = the trained one.
+    lora: Path | None = None
+    lora_scale: float = 1.0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    # Also render every (prompt, seed) with the base model (no LoRA) into render/base/, for evaluate's
+    # comparison; None: when evaluate.enabled.
+    base_tiles: bool | None = None
+
+    @field_validator("width", "height")
+    @classmethod
+    def _multiple_of_8(cls, v: int) -> int:
+        if v % 8:
+            raise ValueError("must be a multiple of 8")
+        return v
+
+
+class GridConfig(_Section):
+    columns: int = Field(2, ge=1)
+    rows: int = Field(4, ge=1)
+    captions: Literal["none", "seed", "prompt"] = "none"
+    tile_size: int | None = Field(None, ge=8)  # resize tiles to this square size; None keeps them as rendered
+    font: Path | None = None  # a TrueType font with CJK glyphs for prompt captions
+
+
+class ScorersConfig(_Section):
+    """Local CLIP / Chinese-CLIP / aesthetic models (kolora.models.scorers) for filter ops and evaluate."""
+
+    # Data-Juicer's external models home: <dir>/<hub id>/ (`kolora fetch models --clip --aesthetics --to DIR`)
+    dir: Path | None = None
+    # Build tiny random scorer models in `dir` when missing (demo and tests only).
+    tiny: bool = False
+    clip: str = "openai/clip-vit-base-patch32"  # English text
+    chinese_clip: str = "OFA-Sys/chinese-clip-vit-base-patch16"  # Chinese text
+    aesthetic: str = "shunk031/aesthetics-predictor-v2-sac-logos-ava1-l14-linearMSE"
+    # Which CLIP scores a text: auto = Chinese-CLIP when CJK ideographs are ≥ 1/5 of its letters, else CLIP.
+    language: Literal["auto", "zh", "en"] = "auto"
+
+
+class EvaluateConfig(_Section):
+    # CLIP and aesthetic scores of every tile, LoRA vs base model (kolora.evaluate.stage) -> eval/scores.json/csv
+    enabled: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class ExperimentConfig(_Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    seed: Seed = 0
+    # torch threads for the stages that run on a CPU (cache, train, render without a GPU). The result of a
+    # CPU float reduction depends on the thread count, so it is part of the config: the same config gives the
+    # same bits in one process, in a Slurm job or after a requeue. 1 also avoids OpenMP's collapse when the
+    # threads share cores with other work (measured here: 40 tiny steps 3 s with 1 thread, 230 s with 2).
+    cpu_threads: int = Field(1, ge=1)
+    model: ModelConfig
+    data: DataConfig = DataConfig()
+    filter: FilterConfig = FilterConfig()
+    cache: CacheConfig = CacheConfig()
+    train: TrainConfig = TrainConfig()
+    render: RenderConfig
+    grid: GridConfig = GridConfig()
+    scorers: ScorersConfig = ScorersConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+
+    @model_serializer(mode="wrap")
+    def _omit_default_evaluation(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Sections added later: at their defaults left out of dumps and digests, so earlier runs stay bound.
+        data = handler(self)
+        for section, default in (("scorers", ScorersConfig()), ("evaluate", EvaluateConfig())):
+            if getattr(self, section) == default:
+                data.pop(section, None)
+        if self.render.base_tiles is None and isinstance(data.get("render"), dict):
+            data["render"].pop("base_tiles", None)
+        return data
+
+    def digest(self) -> str:
+        """Hash of the resolved config (what a run directory is bound to)."""
+        return config_digest(self.model_dump(mode="json"))
+
+
+def config_digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def format_errors(err: ValidationError, source: str, origins: dict[tuple[str, ...], str] | None = None) -> str:
+    problems = describe_validation_error(err, ExperimentConfig, override_origin(origins or {}))
+    return format_problems(source, "config", problems)
+
+
+def read_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping; ConfigError naming the file otherwise."""
+    try:
+        raw = yaml.safe_load(read_text(path)) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except InputError as e:
+        raise ConfigError(str(e)) from None
+    if not isinstance(raw, dict):
+        kind = "list" if isinstance(raw, list) else "text" if isinstance(raw, str) else "single value"
+        raise ConfigError(f"{path}: the top level must be a mapping of {what}, found a {kind}")
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None, name: str | None = None) -> ExperimentConfig:
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder; give a config file (e.g. configs/demo.yaml)")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist (try configs/demo.yaml)")
+    raw = read_yaml_mapping(path, "sections (model, data, filter, ...)")
+    resolve_paths(raw, path.parent.resolve())
+    origins = apply_overrides(raw, overrides or [], Path.cwd())
+    if name is not None:
+        raw["name"] = name
+        origins[("name",)] = f"--name {name}"
+    return validate_config(raw, str(path), origins)
+
+
+def validate_config(raw: dict[str, Any], source: str = "config",
+                    origins: dict[tuple[str, ...], str] | None = None) -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_errors(e, source, origins)) from None
+
+
+def dump_config(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), allow_unicode=True, sort_keys=False)

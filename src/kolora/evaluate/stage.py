@@ -1,0 +1,104 @@
+"""evaluate: every rendered tile scored against its prompt, LoRA vs base model -> eval/scores.json, scores.csv.
+
+For each (prompt, seed) of the prompt set: the CLIP image-text score of the LoRA tile (render/) and of the
+base model's tile (render/base/, the same prompt and seed without the LoRA), with Chinese-CLIP for Chinese
+prompts (scorers.language), and the aesthetic predictor's score of both. Models come from scorers.dir only
+(kolora.models.scorers; nothing is downloaded). The whole folder eval/ is written at once (atomic), so a stopped job
+leaves the previous scores or none.
+
+scores.json: {"models": {"clip": {...}, "aesthetic": ...}, "tiles": [{"index", "prompt", "seed", "lora_tile",
+"base_tile", "clip": {"lora", "base"}, "aesthetic": {"lora", "base"}}], "summary": {"clip": {"lora", "base"},
+"aesthetic": {"lora", "base"}}} (tile paths relative to the run directory; summary = means over tiles).
+scores.csv: index,prompt,seed,clip_lora,clip_base,aesthetic_lora,aesthetic_base.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from kolora.core.config import ExperimentConfig
+from kolora.core.errors import RunFailure
+from kolora.core.rundir import RunDir, atomic_dir
+from kolora.models import scorers
+from kolora.render.tiles import base_tiles, base_tiles_on, missing_tiles, tiles
+
+CSV_COLUMNS = ("index", "prompt", "seed", "clip_lora", "clip_base", "aesthetic_lora", "aesthetic_base")
+
+
+def model_identity(folders: dict[str, Path]) -> dict[str, str]:
+    """Scorer models as scores.json names them: hub ids (" + " between two CLIPs) and a fingerprint of their files."""
+    from kolora.models import fingerprint
+    return {"name": " + ".join(sorted(folders)),
+            "fingerprint": fingerprint.digest([fingerprint.tree(folders[n]) for n in sorted(folders)])[:16]}
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def run(cfg: ExperimentConfig, run: RunDir, progress=None) -> dict[str, Any]:
+    if not cfg.evaluate.enabled:
+        return {"skipped_reason": "evaluate.enabled is false"}
+    if not base_tiles_on(cfg):
+        raise RunFailure("evaluate compares LoRA and base tiles, but render.base_tiles is false: set it to true "
+                         "(or leave it unset) and run the render stage")
+    lora_tiles, base = tiles(cfg, run), base_tiles(cfg, run)
+    missing = missing_tiles(cfg, run, lora_tiles + base)
+    if missing:
+        raise RunFailure(f"evaluate: {len(missing)} tile(s) not rendered yet (e.g. "
+                         f"{missing[0].path(run) or 'the LoRA is missing'}): run the render stage first")
+    import torch
+    from PIL import Image
+
+    from kolora.models.kolors import quiet_libraries
+
+    quiet_libraries()
+    if not torch.cuda.is_available():
+        torch.set_num_threads(cfg.cpu_threads)
+    s = cfg.scorers
+    scorers.ensure_tiny(s)
+    try:
+        clip_names = {t.index: scorers.clip_for(t.item.prompt, s.language, s.clip, s.chinese_clip) for t in lora_tiles}
+        folders = {name: scorers.local_folder(s.dir, name) for name in {*clip_names.values(), s.aesthetic}}
+    except scorers.ScorerModelError as e:
+        raise RunFailure(f"evaluate: {e}") from None
+    device = cfg.evaluate.device
+    clip_models = {name: scorers.load_clip(folders[name], name, device) for name in set(clip_names.values())}
+    aesthetic = scorers.load_aesthetic(folders[s.aesthetic], s.aesthetic, device)
+
+    rows = []
+    for n, (lt, bt) in enumerate(zip(lora_tiles, base, strict=True), 1):
+        with Image.open(lt.path(run)) as li, Image.open(bt.path(run)) as bi:
+            images = [li.convert("RGB"), bi.convert("RGB")]
+        clip = scorers.clip_score(clip_models[clip_names[lt.index]], images, [lt.item.prompt] * 2)
+        aes = scorers.aesthetic_score(aesthetic, images)
+        rows.append({"index": lt.index, "prompt": lt.item.prompt, "seed": lt.item.seed,
+                     "lora_tile": str(lt.path(run).relative_to(run.root)),
+                     "base_tile": str(bt.path(run).relative_to(run.root)),
+                     "clip": {"lora": clip[0], "base": clip[1]}, "aesthetic": {"lora": aes[0], "base": aes[1]}})
+        if progress:
+            progress(n, len(lora_tiles))
+    summary = {k: {side: _mean([r[k][side] for r in rows]) for side in ("lora", "base")}
+               for k in ("clip", "aesthetic")}
+    models = {"clip": model_identity({name: folders[name] for name in set(clip_names.values())}),
+              "aesthetic": model_identity({s.aesthetic: folders[s.aesthetic]})}
+    _write(run.root / "eval", {"models": models, "tiles": rows, "summary": summary})
+    return {"tiles": len(rows), "clip_lora": round(summary["clip"]["lora"], 4),
+            "clip_base": round(summary["clip"]["base"], 4), "aesthetic_lora": round(summary["aesthetic"]["lora"], 4),
+            "aesthetic_base": round(summary["aesthetic"]["base"], 4)}
+
+
+def _write(folder: Path, scores: dict[str, Any]) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for r in scores["tiles"]:
+        writer.writerow([r["index"], r["prompt"], r["seed"], repr(r["clip"]["lora"]), repr(r["clip"]["base"]),
+                         repr(r["aesthetic"]["lora"]), repr(r["aesthetic"]["base"])])
+    with atomic_dir(folder) as work:
+        (work / "scores.json").write_text(json.dumps(scores, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        (work / "scores.csv").write_text(buf.getvalue(), encoding="utf-8")

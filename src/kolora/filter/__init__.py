@@ -1,0 +1,1 @@
+"""The filter stage: header checks, Data-Juicer, run/trainset/."""

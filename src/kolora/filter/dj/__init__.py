@@ -1,0 +1,1 @@
+"""Data-Juicer adapters for the filter stage."""

@@ -1,0 +1,1 @@
+"""LoRA files and the formats other tools load, UNet module names, picture checks."""

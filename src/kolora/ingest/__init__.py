@@ -1,0 +1,1 @@
+"""The ingest stage: any supported dataset -> run/data/."""

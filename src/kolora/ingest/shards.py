@@ -1,0 +1,153 @@
+"""Sharded ingest: a parquet or ModelScope source read as N contiguous row ranges when the filter is sharded
+(the filter job's array tasks each take one; `kolora run` takes them one after another), into
+
+    data/shards/<i>-of-<N>/images/       the range's images (hard links, copies or written bytes)
+    data/shards/<i>-of-<N>/metadata.jsonl its samples (ids local to the shard), rejected.jsonl, done.json
+
+and merged, in row order, into the same data/ one unsharded pass writes: ids renumbered, images hard-linked
+to data/images/<id>.<ext>, metadata.jsonl last. A shard folder appears whole (kolora.core.rundir.atomic_dir) with
+its marker, which names the stage's input key and the rows: a rerun redoes only the ranges without one.
+
+Array tasks need not run at once (a throttled array, a busy CPU partition), so a task never waits for a task
+that may not have started: after its own range it takes every range nobody has done, each under its own
+lock, waiting only on a lock a running task holds. The task that finds every range done merges, under a lock.
+Sources other than parquet and ModelScope are cheap to ingest (hard links) and are read in one pass, as is
+any source with data.limit (which stops after its first samples).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from kolora.core import interrupt
+from kolora.core.config import ExperimentConfig
+from kolora.core.rundir import RunDir, atomic_dir, atomic_write_json, file_lock, now
+from kolora.filter import shards as filter_shards
+from kolora.ingest.sources import no_sample_error, parquet_rows
+from kolora.pipeline import registry as stages
+
+SHARDED_SOURCES = ("parquet", "modelscope")
+
+
+def count(cfg: ExperimentConfig, task_count: int | None = None) -> int:
+    """Ranges to read: the filter array's task count on Slurm, filter.shards in process (with
+    filter.shard_size: from a parquet source's row count); 1 for other sources or with data.limit."""
+    d = cfg.data
+    if d.source not in SHARDED_SOURCES or d.limit:
+        return 1
+    if task_count:
+        return task_count
+    if cfg.filter.shard_size is None:
+        return cfg.filter.shards
+    if d.source != "parquet":  # a hub dataset's size is known only once it is loaded
+        return 1
+    return filter_shards.count(cfg.filter, parquet_rows(d.path, d.image_column, d.text_column, d.caption))
+
+
+def folder(run: RunDir, index: int, shards: int) -> Path:
+    return run.data / "shards" / f"{index:04d}-of-{shards:04d}"
+
+
+def is_done(run: RunDir, index: int, shards: int, identity: dict[str, Any]) -> bool:
+    try:
+        return json.loads((folder(run, index, shards) / "done.json").read_text())["identity"] == identity
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def is_merged(run: RunDir) -> bool:
+    return (run.data / "metadata.jsonl").is_file()
+
+
+def run(cfg: ExperimentConfig, run: RunDir, shards: int, task_index: int | None = None) -> dict[str, Any]:
+    """Read the ranges nobody has read yet (this task's first), then merge when every range is done."""
+    from kolora.ingest.stage import TableSource, guard
+
+    t0 = time.perf_counter()
+    if is_merged(run):  # a task that starts after the merge (a requeue, a throttled array)
+        shutil.rmtree(run.data / "shards", ignore_errors=True)
+        return {"shard": task_index, "shards": shards, "ran": [], "merged": "by another task"}
+    source = TableSource(cfg, run)
+    total = source.rows()
+    key = stages.Keys(cfg, run).work("ingest")
+
+    def identity(i: int) -> dict[str, Any]:
+        return {"key": key, "shard": i, "shards": shards, "rows": list(filter_shards.bounds(total, shards, i))}
+
+    path_guard = guard(cfg, run)
+    first = task_index or 0
+    pending = [(first + k) % shards for k in range(shards)]
+    ran: list[int] = []
+    for wait in (False, True):  # first the free ranges, then wait for those running tasks hold
+        busy = []
+        for i in pending:
+            with file_lock(run.data / "shards" / f".{i}-of-{shards}.lock", wait) as taken:
+                if not taken:
+                    busy.append(i)
+                elif not is_merged(run) and not is_done(run, i, shards, identity(i)):
+                    _read_range(cfg, run, source, path_guard, i, shards, identity(i))
+                    ran.append(i)
+        pending = busy
+    with file_lock(run.data / "shards" / ".merge.lock"):
+        if is_merged(run):  # the lock files this task made after the merge go too
+            shutil.rmtree(run.data / "shards", ignore_errors=True)
+            return {"shard": task_index, "shards": shards, "ran": ran, "merged": "by another task"}
+        missing = [i for i in range(shards) if not is_done(run, i, shards, identity(i))]
+        if missing:  # only when a range's files vanished under a running task: its rerun reads it
+            raise RuntimeError(f"ingest: ranges {missing} of {shards} are not done; run the stage again")
+        return {**_merge(cfg, run, shards, source.where, t0), "shard": task_index, "ran": ran, "merged": True}
+
+
+def _read_range(cfg: ExperimentConfig, run: RunDir, source: Any, path_guard: Any, index: int, shards: int,
+                identity: dict[str, Any]) -> None:
+    from kolora.ingest.stage import COUNTS, take, write_lists
+
+    if interrupt.requested() is not None:
+        raise interrupt.Interrupted(f"ingest stopped before range {index} of {shards} on "
+                                    f"{interrupt.requested()}; the ranges done are kept")
+    counts = dict.fromkeys(COUNTS, 0)
+    start, end = identity["rows"]
+    with atomic_dir(folder(run, index, shards)) as work:
+        (work / "images").mkdir()
+        samples, rejected = take(source.records((start, end)), work, cfg.data, path_guard, counts, None)
+        for s in samples:  # relative to the shard folder: it moves into place when complete
+            path = s["image"]
+            s["image"] = str(path.relative_to(work)) if path.is_relative_to(work) else str(path)
+        write_lists(work, samples, rejected)
+        atomic_write_json(work / "done.json", {
+            "identity": identity, "counts": counts, "finished": now(), "host": socket.gethostname(),
+            "slurm_job": os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID"),
+            "slurm_array_task": os.environ.get("SLURM_ARRAY_TASK_ID")})
+
+
+def _merge(cfg: ExperimentConfig, run: RunDir, shards: int, where: str, t0: float) -> dict[str, Any]:
+    from kolora.ingest.stage import COUNTS, read_samples, summary, write_lists
+
+    samples: list[dict[str, Any]] = []
+    rejected: list[dict[str, Any]] = []
+    counts = dict.fromkeys(COUNTS, 0)
+    with atomic_dir(run.data / "images") as images:
+        for i in range(shards):
+            part = folder(run, i, shards)
+            for name, n in json.loads((part / "done.json").read_text())["counts"].items():
+                counts[name] += n
+            for s in read_samples(part / "metadata.jsonl"):
+                sid = f"{len(samples):06d}"
+                image = s["image"]
+                if not os.path.isabs(image):  # taken into the shard folder: same inode, the final name
+                    src = part / image
+                    os.link(src, images / f"{sid}{src.suffix}")
+                    image = str(run.data / "images" / f"{sid}{src.suffix}")
+                samples.append({"id": sid, "text": s["text"], "image": [image]})
+            rejected += read_samples(part / "rejected.jsonl")
+        if not samples:
+            raise no_sample_error(cfg.data, where, rejected)
+    write_lists(run.data, samples, rejected)
+    shutil.rmtree(run.data / "shards", ignore_errors=True)  # the lock files with it: tasks after this find it merged
+    return summary(cfg.data, where, len(samples), len(rejected), counts, t0, shards=shards)

@@ -1,0 +1,82 @@
+"""`kolora fetch models --clip --aesthetics --to DIR`: the scorer models for filter ops and evaluate, from the
+Hugging Face hub (their home; HF_ENDPOINT selects a mirror), into DIR/<hub id>/ -- Data-Juicer's external
+models home layout, which is what scorers.dir names. `--tiny` writes tiny random ones there instead (offline).
+
+--clip fetches both CLIPs (OpenAI CLIP for English, Chinese-CLIP for Chinese text); --aesthetics the LAION
+aesthetic predictor. Only one weight format is taken per repository (safetensors when there is one), and what
+arrived is checked like `kolora check models` does.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from kolora.models import scorers
+from kolora.models.fetch import (
+    DEFAULT_PROBE_TIMEOUT,
+    FetchError,
+    FileChecker,
+    Report,
+    _login_node_advice,
+    _reach,
+)
+
+_META = ["*.json", "*.txt", "*.model"]  # configs, tokenizer/processor files
+
+
+def wanted(clip: bool, aesthetics: bool, scfg=None) -> list[str]:
+    s = scfg or scorers
+    names = [getattr(s, "clip", scorers.CLIP_EN), getattr(s, "chinese_clip", scorers.CLIP_ZH)] if clip else []
+    return names + ([getattr(s, "aesthetic", scorers.AESTHETIC)] if aesthetics else [])
+
+
+def _hub_download(repo_id: str, folder: Path) -> None:
+    from huggingface_hub import HfApi, snapshot_download
+
+    files = HfApi().list_repo_files(repo_id)
+    weights = [f for f in files if f.endswith(".safetensors")] or [f for f in files if f == "pytorch_model.bin"]
+    snapshot_download(repo_id, local_dir=str(folder), allow_patterns=_META + weights)
+
+
+def check_folder(report: Report, folder: Path) -> None:
+    c = FileChecker(report)
+    c.file(folder / "config.json")
+    c.weights(folder, ("model", "pytorch_model"))
+
+
+def fetch(to: Path, clip: bool, aesthetics: bool, tiny: bool = False, timeout: float = DEFAULT_PROBE_TIMEOUT,
+          download=None) -> Report:
+    names = wanted(clip, aesthetics)
+    to = Path(to).resolve()
+    command = "kolora fetch models" + (" --clip" if clip else "") + (" --aesthetics" if aesthetics else "") + \
+        f" --to {to}"
+    if tiny:
+        for name in names:
+            if name == scorers.CLIP_EN:
+                scorers.build_tiny_clip(to / name)
+            elif name == scorers.CLIP_ZH:
+                scorers.build_tiny_chinese_clip(to / name)
+            else:
+                scorers.build_tiny_aesthetic(to / name, name=name)
+    else:
+        if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+            why = "HF_HUB_OFFLINE is set, as kolora sets it for compute jobs"
+        else:
+            from huggingface_hub import constants
+
+            why = _reach(constants.ENDPOINT, timeout)
+        if why:
+            raise FetchError(f"cannot reach the Hugging Face hub ({why}).\n{_login_node_advice(command)}")
+        download = download or _hub_download
+        for name in names:
+            try:
+                download(name, to / name)
+            except Exception as e:  # noqa: BLE001 - network, HTTP and hub errors of many types
+                raise FetchError(f"downloading {name} failed ({e.__class__.__name__}: {str(e)[:300]}).\n"
+                                 f"{_login_node_advice(command)}") from e
+    report = Report(to, "scorer models" + (" (tiny, random)" if tiny else ""))
+    for name in names:
+        check_folder(report, to / name)
+    report.config["scorers"] = {"dir": str(to)}
+    return report

@@ -1,0 +1,384 @@
+"""Image scorers from local weights: CLIP image-text similarity (OpenAI CLIP for English, Chinese-CLIP for
+Chinese) and the LAION aesthetic predictor, shared by the filter ops (kolora.filter.dj.score_ops) and the evaluate
+stage.
+
+Models live under one folder in Data-Juicer's external-models-home layout, `<dir>/<hub id>/`
+(`kolora fetch models --clip --aesthetics --to DIR`), with their hub ids kept: Data-Juicer picks the aesthetic
+predictor's head and its ÷10 scaling from substrings of that name. `build_tiny_*` write randomly initialised
+models of the same architectures in the same on-disk layouts (config.json, model.safetensors, tokenizer and
+processor files) for tests and the demo. Nothing here downloads; torch/transformers are imported in functions.
+
+Scores: `clip_score` is Data-Juicer's `image_text_similarity` (logits_per_text / 100 = cosine similarity);
+`aesthetic_score` is the predictor's output, ÷10 for the `shunk031/aesthetics-predictor*` models (0-1, as
+Data-Juicer's `image_aesthetics_filter` compares it).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kolora.core import devices
+
+CLIP_EN = "openai/clip-vit-base-patch32"
+CLIP_ZH = "OFA-Sys/chinese-clip-vit-base-patch16"
+AESTHETIC = "shunk031/aesthetics-predictor-v2-sac-logos-ava1-l14-linearMSE"
+FETCH_COMMAND = "kolora fetch models --clip --aesthetics"
+TINY_MARKER = "TINY_RANDOM_MODEL.txt"
+_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+
+
+class ScorerModelError(Exception):
+    """A scorer model is missing or unreadable; the message names the folder and the fetch command."""
+
+
+def is_chinese(text: str) -> bool:
+    """Chinese when CJK ideographs make up at least a fifth of the letters (the tutorial's captions mix in
+    commas and the odd Latin word)."""
+    letters = [c for c in text if c.isalpha()]
+    return bool(letters) and sum(bool(_CJK.match(c)) for c in letters) * 5 >= len(letters)
+
+
+def clip_for(text: str, language: str, clip_en: str = CLIP_EN, clip_zh: str = CLIP_ZH) -> str:
+    """The CLIP model id for a text: `language` zh/en forces one; auto detects Chinese (is_chinese)."""
+    if language == "zh" or (language == "auto" and is_chinese(text)):
+        return clip_zh
+    return clip_en
+
+
+def local_folder(models_dir: Path | str | None, model_id: str) -> Path:
+    """`<models_dir>/<hub id>` (an absolute path given as the id is used as is); ScorerModelError naming the
+    fetch command when it has no config.json."""
+    candidate = Path(model_id)
+    if not candidate.is_absolute():
+        if models_dir is None:
+            raise ScorerModelError(f"scorer model {model_id!r}: no local models folder configured; set scorers.dir "
+                                   f"to the folder `{FETCH_COMMAND} --to DIR` filled")
+        candidate = Path(models_dir) / model_id
+    if not (candidate / "config.json").is_file():
+        raise ScorerModelError(f"scorer model {model_id!r}: {candidate} has no config.json. Download it on a login "
+                               f"node with `{FETCH_COMMAND} --to {models_dir or 'DIR'}` (compute nodes are offline)")
+    return candidate
+
+
+# Data-Juicer filter ops that load a scorer: {op: its model argument, default model}. Data-Juicer's own
+# image_aesthetics_filter needs simple-aesthetics-predictor, which requires transformers < 5: kolora runs its
+# subclass image_aesthetics_local_filter instead (kolora.filter.dj.score_ops: same arguments, stats and scores).
+FILTER_OP_MODELS = {"image_text_similarity_filter": ("hf_clip", None),
+                    "image_aesthetics_filter": ("hf_scorer_model", AESTHETIC)}
+LOCAL_MODEL_OPS = {"image_aesthetics_filter": "image_aesthetics_local_filter"}
+
+
+def filter_op_models(ops: list[dict[str, dict[str, Any]]], scfg, captions: list[str] | None
+                     ) -> list[tuple[int, str, list[str]]]:
+    """(op index, model argument, model ids it may use) for every scorer op in filter.ops. Without an explicit
+    hf_clip, the CLIP follows scorers.language; `auto` picks Chinese-CLIP when most captions are Chinese
+    (`captions` None: not known yet, so either may be used)."""
+    out = []
+    for i, item in enumerate(ops):
+        name, args = next(iter(item.items()))
+        if name not in FILTER_OP_MODELS:
+            continue
+        arg, default = FILTER_OP_MODELS[name]
+        given = (args or {}).get(arg) or default
+        if given:
+            out.append((i, arg, [scfg.aesthetic if given == AESTHETIC else given]))
+        elif scfg.language != "auto":
+            out.append((i, arg, [scfg.chinese_clip if scfg.language == "zh" else scfg.clip]))
+        elif captions is None:
+            out.append((i, arg, [scfg.clip, scfg.chinese_clip]))
+        else:
+            chinese = sum(is_chinese(c) for c in captions) * 2 > len(captions)
+            out.append((i, arg, [scfg.chinese_clip if chinese else scfg.clip]))
+    return out
+
+
+def localize_ops(process: list[dict[str, dict[str, Any]]], configured: list[dict[str, dict[str, Any]]], scfg,
+                 captions: list[str]) -> list[dict[str, dict[str, Any]]]:
+    """Data-Juicer's `process` with every scorer op's model argument set to its local folder under
+    scorers.dir (ScorerModelError naming the fetch command when it is missing)."""
+    out = [{name: dict(args) for name, args in item.items()} for item in process]
+    for i, arg, names in filter_op_models(configured, scfg, captions):
+        args = next(iter(out[i].values()))
+        args[arg] = str(local_folder(scfg.dir, names[0]))
+    return out
+
+
+# the aesthetic predictor --------------------------------------------------------------------------------------
+def aesthetic_head(name: str) -> str:
+    """simple-aesthetics-predictor's class for a model name, chosen by Data-Juicer by substrings."""
+    if "v1" in name:
+        return "v1"
+    if "v2" in name and "linear" in name:
+        return "v2-linear"
+    if "v2" in name and "relu" in name:
+        return "v2-relu"
+    raise ScorerModelError(f"aesthetic model {name!r}: the name must say v1, v2 + linear or v2 + relu (its head), "
+                           f"as the hub ids of shunk031/aesthetics-predictor-* do; keep the hub id as folder name")
+
+
+_HEAD_CLASSES = {"v1": "AestheticsPredictorV1", "v2-linear": "AestheticsPredictorV2Linear",
+                 "v2-relu": "AestheticsPredictorV2ReLU"}
+
+
+def aesthetic_scaled(name: str) -> bool:
+    """Data-Juicer divides by 10 only for these models (the LAION predictors output 0-10)."""
+    return "aesthetics-predictor" in name
+
+
+def _predictor_class(head: str):
+    """CLIPVisionModelWithProjection + the LAION MLP on the normalised image embedding, with the parameter
+    names of simple-aesthetics-predictor (`layers.*`), whose hub checkpoints it loads."""
+    import torch
+    from torch import nn
+    from transformers import CLIPVisionModelWithProjection
+
+    class AestheticsPredictor(CLIPVisionModelWithProjection):
+        def __init__(self, config):
+            super().__init__(config)
+            d = config.projection_dim
+            if head == "v1":
+                self.layers = nn.Linear(d, 1)
+            else:
+                act = [nn.ReLU()] if head == "v2-relu" else []
+                self.layers = nn.Sequential(nn.Linear(d, 1024), *act, nn.Dropout(0.2), nn.Linear(1024, 128), *act,
+                                            nn.Dropout(0.2), nn.Linear(128, 64), *act, nn.Dropout(0.1),
+                                            nn.Linear(64, 16), *act, nn.Linear(16, 1))
+            self.post_init()
+
+        def forward(self, pixel_values: torch.Tensor, **_: Any):
+            from transformers.modeling_outputs import ImageClassifierOutputWithNoAttention
+
+            embeds = super().forward(pixel_values=pixel_values).image_embeds
+            return ImageClassifierOutputWithNoAttention(logits=self.layers(embeds / embeds.norm(dim=-1, keepdim=True)))
+
+    # the class name save_pretrained writes into config.json's architectures, as the hub checkpoints have it
+    AestheticsPredictor.__name__ = AestheticsPredictor.__qualname__ = _HEAD_CLASSES[head]
+    return AestheticsPredictor
+
+
+# loading and scoring -----------------------------------------------------------------------------------------
+@dataclass
+class Loaded:
+    model: Any
+    processor: Any
+    name: str
+    device: str
+
+
+def load_clip(folder: Path, name: str, device: str = "cpu") -> Loaded:
+    """CLIP or Chinese-CLIP (by its config's model_type) with its processor, in eval mode on `device`."""
+    import transformers
+
+    model_type = json.loads((Path(folder) / "config.json").read_text())["model_type"]
+    model_cls, proc_cls = {"clip": ("CLIPModel", "CLIPProcessor"),
+                           "chinese_clip": ("ChineseCLIPModel", "ChineseCLIPProcessor")}.get(model_type, (None, None))
+    if model_cls is None:
+        raise ScorerModelError(f"{folder}: model_type {model_type!r} is not a CLIP (clip or chinese_clip)")
+    device = devices.pick(device)
+    model = getattr(transformers, model_cls).from_pretrained(str(folder)).eval().to(device)
+    return Loaded(model, getattr(transformers, proc_cls).from_pretrained(str(folder)), name, device)
+
+
+def load_aesthetic(folder: Path, name: str, device: str = "cpu") -> Loaded:
+    from transformers import CLIPProcessor
+
+    device = devices.pick(device)
+    model = _predictor_class(aesthetic_head(name)).from_pretrained(str(folder)).eval().to(device)
+    return Loaded(model, CLIPProcessor.from_pretrained(str(folder)), name, device)
+
+
+def clip_score(clip: Loaded, images: list, texts: list[str]) -> list[float]:
+    """Cosine similarity of each image with its own text (Data-Juicer's image_text_similarity)."""
+    import torch
+
+    if len(images) != len(texts):
+        raise ValueError(f"clip_score: {len(images)} images but {len(texts)} texts")
+    max_len = clip.model.config.text_config.max_position_embeddings
+    out = []
+    for image, text in zip(images, texts, strict=True):
+        inputs = clip.processor(text=[text], images=[image.convert("RGB")], return_tensors="pt", padding=True,
+                                truncation=True, max_length=max_len).to(clip.device)
+        with torch.no_grad():
+            out.append(float(clip.model(**inputs).logits_per_text[0, 0]) / 100.0)
+    return out
+
+
+def aesthetic_score(aesthetic: Loaded, images: list) -> list[float]:
+    import torch
+
+    inputs = aesthetic.processor(images=[im.convert("RGB") for im in images], return_tensors="pt").to(aesthetic.device)
+    with torch.no_grad():
+        logits = aesthetic.model(**inputs).logits.reshape(-1)
+    scale = 10.0 if aesthetic_scaled(aesthetic.name) else 1.0
+    return [float(v) / scale for v in logits]
+
+
+# tiny random models in the real layouts -----------------------------------------------------------------------
+_TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=77)
+_TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    image_size=32, patch_size=8)
+_PROCESSOR = dict(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+_ZH_CORPUS = ("二次元日系动漫演唱会的观众席人山人海一个紫色短发小女孩穿着粉色吊带漏肩连衣裙坐在舞台上衣着华丽歌星们唱"
+              "露出憧憬神情对流许愿闭眼睛十指交叉侧面中等长度头练习室手持话筒少女黑礼服试间心忐忑丑陋变形嘈杂模糊低比度")
+
+
+def _clip_tokenizer():
+    """A byte-level CLIP BPE tokenizer with no merges: every byte is a token (257 + 256 + 2 ids)."""
+    from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    chars = list(bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars + [c + "</w>" for c in chars])}
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[])
+
+
+def _bert_tokenizer(folder: Path):
+    from transformers import BertTokenizer
+
+    chars = sorted(set(_ZH_CORPUS) | set("abcdefghijklmnopqrstuvwxyz0123456789,.、，"))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars]) + "\n",
+                                      encoding="utf-8")
+    return BertTokenizer(vocab=str(folder / "vocab.txt"))
+
+
+def _write_atomically(path: Path, save) -> Path:
+    """Build in a temp folder beside `path`, then rename it into place; a model already at `path` is kept."""
+    import shutil
+    import tempfile
+
+    from kolora.models.kolors import quiet_libraries
+
+    quiet_libraries()
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        save(tmp)
+        (tmp / TINY_MARKER).write_text("Random tiny weights made by kolora for tests and the demo. Not a real "
+                                       "model.\n")
+        try:
+            tmp.rename(path)
+        except OSError:  # there already: another process built the same (seeded) model, or a real one is there
+            if not (path / "config.json").is_file():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return path
+
+
+def build_tiny_clip(path: Path, seed: int = 0) -> Path:
+    """openai/clip-vit-base-patch32's layout (CLIPModel + CLIPProcessor), tiny and random."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    def save(tmp: Path) -> None:
+        torch.manual_seed(seed)
+        tok = _clip_tokenizer()
+        cfg = CLIPConfig(text_config={**_TINY_TEXT, "vocab_size": len(tok), "bos_token_id": tok.bos_token_id,
+                                      "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id},
+                         vision_config=_TINY_VISION, projection_dim=16)
+        CLIPModel(cfg).save_pretrained(str(tmp))
+        CLIPProcessor(image_processor=CLIPImageProcessor(**_PROCESSOR), tokenizer=tok).save_pretrained(str(tmp))
+
+    return _write_atomically(path, save)
+
+
+def build_tiny_chinese_clip(path: Path, seed: int = 0) -> Path:
+    """OFA-Sys/chinese-clip-vit-base-patch16's layout (ChineseCLIPModel: a BERT text tower, vocab.txt)."""
+    import torch
+    from transformers import (
+        ChineseCLIPConfig,
+        ChineseCLIPImageProcessor,
+        ChineseCLIPModel,
+        ChineseCLIPProcessor,
+    )
+
+    def save(tmp: Path) -> None:
+        torch.manual_seed(seed)
+        tok = _bert_tokenizer(tmp / ".vocab")
+        text = {**_TINY_TEXT, "vocab_size": len(tok), "max_position_embeddings": 64}
+        cfg = ChineseCLIPConfig(text_config=text, vision_config=_TINY_VISION, projection_dim=16)
+        ChineseCLIPModel(cfg).save_pretrained(str(tmp))
+        ChineseCLIPProcessor(image_processor=ChineseCLIPImageProcessor(**_PROCESSOR),
+                             tokenizer=tok).save_pretrained(str(tmp))
+        import shutil
+
+        shutil.rmtree(tmp / ".vocab")
+
+    return _write_atomically(path, save)
+
+
+def build_tiny_aesthetic(path: Path, name: str = AESTHETIC, seed: int = 0) -> Path:
+    """shunk031/aesthetics-predictor-*'s layout: a CLIP vision config with the predictor's architecture name,
+    its weights, and a CLIPProcessor (Data-Juicer loads one from the same folder)."""
+    import torch
+    from transformers import CLIPImageProcessor, CLIPProcessor, CLIPVisionConfig
+
+    head = aesthetic_head(name)
+
+    def save(tmp: Path) -> None:
+        torch.manual_seed(seed)
+        cls = _predictor_class(head)
+        model = cls(CLIPVisionConfig(**_TINY_VISION, projection_dim=16))
+        with torch.no_grad():  # spread the random head's output around 5 (of 10) so thresholds mean something
+            head_linears = [m for m in model.layers.modules() if isinstance(m, torch.nn.Linear)]
+            for m in head_linears:
+                m.weight.normal_(0.0, 1.0 / m.in_features ** 0.5)
+                m.bias.zero_()
+            head_linears[-1].weight.mul_(10.0)
+            head_linears[-1].bias.fill_(5.0)
+        model.save_pretrained(str(tmp))
+        CLIPProcessor(image_processor=CLIPImageProcessor(**_PROCESSOR), tokenizer=_clip_tokenizer()).save_pretrained(
+            str(tmp))
+
+    return _write_atomically(path, save)
+
+
+def build_tiny_set(models_dir: Path, clip_en: str = CLIP_EN, clip_zh: str = CLIP_ZH, aesthetic: str = AESTHETIC,
+                   seed: int = 0) -> list[Path]:
+    """The three tiny models under `models_dir/<hub id>` (those not there yet)."""
+    out = []
+    for name, build in ((clip_en, build_tiny_clip), (clip_zh, build_tiny_chinese_clip)):
+        if not (Path(models_dir) / name / "config.json").is_file():
+            out.append(build(Path(models_dir) / name, seed=seed))
+    if not (Path(models_dir) / aesthetic / "config.json").is_file():
+        out.append(build_tiny_aesthetic(Path(models_dir) / aesthetic, name=aesthetic, seed=seed))
+    return out
+
+
+def ensure_tiny(scfg) -> None:
+    """scorers.tiny: build the configured models as tiny random ones where scorers.dir lacks them."""
+    if scfg.tiny and scfg.dir is not None:
+        build_tiny_set(Path(scfg.dir), scfg.clip, scfg.chinese_clip, scfg.aesthetic)
+
+
+def missing_models(scfg, names: list[str]) -> list[str]:
+    """Problems with the local models `names` (hub ids under scorers.dir), each naming the fetch command."""
+    ensure_tiny(scfg)
+    problems = []
+    for name in dict.fromkeys(names):
+        try:
+            local_folder(scfg.dir, name)
+        except ScorerModelError as e:
+            problems.append(str(e))
+    return problems
+
+
+def missing_for_config(cfg, prompts: list) -> list[str]:
+    """Preflight: problems with the local models the config's scorer filter ops and evaluate will load."""
+    captions = [cfg.data.caption] if cfg.data.caption else None
+    names = [n for _i, _arg, ids in filter_op_models(cfg.filter.ops, cfg.scorers, captions) for n in ids]
+    if cfg.evaluate.enabled:
+        s = cfg.scorers
+        names += [clip_for(p.prompt, s.language, s.clip, s.chinese_clip) for p in prompts] + [s.aesthetic]
+    return missing_models(cfg.scorers, names) if names else []

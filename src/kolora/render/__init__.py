@@ -1,0 +1,1 @@
+"""The render and grid stages: tiles of the prompt set and the storyboard."""

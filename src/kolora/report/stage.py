@@ -1,0 +1,174 @@
+"""report: report/report.html, a self-contained page a person opens (every image a data: URI, no script or
+style from the network): the grid, LoRA-vs-base pairs and the score table when eval/scores.json exists, the
+loss curve and the validation samples over steps (matplotlib, kolora.report.plots); and report/report.png, a
+one-page summary figure.
+
+The page checks itself: a small inline script sets `data-images` on <body> to "<loaded>/<total>" once every
+image has decoded (tests read it back from a headless browser)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from kolora.core.config import ExperimentConfig
+from kolora.core.errors import RunFailure
+from kolora.core.rundir import RunDir, atomic_write_bytes, atomic_write_text
+from kolora.train import metrics as train_metrics
+
+SCORES = Path("eval") / "scores.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+_SAMPLE = re.compile(r"^(\d+)-(-?\d+)\.png$")
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 24px auto; max-width: 1100px; color: #222; }
+h1 { font-size: 22px; } h2 { font-size: 17px; margin-top: 28px; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; font-size: 13px; } td, th { border: 1px solid #ccc; padding: 3px 8px; }
+th { background: #f0f3f7; text-align: left; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+img.plot { max-width: 100%; border: 1px solid #eee; }
+img.grid { width: min(100%, 512px); image-rendering: pixelated; border: 1px solid #eee; }
+.pairs { display: flex; flex-wrap: wrap; gap: 12px; }
+.pair { font-size: 12px; text-align: center; width: 330px; overflow-wrap: anywhere; }
+.pair img { width: 160px; height: 160px; object-fit: contain; image-rendering: pixelated; border: 1px solid #ccc; }
+p.note { color: #666; font-size: 13px; }
+"""
+
+# On load: how many images decoded (complete with a width), for a person ("1 image failed") and for tests.
+CHECK = """
+window.addEventListener('load', function () {
+  var imgs = Array.prototype.slice.call(document.images);
+  var ok = imgs.filter(function (i) { return i.complete && i.naturalWidth > 0; }).length;
+  document.body.setAttribute('data-images', ok + '/' + imgs.length);
+  document.body.setAttribute('data-tables', String(document.querySelectorAll('table tbody tr').length));
+  if (ok < imgs.length) { document.title = (imgs.length - ok) + ' image(s) failed: ' + document.title; }
+});
+"""
+
+
+def data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def read_scores(run: RunDir) -> dict[str, Any] | None:
+    path = run.root / SCORES
+    if not path.is_file():
+        return None
+    try:
+        scores = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise RunFailure(f"report: {path} is not readable JSON ({e}); rerun the evaluate stage") from None
+    if not isinstance(scores, dict) or not isinstance(scores.get("tiles", []), list):
+        raise RunFailure(f"report: {path} has no 'tiles' list (see eval/scores.json in README); rerun evaluate")
+    return scores
+
+
+def validation_samples(train_dir: Path) -> dict[int, list[tuple[str, Path]]]:
+    """{step: [(label "<prompt index>-<seed>", png)]} from train/samples/step-XXXXXX/<i>-<seed>.png."""
+    out: dict[int, list[tuple[str, Path]]] = {}
+    for folder in sorted((train_dir / "samples").glob("step-*")):
+        m = _STEP_DIR.match(folder.name)
+        if m and folder.is_dir():
+            files = sorted((p for p in folder.iterdir() if _SAMPLE.match(p.name)),
+                           key=lambda p: tuple(int(x) for x in _SAMPLE.match(p.name).groups()))
+            if files:
+                out[int(m.group(1))] = [(p.stem, p) for p in files]
+    return out
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else "–" if value is None else html.escape(str(value))
+
+
+def _table(head: list[str], rows: list[list[Any]], cls: str) -> str:
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    body = "".join("<tr>" + "".join(
+        f'<td class="num">{_fmt(v)}</td>' if isinstance(v, int | float) and not isinstance(v, bool) else
+        f"<td>{_fmt(v)}</td>" for v in row) + "</tr>" for row in rows)
+    return f'<table class="{cls}"><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _img(src: bytes | Path, alt: str, cls: str = "") -> str:
+    png = src.read_bytes() if isinstance(src, Path) else src
+    return f'<img class="{cls}" alt="{html.escape(alt)}" src="{data_uri(png)}">'
+
+
+def _score(tile: dict[str, Any], metric: str, which: str) -> float | None:
+    value = (tile.get(metric) or {}).get(which)
+    return float(value) if isinstance(value, int | float) else None
+
+
+def _run_table(cfg: ExperimentConfig, loss: list[dict[str, float]], n_tiles: int, steps_sampled: list[int]) -> str:
+    t = cfg.train
+    rows = [["run", cfg.name], ["training steps", loss[-1]["step"] if loss else t.steps],
+            ["final loss", loss[-1]["loss"] if loss else None], ["lr", t.lr], ["rank / alpha", f"{t.rank} / {t.alpha:g}"],
+            ["resolution", t.resolution], ["precision", t.precision], ["tiles", n_tiles],
+            ["validation samples at steps", ", ".join(map(str, steps_sampled)) or "none (train.validation.every: 0)"]]
+    return _table(["", "value"], rows, "run")
+
+
+def build_html(cfg: ExperimentConfig, run: RunDir, figures: dict[str, bytes], scores: dict[str, Any] | None,
+               n_tiles: int, loss: list[dict[str, float]], steps_sampled: list[int]) -> str:
+    parts = [f"<h1>kolora report: {html.escape(cfg.name)}</h1>",
+             _run_table(cfg, loss, n_tiles, steps_sampled),
+             "<h2>Storyboard</h2>", _img(run.grid_file, "the grid", "grid")]
+    if scores is not None:
+        tiles = scores.get("tiles", [])
+        parts.append("<h2>Scores (LoRA vs base model)</h2>")
+        rows = [[t.get("index"), t.get("prompt"), t.get("seed"), _score(t, "clip", "lora"), _score(t, "clip", "base"),
+                 _score(t, "aesthetic", "lora"), _score(t, "aesthetic", "base")] for t in tiles]
+        summary = scores.get("summary") or {}
+        rows.append(["mean", "", "", *(summary.get(m, {}).get(w) for m in ("clip", "aesthetic") for w in ("lora", "base"))])
+        parts.append(_table(["#", "prompt", "seed", "CLIP LoRA", "CLIP base", "aesthetic LoRA", "aesthetic base"],
+                            rows, "scores"))
+        if "scores" in figures:
+            parts.append(_img(figures["scores"], "mean scores", "plot"))
+        pairs = [t for t in tiles if t.get("base_tile") and t.get("lora_tile")
+                 and (run.root / t["base_tile"]).is_file() and (run.root / t["lora_tile"]).is_file()]
+        if pairs:
+            parts.append("<h2>Base model vs LoRA (same prompt and seed)</h2><div class='pairs'>")
+            for t in pairs:
+                caption = html.escape(f"#{t.get('index')} seed {t.get('seed')}: {t.get('prompt', '')}"[:80])
+                parts.append(f"<div class='pair'>{_img(run.root / t['base_tile'], 'base')}"
+                             f"{_img(run.root / t['lora_tile'], 'LoRA')}<br>base | LoRA<br>{caption}</div>")
+            parts.append("</div>")
+    else:
+        parts.append("<p class='note'>No scores: eval/scores.json does not exist (the evaluate stage writes it).</p>")
+    parts.append("<h2>Training loss</h2>")
+    parts.append(_img(figures["loss"], "loss curve", "plot") if "loss" in figures else
+                 "<p class='note'>No train/metrics.csv.</p>")
+    parts.append("<h2>Validation samples over steps</h2>")
+    parts.append(_img(figures["validation"], "validation samples", "plot") if "validation" in figures else
+                 "<p class='note'>None: set train.validation.every to sample during training.</p>")
+    return ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+            f"<title>kolora report: {html.escape(cfg.name)}</title><style>{STYLE}</style>"
+            f"<script>{CHECK}</script></head>\n<body>\n" + "\n".join(parts) + "\n</body></html>\n")
+
+
+def run(cfg: ExperimentConfig, run: RunDir, progress=None) -> dict[str, Any]:
+    from kolora.render.tiles import tiles
+    from kolora.report import plots
+
+    if not run.grid_file.is_file():
+        raise RunFailure(f"report: {run.grid_file} is missing: run the grid stage first")
+    loss = train_metrics.rows(run.root, upto=cfg.train.steps)  # not a later step kept from a longer run
+    scores = read_scores(run)
+    samples = validation_samples(run.train)
+    figures: dict[str, bytes] = {}
+    if loss:
+        figures["loss"] = plots.png_bytes(plots.loss_curve(loss))
+    if samples:
+        figures["validation"] = plots.png_bytes(plots.validation_over_steps(samples))
+    if scores and scores.get("summary"):
+        figures["scores"] = plots.png_bytes(plots.score_bars(scores["summary"]))
+    page = build_html(cfg, run, figures, scores, len(tiles(cfg, run)), loss, sorted(samples))
+    out = run.root / "report"
+    summary_png = plots.png_bytes(plots.summary_figure(
+        f"kolora: {cfg.name}", run.grid_file, loss, scores, samples[max(samples)] if samples else []), dpi=90)
+    atomic_write_bytes(out / "report.png", summary_png)
+    atomic_write_text(out / "report.html", page)
+    return {"report": str(out / "report.html"), "figures": sorted(figures), "scores": scores is not None,
+            "validation_steps": sorted(samples)}

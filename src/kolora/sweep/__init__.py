@@ -1,0 +1,1 @@
+"""Sweeps: variants of one config, their comparison and ranking."""

@@ -1,0 +1,179 @@
+"""The sweep's comparison sheet: `<sweep>/sweep.html` (self-contained: images as data: URIs, no network) and
+`<sweep>/sweep.png`: the variants ranked (kolora.sweep.ranking), each with its grid thumbnail, its scores when
+eval/scores.json exists, its final loss, and every variant's loss curve in one matplotlib plot."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+from typing import Any
+
+from kolora.core.rundir import atomic_path, atomic_write_text
+from kolora.sweep.ranking import RunScore, loss_curve, rank, score_run
+
+THUMB_PX = 384
+
+
+def _png_uri(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def _thumbnail(grid: Path):
+    from PIL import Image
+
+    try:
+        with Image.open(grid) as im:
+            im = im.convert("RGB")
+            im.thumbnail((THUMB_PX, THUMB_PX))
+            return im.copy()
+    except OSError:
+        return None
+
+
+def _loss_figure(scores: list[RunScore]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.2), dpi=100)
+    _loss_curves(ax, scores)
+    ax.set_title("loss per step")
+    if not ax.lines:
+        ax.text(0.5, 0.5, "no metrics yet", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    return fig
+
+
+def _fig_png(fig) -> bytes:
+    from matplotlib import pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _fmt(value: Any) -> str:
+    return "–" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _score_cells(s: RunScore) -> list[str]:
+    cells = []
+    for metric in ("aesthetic", "clip"):
+        part = s.summary.get(metric) if isinstance(s.summary.get(metric), dict) else {}
+        cells += [_fmt(part.get("lora")), _fmt(part.get("base"))]
+    return cells
+
+
+def collect(sweep_dir: Path) -> tuple[dict[str, Any], list[RunScore]]:
+    """The sweep manifest and its variants' scores, best first."""
+    from kolora.sweep.plan import read_manifest
+
+    manifest = read_manifest(sweep_dir)
+    scores = [score_run(v["name"], Path(sweep_dir) / v.get("run_dir", v["name"])) for v in manifest["variants"]]
+    return manifest, rank(scores)
+
+
+def _html(manifest: dict[str, Any], ranked: list[RunScore], thumbs: dict[str, bytes], loss_png: bytes) -> str:
+    overrides = {v["name"]: v["overrides"] for v in manifest["variants"]}
+    esc = html.escape
+    head = ["#", "variant", "overrides", "aesthetic (LoRA)", "aesthetic (base)", "CLIP (LoRA)", "CLIP (base)",
+            "final loss", "step"]
+    rows = []
+    for i, s in enumerate(ranked, 1):
+        cells = [str(i), s.name, ", ".join(f"{k}={v}" for k, v in overrides.get(s.name, {}).items()),
+                 *_score_cells(s), _fmt(s.final_loss), _fmt(s.step)]
+        rows.append("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in cells) + "</tr>")
+    cards = []
+    for i, s in enumerate(ranked, 1):
+        img = (f'<img src="{_png_uri(thumbs[s.name])}" alt="grid of {esc(s.name)}">' if s.name in thumbs
+               else '<div class="missing">no grid yet</div>')
+        cards.append(f'<figure class="variant">{img}<figcaption>#{i} {esc(s.name)}<br>'
+                     f'<small>{esc(s.describe())}</small></figcaption></figure>')
+    best = (f"<p class=best>Best: <b>{esc(ranked[0].name)}</b> ({esc(ranked[0].describe())})</p>"
+            if ranked and (ranked[0].scored or ranked[0].final_loss is not None) else "")
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>kolora sweep {esc(manifest['name'])}</title>
+<style>
+body {{ font-family: sans-serif; margin: 1.5em; color: #222; }}
+table {{ border-collapse: collapse; margin: 1em 0; }}
+td, th {{ border: 1px solid #bbb; padding: 4px 8px; text-align: right; }}
+td:nth-child(2), td:nth-child(3) {{ text-align: left; }}
+.variants {{ display: flex; flex-wrap: wrap; gap: 1em; }}
+figure.variant {{ margin: 0; width: {THUMB_PX}px; }}
+figure.variant img {{ max-width: 100%; border: 1px solid #ccc; }}
+.missing {{ width: {THUMB_PX}px; height: 120px; background: #eee; display: flex; align-items: center;
+  justify-content: center; color: #777; }}
+</style></head><body>
+<h1>Sweep {esc(manifest['name'])}</h1>
+<p>{len(ranked)} variants of {esc(str(manifest.get('config', '')))}; varied:
+{esc(', '.join(f"{k} ∈ {v}" for k, v in manifest.get('vary', {}).items()))}.
+Ranked by the aesthetic score of the LoRA's tiles (ties: CLIP score); variants without scores by final loss.</p>
+{best}
+<table id="ranking"><thead><tr>{''.join(f'<th>{h}</th>' for h in head)}</tr></thead>
+<tbody>{''.join(rows)}</tbody></table>
+<h2>Loss curves</h2>
+<img id="loss" src="{_png_uri(loss_png)}" alt="training loss per step of every variant">
+<h2>Grids</h2>
+<div class="variants">{''.join(cards)}</div>
+</body></html>
+"""
+
+
+def _summary_png(ranked: list[RunScore], thumbs: dict[str, Any], manifest: dict[str, Any]) -> bytes:
+    """One image: the ranked thumbnails with their scores on top, the loss curves below."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    n = max(len(ranked), 1)
+    fig = plt.figure(figsize=(max(3.2 * n, 7), 7.2), dpi=100)
+    grid = fig.add_gridspec(2, n, height_ratios=[1.3, 1])
+    for i, s in enumerate(ranked):
+        ax = fig.add_subplot(grid[0, i])
+        ax.axis("off")
+        if s.name in thumbs:
+            ax.imshow(thumbs[s.name])
+        else:
+            ax.text(0.5, 0.5, "no grid yet", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title(f"#{i + 1} {s.name}\n{s.describe()}", fontsize=8)
+    ax = fig.add_subplot(grid[1, :])
+    _loss_curves(ax, ranked)
+    fig.suptitle(f"kolora sweep {manifest['name']}")
+    fig.tight_layout()
+    return _fig_png(fig)
+
+
+def write(sweep_dir: Path) -> tuple[Path, Path]:
+    """Write sweep.html and sweep.png from what the variants' run folders hold now (any time: a variant
+    without a grid or metrics yet shows as such)."""
+    manifest, ranked = collect(sweep_dir)
+    images = {s.name: im for s in ranked if (im := _thumbnail(s.root / "grid.png")) is not None}
+    thumbs = {}
+    for name, im in images.items():
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        thumbs[name] = buf.getvalue()
+    page = _html(manifest, ranked, thumbs, _fig_png(_loss_figure(ranked)))
+    html_file, png_file = Path(sweep_dir) / "sweep.html", Path(sweep_dir) / "sweep.png"
+    atomic_write_text(html_file, page)
+    png = _summary_png(ranked, images, manifest)
+    with atomic_path(png_file) as tmp:
+        Path(tmp).write_bytes(png)
+    return html_file, png_file
+
+
+def _loss_curves(ax, runs) -> None:
+    """Every run's training loss per step on one axis, labelled by variant."""
+    for s in runs:
+        curve = loss_curve(s.root)
+        if curve:
+            ax.plot([c[0] for c in curve], [c[1] for c in curve], label=s.name, linewidth=1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    if ax.lines:
+        ax.legend(fontsize=8)

@@ -1,0 +1,415 @@
+"""train: a LoRA on the Kolors UNet from cached embeddings and latents (Lightning + peft).
+
+The objective is the tutorial's (DiffSynth 1.1.9): scaled-linear betas up to 0.014 over 1100 steps, one
+uniform timestep per (global) batch (train.timesteps: per_sample draws one per sample, as diffusers' and
+kohya's scripts do), epsilon target, MSE, AdamW without schedule. The samples of step k, their
+noise and the timestep are pure functions of (seed, k) and of each sample's position in the run's sample
+sequence, whatever the number of GPUs (kolora.train.samples, kolora.train.objective): a run resumed from any checkpoint,
+on as many GPUs or fewer (kolora.train.distributed), continues as if it had never stopped.
+
+Outputs: train/checkpoints/ (Lightning checkpoints holding only the LoRA tensors + optimizer + loop state),
+train/metrics.csv (one row per optimizer step), lora/pytorch_lora_weights.safetensors (rank/alpha inside).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import logging
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from kolora.core import interrupt
+from kolora.core.config import ExperimentConfig, TrainConfig
+from kolora.core.devices import is_cuda, pick
+from kolora.core.errors import InputError, RunFailure
+from kolora.core.rundir import RunDir, atomic_write_text
+from kolora.formats import lora as lora_io
+from kolora.models import kolors as models
+from kolora.pipeline.registry import Keys
+from kolora.train import checkpoint as ckpt_io
+from kolora.train import distributed, objective, validation
+from kolora.train import logs as trainlogs
+from kolora.train import metrics as train_metrics
+from kolora.train.ema import LoraEMA
+from kolora.train.samples import BucketSampler, CachedSamples, Positioned, RankShare, StepSampler
+
+log = logging.getLogger("kolora.train.loop")
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    if name == "adamw8bit":  # bitsandbytes' 8-bit states: a quarter of AdamW's optimizer memory, GPU only
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=lr)
+    return torch.optim.AdamW(params, lr=lr)
+
+
+def check_options(tcfg: TrainConfig, accelerator: str) -> None:
+    """Options this machine cannot run, refused before training starts (the message names field and fix)."""
+    if tcfg.optimizer != "adamw8bit":
+        return
+    if accelerator != "gpu":
+        raise InputError("train.optimizer: adamw8bit (bitsandbytes' 8-bit AdamW) runs on a GPU only and this "
+                         "training runs on a CPU; use train.optimizer: adamw here, or run on a GPU node")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise InputError("train.optimizer: adamw8bit needs the bitsandbytes package, which this environment "
+                         "lacks; install it (pip install bitsandbytes) or use train.optimizer: adamw") from None
+
+
+class NonFiniteLoss(RunFailure):
+    """Training met a nan/inf loss: it stops there, before that step's update reaches any checkpoint."""
+
+
+class LoRATrainer(L.LightningModule):
+    def __init__(self, unet, tcfg: TrainConfig, config_digest: str, ckpt_dir: Path | None = None,
+                 empty_caption: dict[str, torch.Tensor] | None = None, batch: distributed.GlobalBatch | None = None,
+                 loader=None):
+        super().__init__()
+        self.batch = batch or distributed.GlobalBatch(tcfg.batch_size, 1, 1)
+        self.loader = loader  # (rank, world) → this rank's DataLoader, built once the strategy knows the rank
+        self.unet = unet
+        self.tcfg = tcfg
+        self.config_digest = config_digest
+        self.ckpt_dir = ckpt_dir
+        self.empty_caption = empty_caption or {}  # the empty caption's cached embeddings (caption dropout)
+        self.noise_scheduler = models.training_scheduler()
+        self.register_buffer("alphas_cumprod", self.noise_scheduler.alphas_cumprod.clone(), persistent=False)
+        # Checkpoints carry only the LoRA tensors (not the 2.6 B frozen UNet weights): load non-strictly.
+        self.strict_loading = False
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        return {k: v for k, v in self.state_dict().items() if k in names}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = self.trainable_state_dict()
+        # every rank's RNG states (all ranks save together: Checkpointer.save), by global rank
+        rng = distributed.gather_objects(self.trainer, ckpt_io.rng_state())
+        checkpoint["kolora"] = {"rank": self.tcfg.rank, "alpha": self.tcfg.alpha,
+                                "config_digest": self.config_digest, "rng": rng[0], "rng_ranks": rng,
+                                "batch": self.batch.record()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        note = ckpt_io.restore_rank_rng(checkpoint["kolora"], self.global_rank, self.trainer.world_size,
+                                        self.tcfg.seed)
+        if note:
+            log.warning("resume: %s", note)
+        distributed.rescale_loop_progress(checkpoint, self.batch.accumulate)
+
+    def on_train_start(self) -> None:
+        if self.trainer.is_global_zero and self.ckpt_dir is not None:
+            from kolora.core.rundir import atomic_write_json
+
+            atomic_write_json(self.ckpt_dir.parent / distributed.BATCH_FILE, self.batch.record())
+
+    def train_dataloader(self):
+        return self.loader(self.global_rank, self.trainer.world_size)
+
+    def configure_optimizers(self):
+        params = [p for p in self.unet.parameters() if p.requires_grad]
+        return make_optimizer(self.tcfg.optimizer, params, self.tcfg.lr)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int):
+        latents, t = batch["latents"], self.tcfg
+        d = objective.draw(t.seed, self.global_step, batch["position"].tolist(), tuple(latents.shape),
+                           self.noise_scheduler.config.num_train_timesteps, t.noise_offset, t.caption_dropout,
+                           per_sample_timesteps=t.timesteps == "per_sample")
+        noise = d.noise.to(latents.device, latents.dtype)
+        timesteps = d.timestep.expand(latents.shape[0]).to(latents.device)
+        a = self.alphas_cumprod.to(latents.device)[timesteps].float()
+        noisy = (a.sqrt().view(-1, 1, 1, 1) * latents.float() + (1 - a).sqrt().view(-1, 1, 1, 1) * noise.float()
+                 ).to(latents.dtype)
+        embeds, pooled = objective.drop_captions(batch, d.drop, self.empty_caption.get("prompt_embeds"),
+                                                 self.empty_caption.get("pooled"))
+        pred = self.unet(noisy, timesteps, encoder_hidden_states=embeds,
+                         added_cond_kwargs={"text_embeds": pooled, "time_ids": batch["time_ids"]}).sample
+        loss = objective.loss(pred, noise, a, t.min_snr_gamma)
+        # loggers get it from trainlogs.StepScalars, at the step count metrics.csv uses (after the update)
+        self.log("loss", loss.detach(), prog_bar=True, on_step=True, batch_size=latents.shape[0], logger=False)
+        return loss
+
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        finite_here = bool(torch.isfinite(loss.detach()))
+        # One decision for all ranks (a rank raising alone would leave the others in the next all-reduce).
+        if self.trainer.strategy.reduce_boolean_decision(finite_here, all=True):
+            return
+        step = self.global_step + 1
+        newest = ckpt_io.checkpoints(self.ckpt_dir) if self.ckpt_dir else []
+        kept = (f"the last good checkpoint, {newest[0][1]} (step {newest[0][0]}), is kept and a rerun resumes "
+                "from it" if newest else "no checkpoint was written yet")
+        value = f"{self._step_loss(loss):.6g}"
+        what = (f"the loss at step {step} is {value} (not finite)" if not finite_here else
+                f"the loss at step {step} is not finite on another rank (this rank's: {value})")
+        raise NonFiniteLoss(
+            f"train: {what}; training stopped before that step's update, and {kept}. Likely causes: float16 "
+            f"overflow in the UNet (set train.precision: bf16-mixed), too high a learning rate (train.lr "
+            f"{self.tcfg.lr:g}), or non-finite cached inputs (rerun the cache stage with --force)")
+
+    def _step_loss(self, loss: torch.Tensor) -> float:
+        """The loss training_step returned, from what reaches on_before_backward: Lightning divided it by the
+        accumulation count and, under 16-mixed, the gradient scaler multiplied it by its scale (65536 at first)."""
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        scale = scaler.get_scale() if scaler is not None else 1.0
+        return float(loss.detach().float()) * self.trainer.accumulate_grad_batches / scale
+
+
+class MetricsCSV(L.Callback):
+    """train/metrics.csv with one row per optimizer step. Rows are written with each checkpoint (so the
+    file and the newest checkpoint agree) and at the end; on resume, rows past the checkpoint are dropped."""
+
+    FIELDS = ["step", "loss", "lr", "time"]  # time: wall clock (Unix seconds) at the end of the step
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.rows: list[dict[str, Any]] = []
+        self.writer = True
+        self.step, self.losses = 0, []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.writer = trainer.is_global_zero  # under DDP only rank 0 keeps the file
+        self.step = trainer.global_step
+        if self.path.is_file():
+            with open(self.path, newline="") as f:
+                self.rows = [r for r in csv.DictReader(f) if int(r["step"]) <= trainer.global_step]
+        self._flush()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self.losses.append(float(loss))
+        if trainer.global_step == self.step:  # a micro-batch of gradient accumulation
+            return
+        self.step = trainer.global_step
+        lr = trainer.optimizers[0].param_groups[0]["lr"]
+        # the global batch's loss: the mean over this rank's micro-batches (Lightning's outputs are divided by
+        # the accumulation), then over the ranks (a collective every rank reaches at this same step)
+        loss = sum(self.losses) * trainer.accumulate_grad_batches / len(self.losses)
+        self.losses = []
+        if trainer.world_size > 1:
+            loss = float(trainer.strategy.reduce(torch.tensor(loss, device=pl_module.device), reduce_op="mean"))
+        self.rows.append({"step": trainer.global_step, "loss": f"{loss:.6g}", "lr": f"{lr:.6g}",
+                          "time": f"{time.time():.3f}"})
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        self._flush()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._flush()
+
+    def _flush(self) -> None:
+        if not self.writer:
+            return
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=self.FIELDS)
+        w.writeheader()
+        w.writerows(self.rows)
+        atomic_write_text(self.path, buf.getvalue())
+
+
+class StepProgress(L.Callback):
+    """Progress as optimizer steps out of train.steps: to the caller's callback (the `kolora run` bar), else to
+    the log every tenth of the way. (Lightning's own bar counts epochs, and shows `Epoch 0/-2` for a run
+    bounded by steps.)"""
+
+    def __init__(self, total: int, progress=None):
+        self.total, self.progress, self.every = total, progress, max(1, total // 10)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.progress is not None:
+            self.progress(step, self.total)
+        elif trainer.is_global_zero and (step % self.every == 0 or step == self.total):
+            log.info("train: step %d/%d", step, self.total)
+
+
+class Checkpointer(L.Callback):
+    """Checkpoints every N steps and/or M minutes, and at once when a stop was requested (signal); keeps the
+    newest K. Under DDP the decision is rank 0's, broadcast after every optimizer step, so all ranks save and
+    stop at the same step (kolora.train.distributed.StepDecision). (Lightning's ModelCheckpoint takes steps *or* a
+    time interval, not both, and has no notion of a stop request, hence this small callback.)"""
+
+    def __init__(self, ckpt_dir: Path, every_steps: int, every_minutes: float | None, keep: int, last: int):
+        self.dir, self.keep = Path(ckpt_dir), keep
+        # the final step is always saved: raising train.steps later continues from it
+        self.decide = distributed.StepDecision(every_steps, every_minutes, last)
+        self.step = 0
+        self.stopped = False  # rank 0 decided to stop early: every rank leaves fit() at this step
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:  # a micro-batch of gradient accumulation: no step yet
+            return
+        self.step = trainer.global_step
+        save, stop = self.decide(trainer)
+        if save:
+            self.save(trainer)
+        if stop:
+            trainer.should_stop = self.stopped = True
+
+    def save(self, trainer) -> None:
+        step = trainer.global_step
+        # Every rank calls save_checkpoint (it holds a collective under DDP); only rank 0 writes the file.
+        trainer.save_checkpoint(str(self.dir / f"step={step:06d}.ckpt"))
+        self.decide.saved()
+        if trainer.is_global_zero:
+            for _, old in ckpt_io.checkpoints(self.dir)[self.keep:]:
+                old.unlink(missing_ok=True)
+
+
+def option_metadata(tcfg: TrainConfig) -> dict[str, str]:
+    """The training options that are on, for the LoRA file's metadata (what made these weights)."""
+    on = {"min_snr_gamma": tcfg.min_snr_gamma, "noise_offset": tcfg.noise_offset or None,
+          "caption_dropout": tcfg.caption_dropout or None, "ema_decay": tcfg.ema_decay,
+          "dora": tcfg.dora or None, "optimizer": tcfg.optimizer if tcfg.optimizer != "adamw" else None,
+          "timesteps": tcfg.timesteps if tcfg.timesteps != "per_batch" else None}
+    return {f"kolora.{k}": str(v) for k, v in on.items() if v is not None}
+
+
+def resolve_precision(precision: str, accelerator: str) -> tuple[str, str | None]:
+    """Lightning precision for this machine, and a note when it had to substitute."""
+    want = "32-true" if precision in ("32", "32-true") else precision
+    if accelerator == "cpu" and want == "16-mixed":
+        return "32-true", "16-mixed precision needs a GPU; training in 32-true on this CPU"
+    return want, None
+
+
+def newest_resume_step(cfg: ExperimentConfig, run: RunDir) -> int:
+    """The step of the checkpoint training continues from (0: none), as `run` finds it: what rank 0 of a DDP job
+    chooses once for every rank (launch.jobs), so that no rank lists the checkpoint folder by itself."""
+    found = ckpt_io.newest_valid(run.train / "checkpoints", Keys(cfg, run).work("train"), max_step=cfg.train.steps)
+    return int(found[1]["global_step"]) if found else 0
+
+
+def run(cfg: ExperimentConfig, run: RunDir, progress=None, devices: int = 1, num_nodes: int = 1,
+        resume_step: int | None = None) -> dict[str, Any]:
+    """Train; resume from the newest valid checkpoint, or with `resume_step` (a DDP job's step chosen by rank
+    0, 0 for none) from exactly that one."""
+    tcfg = cfg.train
+    for name in ("lightning.pytorch", "lightning.fabric"):  # hardware banners and tips, not our business
+        logging.getLogger(name).setLevel(logging.WARNING)
+    device = pick(tcfg.accelerator)  # this rank's own GPU (or the CPU), current before the first CUDA call
+    accel = "gpu" if is_cuda(device) else "cpu"
+    check_options(tcfg, accel)
+    precision, note = resolve_precision(tcfg.precision, accel)
+    if note:
+        log.warning(note)
+    weight_dtype = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}.get(precision, torch.float32)
+
+    files = models.resolve(cfg.model)
+    unet = models.load_unet(files, weight_dtype).train()
+    torch.manual_seed(tcfg.seed)  # the LoRA A matrices' gaussian init
+    lora_io.add_lora(unet, tcfg.rank, tcfg.alpha, tcfg.target_modules, dora=tcfg.dora)
+    for p in unet.parameters():  # LoRA weights train in float32 whatever the base dtype
+        if p.requires_grad:
+            p.data = p.data.float()
+    if tcfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+
+    data = CachedSamples(run.cache)
+    ckpt_dir = run.train / "checkpoints"
+    # Checkpoints belong to the training's inputs without train.steps: a run given more steps continues.
+    digest = Keys(cfg, run).work("train")
+    if resume_step is None:
+        found = ckpt_io.newest_valid(ckpt_dir, digest, max_step=tcfg.steps)
+    else:  # rank 0's choice, never another checkpoint: the ranks would diverge
+        found = ckpt_io.load_step(ckpt_dir, resume_step, digest) if resume_step else None
+    resume, start_step = (found[0], int(found[1]["global_step"])) if found else (None, 0)
+    beyond = [step for step, _ in ckpt_io.checkpoints(ckpt_dir) if step > tcfg.steps]
+    if beyond:
+        log.warning("train.steps=%d is below the newest checkpoint (step %d): %s; the checkpoints after step %d "
+                    "stay, and raising train.steps again continues from them", tcfg.steps, max(beyond),
+                    f"the LoRA is the step-{tcfg.steps} state from its checkpoint" if start_step == tcfg.steps else
+                    f"training continues from step {start_step} to {tcfg.steps}", tcfg.steps)
+    elif resume:
+        log.info("resuming from %s (step %d of %d)", resume, start_step, tcfg.steps)
+    elif earlier := train_metrics.all_rows(run.root):
+        log.warning("train.steps=%d: no checkpoint of the earlier training (metrics.csv reaches step %d) is left in "
+                    "%s; training starts again from step 0", tcfg.steps, max(r["step"] for r in earlier), ckpt_dir)
+    world = devices * num_nodes
+    batch = distributed.GlobalBatch.resumed(found[1]["kolora"].get("batch") if found else None, tcfg.batch_size,
+                                            world, str(resume))
+    if found and batch.accumulate > 1:
+        log.info("resumed on %d processes: %d micro-batches per step keep the checkpoint's global batch of %d",
+                 world, batch.accumulate, batch.size)
+    if tcfg.buckets:
+        sizes = [e.get("bucket") for e in data.entries]
+        if None in sizes:
+            raise RunFailure(f"train.buckets is on but {run.cache / 'index.json'} has no buckets (cached with "
+                             "train.buckets off): rerun the cache stage (kolora run --stage cache --force)")
+        sequence = BucketSampler(sizes, batch.size, tcfg.steps, tcfg.seed, start_step)
+    else:
+        sequence = StepSampler(len(data), tcfg.steps * batch.size, tcfg.seed, start=start_step * batch.size)
+
+    def loader(rank: int, world_size: int) -> torch.utils.data.DataLoader:
+        if world_size != world:
+            raise RunFailure(f"train: Lightning formed a process group of {world_size}, kolora planned {world}")
+        share = RankShare(sequence, tcfg.steps, start_step, tcfg.batch_size, world, rank, batch.accumulate)
+        return torch.utils.data.DataLoader(Positioned(data), batch_size=tcfg.batch_size, sampler=share,
+                                           num_workers=tcfg.num_workers, drop_last=False,
+                                           worker_init_fn=interrupt.shield_worker if tcfg.num_workers else None)
+
+    module = LoRATrainer(unet, tcfg, digest, ckpt_dir, data.empty_caption() if tcfg.caption_dropout else None,
+                         batch, loader)
+    ema = LoraEMA(tcfg.ema_decay) if tcfg.ema_decay else None
+    plugins = []
+    if "SLURM_JOB_ID" in os.environ:
+        # kolora's launcher owns signals and requeue; Lightning's own SLURM auto-requeue must stay out.
+        from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    checkpointer = Checkpointer(ckpt_dir, tcfg.checkpoint_every, tcfg.checkpoint_minutes, tcfg.keep_checkpoints,
+                                tcfg.steps)
+    trainer = L.Trainer(
+        # devices/num_nodes > 1: DDP, one process per device started by srun (the launcher's multi-GPU jobs)
+        **distributed.placement(device, devices, num_nodes),
+        precision=precision, max_steps=tcfg.steps, max_epochs=-1, accumulate_grad_batches=batch.accumulate,
+        use_distributed_sampler=False,  # kolora.train.samples deals each rank its share of the global order
+        # torch's deterministic algorithms (warn where an op has none), cuDNN deterministic, no autotuning
+        deterministic="warn" if tcfg.deterministic else None, benchmark=False if tcfg.deterministic else None,
+        logger=trainlogs.loggers(cfg, run, start_step), default_root_dir=str(run.train),
+        plugins=[*plugins, ckpt_io.AtomicCheckpointIO()],
+        enable_model_summary=False, enable_checkpointing=False, enable_progress_bar=False,
+        # the EMA is updated before the checkpointer saves that step
+        callbacks=[StepProgress(tcfg.steps, progress), MetricsCSV(run.train / "metrics.csv"), *([ema] if ema else []),
+                   checkpointer, *trainlogs.callbacks(), *validation.callbacks(cfg, run, weight_dtype)],
+        num_sanity_val_steps=0, log_every_n_steps=1,
+    )
+    distributed.keep_signals_out(trainer)
+    # Whoever launched us may already route signals to interrupt.request (the Slurm job wrapper does, and
+    # `kolora run` for Ctrl-C too); called any other way SIGUSR2/SIGTERM still stop training cleanly at the next
+    # step with a checkpoint.
+    # Our sampler restarts at the resumed step by construction, which Lightning cannot know.
+    warnings.filterwarnings("ignore", message=".*dataloader is not resumable.*")
+    with interrupt.handle():
+        trainer.fit(module, ckpt_path=str(resume) if resume else None)
+    if checkpointer.stopped and trainer.global_step < tcfg.steps:  # rank 0's decision, the same on every rank
+        why = interrupt.requested() or "rank 0 was asked to stop"
+        kept = ckpt_io.step_path(ckpt_dir, trainer.global_step)
+        raise interrupt.Interrupted(f"training stopped at step {trainer.global_step}/{tcfg.steps} ({why}); "
+                                    f"checkpoint {kept.stem} kept in {ckpt_dir}")
+
+    out = run.lora / LORA_FILE
+    if trainer.is_global_zero:
+        with ema.applied(module) if ema else contextlib.nullcontext():
+            lora_io.save_lora(unet, out, tcfg.rank, tcfg.alpha, tcfg.target_modules, dora=tcfg.dora,
+                              extra_metadata={"kolora.steps": str(tcfg.steps), "kolora.core.config": cfg.digest(),
+                                              "kolora.global_batch": str(batch.size), **option_metadata(tcfg)})
+    trainer.strategy.barrier("kolora-lora-saved")
+    # the LoRA's step: a run re-run with a lower train.steps keeps the rows of its later steps
+    rows = [r for r in csv.DictReader(open(run.train / "metrics.csv")) if int(r["step"]) <= trainer.global_step]
+    return {"steps": trainer.global_step, "resumed_from_step": start_step, "precision": precision,
+            "world_size": world, "accumulate": batch.accumulate, "global_batch": batch.size,
+            "last_loss": float(rows[-1]["loss"]) if rows else None, "lora": str(out),
+            "trainable_params": sum(p.numel() for p in unet.parameters() if p.requires_grad)}
