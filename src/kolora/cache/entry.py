@@ -16,15 +16,21 @@ found in the store (10⁵ samples: a few CPU minutes, where it read every entry 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kolora.core.errors import RunFailure
 from kolora.core.rundir import atomic_path, atomic_write_json
+
+if TYPE_CHECKING:
+    from kolora.core.config import ExperimentConfig
+    from kolora.core.rundir import RunDir
 
 CHECKSUM = "kolora.sha256"
 # In <run>/cache: a reader (training, validation) found a bad entry, so the cache stage is not complete until it
@@ -128,3 +134,15 @@ def quarantine(path: Path, reason: str) -> Path | None:
     except FileNotFoundError:
         return None
     return dest
+
+
+def cache_store(cfg: ExperimentConfig, run: RunDir) -> Path:
+    """Where the cache's content-addressed entries live: cache.dir (shared across runs) or <run>/cache."""
+    return Path(cfg.cache.dir) if cfg.cache.dir else run.cache
+
+
+def cache_store_of(run: RunDir) -> Path:
+    """The entry store named by the run's cache index (or the run's own cache folder)."""
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        return Path(json.loads((run.cache / "index.json").read_text())["store"] or run.cache)
+    return run.cache

@@ -29,10 +29,10 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kolora.cache.validation import texts_to_cache
 from kolora.core import interrupt
 from kolora.core.errors import RunFailure
 from kolora.core.rundir import atomic_write_json, fsync_dir
-from kolora.train.validation import texts_to_cache
 
 if TYPE_CHECKING:
     from kolora.core.config import ExperimentConfig
@@ -127,15 +127,15 @@ def wait_for_shards(barrier: Path | str, world: int, poll_s: float = 1.0) -> Non
 
 
 # ---- the stage ------------------------------------------------------------------------------------------
-def run_shard(cfg: ExperimentConfig, run: RunDir, rows: list[dict[str, str]], rank: int, world: int,
+def run_shard(cfg: ExperimentConfig, run: RunDir, key: str, rows: list[dict[str, str]], rank: int, world: int,
               barrier: str | None, progress, force: bool = False) -> dict[str, Any]:
     """kolora.cache.stage.run: this rank's shard, then (rank 0) the merge. `force`: encode every entry this shard
     uses again, even those a shared store holds (other runs' entries are not touched)."""
+    from kolora.cache.entry import cache_store
     from kolora.models import fingerprint
-    from kolora.pipeline import registry as stages
-    store = stages.cache_store(cfg, run)
+    store = cache_store(cfg, run)
     ident = fingerprint.model(cfg.model)
-    journal = Journal(folder(run.cache, stages.Keys(cfg, run).work("cache"), store), rank)
+    journal = Journal(folder(run.cache, key, store), rank)
     attempt = Path(barrier).name if barrier else uuid.uuid4().hex[:12]
     resumed = len(journal.state()[0]) if rank == 0 else None
     try:

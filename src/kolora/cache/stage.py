@@ -32,6 +32,7 @@ from kolora.core import devices
 from kolora.core.config import ExperimentConfig
 from kolora.core.errors import RunFailure
 from kolora.core.rundir import RunDir
+from kolora.core.stage import StageContext
 
 
 def read_trainset(run: RunDir) -> list[dict[str, str]]:
@@ -274,8 +275,7 @@ def _encode_latents(cfg, files, todo: list[tuple[str, str, str]], lat_dir: Path,
         models.free_gpu(device)
 
 
-def run(cfg: ExperimentConfig, run: RunDir, progress=None, rank: int = 0, world: int = 1,
-        barrier: str | None = None, force: bool = False) -> dict[str, Any]:
+def run(ctx: StageContext) -> dict[str, Any]:
     """Cache this rank's shard of the training set (samples i with i % world == rank that the journal does not
     hold yet), journaling each batch; rank 0 then waits for the other ranks (files in `barrier`, a folder
     unique to this attempt) and writes cache/index.json and cache/report.json. Stops between batches on the
@@ -283,12 +283,13 @@ def run(cfg: ExperimentConfig, run: RunDir, progress=None, rank: int = 0, world:
     found in the store are verified; a bad one is moved aside and encoded again. `force` (--force) encodes
     every entry of this run again, in a shared store too; entries only other runs use are not touched."""
     from kolora.cache import shards as cache_shards
+    cfg, run, rank, world, barrier = ctx.cfg, ctx.run, ctx.rank, ctx.world, ctx.extra.get("barrier")
     rows = read_trainset(run)
     if not rows:
         raise RunFailure(f"{run.trainset}/train/metadata.csv has no samples: nothing to cache")
     if world > 1 and barrier is None:
         raise ValueError("cache.run: a sharded cache (world > 1) needs a barrier folder")
-    return cache_shards.run_shard(cfg, run, rows, rank, world, barrier, progress, force)
+    return cache_shards.run_shard(cfg, run, ctx.key, rows, rank, world, barrier, ctx.progress, ctx.force)
 
 
 def _bucket_summary(plans: list[buckets.Plan], resolution: int) -> dict[str, Any]:

@@ -57,8 +57,10 @@ def _run(args) -> int:
 
     from kolora.core.config import load_config
     from kolora.core.rundir import RunDir, sweep_temp
-    from kolora.core.runlock import acquire, stopped_before
+    from kolora.core.runlock import acquire
+    from kolora.launch.monitor import still_queued
     from kolora.pipeline.runner import open_run, preflight
+    from kolora.pipeline.state import stopped_before
     from kolora.sweep.names import check_name
 
     console = Console(stderr=True)
@@ -67,10 +69,10 @@ def _run(args) -> int:
     check_name(runs_dir, cfg.name, "run")  # before the lock: a refused name leaves the runs dir as it was
     print_warnings(preflight(cfg, here=True))
     RunDir(runs_dir / cfg.name).read_manifest()  # an unusable run folder stops this before the lock is written
-    stopped = stopped_before(runs_dir / cfg.name)  # read before this run holds the lock
+    stopped = stopped_before(runs_dir / cfg.name, still_queued)  # read before this run holds the lock
     # the run lock before anything of the run is written: no other `kolora run` or live submission's jobs
     # write it meanwhile (RunLocked names the holder)
-    with acquire(runs_dir / cfg.name, "run"):
+    with acquire(runs_dir / cfg.name, "run", queued=still_queued):
         if removed := sweep_temp(runs_dir / cfg.name):  # leftovers of a writer that was killed
             console.print(f"[dim]removed {removed} temp files of an interrupted earlier run[/]")
         run = open_run(cfg, runs_dir)
@@ -125,10 +127,11 @@ def _run_stages(console, cfg, run, selected: tuple[str, ...], force: bool) -> No
 
 def _kept(cfg, run) -> str:
     """What the run has on disk for this config, in a few words (for a stop that cut a stage short)."""
-    from kolora.pipeline import registry as stages
-    keys = stages.Keys(cfg, run)
-    complete = [s for s in stages.NAMES if stages.is_complete(s, cfg, run, keys)]
-    written = stages.progress(run)
+    from kolora.pipeline.keys import Keys, is_complete, progress
+    from kolora.pipeline.registry import NAMES
+    keys = Keys(cfg, run)
+    complete = [s for s in NAMES if is_complete(s, cfg, run, keys)]
+    written = progress(run)
     parts = [f"{', '.join(complete)} complete" if complete else "no stage complete"]
     if written["checkpoint_step"] is not None:
         parts.append(f"newest checkpoint step {written['checkpoint_step']}")

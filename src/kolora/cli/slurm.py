@@ -123,10 +123,11 @@ def cmd_resume(args) -> int:
 
 
 def _queue(command: str, cfg, profile, runs_dir, profile_file, **kw) -> int:
-    from kolora.core.runlock import stopped_before
+    from kolora.launch.monitor import still_queued
     from kolora.launch.submit import LaunchError, format_submitted, submit
+    from kolora.pipeline.state import stopped_before
 
-    stopped = stopped_before(runs_dir / cfg.name)  # read before the submission takes the run lock
+    stopped = stopped_before(runs_dir / cfg.name, still_queued)  # read before the submission takes the run lock
     try:
         sub = submit(cfg, profile, runs_dir, profile_file.resolve(), check=False, **kw)
     except LaunchError as e:
@@ -155,11 +156,12 @@ def cmd_status(args) -> int:
         text, code = format_local_run(run)
         print(text)
         return code
-    from kolora.core.runlock import run_state
+    from kolora.launch.monitor import still_queued
     from kolora.launch.sweep_status import exit_code
+    from kolora.pipeline.state import run_state
 
     st = status(run)
-    state = run_state(run)
+    state = run_state(run, queued=still_queued)
     st["state"] = {"state": state.state, "stage": state.stage, "detail": state.detail, "complete": list(state.complete)}
     st["stopped"] = state.line() if state.state == "stopped" and not st["failed"] else None
     if args.json:

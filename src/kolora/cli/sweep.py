@@ -20,10 +20,11 @@ def cmd_sweep(args) -> int:
     if args.cluster:
         return _submit(args, sweep)
     from kolora.core import interrupt
+    from kolora.launch.monitor import still_queued
     from kolora.sweep.plan import run_in_process
 
     with interrupt.for_command():  # Ctrl-C stops the variant running now like `kolora run`, and the sweep
-        outcome = run_in_process(sweep, console, force=args.force)
+        outcome = run_in_process(sweep, console, force=args.force, queued=still_queued)
     failed = {n: o for n, o in outcome.items() if o != "complete"}
     from kolora.launch.sweep_status import format_status, status
 

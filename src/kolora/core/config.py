@@ -385,3 +385,13 @@ def validate_config(raw: dict[str, Any], source: str = "config",
 
 def dump_config(cfg: ExperimentConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), allow_unicode=True, sort_keys=False)
+
+
+def field_value(cfg: ExperimentConfig, dotted: str) -> Any:
+    """A config field by its dotted name, as plain JSON-able data (how it enters a stage's key)."""
+    node: Any = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    if hasattr(node, "model_dump"):
+        return node.model_dump(mode="json")
+    return [x for x in node] if isinstance(node, list) else (str(node) if isinstance(node, Path) else node)

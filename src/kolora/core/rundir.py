@@ -254,12 +254,46 @@ class RunDir:
     def manifest_file(self) -> Path:
         return self.root / "manifest.json"
 
-    def __getattr__(self, name: str) -> Path:  # the stages' output folders (data, trainset, lora, ...), slurm
-        from kolora.pipeline.registry import output_folders
+    # the stages' folders (each stage's spec names what it owns) and the launcher's
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
 
-        if name == "slurm" or name in output_folders():
-            return self.root / name
-        raise AttributeError(name)
+    @property
+    def filter(self) -> Path:
+        return self.root / "filter"
+
+    @property
+    def trainset(self) -> Path:
+        return self.root / "trainset"
+
+    @property
+    def cache(self) -> Path:
+        return self.root / "cache"
+
+    @property
+    def train(self) -> Path:
+        return self.root / "train"
+
+    @property
+    def lora(self) -> Path:
+        return self.root / "lora"
+
+    @property
+    def render(self) -> Path:
+        return self.root / "render"
+
+    @property
+    def eval(self) -> Path:
+        return self.root / "eval"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report"
+
+    @property
+    def slurm(self) -> Path:
+        return self.root / "slurm"
 
     @property
     def grid_file(self) -> Path:
@@ -327,9 +361,4 @@ class RunDir:
         with self.manifest() as m:
             m.setdefault("stages", {}).setdefault(stage, {}).update(fields)
 
-    def progress(self) -> dict[str, Any]:
-        """What the stages have durably written so far (kolora.pipeline.registry.progress)."""
-        from kolora.pipeline.registry import progress
-
-        return progress(self)
 

@@ -6,8 +6,7 @@ by a thread while held) and, for a submission, its stamp and Slurm job ids. A su
 jobs (`claim_for_submission`): it stays after `kolora submit` returns, the jobs refresh it (`job_heartbeat`).
 A lock whose owner is certainly gone (see stale_reason) is renamed aside by one breaker at a time, then taken.
 
-`run_state` reads what a run is doing from its manifest and this lock: a stage the manifest says is running
-whose lock holder is gone (kill -9, an out-of-memory kill, a crashed node, Slurm jobs that ended) is "stopped".
+kolora.pipeline.state reads what a run is doing from its manifest and this lock.
 """
 
 from __future__ import annotations
@@ -22,14 +21,11 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kolora.core.errors import InputError
 from kolora.core.rundir import RunDir, RunError, atomic_write_json, fsync_dir
-from kolora.launch.monitor import still_queued
-from kolora.pipeline.registry import NAMES
 
 LOCK = ".lock"
 log = logging.getLogger("kolora.core.runlock")
@@ -51,7 +47,7 @@ def _owner(kind: str, stamp: str | None = None, job_ids: Iterable[str] = ()) -> 
     return info
 
 
-def _read(path: Path) -> tuple[bytes, Info] | None:
+def read_lock(path: Path) -> tuple[bytes, Info] | None:
     """(raw bytes, owner) of the lock or None; a lock being written or damaged: its file time as heartbeat."""
     try:
         raw, mtime = path.read_bytes(), path.stat().st_mtime
@@ -63,7 +59,7 @@ def _read(path: Path) -> tuple[bytes, Info] | None:
     return raw, {"damaged": True, "heartbeat": mtime}
 
 
-def _alive(pid: Any) -> bool:
+def process_alive(pid: Any) -> bool:
     """False only when process `pid` certainly does not exist on this host."""
     try:
         os.kill(pid, 0)  # signal 0: only asks
@@ -74,24 +70,34 @@ def _alive(pid: Any) -> bool:
     return True
 
 
-def _job_ids(info: Info) -> list[str]:
+# Which of these Slurm job ids are queued or running (None: the queue does not answer). Only the launcher
+# knows Slurm: it hands its squeue reader (kolora.launch.monitor.still_queued) to the functions below.
+Queued = Callable[[list[str]], "set[str] | None"]
+
+
+def unknown_queue(ids: list[str]) -> set[str] | None:
+    """Without a launcher: nothing is known of any job (the lock's heartbeat decides)."""
+    return None
+
+
+def lock_job_ids(info: Info) -> list[str]:
     """The Slurm jobs a submission's lock was handed to ([] for a `kolora run`)."""
     return [str(j) for j in info.get("job_ids") or []] if info.get("kind") == "submission" else []
 
 
-def stale_reason(info: Info, stale_after_s: float = 300) -> str | None:
+def stale_reason(info: Info, stale_after_s: float = 300, queued: Queued = unknown_queue) -> str | None:
     """Why the lock `info` may be broken, or None while its owner may still be alive. A submission with jobs is
     judged by its jobs, not by the pid of `kolora submit` (gone by design)."""
-    ids = _job_ids(info)
-    return _stale_given(info, stale_after_s, still_queued(ids) if ids else None)
+    ids = lock_job_ids(info)
+    return stale_given(info, stale_after_s, queued(ids) if ids else None)
 
 
-def _stale_given(info: Info, stale_after_s: float, queued: set[str] | None) -> str | None:
+def stale_given(info: Info, stale_after_s: float, queued: set[str] | None) -> str | None:
     """stale_reason, given which of the lock's jobs squeue lists (None: squeue did not answer, or no jobs)."""
-    if ids := _job_ids(info):
+    if ids := lock_job_ids(info):
         if queued is not None:  # else squeue does not answer: the heartbeat decides
             return None if queued else f"none of its Slurm jobs ({' '.join(ids)}) is queued or running"
-    elif info.get("host") == socket.gethostname() and not _alive(info.get("pid")):
+    elif info.get("host") == socket.gethostname() and not process_alive(info.get("pid")):
         return f"process {info.get('pid')} on {info.get('host')} has ended"
     heartbeat = info.get("heartbeat")
     age = time.time() - heartbeat if isinstance(heartbeat, int | float) else float("inf")
@@ -142,7 +148,7 @@ def _break(path: Path, found: tuple[bytes, Info], owner: Info, reason: str) -> b
         time.sleep(0.02)
         return False
     try:
-        if _read(path) != found:
+        if read_lock(path) != found:
             return False  # changed meanwhile: judge it again
         os.rename(path, moved := path.with_name(f"{LOCK}.stale-{secrets.token_hex(4)}"))
         log.warning("run %s: broke a stale lock of %s (%s)", path.parent.name, describe(found[1]), reason)
@@ -155,16 +161,17 @@ def _break(path: Path, found: tuple[bytes, Info], owner: Info, reason: str) -> b
         breaking.unlink(missing_ok=True)
 
 
-def _take(path: Path, owner: Info, stale_after_s: float, mine: Callable[[Info], bool] = lambda info: False) -> bool:
+def _take(path: Path, owner: Info, stale_after_s: float, mine: Callable[[Info], bool] = lambda info: False,
+          queued: Queued = unknown_queue) -> bool:
     """Create the lock as `owner` (True), find it ours already (False), break a stale one, or RunLocked."""
     for attempt in range(100):
         if _create(path, owner):
             return True
-        if (found := _read(path)) is None:
+        if (found := read_lock(path)) is None:
             continue  # released or broken meanwhile: try again
         if mine(info := found[1]):
             return False
-        if (reason := stale_reason(info, stale_after_s)) is not None:
+        if (reason := stale_reason(info, stale_after_s, queued)) is not None:
             if _break(path, found, owner, reason):
                 return True
         elif info.get("damaged") and attempt < 20:
@@ -180,7 +187,7 @@ def _take(path: Path, owner: Info, stale_after_s: float, mine: Callable[[Info], 
 def _refresh(path: Path, mine: Callable[[Info], bool], job_ids: Iterable[str] = ()) -> Info | None:
     """A new heartbeat (and any new job ids) in the lock if it still is ours; returns the lock as found."""
     with _writing:
-        found = _read(path)
+        found = read_lock(path)
         if found is None or not mine(info := found[1]):
             return found and found[1]
         info["heartbeat"] = time.time()
@@ -220,7 +227,7 @@ def _submission(stamp: str | None) -> Callable[[Info], bool]:
 
 @contextlib.contextmanager
 def acquire(run_root: Path | str, kind: str, *, stamp: str | None = None, job_ids: Iterable[str] = (),
-            heartbeat_s: float = 30, stale_after_s: float = 300) -> Iterator[Path]:
+            heartbeat_s: float = 30, stale_after_s: float = 300, queued: Queued = unknown_queue) -> Iterator[Path]:
     """Hold the run lock of `run_root` (yields the lock file) or raise RunLocked. On exit the lock is deleted
     if it still is ours, unless it was handed to a submission's jobs (claim_for_submission, or job_ids here)."""
     assert kind in ("run", "submission"), kind
@@ -231,26 +238,28 @@ def acquire(run_root: Path | str, kind: str, *, stamp: str | None = None, job_id
     path, owner = root / LOCK, _owner(kind, stamp, job_ids)
     # a submission is known by its stamp (also after claim_for_submission), a `kolora run` by its token
     mine = _submission(stamp) if kind == "submission" and stamp else lambda info: info.get("token") == owner["token"]
-    _take(path, owner, stale_after_s)
+    _take(path, owner, stale_after_s, queued=queued)
     try:
-        with _heartbeat(path, mine, lambda: _take(path, owner, stale_after_s, mine), heartbeat_s):
+        with _heartbeat(path, mine, lambda: _take(path, owner, stale_after_s, mine, queued), heartbeat_s):
             yield path
     finally:
         with _writing:
-            if (found := _read(path)) is not None and mine(found[1]) and not found[1].get("job_ids"):
+            if (found := read_lock(path)) is not None and mine(found[1]) and not found[1].get("job_ids"):
                 path.unlink(missing_ok=True)
 
 
-def claim_for_submission(run_root: Path | str, stamp: str, job_ids: Iterable[str], stale_after_s: float = 300) -> None:
+def claim_for_submission(run_root: Path | str, stamp: str, job_ids: Iterable[str], stale_after_s: float = 300,
+                         queued: Queued = unknown_queue) -> None:
     """Hand the run lock to submission `stamp` and its queued jobs: it stays in place after `kolora submit`
     (acquire's exit keeps it) and lapses when none of the jobs is queued or running."""
     path, ids = Path(run_root) / LOCK, [str(j) for j in job_ids]
-    if not _take(path, _owner("submission", stamp, ids), stale_after_s, _submission(stamp)):
+    if not _take(path, _owner("submission", stamp, ids), stale_after_s, _submission(stamp), queued):
         _refresh(path, _submission(stamp), ids)
 
 
 @contextlib.contextmanager
-def job_heartbeat(run_root: Path | str, stamp: str, *, heartbeat_s: float = 30, stale_after_s: float = 300) -> Iterator[Path]:
+def job_heartbeat(run_root: Path | str, stamp: str, *, heartbeat_s: float = 30, stale_after_s: float = 300,
+                  queued: Queued = unknown_queue) -> Iterator[Path]:
     """In a Slurm job of submission `stamp`: check the run lock is the submission's (re-created if missing;
     RunLocked when a live `kolora run` or another live submission holds it) and refresh its heartbeat while
     the job runs. The lock stays on exit: the submission's later jobs still need it."""
@@ -258,114 +267,10 @@ def job_heartbeat(run_root: Path | str, stamp: str, *, heartbeat_s: float = 30, 
     with contextlib.suppress(InputError, KeyError, TypeError, AttributeError):  # and the others, if recorded
         ids += [str(j["job_id"]) for j in RunDir(run_root).read_manifest()["slurm"]["submissions"][stamp]["jobs"].values()]
     path, mine, owner = Path(run_root) / LOCK, _submission(stamp), _owner("submission", stamp, dict.fromkeys(filter(None, ids)))
-    if not _take(path, owner, stale_after_s, mine):
+    if not _take(path, owner, stale_after_s, mine, queued):
         _refresh(path, mine, owner["job_ids"])
-    with _heartbeat(path, mine, lambda: _take(path, owner, stale_after_s, mine), heartbeat_s):
+    with _heartbeat(path, mine, lambda: _take(path, owner, stale_after_s, mine, queued), heartbeat_s):
         yield path
 
 
 # ---- what a run is doing ---------------------------------------------------------------------------------
-CUT_SHORT = ("running", "interrupted", "partial")  # manifest statuses of a stage that has not finished
-
-
-@dataclass(frozen=True)
-class RunState:
-    """What a run is doing (run_state): `state` is one of running, stopped (cut short: its process or jobs are
-    gone; `kolora run` / `kolora resume` continues it), failed, complete, incomplete (stages left to run, none
-    cut short), not started, unknown (squeue does not answer for its jobs). `stage`: the stage it runs, was
-    stopped in, failed in, or runs next."""
-
-    state: str
-    stage: str | None
-    detail: str  # in words, one line
-    complete: tuple[str, ...]  # the stages the manifest records complete
-
-    def line(self) -> str:
-        return f"{self.detail}; complete: {', '.join(self.complete) or 'none'}"
-
-    def label(self) -> str:
-        return f"{self.state} ({self.stage})" if self.stage else self.state
-
-    def continuing(self, name: str) -> str:
-        """What `kolora run` / `kolora resume` say when they take up a stopped run."""
-        return f"kolora: continuing stopped run {name}: {self.line()}"
-
-
-def stopped_before(run_root: Path | str) -> RunState | None:
-    """The state of the run at `run_root` when it was stopped (cut short), else None; read by `kolora run`,
-    `kolora resume` and an in-process sweep before they take its lock, to say what they continue."""
-    run = RunDir(run_root)
-    if not run.manifest_file.is_file():
-        return None
-    state = run_state(run)
-    return state if state.state == "stopped" else None
-
-
-def run_state(run: RunDir, manifest: dict[str, Any] | None = None, stale_after_s: float = 300) -> RunState:
-    """Decide from the manifest and the run lock: a stage recorded running (or interrupted, or partial) is
-    running only while the lock's holder lives (its process on this host; its heartbeat from another host;
-    for a submission, its Slurm jobs in squeue). The one place that decides it: `kolora status` of a run or a
-    sweep, and the line `kolora run` / `kolora resume` print when they continue a stopped run. Reads only."""
-    manifest = run.read_manifest() if manifest is None else manifest
-    entries = {s: (manifest.get("stages") or {}).get(s) or {} for s in NAMES}
-    status = {s: e.get("status") for s, e in entries.items()}
-    complete = tuple(s for s in NAMES if status[s] == "complete")
-    if len(complete) == len(NAMES):
-        return RunState("complete", None, "every stage is complete", complete)
-    # the stage that ran last, among those that did not finish (a stage started later is the one that counts)
-    last = max((s for s in NAMES if status[s] in (*CUT_SHORT, "failed")), default=None,
-               key=lambda s: (str(entries[s].get("started") or ""), NAMES.index(s)))
-    alive, holder = _holder(run, manifest, stale_after_s)
-    if alive is None:
-        return RunState("unknown", last, f"cannot tell whether it runs: {holder}", complete)
-    if alive:
-        running = last if last is not None and status[last] == "running" else None
-        return RunState("running", running, (f"stage {running} running" if running else "running")
-                        + f", by {holder}", complete)
-    if last is not None and status[last] == "failed":
-        error = str(entries[last].get("error") or "").strip().splitlines()
-        return RunState("failed", last, f"stage {last} failed" + (f": {error[0]}" if error else ""), complete)
-    if last is not None:
-        if status[last] == "interrupted":
-            error = str(entries[last].get("error") or "").strip().splitlines()
-            why = f"stage {last} was interrupted" + (f": {error[0]}" if error else "")
-        else:
-            verb = "was running" if status[last] == "running" else "was left partial (some of its tasks done)"
-            why = f"stage {last} {verb} when {holder}"
-        return RunState("stopped", last, why, complete)
-    if not any(status.values()):
-        return RunState("not started", None, "no stage has run yet", complete)
-    upcoming = next(s for s in NAMES if status[s] != "complete")
-    return RunState("incomplete", upcoming, f"not running; stage {upcoming} has not run", complete)
-
-
-def _holder(run: RunDir, manifest: dict[str, Any], stale_after_s: float) -> tuple[bool | None, str]:
-    """Whether the run lock's holder may be alive (None: squeue does not answer for its jobs), with who holds
-    it, or how it went away (the end of "stage X was running when ...")."""
-    found = _read(run.root / LOCK)
-    if found is None:  # every live writer holds the lock: a `kolora run`, a submission's queued jobs
-        slurm = manifest.get("slurm") or {}
-        ids = [str(j["job_id"]) for j in ((slurm.get("submissions") or {}).get(slurm.get("latest")) or {})
-               .get("jobs", {}).values() if isinstance(j, dict) and j.get("job_id")]
-        queued = still_queued(ids) if ids else set()
-        if queued is None:
-            return None, f"no run lock, and squeue did not answer for its Slurm jobs ({' '.join(ids)})"
-        if queued:
-            return True, f"Slurm jobs {' '.join(sorted(queued))}"
-        return False, "its process ended (no process holds the run lock)"
-    info = found[1]
-    ids = _job_ids(info)
-    queued = still_queued(ids) if ids else None
-    if ids and queued is None:  # a pending job sends no heartbeat: without squeue, nothing tells
-        return None, f"squeue did not answer for the Slurm jobs of {describe(info)}"
-    reason = _stale_given(info, stale_after_s, queued)
-    if reason is None:
-        return True, describe(info)
-    if info.get("damaged"):
-        return False, f"its writer left a damaged run lock ({reason})"
-    if ids:
-        return False, f"its Slurm jobs ended ({reason})"
-    where = f"pid {info.get('pid')} on host {info.get('host')}"
-    if info.get("host") == socket.gethostname() and not _alive(info.get("pid")):
-        return False, f"its process died ({where})"
-    return False, f"its process stopped sending heartbeats ({where}: {reason})"

@@ -20,9 +20,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from kolora.core.config import ExperimentConfig
 from kolora.core.errors import RunFailure
-from kolora.core.rundir import RunDir, atomic_dir
+from kolora.core.rundir import atomic_dir
+from kolora.core.stage import StageContext
 from kolora.models import scorers
 from kolora.render.tiles import base_tiles, base_tiles_on, missing_tiles, tiles
 
@@ -40,7 +40,8 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
-def run(cfg: ExperimentConfig, run: RunDir, progress=None) -> dict[str, Any]:
+def run(ctx: StageContext) -> dict[str, Any]:
+    cfg, run = ctx.cfg, ctx.run
     if not cfg.evaluate.enabled:
         return {"skipped_reason": "evaluate.enabled is false"}
     if not base_tiles_on(cfg):
@@ -80,8 +81,8 @@ def run(cfg: ExperimentConfig, run: RunDir, progress=None) -> dict[str, Any]:
                      "lora_tile": str(lt.path(run).relative_to(run.root)),
                      "base_tile": str(bt.path(run).relative_to(run.root)),
                      "clip": {"lora": clip[0], "base": clip[1]}, "aesthetic": {"lora": aes[0], "base": aes[1]}})
-        if progress:
-            progress(n, len(lora_tiles))
+        if ctx.progress:
+            ctx.progress(n, len(lora_tiles))
     summary = {k: {side: _mean([r[k][side] for r in rows]) for side in ("lora", "base")}
                for k in ("clip", "aesthetic")}
     models = {"clip": model_identity({name: folders[name] for name in set(clip_names.values())}),

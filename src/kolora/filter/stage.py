@@ -36,6 +36,7 @@ from typing import Any
 from kolora.core.config import ExperimentConfig
 from kolora.core.interrupt import Interrupted, requested
 from kolora.core.rundir import RunDir, atomic_write_json, atomic_write_text
+from kolora.core.stage import StageContext
 from kolora.filter import shards as filter_shards
 from kolora.filter.decode import verify_samples
 from kolora.filter.dj.runner import (  # noqa: F401 - traced_op: part of this module's interface
@@ -148,8 +149,7 @@ def _run_shards(cfg: ExperimentConfig, run: RunDir, samples: list[dict[str, Any]
     return ran
 
 
-def run(cfg: ExperimentConfig, run: RunDir, task_index: int | None = None,
-        task_count: int | None = None) -> dict[str, Any]:
+def run(ctx: StageContext) -> dict[str, Any]:
     """Filter run.data into run.filter (result.jsonl, report.json) and run.trainset; return a summary.
 
     With N shards (filter.shards, or filter.shard_size: the array's size as planned at submission), a Slurm
@@ -157,6 +157,7 @@ def run(cfg: ExperimentConfig, run: RunDir, task_index: int | None = None,
     merges; without a task index every missing shard runs here, then the merge."""
     from kolora.ingest.stage import read_samples
 
+    cfg, run, task_index, task_count = ctx.cfg, ctx.run, ctx.shard, ctx.shards
     t0 = time.perf_counter()
     meta = run.data / "metadata.jsonl"
     if not meta.is_file():

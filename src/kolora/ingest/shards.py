@@ -30,7 +30,6 @@ from kolora.core.config import ExperimentConfig
 from kolora.core.rundir import RunDir, atomic_dir, atomic_write_json, file_lock, now
 from kolora.filter import shards as filter_shards
 from kolora.ingest.sources import no_sample_error, parquet_rows
-from kolora.pipeline import registry as stages
 
 SHARDED_SOURCES = ("parquet", "modelscope")
 
@@ -65,7 +64,7 @@ def is_merged(run: RunDir) -> bool:
     return (run.data / "metadata.jsonl").is_file()
 
 
-def run(cfg: ExperimentConfig, run: RunDir, shards: int, task_index: int | None = None) -> dict[str, Any]:
+def run(cfg: ExperimentConfig, run: RunDir, shards: int, task_index: int | None, key: str) -> dict[str, Any]:
     """Read the ranges nobody has read yet (this task's first), then merge when every range is done."""
     from kolora.ingest.stage import TableSource, guard
 
@@ -75,7 +74,6 @@ def run(cfg: ExperimentConfig, run: RunDir, shards: int, task_index: int | None 
         return {"shard": task_index, "shards": shards, "ran": [], "merged": "by another task"}
     source = TableSource(cfg, run)
     total = source.rows()
-    key = stages.Keys(cfg, run).work("ingest")
 
     def identity(i: int) -> dict[str, Any]:
         return {"key": key, "shard": i, "shards": shards, "rows": list(filter_shards.bounds(total, shards, i))}

@@ -25,6 +25,7 @@ from typing import Any
 from kolora.core import interrupt
 from kolora.core.config import DataConfig, ExperimentConfig
 from kolora.core.rundir import RunDir, atomic_dir, atomic_write_text
+from kolora.core.stage import StageContext
 from kolora.ingest.safe_paths import PathGuard, Unsafe, copy_checked, link_checked, write_bytes
 from kolora.ingest.sources import (
     DatasetError,
@@ -244,14 +245,14 @@ def write_lists(folder: Path, samples: list[dict[str, Any]], rejected: list[dict
     atomic_write_text(folder / "metadata.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
 
 
-def run(cfg: ExperimentConfig, run: RunDir, task_index: int | None = None,
-        task_count: int | None = None) -> dict[str, Any]:
+def run(ctx: StageContext) -> dict[str, Any]:
     """Read cfg.data's source into run.data (images/, metadata.jsonl, rejected.jsonl); return a summary.
     A parquet or ModelScope source is read in shards when the filter is sharded (kolora.ingest.shards)."""
     from kolora.ingest import shards as ingest_shards
-    shards = ingest_shards.count(cfg, task_count)
+    cfg, run = ctx.cfg, ctx.run
+    shards = ingest_shards.count(cfg, ctx.shards)
     if shards > 1:
-        return ingest_shards.run(cfg, run, shards, task_index)
+        return ingest_shards.run(cfg, run, shards, ctx.shard, ctx.key)
     t0 = time.perf_counter()
     d = cfg.data
     counts = dict.fromkeys(COUNTS, 0)

@@ -28,10 +28,20 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from kolora.core.config import ConfigError, read_yaml_mapping
 from kolora.core.schema import Section, describe_validation_error, format_problems
 from kolora.launch.container import ContainerConfig
-from kolora.pipeline.registry import jobs
+from kolora.pipeline.registry import NAMES
 
-# job → the pipeline stages it runs, in order (from the stage registry); each `afterok` on the previous one
-JOBS: dict[str, tuple[str, ...]] = jobs()
+# The Slurm jobs a run is queued as (a profile's `jobs.<job>` sections), each with the stages it runs in
+# pipeline order, each `afterok` on the one before. Consecutive stages on the same kind of machine share a job:
+# no queue wait between them, and the cache's GPU job is the one that trains.
+JOBS: dict[str, tuple[str, ...]] = {"filter": ("ingest", "filter"), "train": ("cache", "train"),
+                                    "render": ("render",), "grid": ("grid", "evaluate", "report")}
+if tuple(s for job in JOBS.values() for s in job) != NAMES:
+    raise AssertionError(f"launch.cluster.JOBS must run every registered stage once, in order: {NAMES}")
+
+
+def job_of(stage: str) -> str:
+    """The Slurm job that runs `stage`."""
+    return next(job for job, stages in JOBS.items() if stage in stages)
 
 # sbatch options the launcher sets itself: a profile's `extra` may not set them (use the named field instead)
 RESERVED_OPTIONS = {

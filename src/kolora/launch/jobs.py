@@ -11,6 +11,7 @@ hub-offline environment, before any library that might download is imported.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -134,7 +135,9 @@ class StageJob:
 
         from kolora.core.rundir import RunDir
         from kolora.core.runlock import RunLocked, job_heartbeat
+        from kolora.launch.monitor import still_queued
         from kolora.launch.supervise import JobFailed, job_end_time, slurm_job_id, supervise
+        from kolora.pipeline.keys import progress
 
         os.environ.update(self.env)
         _setup_logging()
@@ -142,12 +145,12 @@ class StageJob:
         try:
             # the run lock is this submission's (a `kolora run` started meanwhile makes the job fail, naming it);
             # its heartbeat shows the jobs are alive
-            with job_heartbeat(self.run_root, self.stamp):
+            with job_heartbeat(self.run_root, self.stamp, queued=still_queued):
                 return supervise(self.child_command(task_index), signal_lead_s=self.signal_lead_s,
                                  max_requeues=self.max_requeues, counter=Path(self.run_root) / "slurm" / "timeouts.json",
                                  key=f"{self.stamp}/{self.job}/{task_index}", rank=rank, env=self.env,
                                  result_dir=Path(self.folder), end_time=job_end_time(slurm_job_id()),
-                                 progress=RunDir(self.run_root).progress,
+                                 progress=functools.partial(progress, RunDir(self.run_root)),
                                  attempts=Path(self.run_root) / "slurm" / "attempts.jsonl")
         except (JobFailed, RunLocked):
             if rank == 0:
@@ -189,7 +192,7 @@ class StageJob:
         try:
             cfg = load_config(self.config_file)
             if self.distributed and rank > 0:
-                return self._train_follower(cfg, run, rank)
+                return self._follow(cfg, run, rank)
             return self._run(cfg, run, task_index)
         except Interrupted:
             # a stop request (preemption/time limit) at a consistent point: not a failure, so the later jobs
@@ -199,59 +202,58 @@ class StageJob:
     # ------------------------------------------------------------------------------------------------------
     def _run(self, cfg, run, task_index: int) -> dict[str, Any]:
         from kolora.core.interrupt import Interrupted
+        from kolora.pipeline.registry import get
         from kolora.pipeline.runner import run_stage
 
         results: dict[str, Any] = {}
         for stage in self.stages:
-            kw: dict[str, Any] = {}
-            if stage == "render" or (stage in ("ingest", "filter") and self.task_count > 1):
-                kw = {"task_index": task_index, "task_count": self.task_count}
-            if stage in ("ingest", "filter") and self.task_count > 1:
-                results[stage] = self._run_shared(stage, cfg, run, kw)
+            s = get(stage)
+            placement: dict[str, Any] = {}
+            if s.parallel == "tasks" or (s.parallel == "shards" and self.task_count > 1):
+                placement = {"shard": task_index, "shards": self.task_count}
+            if s.parallel == "shards" and self.task_count > 1:
+                results[stage] = self._run_shared(stage, cfg, run, placement)
                 continue
             try:
-                if stage == "train" and self.distributed:
-                    kw = {"devices": self.tasks_per_node, "num_nodes": self.nodes,
-                          **self._release_followers(cfg, run, "train")}
-                if stage == "cache" and self.distributed:  # every rank caches its shard
-                    kw = {"rank": 0, "world": self.tasks_per_node * self.nodes,
-                          "barrier": str(self._go_file("cache"))}
-                    self._release_followers(cfg, run, "cache")
-                results[stage] = summary = run_stage(stage, cfg, run, **kw)
+                if s.parallel in ("ranks", "ddp") and self.distributed:
+                    placement = {"rank": 0, "world": self.tasks_per_node * self.nodes,
+                                 "devices": self.tasks_per_node, "nodes": self.nodes,
+                                 "extra": self._release_followers(cfg, run, stage)}
+                results[stage] = summary = run_stage(stage, cfg, run, **placement)
             except Exception as e:
                 if self.distributed:  # the other ranks wait for rank 0's word on what it has not decided yet
                     word = Decision("stop" if isinstance(e, Interrupted) else "fail")
-                    for later in ("cache", "train"):
-                        if later in self.stages:
+                    for later in self.stages:
+                        if get(later).parallel in ("ranks", "ddp"):
                             self._decide(later, word, overwrite=False)
                 raise
             log.info("stage %s: %s", stage, "complete, skipped" if summary.get("skipped") else
                      ", ".join(f"{k}={v}" for k, v in summary.items() if not isinstance(v, dict | list)))
-            if stage == "train" and self.distributed and not summary.get("skipped"):
-                run.record_stage("train", distributed=_process_group(0))
+            if s.parallel == "ddp" and self.distributed and not summary.get("skipped"):
+                run.record_stage(stage, distributed=_process_group(0))
         return results
 
-    def _run_shared(self, stage: str, cfg, run, kw: dict[str, Any]) -> dict[str, Any]:
-        """A stage in a sharded filter array: its preparation of outputs made for other inputs once, before any
-        shard, then every task runs its shard; an ingest that is not sharded (kolora.ingest.shards) runs once
-        (the first task to take the lock; the others find it complete)."""
+    def _run_shared(self, stage: str, cfg, run, placement: dict[str, Any]) -> dict[str, Any]:
+        """A stage in an array of shards: its preparation of outputs made for other inputs once, before any
+        shard, then every task runs its shard; a stage that makes one slice of this array (an ingest source
+        read whole) runs once (the first task to take the lock; the others find it complete)."""
         from kolora.core.rundir import file_lock
-        from kolora.ingest import shards as ingest_shards
-        from kolora.pipeline import registry as stages
-        from kolora.pipeline import runner as pipeline
+        from kolora.pipeline.keys import Keys, is_complete
+        from kolora.pipeline.registry import get
+        from kolora.pipeline.runner import prepare, run_stage
 
-        sharded = stage == "filter" or ingest_shards.count(cfg, self.task_count) > 1
+        sharded = get(stage).slice_count(cfg, self.task_count) > 1
         with file_lock(run.root / ".locks" / f"{stage}.lock"):
             if not sharded:
-                summary = pipeline.run_stage(stage, cfg, run)
+                summary = run_stage(stage, cfg, run)
             else:
-                keys = stages.Keys(cfg, run)
-                if not stages.is_complete(stage, cfg, run, keys):
-                    for note in pipeline.prepare(stage, cfg, run, keys):
+                keys = Keys(cfg, run)
+                if not is_complete(stage, cfg, run, keys):
+                    for note in prepare(stage, cfg, run, keys):
                         log.warning("%s", note)
         if sharded:
-            summary = pipeline.run_stage(stage, cfg, run, **kw)
-        log.info("stage %s (task %s): %s", stage, kw.get("task_index", "-") if sharded else "-", summary)
+            summary = run_stage(stage, cfg, run, **placement)
+        log.info("stage %s (task %s): %s", stage, placement.get("shard", "-") if sharded else "-", summary)
         return summary
 
     # DDP: rank 0 decides and prepares each stage and writes its decision to a go file (launch.jobs.Decision);
@@ -267,38 +269,42 @@ class StageJob:
         return Path(self.folder) / f".{stage}-go-{job_id}-{os.environ.get('SLURM_RESTART_COUNT', '0')}"
 
     def _release_followers(self, cfg, run, stage: str) -> dict[str, Any]:
-        """Rank 0: decide `stage` for every rank and write the decision; returns what its own run_stage needs
-        of it. A stop requested by then (during the cache merge, say) becomes the decision: every rank stops
+        """Rank 0: decide `stage` for every rank and write the decision; returns what its own run needs of it
+        (StageContext.extra). A stop requested by then (during the cache merge, say) becomes the decision: every rank stops
         here (Interrupted; rank 0's host requeues), rather than loading models and meeting in the rendezvous
         for a stage that would stop at its first step."""
         from kolora.core.interrupt import Interrupted, requested
-        from kolora.pipeline import registry as stages
-        from kolora.pipeline import runner as pipeline
+        from kolora.pipeline.keys import Keys, is_complete
+        from kolora.pipeline.registry import get
+        from kolora.pipeline.runner import prepare
 
-        keys = stages.Keys(cfg, run)
-        if stages.is_complete(stage, cfg, run, keys):  # what run_stage will decide
+        s, keys = get(stage), Keys(cfg, run)
+        barrier = {"barrier": str(self._go_file(stage))} if s.parallel == "ranks" else {}
+        if is_complete(stage, cfg, run, keys):  # what run_stage will decide
             self._decide(stage, Decision("skip"))
-            return {}
+            return barrier
         # settle the outputs of other inputs now, not inside run_stage while the others already read them
-        for note in pipeline.prepare(stage, cfg, run, keys):
+        for note in prepare(stage, cfg, run, keys):
             log.warning("%s", note)
         decision = Decision("run")
-        if stage == "train":
+        if s.parallel == "ddp":
             from kolora.train.distributed import free_port
-            from kolora.train.loop import newest_resume_step
 
-            decision = Decision("run", port=free_port(), resume_step=newest_resume_step(cfg, run))
+            decision = Decision("run", port=free_port(),
+                                resume_step=s.resume_step(cfg, run, keys.work(stage)) if s.resume_step else None)
         if requested():  # the last moment before the other ranks commit to the stage
             self._decide(stage, Decision("stop"))
             raise Interrupted(f"rank 0: stopped ({requested()}) before {stage}; every rank stops with it")
         if decision.port is not None:
             os.environ["MASTER_PORT"] = str(decision.port)
         self._decide(stage, decision)
-        return {} if decision.resume_step is None else {"resume_step": decision.resume_step}
+        return {**barrier, **({} if decision.resume_step is None else {"resume_step": decision.resume_step})}
 
     def _decision_file(self, stage: str) -> Path:
-        # cache: a folder, also the ranks' barrier (kolora.cache.shards)
-        return self._go_file(stage) / "decision" if stage == "cache" else self._go_file(stage)
+        # ranks meeting at a file barrier: a folder, also their barrier (kolora.cache.shards)
+        from kolora.pipeline.registry import get
+
+        return self._go_file(stage) / "decision" if get(stage).parallel == "ranks" else self._go_file(stage)
 
     def _decide(self, stage: str, decision: Decision, overwrite: bool = True) -> None:
         from kolora.core.rundir import atomic_write_text
@@ -338,33 +344,43 @@ class StageJob:
             raise Interrupted(f"rank {rank}: rank 0 stopped on a signal before {stage}")
         return decision
 
-    def _train_follower(self, cfg, run, rank: int) -> dict[str, Any]:
+    def _follow(self, cfg, run, rank: int) -> dict[str, Any]:
+        """A rank > 0: each of the job's stages that spreads over ranks, as rank 0 decided it."""
+        from kolora.pipeline.registry import get
         from kolora.pipeline.runner import run_stage
 
+        results: dict[str, Any] = {}
         world = self.tasks_per_node * self.nodes
-        if "cache" in self.stages and self._wait_go(rank, "cache").action == "run":
-            barrier = str(self._go_file("cache"))
-            summary = run_stage("cache", cfg, run, follower=True, rank=rank, world=world, barrier=barrier)
-            log.info("cache rank %d: %s", rank, summary)
-        go = self._wait_go(rank, "train")
-        if go.action == "skip":
-            return {"train": {"skipped": True}}
-        # rank 0's checkpoint, not this rank's view of the folder (a decision without one predates the field)
-        resume = {} if go.resume_step is None else {"resume_step": go.resume_step}
-        # only rank 0 records the stage (manifest, completion marker): this rank just trains
-        summary = run_stage("train", cfg, run, follower=True, devices=self.tasks_per_node, num_nodes=self.nodes,
-                            **resume)
-        log.info("train rank %d: %s", rank, {k: v for k, v in summary.items() if not isinstance(v, dict | list)})
-        _process_group(rank)
-        return {"train": summary}
+        for stage in self.stages:
+            s = get(stage)
+            if s.parallel not in ("ranks", "ddp"):
+                continue
+            go = self._wait_go(rank, stage)
+            if go.action == "skip":
+                results[stage] = {"skipped": True}
+                continue
+            extra: dict[str, Any] = {}
+            if s.parallel == "ranks":
+                extra["barrier"] = str(self._go_file(stage))
+            elif go.resume_step is not None:  # rank 0's checkpoint, not this rank's view of the folder
+                extra["resume_step"] = go.resume_step
+            # only rank 0 records the stage (manifest, completion marker): this rank just computes
+            summary = run_stage(stage, cfg, run, follower=True, rank=rank, world=world, devices=self.tasks_per_node,
+                                nodes=self.nodes, extra=extra)
+            log.info("%s rank %d: %s", stage, rank,
+                     {k: v for k, v in summary.items() if not isinstance(v, dict | list)})
+            if s.parallel == "ddp":
+                _process_group(rank)
+            results[stage] = summary
+        return results
 
     def _cancel_downstream(self) -> None:
         from kolora.core.rundir import RunDir
-        from kolora.pipeline.registry import jobs
+        from kolora.launch.cluster import JOBS
 
         try:
             sub = RunDir(self.run_root).read_manifest()["slurm"]["submissions"][self.stamp]
-            order = list(jobs())
+            order = list(JOBS)
             later = order[order.index(self.job) + 1:]
             ids = [sub["jobs"][j]["job_id"] for j in later if j in sub.get("jobs", {})]
             if ids:

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from kolora.core.config import ConfigError, ExperimentConfig, ModelConfig
+from kolora.pipeline.registry import STAGES
 
 GIB = 2**30
 # CUDA context ≈ 0.3–0.6 GiB on current GPUs with lazy module loading, plus cuBLAS/cuDNN workspaces and the
@@ -48,7 +49,7 @@ GIB = 2**30
 OVERHEAD_GIB = 1.0
 ADAMW_STATE_BYTES = 8  # exp_avg + exp_avg_sq, fp32
 ADAM8BIT_STATE_BYTES = 2  # bitsandbytes' 8-bit Adam: one byte per state
-GPU_STAGES = ("cache", "train", "render")
+GPU_STAGES = tuple(s.name for s in STAGES if s.runs_on == "gpu")
 _BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 

@@ -17,7 +17,8 @@ from typing import Any
 
 from kolora.core.config import ConfigError
 from kolora.core.rundir import RunDir
-from kolora.pipeline.registry import NAMES, job_of, jobs
+from kolora.launch.cluster import JOBS, job_of
+from kolora.pipeline.registry import NAMES
 from kolora.train import metrics as train_metrics
 
 # states after which a job never runs again (PREEMPTED/REQUEUED jobs come back as PENDING)
@@ -183,7 +184,7 @@ def progress(run: RunDir, sub: dict[str, Any], manifest: dict[str, Any]) -> dict
 
     stages = manifest.get("stages", {})
     status = {s: (stages.get(s) or {}).get("status", "-") for s in NAMES}
-    job_stages = jobs()
+    job_stages = JOBS
     try:
         cfg = load_config(sub.get("config_file") or Path(sub["folder"]) / "config.yaml")  # a sweep's: per variant
     except (ConfigError, OSError):
@@ -291,7 +292,7 @@ def format_status(st: dict[str, Any]) -> str:
             lines.append(f"  cancelled after it: {', '.join(downstream)}")
     elif st["cancelled"]:
         lines.append(f"CANCELLED: {', '.join(st['cancelled'])}")
-    if st.get("stopped") and not f:  # kolora.core.runlock.run_state's verdict, added by `kolora status`
+    if st.get("stopped") and not f:  # kolora.pipeline.state.run_state's verdict, added by `kolora status`
         lines.append(f"STOPPED: {st['stopped']} (`kolora resume {st['name']}` continues it)")
     elif st["done"]:
         lines.append(f"done: {st['grid']}")
@@ -308,7 +309,7 @@ def pick_log(run: RunDir, stage: str | None, task: int | None, rank: int = 0) ->
     _, sub = latest_submission(manifest)
     job = job_of(stage) if stage in NAMES else stage
     if job is not None and job not in sub["jobs"]:
-        raise ConfigError(f"--stage {stage}: choose one of {', '.join([*jobs(), *NAMES])}")
+        raise ConfigError(f"--stage {stage}: choose one of {', '.join([*JOBS, *NAMES])}")
     st = None
     if job is None or (task is None and sub["jobs"][job].get("array")):
         st = status(run)

@@ -13,8 +13,7 @@ from typing import Any
 
 from kolora.core.config import ExperimentConfig
 from kolora.filter import shards as filter_shards
-from kolora.launch.cluster import ClusterProfile, ResolvedResources
-from kolora.pipeline.registry import jobs
+from kolora.launch.cluster import JOBS, ClusterProfile, ResolvedResources, job_of
 
 
 @dataclass
@@ -70,7 +69,7 @@ def render_task_count(cfg: ExperimentConfig, tiles_per_task: int) -> tuple[int, 
 def plan_jobs(cfg: ExperimentConfig, profile: ClusterProfile) -> list[JobPlan]:
     plans: list[JobPlan] = []
     previous: str | None = None
-    for job, stages in jobs().items():
+    for job, stages in JOBS.items():
         r = profile.resources(job)
         params: dict[str, Any] = {
             "job_name": job_name(cfg.name, job), "time": r.time_min, "nodes": r.nodes, "cpus_per_task": r.cpus,
@@ -199,7 +198,6 @@ def attempt_window_warnings(cfg: ExperimentConfig, profile: ClusterProfile) -> l
 # GPU memory: each GPU stage's estimated peak (kolora.launch.memplan) against its job's jobs.<job>.gpu_mem_gb.
 def has_gpu_mem_limits(profile: ClusterProfile) -> bool:
     from kolora.launch.memplan import GPU_STAGES
-    from kolora.pipeline.registry import job_of
 
     return any(profile.resources(job_of(s)).gpu_mem_gb is not None for s in GPU_STAGES)
 
@@ -261,7 +259,6 @@ def gpu_memory_check(cfg: ExperimentConfig, profile: ClusterProfile,
     per phase; one refusal per stage that does not fit, naming the job, the numbers, the peak phase and the
     remedies)."""
     from kolora.launch import memplan
-    from kolora.pipeline.registry import job_of
 
     estimates = memplan.estimate(cfg)
     devices = {"cache": ("cache.device", cfg.cache.device), "render": ("render.device", cfg.render.device),

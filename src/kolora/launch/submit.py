@@ -24,6 +24,7 @@ from kolora.core.errors import RunFailure
 from kolora.core.rundir import RunDir, atomic_write_text
 from kolora.core.runlock import acquire, claim_for_submission
 from kolora.launch.cluster import ClusterProfile
+from kolora.launch.monitor import still_queued
 from kolora.launch.plan import JobPlan, describe, plan_jobs
 
 
@@ -99,7 +100,7 @@ def stage_job(plan: JobPlan, run: RunDir, config_file: Path, folder: Path, stamp
 def incomplete_plans(plans: list[JobPlan], cfg: ExperimentConfig, run: RunDir) -> list[JobPlan]:
     """The jobs that still have work: a job whose stages are all complete is dropped, and a job whose
     predecessor was dropped starts without a dependency."""
-    from kolora.pipeline.registry import Keys, is_complete
+    from kolora.pipeline.keys import Keys, is_complete
 
     keys = Keys(cfg, run)
     kept = [p for p in plans if not all(is_complete(s, cfg, run, keys) for s in p.stages)]
@@ -139,7 +140,7 @@ def submit(cfg: ExperimentConfig, profile: ClusterProfile, runs_dir: Path, profi
     stamp = new_stamp()
     # the run lock while queueing: no `kolora run` or second submission writes the run meanwhile; then it is
     # handed to the queued jobs, so that a `kolora run` is refused while they live
-    with acquire(run.root, "submission", stamp=stamp):
+    with acquire(run.root, "submission", stamp=stamp, queued=still_queued):
         run = open_run(cfg, runs_dir)
         folder = submission_folder(profile, run, stamp)
         folder.mkdir(parents=True)
@@ -191,7 +192,7 @@ def submit(cfg: ExperimentConfig, profile: ClusterProfile, runs_dir: Path, profi
             }
             slurm["latest"] = stamp
             slurm["jobs"] = {job: info["job_id"] for job, info in jobs.items()}
-        claim_for_submission(run.root, stamp, queued)
+        claim_for_submission(run.root, stamp, queued, queued=still_queued)
     return Submission(run=run, stamp=stamp, folder=folder, plans=plans, jobs=jobs, seconds=seconds)
 
 

@@ -22,8 +22,9 @@ from typing import Any
 
 from kolora.core.config import dump_config
 from kolora.core.rundir import RunDir, atomic_write_text
-from kolora.launch.cluster import ClusterProfile
+from kolora.launch.cluster import JOBS, ClusterProfile
 from kolora.launch.jobs import StageJob
+from kolora.launch.monitor import still_queued
 from kolora.launch.plan import format_minutes, plan_jobs
 from kolora.launch.submit import (
     LaunchError,
@@ -113,7 +114,7 @@ def submit_sweep(sweep: Sweep, profile: ClusterProfile, profile_file: Path | Non
     write_manifest(sweep, launcher="slurm")
     with contextlib.ExitStack() as locks:
         for v in sweep.variants:
-            locks.enter_context(acquire(v.root(sweep.dir), "submission", stamp=stamp))
+            locks.enter_context(acquire(v.root(sweep.dir), "submission", stamp=stamp, queued=still_queued))
         runs = {v.name: open_run(v.cfg, sweep.dir) for v in sweep.variants}
         folder.mkdir(parents=True)
         configs = {}
@@ -179,7 +180,7 @@ def submit_sweep(sweep: Sweep, profile: ClusterProfile, profile_file: Path | Non
         for v, task_id in zip(sweep.variants, task_ids, strict=True):
             _record_variant(runs[v.name], stamp, {**common, "config_file": str(configs[v.name]),
                                                   "config_digest": v.cfg.digest()}, jobs, task_id, v is first)
-            claim_for_submission(v.root(sweep.dir), stamp, queued)
+            claim_for_submission(v.root(sweep.dir), stamp, queued, queued=still_queued)
     entry = {"stamp": stamp, **common, "submit_s": seconds, "jobs": jobs,
              "task_ids": {v.name: t for v, t in zip(sweep.variants, task_ids, strict=True)},
              "throttle": array_throttle(profile), "train_time": format_minutes(train_time)}
@@ -192,9 +193,8 @@ def _record_variant(run: RunDir, stamp: str, common: dict[str, Any], jobs: dict[
     """The variant's own view of the submission, in the shape `kolora submit` writes: its array task runs
     its train, render and grid (and everything after); the first variant's prep/cache jobs ran the shared
     stages (other variants adopt them inside their task)."""
-    from kolora.pipeline.registry import jobs as stage_jobs
 
-    by_job = stage_jobs()
+    by_job = JOBS
     entry = {"job_id": task_id, "task_ids": [task_id], "array": False, "dependency": f"afterok:{jobs['cache']}"}
     view: dict[str, dict[str, Any]] = {}
     if first:

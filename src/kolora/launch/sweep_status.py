@@ -12,10 +12,11 @@ from kolora.sweep.ranking import rank, score_run
 
 
 def _variant_row(run: RunDir) -> dict[str, Any]:
-    """A run's state (kolora.core.runlock.run_state; for a submitted run, Slurm's job states unless it stopped),
+    """A run's state (kolora.pipeline.state.run_state; for a submitted run, Slurm's job states unless it stopped),
     each stage's manifest status, its progress, and what failed or stopped."""
-    from kolora.core.runlock import run_state
     from kolora.launch import monitor
+    from kolora.launch.monitor import still_queued
+    from kolora.pipeline.state import run_state
 
     manifest = run.read_manifest() if run.manifest_file.is_file() else {}
     stages = manifest.get("stages", {})
@@ -23,7 +24,7 @@ def _variant_row(run: RunDir) -> dict[str, Any]:
     row: dict[str, Any] = {"stages": statuses, "failed": None, "stopped": None}
     if not manifest:
         return {**row, "state": "not started", "progress": ""}
-    state = run_state(run, manifest)
+    state = run_state(run, manifest, queued=still_queued)
     if (manifest.get("slurm") or {}).get("latest"):
         st = monitor.status(run)
         jobs = {r["job"]: r for r in st["jobs"]}

@@ -1,15 +1,13 @@
 """The in-process runner: `run_stage` runs one stage of the registry (kolora.pipeline.registry) with what every
 launcher needs around it: skip when complete, deal with outputs made for other inputs (Stage.on_change),
 time it, record it in the manifest, mark it complete. `preflight` checks everything that can be checked
-before any stage runs. A stage is `kolora.<stage>.run(cfg, run_dir, **kw) -> summary`; the Slurm launcher
+before any stage runs. A stage's entry point takes a StageContext and returns a summary; the Slurm launcher
 calls the same `run_stage` inside each job.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
-import inspect
 import json
 import logging
 import os
@@ -27,8 +25,9 @@ from kolora.core.errors import disk_full, disk_full_errno
 from kolora.core.interrupt import Interrupted, StopNow
 from kolora.core.prompts import load_prompts, repeated
 from kolora.core.rundir import RunDir, atomic_write_json, atomic_write_text, unwritable
-from kolora.pipeline import registry as stages
-from kolora.render import tiles
+from kolora.core.stage import Stage, StageContext
+from kolora.pipeline import registry
+from kolora.pipeline.keys import Keys, is_complete, mark_complete, marker_file
 
 log = logging.getLogger("kolora.pipeline.runner")
 
@@ -114,10 +113,10 @@ def _superseded(run: RunDir, stage: str) -> Path:
     return run.root / ".superseded" / stage
 
 
-def prepare(stage: str, cfg: ExperimentConfig, run: RunDir, keys: stages.Keys, force: bool = False) -> list[str]:
+def prepare(stage: str, cfg: ExperimentConfig, run: RunDir, keys: Keys, force: bool = False) -> list[str]:
     """Before a stage runs: deal with outputs made for other inputs (see Stage.on_change); returns one-line
     notes for the person running it."""
-    s = stages.get(stage)
+    s = registry.get(stage)
     work = keys.work(stage)
     if work is None:
         return []
@@ -132,7 +131,7 @@ def prepare(stage: str, cfg: ExperimentConfig, run: RunDir, keys: stages.Keys, f
     return notes
 
 
-def _keep_aside(s: stages.Stage, run: RunDir, old: str | None, work: str, force: bool) -> list[str]:
+def _keep_aside(s: Stage, run: RunDir, old: str | None, work: str, force: bool) -> list[str]:
     """Training outputs are GPU hours: never deleted implicitly. Made for other inputs, they move to
     superseded/<stage>-<key>/ (and come back if those inputs return); --force discards them."""
     present = [run.root / name for name in s.outputs if (run.root / name).exists()]
@@ -160,7 +159,7 @@ def _keep_aside(s: stages.Stage, run: RunDir, old: str | None, work: str, force:
     return notes
 
 
-def _set_aside(s: stages.Stage, run: RunDir, old: str, work: str) -> None:
+def _set_aside(s: Stage, run: RunDir, old: str, work: str) -> None:
     """Outputs made for other inputs are set aside, not deleted: `_settle` drops them once the stage succeeds
     for the new inputs, or puts them back (with their completion markers) when it fails."""
     aside = _superseded(run, s.name)
@@ -174,7 +173,7 @@ def _set_aside(s: stages.Stage, run: RunDir, old: str, work: str) -> None:
         aside.mkdir(parents=True)
         for p in present:
             os.replace(p, aside / p.name)
-        marker = stages.marker_file(run, s.name)
+        marker = marker_file(run, s.name)
         atomic_write_json(aside / ".state.json", {
             "inputs": old, "outputs": [p.name for p in present],
             "markers": {s.name: marker.read_text()} if marker.is_file() else {}})
@@ -191,7 +190,7 @@ def _settle(stage: str, run: RunDir, succeeded: bool) -> str | None:
         return None
     state = json.loads((aside / ".state.json").read_text())
     failed = run.root / ".failed" / stage
-    outputs = {name: run.root / name for name in stages.get(stage).outputs}
+    outputs = {name: run.root / name for name in registry.get(stage).outputs}
     written = [name for name, p in outputs.items() if p.exists()]
     if written:
         shutil.rmtree(failed, ignore_errors=True)
@@ -202,7 +201,7 @@ def _settle(stage: str, run: RunDir, succeeded: bool) -> str | None:
         if (aside / p.name).exists():
             os.replace(aside / p.name, p)
     for s, text in state["markers"].items():
-        atomic_write_text(stages.marker_file(run, s), text)
+        atomic_write_text(marker_file(run, s), text)
     atomic_write_text(run.root / ".inputs" / stage, state["inputs"] + "\n")
     shutil.rmtree(aside)
     return f"the previous {stage} outputs are back in place" + (
@@ -211,14 +210,17 @@ def _settle(stage: str, run: RunDir, succeeded: bool) -> str | None:
 
 def run_stage(stage: str, cfg: ExperimentConfig, run: RunDir, force: bool = False,
               progress: Callable[[int, int], None] | None = None, follower: bool = False,
-              **kw: Any) -> dict[str, Any]:
-    """Run one stage unless complete; returns its summary (with `skipped: True` when it was). A `follower`
-    (a DDP rank > 0) only computes: rank 0 decided, prepared and records the stage."""
-    s = stages.get(stage)
+              **placement: Any) -> dict[str, Any]:
+    """Run one stage unless complete; returns its summary (with `skipped: True` when it was). `placement`:
+    where this process stands in a launcher's array or ranks (StageContext's shard, shards, rank, world,
+    devices, nodes, extra). A `follower` (a DDP rank > 0) only computes: rank 0 decided, prepared and records
+    the stage."""
+    s = registry.get(stage)
+    keys = Keys(cfg, run)
     if follower:
-        return _call(s, cfg, run, progress, kw)
-    keys = stages.Keys(cfg, run)
-    if not force and stages.is_complete(stage, cfg, run, keys):
+        return _call(s, StageContext(cfg, run, keys.work(stage), progress=progress, **placement))
+
+    if not force and is_complete(stage, cfg, run, keys):
         return {"skipped": True}
     notes = prepare(stage, cfg, run, keys, force)
     for note in notes:
@@ -226,9 +228,9 @@ def run_stage(stage: str, cfg: ExperimentConfig, run: RunDir, force: bool = Fals
     started = time.time()
     run.record_stage(stage, status="running", started=time.strftime("%Y-%m-%dT%H:%M:%S%z"), notes=notes)
     try:  # from here on the manifest says "running" until one of the branches below records what became of it
-        summary = _call(s, cfg, run, progress, kw, force)
+        summary = _call(s, StageContext(cfg, run, keys.work(stage), progress=progress, force=force, **placement))
         wall = round(time.time() - started, 2)
-        _record_finished(s, cfg, run, summary, wall, "task_index" in kw)
+        _record_finished(s, cfg, run, summary, wall, placement.get("shard") is not None)
     except (Interrupted, StopNow) as e:  # resumable: keep what it made (and, aside, what it supersedes)
         e.stage = stage
         why = str(e) if isinstance(e, Interrupted) else f"stopped at once ({e})"
@@ -254,23 +256,28 @@ def run_stage(stage: str, cfg: ExperimentConfig, run: RunDir, force: bool = Fals
     return {**summary, "wall_s": wall, **({"notes": notes} if notes else {})}
 
 
-def _record_finished(s: stages.Stage, cfg: ExperimentConfig, run: RunDir, summary: dict[str, Any], wall: float,
+def _record_finished(s: Stage, cfg: ExperimentConfig, run: RunDir, summary: dict[str, Any], wall: float,
                      shard: bool) -> None:
     """After the stage's work: record it complete (its marker too) or, for an array task whose siblings are
     not done yet, partial."""
-    done = s.done(cfg, run)
-    if done and s.on_change == "keyed":
-        summary["stale_removed"] = tiles.prune_stale_tiles(cfg, run)
+    keys = Keys(cfg, run)
+
+    def complete(other: str) -> bool:
+        return is_complete(other, cfg, run, keys)
+
+    done = s.done(cfg, run, complete)
+    if done and s.prune is not None:
+        summary["stale_removed"] = s.prune(cfg, run)
     with run.manifest() as m:
         entry = m.setdefault("stages", {}).setdefault(s.name, {})
-        done = done or s.done(cfg, run)  # array tasks: another task may have completed it meanwhile
+        done = done or s.done(cfg, run, complete)  # array tasks: another task may have completed it meanwhile
         if not (done and "merged" in summary and entry.get("status") == "complete"):  # a shard's own summary
             entry["summary"] = summary
         entry.update(status="complete" if done else "partial", error=None)
         entry["wall_s"] = round(entry.get("wall_s", 0) + wall, 2) if shard else wall
     if done:
         _settle(s.name, run, succeeded=True)
-        stages.mark_complete(s.name, run, stages.Keys(cfg, run).output(s.name), wall_s=wall)
+        mark_complete(s.name, run, keys.output(s.name), wall_s=wall)
 
 
 def _record_end(run: RunDir, stage: str, e: BaseException, **fields: Any) -> None:
@@ -296,22 +303,16 @@ def _unless_the_disk_is_full(failure: BaseException, note: str) -> Iterator[None
         failure.add_note(note)
 
 
-def _call(s: stages.Stage, cfg: ExperimentConfig, run: RunDir, progress, kw: dict[str, Any],
-          force: bool = False) -> dict[str, Any]:
-    if s.where != "cpu":
+def _call(s: Stage, ctx: StageContext) -> dict[str, Any]:
+    if s.runs_on == "gpu":
         from kolora.models.kolors import ensure_model
 
-        ensure_model(cfg.model)
-    module = importlib.import_module(s.module)
-    if s.where != "cpu":
-        torch_setup(cfg)
-    with offline_env(run):
-        accepted = inspect.signature(module.run).parameters
-        if progress is not None and "progress" in accepted:
-            kw = {**kw, "progress": progress}
-        if force and "force" in accepted:  # a stage whose --force means more than "run again" (cache: re-encode)
-            kw = {**kw, "force": True}
-        return module.run(cfg, run, **kw)
+        ensure_model(ctx.cfg.model)
+    entry = s.load()
+    if s.runs_on == "gpu":
+        torch_setup(ctx.cfg)
+    with offline_env(ctx.run):
+        return entry(ctx)
 
 
 def torch_setup(cfg: ExperimentConfig) -> None:

@@ -10,7 +10,8 @@ from typing import Any
 from kolora.core.config import ExperimentConfig
 from kolora.core.errors import InputError, RunFailure
 from kolora.core.prompts import PromptItem
-from kolora.core.rundir import RunDir, atomic_path
+from kolora.core.rundir import atomic_path
+from kolora.core.stage import StageContext
 from kolora.render.tiles import missing_tiles, tiles
 
 # What a one-line caption cannot hold: control characters (a newline makes PIL refuse to measure the text; a
@@ -49,7 +50,8 @@ def _fit(draw, text: str, font, width: int) -> str:
     return text + "…"
 
 
-def run(cfg: ExperimentConfig, run: RunDir, progress=None) -> dict[str, Any]:
+def run(ctx: StageContext) -> dict[str, Any]:
+    cfg, run = ctx.cfg, ctx.run
     from PIL import Image, ImageDraw
 
     g = cfg.grid

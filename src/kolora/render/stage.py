@@ -19,14 +19,15 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from kolora.cache.entry import cache_store
 from kolora.core import devices, interrupt
 from kolora.core.config import ExperimentConfig
 from kolora.core.errors import RunFailure
 from kolora.core.prompts import PromptItem
 from kolora.core.rundir import RunDir, atomic_path, fsync_dir
+from kolora.core.stage import StageContext
 from kolora.formats import interchange
 from kolora.formats.lora import LoraFileError
-from kolora.pipeline.registry import cache_store
 from kolora.render.tiles import Tile, base_tiles, base_tiles_on, lora_file, tiles
 
 
@@ -190,8 +191,9 @@ def _render_tiles(cfg: ExperimentConfig, run: RunDir, lf: Path | None, todo: lis
     models.free_gpu(device)
 
 
-def run(cfg: ExperimentConfig, run: RunDir, task_index: int = 0, task_count: int = 1,
-        progress=None) -> dict[str, Any]:
+def run(ctx: StageContext) -> dict[str, Any]:
+    cfg, run, progress = ctx.cfg, ctx.run, ctx.progress
+    task_index, task_count = ctx.shard or 0, ctx.shards or 1
     if not 0 <= task_index < task_count:
         raise ValueError(f"task_index {task_index} is outside 0..{task_count - 1}")
     lf = lora_file(cfg, run)

@@ -10,10 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kolora.core.config import ExperimentConfig
+from kolora.core.config import ExperimentConfig, field_value
 from kolora.core.rundir import RunDir
 from kolora.models import fingerprint
-from kolora.pipeline import registry as stages
+
+# Render's config inputs: every tile's key holds them (but the negative prompt, per prompt, and base_tiles).
+RENDER_FIELDS = ("render.negative_prompt", "render.cfg", "render.steps", "render.width", "render.height",
+                 "render.lora_scale", "render.dtype", "cache.max_sequence_length", "render.base_tiles")
 
 
 @dataclass(frozen=True)
@@ -43,8 +46,7 @@ def tiles(cfg: ExperimentConfig, run: RunDir) -> list[Tile]:
     seed and the render fields, the LoRA's bytes and scale, the model, the text length."""
     from kolora.core.prompts import load_prompts
 
-    s = stages.get("render")
-    common = {f: stages.field_value(cfg, f) for f in s.inputs if f not in ("render.negative_prompt", "render.base_tiles")}
+    common = {f: field_value(cfg, f) for f in RENDER_FIELDS if f not in ("render.negative_prompt", "render.base_tiles")}
     common["model"] = fingerprint.model(cfg.model)
     lora = lora_file(cfg, run)
     lora_sha = fingerprint.file_sha256(lora) if lora.is_file() else None
@@ -66,8 +68,7 @@ def base_tiles(cfg: ExperimentConfig, run: RunDir) -> list[Tile]:
     model and render settings (every variant of a sweep) has the same base tiles."""
     from kolora.core.prompts import load_prompts
 
-    s = stages.get("render")
-    common = {f: stages.field_value(cfg, f) for f in s.inputs
+    common = {f: field_value(cfg, f) for f in RENDER_FIELDS
               if f not in ("render.negative_prompt", "render.base_tiles", "render.lora_scale")}
     common["model"] = fingerprint.model(cfg.model)
     return [Tile(i, item, fingerprint.digest(["base", common, item.prompt, item.negative_prompt, item.seed]), True)

@@ -18,6 +18,7 @@ from typing import Any
 from kolora.core.config import ExperimentConfig
 from kolora.core.errors import RunFailure
 from kolora.core.rundir import RunDir, atomic_write_bytes, atomic_write_text
+from kolora.core.stage import StageContext
 from kolora.train import metrics as train_metrics
 
 SCORES = Path("eval") / "scores.json"
@@ -148,7 +149,8 @@ def build_html(cfg: ExperimentConfig, run: RunDir, figures: dict[str, bytes], sc
             f"<script>{CHECK}</script></head>\n<body>\n" + "\n".join(parts) + "\n</body></html>\n")
 
 
-def run(cfg: ExperimentConfig, run: RunDir, progress=None) -> dict[str, Any]:
+def run(ctx: StageContext) -> dict[str, Any]:
+    cfg, run = ctx.cfg, ctx.run
     from kolora.render.tiles import tiles
     from kolora.report import plots
 

@@ -6,7 +6,7 @@
     runs/<sweep>/sweep.html, .png    the comparison sheet (kolora.sweep.sheet)
 
 ingest/filter/cache run once: the first variant runs them, the others *adopt* its outputs (hard links) for each
-stage whose key (kolora.pipeline.registry.Keys) is identical, which it is when only fields those stages do not read vary
+stage whose key (kolora.pipeline.keys.Keys) is identical, which it is when only fields those stages do not read vary
 (train.lr, train.rank...). A variant whose key differs runs the stage itself, against the shared cache store.
 In process the variants run one after another; on Slurm (kolora.launch.sweep) training is one array job.
 """
@@ -27,8 +27,10 @@ import yaml
 
 from kolora.core.config import ConfigError, ExperimentConfig, load_config
 from kolora.core.rundir import RunDir, atomic_dir, atomic_write_json, atomic_write_text, now
+from kolora.core.runlock import Queued, unknown_queue
+from kolora.pipeline.keys import Keys, is_complete, mark_complete
+from kolora.pipeline.registry import OPERATIONAL, STAGES, get
 
-SHARED_STAGES = ("ingest", "filter", "cache")
 MANIFEST = "sweep.json"
 
 
@@ -113,7 +115,7 @@ def _set_item(field_: str, value: Any) -> str:
 def plan(config_file: str | Path, vary_items: list[str], runs_dir: Path, name: str | None = None,
          overrides: list[str] | None = None) -> Sweep:
     """Every variant's config, validated (a bad field or value names its --vary); nothing is written."""
-    from kolora.pipeline.registry import OPERATIONAL, field_value
+    from kolora.core.config import field_value
 
     overrides = list(overrides or [])
     base = load_config(config_file, overrides)
@@ -153,7 +155,7 @@ def plan(config_file: str | Path, vary_items: list[str], runs_dir: Path, name: s
 def changes_outputs(field_: str) -> bool:
     """Whether some stage's output depends on `field_` (or on a field inside it, or on the section holding it):
     it is an input, a content field or a `continues` field of a stage (kolora.pipeline.registry), not operational."""
-    from kolora.pipeline.registry import STAGES
+
 
     read = {f for s in STAGES for f in (*s.inputs, *s.content, *s.continues)}
     return any(f == field_ or f.startswith(field_ + ".") or field_.startswith(f + ".") for f in read)
@@ -243,22 +245,21 @@ def adopt_shared(cfg: ExperimentConfig, run: RunDir, source: RunDir) -> list[str
     """Take over `source`'s ingest/filter/cache outputs for each of them whose key equals this run's (in
     pipeline order, stopping at the first that differs or is not complete there). Returns the stages adopted;
     a stage already complete here is left alone. Safe to repeat."""
-    from kolora.pipeline import registry as stages
     if run.root == source.root:
         return []
     try:
         src_cfg = source.load_config()
     except (ConfigError, OSError):
         return []
-    keys, src_keys = stages.Keys(cfg, run), stages.Keys(src_cfg, source)
+    keys, src_keys = Keys(cfg, run), Keys(src_cfg, source)
     adopted = []
-    for name in SHARED_STAGES:
-        if stages.is_complete(name, cfg, run, keys):
+    for name in (s.name for s in STAGES if s.shareable):
+        if is_complete(name, cfg, run, keys):
             continue
         key = keys.output(name)
-        if key is None or not stages.is_complete(name, src_cfg, source, src_keys) or src_keys.output(name) != key:
+        if key is None or not is_complete(name, src_cfg, source, src_keys) or src_keys.output(name) != key:
             break
-        for out in stages.get(name).outputs:
+        for out in get(name).outputs:
             _link_tree(source.root / out, run.root / out)
         atomic_write_text(run.root / ".inputs" / name, (keys.work(name) or "") + "\n")
         summary = dict((source.read_manifest().get("stages", {}).get(name) or {}).get("summary") or {})
@@ -269,19 +270,20 @@ def adopt_shared(cfg: ExperimentConfig, run: RunDir, source: RunDir) -> list[str
         with run.manifest() as m:
             m.setdefault("stages", {})[name] = {"status": "complete", "summary": summary, "error": None,
                                                 "wall_s": 0.0, "adopted_from": str(source.root)}
-        stages.mark_complete(name, run, key, adopted_from=source.root.name)
+        mark_complete(name, run, key, adopted_from=source.root.name)
         adopted.append(name)
     return adopted
 
 
 # ---- in process ------------------------------------------------------------------------------------------------
-def run_in_process(sweep: Sweep, console, force: bool = False) -> dict[str, str]:
+def run_in_process(sweep: Sweep, console, force: bool = False, queued: Queued = unknown_queue) -> dict[str, str]:
     """Every variant in turn, in this process, then the comparison sheet. Returns {variant: "complete" |
     "failed: ..."}; a failed variant does not stop the others (an interruption does)."""
     from kolora.core.interrupt import Interrupted
     from kolora.core.rundir import sweep_temp
-    from kolora.core.runlock import acquire, stopped_before
+    from kolora.core.runlock import acquire
     from kolora.pipeline.runner import open_run, preflight
+    from kolora.pipeline.state import stopped_before
 
     warnings = []
     for v in sweep.variants:
@@ -293,8 +295,8 @@ def run_in_process(sweep: Sweep, console, force: bool = False) -> dict[str, str]
     first = RunDir(sweep.variants[0].root(sweep.dir))
     outcome: dict[str, str] = {}
     for n, v in enumerate(sweep.variants, 1):
-        stopped = stopped_before(v.root(sweep.dir))  # read before this sweep holds the variant's lock
-        with acquire(v.root(sweep.dir), "run"):
+        stopped = stopped_before(v.root(sweep.dir), queued)  # read before this sweep holds the variant's lock
+        with acquire(v.root(sweep.dir), "run", queued=queued):
             sweep_temp(v.root(sweep.dir))
             run = open_run(v.cfg, sweep.dir)
             console.print(f"[bold]kolora sweep[/] {sweep.name}: variant {n}/{len(sweep.variants)} {v.name} "

@@ -27,13 +27,13 @@ import lightning as L
 import torch
 
 from kolora.core import interrupt
-from kolora.core.config import ExperimentConfig, TrainConfig
+from kolora.core.config import TrainConfig
 from kolora.core.devices import is_cuda, pick
 from kolora.core.errors import InputError, RunFailure
-from kolora.core.rundir import RunDir, atomic_write_text
+from kolora.core.rundir import atomic_write_text
+from kolora.core.stage import StageContext
 from kolora.formats import lora as lora_io
 from kolora.models import kolors as models
-from kolora.pipeline.registry import Keys
 from kolora.train import checkpoint as ckpt_io
 from kolora.train import distributed, objective, validation
 from kolora.train import logs as trainlogs
@@ -285,17 +285,11 @@ def resolve_precision(precision: str, accelerator: str) -> tuple[str, str | None
     return want, None
 
 
-def newest_resume_step(cfg: ExperimentConfig, run: RunDir) -> int:
-    """The step of the checkpoint training continues from (0: none), as `run` finds it: what rank 0 of a DDP job
-    chooses once for every rank (launch.jobs), so that no rank lists the checkpoint folder by itself."""
-    found = ckpt_io.newest_valid(run.train / "checkpoints", Keys(cfg, run).work("train"), max_step=cfg.train.steps)
-    return int(found[1]["global_step"]) if found else 0
-
-
-def run(cfg: ExperimentConfig, run: RunDir, progress=None, devices: int = 1, num_nodes: int = 1,
-        resume_step: int | None = None) -> dict[str, Any]:
-    """Train; resume from the newest valid checkpoint, or with `resume_step` (a DDP job's step chosen by rank
-    0, 0 for none) from exactly that one."""
+def run(ctx: StageContext) -> dict[str, Any]:
+    """Train; resume from the newest valid checkpoint, or with extra["resume_step"] (a DDP job's step chosen by
+    rank 0, 0 for none) from exactly that one."""
+    cfg, run, progress, devices, num_nodes = ctx.cfg, ctx.run, ctx.progress, ctx.devices, ctx.nodes
+    resume_step = ctx.extra.get("resume_step")
     tcfg = cfg.train
     for name in ("lightning.pytorch", "lightning.fabric"):  # hardware banners and tips, not our business
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -320,7 +314,7 @@ def run(cfg: ExperimentConfig, run: RunDir, progress=None, devices: int = 1, num
     data = CachedSamples(run.cache)
     ckpt_dir = run.train / "checkpoints"
     # Checkpoints belong to the training's inputs without train.steps: a run given more steps continues.
-    digest = Keys(cfg, run).work("train")
+    digest = ctx.key
     if resume_step is None:
         found = ckpt_io.newest_valid(ckpt_dir, digest, max_step=tcfg.steps)
     else:  # rank 0's choice, never another checkpoint: the ranks would diverge

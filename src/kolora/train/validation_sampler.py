@@ -10,13 +10,14 @@ from typing import Any
 import lightning as L
 import torch
 
+from kolora.cache.validation import prompt_texts, texts_to_cache
 from kolora.core import interrupt
 from kolora.core.config import ExperimentConfig
 from kolora.core.errors import RunFailure
 from kolora.core.rundir import RunDir, atomic_path
 from kolora.models import kolors as models
 from kolora.train import checkpoint
-from kolora.train.validation import prompt_texts, sample_names, step_dir, texts_to_cache
+from kolora.train.validation import sample_names, step_dir
 
 log = logging.getLogger("kolora.train.loop")
 

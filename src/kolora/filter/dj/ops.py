@@ -190,8 +190,8 @@ def _register(name: str, cls: type) -> None:
     """Register once; loading this file a second time under another module name (custom_operator_paths
     beside `import kolora.filter.dj.ops`) replaces our own earlier class, never somebody else's op."""
     existing = OPERATORS.modules.get(name)
-    ours = existing is not None and existing.__qualname__ == cls.__qualname__ and existing.__module__.endswith(
-        "dj_ops")
+    ours = (existing is not None and existing.__qualname__ == cls.__qualname__
+            and existing.__module__.rpartition(".")[2] == __name__.rpartition(".")[2])
     if existing is not None and not ours:
         raise KeyError(f"Data-Juicer already has an op named {name!r} ({existing.__module__}.{existing.__qualname__})")
     OPERATORS.register_module(name, cls, force=ours)

@@ -1,0 +1,19 @@
+"""The ingest stage as the registry sees it (kolora.core.stage.Stage); kolora.ingest.stage does the work."""
+
+from kolora.core.stage import Stage, file_exists
+
+
+def _slices(cfg, tasks: int) -> int:
+    from kolora.ingest.shards import count
+
+    return count(cfg, tasks)
+
+
+STAGE = Stage(
+    "ingest", entry="kolora.ingest.stage:run", runs_on="cpu", parallel="shards", after=(),
+    inputs=("data.source", "data.dataset_id", "data.subset", "data.split", "data.text_column",
+            "data.image_column", "data.caption", "data.limit", "data.synthetic.count", "data.synthetic.seed",
+            "data.synthetic.min_side", "data.synthetic.max_side", "data.allow_external_paths",
+            "data.max_image_bytes"),
+    content=("data.path",), outputs=("data",), done=file_exists("data/metadata.jsonl"), stoppable=True,
+    slices=_slices, shareable=True)
