@@ -176,3 +176,11 @@ def pytest_terminal_summary(terminalreporter) -> None:
 def pytest_sessionfinish(session, exitstatus) -> None:
     if _skipped_slurm and os.environ.get("KOLORA_REQUIRE_SLURM") == "1" and exitstatus == 0:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def stage_context(stage: str, cfg, run, **placement):
+    """What the runner hands a stage's entry point (its work key included), for tests that call one directly."""
+    from kolora.core.stage import StageContext
+    from kolora.pipeline.keys import Keys
+
+    return StageContext(cfg, run, Keys(cfg, run).work(stage), **placement)

@@ -64,8 +64,9 @@ STALL_S = float(os.environ.get("KOLORA_TEST_STALL_S", "240"))
 
 
 def run_progress(run: Path) -> tuple:
-    """What a submitted run has durably done so far (see RunDir.progress) plus its metrics rows and attempts."""
+    """What a submitted run has durably done so far (see kolora.pipeline.keys.progress) plus its metrics rows and attempts."""
     from kolora.core.rundir import RunDir
+    from kolora.pipeline.keys import progress
 
     metrics = run / "train" / "metrics.csv"
     attempts = run / "slurm" / "attempts.jsonl"
@@ -73,7 +74,7 @@ def run_progress(run: Path) -> tuple:
     def lines(path: Path) -> int:
         return len(path.read_text().splitlines()) if path.is_file() else 0
 
-    return (json.dumps(RunDir(run).progress(), sort_keys=True), lines(metrics), lines(attempts))
+    return (json.dumps(progress(RunDir(run)), sort_keys=True), lines(metrics), lines(attempts))
 
 
 def wait_for(what: str, done: Callable[[], Any], progress: Callable[[], Any], stall_s: float = STALL_S,

@@ -20,7 +20,8 @@ from kolora.core import interrupt
 from kolora.core.config import ConfigError, load_config
 from kolora.core.rundir import RunDir
 from kolora.ingest.synthetic import _draw
-from kolora.pipeline.registry import NAMES, Keys
+from kolora.pipeline.keys import Keys
+from kolora.pipeline.registry import NAMES
 from kolora.pipeline.runner import preflight, run_stage
 from kolora.train import loop as train_mod
 from kolora.train.checkpoint import checkpoints

@@ -48,12 +48,12 @@ def test_two_ranks_cache_their_shards_and_rank_0_writes_the_same_index(demo_run,
     (run.cache / "index.json").unlink()
     barrier = tmp_path / "barrier"
     barrier.mkdir()
-    follower = run_stage("cache", cfg, run, follower=True, rank=1, world=2, barrier=str(barrier))
+    follower = run_stage("cache", cfg, run, follower=True, rank=1, world=2, extra={"barrier": str(barrier)})
     assert json.loads((barrier / "rank-1.json").read_text())["status"] == "done"
     rows = {line["row"] for line in _journal_lines(run) if "entry" in line}
     assert rows == set(range(1, len(reference), 2))  # rank 1 cached exactly the odd samples
     assert not (run.cache / "index.json").exists()  # only rank 0 writes the index
-    summary = run_stage("cache", cfg, run, force=True, rank=0, world=2, barrier=str(barrier))
+    summary = run_stage("cache", cfg, run, force=True, rank=0, world=2, extra={"barrier": str(barrier)})
     assert _index(run)["entries"] == reference  # same entries, same order as one process
     assert summary["samples"] == len(reference) and summary["ranks"] == 2
     # each rank encoded its own half of the images; rank 0's summary counts both

@@ -20,6 +20,7 @@ from test_train import PACED, STEPS, fresh_train_run
 from kolora.cli.main import main
 from kolora.core.rundir import RunDir
 from kolora.pipeline import registry as stages
+from kolora.pipeline.keys import marker_file
 from kolora.train import loop as train_mod
 from kolora.train.checkpoint import checkpoints
 
@@ -64,14 +65,15 @@ def _ctrl_c_at_step(monkeypatch, step: int, times: int = 1) -> None:
 
 
 def _ctrl_c_at_start_of(monkeypatch, stage: str) -> None:
-    module = importlib.import_module(stages.get(stage).module)
-    original = module.run
+    module_name, _, function = stages.get(stage).entry.partition(":")
+    module = importlib.import_module(module_name)
+    original = getattr(module, function)
 
     def started(*args, **kw):
         _ctrl_c()
         return original(*args, **kw)
 
-    monkeypatch.setattr(module, "run", started)
+    monkeypatch.setattr(module, function, started)
 
 
 def _undone_copy(demo_run, tmp_path, stage: str):
@@ -79,7 +81,7 @@ def _undone_copy(demo_run, tmp_path, stage: str):
     cache's entries too, so that it encodes)."""
     root = tmp_path / "runs" / "demo"
     shutil.copytree(demo_run, root)
-    stages.marker_file(RunDir(root), stage).unlink()
+    marker_file(RunDir(root), stage).unlink()
     for out in {o.split("/")[0] for o in stages.get(stage).outputs}:
         path = root / out
         shutil.rmtree(path) if path.is_dir() else path.unlink()

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import stage_context
 from PIL import Image, ImageFile
 
 from kolora.core import interrupt
@@ -127,8 +128,8 @@ def test_kept_set_equals_an_independent_full_decode(tmp_path: Path, monkeypatch:
     run = RunDir(tmp_path / "run")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        ingest.run(cfg, run)
-        summary = kfilter.run(cfg, run)
+        ingest.run(stage_context("ingest", cfg, run))
+        summary = kfilter.run(stage_context("filter", cfg, run))
     assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
 
     expected = {name for name in kinds if decodes_independently(ds / name)}

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import untrained_copy
+from conftest import stage_context, untrained_copy
 
 from kolora.cache import stage as cache
 from kolora.core import devices
@@ -92,7 +92,7 @@ def test_a_cache_rank_encodes_on_its_own_gpu(gpus, demo_run, tmp_path, monkeypat
 
     monkeypatch.setattr(cache, "_encode_texts", texts_on_cpu)
     monkeypatch.setattr(cache, "_encode_latents", latents_on_cpu)
-    summary = cache.run(cfg, run, rank=local_rank, world=4, barrier=str(tmp_path / "barrier"))
+    summary = cache.run(stage_context("cache", cfg, run, rank=local_rank, world=4, extra={"barrier": str(tmp_path / "barrier")}))
     assert summary["device"] == expected and summary["encoded_images"] > 0
     index = int(expected.split(":")[1])
     assert seen == {"text": {(expected, (index,))}, "latent": {(expected, (index,))}}
@@ -106,10 +106,10 @@ def test_a_cache_rank_with_no_captions_left_never_loads_the_text_encoder(demo_ru
     loaded = []
     real = models.prompt_encoder
     monkeypatch.setattr(models, "prompt_encoder", lambda *a: loaded.append(a[-1]) or real(*a))
-    cache.run(cfg, run, rank=1, world=2, barrier=str(tmp_path / "b1"))
+    cache.run(stage_context("cache", cfg, run, rank=1, world=2, extra={"barrier": str(tmp_path / "b1")}))
     assert loaded == ["cpu"]  # rank 1 had captions to encode
     shutil.rmtree(run.cache)
-    cache.run(cfg, run, rank=1, world=2, barrier=str(tmp_path / "b2"))  # a second run: all in the store
+    cache.run(stage_context("cache", cfg, run, rank=1, world=2, extra={"barrier": str(tmp_path / "b2")}))  # a second run: all in the store
     assert loaded == ["cpu"]
 
 
@@ -158,7 +158,7 @@ def test_training_rank_runs_on_its_own_gpu(gpus, demo_run, tmp_path, monkeypatch
     monkeypatch.setattr(train_mod.L, "Trainer", trainer)
     cfg.train.precision = "32-true"
     with pytest.raises(_Built):
-        train_mod.run(cfg, run, devices=4, num_nodes=1)
+        train_mod.run(stage_context("train", cfg, run, devices=4, nodes=1))
     assert built["set_device_before_load"] == [expected]
     assert built["root"] == torch.device("cuda", expected)
     assert (built["processes"], built["world"], built["rank"]) == (4, 4, rank)

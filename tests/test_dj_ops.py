@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import stage_context
 from PIL import Image, ImageFile, ImageOps, PngImagePlugin
 
 from kolora.core.config import ConfigError, validate_config
@@ -286,8 +287,8 @@ def test_filter_stage_reports_the_configured_op_names(tmp_path: Path) -> None:
         "filter": {"ops": [{"image_shape_filter": {"min_width": 64, "min_height": 64}},
                            {"image_aspect_ratio_filter": {"min_ratio": 0.5, "max_ratio": 2.0}}]}})
     run = RunDir(tmp_path / "run")
-    ingest.run(cfg, run)
-    summary = kfilter.run(cfg, run)
+    ingest.run(stage_context("ingest", cfg, run))
+    summary = kfilter.run(stage_context("filter", cfg, run))
     assert summary["dj_ops"] == ["image_shape_header_filter", "image_aspect_ratio_header_filter"]
     assert summary["ops"] == ["image_shape_filter", "image_aspect_ratio_filter"]
     assert set(summary["by_op"]) == {"image_shape_filter", "image_aspect_ratio_filter"}  # as configured

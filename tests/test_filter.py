@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import stage_context
 from PIL import Image, ImageFile
 
 from kolora.core.config import ConfigError, validate_config
@@ -78,7 +79,7 @@ def check_outputs(run: RunDir, kept_ids: set[str]) -> None:
 def test_synthetic_demo_ops_keep_exactly_the_computed_set(tmp_path: Path) -> None:
     cfg = make_cfg(tmp_path, {"source": "synthetic", "synthetic": {"count": 32, "seed": 5}}, DEMO_OPS)
     run = RunDir(tmp_path / "run")
-    ingest.run(cfg, run)
+    ingest.run(stage_context("ingest", cfg, run))
     samples = [json.loads(x) for x in (run.data / "metadata.jsonl").read_text(encoding="utf-8").splitlines()]
     sizes = {}
     for s in samples:
@@ -90,7 +91,7 @@ def test_synthetic_demo_ops_keep_exactly_the_computed_set(tmp_path: Path) -> Non
     assert want and by_shape and by_aspect  # the synthetic set exercises both ops
 
     cwd, env, stdout, truncated = os.getcwd(), dict(os.environ), sys.stdout, ImageFile.LOAD_TRUNCATED_IMAGES
-    summary = kfilter.run(cfg, run)
+    summary = kfilter.run(stage_context("filter", cfg, run))
     # Data-Juicer's process-wide changes are undone
     assert (os.getcwd(), dict(os.environ), sys.stdout) == (cwd, env, stdout)
     assert ImageFile.LOAD_TRUNCATED_IMAGES == truncated
@@ -107,7 +108,7 @@ def test_synthetic_demo_ops_keep_exactly_the_computed_set(tmp_path: Path) -> Non
     # a rerun (here with two worker processes, each tracing its own drops) replaces the outputs with the same
     # result and the same attribution
     cfg2 = make_cfg(tmp_path, {"source": "synthetic", "synthetic": {"count": 32, "seed": 5}}, DEMO_OPS, np=2)
-    kfilter.run(cfg2, run)
+    kfilter.run(stage_context("filter", cfg2, run))
     check_outputs(run, want)
     assert {e["id"]: e["op"] for e in report_of(run)["samples"] if not e["kept"]} == ops
     assert len({p.name for p in (run.filter / "dj" / "work").rglob("sample_trace-*")}) > 2  # per worker files
@@ -127,8 +128,8 @@ def test_tutorial_ops_at_exact_boundaries(tmp_path: Path) -> None:
     cfg = make_cfg(tmp_path, {"source": "jsonl", "path": str(ds / "metadata.jsonl")})  # default = tutorial ops
     assert cfg.filter.ops[0]["image_shape_filter"]["min_width"] == 1024
     run = RunDir(tmp_path / "run")
-    ingest.run(cfg, run)
-    kfilter.run(cfg, run)
+    ingest.run(stage_context("ingest", cfg, run))
+    kfilter.run(stage_context("filter", cfg, run))
     ids = {s["text"]: s["id"] for s in (json.loads(x) for x in (run.data / "metadata.jsonl").read_text().splitlines())}
     want = expected_kept({ids[k]: v for k, v in sizes.items()}, 1024, 1024, 0.5, 2.0)
     assert {k for k, v in ids.items() if v in want} == {"square-1024", "ratio-2.0", "ratio-0.5", "big-ok"}
@@ -147,8 +148,8 @@ def test_a_deduplicators_drops_are_attributed_to_it(tmp_path: Path) -> None:
     ops = [*DEMO_OPS, {"document_deduplicator": {"lowercase": True, "ignore_non_character": True}}]
     cfg = make_cfg(tmp_path, {"source": "jsonl", "path": str(ds / "metadata.jsonl")}, ops)
     run = RunDir(tmp_path / "run")
-    ingest.run(cfg, run)
-    kfilter.run(cfg, run)
+    ingest.run(stage_context("ingest", cfg, run))
+    kfilter.run(stage_context("filter", cfg, run))
     by_line = {int(Path(e["image"]).stem): e for e in report_of(run)["samples"]}  # ingest keeps the line order
     assert {n for n, e in by_line.items() if e["kept"]} == {0, 3}
     for dup in (1, 2):
@@ -178,8 +179,8 @@ def test_bad_files_are_reported_and_good_ones_kept(tmp_path: Path) -> None:
 
     cfg = make_cfg(tmp_path, {"source": "jsonl", "path": str(ds / "metadata.jsonl")}, DEMO_OPS)
     run = RunDir(tmp_path / "run")
-    ingest.run(cfg, run)
-    summary = kfilter.run(cfg, run)
+    ingest.run(stage_context("ingest", cfg, run))
+    summary = kfilter.run(stage_context("filter", cfg, run))
 
     report = report_of(run)
     entries = {e["text"]: e for e in report["samples"] if e["stage"] != "ingest"}
@@ -228,9 +229,9 @@ def test_unknown_op_or_argument_is_a_clear_error(tmp_path: Path) -> None:
     # the stage itself refuses before running anything
     cfg = make_cfg(tmp_path, {"source": "synthetic", "synthetic": {"count": 2}}, ops)
     run = RunDir(tmp_path / "run")
-    ingest.run(cfg, run)
+    ingest.run(stage_context("ingest", cfg, run))
     with pytest.raises(ConfigError, match=r"filter\.ops\[1\]"):
-        kfilter.run(cfg, run)
+        kfilter.run(stage_context("filter", cfg, run))
     assert not (run.filter / "report.json").exists()
 
 
@@ -238,10 +239,10 @@ def test_nothing_kept_is_a_clear_error_after_the_report(tmp_path: Path) -> None:
     ops = [{"image_shape_filter": {"min_width": 4096, "min_height": 4096}}]
     cfg = make_cfg(tmp_path, {"source": "synthetic", "synthetic": {"count": 6}}, ops)
     run = RunDir(tmp_path / "run")
-    ingest.run(cfg, run)
+    ingest.run(stage_context("ingest", cfg, run))
     with pytest.raises(kfilter.FilterError, match=r"no sample kept out of 6 \(image_shape_filter dropped 6\); "
                                                   r"relax filter\.ops"):
-        kfilter.run(cfg, run)
+        kfilter.run(stage_context("filter", cfg, run))
     report = report_of(run)
     assert report["summary"]["kept"] == 0 and len(report["samples"]) == 6
     assert {e["op"] for e in report["samples"]} == {"image_shape_filter"}
@@ -256,13 +257,13 @@ def test_ray_executor_gives_the_same_kept_set(tmp_path: Path) -> None:
     raw_cfg = make_cfg(tmp_path, data, DEMO_OPS)
     cfg = raw_cfg.model_copy(update={"filter": raw_cfg.filter.model_copy(update={"executor": "ray"})})
     run = RunDir(tmp_path / "run")
-    ingest.run(cfg, run)
+    ingest.run(stage_context("ingest", cfg, run))
     sizes = {}
     for line in (run.data / "metadata.jsonl").read_text(encoding="utf-8").splitlines():
         s = json.loads(line)
         with Image.open(s["image"][0]) as im:
             sizes[s["id"]] = im.size
-    kfilter.run(cfg, run)
+    kfilter.run(stage_context("filter", cfg, run))
     check_outputs(run, expected_kept(sizes, 64, 64, 0.5, 2.0))
     assert (run.filter / "dj" / "export" / "result.jsonl").is_dir()
     assert all(e["op"] for e in report_of(run)["samples"] if not e["kept"])

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import stage_context
 from PIL import Image
 from test_filter import DEMO_OPS, check_outputs, make_cfg, noisy_jpeg
 
@@ -70,8 +71,8 @@ def test_sharded_filter_equals_unsharded_and_reruns_only_missing_shards(tmp_path
     four = one.model_copy(update={"filter": one.filter.model_copy(update={"shards": 4})})
     plain, sharded = RunDir(tmp_path / "plain"), RunDir(tmp_path / "sharded")
     for cfg, run in ((one, plain), (four, sharded)):
-        ingest.run(cfg, run)
-    kfilter.run(one, plain)
+        ingest.run(stage_context("ingest", cfg, run))
+    kfilter.run(stage_context("filter", one, plain))
     want = outputs(plain)
     kept = {e["id"] for e in want["samples"] if e["kept"]}
     stages_seen = {e["stage"] for e in want["samples"]}
@@ -79,10 +80,10 @@ def test_sharded_filter_equals_unsharded_and_reruns_only_missing_shards(tmp_path
 
     # as Slurm array tasks, in the order they happen to finish: only the last one merges
     for i in (2, 0, 3):
-        summary = kfilter.run(four, sharded, task_index=i, task_count=4)
+        summary = kfilter.run(stage_context("filter", four, sharded, shard=i, shards=4))
         assert summary["merged"] is False and summary["ran"] == [i] and i not in summary["waiting_for"]
         assert not (sharded.filter / "report.json").exists()
-    summary = kfilter.run(four, sharded, task_index=1, task_count=4)
+    summary = kfilter.run(stage_context("filter", four, sharded, shard=1, shards=4))
     assert summary["shards"] == 4 and summary["ran"] == [1] and summary["merged"] is True and summary["kept"] == len(kept)
     assert outputs(sharded) == want
     check_outputs(sharded, {e["id"] for e in outputs(sharded)["samples"] if e["kept"]})
@@ -90,13 +91,13 @@ def test_sharded_filter_equals_unsharded_and_reruns_only_missing_shards(tmp_path
         rows = json.loads((filter_shards.folder(sharded, i, 4) / "report.json").read_text())["entries"]
         assert len(rows) in (5, 6) and (filter_shards.folder(sharded, i, 4) / "dj" / "config.yaml").is_file()
     # a task that finds the merge done (it finished together with the merging one) does not merge again
-    again = kfilter.run(four, sharded, task_index=0, task_count=4)
+    again = kfilter.run(stage_context("filter", four, sharded, shard=0, shards=4))
     assert again["merged"] == "by another task" and again["ran"] == []
 
     # one shard's work lost (its task killed before the marker): the rerun redoes that shard only
     before = markers(sharded, 4)
     (filter_shards.folder(sharded, 2, 4) / "done.json").unlink()
-    summary = kfilter.run(four, sharded)
+    summary = kfilter.run(stage_context("filter", four, sharded))
     after = markers(sharded, 4)
     assert summary["ran"] == [2]
     assert {i: after[i] == before[i] for i in range(4)} == {0: True, 1: True, 2: False, 3: True}
@@ -104,12 +105,12 @@ def test_sharded_filter_equals_unsharded_and_reruns_only_missing_shards(tmp_path
 
     # filter.shard_size: 22 samples at 6 per shard are the same 4 shards, all done: only the merge runs
     by_size = four.model_copy(update={"filter": one.filter.model_copy(update={"shard_size": 6})})
-    summary = kfilter.run(by_size, sharded)
+    summary = kfilter.run(stage_context("filter", by_size, sharded))
     assert summary["ran"] == [] and summary["shards"] == 4 and outputs(sharded) == want
 
     # a mismatched array (planned for another shard count) is refused, naming the fix
     with pytest.raises(kfilter.FilterError, match="filter.shards is 4.*kolora resume"):
-        kfilter.run(four, sharded, task_index=0, task_count=3)
+        kfilter.run(stage_context("filter", four, sharded, shard=0, shards=3))
 
 
 def test_shard_bounds_cover_every_sample_once() -> None:

@@ -13,6 +13,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import stage_context
 from slurmkit import DEMO, kolora, run_progress, sacct, submit, wait_ended, wait_for
 from test_filter_shards import markers, outputs
 from test_ingest_shards import outputs as data_outputs
@@ -98,8 +99,8 @@ def test_killed_shard_task_is_the_only_one_resume_reruns(env: dict[str, str], tm
     # the same config unsharded, in this process
     cfg = load_config(DEMO)
     ref = RunDir(tmp_path / "ref")
-    ingest.run(cfg, ref)
-    kfilter.run(cfg, ref)
+    ingest.run(stage_context("ingest", cfg, ref))
+    kfilter.run(stage_context("filter", cfg, ref))
     want, got = outputs(ref), outputs(run)
     assert got == want
     assert want["summary"]["kept"] == 24 and want["summary"]["dropped"] == 24
@@ -148,7 +149,7 @@ def test_parquet_ingest_is_sharded_over_the_filter_array(env: dict[str, str], tm
     # the same config in one pass, in this process: the same data/ and the same filter outputs
     cfg = load_config(DEMO, [item for item in data if item != "--set"])
     ref = RunDir(tmp_path / "ref")
-    ingest.run(cfg, ref)
-    kfilter.run(cfg, ref)
+    ingest.run(stage_context("ingest", cfg, ref))
+    kfilter.run(stage_context("filter", cfg, ref))
     assert data_outputs(run) == data_outputs(ref)
     assert outputs(run) == outputs(ref)

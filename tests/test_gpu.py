@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import stage_context
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")]
@@ -152,7 +153,7 @@ def test_a_deterministic_run_resumed_on_the_gpu_is_bit_identical(gpu_run, tmp_pa
         return RunDir(tmp_path / name)
 
     ref = fresh("reference")
-    assert train_mod.run(cfg, ref)["precision"] == "16-mixed"
+    assert train_mod.run(stage_context("train", cfg, ref))["precision"] == "16-mixed"
     run = fresh("resumed")
     original = train_mod.Checkpointer.on_train_batch_end
 
@@ -164,11 +165,11 @@ def test_a_deterministic_run_resumed_on_the_gpu_is_bit_identical(gpu_run, tmp_pa
     train_mod.Checkpointer.on_train_batch_end = stop_at_6
     try:
         with pytest.raises(interrupt.Interrupted):
-            train_mod.run(cfg, run)
+            train_mod.run(stage_context("train", cfg, run))
     finally:
         train_mod.Checkpointer.on_train_batch_end = original
         interrupt.clear()
-    assert train_mod.run(cfg, run)["resumed_from_step"] == 6
+    assert train_mod.run(stage_context("train", cfg, run))["resumed_from_step"] == 6
     a, b = load_file(str(ref.root / lora)), load_file(str(run.root / lora))
     diff = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
     record_property("max_abs_diff", diff)
@@ -188,8 +189,8 @@ def test_a_float16_render_writes_finite_tiles(gpu_run, record_property):
     cfg.train.steps = 4
     cfg.render.dtype, cfg.render.device = "float16", "cuda"
     if not (run.lora / "pytorch_lora_weights.safetensors").is_file():
-        train_mod.run(cfg, run)
-    render.run(cfg, run)
+        train_mod.run(stage_context("train", cfg, run))
+    render.run(stage_context("render", cfg, run))
     tiles = sorted(run.render.glob("*.png"))
     assert tiles
     for tile in tiles:

@@ -203,10 +203,10 @@ def test_train_step_and_validation_sample_match_the_plan(recipe, plan, capsys: p
     kolora.train.validation_sampler's render on that state, its VAE brought from the CPU."""
     import torch
 
+    from kolora.cache.validation import prompt_texts
     from kolora.formats.lora import add_lora
     from kolora.models import kolors as models
     from kolora.train.ema import LoraEMA
-    from kolora.train.validation import prompt_texts
     from kolora.train.validation_sampler import ValidationSampler
 
     t, confs = recipe.train, memplan.model_configs(recipe.model)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import stage_context
 from PIL import Image
 
 from kolora.core.config import validate_config
@@ -54,7 +55,7 @@ def check_layout(run: RunDir, n: int) -> list[dict[str, Any]]:
 def test_synthetic(tmp_path: Path) -> None:
     cfg = make_cfg(tmp_path, {"source": "synthetic", "synthetic": {"count": 24, "seed": 3}})
     run = RunDir(tmp_path / "run")
-    summary = ingest.run(cfg, run)
+    summary = ingest.run(stage_context("ingest", cfg, run))
     assert summary["samples"] == 24 and summary["rejected"] == 0
     samples = check_layout(run, 24)
     sizes = set()
@@ -70,11 +71,11 @@ def test_synthetic(tmp_path: Path) -> None:
 
     # rerun: same content, nothing left over; limit and caption apply
     first = (run.data / "metadata.jsonl").read_text(encoding="utf-8")
-    ingest.run(cfg, run)
+    ingest.run(stage_context("ingest", cfg, run))
     assert (run.data / "metadata.jsonl").read_text(encoding="utf-8") == first
     cfg2 = make_cfg(tmp_path, {"source": "synthetic", "synthetic": {"count": 24, "seed": 3}, "limit": 5,
                                "caption": "二次元"})
-    ingest.run(cfg2, run)
+    ingest.run(stage_context("ingest", cfg2, run))
     samples = check_layout(run, 5)
     assert {s["text"] for s in samples} == {"二次元"}
     assert len(list((run.data / "images").iterdir())) == 5
@@ -100,7 +101,7 @@ def test_folder(tmp_path: Path) -> None:
     (train / "metadata.csv").write_text("\n".join(rows) + "\n", encoding="utf-8-sig")  # with BOM
     cfg = make_cfg(tmp_path, {"source": "folder", "path": str(tmp_path / "ds")})
     run = RunDir(tmp_path / "run")
-    summary = ingest.run(cfg, run)
+    summary = ingest.run(stage_context("ingest", cfg, run))
     samples = check_layout(run, 4)
     assert [s["text"] for s in samples] == ["二次元 zero", "one, with a comma", "missing file kept", "two"]
     # hard links into data/images (same filesystem)
@@ -131,7 +132,7 @@ def test_jsonl(tmp_path: Path) -> None:
     # c.jpg lies outside the dataset's folder: listed on purpose, so opted in (tests/test_safe_paths.py: refused)
     cfg = make_cfg(tmp_path, {"source": "jsonl", "path": str(ds / "metadata.jsonl"), "allow_external_paths": True})
     run = RunDir(tmp_path / "run")
-    ingest.run(cfg, run)
+    ingest.run(stage_context("ingest", cfg, run))
     samples = check_layout(run, 3)
     assert [s["text"] for s in samples] == ["二次元", "string image", "absolute"]
     assert [Path(s["image"][0]).suffix for s in samples] == [".png", ".jpg", ".jpg"]
@@ -140,7 +141,7 @@ def test_jsonl(tmp_path: Path) -> None:
     assert reasons["5"].startswith("malformed json") and reasons["6"] == "no image" and reasons["7"] == "missing text"
     # the folder holding metadata.jsonl works too, and data.caption fills in a missing text
     cfg = make_cfg(tmp_path, {"source": "jsonl", "path": str(ds), "caption": "二次元", "allow_external_paths": True})
-    ingest.run(cfg, run)
+    ingest.run(stage_context("ingest", cfg, run))
     assert len(check_layout(run, 4)) == 4
 
 
@@ -167,7 +168,7 @@ def test_parquet(tmp_path: Path) -> None:
     cfg = make_cfg(tmp_path, {"source": "parquet", "path": str(folder), "image_column": "picture",
                               "text_column": "caption"})
     run = RunDir(tmp_path / "run")
-    ingest.run(cfg, run)
+    ingest.run(stage_context("ingest", cfg, run))
     samples = check_layout(run, 5)
     assert [Path(s["image"][0]).read_bytes() for s in samples] == img1 + img2
     assert [Path(s["image"][0]).suffix for s in samples] == [".jpg", ".png", ".jpg", ".jpg", ".png"]
@@ -176,11 +177,11 @@ def test_parquet(tmp_path: Path) -> None:
     # one file, and a clear error for a wrong column name
     cfg = make_cfg(tmp_path, {"source": "parquet", "path": str(folder / "b.parquet"), "image_column": "picture",
                               "text_column": "caption"})
-    ingest.run(cfg, run)
+    ingest.run(stage_context("ingest", cfg, run))
     check_layout(run, 2)
     cfg = make_cfg(tmp_path, {"source": "parquet", "path": str(folder / "b.parquet")})
     with pytest.raises(ingest.DatasetError, match=r"no column 'image'.*\['picture', 'caption'\]"):
-        ingest.run(cfg, run)
+        ingest.run(stage_context("ingest", cfg, run))
 
 
 def test_modelscope_local_imagefolder_and_parquet(tmp_path: Path) -> None:
@@ -196,7 +197,7 @@ def test_modelscope_local_imagefolder_and_parquet(tmp_path: Path) -> None:
     (imf / "train" / "metadata.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
     cfg = make_cfg(tmp_path, {"source": "modelscope", "path": str(imf), "dataset_id": "AI-ModelScope/lowres_anime"})
     run = RunDir(tmp_path / "run")
-    ingest.run(cfg, run)
+    ingest.run(stage_context("ingest", cfg, run))
     samples = check_layout(run, 3)
     assert sorted(s["text"] for s in samples) == ["二次元 0", "二次元 1", "二次元 2"]
     for s in samples:
@@ -209,7 +210,7 @@ def test_modelscope_local_imagefolder_and_parquet(tmp_path: Path) -> None:
     table, images = parquet_table(4, struct=True)
     pq.write_table(table.rename_columns(["image", "text"]), pqd / "data" / "train-00000-of-00001.parquet")
     cfg = make_cfg(tmp_path, {"source": "modelscope", "path": str(pqd)})
-    ingest.run(cfg, run)
+    ingest.run(stage_context("ingest", cfg, run))
     samples = check_layout(run, 4)
     assert [Path(s["image"][0]).read_bytes() for s in samples] == images
     assert not (Path.home() / ".cache" / "modelscope" / "hub" / "datasets" / "parquetds").exists()
@@ -220,11 +221,11 @@ def test_modelscope_hub_id_offline_is_a_clear_error(tmp_path: Path, monkeypatch:
     cfg = make_cfg(tmp_path, {"source": "modelscope", "dataset_id": "AI-ModelScope/lowres_anime"})
     with pytest.raises(ingest.DatasetError, match=r"modelscope download --dataset AI-ModelScope/lowres_anime "
                                                   r"--local-dir DIR.*data.path"):
-        ingest.run(cfg, RunDir(tmp_path / "run"))
+        ingest.run(stage_context("ingest", cfg, RunDir(tmp_path / "run")))
     cfg = make_cfg(tmp_path, {"source": "modelscope", "path": str(tmp_path / "nowhere"),
                               "dataset_id": "AI-ModelScope/lowres_anime"})
     with pytest.raises(ingest.DatasetError, match="nowhere does not exist.*modelscope download"):
-        ingest.run(cfg, RunDir(tmp_path / "run"))
+        ingest.run(stage_context("ingest", cfg, RunDir(tmp_path / "run")))
 
 
 @pytest.mark.parametrize("content", ["", "{broken\n" + json.dumps({"text": "x"}) + "\n"])
@@ -234,7 +235,7 @@ def test_empty_dataset_is_a_clear_error(tmp_path: Path, content: str) -> None:
     cfg = make_cfg(tmp_path, {"source": "jsonl", "path": str(path)})
     run = RunDir(tmp_path / "run")
     with pytest.raises(ingest.DatasetError, match=f"no usable sample in {path}") as e:
-        ingest.run(cfg, run)
+        ingest.run(stage_context("ingest", cfg, run))
     assert isinstance(e.value, ValueError)
     assert not run.data.exists()  # nothing half-written
 
@@ -243,4 +244,4 @@ def test_missing_path_is_a_clear_error(tmp_path: Path) -> None:
     for source in ("folder", "jsonl", "parquet"):
         cfg = make_cfg(tmp_path, {"source": source, "path": str(tmp_path / "absent")})
         with pytest.raises(ingest.DatasetError, match="absent"):
-            ingest.run(cfg, RunDir(tmp_path / "run"))
+            ingest.run(stage_context("ingest", cfg, RunDir(tmp_path / "run")))

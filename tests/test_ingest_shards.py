@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import stage_context
 from test_ingest import image_bytes, make_cfg, parquet_table
 
 from kolora.core import interrupt
@@ -62,9 +63,9 @@ PARQUET = {"source": "parquet", "image_column": "picture", "text_column": "capti
 def test_sharded_parquet_ingest_equals_one_pass(tmp_path: Path, shards: int) -> None:
     data = {**PARQUET, "path": str(dirty_parquet(tmp_path))}
     one = RunDir(tmp_path / "one")
-    summary1 = ingest.run(cfg_for(tmp_path, data, 1), one)
+    summary1 = ingest.run(stage_context("ingest", cfg_for(tmp_path, data, 1), one))
     many = RunDir(tmp_path / "many")
-    summary = ingest.run(cfg_for(tmp_path, data, shards), many)
+    summary = ingest.run(stage_context("ingest", cfg_for(tmp_path, data, shards), many))
     assert summary["shards"] == shards and summary["merged"] is True and summary["ran"] == list(range(shards))
     assert {k: summary[k] for k in summary1 if k != "seconds"} == {k: v for k, v in summary1.items() if k != "seconds"}
     expected, got = outputs(one), outputs(many)
@@ -77,7 +78,7 @@ def test_sharded_parquet_ingest_equals_one_pass(tmp_path: Path, shards: int) -> 
 def test_interrupted_sharded_ingest_rereads_only_the_missing_ranges(tmp_path: Path, monkeypatch) -> None:
     data = {**PARQUET, "path": str(dirty_parquet(tmp_path))}
     one = RunDir(tmp_path / "one")
-    ingest.run(cfg_for(tmp_path, data, 1), one)
+    ingest.run(stage_context("ingest", cfg_for(tmp_path, data, 1), one))
     run, cfg = RunDir(tmp_path / "run"), cfg_for(tmp_path, data, 4)
 
     read = ingest_shards._read_range
@@ -92,12 +93,12 @@ def test_interrupted_sharded_ingest_rereads_only_the_missing_ranges(tmp_path: Pa
     monkeypatch.setattr(ingest_shards, "_read_range", stop_after_two)
     try:
         with pytest.raises(interrupt.Interrupted, match="range 2 of 4"):
-            ingest.run(cfg, run)
+            ingest.run(stage_context("ingest", cfg, run))
     finally:
         interrupt.clear()
     assert sorted(p.name for p in (run.data / "shards").iterdir() if not p.name.startswith(".")) == [
         "0000-of-0004", "0001-of-0004"] and not (run.data / "metadata.jsonl").exists()
-    summary = ingest.run(cfg, run)
+    summary = ingest.run(stage_context("ingest", cfg, run))
     assert summary["ran"] == [2, 3]
     assert outputs(run) == outputs(one)
 
@@ -105,12 +106,12 @@ def test_interrupted_sharded_ingest_rereads_only_the_missing_ranges(tmp_path: Pa
 def test_array_tasks_read_every_range_once_and_merge_once(tmp_path: Path) -> None:
     data = {**PARQUET, "path": str(dirty_parquet(tmp_path))}
     one = RunDir(tmp_path / "one")
-    ingest.run(cfg_for(tmp_path, data, 1), one)
+    ingest.run(stage_context("ingest", cfg_for(tmp_path, data, 1), one))
     run, cfg = RunDir(tmp_path / "run"), cfg_for(tmp_path, data, 1)  # on Slurm the array's size decides
     results: dict[int, dict[str, Any]] = {}
 
     def task(i: int) -> None:
-        results[i] = ingest.run(cfg, run, task_index=i, task_count=4)
+        results[i] = ingest.run(stage_context("ingest", cfg, run, shard=i, shards=4))
 
     threads = [threading.Thread(target=task, args=(i,)) for i in (0, 2)]  # two of four tasks run; 1, 3 pending
     for t in threads:
@@ -121,7 +122,7 @@ def test_array_tasks_read_every_range_once_and_merge_once(tmp_path: Path) -> Non
     assert ran == [0, 1, 2, 3], results  # the running tasks took the ranges of the tasks not started
     assert sorted(str(r["merged"]) for r in results.values()) == ["True", "by another task"], results
     assert outputs(run) == outputs(one)
-    late = ingest.run(cfg, run, task_index=3, task_count=4)  # a task that starts after the merge
+    late = ingest.run(stage_context("ingest", cfg, run, shard=3, shards=4))  # a task that starts after the merge
     assert late == {"shard": 3, "shards": 4, "ran": [], "merged": "by another task"}
     assert not (run.data / "shards").exists()
 
@@ -134,8 +135,8 @@ def test_modelscope_download_is_sharded_too(tmp_path: Path) -> None:
     table, images = parquet_table(5, struct=True)
     pq.write_table(table.rename_columns(["image", "text"]), pqd / "data" / "train-00000-of-00001.parquet")
     one, many = RunDir(tmp_path / "one"), RunDir(tmp_path / "many")
-    ingest.run(cfg_for(tmp_path, {"source": "modelscope", "path": str(pqd)}, 1), one)
-    assert ingest.run(cfg_for(tmp_path, {"source": "modelscope", "path": str(pqd)}, 3), many)["shards"] == 3
+    ingest.run(stage_context("ingest", cfg_for(tmp_path, {"source": "modelscope", "path": str(pqd)}, 1), one))
+    assert ingest.run(stage_context("ingest", cfg_for(tmp_path, {"source": "modelscope", "path": str(pqd)}, 3), many))["shards"] == 3
     assert outputs(many) == outputs(one)
 
 

@@ -2,7 +2,7 @@
 kill, SIGTERM then SIGKILL), whose stage raised an error its bookkeeping did not record, whose disk filled up,
 or whose Slurm jobs are all gone, is "stopped": `kolora status` of the run (or of its sweep) says so with the
 stage it was in and what is complete, exit status 3; the next `kolora run` / `kolora resume` says it continues
-a stopped run. The verdict comes from the manifest and the run lock (kolora.core.runlock.run_state), read-only.
+a stopped run. The verdict comes from the manifest and the run lock (kolora.pipeline.state.run_state), read-only.
 
 The table: setup → argv → exit status, the words the output must hold, no traceback, and for `status`
 nothing in the folder changed. Negative controls (a live holder stays "running") are a separate test."""
@@ -146,7 +146,7 @@ def sweep_variant_killed(w):
 
 def completion_check_raises(w):
     """An uncaught error after the stage's work (its completion check raised): recorded as failed."""
-    def boom(cfg, run):
+    def boom(cfg, run, complete):
         raise RuntimeError("the completion check broke")
 
     with pytest.MonkeyPatch.context() as mp:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import stage_context
 
 from kolora.cache import stage as cache_mod
 from kolora.core.errors import RunFailure
@@ -293,7 +294,7 @@ def test_a_tile_that_decodes_to_nan_or_one_colour_stops_the_render_without_its_p
 
     monkeypatch.setattr(render, "build_pipeline", fourth_decode_broken)
     with pytest.raises(RunFailure) as e:
-        render.run(cfg, run)
+        render.run(stage_context("render", cfg, run))
     message = str(e.value)
     assert isinstance(e.value, render.UnusableTile), message
     assert "tile render/003-" in message and "(prompt 3, seed" in message and "LoRA)" in message

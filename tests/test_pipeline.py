@@ -10,6 +10,7 @@ from conftest import DEMO
 from PIL import Image
 
 from kolora.cli.main import main
+from kolora.pipeline.keys import progress
 from kolora.pipeline.registry import NAMES
 
 
@@ -89,11 +90,11 @@ def test_run_progress_sums_up_what_the_stages_wrote(demo_run, tmp_path):
     requeued): it must see every kind of durable output."""
     from kolora.core.rundir import RunDir
 
-    done = RunDir(demo_run).progress()
+    done = progress(RunDir(demo_run))
     assert done["complete"] == sorted(NAMES)
     # the demo evaluates, so render also makes the 8 base-model tiles
     assert done["checkpoint_step"] == 30 and done["tiles"] == 16 and done["cache_entries"] > 0
-    assert RunDir(tmp_path / "empty").progress() == {"complete": [], "checkpoint_step": None, "tiles": 0,
+    assert progress(RunDir(tmp_path / "empty")) == {"complete": [], "checkpoint_step": None, "tiles": 0,
                                                      "cache_entries": 0}
 
 

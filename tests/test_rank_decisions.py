@@ -1,7 +1,7 @@
 """Rank 0 decides for every rank of a DDP job (launch.jobs): before each stage it writes run / skip / stop / fail
 to a go file, and the train decision carries the rendezvous port and the checkpoint step every rank resumes
 from. In process, without Slurm: rank 0's side runs StageJob._run on a copy of the demo run, a follower's side
-StageJob._wait_go / _train_follower against go files written the way rank 0 writes them.
+StageJob._wait_go / _follow against go files written the way rank 0 writes them.
 
 The dev-cluster version (a stop between the cache merge and the train decision of a 2-task job) is in
 tests/test_ddp_slurm.py.
@@ -16,13 +16,13 @@ import threading
 import time
 
 import pytest
-from conftest import untrained_copy
+from conftest import stage_context, untrained_copy
 
 from kolora.core import interrupt
 from kolora.core.interrupt import Interrupted
 from kolora.launch.jobs import Decision, StageJob
 from kolora.pipeline import runner as pipeline
-from kolora.pipeline.registry import Keys
+from kolora.pipeline.keys import Keys
 from kolora.train import checkpoint as ckpt_io
 
 
@@ -102,8 +102,8 @@ def test_the_train_decision_carries_the_port_and_the_checkpoint_rank_0_chose(dem
     go = _train_go(job)
     assert go["action"] == "run" and go["resume_step"] == 20 and isinstance(go["port"], int)
     train_kw = dict(calls)["train"]
-    assert train_kw["resume_step"] == 20  # rank 0 resumes from the step it told the others
-    assert (train_kw["devices"], train_kw["num_nodes"]) == (2, 1)
+    assert train_kw["extra"]["resume_step"] == 20  # rank 0 resumes from the step it told the others
+    assert (train_kw["devices"], train_kw["nodes"]) == (2, 1)
 
 
 def test_a_follower_follows_rank_0_not_its_own_stop_flag(tmp_path, monkeypatch, flag, caplog):
@@ -133,8 +133,9 @@ def test_a_follower_resumes_from_the_step_in_the_decision(tmp_path, monkeypatch)
     calls = []
     monkeypatch.setattr(pipeline, "run_stage", lambda stage, cfg, run, **kw: calls.append((stage, kw)) or {})
     monkeypatch.setattr("kolora.launch.jobs._process_group", lambda rank: None)
-    job._train_follower(None, None, 1)
-    assert calls == [("train", {"follower": True, "devices": 2, "num_nodes": 1, "resume_step": 20})]
+    job._follow(None, None, 1)
+    assert calls == [("train", {"follower": True, "rank": 1, "world": 2, "devices": 2, "nodes": 1,
+                                "extra": {"resume_step": 20}})]
 
 
 def test_decisions_are_json_and_the_earlier_words_still_read(tmp_path):
@@ -159,10 +160,10 @@ def test_train_resumes_from_exactly_the_chosen_checkpoint_or_fails_naming_it(dem
     for src in (demo_run / "train" / "checkpoints").glob("step=*.ckpt"):
         (ckpt_dir / src.name).write_bytes(src.read_bytes())
     cfg.train.steps = 21
-    summary = train.run(cfg, run, resume_step=20)
+    summary = train.run(stage_context("train", cfg, run, extra={"resume_step": 20}))
     assert (summary["resumed_from_step"], summary["steps"]) == (20, 21)  # not the newest (30), rank 0's choice
     with pytest.raises(ckpt_io.CheckpointError, match=r"rank 0 chose .*step=000015\.ckpt.*did not appear here within 2 s"):
-        train.run(cfg, run, resume_step=15)
+        train.run(stage_context("train", cfg, run, extra={"resume_step": 15}))
     (ckpt_dir / "step=000020.ckpt").write_bytes(b"truncated")
     with pytest.raises(ckpt_io.CheckpointError, match=r"step=000020\.ckpt.*cannot be read here"):
         ckpt_io.load_step(ckpt_dir, 20, Keys(cfg, run).work("train"))

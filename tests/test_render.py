@@ -6,6 +6,7 @@ import os
 import shutil
 
 import numpy as np
+from conftest import stage_context
 from PIL import Image
 
 from kolora.core.rundir import RunDir
@@ -50,7 +51,7 @@ def test_rerun_after_deleting_one_tile_renders_only_that_tile(demo_run, tmp_path
     keep = {p.name: p.stat().st_mtime_ns for p in run.render.glob("*.png") if p != victim}
     original = np.asarray(Image.open(victim))
     victim.unlink()
-    out = render.run(cfg, run)
+    out = render.run(stage_context("render", cfg, run))
     assert (out["rendered"], out["already_done"]) == (1, 15)  # 7 LoRA and the 8 base-model tiles are there
     assert np.array_equal(np.asarray(Image.open(victim)), original)
     assert {p.name: p.stat().st_mtime_ns for p in run.render.glob("*.png") if p != victim} == keep
@@ -63,11 +64,11 @@ def test_array_tasks_split_the_tiles(demo_run, tmp_path):
     run = _copy_run(demo_run, tmp_path)
     cfg = run.load_config()
     shutil.rmtree(run.render)
-    a = render.run(cfg, run, task_index=0, task_count=3)
+    a = render.run(stage_context("render", cfg, run, shard=0, shards=3))
     assert a["rendered"] == 6 and missing_tiles(cfg, run) != []  # prompts 0, 3, 6: LoRA and base tiles
     assert sorted(p.name[:3] for p in (run.render / "base").glob("*.png")) == ["000", "003", "006"]
-    b = render.run(cfg, run, task_index=1, task_count=3)
-    c = render.run(cfg, run, task_index=2, task_count=3)
+    b = render.run(stage_context("render", cfg, run, shard=1, shards=3))
+    c = render.run(stage_context("render", cfg, run, shard=2, shards=3))
     assert a["rendered"] + b["rendered"] + c["rendered"] == 16
     assert missing_tiles(cfg, run) == []
 
@@ -85,7 +86,7 @@ def test_no_partial_tile_survives_a_crash(demo_run, tmp_path, monkeypatch):
 
     monkeypatch.setattr(Image.Image, "save", explode)
     try:
-        render.run(cfg, run)
+        render.run(stage_context("render", cfg, run))
     except KeyboardInterrupt:
         pass
     assert not victim.exists()
@@ -129,7 +130,7 @@ from kolora.core.rundir import RunDir
 from kolora.core.config import load_config
 run = RunDir(sys.argv[1])
 cfg = load_config(sys.argv[2], [f"model.path={sys.argv[3]}", f"render.prompts={sys.argv[4]}"])
-print(run_stage("render", cfg, run, task_index=int(sys.argv[5]), task_count=2))
+print(run_stage("render", cfg, run, shard=int(sys.argv[5]), shards=2))
 """
 
 

@@ -16,8 +16,24 @@ from pathlib import Path
 import pytest
 import yaml
 
+from kolora.core import runlock
 from kolora.core.rundir import fsync_dir, sweep_temp
-from kolora.core.runlock import RunLocked, acquire, claim_for_submission, job_heartbeat
+from kolora.core.runlock import RunLocked
+from kolora.launch.monitor import still_queued
+
+
+# the lock as every entry point takes it: with the launcher's squeue reader
+def acquire(*args, **kw):
+    return runlock.acquire(*args, queued=still_queued, **kw)
+
+
+def claim_for_submission(*args, **kw):
+    return runlock.claim_for_submission(*args, queued=still_queued, **kw)
+
+
+def job_heartbeat(*args, **kw):
+    return runlock.job_heartbeat(*args, queued=still_queued, **kw)
+
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -190,7 +206,7 @@ def test_sweep_temp_removes_only_kolora_temp_files(tmp_path: Path) -> None:
         p.write_text("mine\n")
     (run / ".hf_home").mkdir()
     # writers killed half-way (os._exit: no cleanup), as a crashed node leaves them
-    script = ("import os, sys\nfrom pathlib import Path\nfrom kolora import rundir\nroot = Path(sys.argv[1])\n"
+    script = ("import os, sys\nfrom pathlib import Path\nfrom kolora.core import rundir\nroot = Path(sys.argv[1])\n"
               "with rundir.atomic_path(root / 'render' / 't.png') as tmp, rundir.atomic_dir(root / 'lora') as d:\n"
               "    tmp.write_bytes(b'x'); (d / 'w.safetensors').write_bytes(b'x')\n"
               "    os.replace = lambda *a: os._exit(0)\n"

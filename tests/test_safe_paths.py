@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import stage_context
 from PIL import Image
 
 from kolora.core import interrupt
@@ -106,7 +107,7 @@ def test_escapes_and_special_files_are_rejected_and_nothing_outside_is_copied(
     ds, rows, secrets = hostile_dataset(tmp_path, monkeypatch)
     cfg = make_cfg(tmp_path, {"source": "folder", "path": str(ds), "max_image_bytes": CAP})
     run = RunDir(tmp_path / "run")
-    ingest.run(cfg, run)
+    ingest.run(stage_context("ingest", cfg, run))
     rejected = rejected_by_text(run)
     assert set(rejected) == {name for name, why in rows.items() if why}
     for name, why in rows.items():
@@ -127,11 +128,11 @@ def test_escapes_and_special_files_are_rejected_and_nothing_outside_is_copied(
 
     monkeypatch.setattr(kfilter, "check_image", check_then_stop)
     with pytest.raises(interrupt.Interrupted, match="filter stopped in the header pass"):
-        kfilter.run(cfg, run)
+        kfilter.run(stage_context("filter", cfg, run))
     assert calls["n"] >= 1 and not (run.filter / "report.json").exists() and not run.trainset.exists()
     interrupt.clear()
     monkeypatch.setattr(kfilter, "check_image", real_check)
-    kfilter.run(cfg, run)
+    kfilter.run(stage_context("filter", cfg, run))
     report = json.loads((run.filter / "report.json").read_text(encoding="utf-8"))
     by_text = {e["text"].removeprefix("caption "): e for e in report["samples"]}
     assert set(by_text) == set(rows) and all(e["reason"] for e in report["samples"] if not e["kept"])
@@ -151,7 +152,7 @@ def test_copies_are_no_more_readable_than_their_source(tmp_path: Path, monkeypat
     ds, _, _ = hostile_dataset(tmp_path, monkeypatch)
     cfg = make_cfg(tmp_path, {"source": "folder", "path": str(ds), "max_image_bytes": CAP})
     linked = RunDir(tmp_path / "linked")
-    ingest.run(cfg, linked)  # same file system: hard links, the source's inode and mode
+    ingest.run(stage_context("ingest", cfg, linked))  # same file system: hard links, the source's inode and mode
     images = {Path(s["image"][0]).name: Path(s["image"][0]) for s in map(
         json.loads, (linked.data / "metadata.jsonl").read_text(encoding="utf-8").splitlines())}
     assert images["000001.png"].stat().st_ino == (ds / "img" / "private.png").stat().st_ino
@@ -162,7 +163,7 @@ def test_copies_are_no_more_readable_than_their_source(tmp_path: Path, monkeypat
 
     monkeypatch.setattr(os, "link", no_link)  # another file system: copies
     copied = RunDir(tmp_path / "copied")
-    summary = ingest.run(cfg, copied)
+    summary = ingest.run(stage_context("ingest", cfg, copied))
     assert summary["copied"] == 3
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (copied.data / "images").iterdir()}
     assert modes == {"000000.png": 0o644, "000001.png": 0o600, "000002.png": 0o644}
@@ -177,7 +178,7 @@ def test_opt_in_admits_external_regular_files_only(tmp_path: Path, monkeypatch: 
     cfg = make_cfg(tmp_path, {"source": "folder", "path": str(ds), "max_image_bytes": CAP,
                               "allow_external_paths": True})
     run = RunDir(tmp_path / "run")
-    ingest.run(cfg, run)
+    ingest.run(stage_context("ingest", cfg, run))
     rejected = rejected_by_text(run)
     assert rejected["/dev/zero"].startswith("not a regular file (/dev/zero is a character device)")
     assert set(rejected) == {"/dev/zero", "img/fifo.png", "img/dir.png", "img/big.png"}
@@ -193,7 +194,7 @@ def test_parquet_bytes_are_capped_and_written_no_wider(tmp_path: Path) -> None:
     file.chmod(0o640)
     cfg = make_cfg(tmp_path, {"source": "parquet", "path": str(file), "max_image_bytes": CAP})
     run = RunDir(tmp_path / "run")
-    ingest.run(cfg, run)
+    ingest.run(stage_context("ingest", cfg, run))
     rejected = [json.loads(x) for x in (run.data / "rejected.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [r["reason"].split(" (")[0] for r in rejected] == ["file too large"]
     (image,) = (run.data / "images").iterdir()

@@ -10,7 +10,7 @@ import socket
 from pathlib import Path
 
 import pytest
-from conftest import DEMO
+from conftest import DEMO, stage_context
 
 from kolora.cli.main import main
 from kolora.core.config import validate_config
@@ -80,8 +80,8 @@ def test_clip_and_aesthetics_filter_ops_run_offline_with_stats_in_the_report(tmp
                     "caption": "二次元"},
            "filter": {"ops": ops}, "scorers": {"dir": str(scorer_dir)}}
     run = RunDir(tmp_path / "run")
-    ingest.run(validate_config(raw), run)
-    kfilter.run(validate_config(raw), run)
+    ingest.run(stage_context("ingest", validate_config(raw), run))
+    kfilter.run(stage_context("filter", validate_config(raw), run))
     report = json.loads((run.filter / "report.json").read_text())
     entries = [e for e in report["samples"] if e["stage"] != "header"]
     assert len(entries) == 12
@@ -96,7 +96,7 @@ def test_clip_and_aesthetics_filter_ops_run_offline_with_stats_in_the_report(tmp
     # a threshold between the scores drops exactly the samples below it, attributed to the op
     cut = sorted(aes)[len(aes) // 2]
     raw["filter"]["ops"][1]["image_aesthetics_filter"]["min_score"] = cut
-    kfilter.run(validate_config(raw), run)
+    kfilter.run(stage_context("filter", validate_config(raw), run))
     report = json.loads((run.filter / "report.json").read_text())
     kept = {e["id"] for e in report["samples"] if e["kept"]}
     assert kept == {e["id"] for e, a in zip(entries, aes, strict=True) if a >= cut}

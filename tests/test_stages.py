@@ -16,7 +16,8 @@ from pydantic import BaseModel
 from kolora.cli.main import main
 from kolora.core.config import ExperimentConfig, load_config
 from kolora.core.rundir import RunDir
-from kolora.pipeline.registry import NAMES, OPERATIONAL, STAGES, Keys, rerun_table
+from kolora.pipeline.keys import Keys
+from kolora.pipeline.registry import NAMES, OPERATIONAL, STAGES, rerun_table
 
 LORA = Path("lora") / "pytorch_lora_weights.safetensors"
 

@@ -6,7 +6,7 @@ import csv
 import hashlib
 
 import pytest
-from conftest import untrained_copy
+from conftest import stage_context, untrained_copy
 
 from kolora.core import interrupt
 from kolora.core.rundir import RunDir
@@ -98,7 +98,7 @@ def test_checkpoint_of_another_config_is_refused(demo_run, tmp_path, monkeypatch
     cfg.train.lr = cfg.train.lr * 2
     (run.root / ".inputs" / "train").unlink()  # bypass the setting aside to reach the checkpoint check
     with pytest.raises(CheckpointError, match="different training config"):
-        train_mod.run(cfg, run)
+        train_mod.run(stage_context("train", cfg, run))
 
 
 KILLER = '''

@@ -84,7 +84,8 @@ def test_per_batch_timesteps_are_left_out_of_keys_and_digests(demo_run, tiny_dif
 
     from kolora.core.config import load_config
     from kolora.core.rundir import RunDir
-    from kolora.pipeline.registry import NAMES, Keys
+    from kolora.pipeline.keys import Keys
+    from kolora.pipeline.registry import NAMES
 
     run = RunDir(demo_run)
     default = load_config(DEMO, [f"model.path={tiny_diffusers}"])
