@@ -15,6 +15,7 @@ from conftest import stage_context
 from PIL import Image
 from test_filter import DEMO_OPS, check_outputs, make_cfg, noisy_jpeg
 
+from kolora.core import shards as core_shards
 from kolora.core.config import ConfigError, validate_config
 from kolora.core.rundir import RunDir
 from kolora.filter import shards as filter_shards
@@ -116,7 +117,7 @@ def test_sharded_filter_equals_unsharded_and_reruns_only_missing_shards(tmp_path
 def test_shard_bounds_cover_every_sample_once() -> None:
     for count in (0, 1, 7, 48, 20_001):
         for shards in (1, 2, 4, 7):
-            spans = [filter_shards.bounds(count, shards, i) for i in range(shards)]
+            spans = [core_shards.bounds(count, shards, i) for i in range(shards)]
             assert spans[0][0] == 0 and spans[-1][1] == count
             assert all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
             assert max(e - s for s, e in spans) - min(e - s for s, e in spans) <= 1

@@ -15,6 +15,7 @@ from PIL import Image
 from kolora.core.config import validate_config
 from kolora.core.rundir import RunDir
 from kolora.ingest import stage as ingest
+from kolora.ingest.sources import DatasetError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -180,7 +181,7 @@ def test_parquet(tmp_path: Path) -> None:
     ingest.run(stage_context("ingest", cfg, run))
     check_layout(run, 2)
     cfg = make_cfg(tmp_path, {"source": "parquet", "path": str(folder / "b.parquet")})
-    with pytest.raises(ingest.DatasetError, match=r"no column 'image'.*\['picture', 'caption'\]"):
+    with pytest.raises(DatasetError, match=r"no column 'image'.*\['picture', 'caption'\]"):
         ingest.run(stage_context("ingest", cfg, run))
 
 
@@ -219,12 +220,12 @@ def test_modelscope_local_imagefolder_and_parquet(tmp_path: Path) -> None:
 def test_modelscope_hub_id_offline_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg = make_cfg(tmp_path, {"source": "modelscope", "dataset_id": "AI-ModelScope/lowres_anime"})
-    with pytest.raises(ingest.DatasetError, match=r"modelscope download --dataset AI-ModelScope/lowres_anime "
+    with pytest.raises(DatasetError, match=r"modelscope download --dataset AI-ModelScope/lowres_anime "
                                                   r"--local-dir DIR.*data.path"):
         ingest.run(stage_context("ingest", cfg, RunDir(tmp_path / "run")))
     cfg = make_cfg(tmp_path, {"source": "modelscope", "path": str(tmp_path / "nowhere"),
                               "dataset_id": "AI-ModelScope/lowres_anime"})
-    with pytest.raises(ingest.DatasetError, match="nowhere does not exist.*modelscope download"):
+    with pytest.raises(DatasetError, match="nowhere does not exist.*modelscope download"):
         ingest.run(stage_context("ingest", cfg, RunDir(tmp_path / "run")))
 
 
@@ -234,7 +235,7 @@ def test_empty_dataset_is_a_clear_error(tmp_path: Path, content: str) -> None:
     path.write_text(content, encoding="utf-8")
     cfg = make_cfg(tmp_path, {"source": "jsonl", "path": str(path)})
     run = RunDir(tmp_path / "run")
-    with pytest.raises(ingest.DatasetError, match=f"no usable sample in {path}") as e:
+    with pytest.raises(DatasetError, match=f"no usable sample in {path}") as e:
         ingest.run(stage_context("ingest", cfg, run))
     assert isinstance(e.value, ValueError)
     assert not run.data.exists()  # nothing half-written
@@ -243,5 +244,5 @@ def test_empty_dataset_is_a_clear_error(tmp_path: Path, content: str) -> None:
 def test_missing_path_is_a_clear_error(tmp_path: Path) -> None:
     for source in ("folder", "jsonl", "parquet"):
         cfg = make_cfg(tmp_path, {"source": source, "path": str(tmp_path / "absent")})
-        with pytest.raises(ingest.DatasetError, match="absent"):
+        with pytest.raises(DatasetError, match="absent"):
             ingest.run(stage_context("ingest", cfg, RunDir(tmp_path / "run")))

@@ -21,6 +21,7 @@ from kolora.core.config import validate_config
 from kolora.core.rundir import RunDir
 from kolora.filter import stage as kfilter
 from kolora.ingest import safe_paths
+from kolora.ingest import samples as ingest_samples
 from kolora.ingest import stage as ingest
 from kolora.pipeline.runner import run_stage
 
@@ -205,19 +206,19 @@ def test_ingest_stops_on_the_stop_flag_and_a_rerun_completes(tmp_path: Path, mon
     ds, rows, _ = hostile_dataset(tmp_path, monkeypatch)
     cfg = make_cfg(tmp_path, {"source": "folder", "path": str(ds), "max_image_bytes": CAP})
     run = RunDir(tmp_path / "run")
-    real = ingest._materialise
+    real = ingest_samples._materialise
 
     def materialise_then_stop(*a, **k):
         interrupt.request("SIGTERM")
         return real(*a, **k)
 
-    monkeypatch.setattr(ingest, "_materialise", materialise_then_stop)
+    monkeypatch.setattr(ingest_samples, "_materialise", materialise_then_stop)
     with pytest.raises(interrupt.Interrupted, match=r"ingest stopped after 1 records on SIGTERM"):
         run_stage("ingest", cfg, run)  # as `kolora run` and the Slurm job call it
     assert not run.data.exists() and not list(run.root.glob(".data.*"))  # nothing half-written is left
     assert json.loads((run.root / "manifest.json").read_text())["stages"]["ingest"]["status"] == "interrupted"
     interrupt.clear()
-    monkeypatch.setattr(ingest, "_materialise", real)
+    monkeypatch.setattr(ingest_samples, "_materialise", real)
     summary = run_stage("ingest", cfg, run)
     assert summary["samples"] == sum(not why for why in rows.values())
     assert json.loads((run.root / "manifest.json").read_text())["stages"]["ingest"]["status"] == "complete"

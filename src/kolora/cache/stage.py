@@ -23,16 +23,26 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import logging
+import uuid
 from pathlib import Path
 from typing import Any
 
 from kolora.cache import buckets
 from kolora.cache import entry as cache_entry
-from kolora.core import devices
+from kolora.cache.entry import cache_store
+from kolora.cache.shards import Journal, journal_folder, report_shard, wait_for_shards
+from kolora.cache.validation import texts_to_cache
+from kolora.core import devices, interrupt
+from kolora.core import shards as core_shards
 from kolora.core.config import ExperimentConfig
 from kolora.core.errors import RunFailure
-from kolora.core.rundir import RunDir
+from kolora.core.rundir import RunDir, atomic_write_json, fsync_dir
 from kolora.core.stage import StageContext
+from kolora.models import fingerprint
+from kolora.models import kolors as models
+
+log = logging.getLogger(__name__)
 
 
 def read_trainset(run: RunDir) -> list[dict[str, str]]:
@@ -201,7 +211,6 @@ def _bucket_entry(entry: dict[str, Any], path: str, sizes: list[tuple[int, int]]
 def _encode_texts(cfg, files, todo: list[tuple[str, str]], text_dir: Path, device: str, after_batch) -> None:
     import torch
 
-    from kolora.models import kolors as models
     te_dtype = torch.float16 if devices.is_cuda(device) else torch.float32
     stored = text_dtype(cfg.train.precision)
     # diffusers' own encode_prompt, so training sees exactly what rendering computes.
@@ -237,7 +246,6 @@ def _encode_latents(cfg, files, todo: list[tuple[str, str, str]], lat_dir: Path,
     """`after_batch(written keys, {key: why it could not be read})` after each batch is on disk."""
     import torch
 
-    from kolora.models import kolors as models
     res, center = cfg.train.resolution, cfg.train.center_crop
     vae_dtype = getattr(torch, cfg.cache.vae_dtype)
     vae = models.load_vae(files, vae_dtype).to(device)
@@ -282,14 +290,193 @@ def run(ctx: StageContext) -> dict[str, Any]:
     stop signal (Interrupted); the next attempt, on any number of ranks, continues from the journal. Entries
     found in the store are verified; a bad one is moved aside and encoded again. `force` (--force) encodes
     every entry of this run again, in a shared store too; entries only other runs use are not touched."""
-    from kolora.cache import shards as cache_shards
-    cfg, run, rank, world, barrier = ctx.cfg, ctx.run, ctx.rank, ctx.world, ctx.extra.get("barrier")
+    cfg, run, progress, rank, world, force = ctx.cfg, ctx.run, ctx.progress, ctx.rank, ctx.world, ctx.force
+    barrier = ctx.extra.get("barrier")
     rows = read_trainset(run)
     if not rows:
         raise RunFailure(f"{run.trainset}/train/metadata.csv has no samples: nothing to cache")
     if world > 1 and barrier is None:
         raise ValueError("cache.run: a sharded cache (world > 1) needs a barrier folder")
-    return cache_shards.run_shard(cfg, run, ctx.key, rows, rank, world, barrier, ctx.progress, ctx.force)
+    store = cache_store(cfg, run)
+    ident = fingerprint.model(cfg.model)
+    journal = Journal(journal_folder(run.cache, ctx.key, store), rank)
+    attempt = Path(barrier).name if barrier else uuid.uuid4().hex[:12]
+    resumed = len(journal.state()[0]) if rank == 0 else None
+    try:
+        stats = _cache_shard(cfg, rows, rank, world, store, ident, journal, attempt, progress, force)
+    except interrupt.Interrupted:
+        if rank > 0:
+            report_shard(barrier, rank, "interrupted")
+        raise
+    except BaseException as e:
+        if rank > 0:
+            report_shard(barrier, rank, "failed", f"{type(e).__name__}: {e}"[:500])
+        raise
+    if rank > 0:
+        report_shard(barrier, rank, "done")
+        return {"rank": rank, "world": world, **stats}
+    if world > 1:
+        wait_for_shards(barrier, world)
+    return _merge(cfg, run, rows, journal, store, ident, attempt,
+                  {"resumed_samples": resumed, "ranks": world, "device": stats["device"]})
+
+
+def _line(i: int, entry: dict[str, Any]) -> dict[str, Any]:
+    entry = dict(entry)
+    plan = entry.pop("_plan", None)
+    line: dict[str, Any] = {"row": i, "entry": entry}
+    if plan is not None:  # buckets: for the summary's histogram and kept fractions
+        line["plan"] = [*plan.original, *plan.bucket, *plan.resized, plan.top, plan.left]
+    return line
+
+
+def _cache_shard(cfg: ExperimentConfig, rows: list[dict[str, str]], rank: int, world: int, store: Path,
+                 ident: str, journal: Journal, attempt: str, progress, force: bool) -> dict[str, Any]:
+    """This rank's shard: the entries the journal lacks (all with `force`), encoded batch by batch and journaled."""
+    text_dir, lat_dir = store / "text", store / "latents"
+
+    def present(line: dict[str, Any]) -> bool:
+        e = line["entry"]
+        return (text_dir / f"{e['text_key']}.safetensors").is_file() and \
+            (lat_dir / f"{e['latent_key']}.safetensors").is_file()
+
+    cached = {} if force else journal.state()[0]
+    mine = [i for i in core_shards.interleaved(len(rows), world, rank) if not (i in cached and present(cached[i]))]
+    sizes = buckets.for_config(cfg) if cfg.train.buckets else None
+    pending: dict[int, dict[str, Any]] = {}
+    skips = []
+    for i in mine:  # hashing reads every image of the shard once
+        try:
+            pending[i] = _entry(cfg, rows[i], ident, sizes)
+        except _decode_errors() as e:
+            skips.append({"row": i, "skipped": f"cannot be read: {_reason(e)}"})
+    journal.append(skips)
+
+    texts = {e["text_key"]: e["text"] for e in pending.values()}
+    if rank == 0:
+        texts[text_key(cfg, ident, "")] = ""  # the empty caption, once: what caption dropout trains on
+        # train.validation's prompts (and negative prompt): sampling during training never loads the encoder
+        texts.update({text_key(cfg, ident, t): t for t in texts_to_cache(cfg)})
+    by_latent: dict[str, list[int]] = {}
+    for i, e in pending.items():
+        by_latent.setdefault(e["latent_key"], []).append(i)
+    image_of = {e["text_key"]: e["file_name"] for e in pending.values()}
+
+    def reusable(path: Path, of: str) -> bool:
+        """An entry found in the store is reused when it verifies; a bad one is moved aside, named, and encoded
+        again. --force encodes every one again."""
+        if not path.is_file():
+            return False
+        try:
+            cache_entry.read(path, of)
+        except cache_entry.BadCacheEntry as e:
+            if e.reason == "missing":  # another writer just replaced it
+                return False
+            aside = cache_entry.quarantine(path, e.reason)
+            log.warning("cache: %s (%s) %s; moved aside to %s, encoding it again", path, of, e.problem, aside)
+            journal.append([{"repaired": str(path), "of": of, "problem": e.problem, "aside": str(aside)}])
+            return False
+        return not force
+
+    def caption(key: str, text: str) -> str:
+        if key in image_of:
+            return f"the caption of image {image_of[key]}: {text[:60]!r}"
+        return f"caption {text[:60]!r}" if text else "the empty caption"
+
+    todo_text = sorted((k, t) for k, t in texts.items()
+                       if not reusable(text_dir / f"{k}.safetensors", caption(k, t)))
+    todo_lat = sorted((key, rows[idx[0]]["path"], rows[idx[0]]["file_name"]) for key, idx in by_latent.items()
+                      if not reusable(lat_dir / f"{key}.safetensors",
+                                      f"the latents of image {rows[idx[0]]['file_name']}"))
+    device = devices.pick(cfg.cache.device)
+    total, done, skipped = len(todo_text) + len(todo_lat), 0, len(skips)
+
+    def advanced(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress:
+            progress(done, total)
+        if interrupt.requested():  # after a batch is on disk and journaled: every attempt advances
+            raise interrupt.Interrupted(
+                f"cache rank {rank}: stopped ({interrupt.requested()}) after {done} of {total} encodings; "
+                "the journal keeps them, the next attempt continues")
+
+    def texts_written(keys: list[str]) -> None:
+        journal.append([{"encoded": "text", "keys": keys, "attempt": attempt}])
+        advanced(len(keys))
+
+    def latents_written(keys: list[str], failed: dict[str, str]) -> None:
+        nonlocal skipped
+        lines: list[dict[str, Any]] = [{"encoded": "latent", "keys": keys, "attempt": attempt}] if keys else []
+        lines += [_line(i, pending[i]) for key in keys for i in by_latent[key]]
+        lines += [{"row": i, "skipped": why} for key, why in failed.items() for i in by_latent[key]]
+        skipped += sum(len(by_latent[key]) for key in failed)
+        journal.append(lines)
+        advanced(len(keys) + len(failed))
+
+    if todo_text:
+        _encode_texts(cfg, models.resolve(cfg.model), todo_text, text_dir, device, texts_written)
+    encoding = {key for key, _, _ in todo_lat}
+    found = [key for key in by_latent if key not in encoding]  # verified above
+    journal.append([_line(i, pending[i]) for key in found for i in by_latent[key]])
+    if todo_lat:
+        plans = {e["latent_key"]: e["_plan"] for e in pending.values() if "_plan" in e}
+        _encode_latents(cfg, models.resolve(cfg.model), todo_lat, lat_dir, device, latents_written,
+                              plans or None)
+    return {"encoded_texts": len(todo_text), "encoded_images": len(todo_lat), "skipped": skipped, "device": device}
+
+
+def _merge(cfg: ExperimentConfig, run: RunDir, rows: list[dict[str, str]], journal: Journal, store: Path,
+           ident: str, attempt: str, extra: dict[str, Any]) -> dict[str, Any]:
+    """Rank 0, every shard done: the index (training reads it), the report of what was skipped and why."""
+    cached, skipped, encoded = journal.state(attempt)
+    missing = [i for i in range(len(rows)) if i not in cached and i not in skipped]
+    if missing:
+        raise RunFailure(f"cache: {len(missing)} samples (first: {rows[missing[0]]['file_name']}) are in no rank's "
+                         f"journal ({journal.path}); run the cache stage again")
+    entries = [cached[i]["entry"] for i in sorted(cached)]
+    repaired = journal.repaired()
+    report = {"samples": len(rows), "cached": len(entries),
+              "skipped": [{"image": rows[i]["file_name"], "reason": why} for i, why in sorted(skipped.items())],
+              **({"repaired": repaired} if repaired else {})}
+    atomic_write_json(run.cache / "report.json", report)
+    for item in report["skipped"]:
+        log.warning("cache: skipped %s: %s", item["image"], item["reason"])
+    if not entries:
+        raise RunFailure(f"cache: none of the {len(rows)} images in {run.trainset}/train could be read; "
+                         f"{run.cache / 'report.json'} says why for each")
+    text_dir, lat_dir = store / "text", store / "latents"
+    empty_key = text_key(cfg, ident, "")
+    validation = {t: text_key(cfg, ident, t) for t in texts_to_cache(cfg)}
+    for name, path in [("", text_dir / f"{empty_key}.safetensors")] + [
+            (f"validation prompt {t!r}", text_dir / f"{k}.safetensors") for t, k in validation.items()] + [
+            (e["file_name"], d / f"{e[k]}.safetensors") for e in entries
+            for d, k in ((text_dir, "text_key"), (lat_dir, "latent_key"))]:
+        if not path.is_file():
+            raise RunFailure(f"cache: the entry {path} (of {name or 'the empty caption'}) disappeared from the "
+                             "store after it was journaled; run the cache stage again")
+    for d in (text_dir, lat_dir):
+        if d.is_dir():
+            fsync_dir(d)
+    atomic_write_json(run.cache / "index.json", {"resolution": cfg.train.resolution,
+                                                 "max_sequence_length": cfg.cache.max_sequence_length,
+                                                 # null: <run>/cache, wherever the run folder moves
+                                                 "store": str(cfg.cache.dir) if cfg.cache.dir else None,
+                                                 "empty_text_key": empty_key, "entries": entries,
+                                                 **({"validation": validation} if validation else {})})
+    (run.cache / cache_entry.DAMAGED).unlink(missing_ok=True)  # every entry this run uses verified again
+    journal.remove()
+    texts = {e["text_key"] for e in entries} | {empty_key} | set(validation.values())
+    latents = {e["latent_key"] for e in entries}
+    enc_t, enc_l = len(encoded["text"] & texts), len(encoded["latent"] & latents)
+    summary = {"samples": len(entries), "skipped": len(skipped), "encoded": enc_t + enc_l,
+               "reused": len(texts) + len(latents) - enc_t - enc_l, "encoded_texts": enc_t, "encoded_images": enc_l,
+               "store": str(store), **extra, **({"repaired": repaired} if repaired else {})}
+    plans = [buckets.Plan((p[0], p[1]), (p[2], p[3]), (p[4], p[5]), p[6], p[7])
+             for i in sorted(cached) if (p := cached[i].get("plan"))]
+    if plans:
+        summary.update(_bucket_summary(plans, cfg.train.resolution))
+    return summary
 
 
 def _bucket_summary(plans: list[buckets.Plan], resolution: int) -> dict[str, Any]:

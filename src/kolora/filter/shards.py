@@ -10,21 +10,20 @@ new ingest output redoes it; the stage's key makes the pipeline set old outputs 
 reads the shards in order, so the kept set, result.jsonl, report.json and trainset/ equal one unsharded pass.
 On Slurm the task that finds every shard done merges, under a lock: a task killed or requeued mid-merge
 leaves the merge to the next task or to `kolora resume`, which reruns only the shards without a marker.
+(Slices, folders, markers and the merge lock: kolora.core.shards, as for sharded ingest.)
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
-import os
-import shutil
-import socket
 from pathlib import Path
 from typing import Any
 
+from kolora.core import shards as core_shards
 from kolora.core.config import ConfigError, DataConfig, ExperimentConfig, FilterConfig
-from kolora.core.rundir import RunDir, atomic_write_json, file_lock, now
+from kolora.core.rundir import RunDir, atomic_write_json
+from kolora.ingest.sources import Rejected, parquet_rows, records
 
 
 def count(fcfg: FilterConfig, samples: int, task_count: int | None = None) -> int:
@@ -32,7 +31,7 @@ def count(fcfg: FilterConfig, samples: int, task_count: int | None = None) -> in
     the dataset's size before ingest) or, in process, ceil(samples / shard_size)."""
     if fcfg.shard_size is None:
         return fcfg.shards
-    return task_count or max(1, math.ceil(samples / fcfg.shard_size))
+    return task_count or core_shards.count_for_size(samples, fcfg.shard_size)
 
 
 def planned_count(cfg: ExperimentConfig) -> int:
@@ -52,25 +51,16 @@ def expected_samples(d: DataConfig) -> int | None:
     if d.source == "synthetic":
         n = d.synthetic.count
     elif d.source == "parquet" and d.path is not None:
-        from kolora.ingest.sources import parquet_rows
-
         n = parquet_rows(d.path, d.image_column, d.text_column, d.caption)
     elif d.source in ("folder", "jsonl"):
-        from kolora.ingest.sources import Rejected, records
-
         n = sum(not isinstance(r, Rejected) for r in records(d))
     else:
         return None
     return min(n, d.limit) if d.limit else n
 
 
-def bounds(count: int, shards: int, index: int) -> tuple[int, int]:
-    """[start, end) of shard `index`: contiguous, sizes differ by at most one, in input order."""
-    return index * count // shards, (index + 1) * count // shards
-
-
 def folder(run: RunDir, index: int, shards: int) -> Path:
-    return run.filter / "shards" / f"{index:04d}-of-{shards:04d}"
+    return core_shards.folder(run.filter, index, shards)
 
 
 def identity(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -83,40 +73,34 @@ def identity(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 def is_done(run: RunDir, index: int, shards: int, samples: list[dict[str, Any]]) -> bool:
     d = folder(run, index, shards)
-    try:
-        marker = json.loads((d / "done.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return marker.get("identity") == identity(samples) and (d / "report.json").is_file()
+    return core_shards.is_done(d, identity(samples)) and (d / "report.json").is_file()
 
 
 def write(run: RunDir, index: int, shards: int, samples: list[dict[str, Any]], result: dict[str, Any]) -> None:
     """The shard's report, then its marker (a shard killed between the two is simply redone)."""
     d = folder(run, index, shards)
     atomic_write_json(d / "report.json", result)
-    atomic_write_json(d / "done.json", {
-        "shard": index, "shards": shards, "identity": identity(samples), "finished": now(),
-        "host": socket.gethostname(),
-        "slurm_job": os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID"),
-        "slurm_array_task": os.environ.get("SLURM_ARRAY_TASK_ID"), "seconds": result.get("seconds")})
+    core_shards.mark_done(d, {"shard": index, "shards": shards, "identity": identity(samples),
+                              **core_shards.stamp(), "seconds": result.get("seconds")})
 
 
-def read(run: RunDir, index: int, shards: int) -> dict[str, Any]:
-    return json.loads((folder(run, index, shards) / "report.json").read_text())
+def read_all(run: RunDir, shards: int) -> list[dict[str, Any]]:
+    """Every shard's report, in shard order (the order of the samples)."""
+    return core_shards.collect(run.filter, shards, lambda d: json.loads((d / "report.json").read_text()))
 
 
 def clear(run: RunDir, index: int, shards: int) -> None:
     """Before a shard runs: no marker of an earlier attempt stays valid while it is being redone."""
-    (folder(run, index, shards) / "done.json").unlink(missing_ok=True)
+    core_shards.clear_done(folder(run, index, shards))
 
 
 def missing(run: RunDir, shards: int, samples: list[dict[str, Any]]) -> list[int]:
-    return [i for i in range(shards) if not is_done(run, i, shards, samples[slice(*bounds(len(samples), shards, i))])]
+    return core_shards.missing(shards, lambda i: is_done(run, i, shards, core_shards.part(samples, shards, i)))
 
 
 def merge_lock(run: RunDir) -> Any:
     """Held while merging: two tasks finishing together merge once (the second finds it merged)."""
-    return file_lock(run.filter / "shards" / ".merge.lock")
+    return core_shards.merge_lock(run.filter)
 
 
 def is_merged(run: RunDir, shards: int) -> bool:
@@ -130,6 +114,4 @@ def is_merged(run: RunDir, shards: int) -> bool:
 
 def prune(run: RunDir, shards: int) -> None:
     """Shards of another shard count are not read by this merge: removed once it succeeded."""
-    for d in (run.filter / "shards").glob("*-of-*"):
-        if not d.name.endswith(f"-of-{shards:04d}"):
-            shutil.rmtree(d, ignore_errors=True)
+    core_shards.prune(run.filter, shards)

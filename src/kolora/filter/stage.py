@@ -33,6 +33,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from kolora.core import shards as core_shards
 from kolora.core.config import ExperimentConfig
 from kolora.core.interrupt import Interrupted, requested
 from kolora.core.rundir import RunDir, atomic_write_json, atomic_write_text
@@ -48,6 +49,7 @@ from kolora.filter.dj.runner import (  # noqa: F401 - traced_op: part of this mo
 )
 from kolora.filter.headers import ImageCheck, check_image  # noqa: F401 - check_image: part of this module's interface
 from kolora.filter.trainset import write_trainset
+from kolora.ingest.samples import read_samples
 
 DJ_SPECIAL_TOKENS = ("<__dj__image>", "<|__dj__eoc|>")
 
@@ -139,7 +141,7 @@ def _run_shards(cfg: ExperimentConfig, run: RunDir, samples: list[dict[str, Any]
     """Filter the shards (of n) among `indices` that are not done yet; returns those it ran."""
     ran = []
     for i in indices:
-        part = samples[slice(*filter_shards.bounds(len(samples), n, i))]
+        part = core_shards.part(samples, n, i)
         if filter_shards.is_done(run, i, n, part):
             continue
         filter_shards.clear(run, i, n)
@@ -155,8 +157,6 @@ def run(ctx: StageContext) -> dict[str, Any]:
     With N shards (filter.shards, or filter.shard_size: the array's size as planned at submission), a Slurm
     array task (`task_index` of `task_count` = N) filters its shard and, when it finds every shard done,
     merges; without a task index every missing shard runs here, then the merge."""
-    from kolora.ingest.stage import read_samples
-
     cfg, run, task_index, task_count = ctx.cfg, ctx.run, ctx.shard, ctx.shards
     t0 = time.perf_counter()
     meta = run.data / "metadata.jsonl"
@@ -195,7 +195,7 @@ def _merge_shards(cfg: ExperimentConfig, run: RunDir, samples: list[dict[str, An
     todo = filter_shards.missing(run, n, samples)
     if todo:
         raise RuntimeError(f"filter: cannot merge, shards {todo} of {n} are not done")
-    summary = _merge(cfg, run, samples, rejected, [filter_shards.read(run, i, n) for i in range(n)], t_validate, t0)
+    summary = _merge(cfg, run, samples, rejected, filter_shards.read_all(run, n), t_validate, t0)
     filter_shards.prune(run, n)
     return summary
 

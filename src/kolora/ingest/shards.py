@@ -6,11 +6,13 @@
 
 and merged, in row order, into the same data/ one unsharded pass writes: ids renumbered, images hard-linked
 to data/images/<id>.<ext>, metadata.jsonl last. A shard folder appears whole (kolora.core.rundir.atomic_dir) with
-its marker, which names the stage's input key and the rows: a rerun redoes only the ranges without one.
+its marker, which names the stage's input key and the rows: a rerun redoes only the ranges without one
+(ranges, folders, markers and locks: kolora.core.shards).
 
 Array tasks need not run at once (a throttled array, a busy CPU partition), so a task never waits for a task
 that may not have started: after its own range it takes every range nobody has done, each under its own
-lock, waiting only on a lock a running task holds. The task that finds every range done merges, under a lock.
+lock, waiting only on a lock a running task holds (core.shards.take_turns). The task that finds every range
+done merges, under a lock.
 Sources other than parquet and ModelScope are cheap to ingest (hard links) and are read in one pass, as is
 any source with data.limit (which stops after its first samples).
 """
@@ -19,17 +21,18 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
 import time
 from pathlib import Path
 from typing import Any
 
 from kolora.core import interrupt
+from kolora.core import shards as core_shards
 from kolora.core.config import ExperimentConfig
-from kolora.core.rundir import RunDir, atomic_dir, atomic_write_json, file_lock, now
-from kolora.filter import shards as filter_shards
+from kolora.core.rundir import RunDir, atomic_dir
+from kolora.ingest.safe_paths import PathGuard
+from kolora.ingest.samples import COUNTS, guard, read_samples, summary, take, write_lists
 from kolora.ingest.sources import no_sample_error, parquet_rows
+from kolora.ingest.tables import TableSource
 
 SHARDED_SOURCES = ("parquet", "modelscope")
 
@@ -46,18 +49,16 @@ def count(cfg: ExperimentConfig, task_count: int | None = None) -> int:
         return cfg.filter.shards
     if d.source != "parquet":  # a hub dataset's size is known only once it is loaded
         return 1
-    return filter_shards.count(cfg.filter, parquet_rows(d.path, d.image_column, d.text_column, d.caption))
+    return core_shards.count_for_size(parquet_rows(d.path, d.image_column, d.text_column, d.caption),
+                                      cfg.filter.shard_size)
 
 
 def folder(run: RunDir, index: int, shards: int) -> Path:
-    return run.data / "shards" / f"{index:04d}-of-{shards:04d}"
+    return core_shards.folder(run.data, index, shards)
 
 
 def is_done(run: RunDir, index: int, shards: int, identity: dict[str, Any]) -> bool:
-    try:
-        return json.loads((folder(run, index, shards) / "done.json").read_text())["identity"] == identity
-    except (OSError, ValueError, KeyError):
-        return False
+    return core_shards.is_done(folder(run, index, shards), identity)
 
 
 def is_merged(run: RunDir) -> bool:
@@ -66,46 +67,37 @@ def is_merged(run: RunDir) -> bool:
 
 def run(cfg: ExperimentConfig, run: RunDir, shards: int, task_index: int | None, key: str) -> dict[str, Any]:
     """Read the ranges nobody has read yet (this task's first), then merge when every range is done."""
-    from kolora.ingest.stage import TableSource, guard
-
     t0 = time.perf_counter()
     if is_merged(run):  # a task that starts after the merge (a requeue, a throttled array)
-        shutil.rmtree(run.data / "shards", ignore_errors=True)
+        core_shards.remove(run.data)
         return {"shard": task_index, "shards": shards, "ran": [], "merged": "by another task"}
     source = TableSource(cfg, run)
     total = source.rows()
 
     def identity(i: int) -> dict[str, Any]:
-        return {"key": key, "shard": i, "shards": shards, "rows": list(filter_shards.bounds(total, shards, i))}
+        return {"key": key, "shard": i, "shards": shards, "rows": list(core_shards.bounds(total, shards, i))}
 
     path_guard = guard(cfg, run)
-    first = task_index or 0
-    pending = [(first + k) % shards for k in range(shards)]
-    ran: list[int] = []
-    for wait in (False, True):  # first the free ranges, then wait for those running tasks hold
-        busy = []
-        for i in pending:
-            with file_lock(run.data / "shards" / f".{i}-of-{shards}.lock", wait) as taken:
-                if not taken:
-                    busy.append(i)
-                elif not is_merged(run) and not is_done(run, i, shards, identity(i)):
-                    _read_range(cfg, run, source, path_guard, i, shards, identity(i))
-                    ran.append(i)
-        pending = busy
-    with file_lock(run.data / "shards" / ".merge.lock"):
+
+    def read_if_not_done(i: int) -> bool:
+        if is_merged(run) or is_done(run, i, shards, identity(i)):
+            return False
+        _read_range(cfg, run, source, path_guard, i, shards, identity(i))
+        return True
+
+    ran = core_shards.take_turns(run.data, shards, task_index or 0, read_if_not_done)
+    with core_shards.merge_lock(run.data):
         if is_merged(run):  # the lock files this task made after the merge go too
-            shutil.rmtree(run.data / "shards", ignore_errors=True)
+            core_shards.remove(run.data)
             return {"shard": task_index, "shards": shards, "ran": ran, "merged": "by another task"}
-        missing = [i for i in range(shards) if not is_done(run, i, shards, identity(i))]
+        missing = core_shards.missing(shards, lambda i: is_done(run, i, shards, identity(i)))
         if missing:  # only when a range's files vanished under a running task: its rerun reads it
             raise RuntimeError(f"ingest: ranges {missing} of {shards} are not done; run the stage again")
         return {**_merge(cfg, run, shards, source.where, t0), "shard": task_index, "ran": ran, "merged": True}
 
 
-def _read_range(cfg: ExperimentConfig, run: RunDir, source: Any, path_guard: Any, index: int, shards: int,
-                identity: dict[str, Any]) -> None:
-    from kolora.ingest.stage import COUNTS, take, write_lists
-
+def _read_range(cfg: ExperimentConfig, run: RunDir, source: TableSource, path_guard: PathGuard | None,
+                index: int, shards: int, identity: dict[str, Any]) -> None:
     if interrupt.requested() is not None:
         raise interrupt.Interrupted(f"ingest stopped before range {index} of {shards} on "
                                     f"{interrupt.requested()}; the ranges done are kept")
@@ -118,22 +110,16 @@ def _read_range(cfg: ExperimentConfig, run: RunDir, source: Any, path_guard: Any
             path = s["image"]
             s["image"] = str(path.relative_to(work)) if path.is_relative_to(work) else str(path)
         write_lists(work, samples, rejected)
-        atomic_write_json(work / "done.json", {
-            "identity": identity, "counts": counts, "finished": now(), "host": socket.gethostname(),
-            "slurm_job": os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID"),
-            "slurm_array_task": os.environ.get("SLURM_ARRAY_TASK_ID")})
+        core_shards.mark_done(work, {"identity": identity, "counts": counts, **core_shards.stamp()})
 
 
 def _merge(cfg: ExperimentConfig, run: RunDir, shards: int, where: str, t0: float) -> dict[str, Any]:
-    from kolora.ingest.stage import COUNTS, read_samples, summary, write_lists
-
     samples: list[dict[str, Any]] = []
     rejected: list[dict[str, Any]] = []
     counts = dict.fromkeys(COUNTS, 0)
     with atomic_dir(run.data / "images") as images:
-        for i in range(shards):
-            part = folder(run, i, shards)
-            for name, n in json.loads((part / "done.json").read_text())["counts"].items():
+        for _, part in core_shards.in_order(run.data, shards):
+            for name, n in json.loads((part / core_shards.DONE).read_text())["counts"].items():
                 counts[name] += n
             for s in read_samples(part / "metadata.jsonl"):
                 sid = f"{len(samples):06d}"
@@ -147,5 +133,5 @@ def _merge(cfg: ExperimentConfig, run: RunDir, shards: int, where: str, t0: floa
         if not samples:
             raise no_sample_error(cfg.data, where, rejected)
     write_lists(run.data, samples, rejected)
-    shutil.rmtree(run.data / "shards", ignore_errors=True)  # the lock files with it: tasks after this find it merged
+    core_shards.remove(run.data)  # the lock files with it: tasks after this find it merged
     return summary(cfg.data, where, len(samples), len(rejected), counts, t0, shards=shards)
