@@ -2,7 +2,7 @@
 the text encoder or the VAE encoder.
 
 With center crop and no random flip the tutorial's per-step encoding is deterministic, so caching gives
-exactly the same training (notes/kolors-model.md) while ChatGLM3-6B (12.5 GB fp16) leaves the GPU.
+exactly the same training while ChatGLM3-6B (12.5 GB fp16) leaves the GPU.
 
 Layout: STORE/text/<sha256>.safetensors (prompt_embeds [seq, 4096], pooled [4096]),
         STORE/latents/<sha256>.safetensors (latents [4, h/8, w/8], already scaled by the VAE's factor),

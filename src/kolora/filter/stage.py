@@ -2,7 +2,7 @@
 
 1. Header pass (kolora.filter.headers; PIL, no full decode for complete JPEG/PNG files): missing, unreadable,
    non-image and truncated files are recorded with their reason. Only good samples reach Data-Juicer, which
-   otherwise drops whole batches on one bad file and keeps truncated JPEGs (notes/data-juicer.md).
+   otherwise drops whole batches on one bad file and keeps truncated JPEGs.
 2. Data-Juicer through its Python API (kolora.filter.dj.runner) with cfg.filter.ops as `process`,
    `skip_op_error: false` and a tracer that logs every dropped sample (kolora.filter.dj.trace; Data-Juicer's own
    RayTracer with the Ray executor), so each dropped sample is attributed to the op that dropped it. Its work

@@ -7,7 +7,7 @@ kolora.launch.child`, or the same inside `apptainer exec` when the profile has a
   stops after the current tile, and the child exits with EXIT_INTERRUPTED;
 - then requeues the job itself with `scontrol requeue` (which exists on the host, not in the image):
   preemptions always, time limits up to the profile's `max_requeues`. A preempted job that exited 0 during
-  GraceTime would end COMPLETED and never come back (notes/slurm-devcluster.md), hence the explicit requeue.
+  GraceTime would end COMPLETED and never come back, hence the explicit requeue.
   Under DDP only rank 0's host requeues (once); the other ranks exit 0, since a non-zero exit would make srun
   (--kill-on-bad-exit) kill rank 0 before its `scontrol requeue`. A job cancelled meanwhile is never requeued.
 - A SIGTERM alone (`scontrol requeue` by hand, `scancel`, GraceTime=0 preemption) is Slurm's decision: the
