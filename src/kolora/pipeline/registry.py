@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from kolora.core import hashing
 from kolora.models import fingerprint
 
 if TYPE_CHECKING:
@@ -197,7 +198,7 @@ def _content(cfg: ExperimentConfig, dotted: str) -> Any:
     if dotted.startswith("model."):
         return fingerprint.model(cfg.model)
     if dotted == "data.path":
-        return fingerprint.dataset(cfg.data)
+        return hashing.dataset(cfg.data)
     if dotted == "scorers.dir":
         return fingerprint.scorers(cfg.scorers)
     value = field_value(cfg, dotted)
@@ -208,7 +209,7 @@ def _content(cfg: ExperimentConfig, dotted: str) -> Any:
         from kolora.formats.lora import resolve_file
 
         path = resolve_file(path)
-    return fingerprint.file_sha256(path) if path.is_file() else {"missing": str(path.name)}
+    return hashing.file_sha256(path) if path.is_file() else {"missing": str(path.name)}
 
 
 class Keys:
@@ -243,7 +244,7 @@ class Keys:
         if f"work:{name}" not in self._memo:
             inputs = self.inputs(name)
             unknown = any(v is None for v in inputs["after"].values()) or None in inputs.get("tiles", [])
-            self._memo[f"work:{name}"] = None if unknown else fingerprint.digest(inputs)[:16]
+            self._memo[f"work:{name}"] = None if unknown else hashing.digest(inputs)[:16]
         return self._memo[f"work:{name}"]
 
     def output(self, name: str) -> str | None:
@@ -252,7 +253,7 @@ class Keys:
         s = get(name)
         if work is None or not s.continues:
             return work
-        return fingerprint.digest([work, {f: field_value(self.cfg, f) for f in s.continues}])[:16]
+        return hashing.digest([work, {f: field_value(self.cfg, f) for f in s.continues}])[:16]
 
 
 # ---- completion -------------------------------------------------------------------------------------------
