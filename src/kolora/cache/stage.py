@@ -31,6 +31,7 @@ from kolora.cache import entry as cache_entry
 from kolora.core import devices
 from kolora.core.config import ExperimentConfig
 from kolora.core.errors import RunFailure
+from kolora.core.numerics import nonfinite_count
 from kolora.core.rundir import RunDir
 
 
@@ -133,8 +134,6 @@ class NonFiniteCache(RunFailure):
 
 
 def _check_finite(tensor, what: str, remedy: str) -> None:
-    from kolora.cache.entry import nonfinite_count
-
     bad = nonfinite_count(tensor)
     if bad:
         raise NonFiniteCache(f"cache: {what} has {bad} non-finite values (nan/inf) of {tensor.numel()}; {remedy}. "

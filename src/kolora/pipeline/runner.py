@@ -75,7 +75,7 @@ def preflight(cfg: ExperimentConfig, here: bool = False) -> list[str]:
         try:
             path = lora.resolve_file(cfg.render.lora)
             interchange.read_tensors(path)  # its weights, checked (lora.check_weights)
-            lora.rank_alpha(path)
+            interchange.rank_alpha(path)
         except lora.LoraFileError as e:
             raise lora.LoraFileError(f"render.lora: {e}") from None
     from kolora.filter.dj.runner import validate_ops
