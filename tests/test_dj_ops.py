@@ -21,7 +21,8 @@ from typing import Any
 import pytest
 from PIL import Image, ImageFile, ImageOps, PngImagePlugin
 
-from kolora.core.config import ConfigError, validate_config
+from kolora.core.config import validate_config
+from kolora.core.errors import ConfigError
 from kolora.filter import stage as kfilter
 
 REPO = Path(__file__).resolve().parents[1]

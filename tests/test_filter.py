@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 from PIL import Image, ImageFile
 
-from kolora.core.config import ConfigError, validate_config
+from kolora.core.config import validate_config
+from kolora.core.errors import ConfigError
 from kolora.core.rundir import RunDir
 from kolora.filter import stage as kfilter
 from kolora.ingest import stage as ingest

@@ -23,7 +23,8 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from kolora.core.config import ConfigError, DataConfig, ExperimentConfig, FilterConfig
+from kolora.core.config import DataConfig, ExperimentConfig, FilterConfig
+from kolora.core.errors import ConfigError
 from kolora.core.rundir import RunDir, atomic_write_json, file_lock, now
 
 

@@ -40,7 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kolora.core.config import ConfigError, ExperimentConfig, ModelConfig
+from kolora.core.config import ExperimentConfig, ModelConfig
+from kolora.core.errors import ConfigError
 
 GIB = 2**30
 # CUDA context ≈ 0.3–0.6 GiB on current GPUs with lazy module loading, plus cuBLAS/cuDNN workspaces and the

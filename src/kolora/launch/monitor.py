@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kolora.core.config import ConfigError
+from kolora.core.errors import ConfigError
 from kolora.core.rundir import RunDir
 from kolora.pipeline.registry import NAMES, job_of, jobs
 from kolora.train import metrics as train_metrics

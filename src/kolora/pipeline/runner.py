@@ -22,8 +22,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from kolora.core.config import ConfigError, ExperimentConfig
-from kolora.core.errors import disk_full, disk_full_errno
+from kolora.core.config import ExperimentConfig
+from kolora.core.errors import ConfigError, disk_full, disk_full_errno
 from kolora.core.interrupt import Interrupted, StopNow
 from kolora.core.prompts import load_prompts, repeated
 from kolora.core.rundir import RunDir, atomic_write_json, atomic_write_text, unwritable

@@ -25,7 +25,8 @@ from typing import Any
 
 import yaml
 
-from kolora.core.config import ConfigError, ExperimentConfig, load_config
+from kolora.core.config import ExperimentConfig, load_config
+from kolora.core.errors import ConfigError
 from kolora.core.rundir import RunDir, atomic_dir, atomic_write_json, atomic_write_text, now
 
 SHARED_STAGES = ("ingest", "filter", "cache")
