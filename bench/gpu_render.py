@@ -4,7 +4,7 @@
 
 The pipeline kolora's render stage builds (diffusers KolorsPipeline, the Kolors Euler scheduler from
 kolora.models.kolors.make_scheduler), with random weights (bench/_common.kolors_models) and an unfused LoRA r16
-adapter like a trained one loaded by kolora.formats.lora.load_into_pipeline. Prompt and negative prompt are encoded by
+adapter like a trained one loaded by kolora.formats.interchange.load_into_pipeline. Prompt and negative prompt are encoded by
 the pipeline itself (ChatGLM3-shaped, 256 tokens). Rows: fp16 (kolora's default on CUDA) with and without the
 LoRA, bf16 with it. FLOPs per image are counted on the first measured image, the floor is FLOPs / the GPU's
 dense peak. Without CUDA it prints "skipped: no CUDA" and exits 0; --tiny runs the same code on tiny models.

@@ -17,7 +17,8 @@ from test_train import stop_at
 from kolora.cache import buckets
 from kolora.cli.main import main
 from kolora.core import interrupt
-from kolora.core.config import ConfigError, load_config
+from kolora.core.config import load_config
+from kolora.core.errors import ConfigError
 from kolora.core.rundir import RunDir
 from kolora.ingest.synthetic import _draw
 from kolora.pipeline.keys import Keys

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kolora.core.config import ConfigError
+from kolora.core.errors import ConfigError
 from kolora.launch.cluster import ClusterProfile, find_profile, load_profile, parse_time
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,7 +7,8 @@ import yaml
 from conftest import DEMO, PROMPTS, REPO
 
 from kolora.cli.main import main
-from kolora.core.config import ConfigError, load_config
+from kolora.core.config import load_config
+from kolora.core.errors import ConfigError
 from kolora.core.prompts import load_prompts
 
 

@@ -19,7 +19,8 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from kolora.core.config import ConfigError, load_config
+from kolora.core.config import load_config
+from kolora.core.errors import ConfigError
 from kolora.launch.container import (
     ContainerConfig,
     check_image,

@@ -22,7 +22,8 @@ import pytest
 from conftest import stage_context
 from PIL import Image, ImageFile, ImageOps, PngImagePlugin
 
-from kolora.core.config import ConfigError, validate_config
+from kolora.core.config import validate_config
+from kolora.core.errors import ConfigError
 from kolora.filter import stage as kfilter
 
 REPO = Path(__file__).resolve().parents[1]

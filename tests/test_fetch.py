@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from kolora.cli.models import main
+from kolora.ingest import fetch as dataset_fetch
 from kolora.models import fetch
+from kolora.models.check import check_models
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -94,7 +96,7 @@ def test_check_models_passes_on_tiny_models_and_prints_usable_config(layout, tin
     assert main(["check", "models", str(path)]) == 0
     out = capsys.readouterr().out
     assert f"layout: {layout}" in out and f"path: {path}" in out
-    report = fetch.check_models(path)
+    report = check_models(path)
     assert report.ok and report.files >= 5 and report.bytes > 0
     models.resolve(ModelConfig(**report.config["model"]))  # the printed lines are a working model section
 
@@ -109,7 +111,7 @@ def test_check_models_names_the_missing_file(tiny_diffusers, tiny_diffsynth, tmp
     s = shutil.copytree(tiny_diffsynth, tmp_path / "s")
     shard = s / "kolors" / "Kolors" / "text_encoder" / "pytorch_model-00002-of-00002.bin"
     shard.unlink()
-    report = fetch.check_models(s)
+    report = check_models(s)
     assert report.problems == [f"missing: {shard.relative_to(s)} (shard named in pytorch_model.bin.index.json)"]
 
 
@@ -119,7 +121,7 @@ def test_check_models_catches_truncated_and_empty_weights(tiny_diffusers, tmp_pa
     data = unet.read_bytes()
     unet.write_bytes(data[: len(data) - 100])
     (d / "tokenizer" / "tokenizer.model").write_bytes(b"")
-    problems = "\n".join(fetch.check_models(d).problems)
+    problems = "\n".join(check_models(d).problems)
     assert "unet/diffusion_pytorch_model.safetensors: truncated" in problems
     assert "empty: tokenizer/tokenizer.model" in problems
 
@@ -161,7 +163,7 @@ def test_fetch_dataset_verifies_and_prints_data_lines(monkeypatch, tmp_path):
         (Path(local_dir) / "README.md").write_text("x")
         (Path(local_dir) / "train.parquet").write_bytes(b"PAR1" + b"\0" * 8)  # footer missing
 
-    monkeypatch.setattr(fetch, "probe_hub", lambda *a, **k: "https://hub")
-    report = fetch.fetch_dataset("AI-ModelScope/lowres_anime", tmp_path / "ds", download=fake_download)
+    monkeypatch.setattr(dataset_fetch, "probe_hub", lambda *a, **k: "https://hub")
+    report = dataset_fetch.fetch_dataset("AI-ModelScope/lowres_anime", tmp_path / "ds", download=fake_download)
     assert report.problems == ["train.parquet: not a complete parquet file (PAR1 marker missing)"]
     assert report.config["data"]["dataset_id"] == "AI-ModelScope/lowres_anime"

@@ -19,7 +19,8 @@ import pytest
 from conftest import stage_context
 from PIL import Image, ImageFile
 
-from kolora.core.config import ConfigError, validate_config
+from kolora.core.config import validate_config
+from kolora.core.errors import ConfigError
 from kolora.core.rundir import RunDir
 from kolora.filter import stage as kfilter
 from kolora.ingest import stage as ingest

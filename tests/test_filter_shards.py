@@ -16,7 +16,8 @@ from PIL import Image
 from test_filter import DEMO_OPS, check_outputs, make_cfg, noisy_jpeg
 
 from kolora.core import shards as core_shards
-from kolora.core.config import ConfigError, validate_config
+from kolora.core.config import validate_config
+from kolora.core.errors import ConfigError
 from kolora.core.rundir import RunDir
 from kolora.filter import shards as filter_shards
 from kolora.filter import stage as kfilter

@@ -14,7 +14,7 @@ from conftest import unet_inputs
 
 from kolora.core.config import ModelConfig
 from kolora.formats import interchange as ix
-from kolora.formats import lora
+from kolora.formats import lora, lora_weights, unet_modules
 from kolora.formats.lora import LoraFileError
 from kolora.models import kolors as models
 
@@ -112,9 +112,9 @@ def test_export_then_load_reproduces_the_lora_output(fmt, files, trained, tiny_d
     # may name the export folder
     pipe = _pipe(files)
     assert lora.resolve_file(out_file.parent) == out_file
-    lora.load_into_pipeline(pipe, out_file.parent)
+    ix.load_into_pipeline(pipe, out_file.parent)
     _assert_same(_out(pipe.unet), ref)
-    assert lora.rank_alpha(out_file) == (RANK, ALPHA)  # what preflight checks for render.lora
+    assert ix.rank_alpha(out_file) == (RANK, ALPHA)  # what preflight checks for render.lora
 
 
 def test_render_stage_renders_with_a_kohya_lora(files, trained, tiny_diffusers, tmp_path):
@@ -142,7 +142,7 @@ def test_diffsynth_checkpoint_in_diffsynth_naming_imports_and_matches(files, tra
     by_hand = {"down_blocks.1.attentions.0": 5, "mid_block.attentions.0": 8,
                "up_blocks.0.attentions.0": 12, "up_blocks.0.attentions.1": 15}
     tiny_cfg = tiny_diffusers / "unet" / "config.json"
-    assert {k: v for k, v in ix.structure(tiny_cfg).blocks.items() if ".attentions." in k} == by_hand
+    assert {k: v for k, v in unet_modules.structure(tiny_cfg).blocks.items() if ".attentions." in k} == by_hand
 
     ckpt = {}
     for key, value in lora.peft_state_dict(trained[0]).items():
@@ -156,10 +156,10 @@ def test_diffsynth_checkpoint_in_diffsynth_naming_imports_and_matches(files, tra
 
     # no alpha: refused everywhere with the import command in the message
     with pytest.raises(LoraFileError, match="--alpha"):
-        lora.rank_alpha(src)
+        ix.rank_alpha(src)
     pipe = _pipe(files)
     with pytest.raises(LoraFileError, match="import-lora"):
-        lora.load_into_pipeline(pipe, src)
+        ix.load_into_pipeline(pipe, src)
     assert main(["import-lora", str(src), "--to", str(tmp_path / "x"), "--unet-config", str(tiny_cfg)]) == 2
     assert "--alpha" in capsys.readouterr().err
     # a wrong --rank is caught
@@ -171,9 +171,9 @@ def test_diffsynth_checkpoint_in_diffsynth_naming_imports_and_matches(files, tra
                  str(tmp_path / "imported"), "--unet-config", str(tiny_cfg)]) == 0
     out = Path(capsys.readouterr().out.strip())
     assert out == tmp_path / "imported" / lora.WEIGHT_NAME
-    assert lora.rank_alpha(out) == (RANK, ALPHA)
+    assert ix.rank_alpha(out) == (RANK, ALPHA)
     pipe = _pipe(files)
-    lora.load_into_pipeline(pipe, out.parent)  # render.lora may name the folder
+    ix.load_into_pipeline(pipe, out.parent)  # render.lora may name the folder
     _assert_same(_out(pipe.unet), trained[1])
 
 
@@ -215,44 +215,44 @@ def full_lora():
     from diffusers import UNet2DConditionModel
     from peft.utils import get_peft_model_state_dict
 
-    cfg = {k: v for k, v in ix.unet_config(None).items() if not k.startswith("_")}
+    cfg = {k: v for k, v in unet_modules.unet_config(None).items() if not k.startswith("_")}
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(cfg)
         lora.add_lora(unet, 16, 4.0, TARGETS)
     sd = get_peft_model_state_dict(unet)
-    return ix.LoraWeights(dict(sd), 16, 4.0)
+    return lora_weights.LoraWeights(dict(sd), 16, 4.0)
 
 
 def test_derived_diffsynth_names_equal_diffsynths_converter_for_all_560_layers():
     tsv = _tsv()
-    blocks = ix.structure(None).blocks
-    modules = ix.lora_target_modules(None, TARGETS)
+    blocks = unet_modules.structure(None).blocks
+    modules = unet_modules.lora_target_modules(None, TARGETS)
     assert len(modules) == 560 and set(modules) == set(tsv)
-    assert {m: ix.to_diffsynth_module(m, blocks) for m in modules} == tsv
-    assert {d: ix.from_diffsynth_module(d, blocks) for d in tsv.values()} == {d: m for m, d in tsv.items()}
+    assert {m: unet_modules.to_diffsynth_module(m, blocks) for m in modules} == tsv
+    assert {d: unet_modules.from_diffsynth_module(d, blocks) for d in tsv.values()} == {d: m for m, d in tsv.items()}
 
 
 def test_full_size_key_sets_map_completely_in_every_format(full_lora):
     w = full_lora
     assert len(w.modules) == 560 and len(w.tensors) == 1120
-    ix.check_against_unet(w, None)  # every layer is a module of the real UNet, shapes fit
+    lora_weights.check_against_unet(w, None)  # every layer is a module of the real UNet, shapes fit
     tsv = _tsv()
 
-    ds = ix.to_diffsynth(w)
+    ds = lora_weights.to_diffsynth(w)
     assert set(ds) == {f"{tsv[m]}.lora_{ab}.default.weight" for m in tsv for ab in "AB"}
-    back = ix.from_diffsynth(ds, 4.0)
+    back = lora_weights.from_diffsynth(ds, 4.0)
     assert set(back.tensors) == set(w.tensors) and back.rank == 16
     assert all(back.tensors[k].shape == w.tensors[k].shape for k in w.tensors)
 
-    kohya = ix.to_kohya(w)
+    kohya = lora_weights.to_kohya(w)
     assert len(kohya) == 560 * 3
     assert set(kohya) == {f"lora_unet_{m.replace('.', '_')}.{s}" for m in tsv
                           for s in ("lora_down.weight", "lora_up.weight", "alpha")}
-    back = ix.from_kohya(kohya)
+    back = lora_weights.from_kohya(kohya)
     assert set(back.tensors) == set(w.tensors) and back.alpha == 4.0
 
-    peft = ix.to_diffusers(w)
-    back = ix.from_diffusers({f"unet.{k}": v for k, v in peft.items()}, {"kolora.rank": "16", "kolora.alpha": "4.0"})
+    peft = lora_weights.to_diffusers(w)
+    back = lora_weights.from_diffusers({f"unet.{k}": v for k, v in peft.items()}, {"kolora.rank": "16", "kolora.alpha": "4.0"})
     assert set(back.tensors) == set(w.tensors)
 
 
@@ -261,7 +261,7 @@ def test_full_size_kohya_names_are_what_diffusers_converter_reads(full_lora):
     from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_lora_to_diffusers
     from diffusers.utils import convert_unet_state_dict_to_peft
 
-    kohya = ix.to_kohya(full_lora)
+    kohya = lora_weights.to_kohya(full_lora)
     converted, alphas = _convert_non_diffusers_lora_to_diffusers(dict(kohya))
     assert len(alphas) == 560 and set(alphas.values()) == {4.0}
     peft = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in converted.items()})
@@ -273,7 +273,7 @@ def test_full_size_diffsynth_export_loads_like_the_tutorials_load_lora(full_lora
     On a skeleton with DiffSynth's module names (from DiffSynth's converter, the .tsv) every key must land."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    shapes = ix.structure(None).shapes
+    shapes = unet_modules.structure(None).shapes
     with torch.device("meta"):
         skeleton = torch.nn.Module()
         for module, ds_name in _tsv().items():
@@ -287,14 +287,14 @@ def test_full_size_diffsynth_export_loads_like_the_tutorials_load_lora(full_lora
             parent.add_module(leaf, torch.nn.Linear(in_f, out_f))
         skeleton = inject_adapter_in_model(LoraConfig(r=16, lora_alpha=4, init_lora_weights="gaussian",
                                                       target_modules=["to_q", "to_k", "to_v", "to_out"]), skeleton)
-    res = skeleton.load_state_dict(ix.to_diffsynth(full_lora), strict=False, assign=True)
+    res = skeleton.load_state_dict(lora_weights.to_diffsynth(full_lora), strict=False, assign=True)
     assert res.unexpected_keys == []
     assert [k for k in res.missing_keys if "lora_" in k] == []
 
 
 def test_kohya_sgm_block_names_are_read_too():
     """kohya's SGM spelling (input_blocks/middle_block/output_blocks) maps onto the same diffusers modules."""
-    shapes = ix.structure(None).shapes
+    shapes = unet_modules.structure(None).shapes
     pairs = {"input_blocks_4_1_transformer_blocks_0_attn1_to_q": "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
              "middle_block_1_transformer_blocks_3_attn2_to_k": "mid_block.attentions.0.transformer_blocks.3.attn2.to_k",
              "output_blocks_2_1_transformer_blocks_9_attn1_to_out_0":
@@ -305,7 +305,7 @@ def test_kohya_sgm_block_names_are_read_too():
         sd[f"lora_unet_{sgm}.lora_down.weight"] = torch.empty(8, in_f, device="meta")
         sd[f"lora_unet_{sgm}.lora_up.weight"] = torch.empty(out_f, 8, device="meta")
         sd[f"lora_unet_{sgm}.alpha"] = torch.tensor(8.0)
-    w = ix.from_kohya(sd)
+    w = lora_weights.from_kohya(sd)
     assert set(w.modules) == set(pairs.values()) and (w.rank, w.alpha) == (8, 8.0)
 
 
@@ -318,10 +318,10 @@ def test_kohya_per_layer_alphas_fold_into_b_exactly():
     sd, expected = {}, {}
     for m, alpha in zip(mods, (2.0, 2.0, 8.0), strict=True):
         a, b = torch.randn(2, 640, generator=g), torch.randn(640, 2, generator=g)
-        k = ix.to_kohya_module(m)
+        k = unet_modules.to_kohya_module(m)
         sd.update({f"{k}.lora_down.weight": a, f"{k}.lora_up.weight": b, f"{k}.alpha": torch.tensor(alpha)})
         expected[m] = (alpha / 2) * b @ a
-    w = ix.from_kohya(sd)
+    w = lora_weights.from_kohya(sd)
     assert (w.rank, w.alpha) == (2, 2.0)
     for m, a, b in w.pairs():
         torch.testing.assert_close((w.alpha / w.rank) * b @ a, expected[m])

@@ -7,7 +7,7 @@ import torch
 from conftest import unet_inputs
 
 from kolora.core.config import ModelConfig
-from kolora.formats import lora
+from kolora.formats import interchange, lora
 from kolora.models import kolors as models
 
 
@@ -28,7 +28,7 @@ def trained_lora(tiny_diffusers, tmp_path_factory):
 
 def test_file_carries_rank_and_alpha(trained_lora):
     _, path = trained_lora
-    assert lora.rank_alpha(path) == (4, 8.0)
+    assert interchange.rank_alpha(path) == (4, 8.0)
     meta = lora.read_metadata(path)
     assert meta["kolora.rank"] == "4" and meta["kolora.alpha"] == "8.0"
 
@@ -42,7 +42,7 @@ def test_render_load_applies_alpha_over_rank_like_manual_peft(trained_lora):
                           tokenizer=models.load_tokenizer(files), unet=models.load_unet(files),
                           scheduler=models.make_scheduler(files))
     base_out = pipe.unet(**unet_inputs(pipe.unet)).sample
-    lora.load_into_pipeline(pipe, path)
+    interchange.load_into_pipeline(pipe, path)
     loaded_out = pipe.unet(**unet_inputs(pipe.unet)).sample
 
     def manual(alpha):
@@ -79,4 +79,4 @@ def test_file_without_alpha_is_refused(tmp_path):
     p = tmp_path / "noalpha.safetensors"
     save_file({"x.lora_A.weight": torch.zeros(2, 2)}, str(p))
     with pytest.raises(lora.LoraFileError, match="--alpha"):
-        lora.rank_alpha(p)
+        interchange.rank_alpha(p)

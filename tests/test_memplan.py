@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from kolora.cli.main import main
-from kolora.core.config import ConfigError, load_config
+from kolora.core.config import load_config
+from kolora.core.errors import ConfigError
 from kolora.launch import memplan
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,7 +9,8 @@ import pytest
 import torch
 from conftest import PROMPTS
 
-from kolora.core.config import ConfigError, ModelConfig, validate_config
+from kolora.core.config import ModelConfig, validate_config
+from kolora.core.errors import ConfigError
 from kolora.models import kolors as models
 
 

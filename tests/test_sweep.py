@@ -12,7 +12,7 @@ import pytest
 from conftest import DEMO as DEMO_PATH
 from test_launch import LOCAL, fake_slurm, sbatch_scripts  # noqa: F401 - fake_slurm is a fixture
 
-from kolora.core.config import ConfigError
+from kolora.core.errors import ConfigError
 from kolora.pipeline.registry import NAMES
 from kolora.sweep.plan import parse_vary, plan, variant_names
 from kolora.sweep.ranking import RunScore, rank

@@ -133,7 +133,7 @@ def test_ema_is_what_gets_exported(demo_run, tmp_path):
 
 
 def test_dora_trains_magnitude_vectors_that_render_loads_and_kohya_cannot_carry(demo_run, tmp_path):
-    from kolora.formats import interchange, lora
+    from kolora.formats import interchange
     from kolora.formats.lora import LoraFileError
     from kolora.render import stage as render
 
@@ -143,7 +143,7 @@ def test_dora_trains_magnitude_vectors_that_render_loads_and_kohya_cannot_carry(
         assert any("lora_magnitude_vector" in k for k in f.keys())
     pipe = render.build_pipeline(cfg, _lora(run), "cpu", torch.float32, text_encoder=False)
     assert any("lora_magnitude_vector" in n for n, _ in pipe.unet.named_parameters())
-    assert lora.rank_alpha(_lora(run))[0] == cfg.train.rank
+    assert interchange.rank_alpha(_lora(run))[0] == cfg.train.rank
     with pytest.raises(LoraFileError, match="DoRA.*cannot be exported as one"):
         interchange.export_lora(_lora(run), "kohya", tmp_path / "k.safetensors")
     assert _sha(interchange.export_lora(_lora(run), "peft", tmp_path / "p.safetensors")) == _sha(_lora(run))

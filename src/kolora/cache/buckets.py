@@ -62,7 +62,7 @@ def ratio_range(ops: list[dict[str, dict[str, Any]]]) -> tuple[float, float]:
 
 def for_config(cfg) -> list[tuple[int, int]]:
     """The run's bucket list; ConfigError naming the fields when the range leaves none."""
-    from kolora.core.config import ConfigError
+    from kolora.core.errors import ConfigError
 
     lo, hi = ratio_range(cfg.filter.ops)
     res = cfg.train.resolution

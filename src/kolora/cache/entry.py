@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kolora.core.errors import RunFailure
+from kolora.core.numerics import nonfinite_count
 from kolora.core.rundir import atomic_path, atomic_write_json
 
 if TYPE_CHECKING:
@@ -103,17 +104,6 @@ def read(path: Path | str, of: str) -> dict[str, Any]:
 
 def mark_damaged(run_cache: Path, e: BadCacheEntry) -> None:
     atomic_write_json(Path(run_cache) / DAMAGED, {"entry": str(e.path), "problem": e.problem})
-
-
-def nonfinite_count(t) -> int:
-    """How many nan/inf `t` holds. Fast path: its float64 sum is finite exactly when every value is (float16/
-    bfloat16/float32 values stay below 3.5e38, so no sum of fewer than 1e269 of them overflows float64), about
-    4x cheaper than isfinite on 16-bit tensors; only a non-finite sum pays the exact count."""
-    import torch
-
-    if not t.is_floating_point() or bool(torch.isfinite(t.double().sum())):
-        return 0
-    return int((~torch.isfinite(t)).sum())
 
 
 def quarantine_dir(path: Path) -> Path:

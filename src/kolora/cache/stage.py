@@ -37,6 +37,7 @@ from kolora.core import devices, interrupt
 from kolora.core import shards as core_shards
 from kolora.core.config import ExperimentConfig
 from kolora.core.errors import RunFailure
+from kolora.core.numerics import nonfinite_count
 from kolora.core.rundir import RunDir, atomic_write_json, fsync_dir
 from kolora.core.stage import StageContext
 from kolora.models import fingerprint
@@ -144,8 +145,6 @@ class NonFiniteCache(RunFailure):
 
 
 def _check_finite(tensor, what: str, remedy: str) -> None:
-    from kolora.cache.entry import nonfinite_count
-
     bad = nonfinite_count(tensor)
     if bad:
         raise NonFiniteCache(f"cache: {what} has {bad} non-finite values (nan/inf) of {tensor.numel()}; {remedy}. "

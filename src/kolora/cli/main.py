@@ -13,10 +13,10 @@ import traceback
 from pathlib import Path
 
 from kolora.core import interrupt
-from kolora.core.config import ConfigError
 from kolora.core.errors import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
+    ConfigError,
     InputError,
     KoloraError,
     describe_os_error,

@@ -29,7 +29,6 @@ def _report(report) -> int:
 
 
 def cmd_fetch(args) -> int:
-    from kolora.models import fetch
     if args.what == "models" and (args.clip or args.aesthetics):
         from kolora.models import scorer_fetch
         return _report(scorer_fetch.fetch(Path(args.to), args.clip, args.aesthetics, tiny=args.tiny,
@@ -39,19 +38,24 @@ def cmd_fetch(args) -> int:
     if args.what == "models":
         if args.id:
             raise InputError(f"fetch models takes no id (got {args.id!r}); it downloads Kolors and the fp16-fix VAE")
-        report = fetch.fetch_models(Path(args.to), layout=args.layout, timeout=args.timeout)
+        from kolora.models.fetch import fetch_models
+
+        report = fetch_models(Path(args.to), layout=args.layout, timeout=args.timeout)
     else:
         if not args.id:
             raise InputError("fetch dataset needs a dataset id, e.g. kolora fetch dataset AI-ModelScope/lowres_anime "
                              "--to DIR")
-        report = fetch.fetch_dataset(args.id, Path(args.to), timeout=args.timeout)
+        from kolora.ingest.fetch import fetch_dataset
+
+        report = fetch_dataset(args.id, Path(args.to), timeout=args.timeout)
     return _report(report)
 
 
 def cmd_check(args) -> int:
-    from kolora.models import fetch
     if args.what == "models":
-        report = fetch.check_models(Path(args.path), layout=args.layout)
+        from kolora.models.check import check_models
+
+        report = check_models(Path(args.path), layout=args.layout)
     else:
         from kolora.ingest.sources import check_folder
 

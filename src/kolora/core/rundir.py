@@ -36,7 +36,7 @@ class RunError(InputError):
     """A problem with a run directory, with a message naming the file and the fix."""
 
 
-def _umask() -> int:
+def current_umask() -> int:
     """The process umask, read without changing it (/proc), else by setting and restoring it."""
     try:
         with open("/proc/self/status", encoding="ascii") as f:
@@ -53,7 +53,7 @@ def _umask() -> int:
 def shareable(path: Path | str, folder: bool = False) -> None:
     """Give a file from mkstemp (0600) or a folder from mkdtemp (0700) the mode the umask allows (0644/0755
     under umask 022), as open() and mkdir() would: labmates can read a shared run or an exported LoRA."""
-    os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
+    os.chmod(path, (0o777 if folder else 0o666) & ~current_umask())
 
 
 def fsync_dir(path: Path | str) -> None:
@@ -95,7 +95,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_MARK)
         try:
-            os.fchmod(fd, 0o666 & ~_umask())
+            os.fchmod(fd, 0o666 & ~current_umask())
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()

@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from kolora.core import hashing
 from kolora.core.errors import RunFailure
 from kolora.core.rundir import atomic_dir
 from kolora.core.stage import StageContext
@@ -31,9 +32,8 @@ CSV_COLUMNS = ("index", "prompt", "seed", "clip_lora", "clip_base", "aesthetic_l
 
 def model_identity(folders: dict[str, Path]) -> dict[str, str]:
     """Scorer models as scores.json names them: hub ids (" + " between two CLIPs) and a fingerprint of their files."""
-    from kolora.models import fingerprint
     return {"name": " + ".join(sorted(folders)),
-            "fingerprint": fingerprint.digest([fingerprint.tree(folders[n]) for n in sorted(folders)])[:16]}
+            "fingerprint": hashing.digest([hashing.tree(folders[n]) for n in sorted(folders)])[:16]}
 
 
 def _mean(values: list[float]) -> float:

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from kolora.core import shards as core_shards
-from kolora.core.config import ConfigError, DataConfig, ExperimentConfig, FilterConfig
+from kolora.core.config import DataConfig, ExperimentConfig, FilterConfig
+from kolora.core.errors import ConfigError
 from kolora.core.rundir import RunDir, atomic_write_json
 from kolora.ingest.sources import Rejected, parquet_rows, records
 

@@ -39,6 +39,9 @@ Formats (``kolora export RUN --format ...``; every one of them is accepted as ``
 Everything goes through one canonical form, ``LoraWeights``: peft names ``<diffusers module>.lora_A.weight`` /
 ``.lora_B.weight`` plus rank and alpha. Module names are checked against the UNet (built from its config on the
 meta device, no weights allocated), so a LoRA for another architecture fails with the names that do not fit.
+
+Whatever names a LoRA (render.lora, preflight, the CLI) reads it here, in any of these formats: `rank_alpha`,
+`read_tensors`, `load_into_pipeline`. kolora's own file (writing it, its metadata) is kolora.formats.lora.
 """
 
 from __future__ import annotations
@@ -59,8 +62,10 @@ from kolora.formats.lora import (
     check_weights,
     rank_alpha_from_metadata,
     read_metadata,
+    resolve_file,
+    save_layers,
 )
-from kolora.formats.lora_weights import (  # noqa: F401 - the conversions are part of this module's interface
+from kolora.formats.lora_weights import (
     LoraWeights,
     check_against_unet,
     detect_format,
@@ -71,17 +76,6 @@ from kolora.formats.lora_weights import (  # noqa: F401 - the conversions are pa
     to_diffsynth,
     to_diffusers,
     to_kohya,
-)
-from kolora.formats.unet_modules import (  # noqa: F401
-    KOHYA_PREFIX,
-    UnetStructure,
-    diffsynth_blocks,
-    from_diffsynth_module,
-    lora_target_modules,
-    structure,
-    to_diffsynth_module,
-    to_kohya_module,
-    unet_config,
 )
 
 FORMATS = ("peft", "kohya", "diffsynth")
@@ -173,8 +167,14 @@ def read_lora(path: Path, config: Any = None, alpha: float | None = None, rank: 
 
 
 def rank_alpha(path: Path) -> tuple[int, float]:
-    """(rank, alpha) for any supported file, without needing the UNet."""
+    """(rank, alpha) of a LoRA file in any format kolora reads, without needing the UNet: a kolora/diffusers file's
+    from its metadata (the header only), any other's from its tensors (read and checked). LoraFileError naming
+    `kolora import-lora ... --alpha` for files that carry no alpha (DiffSynth)."""
     path = Path(path)
+    if path.is_file() and path.suffix == ".safetensors":
+        found = rank_alpha_from_metadata(read_metadata(path), path)
+        if found is not None:
+            return found
     sd, meta = read_tensors(path)
     fmt = detect_format(sd.keys(), meta) if sd else "peft"
     if fmt == "kohya":
@@ -205,10 +205,9 @@ def _sidecar_rank_alpha(path: Path) -> tuple[int, float]:
 
 
 def write_kolora(w: LoraWeights, path: Path, extra_metadata: dict[str, str] | None = None) -> Path:
-    from kolora.formats import lora
     if w.alpha is None:
         raise LoraFileError("cannot write a kolora LoRA without alpha")
-    return lora.save_layers(to_diffusers(w), path, w.rank, w.alpha, w.target_modules(), extra_metadata)
+    return save_layers(to_diffusers(w), path, w.rank, w.alpha, w.target_modules(), extra_metadata)
 
 
 def write_kohya(w: LoraWeights, path: Path, extra_metadata: dict[str, str] | None = None) -> Path:
@@ -277,6 +276,17 @@ def loadable(path: Path, config: Any = None) -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="kolora-lora-") as tmp:
         yield write_kolora(w, Path(tmp) / WEIGHT_NAME, {"kolora.imported_from": path.name,
                                                          "kolora.source_format": w.source_format})
+
+
+def load_into_pipeline(pipe, path: Path, scale: float = 1.0, adapter_name: str = "kolora") -> None:
+    """Load a LoRA (a file, or a folder: lora.resolve_file) into a KolorsPipeline; alpha/rank comes from the file.
+    Files in another format (kohya/ComfyUI, DiffSynth with kolora's sidecar) are converted to kolora's diffusers
+    file first."""
+    path = resolve_file(path)
+    with loadable(path, config=dict(pipe.unet.config)) as converted:
+        rank_alpha(converted)  # fail early with a clear message if the file has no alpha
+        pipe.load_lora_weights(str(converted), adapter_name=adapter_name)
+    pipe.set_adapters([adapter_name], adapter_weights=[scale])
 
 
 # commands ---------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kolora.core.errors import InputError
+from kolora.core.numerics import nonfinite_count
 from kolora.core.rundir import atomic_path
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -35,8 +36,6 @@ def check_weights(tensors: Mapping[str, Any], path: str | Path) -> None:
     """Every tensor read from a LoRA file is finite and within MAX_WEIGHT; LoraFileError naming `path`, the tensors
     (by their keys in the file) and the fix otherwise. Every reader of LoRA files calls it (kolora.formats.interchange.
     read_tensors, peft_state_dict), so a broken LoRA never reaches a pipeline, an export or a tile."""
-    from kolora.cache.entry import nonfinite_count
-
     bad = []
     for key, t in tensors.items():
         if not t.is_floating_point() or t.numel() == 0:
@@ -167,18 +166,6 @@ def rank_alpha_from_metadata(meta: dict[str, str], where: str | Path = "LoRA fil
     return check_rank_alpha(*found, where) if found else None
 
 
-def rank_alpha(path: Path) -> tuple[int, float]:
-    """(rank, alpha) of a LoRA file in any format kolora reads (see kolora.formats.interchange); raises
-    LoraFileError naming `kolora import-lora ... --alpha` for files that carry no alpha (DiffSynth)."""
-    path = Path(path)
-    if path.is_file() and path.suffix == ".safetensors":
-        found = rank_alpha_from_metadata(read_metadata(path), path)
-        if found is not None:
-            return found
-    from kolora.formats import interchange
-    return interchange.rank_alpha(path)
-
-
 def peft_state_dict(path: Path) -> dict:
     """The file's UNet LoRA tensors under peft's key names (for `set_peft_model_state_dict`)."""
     from diffusers.utils import convert_unet_state_dict_to_peft
@@ -201,14 +188,3 @@ def resolve_file(path: Path) -> Path:
         if len(found) == 1:
             return found[0]
     return path / WEIGHT_NAME
-
-
-def load_into_pipeline(pipe, path: Path, scale: float = 1.0, adapter_name: str = "kolora") -> None:
-    """Load a LoRA into a KolorsPipeline; alpha/rank comes from the file. Files in another format (kohya/ComfyUI,
-    DiffSynth with kolora's sidecar) are converted to kolora's diffusers file first (kolora.formats.interchange)."""
-    from kolora.formats import interchange
-    path = resolve_file(path)
-    with interchange.loadable(path, config=dict(pipe.unet.config)) as loadable:
-        rank_alpha(loadable)  # fail early with a clear message if the file has no alpha
-        pipe.load_lora_weights(str(loadable), adapter_name=adapter_name)
-    pipe.set_adapters([adapter_name], adapter_weights=[scale])

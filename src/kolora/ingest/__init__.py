@@ -1,1 +1,1 @@
-"""The ingest stage: any supported dataset -> run/data/."""
+"""Datasets: the sources `data:` can name (read, checked, downloaded) and the ingest stage -> run/data/."""

@@ -19,7 +19,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from kolora.core.rundir import _umask
+from kolora.core.rundir import current_umask
 
 _KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
           (stat.S_ISFIFO, "a fifo"), (stat.S_ISSOCK, "a socket"))
@@ -32,7 +32,7 @@ class Unsafe(Exception):
 
 def file_mode(source_mode: int | None = None) -> int:
     """The mode of a file kolora creates from a source: the umask's default, no wider than the source's."""
-    mode = 0o666 & ~_umask()
+    mode = 0o666 & ~current_umask()
     return mode & stat.S_IMODE(source_mode) if source_mode is not None else mode
 
 

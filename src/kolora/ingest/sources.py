@@ -20,6 +20,7 @@ from typing import Any
 
 from kolora.core.config import DataConfig
 from kolora.core.errors import InputError, decode_utf8
+from kolora.core.files import FileChecker, Report
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 EXPECTED = {
@@ -320,11 +321,9 @@ def detect_source(path: Path) -> dict[str, str]:
     return {"source": "modelscope", "path": str(path)}
 
 
-def check_folder(path: Path):
+def check_folder(path: Path) -> Report:
     """`kolora check dataset DIR`: every file intact (images by their first bytes, parquet/JSON/safetensors by
     their headers), the probe, and each record that cannot become a sample or names a missing image."""
-    from kolora.models.fetch import FileChecker, Report
-
     path = Path(path).resolve()
     if not path.is_dir():
         raise DatasetError(f"{path} does not exist or is not a folder")
@@ -358,7 +357,7 @@ def _check_image_head(p: Path, label: str, problems: list[str]) -> bool:
     return True
 
 
-def _check_records(d: DataConfig, root: Path, checker, problems: list[str]) -> None:
+def _check_records(d: DataConfig, root: Path, checker: FileChecker, problems: list[str]) -> None:
     from kolora.ingest.safe_paths import PathGuard, Unsafe
 
     guard = PathGuard(root, allow_external=False, max_bytes=d.max_image_bytes)  # ingest's rules, by default

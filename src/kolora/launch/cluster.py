@@ -25,7 +25,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from kolora.core.config import ConfigError, read_yaml_mapping
+from kolora.core.config import read_yaml_mapping
+from kolora.core.errors import ConfigError
 from kolora.core.schema import Section, describe_validation_error, format_problems
 from kolora.launch.container import ContainerConfig
 from kolora.pipeline.registry import NAMES

@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 import re
 
-from kolora.core.config import ConfigError, ExperimentConfig
+from kolora.core.config import ExperimentConfig
+from kolora.core.errors import ConfigError
 from kolora.launch.cluster import JOBS, ClusterProfile
 from kolora.launch.monitor import slurm_client
 from kolora.launch.plan import JobPlan, plan_jobs

@@ -39,7 +39,8 @@ from pathlib import Path, PurePosixPath
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from kolora.core.config import ConfigError, ExperimentConfig
+from kolora.core.config import ExperimentConfig
+from kolora.core.errors import ConfigError
 
 log = logging.getLogger("kolora.launch.container")
 

@@ -40,7 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kolora.core.config import ConfigError, ExperimentConfig, ModelConfig
+from kolora.core.config import ExperimentConfig, ModelConfig
+from kolora.core.errors import ConfigError
 from kolora.pipeline.registry import STAGES
 
 GIB = 2**30

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kolora.core.config import ConfigError
+from kolora.core.errors import ConfigError
 from kolora.core.rundir import RunDir
 from kolora.launch.cluster import JOBS, job_of
 from kolora.pipeline.registry import NAMES
@@ -135,7 +135,8 @@ def log_file(folder: Path, task_id: str, rank: int = 0, stream: str = "err") -> 
 
 
 # status --------------------------------------------------------------------------------------------------
-def _summarize(states: dict[str, str]) -> str:
+def summarize_states(states: dict[str, str]) -> str:
+    """One state for a job's tasks: the common one, else each state with its count ("RUNNING 2/3, PENDING 1/3")."""
     if not states:
         return "UNKNOWN"
     values = list(states.values())
@@ -166,7 +167,7 @@ def _job_states(sub: dict[str, Any]) -> dict[str, dict[str, Any]]:
             partition = partition or row.get("Partition", "")
             if task_id in live and row.get("Reason") not in (None, "", "None"):
                 reason = row["Reason"]
-        out[job] = {"state": _summarize(tasks), "tasks": tasks, "partition": partition, "reason": reason,
+        out[job] = {"state": summarize_states(tasks), "tasks": tasks, "partition": partition, "reason": reason,
                     "accounting": acct_rows is not None}
     return out
 

@@ -47,7 +47,7 @@ def _variant_row(run: RunDir) -> dict[str, Any]:
 
 def _sweep_jobs(entry: dict[str, Any]) -> list[dict[str, str]]:
     """State of the sweep's own jobs (prep, cache, the train array's tasks, sheet)."""
-    from kolora.launch.monitor import _summarize, sacct, squeue
+    from kolora.launch.monitor import sacct, squeue, summarize_states
 
     jobs = entry.get("jobs", {})
     ids = list(jobs.values())
@@ -59,7 +59,7 @@ def _sweep_jobs(entry: dict[str, Any]) -> list[dict[str, str]]:
         states = {t: live.get(t) or acct.get(t) or "UNKNOWN" for t in task_ids}
         label = f"{job_id}_[0-{len(task_ids) - 1}]%{entry.get('throttle')}" if job == "train" and \
             len(task_ids) > 1 else job_id
-        rows.append({"job": job, "job id": label, "state": _summarize(states)})
+        rows.append({"job": job, "job id": label, "state": summarize_states(states)})
     return rows
 
 

@@ -1,1 +1,1 @@
-"""Kolors and the scorer models: loading from disk, tiny random versions for CPU, downloads, fingerprints."""
+"""Kolors and the scorer models: loading from disk, tiny random versions for CPU, downloads, folder checks, fingerprints."""

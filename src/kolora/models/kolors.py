@@ -28,7 +28,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from kolora.core.config import ConfigError, ModelConfig
+from kolora.core.config import ModelConfig
+from kolora.core.errors import ConfigError
+from kolora.core.files import FileChecker, Report
 
 log = logging.getLogger("kolora.models.kolors")
 
@@ -124,11 +126,9 @@ def resolve(cfg: ModelConfig) -> ModelFiles:
 
 def check_files(cfg: ModelConfig) -> ModelFiles:
     """`resolve`, then every file the stages load checked as `kolora check models` checks a download
-    (kolora.models.fetch.FileChecker: present, not empty, safetensors header and tensor sizes, every indexed shard),
+    (kolora.core.files.FileChecker: present, not empty, safetensors header and tensor sizes, every indexed shard),
     so that a model folder missing its weights is refused before a run writes anything, not by the stage
     that loads them. Only headers are read."""
-    from kolora.models.fetch import FileChecker, Report
-
     files = resolve(cfg)
     report = Report(root=Path(cfg.path), kind="model")
     c = FileChecker(report)

@@ -12,15 +12,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from kolora.core.files import FileChecker, Report
 from kolora.models import scorers
-from kolora.models.fetch import (
-    DEFAULT_PROBE_TIMEOUT,
-    FetchError,
-    FileChecker,
-    Report,
-    _login_node_advice,
-    _reach,
-)
+from kolora.models.fetch import DEFAULT_PROBE_TIMEOUT, FetchError, login_node_advice, unreachable_reason
 
 _META = ["*.json", "*.txt", "*.model"]  # configs, tokenizer/processor files
 
@@ -65,16 +59,16 @@ def fetch(to: Path, clip: bool, aesthetics: bool, tiny: bool = False, timeout: f
         else:
             from huggingface_hub import constants
 
-            why = _reach(constants.ENDPOINT, timeout)
+            why = unreachable_reason(constants.ENDPOINT, timeout)
         if why:
-            raise FetchError(f"cannot reach the Hugging Face hub ({why}).\n{_login_node_advice(command)}")
+            raise FetchError(f"cannot reach the Hugging Face hub ({why}).\n{login_node_advice(command)}")
         download = download or _hub_download
         for name in names:
             try:
                 download(name, to / name)
             except Exception as e:  # noqa: BLE001 - network, HTTP and hub errors of many types
                 raise FetchError(f"downloading {name} failed ({e.__class__.__name__}: {str(e)[:300]}).\n"
-                                 f"{_login_node_advice(command)}") from e
+                                 f"{login_node_advice(command)}") from e
     report = Report(to, "scorer models" + (" (tiny, random)" if tiny else ""))
     for name in names:
         check_folder(report, to / name)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from kolora.cache.entry import cache_store_of
+from kolora.core import hashing
 from kolora.core.config import ExperimentConfig, field_value
 from kolora.core.rundir import RunDir, atomic_write_json, now
 from kolora.formats.lora import resolve_file
@@ -34,7 +35,7 @@ def content(cfg: ExperimentConfig, dotted: str) -> Any:
     path = Path(value)
     if dotted == "render.lora":
         path = resolve_file(path)
-    return fingerprint.file_sha256(path) if path.is_file() else {"missing": str(path.name)}
+    return hashing.file_sha256(path) if path.is_file() else {"missing": str(path.name)}
 
 
 class Keys:
@@ -65,7 +66,7 @@ class Keys:
         if f"work:{name}" not in self._memo:
             inputs = self.inputs(name)
             unknown = any(v is None for v in inputs["after"].values()) or None in inputs.get("tiles", [])
-            self._memo[f"work:{name}"] = None if unknown else fingerprint.digest(inputs)[:16]
+            self._memo[f"work:{name}"] = None if unknown else hashing.digest(inputs)[:16]
         return self._memo[f"work:{name}"]
 
     def output(self, name: str) -> str | None:
@@ -74,7 +75,7 @@ class Keys:
         s = get(name)
         if work is None or not s.continues:
             return work
-        return fingerprint.digest([work, {f: field_value(self.cfg, f) for f in s.continues}])[:16]
+        return hashing.digest([work, {f: field_value(self.cfg, f) for f in s.continues}])[:16]
 
 
 def marker_file(run: RunDir, stage: str) -> Path:

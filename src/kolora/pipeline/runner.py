@@ -20,8 +20,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from kolora.core.config import ConfigError, ExperimentConfig
-from kolora.core.errors import disk_full, disk_full_errno
+from kolora.core.config import ExperimentConfig
+from kolora.core.errors import ConfigError, disk_full, disk_full_errno
 from kolora.core.interrupt import Interrupted, StopNow
 from kolora.core.prompts import load_prompts, repeated
 from kolora.core.rundir import RunDir, atomic_write_json, atomic_write_text, unwritable
@@ -74,7 +74,7 @@ def preflight(cfg: ExperimentConfig, here: bool = False) -> list[str]:
         try:
             path = lora.resolve_file(cfg.render.lora)
             interchange.read_tensors(path)  # its weights, checked (lora.check_weights)
-            lora.rank_alpha(path)
+            interchange.rank_alpha(path)
         except lora.LoraFileError as e:
             raise lora.LoraFileError(f"render.lora: {e}") from None
     from kolora.filter.dj.runner import validate_ops

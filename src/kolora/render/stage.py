@@ -36,14 +36,13 @@ def build_pipeline(cfg: ExperimentConfig, lora_file: Path | None, device: str, d
     (encode_prompts), which is what the render stage uses."""
     from diffusers import KolorsPipeline
 
-    from kolora.formats import lora
     from kolora.models import kolors as models
     files = models.resolve(cfg.model)
     pipe = KolorsPipeline(vae=models.load_vae(files, dtype), tokenizer=models.load_tokenizer(files),
                           text_encoder=models.load_text_encoder(files, dtype) if text_encoder else None,
                           unet=models.load_unet(files, dtype), scheduler=models.make_scheduler(files))
     if lora_file is not None:
-        lora.load_into_pipeline(pipe, lora_file, scale=cfg.render.lora_scale)
+        interchange.load_into_pipeline(pipe, lora_file, scale=cfg.render.lora_scale)
     pipe.set_progress_bar_config(disable=True)
     if devices.is_cuda(device):
         pipe.vae.enable_tiling()  # decodes above the VAE's sample size (1024) in tiles; no change at or below it

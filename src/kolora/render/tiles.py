@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kolora.core import hashing
 from kolora.core.config import ExperimentConfig, field_value
 from kolora.core.rundir import RunDir
 from kolora.models import fingerprint
@@ -49,10 +50,10 @@ def tiles(cfg: ExperimentConfig, run: RunDir) -> list[Tile]:
     common = {f: field_value(cfg, f) for f in RENDER_FIELDS if f not in ("render.negative_prompt", "render.base_tiles")}
     common["model"] = fingerprint.model(cfg.model)
     lora = lora_file(cfg, run)
-    lora_sha = fingerprint.file_sha256(lora) if lora.is_file() else None
+    lora_sha = hashing.file_sha256(lora) if lora.is_file() else None
     out = []
     for i, item in enumerate(load_prompts(cfg.render.prompts, cfg.render.negative_prompt)):
-        key = None if lora_sha is None else fingerprint.digest(
+        key = None if lora_sha is None else hashing.digest(
             [common, lora_sha, item.prompt, item.negative_prompt, item.seed])
         out.append(Tile(i, item, key))
     return out
@@ -71,7 +72,7 @@ def base_tiles(cfg: ExperimentConfig, run: RunDir) -> list[Tile]:
     common = {f: field_value(cfg, f) for f in RENDER_FIELDS
               if f not in ("render.negative_prompt", "render.base_tiles", "render.lora_scale")}
     common["model"] = fingerprint.model(cfg.model)
-    return [Tile(i, item, fingerprint.digest(["base", common, item.prompt, item.negative_prompt, item.seed]), True)
+    return [Tile(i, item, hashing.digest(["base", common, item.prompt, item.negative_prompt, item.seed]), True)
             for i, item in enumerate(load_prompts(cfg.render.prompts, cfg.render.negative_prompt))]
 
 

@@ -25,7 +25,8 @@ from typing import Any
 
 import yaml
 
-from kolora.core.config import ConfigError, ExperimentConfig, load_config
+from kolora.core.config import ExperimentConfig, load_config
+from kolora.core.errors import ConfigError
 from kolora.core.rundir import RunDir, atomic_dir, atomic_write_json, atomic_write_text, now
 from kolora.core.runlock import Queued, unknown_queue
 from kolora.pipeline.keys import Keys, is_complete, mark_complete

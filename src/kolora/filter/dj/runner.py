@@ -12,8 +12,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from kolora.core.config import ConfigError, ExperimentConfig, FilterConfig
-from kolora.core.errors import RunFailure
+from kolora.core.config import ExperimentConfig, FilterConfig
+from kolora.core.errors import ConfigError, RunFailure
 from kolora.core.interrupt import StopNow
 from kolora.filter.dj.sandbox import contained, ray_session
 from kolora.filter.dj.trace import drop_log, traced_op
