@@ -36,7 +36,7 @@ test: $(STAMP) browser
 	@if ! $(MAKE) --no-print-directory cluster-up; then \
 	   echo "make test: the dev Slurm cluster did not come up (see above)"; \
 	   $(MAKE) --no-print-directory cluster-down; exit 1; fi; \
-	 KOLORA_REQUIRE_SLURM=1 $(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	 $(VENV)/bin/lint-imports && KOLORA_REQUIRE_SLURM=1 $(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	 $(MAKE) --no-print-directory cluster-down; exit $$rc
 
 # Debian's Chromium for the report's screenshot test (tests/test_report.py), installed when missing (root);
@@ -55,8 +55,10 @@ browser:
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slurm and not slow" $(PYTEST_ARGS)
 
+# ruff, and the package layers (import-linter's contract in pyproject.toml: no package imports one above it)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/lint-imports
 
 # CPU benchmarks (each prints a table, appends to bench/RESULTS.md, ends with a RESULT line); make bench-gpu for GPUs.
 bench: $(STAMP)

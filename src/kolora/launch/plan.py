@@ -14,6 +14,7 @@ from typing import Any
 from kolora.core.config import ExperimentConfig
 from kolora.filter import shards as filter_shards
 from kolora.launch.cluster import JOBS, ClusterProfile, ResolvedResources, job_of
+from kolora.pipeline.registry import get
 
 
 @dataclass
@@ -83,7 +84,8 @@ def plan_jobs(cfg: ExperimentConfig, profile: ClusterProfile) -> list[JobPlan]:
         for key in ("partition", "account", "qos", "mem", "constraint"):
             if getattr(r, key) is not None:
                 params[key] = getattr(r, key)
-        ddp = job == "train" and (r.gpus > 1 or r.nodes > 1)
+        kinds = {get(s).parallel for s in stages}  # how the job's stages spread: it decides the job's shape
+        ddp = "ddp" in kinds and (r.gpus > 1 or r.nodes > 1)
         params.update(gpu_request(r, per_node=ddp))
         if r.setup:
             params["setup"] = list(r.setup)
@@ -94,14 +96,14 @@ def plan_jobs(cfg: ExperimentConfig, profile: ClusterProfile) -> list[JobPlan]:
             plan.tasks_per_node = max(r.gpus, 1)
             params["ntasks_per_node"] = plan.tasks_per_node
             params["srun_args"] = ["--kill-on-bad-exit=1"]  # one rank failing must not leave the others waiting
-        shards = filter_shards.planned_count(cfg) if job == "filter" else 1
+        shards = filter_shards.planned_count(cfg) if "shards" in kinds else 1
         if shards > 1:
             # one CPU task per shard; the task that finds every shard done merges (kolora.filter.shards)
             plan.array_tasks = shards
             # all shards at once: Slurm starts as many as the partition has CPUs for
             plan.extra_info = {"shards": shards}
             params["array_parallelism"] = shards
-        if job == "render":
+        if "tasks" in kinds:
             tiles, tasks = render_task_count(cfg, r.tiles_per_task)
             plan.array_tasks = tasks
             plan.extra_info = {"tiles": tiles, "tiles_per_task": r.tiles_per_task, "throttle": r.array_throttle}

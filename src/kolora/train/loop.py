@@ -35,7 +35,7 @@ from kolora.core.stage import StageContext
 from kolora.formats import lora as lora_io
 from kolora.models import kolors as models
 from kolora.train import checkpoint as ckpt_io
-from kolora.train import distributed, objective, validation
+from kolora.train import distributed, objective, validation_sampler
 from kolora.train import logs as trainlogs
 from kolora.train import metrics as train_metrics
 from kolora.train.ema import LoraEMA
@@ -377,7 +377,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         enable_model_summary=False, enable_checkpointing=False, enable_progress_bar=False,
         # the EMA is updated before the checkpointer saves that step
         callbacks=[StepProgress(tcfg.steps, progress), MetricsCSV(run.train / "metrics.csv"), *([ema] if ema else []),
-                   checkpointer, *trainlogs.callbacks(), *validation.callbacks(cfg, run, weight_dtype)],
+                   checkpointer, *trainlogs.callbacks(), *validation_sampler.callbacks(cfg, run, weight_dtype)],
         num_sanity_val_steps=0, log_every_n_steps=1,
     )
     distributed.keep_signals_out(trainer)

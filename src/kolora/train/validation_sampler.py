@@ -151,3 +151,8 @@ def log_images(logger, images: list[Any], names: list[tuple[int, int, str]], ste
             experiment.add_image(tag, np.asarray(image.convert("RGB")), step, dataformats="HWC")
         elif hasattr(logger, "log_image"):  # wandb
             logger.log_image(key=tag, images=[image], step=step)
+
+
+def callbacks(cfg: ExperimentConfig, run: RunDir, weight_dtype) -> list[Any]:
+    """The Lightning callback that samples (none when train.validation.every is 0)."""
+    return [ValidationSampler(cfg, run, weight_dtype)] if cfg.train.validation.every else []
