@@ -26,7 +26,7 @@ def content(cfg: ExperimentConfig, dotted: str) -> Any:
     if dotted.startswith("model."):
         return fingerprint.model(cfg.model)
     if dotted == "data.path":
-        return fingerprint.dataset(cfg.data)
+        return hashing.dataset(cfg.data)
     if dotted == "scorers.dir":
         return fingerprint.scorers(cfg.scorers)
     value = field_value(cfg, dotted)
