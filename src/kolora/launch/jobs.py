@@ -1,4 +1,4 @@
-"""What runs inside each Slurm job: load the frozen config and call `pipeline.run_stage` for the job's stages.
+"""What runs inside each Slurm job: load the frozen config and call `kolora.pipeline.runner.run_stage` for the job's stages.
 
 submitit pickles a `StageJob` (plain values only) and calls it in the job, once per array task for render
 (`task_index`) and once per srun task for a DDP train job. It is a submitit `Checkpointable` whose checkpoint
