@@ -24,6 +24,7 @@ from typing import Any
 
 from kolora.core import interrupt
 from kolora.core.config import DataConfig, ExperimentConfig
+from kolora.core.offline import offline_variable
 from kolora.core.rundir import RunDir, atomic_dir, atomic_write_text
 from kolora.ingest.safe_paths import PathGuard, Unsafe, copy_checked, link_checked, write_bytes
 from kolora.ingest.sources import (
@@ -40,13 +41,11 @@ from kolora.ingest.sources import (
 )
 
 COUNTS = ("linked", "copied", "written", "generated", "referenced")  # how each sample's image got into data/
-OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "MODELSCOPE_OFFLINE", "KOLORA_OFFLINE")
 
 
 def _offline_reason() -> str | None:
-    for var in OFFLINE_VARS:
-        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
-            return f"{var} is set"
+    if var := offline_variable():
+        return f"{var} is set"
     try:
         from modelscope.hub.utils.utils import get_domain
 

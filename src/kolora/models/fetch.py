@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from kolora.core.errors import InputError, RunFailure
+from kolora.core.offline import offline_variable
 
 KOLORS_DIFFUSERS = "Kwai-Kolors/Kolors-diffusers"
 KOLORS_DIFFSYNTH = "Kwai-Kolors/Kolors"
@@ -127,7 +128,7 @@ def _login_node_advice(command: str) -> str:
 def probe_hub(timeout: float = DEFAULT_PROBE_TIMEOUT, command: str = "kolora fetch models --to DIR") -> str:
     """Return the hub endpoint if it answers; raise FetchError with the login-node advice if not."""
     endpoint = hub_endpoint()
-    if os.environ.get("MODELSCOPE_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+    if offline_variable("modelscope"):
         why = "MODELSCOPE_OFFLINE is set, as kolora sets it for compute jobs"
     else:
         why = _reach(endpoint, timeout)

@@ -25,15 +25,13 @@ from typing import Any
 from kolora.core.config import ConfigError, ExperimentConfig
 from kolora.core.errors import disk_full, disk_full_errno
 from kolora.core.interrupt import Interrupted, StopNow
+from kolora.core.offline import offline_env
 from kolora.core.prompts import load_prompts, repeated
 from kolora.core.rundir import RunDir, atomic_write_json, atomic_write_text, unwritable
 from kolora.pipeline import registry as stages
 from kolora.render import tiles
 
 log = logging.getLogger("kolora.pipeline.runner")
-
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-               "DIFFUSERS_OFFLINE": "1", "MODELSCOPE_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def preflight(cfg: ExperimentConfig, here: bool = False) -> list[str]:
@@ -91,23 +89,6 @@ def preflight(cfg: ExperimentConfig, here: bool = False) -> list[str]:
     return [f"render.prompts: {cfg.render.prompts}: prompts #{a} and #{b} are the same prompt and seed (and "
             "negative prompt): the same tile is rendered twice; change one's seed or drop it"
             for a, b in repeated(prompts)]
-
-
-@contextlib.contextmanager
-def offline_env(run: RunDir) -> Iterator[None]:
-    """No downloads from stage code; library caches inside the run directory."""
-    saved = {k: os.environ.get(k) for k in (*OFFLINE_ENV, "HF_HOME", "MODELSCOPE_CACHE")}
-    os.environ.update(OFFLINE_ENV)
-    os.environ.setdefault("HF_HOME", str(run.root / ".hf_home"))
-    os.environ.setdefault("MODELSCOPE_CACHE", str(run.root / ".modelscope"))
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _superseded(run: RunDir, stage: str) -> Path:
@@ -305,7 +286,7 @@ def _call(s: stages.Stage, cfg: ExperimentConfig, run: RunDir, progress, kw: dic
     module = importlib.import_module(s.module)
     if s.where != "cpu":
         torch_setup(cfg)
-    with offline_env(run):
+    with offline_env(run.root):  # no downloads from stage code; library caches inside the run directory
         accepted = inspect.signature(module.run).parameters
         if progress is not None and "progress" in accepted:
             kw = {**kw, "progress": progress}
