@@ -21,6 +21,7 @@ from pydantic import ValidationError
 
 from kolora.core.config import load_config
 from kolora.core.errors import ConfigError
+from kolora.core.offline import OFFLINE_ENV
 from kolora.launch.container import (
     ContainerConfig,
     check_image,
@@ -30,7 +31,6 @@ from kolora.launch.container import (
     merge_binds,
     required_binds,
 )
-from kolora.pipeline.runner import OFFLINE_ENV
 
 REPO = Path(__file__).resolve().parent.parent
 DEF_FILE = REPO / "containers" / "kolora.def"
@@ -122,7 +122,7 @@ def test_labels_carry_version_base_and_build_time_labels(recipe):
 def test_environment_is_hub_offline_with_caches_under_a_bound_path(recipe):
     env = dict(line.split("=", 1) for line in recipe.environ)
     for key, value in OFFLINE_ENV.items():
-        assert env.get(key) == value, f"%environment must set {key}={value} (kolora.pipeline.runner.OFFLINE_ENV)"
+        assert env.get(key) == value, f"%environment must set {key}={value} (kolora.core.offline.OFFLINE_ENV)"
     assert env["PYTHONNOUSERSITE"] == "1"
     assert env["KOLORA_CACHE"] == '"${KOLORA_CACHE:-/tmp/kolora-cache}"'
     for key in ("HF_HOME", "MODELSCOPE_CACHE", "XDG_CACHE_HOME", "UV_CACHE_DIR"):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from kolora.cli.models import main
+from kolora.cli.main import main
 from kolora.ingest import fetch as dataset_fetch
 from kolora.models import fetch
 from kolora.models.check import check_models
@@ -48,7 +48,7 @@ def test_fetch_without_network_fails_fast_with_login_node_message(no_network, tm
 
 def test_fetch_as_a_process_fails_fast(no_network, tmp_path):
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "kolora.cli.models", "fetch", "models", "--to", str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-m", "kolora.cli.main", "fetch", "models", "--to", str(tmp_path)],
                           capture_output=True, text=True, env=os.environ.copy(), timeout=60)
     assert proc.returncode == 1 and "login node" in proc.stderr
     assert time.monotonic() - t0 < 30

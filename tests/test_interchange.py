@@ -79,7 +79,7 @@ def _fake_run(tmp_path, trained, tiny_diffusers) -> Path:
 @pytest.mark.parametrize("fmt", ["peft", "kohya", "diffsynth"])
 def test_export_then_load_reproduces_the_lora_output(fmt, files, trained, tiny_diffusers, tmp_path, capsys):
     """kolora export RUN --format F → loaded back → the tiny UNet's output equals the original (≤ 1e-5)."""
-    from kolora.cli.models import main
+    from kolora.cli.main import main
 
     run = _fake_run(tmp_path, trained, tiny_diffusers)
     assert main(["export", str(run), "--format", fmt]) == 0
@@ -136,7 +136,7 @@ def test_diffsynth_checkpoint_in_diffsynth_naming_imports_and_matches(files, tra
                                                                       capsys):
     """A checkpoint like DiffSynth's trainer writes (only LoRA tensors, no alpha, torch.save, blocks.N keys),
     built here from DiffSynth's numbering rule worked out by hand for the tiny UNet, imports with --alpha."""
-    from kolora.cli.models import main
+    from kolora.cli.main import main
 
     # tiny UNet in DiffSynth's flat list: R0 P1 D2 P3 | R4 A5 P6 | mid R7 A8 R9 | P10 R11 A12 P13 R14 A15 U16 | ...
     by_hand = {"down_blocks.1.attentions.0": 5, "mid_block.attentions.0": 8,

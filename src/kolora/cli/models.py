@@ -8,7 +8,7 @@
     kolora export RUN --format peft|kohya|diffsynth [--to PATH]
     kolora import-lora FILE --alpha 4 [--rank 16] --to lora/
 
-`register(subparsers)` adds them to the main parser; heavy imports happen inside the commands.
+`register(subparsers)` adds them to kolora.cli.main's parser; heavy imports happen inside the commands.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from kolora.cli.args import whole_number
 from kolora.core.errors import EXIT_INPUT, EXIT_OK, InputError
 
 
@@ -156,19 +157,6 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def whole_number(minimum: int):
-    """An argparse type: an integer >= minimum."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{text} must be {minimum} or more")
-        return value
-    return parse
-
-
 def register(subparsers) -> None:
     p = subparsers.add_parser("fetch", help="download Kolors or a dataset from ModelScope (login node)",
                               description="Download with ModelScope's snapshot download, then verify what "
@@ -214,14 +202,3 @@ def register(subparsers) -> None:
     p.add_argument("--to", required=True, help="output folder (gets pytorch_lora_weights.safetensors) or file")
     p.add_argument("--unet-config", help="UNet config.json or model folder (default: full-size Kolors)")
     p.set_defaults(func=cmd_import_lora)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m kolora.cli.models ...`: the same commands through kolora's one error path."""
-    from kolora.cli.main import main as kolora_main
-
-    return kolora_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

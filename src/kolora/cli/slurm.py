@@ -1,5 +1,5 @@
-"""`kolora submit|resume|status|logs|cancel`: the commands that talk to Slurm (and their pre-queue checks,
-shared with `validate --cluster` and `sweep --cluster`)."""
+"""`kolora submit|resume|status|logs|cancel`: the commands that talk to Slurm (their pre-queue checks are
+kolora.cli.checks'; `status` and `cancel` of a sweep are kolora.cli.sweep's)."""
 
 from __future__ import annotations
 
@@ -8,38 +8,11 @@ import os
 import sys
 from pathlib import Path
 
-from kolora.cli.main import add_config_args, print_warnings, resolve_runs_dir
-from kolora.cli.models import whole_number
-from kolora.core.errors import EXIT_INPUT, ConfigError, InputError, KoloraError
-
-
-def warn_attempt_window(cfg, profile) -> None:
-    from kolora.launch.plan import attempt_window_warnings
-
-    print_warnings(attempt_window_warnings(cfg, profile))
-
-
-def check_gpu_memory(cfg, profile, profile_file, show: bool) -> list[str]:
-    """One line per GPU stage: its estimated peak GPU memory (kolora.launch.memplan) against the profile's
-    jobs.<job>.gpu_mem_gb. A stage that does not fit stops the command (exit 2) before anything is queued.
-    Without `show`, nothing is estimated unless the profile gives a gpu_mem_gb."""
-    from kolora.launch.memplan import GPUMemoryError
-    from kolora.launch.plan import gpu_memory_check, has_gpu_mem_limits
-
-    if not (show or has_gpu_mem_limits(profile)):
-        return []
-    try:
-        lines, refusals = gpu_memory_check(cfg, profile, str(profile_file))
-    except KoloraError:
-        raise
-    except Exception as e:  # noqa: BLE001 - an estimate that cannot be made must not block a submission
-        print(f"kolora: warning: GPU memory not estimated ({type(e).__name__}: {e})", file=sys.stderr)
-        return []
-    if refusals:
-        for line in lines if show else []:
-            print(line)
-        raise GPUMemoryError("\n".join(refusals))
-    return lines
+from kolora.cli.args import add_config_args, resolve_runs_dir, whole_number
+from kolora.cli.checks import check_gpu_memory, print_warnings, warn_attempt_window
+from kolora.cli.sweep import cmd_sweep_cancel, cmd_sweep_status
+from kolora.core.errors import EXIT_INPUT, ConfigError, InputError
+from kolora.sweep.manifest import find_sweep
 
 
 def run_named(args):
@@ -143,11 +116,8 @@ def cmd_status(args) -> int:
     import json
 
     from kolora.launch.monitor import environment_hint, format_status, status
-    from kolora.sweep.plan import find_sweep
 
     if sweep_dir := find_sweep(args.run, resolve_runs_dir(args)):
-        from kolora.cli.sweep import cmd_sweep_status
-
         return cmd_sweep_status(args, sweep_dir)
     run = run_named(args)
     if not (run.read_manifest().get("slurm") or {}).get("latest") and not args.json:
@@ -196,11 +166,8 @@ def cmd_logs(args) -> int:
 
 def cmd_cancel(args) -> int:
     from kolora.launch.monitor import cancel
-    from kolora.sweep.plan import find_sweep
 
     if sweep_dir := find_sweep(args.run, resolve_runs_dir(args)):
-        from kolora.cli.sweep import cmd_sweep_cancel
-
         return cmd_sweep_cancel(sweep_dir)
     run = run_named(args)
     cancelled, left = cancel(run)

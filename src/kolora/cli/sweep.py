@@ -1,15 +1,19 @@
-"""`kolora sweep` and `kolora status SWEEP` (registered by kolora.cli.main)."""
+"""`kolora sweep`, and `kolora status | cancel` of a sweep (kolora.cli.slurm hands a sweep's folder here)."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
+from kolora.cli.args import add_config_args, resolve_runs_dir
+from kolora.cli.checks import check_gpu_memory, print_warnings, warn_attempt_window
+from kolora.cli.display import RichStageDisplay
+from kolora.sweep.manifest import read_manifest
+
 
 def cmd_sweep(args) -> int:
     from rich.console import Console
 
-    from kolora.cli.main import resolve_runs_dir
     from kolora.sweep.names import check_name
     from kolora.sweep.plan import plan
 
@@ -24,7 +28,8 @@ def cmd_sweep(args) -> int:
     from kolora.sweep.plan import run_in_process
 
     with interrupt.for_command():  # Ctrl-C stops the variant running now like `kolora run`, and the sweep
-        outcome = run_in_process(sweep, console, force=args.force, queued=still_queued)
+        outcome = run_in_process(sweep, console, RichStageDisplay(console), force=args.force,
+                                 queued=still_queued)
     failed = {n: o for n, o in outcome.items() if o != "complete"}
     from kolora.launch.sweep_status import format_status, status
 
@@ -38,8 +43,6 @@ def cmd_sweep(args) -> int:
 
 
 def _submit(args, sweep) -> int:
-    from kolora.cli.main import print_warnings
-    from kolora.cli.slurm import check_gpu_memory, warn_attempt_window
     from kolora.launch.cluster import find_profile, load_profile
     from kolora.launch.cluster_check import check_cluster
     from kolora.launch.submit import LaunchError
@@ -79,8 +82,6 @@ def cmd_sweep_status(args, sweep_dir: Path) -> int:
 
 
 def register(subparsers) -> None:
-    from kolora.cli.main import add_config_args
-
     p = subparsers.add_parser(
         "sweep", help="train several variants of a config (the product of --vary values) and compare them",
         description="One run folder per variant under RUNS/<name>/ (a normal run: status, resume and export work "
@@ -101,7 +102,6 @@ def register(subparsers) -> None:
 def cmd_sweep_cancel(sweep_dir: Path) -> int:
     """Cancel every queued job of the sweep's latest submission (the variants' tasks included)."""
     from kolora.launch.monitor import scancel, squeue
-    from kolora.sweep.plan import read_manifest
 
     entry = read_manifest(sweep_dir).get("slurm") or {}
     ids = list((entry.get("jobs") or {}).values())

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from kolora.core.config import ExperimentConfig
+from kolora.core.offline import offline_variable
 from kolora.core.rundir import RunDir
 from kolora.ingest.sources import (
     DatasetError,
@@ -23,13 +24,10 @@ from kolora.ingest.sources import (
     rows_to_records,
 )
 
-OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "MODELSCOPE_OFFLINE", "KOLORA_OFFLINE")
-
 
 def _offline_reason() -> str | None:
-    for var in OFFLINE_VARS:
-        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
-            return f"{var} is set"
+    if var := offline_variable():
+        return f"{var} is set"
     try:
         from modelscope.hub.utils.utils import get_domain
 

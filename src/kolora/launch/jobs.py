@@ -30,7 +30,7 @@ def job_environment(run_root: Path, hf_home: Path | None = None, modelscope_cach
     """Environment of every job: the profile's extra variables, library caches (default: inside the run
     directory) and, last so that nothing turns them off, the hub-offline variables: no downloads on a
     compute node."""
-    from kolora.pipeline.runner import OFFLINE_ENV
+    from kolora.core.offline import OFFLINE_ENV
 
     env = dict(extra or {})
     env["HF_HOME"] = str(hf_home or Path(run_root) / ".hf_home")

@@ -8,6 +8,7 @@ from typing import Any
 
 from kolora.core.rundir import RunDir
 from kolora.pipeline.registry import NAMES
+from kolora.sweep.manifest import read_manifest
 from kolora.sweep.ranking import rank, score_run
 
 
@@ -64,8 +65,6 @@ def _sweep_jobs(entry: dict[str, Any]) -> list[dict[str, str]]:
 
 
 def status(sweep_dir: Path) -> dict[str, Any]:
-    from kolora.sweep.plan import read_manifest
-
     manifest = read_manifest(sweep_dir)
     variants = []
     for v in manifest["variants"]:

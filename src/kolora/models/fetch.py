@@ -27,6 +27,7 @@ from typing import Any
 
 from kolora.core.errors import InputError, RunFailure
 from kolora.core.files import Report
+from kolora.core.offline import offline_variable
 from kolora.models.check import check_models
 
 KOLORS_DIFFUSERS = "Kwai-Kolors/Kolors-diffusers"
@@ -89,7 +90,7 @@ def login_node_advice(command: str) -> str:
 def probe_hub(timeout: float = DEFAULT_PROBE_TIMEOUT, command: str = "kolora fetch models --to DIR") -> str:
     """Return the hub endpoint if it answers; raise FetchError with the login-node advice if not."""
     endpoint = hub_endpoint()
-    if os.environ.get("MODELSCOPE_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+    if offline_variable("modelscope"):
         why = "MODELSCOPE_OFFLINE is set, as kolora sets it for compute jobs"
     else:
         why = unreachable_reason(endpoint, timeout)

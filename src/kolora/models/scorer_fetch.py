@@ -9,10 +9,10 @@ arrived is checked like `kolora check models` does.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from kolora.core.files import FileChecker, Report
+from kolora.core.offline import offline_variable
 from kolora.models import scorers
 from kolora.models.fetch import DEFAULT_PROBE_TIMEOUT, FetchError, login_node_advice, unreachable_reason
 
@@ -54,7 +54,7 @@ def fetch(to: Path, clip: bool, aesthetics: bool, tiny: bool = False, timeout: f
             else:
                 scorers.build_tiny_aesthetic(to / name, name=name)
     else:
-        if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        if offline_variable("huggingface"):
             why = "HF_HUB_OFFLINE is set, as kolora sets it for compute jobs"
         else:
             from huggingface_hub import constants

@@ -23,6 +23,7 @@ from typing import Any
 from kolora.core.config import ExperimentConfig
 from kolora.core.errors import ConfigError, disk_full, disk_full_errno
 from kolora.core.interrupt import Interrupted, StopNow
+from kolora.core.offline import offline_env
 from kolora.core.prompts import load_prompts, repeated
 from kolora.core.rundir import RunDir, atomic_write_json, atomic_write_text, unwritable
 from kolora.core.stage import Stage, StageContext
@@ -30,9 +31,6 @@ from kolora.pipeline import registry
 from kolora.pipeline.keys import Keys, is_complete, mark_complete, marker_file
 
 log = logging.getLogger("kolora.pipeline.runner")
-
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-               "DIFFUSERS_OFFLINE": "1", "MODELSCOPE_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def preflight(cfg: ExperimentConfig, here: bool = False) -> list[str]:
@@ -90,23 +88,6 @@ def preflight(cfg: ExperimentConfig, here: bool = False) -> list[str]:
     return [f"render.prompts: {cfg.render.prompts}: prompts #{a} and #{b} are the same prompt and seed (and "
             "negative prompt): the same tile is rendered twice; change one's seed or drop it"
             for a, b in repeated(prompts)]
-
-
-@contextlib.contextmanager
-def offline_env(run: RunDir) -> Iterator[None]:
-    """No downloads from stage code; library caches inside the run directory."""
-    saved = {k: os.environ.get(k) for k in (*OFFLINE_ENV, "HF_HOME", "MODELSCOPE_CACHE")}
-    os.environ.update(OFFLINE_ENV)
-    os.environ.setdefault("HF_HOME", str(run.root / ".hf_home"))
-    os.environ.setdefault("MODELSCOPE_CACHE", str(run.root / ".modelscope"))
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _superseded(run: RunDir, stage: str) -> Path:
@@ -311,7 +292,7 @@ def _call(s: Stage, ctx: StageContext) -> dict[str, Any]:
     entry = s.load()
     if s.runs_on == "gpu":
         torch_setup(ctx.cfg)
-    with offline_env(ctx.run):
+    with offline_env(ctx.run.root):  # no downloads from stage code; library caches in the run directory
         return entry(ctx)
 
 

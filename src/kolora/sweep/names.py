@@ -17,8 +17,8 @@ from typing import Any, Literal
 
 from kolora.core.errors import InputError
 from kolora.core.rundir import RunDir
-from kolora.sweep.plan import MANIFEST as SWEEP_MANIFEST
-from kolora.sweep.plan import read_manifest
+from kolora.sweep.manifest import MANIFEST as SWEEP_MANIFEST
+from kolora.sweep.manifest import read_manifest
 
 Kind = Literal["run", "sweep", "empty", "other"]
 

@@ -31,8 +31,9 @@ from kolora.core.rundir import RunDir, atomic_dir, atomic_write_json, atomic_wri
 from kolora.core.runlock import Queued, unknown_queue
 from kolora.pipeline.keys import Keys, is_complete, mark_complete
 from kolora.pipeline.registry import OPERATIONAL, STAGES, get
-
-MANIFEST = "sweep.json"
+from kolora.pipeline.sequence import StageDisplay, run_all
+from kolora.sweep import sheet
+from kolora.sweep.manifest import MANIFEST, read_manifest
 
 
 @dataclass
@@ -200,27 +201,6 @@ def write_manifest(sweep: Sweep, **extra: Any) -> dict[str, Any]:
     return data
 
 
-def read_manifest(sweep_dir: Path) -> dict[str, Any]:
-    path = Path(sweep_dir) / MANIFEST
-    try:
-        data = json.loads(path.read_text())
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read the sweep manifest ({e.strerror})") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e.msg}); it is written by `kolora sweep`") from None
-    if not isinstance(data, dict) or not isinstance(data.get("variants"), list):
-        raise ConfigError(f"{path}: not a sweep manifest (no variants list); it is written by `kolora sweep`")
-    return data
-
-
-def find_sweep(name_or_path: str, runs_dir: Path) -> Path | None:
-    """The sweep folder NAME (under runs_dir) or PATH names, None when it is not a sweep."""
-    for cand in (Path(name_or_path).expanduser(), Path(runs_dir) / name_or_path):
-        if (cand / MANIFEST).is_file():
-            return cand.resolve()
-    return None
-
-
 # ---- sharing ingest / filter / cache --------------------------------------------------------------------------
 def _link_tree(src: Path, dst: Path) -> None:
     """dst becomes a copy of src made of hard links (a plain copy across file systems), atomically."""
@@ -277,9 +257,11 @@ def adopt_shared(cfg: ExperimentConfig, run: RunDir, source: RunDir) -> list[str
 
 
 # ---- in process ------------------------------------------------------------------------------------------------
-def run_in_process(sweep: Sweep, console, force: bool = False, queued: Queued = unknown_queue) -> dict[str, str]:
-    """Every variant in turn, in this process, then the comparison sheet. Returns {variant: "complete" |
-    "failed: ..."}; a failed variant does not stop the others (an interruption does)."""
+def run_in_process(sweep: Sweep, console, display: StageDisplay, force: bool = False,
+                   queued: Queued = unknown_queue) -> dict[str, str]:
+    """Every variant in turn, in this process (its stages shown on `display`; the sweep's own lines printed
+    on the rich `console`), then the comparison sheet. Returns {variant: "complete" | "failed: ..."}; a
+    failed variant does not stop the others (an interruption does)."""
     from kolora.core.interrupt import Interrupted
     from kolora.core.rundir import sweep_temp
     from kolora.core.runlock import acquire
@@ -307,9 +289,7 @@ def run_in_process(sweep: Sweep, console, force: bool = False, queued: Queued = 
             for stage in adopt_shared(v.cfg, run, first):
                 console.print(f"  {stage:<7} [green]shared[/] with {first.root.name} (same key; hard links)")
             try:
-                from kolora.cli.main import _run_stages
-
-                _run_stages(console, v.cfg, run, (), force)
+                run_all(v.cfg, run, (), force, display)
                 outcome[v.name] = "complete"
             except Interrupted:
                 raise
@@ -321,5 +301,4 @@ def run_in_process(sweep: Sweep, console, force: bool = False, queued: Queued = 
 
 
 def write_sheet(sweep_dir: Path) -> tuple[Path, Path]:
-    from kolora.sweep import sheet as sweep_sheet
-    return sweep_sheet.write(Path(sweep_dir))
+    return sheet.write(Path(sweep_dir))

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from kolora.core.rundir import atomic_path, atomic_write_text
+from kolora.sweep.manifest import read_manifest
 from kolora.sweep.ranking import RunScore, loss_curve, rank, score_run
 
 THUMB_PX = 384
@@ -70,8 +71,6 @@ def _score_cells(s: RunScore) -> list[str]:
 
 def collect(sweep_dir: Path) -> tuple[dict[str, Any], list[RunScore]]:
     """The sweep manifest and its variants' scores, best first."""
-    from kolora.sweep.plan import read_manifest
-
     manifest = read_manifest(sweep_dir)
     scores = [score_run(v["name"], Path(sweep_dir) / v.get("run_dir", v["name"])) for v in manifest["variants"]]
     return manifest, rank(scores)

@@ -12,6 +12,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from kolora.core.offline import HUGGING_FACE_OFFLINE
+
 
 @contextlib.contextmanager
 def contained(dj_dir: Path, console: Path) -> Iterator[None]:
@@ -28,7 +30,7 @@ def contained(dj_dir: Path, console: Path) -> Iterator[None]:
     saved_mp = multiprocess.get_start_method(allow_none=True)
     saved_tempdir = tempfile.tempdir
     os.environ.update({
-        "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(dj_dir / "hf"),
+        **HUGGING_FACE_OFFLINE, "HF_HOME": str(dj_dir / "hf"),
         "HF_DATASETS_CACHE": str(dj_dir / "hf" / "datasets"), "UV_CACHE_DIR": str(dj_dir / "uv-cache"),
         "UV_OFFLINE": "1", "PIP_NO_INDEX": "1",  # Data-Juicer pip-installs missing deps at run time; never here
         "TQDM_DISABLE": "1",
@@ -42,7 +44,7 @@ def contained(dj_dir: Path, console: Path) -> Iterator[None]:
                                                       "DOWNLOADED_DATASETS_PATH", "DEFAULT_EXTRACTED_DATASETS_PATH",
                                                       "EXTRACTED_DATASETS_PATH", "HF_HUB_OFFLINE",
                                                       "HF_DATASETS_OFFLINE") if hasattr(ds_config, k)}
-        for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        for k in HUGGING_FACE_OFFLINE:  # datasets read them from the environment once, at import
             if k in saved_ds:
                 setattr(ds_config, k, True)
     hub_constants = None
