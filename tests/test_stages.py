@@ -265,3 +265,17 @@ def test_two_runs_filling_one_cache_dir_at_once(tiny_diffusers, tmp_path):
         assert set(load_file(str(shared / "text" / f"{e['text_key']}.safetensors"))) == {"prompt_embeds", "pooled"}
         assert set(load_file(str(shared / "latents" / f"{e['latent_key']}.safetensors"))) == {"latents"}
     assert not [p for p in shared.rglob("*") if p.name.startswith(".")]  # no temp file left behind
+
+
+def test_keys_of_runs_made_before_stay_the_same():
+    """A run folder made by an earlier kolora resumes and skips: its stages' keys are computed exactly as then
+    (values recorded from kolora 3f4ad0f, before the package layout; a change to configs/demo.yaml's data or
+    filter fields changes them too, and then this test's values)."""
+    cfg = load_config(DEMO)
+    keys = Keys(cfg, RunDir(Path("/nonexistent/run")))
+    assert {s: keys.work(s) for s in ("ingest", "filter")} == {"ingest": "67fdbf3b63acc9ab",
+                                                               "filter": "dce90bc30b0a6aef"}
+    cfg = load_config(DEMO, ["filter.shards=3", "data.limit=5"])
+    keys = Keys(cfg, RunDir(Path("/nonexistent/run")))
+    assert {s: keys.output(s) for s in ("ingest", "filter")} == {"ingest": "8cf2fe426a9be4cb",
+                                                                 "filter": "474d132b98cc0446"}
