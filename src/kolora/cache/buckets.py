@@ -17,6 +17,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from kolora.core.errors import ConfigError
+
+# PIL, numpy, torch: imported in the functions that use them (a login node's CLI starts without them)
+
 # image_aspect_ratio_filter's own defaults (Data-Juicer), for an op given without min_ratio/max_ratio
 DJ_MIN_RATIO, DJ_MAX_RATIO = 0.333, 3.0
 # Without an aspect-ratio op: the tutorial's range
@@ -62,7 +66,6 @@ def ratio_range(ops: list[dict[str, dict[str, Any]]]) -> tuple[float, float]:
 
 def for_config(cfg) -> list[tuple[int, int]]:
     """The run's bucket list; ConfigError naming the fields when the range leaves none."""
-    from kolora.core.errors import ConfigError
 
     lo, hi = ratio_range(cfg.filter.ops)
     res = cfg.train.resolution

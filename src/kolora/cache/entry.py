@@ -33,6 +33,8 @@ if TYPE_CHECKING:
     from kolora.core.config import ExperimentConfig
     from kolora.core.rundir import RunDir
 
+# safetensors, torch: imported in the functions that use them (a login node's CLI starts without them)
+
 CHECKSUM = "kolora.sha256"
 # In <run>/cache: a reader (training, validation) found a bad entry, so the cache stage is not complete until it
 # has run again and repaired it (it verifies every entry the run uses; the file names the one that was found).

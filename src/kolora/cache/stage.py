@@ -24,6 +24,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,8 @@ from kolora.core.rundir import RunDir, atomic_write_json, fsync_dir
 from kolora.core.stage import StageContext
 from kolora.models import fingerprint
 from kolora.models import kolors as models
+
+# PIL, numpy, torch: imported in the functions that use them (a login node's CLI starts without them)
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +131,6 @@ def read_text(path: Path | str, seq: int, of: str) -> dict[str, Any]:
 def text_entry_bytes(seq: int, hidden: int, dtype, tokens: int | None = None) -> int:
     """Bytes of one text entry as written (header included): a caption of `tokens` tokens (default: all `seq`,
     no padding, the largest entry) at text length `seq`."""
-    import tempfile
 
     import torch
 

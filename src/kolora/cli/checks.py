@@ -7,6 +7,8 @@ from __future__ import annotations
 import sys
 
 from kolora.core.errors import KoloraError
+from kolora.launch.memplan import GPUMemoryError
+from kolora.launch.plan import attempt_window_warnings, gpu_memory_check, has_gpu_mem_limits
 
 
 def print_warnings(lines: list[str]) -> None:
@@ -16,7 +18,6 @@ def print_warnings(lines: list[str]) -> None:
 
 
 def warn_attempt_window(cfg, profile) -> None:
-    from kolora.launch.plan import attempt_window_warnings
 
     print_warnings(attempt_window_warnings(cfg, profile))
 
@@ -25,8 +26,6 @@ def check_gpu_memory(cfg, profile, profile_file, show: bool) -> list[str]:
     """One line per GPU stage: its estimated peak GPU memory (kolora.launch.memplan) against the profile's
     jobs.<job>.gpu_mem_gb. A stage that does not fit stops the command (exit 2) before anything is queued.
     Without `show`, nothing is estimated unless the profile gives a gpu_mem_gb."""
-    from kolora.launch.memplan import GPUMemoryError
-    from kolora.launch.plan import gpu_memory_check, has_gpu_mem_limits
 
     if not (show or has_gpu_mem_limits(profile)):
         return []

@@ -12,6 +12,8 @@ if TYPE_CHECKING:
 
     from kolora.pipeline.sequence import Progress
 
+# rich: imported in the functions that use them (a login node's CLI starts without them)
+
 
 def _label(n: int, count: int, stage: str) -> str:
     return f"[{n}/{count}] {stage:<7}"

@@ -21,7 +21,16 @@ import sys
 from pathlib import Path
 
 from kolora.cli.args import whole_number
+from kolora.core.config import load_config
 from kolora.core.errors import EXIT_INPUT, EXIT_OK, InputError
+from kolora.formats import interchange
+from kolora.formats.lora import WEIGHT_NAME
+from kolora.ingest.fetch import fetch_dataset
+from kolora.ingest.sources import check_folder
+from kolora.models import scorer_fetch
+from kolora.models.check import check_models
+from kolora.models.fetch import fetch_models
+from kolora.sweep.names import folder_kind, listed_variants
 
 
 def _report(report) -> int:
@@ -31,7 +40,6 @@ def _report(report) -> int:
 
 def cmd_fetch(args) -> int:
     if args.what == "models" and (args.clip or args.aesthetics):
-        from kolora.models import scorer_fetch
         return _report(scorer_fetch.fetch(Path(args.to), args.clip, args.aesthetics, tiny=args.tiny,
                                           timeout=args.timeout))
     if args.tiny:
@@ -39,14 +47,12 @@ def cmd_fetch(args) -> int:
     if args.what == "models":
         if args.id:
             raise InputError(f"fetch models takes no id (got {args.id!r}); it downloads Kolors and the fp16-fix VAE")
-        from kolora.models.fetch import fetch_models
 
         report = fetch_models(Path(args.to), layout=args.layout, timeout=args.timeout)
     else:
         if not args.id:
             raise InputError("fetch dataset needs a dataset id, e.g. kolora fetch dataset AI-ModelScope/lowres_anime "
                              "--to DIR")
-        from kolora.ingest.fetch import fetch_dataset
 
         report = fetch_dataset(args.id, Path(args.to), timeout=args.timeout)
     return _report(report)
@@ -54,11 +60,9 @@ def cmd_fetch(args) -> int:
 
 def cmd_check(args) -> int:
     if args.what == "models":
-        from kolora.models.check import check_models
 
         report = check_models(Path(args.path), layout=args.layout)
     else:
-        from kolora.ingest.sources import check_folder
 
         _not_a_run(Path(args.path))
         report = check_folder(Path(args.path))
@@ -67,7 +71,6 @@ def cmd_check(args) -> int:
 
 def _not_a_run(path: Path) -> None:
     """A run or sweep folder is not a dataset: say which dataset inside it to check (InputError)."""
-    from kolora.sweep.names import folder_kind, listed_variants
 
     kind = folder_kind(path)
     if kind == "run":
@@ -100,7 +103,6 @@ def run_unet_config(run_root: Path, override: str | None):
     cfg_file = run_root / "config.yaml"
     if cfg_file.is_file():
         try:
-            from kolora.core.config import load_config
 
             model = load_config(cfg_file).model
             if model.unet_config:
@@ -113,8 +115,6 @@ def run_unet_config(run_root: Path, override: str | None):
 
 
 def cmd_export(args) -> int:
-    from kolora.formats import interchange
-    from kolora.formats.lora import WEIGHT_NAME
 
     root = find_run(args.run, args.runs_dir)
     source = root / "lora" / WEIGHT_NAME
@@ -136,7 +136,6 @@ def cmd_export(args) -> int:
 
 
 def cmd_import_lora(args) -> int:
-    from kolora.formats import interchange
     out = interchange.import_lora(Path(args.file), Path(args.to), alpha=args.alpha, rank=args.rank,
                                   config=args.unet_config)
     rank, alpha = interchange.rank_alpha(out)

@@ -10,8 +10,21 @@ from kolora.cli.args import add_config_args, resolve_runs_dir
 from kolora.cli.checks import check_gpu_memory, print_warnings, warn_attempt_window
 from kolora.cli.display import RichStageDisplay
 from kolora.core import interrupt
+from kolora.core.config import load_config
 from kolora.core.errors import InputError
+from kolora.core.rundir import RunDir, sweep_temp
+from kolora.core.runlock import acquire
+from kolora.launch.cluster import find_profile, load_profile
+from kolora.launch.cluster_check import check_cluster
+from kolora.launch.monitor import still_queued
+from kolora.models.kolors import build_tiny
+from kolora.pipeline import runner
 from kolora.pipeline.registry import NAMES as STAGE_NAMES
+from kolora.pipeline.sequence import run_all
+from kolora.pipeline.state import stopped_before
+from kolora.sweep.names import check_name
+
+# rich: imported in the functions that use them (a login node's CLI starts without them)
 
 
 def cmd_run(args) -> int:
@@ -22,20 +35,12 @@ def cmd_run(args) -> int:
 def _run(args) -> int:
     from rich.console import Console
 
-    from kolora.core.config import load_config
-    from kolora.core.rundir import RunDir, sweep_temp
-    from kolora.core.runlock import acquire
-    from kolora.launch.monitor import still_queued
-    from kolora.pipeline.runner import open_run, preflight
-    from kolora.pipeline.sequence import run_all
-    from kolora.pipeline.state import stopped_before
-    from kolora.sweep.names import check_name
 
     console = Console(stderr=True)
     cfg = load_config(args.config, args.overrides, args.name)
     runs_dir = resolve_runs_dir(args)
     check_name(runs_dir, cfg.name, "run")  # before the lock: a refused name leaves the runs dir as it was
-    print_warnings(preflight(cfg, here=True))
+    print_warnings(runner.preflight(cfg, here=True))
     RunDir(runs_dir / cfg.name).read_manifest()  # an unusable run folder stops this before the lock is written
     stopped = stopped_before(runs_dir / cfg.name, still_queued)  # read before this run holds the lock
     # the run lock before anything of the run is written: no other `kolora run` or live submission's jobs
@@ -43,7 +48,7 @@ def _run(args) -> int:
     with acquire(runs_dir / cfg.name, "run", queued=still_queued):
         if removed := sweep_temp(runs_dir / cfg.name):  # leftovers of a writer that was killed
             console.print(f"[dim]removed {removed} temp files of an interrupted earlier run[/]")
-        run = open_run(cfg, runs_dir)
+        run = runner.open_run(cfg, runs_dir)
         console.print(f"[bold]kolora run[/] {cfg.name} → {run.root}")
         if stopped:
             print(stopped.continuing(cfg.name), file=sys.stderr)
@@ -58,18 +63,14 @@ def _run(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from kolora.core.config import load_config
-    from kolora.pipeline.runner import preflight
 
     cfg = load_config(args.config, args.overrides, args.name)
     resolve_runs_dir(args)
-    print_warnings(preflight(cfg))
+    print_warnings(runner.preflight(cfg))
     if args.cluster:
-        from kolora.launch.cluster import find_profile, load_profile
 
         profile_file = find_profile(args.cluster)
         profile = load_profile(profile_file)
-        from kolora.launch.cluster_check import check_cluster
 
         check_cluster(cfg, profile, str(profile_file))
         warn_attempt_window(cfg, profile)
@@ -80,7 +81,6 @@ def cmd_validate(args) -> int:
 
 
 def cmd_make_tiny(args) -> int:
-    from kolora.models.kolors import build_tiny
 
     target = Path(args.path)
     if target.exists() and not (target / "TINY_RANDOM_MODEL.txt").is_file():

@@ -4,6 +4,7 @@ kolora.cli.checks'; `status` and `cancel` of a sweep are kolora.cli.sweep's)."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -11,14 +12,32 @@ from pathlib import Path
 from kolora.cli.args import add_config_args, resolve_runs_dir, whole_number
 from kolora.cli.checks import check_gpu_memory, print_warnings, warn_attempt_window
 from kolora.cli.sweep import cmd_sweep_cancel, cmd_sweep_status
+from kolora.core.config import load_config
 from kolora.core.errors import EXIT_INPUT, ConfigError, InputError
+from kolora.launch import container
+from kolora.launch.cluster import find_profile, load_profile
+from kolora.launch.cluster_check import check_cluster
+from kolora.launch.monitor import (
+    cancel,
+    environment_hint,
+    format_status,
+    pick_log,
+    resolve_run,
+    status,
+    still_queued,
+    tail,
+)
+from kolora.launch.submit import LaunchError, dry_run, format_submitted, submit
+from kolora.launch.sweep_status import exit_code, format_local_run
+from kolora.pipeline import runner
+from kolora.pipeline.state import run_state, stopped_before
 from kolora.sweep.manifest import find_sweep
+from kolora.sweep.names import NameTaken, check_name, describe_sweep
+from kolora.train import distributed
 
 
 def run_named(args):
     """The run folder `args.run` names; a sweep's folder is refused with the VARIANT paths to give instead."""
-    from kolora.launch.monitor import resolve_run
-    from kolora.sweep.names import NameTaken, describe_sweep
 
     runs_dir = resolve_runs_dir(args)
     try:
@@ -31,26 +50,19 @@ def run_named(args):
 
 
 def cmd_submit(args) -> int:
-    from kolora.core.config import load_config
-    from kolora.launch.cluster import find_profile, load_profile
-    from kolora.launch.cluster_check import check_cluster
-    from kolora.launch.submit import dry_run
-    from kolora.pipeline.runner import preflight
-    from kolora.sweep.names import check_name
 
     cfg = load_config(args.config, args.overrides, args.name)
     profile_file = find_profile(args.cluster)
     profile = load_profile(profile_file)
     runs_dir = resolve_runs_dir(args)
     check_name(runs_dir, cfg.name, "run")  # --dry-run too: it shows what a submission would do
-    print_warnings(preflight(cfg))
+    print_warnings(runner.preflight(cfg))
     check_cluster(cfg, profile, str(profile_file))
     warn_attempt_window(cfg, profile)
     gpu_memory = check_gpu_memory(cfg, profile, profile_file, show=args.dry_run)
     if profile.container is not None and not args.dry_run:
-        from kolora.launch.container import check_image
 
-        check_image(profile.container)
+        container.check_image(profile.container)
     if args.dry_run:
         print(dry_run(cfg, profile, runs_dir))
         for line in gpu_memory:
@@ -60,11 +72,6 @@ def cmd_submit(args) -> int:
 
 
 def cmd_resume(args) -> int:
-    from kolora.launch.cluster import find_profile, load_profile
-    from kolora.launch.cluster_check import check_cluster
-    from kolora.pipeline.runner import preflight
-    from kolora.sweep.names import check_name
-    from kolora.train import distributed
 
     run = run_named(args)
     # the folder's name, not the one its config.yaml was written with: a copied or renamed run folder resumes
@@ -83,7 +90,7 @@ def cmd_resume(args) -> int:
     if args.gpus is not None:  # elastic: training continues on M GPUs, accumulating to keep its global batch
         jobs = profile.jobs.model_copy(update={"train": profile.jobs.train.model_copy(update={"gpus": args.gpus})})
         profile = profile.model_copy(update={"jobs": jobs})
-    print_warnings(preflight(cfg))
+    print_warnings(runner.preflight(cfg))
     check_cluster(cfg, profile, str(profile_file))
     try:  # a checkpoint's global batch that this GPU count cannot keep: refused before queueing
         distributed.check_resume(run.train, cfg.train.batch_size, profile.resources("train"))
@@ -96,9 +103,6 @@ def cmd_resume(args) -> int:
 
 
 def _queue(command: str, cfg, profile, runs_dir, profile_file, **kw) -> int:
-    from kolora.launch.monitor import still_queued
-    from kolora.launch.submit import LaunchError, format_submitted, submit
-    from kolora.pipeline.state import stopped_before
 
     stopped = stopped_before(runs_dir / cfg.name, still_queued)  # read before the submission takes the run lock
     try:
@@ -113,22 +117,16 @@ def _queue(command: str, cfg, profile, runs_dir, profile_file, **kw) -> int:
 
 
 def cmd_status(args) -> int:
-    import json
 
-    from kolora.launch.monitor import environment_hint, format_status, status
 
     if sweep_dir := find_sweep(args.run, resolve_runs_dir(args)):
         return cmd_sweep_status(args, sweep_dir)
     run = run_named(args)
     if not (run.read_manifest().get("slurm") or {}).get("latest") and not args.json:
-        from kolora.launch.sweep_status import format_local_run
 
         text, code = format_local_run(run)
         print(text)
         return code
-    from kolora.launch.monitor import still_queued
-    from kolora.launch.sweep_status import exit_code
-    from kolora.pipeline.state import run_state
 
     st = status(run)
     state = run_state(run, queued=still_queued)
@@ -145,7 +143,6 @@ def cmd_status(args) -> int:
 
 
 def cmd_logs(args) -> int:
-    from kolora.launch.monitor import pick_log, tail
 
     run = run_named(args)
     job, task_id, (out, err) = pick_log(run, args.stage, args.task, args.rank)
@@ -165,7 +162,6 @@ def cmd_logs(args) -> int:
 
 
 def cmd_cancel(args) -> int:
-    from kolora.launch.monitor import cancel
 
     if sweep_dir := find_sweep(args.run, resolve_runs_dir(args)):
         return cmd_sweep_cancel(sweep_dir)

@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 from kolora.cli.args import add_config_args, resolve_runs_dir
 from kolora.cli.checks import check_gpu_memory, print_warnings, warn_attempt_window
 from kolora.cli.display import RichStageDisplay
+from kolora.core import interrupt
+from kolora.launch.cluster import find_profile, load_profile
+from kolora.launch.cluster_check import check_cluster
+from kolora.launch.monitor import scancel, squeue, still_queued
+from kolora.launch.submit import LaunchError
+from kolora.launch.sweep import submit_sweep
+from kolora.launch.sweep_status import exit_code, format_status, status
+from kolora.pipeline import runner
 from kolora.sweep.manifest import read_manifest
+from kolora.sweep.names import check_name
+from kolora.sweep.plan import plan, run_in_process
+
+# rich: imported in the functions that use them (a login node's CLI starts without them)
 
 
 def cmd_sweep(args) -> int:
     from rich.console import Console
 
-    from kolora.sweep.names import check_name
-    from kolora.sweep.plan import plan
 
     console = Console(stderr=True)
     runs_dir = resolve_runs_dir(args)
@@ -23,15 +34,11 @@ def cmd_sweep(args) -> int:
     check_name(runs_dir, sweep.name, "sweep", {v.name: v.overrides for v in sweep.variants}, force=args.force)
     if args.cluster:
         return _submit(args, sweep)
-    from kolora.core import interrupt
-    from kolora.launch.monitor import still_queued
-    from kolora.sweep.plan import run_in_process
 
     with interrupt.for_command():  # Ctrl-C stops the variant running now like `kolora run`, and the sweep
         outcome = run_in_process(sweep, console, RichStageDisplay(console), force=args.force,
                                  queued=still_queued)
     failed = {n: o for n, o in outcome.items() if o != "complete"}
-    from kolora.launch.sweep_status import format_status, status
 
     print(format_status(status(sweep.dir)))
     print(sweep.dir / "sweep.html")
@@ -43,15 +50,10 @@ def cmd_sweep(args) -> int:
 
 
 def _submit(args, sweep) -> int:
-    from kolora.launch.cluster import find_profile, load_profile
-    from kolora.launch.cluster_check import check_cluster
-    from kolora.launch.submit import LaunchError
-    from kolora.launch.sweep import submit_sweep
-    from kolora.pipeline.runner import preflight
 
     profile_file = find_profile(args.cluster)
     profile = load_profile(profile_file)
-    print_warnings(list(dict.fromkeys(line for v in sweep.variants for line in preflight(v.cfg))))
+    print_warnings(list(dict.fromkeys(line for v in sweep.variants for line in runner.preflight(v.cfg))))
     check_cluster(sweep.variants[0].cfg, profile, str(profile_file), variants=len(sweep.variants))
     warn_attempt_window(sweep.variants[0].cfg, profile)
     for v in sweep.variants:
@@ -72,9 +74,7 @@ def _submit(args, sweep) -> int:
 
 
 def cmd_sweep_status(args, sweep_dir: Path) -> int:
-    import json
 
-    from kolora.launch.sweep_status import exit_code, format_status, status
 
     st = status(sweep_dir)
     print(json.dumps(st, indent=2, default=str) if args.json else format_status(st))
@@ -101,7 +101,6 @@ def register(subparsers) -> None:
 
 def cmd_sweep_cancel(sweep_dir: Path) -> int:
     """Cancel every queued job of the sweep's latest submission (the variants' tasks included)."""
-    from kolora.launch.monitor import scancel, squeue
 
     entry = read_manifest(sweep_dir).get("slurm") or {}
     ids = list((entry.get("jobs") or {}).values())

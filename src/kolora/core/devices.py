@@ -17,6 +17,8 @@ import os
 
 from kolora.core.errors import InputError
 
+# torch: imported in the functions that use them (a login node's CLI starts without them)
+
 log = logging.getLogger("kolora.core.devices")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+# torch: imported in the functions that use them (a login node's CLI starts without them)
+
 
 def nonfinite_count(t) -> int:
     """How many nan/inf `t` holds. Fast path: its float64 sum is finite exactly when every value is (float16/

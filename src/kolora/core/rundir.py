@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from kolora.core.config import ExperimentConfig, dump_config
+from kolora.core.config import ExperimentConfig, dump_config, load_config
 from kolora.core.errors import InputError, disk_full_errno, read_text
 
 # Temp names of the atomic writers: ".<name>.<mkstemp random>.kolora-tmp<suffix>" for files (the marker makes a
@@ -321,7 +321,6 @@ class RunDir:
 
     def load_config(self, name: str | None = None) -> ExperimentConfig:
         """The frozen config (with `name` in place of the one it was written with, when given)."""
-        from kolora.core.config import load_config
 
         if not self.config_file.is_file():
             raise RunError(f"{self.root} is not a kolora run directory (no config.yaml)")

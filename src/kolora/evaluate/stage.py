@@ -25,7 +25,10 @@ from kolora.core.errors import RunFailure
 from kolora.core.rundir import atomic_dir
 from kolora.core.stage import StageContext
 from kolora.models import scorers
+from kolora.models.kolors import quiet_libraries
 from kolora.render.tiles import base_tiles, base_tiles_on, missing_tiles, tiles
+
+# PIL, torch: imported in the functions that use them (a login node's CLI starts without them)
 
 CSV_COLUMNS = ("index", "prompt", "seed", "clip_lora", "clip_base", "aesthetic_lora", "aesthetic_base")
 
@@ -55,7 +58,6 @@ def run(ctx: StageContext) -> dict[str, Any]:
     import torch
     from PIL import Image
 
-    from kolora.models.kolors import quiet_libraries
 
     quiet_libraries()
     if not torch.cuda.is_available():

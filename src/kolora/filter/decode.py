@@ -26,6 +26,8 @@ from typing import Any
 
 from kolora.core import interrupt
 
+# PIL: imported in the functions that use them (a login node's CLI starts without them)
+
 CHUNK = 16  # at least this many images per worker process (one costs ~0.2 s to start)
 SERIAL_BELOW = 2 * CHUNK  # fewer images than this are decoded in this process
 

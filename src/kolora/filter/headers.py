@@ -12,6 +12,8 @@ from typing import NamedTuple
 
 from kolora.filter.decode import bombs_are_errors
 
+# PIL: imported in the functions that use them (a login node's CLI starts without them)
+
 _TAIL = 64  # bytes read from the end of a file to find the JPEG EOI / PNG IEND marker
 
 

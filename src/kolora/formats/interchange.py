@@ -48,6 +48,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
+import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -77,6 +79,8 @@ from kolora.formats.lora_weights import (
     to_diffusers,
     to_kohya,
 )
+
+# safetensors, torch: imported in the functions that use them (a login node's CLI starts without them)
 
 FORMATS = ("peft", "kohya", "diffsynth")
 TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -264,7 +268,6 @@ def write_lora(w: LoraWeights, path: Path, fmt: str, config: Any = None,
 def loadable(path: Path, config: Any = None) -> Iterator[Path]:
     """Yield a file KolorsPipeline.load_lora_weights reads with the right alpha: `path` itself when it is a
     diffusers/kolora file with alpha metadata, else a converted kolora file in a temp folder."""
-    import tempfile
 
     path = Path(path)
     if path.suffix == ".safetensors" and path.is_file():
@@ -321,7 +324,6 @@ def is_dora(path: Path) -> bool:
 
 def export_lora(source: Path, fmt: str, to: Path, config: Any = None) -> Path:
     """Convert a kolora LoRA file to `fmt` at `to` (a file path)."""
-    import shutil
 
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ from typing import Any
 from kolora.core.errors import InputError
 from kolora.core.numerics import nonfinite_count
 from kolora.core.rundir import atomic_path
+
+# diffusers, peft, safetensors: imported in the functions that use them (a login node's CLI starts without them)
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
@@ -116,7 +119,6 @@ def canonicalize_header(path: Path) -> None:
     safetensors serialises its header from a Rust HashMap, so the same tensors and metadata give different
     bytes in every process; sorting makes a LoRA file bit-reproducible (same config → same sha256).
     The header keeps its length (padding with spaces is allowed by the format), so offsets stay valid."""
-    import struct
 
     with open(path, "r+b") as f:
         (n,) = struct.unpack("<Q", f.read(8))

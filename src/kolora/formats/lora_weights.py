@@ -8,10 +8,13 @@ import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 from kolora.formats.lora import LoraFileError, check_rank_alpha, rank_alpha_from_metadata
 from kolora.formats.unet_modules import from_diffsynth_module, structure, to_diffsynth_module, to_kohya_module
+
+# diffusers, torch: imported in the functions that use them (a login node's CLI starts without them)
 
 
 @dataclass
@@ -106,7 +109,6 @@ def from_kohya(sd: dict[str, Any], config: Any = None, where: str = "kohya LoRA"
     if unsupported:
         raise LoraFileError(f"{where}: {unsupported[0]} is a LyCORIS/DoRA tensor; only plain LoRA is supported")
     if any(p in k for k in sd for p in ("input_blocks", "middle_block", "output_blocks")):
-        from types import SimpleNamespace
 
         from diffusers.loaders.lora_conversion_utils import _maybe_map_sgm_blocks_to_diffusers
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+# numpy: imported in the functions that use them (a login node's CLI starts without them)
+
 
 def problem(image: Any) -> str | None:
     """What is wrong with `image` ([H, W, C] floats in [0, 1], diffusers' output_type="np"), or None."""

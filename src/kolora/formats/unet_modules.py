@@ -12,6 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from kolora.formats.lora import LoraFileError
+from kolora.models.kolors import packaged_config
+
+# diffusers, torch: imported in the functions that use them (a login node's CLI starts without them)
 
 KOHYA_PREFIX = "lora_unet_"
 
@@ -19,7 +22,6 @@ KOHYA_PREFIX = "lora_unet_"
 def unet_config(source: Any = None) -> dict[str, Any]:
     """A UNet config: None → the packaged Kolors config; a dict; a config.json; a model folder (diffusers
     layout: unet/config.json; kolora's tiny DiffSynth layout: tiny-configs/unet_config.json)."""
-    from kolora.models.kolors import packaged_config
 
     if source is None:
         return packaged_config("kolors-unet-config.json")

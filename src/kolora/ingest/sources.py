@@ -21,6 +21,9 @@ from typing import Any
 from kolora.core.config import DataConfig
 from kolora.core.errors import InputError, decode_utf8
 from kolora.core.files import FileChecker, Report
+from kolora.ingest.safe_paths import PathGuard, Unsafe
+
+# pyarrow: imported in the functions that use them (a login node's CLI starts without them)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 EXPECTED = {
@@ -358,7 +361,6 @@ def _check_image_head(p: Path, label: str, problems: list[str]) -> bool:
 
 
 def _check_records(d: DataConfig, root: Path, checker: FileChecker, problems: list[str]) -> None:
-    from kolora.ingest.safe_paths import PathGuard, Unsafe
 
     guard = PathGuard(root, allow_external=False, max_bytes=d.max_image_bytes)  # ingest's rules, by default
     found: list[str] = []

@@ -1,10 +1,10 @@
 """The ingest stage as the registry sees it (kolora.core.stage.Stage); kolora.ingest.stage does the work."""
 
 from kolora.core.stage import Stage, file_exists
+from kolora.ingest.shards import count
 
 
 def _slices(cfg, tasks: int) -> int:
-    from kolora.ingest.shards import count
 
     return count(cfg, tasks)
 

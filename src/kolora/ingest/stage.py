@@ -25,6 +25,7 @@ from kolora.core.stage import StageContext
 from kolora.ingest import shards as ingest_shards
 from kolora.ingest.samples import COUNTS, guard, summary, take, write_lists
 from kolora.ingest.sources import Record, Rejected, no_sample_error, records
+from kolora.ingest.synthetic import make_synthetic
 from kolora.ingest.tables import TableSource
 
 
@@ -33,7 +34,6 @@ def _records(cfg: ExperimentConfig, work: Path, run: RunDir) -> tuple[Iterator[R
     if d.source == "synthetic":
         s = d.synthetic
         count = min(s.count, d.limit) if d.limit else s.count
-        from kolora.ingest.synthetic import make_synthetic
 
         items = make_synthetic(work / "images", count, s.seed, s.min_side, s.max_side)
         return (Record(f"synthetic:{i}", cap, path=p) for i, (p, cap) in enumerate(items)), "synthetic"

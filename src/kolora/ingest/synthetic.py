@@ -20,6 +20,8 @@ import math
 import random
 from pathlib import Path
 
+# PIL: imported in the functions that use them (a login node's CLI starts without them)
+
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40), "green": (40, 170, 70), "blue": (40, 80, 220), "yellow": (240, 210, 40),
     "purple": (140, 60, 190), "orange": (245, 140, 30), "white": (245, 245, 245), "black": (20, 20, 20),

@@ -24,6 +24,8 @@ from kolora.ingest.sources import (
     rows_to_records,
 )
 
+# datasets, modelscope: imported in the functions that use them (a login node's CLI starts without them)
+
 
 def _offline_reason() -> str | None:
     if var := offline_variable():

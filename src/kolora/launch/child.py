@@ -12,12 +12,13 @@ import json
 import sys
 from pathlib import Path
 
+from kolora.core import interrupt
+from kolora.core.rundir import atomic_write_json
+from kolora.launch.jobs import StageJob
+from kolora.launch.supervise import EXIT_INTERRUPTED
+
 
 def main(argv: list[str]) -> int:
-    from kolora.core import interrupt
-    from kolora.core.rundir import atomic_write_json
-    from kolora.launch.jobs import StageJob
-    from kolora.launch.supervise import EXIT_INTERRUPTED
 
     spec, task_index, result_file = json.loads(argv[0]), int(argv[1]), Path(argv[2])
     with interrupt.handle(interrupt.STOP_SIGNALS):

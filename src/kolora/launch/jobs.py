@@ -22,6 +22,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kolora.core.config import load_config
+from kolora.core.interrupt import Interrupted, requested
+from kolora.core.offline import OFFLINE_ENV
+from kolora.core.rundir import RunDir, atomic_write_text, file_lock
+from kolora.core.runlock import RunLocked, job_heartbeat
+from kolora.launch.cluster import JOBS
+from kolora.launch.container import ContainerConfig, exec_argv, forward_env
+from kolora.launch.monitor import still_queued
+from kolora.launch.supervise import JobFailed, job_end_time, slurm_job_id, supervise
+from kolora.pipeline import runner
+from kolora.pipeline.keys import Keys, is_complete, progress
+from kolora.pipeline.registry import get
+from kolora.train.distributed import free_port
+
+# torch: imported in the functions that use them (a login node's CLI starts without them)
+
 log = logging.getLogger("kolora.launch")
 
 
@@ -30,7 +46,6 @@ def job_environment(run_root: Path, hf_home: Path | None = None, modelscope_cach
     """Environment of every job: the profile's extra variables, library caches (default: inside the run
     directory) and, last so that nothing turns them off, the hub-offline variables: no downloads on a
     compute node."""
-    from kolora.core.offline import OFFLINE_ENV
 
     env = dict(extra or {})
     env["HF_HOME"] = str(hf_home or Path(run_root) / ".hf_home")
@@ -133,11 +148,6 @@ class StageJob:
 
     def __call__(self, task_index: int = 0) -> dict[str, Any]:
 
-        from kolora.core.rundir import RunDir
-        from kolora.core.runlock import RunLocked, job_heartbeat
-        from kolora.launch.monitor import still_queued
-        from kolora.launch.supervise import JobFailed, job_end_time, slurm_job_id, supervise
-        from kolora.pipeline.keys import progress
 
         os.environ.update(self.env)
         _setup_logging()
@@ -160,7 +170,6 @@ class StageJob:
     def child_command(self, task_index: int, environ: dict[str, str] | None = None) -> list[str]:
         """The stage process's argument list (the result file is appended by supervise): plain Python, or
         `apptainer exec` with the run's binds, the job's environment and the Slurm variables Lightning reads."""
-        from kolora.launch.container import ContainerConfig, exec_argv, forward_env
 
         command = [*self.python, "-m", "kolora.launch.child", json.dumps(self.spec()), str(task_index)]
         if not self.container:
@@ -177,9 +186,6 @@ class StageJob:
         """The stages themselves (in the child process)."""
         os.environ.update(self.env)
         _setup_logging()
-        from kolora.core.config import load_config
-        from kolora.core.interrupt import Interrupted
-        from kolora.core.rundir import RunDir
 
         rank = int(os.environ.get("SLURM_PROCID", "0")) if self.distributed else 0
         if self.distributed and "MASTER_ADDR" not in self.env:
@@ -201,9 +207,6 @@ class StageJob:
 
     # ------------------------------------------------------------------------------------------------------
     def _run(self, cfg, run, task_index: int) -> dict[str, Any]:
-        from kolora.core.interrupt import Interrupted
-        from kolora.pipeline.registry import get
-        from kolora.pipeline.runner import run_stage
 
         results: dict[str, Any] = {}
         for stage in self.stages:
@@ -219,7 +222,7 @@ class StageJob:
                     placement = {"rank": 0, "world": self.tasks_per_node * self.nodes,
                                  "devices": self.tasks_per_node, "nodes": self.nodes,
                                  "extra": self._release_followers(cfg, run, stage)}
-                results[stage] = summary = run_stage(stage, cfg, run, **placement)
+                results[stage] = summary = runner.run_stage(stage, cfg, run, **placement)
             except Exception as e:
                 if self.distributed:  # the other ranks wait for rank 0's word on what it has not decided yet
                     word = Decision("stop" if isinstance(e, Interrupted) else "fail")
@@ -237,22 +240,18 @@ class StageJob:
         """A stage in an array of shards: its preparation of outputs made for other inputs once, before any
         shard, then every task runs its shard; a stage that makes one slice of this array (an ingest source
         read whole) runs once (the first task to take the lock; the others find it complete)."""
-        from kolora.core.rundir import file_lock
-        from kolora.pipeline.keys import Keys, is_complete
-        from kolora.pipeline.registry import get
-        from kolora.pipeline.runner import prepare, run_stage
 
         sharded = get(stage).slice_count(cfg, self.task_count) > 1
         with file_lock(run.root / ".locks" / f"{stage}.lock"):
             if not sharded:
-                summary = run_stage(stage, cfg, run)
+                summary = runner.run_stage(stage, cfg, run)
             else:
                 keys = Keys(cfg, run)
                 if not is_complete(stage, cfg, run, keys):
-                    for note in prepare(stage, cfg, run, keys):
+                    for note in runner.prepare(stage, cfg, run, keys):
                         log.warning("%s", note)
         if sharded:
-            summary = run_stage(stage, cfg, run, **placement)
+            summary = runner.run_stage(stage, cfg, run, **placement)
         log.info("stage %s (task %s): %s", stage, placement.get("shard", "-") if sharded else "-", summary)
         return summary
 
@@ -273,10 +272,6 @@ class StageJob:
         (StageContext.extra). A stop requested by then (during the cache merge, say) becomes the decision: every rank stops
         here (Interrupted; rank 0's host requeues), rather than loading models and meeting in the rendezvous
         for a stage that would stop at its first step."""
-        from kolora.core.interrupt import Interrupted, requested
-        from kolora.pipeline.keys import Keys, is_complete
-        from kolora.pipeline.registry import get
-        from kolora.pipeline.runner import prepare
 
         s, keys = get(stage), Keys(cfg, run)
         barrier = {"barrier": str(self._go_file(stage))} if s.parallel == "ranks" else {}
@@ -284,11 +279,10 @@ class StageJob:
             self._decide(stage, Decision("skip"))
             return barrier
         # settle the outputs of other inputs now, not inside run_stage while the others already read them
-        for note in prepare(stage, cfg, run, keys):
+        for note in runner.prepare(stage, cfg, run, keys):
             log.warning("%s", note)
         decision = Decision("run")
         if s.parallel == "ddp":
-            from kolora.train.distributed import free_port
 
             decision = Decision("run", port=free_port(),
                                 resume_step=s.resume_step(cfg, run, keys.work(stage)) if s.resume_step else None)
@@ -302,12 +296,10 @@ class StageJob:
 
     def _decision_file(self, stage: str) -> Path:
         # ranks meeting at a file barrier: a folder, also their barrier (kolora.cache.shards)
-        from kolora.pipeline.registry import get
 
         return self._go_file(stage) / "decision" if get(stage).parallel == "ranks" else self._go_file(stage)
 
     def _decide(self, stage: str, decision: Decision, overwrite: bool = True) -> None:
-        from kolora.core.rundir import atomic_write_text
 
         path = self._decision_file(stage)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -321,7 +313,6 @@ class StageJob:
         (stop, or run and stop at the stage's first safe point). A rank 0 that dies ends the job step with it
         (srun --kill-on-bad-exit); the wait's bound, the job's time limit, only keeps a follower from waiting
         past the job when something else goes wrong."""
-        from kolora.core.interrupt import Interrupted, requested
 
         go = self._decision_file(stage)
         deadline = time.monotonic() + self.time_limit_s
@@ -346,8 +337,6 @@ class StageJob:
 
     def _follow(self, cfg, run, rank: int) -> dict[str, Any]:
         """A rank > 0: each of the job's stages that spreads over ranks, as rank 0 decided it."""
-        from kolora.pipeline.registry import get
-        from kolora.pipeline.runner import run_stage
 
         results: dict[str, Any] = {}
         world = self.tasks_per_node * self.nodes
@@ -365,7 +354,7 @@ class StageJob:
             elif go.resume_step is not None:  # rank 0's checkpoint, not this rank's view of the folder
                 extra["resume_step"] = go.resume_step
             # only rank 0 records the stage (manifest, completion marker): this rank just computes
-            summary = run_stage(stage, cfg, run, follower=True, rank=rank, world=world, devices=self.tasks_per_node,
+            summary = runner.run_stage(stage, cfg, run, follower=True, rank=rank, world=world, devices=self.tasks_per_node,
                                 nodes=self.nodes, extra=extra)
             log.info("%s rank %d: %s", stage, rank,
                      {k: v for k, v in summary.items() if not isinstance(v, dict | list)})
@@ -375,8 +364,6 @@ class StageJob:
         return results
 
     def _cancel_downstream(self) -> None:
-        from kolora.core.rundir import RunDir
-        from kolora.launch.cluster import JOBS
 
         try:
             sub = RunDir(self.run_root).read_manifest()["slurm"]["submissions"][self.stamp]

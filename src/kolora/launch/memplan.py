@@ -40,9 +40,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kolora.cache import buckets
 from kolora.core.config import ExperimentConfig, ModelConfig
-from kolora.core.errors import ConfigError
+from kolora.core.errors import ConfigError, InputError, read_text
+from kolora.formats.lora import add_lora
+from kolora.models import kolors as models
+from kolora.models.kolors import quiet_libraries
 from kolora.pipeline.registry import STAGES
+
+# diffusers, torch: imported in the functions that use them (a login node's CLI starts without them)
 
 GIB = 2**30
 # CUDA context ≈ 0.3–0.6 GiB on current GPUs with lazy module loading, plus cuBLAS/cuDNN workspaces and the
@@ -151,8 +157,6 @@ class ValidationSampling:
 # ---- the model's configs ------------------------------------------------------------------------------------
 def _json(path: Path | None, field: str, packaged: str | None = None) -> dict[str, Any]:
     """A model config: `path`, else kolora's packaged `packaged`; ConfigError naming `field` and the file."""
-    from kolora.core.errors import InputError, read_text
-    from kolora.models import kolors as models
 
     if path is None and packaged:
         return models.packaged_config(packaged)
@@ -167,7 +171,6 @@ def _json(path: Path | None, field: str, packaged: str | None = None) -> dict[st
 
 def model_configs(m: ModelConfig) -> dict[str, dict[str, Any]]:
     """{"unet", "vae", "text_encoder"} → their configs, found as kolora.models.kolors finds them to load the weights."""
-    from kolora.models import kolors as models
     if m.tiny and not Path(m.path).exists():  # the demo's tiny model, not built yet: the configs it will have
         return {"unet": models.tiny_unet_config(models.TINY_TEXT["hidden_size"]), "vae": models.tiny_vae_config(),
                 "text_encoder": dict(models.TINY_TEXT)}
@@ -188,7 +191,6 @@ def _build(kind: str, key: str):
     """The module of `kind` from its config (JSON text), on the meta device, float32."""
     import torch
 
-    from kolora.models.kolors import quiet_libraries
 
     quiet_libraries()  # diffusers warns about every .to(dtype), transformers about ChatGLM's old arguments
     config = {k: v for k, v in json.loads(key).items() if not k.startswith("_")}
@@ -219,7 +221,6 @@ def param_count(kind: str, key: str) -> int:
 def lora_param_count(key: str, rank: int, targets: tuple[str, ...], dora: bool = False) -> int:
     """Trainable parameters kolora.formats.lora.add_lora puts on the UNet, DoRA's magnitude vectors included (peft on the
     meta device: exact)."""
-    from kolora.formats.lora import add_lora
 
     unet = _build("unet", key)
     unet.requires_grad_(False)
@@ -231,7 +232,6 @@ def _lora_unet(key: str, weight_dtype: str, rank: int, targets: tuple[str, ...],
     """The UNet as kolora.train.loop holds it: base weights in `weight_dtype`, LoRA (DoRA) parameters in float32."""
     import torch
 
-    from kolora.formats.lora import add_lora
 
     unet = _build("unet", key).to(getattr(torch, weight_dtype))
     unet.requires_grad_(False)
@@ -497,7 +497,6 @@ def train_estimate(unet_config: dict[str, Any], precision: str, checkpointing: b
 def estimate(cfg: ExperimentConfig) -> dict[str, Estimate]:
     """{"cache", "train", "render"} → the stage's peak GPU memory, as if it ran on a GPU (the devices the config
     asks for are not looked at)."""
-    from kolora.cache import buckets
     vae_dtype = cfg.cache.vae_dtype
     confs = model_configs(cfg.model)
     keys = {name: _key(c) for name, c in confs.items()}

@@ -15,10 +15,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kolora.core.errors import ConfigError
+from kolora.core.config import load_config
+from kolora.core.errors import ConfigError, InputError
 from kolora.core.rundir import RunDir
 from kolora.launch.cluster import JOBS, job_of
+from kolora.launch.plan import table
 from kolora.pipeline.registry import NAMES
+from kolora.render.tiles import all_tiles, missing_tiles
 from kolora.train import metrics as train_metrics
 
 # states after which a job never runs again (PREEMPTED/REQUEUED jobs come back as PENDING)
@@ -181,7 +184,6 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def progress(run: RunDir, sub: dict[str, Any], manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """What the run directory says about each job's stages."""
-    from kolora.core.config import load_config
 
     stages = manifest.get("stages", {})
     status = {s: (stages.get(s) or {}).get("status", "-") for s in NAMES}
@@ -220,8 +222,6 @@ def progress(run: RunDir, sub: dict[str, Any], manifest: dict[str, Any]) -> dict
 
     info = {"stages": {"render": status["render"]}}
     if cfg is not None:
-        from kolora.core.errors import InputError
-        from kolora.render.tiles import all_tiles, missing_tiles
 
         try:  # tile keys need the model's files and the prompt set, which this machine may not see
             wanted = all_tiles(cfg, run)  # the LoRA's and, with evaluate on, the base model's
@@ -277,7 +277,6 @@ def status(run: RunDir) -> dict[str, Any]:
 
 
 def format_status(st: dict[str, Any]) -> str:
-    from kolora.launch.plan import table
 
     rows = [{"job": r["job"], "stages": r["stages"], "job id": r["job_id"],
              "state": r["state"] + (f" ({r['reason']})" if r["reason"] and r["state"] == "PENDING" else ""),

@@ -12,9 +12,15 @@ from pathlib import Path
 from typing import Any
 
 from kolora.core.config import ExperimentConfig
+from kolora.core.prompts import load_prompts
 from kolora.filter import shards as filter_shards
+from kolora.launch import memplan
 from kolora.launch.cluster import JOBS, ClusterProfile, ResolvedResources, job_of
+from kolora.launch.memplan import GPU_STAGES
+from kolora.models import kolors as models
 from kolora.pipeline.registry import get
+
+# submitit: imported in the functions that use them (a login node's CLI starts without them)
 
 
 @dataclass
@@ -61,7 +67,6 @@ def gpu_request(r: ResolvedResources, per_node: bool = False) -> dict[str, Any]:
 
 def render_task_count(cfg: ExperimentConfig, tiles_per_task: int) -> tuple[int, int]:
     """(tiles, array tasks): one task per `tiles_per_task` tiles (render splits them round-robin)."""
-    from kolora.core.prompts import load_prompts
 
     n = len(load_prompts(cfg.render.prompts, cfg.render.negative_prompt))
     return n, max(1, math.ceil(n / tiles_per_task))
@@ -169,7 +174,6 @@ def _weight_bytes(path: Path) -> int:
 
 def startup_estimate(cfg: ExperimentConfig, job: str) -> tuple[float, int]:
     """(seconds, weight bytes): what an attempt of `job` spends before its first checkpoint or tile."""
-    from kolora.models import kolors as models
     try:
         files = models.resolve(cfg.model)
     except Exception:  # a model not built yet (tiny demo) or not found: preflight reports the latter
@@ -199,7 +203,6 @@ def attempt_window_warnings(cfg: ExperimentConfig, profile: ClusterProfile) -> l
 
 # GPU memory: each GPU stage's estimated peak (kolora.launch.memplan) against its job's jobs.<job>.gpu_mem_gb.
 def has_gpu_mem_limits(profile: ClusterProfile) -> bool:
-    from kolora.launch.memplan import GPU_STAGES
 
     return any(profile.resources(job_of(s)).gpu_mem_gb is not None for s in GPU_STAGES)
 
@@ -222,7 +225,6 @@ def gpu_memory_remedies(cfg: ExperimentConfig, stage: str, total: float, limit: 
                         lora_params: int = 0) -> list[str]:
     """What would bring `stage` (estimated `total` GiB) under `limit`: the config changes that help, each
     estimated, the most effective first; then a bigger GPU; then 8-bit AdamW where it alone would do."""
-    from kolora.launch import memplan
     t = cfg.train
     candidates: list[dict[str, Any]] = []
     if stage == "train":
@@ -260,7 +262,6 @@ def gpu_memory_check(cfg: ExperimentConfig, profile: ClusterProfile,
     """(one line per GPU stage: its job, estimate and the job's gpu_mem_gb, the train stage's followed by one line
     per phase; one refusal per stage that does not fit, naming the job, the numbers, the peak phase and the
     remedies)."""
-    from kolora.launch import memplan
 
     estimates = memplan.estimate(cfg)
     devices = {"cache": ("cache.device", cfg.cache.device), "render": ("render.device", cfg.render.device),

@@ -24,8 +24,15 @@ from kolora.core.errors import RunFailure
 from kolora.core.rundir import RunDir, atomic_write_text
 from kolora.core.runlock import acquire, claim_for_submission
 from kolora.launch.cluster import ClusterProfile
-from kolora.launch.monitor import still_queued
-from kolora.launch.plan import JobPlan, describe, plan_jobs
+from kolora.launch.container import image_digest, required_binds
+from kolora.launch.jobs import StageJob, job_environment
+from kolora.launch.monitor import all_job_ids, scancel, squeue, still_queued
+from kolora.launch.plan import JobPlan, describe, plan_jobs, sbatch_script, table
+from kolora.launch.supervise import boot_command
+from kolora.pipeline import runner
+from kolora.pipeline.keys import Keys, is_complete
+
+# submitit: imported in the functions that use them (a login node's CLI starts without them)
 
 
 class LaunchError(RunFailure):
@@ -54,7 +61,6 @@ def submission_folder(profile: ClusterProfile, run: RunDir, stamp: str) -> Path:
 def python_command(profile: ClusterProfile) -> str:
     """The job's interpreter as the shell words submitit puts in the sbatch script, started with the stop
     signals blocked until kolora's handlers are in place (launch.supervise.BOOT)."""
-    from kolora.launch.supervise import boot_command
 
     return shlex.join(boot_command(list(profile.python) if profile.python else [sys.executable]))
 
@@ -68,7 +74,6 @@ def check_slurm_clients() -> None:
 
 def queued_jobs(run: RunDir) -> list[str]:
     """Job ids of this run (any submission) that Slurm still has in its queue."""
-    from kolora.launch.monitor import all_job_ids, squeue
 
     ids = all_job_ids(run.read_manifest())
     return sorted({row["base"] for row in squeue(ids)}) if ids else []
@@ -76,12 +81,10 @@ def queued_jobs(run: RunDir) -> list[str]:
 
 def stage_job(plan: JobPlan, run: RunDir, config_file: Path, folder: Path, stamp: str, profile: ClusterProfile,
               cfg: ExperimentConfig, image_digest: str | None = None):
-    from kolora.launch.jobs import StageJob, job_environment
 
     env = job_environment(run.root, profile.hf_home, profile.modelscope_cache, profile.env)
     container, binds = None, []
     if profile.container is not None:
-        from kolora.launch.container import required_binds
 
         container = profile.container.model_dump(mode="json")
         binds = [str(b) for b in required_binds(
@@ -100,7 +103,6 @@ def stage_job(plan: JobPlan, run: RunDir, config_file: Path, folder: Path, stamp
 def incomplete_plans(plans: list[JobPlan], cfg: ExperimentConfig, run: RunDir) -> list[JobPlan]:
     """The jobs that still have work: a job whose stages are all complete is dropped, and a job whose
     predecessor was dropped starts without a dependency."""
-    from kolora.pipeline.keys import Keys, is_complete
 
     keys = Keys(cfg, run)
     kept = [p for p in plans if not all(is_complete(s, cfg, run, keys) for s in p.stages)]
@@ -117,12 +119,10 @@ def submit(cfg: ExperimentConfig, profile: ClusterProfile, runs_dir: Path, profi
     (`only_incomplete`: only those with work left — `kolora resume`)."""
     from submitit import SlurmExecutor
 
-    from kolora.launch.monitor import scancel
-    from kolora.pipeline.runner import open_run, preflight
 
     t0 = time.perf_counter()
     if check:
-        preflight(cfg)
+        runner.preflight(cfg)
     plans = plan_jobs(cfg, profile)
     check_slurm_clients()
     run = RunDir(Path(runs_dir) / cfg.name)
@@ -141,7 +141,7 @@ def submit(cfg: ExperimentConfig, profile: ClusterProfile, runs_dir: Path, profi
     # the run lock while queueing: no `kolora run` or second submission writes the run meanwhile; then it is
     # handed to the queued jobs, so that a `kolora run` is refused while they live
     with acquire(run.root, "submission", stamp=stamp, queued=still_queued):
-        run = open_run(cfg, runs_dir)
+        run = runner.open_run(cfg, runs_dir)
         folder = submission_folder(profile, run, stamp)
         folder.mkdir(parents=True)
         config_file = folder / "config.yaml"
@@ -149,7 +149,6 @@ def submit(cfg: ExperimentConfig, profile: ClusterProfile, runs_dir: Path, profi
         python = python_command(profile)
         digest = None
         if profile.container is not None:
-            from kolora.launch.container import image_digest
 
             digest = image_digest(profile.container.image) if Path(profile.container.image).is_file() else None
 
@@ -198,7 +197,6 @@ def submit(cfg: ExperimentConfig, profile: ClusterProfile, runs_dir: Path, profi
 
 def dry_run(cfg: ExperimentConfig, profile: ClusterProfile, runs_dir: Path) -> str:
     """The sbatch parameters of every job, as submitit would write them; queues nothing, writes nothing."""
-    from kolora.launch.plan import sbatch_script, table
 
     plans = plan_jobs(cfg, profile)
     run = RunDir(Path(runs_dir) / cfg.name)
@@ -218,7 +216,6 @@ def dry_run(cfg: ExperimentConfig, profile: ClusterProfile, runs_dir: Path) -> s
 
 
 def format_submitted(sub: Submission) -> str:
-    from kolora.launch.plan import table
 
     rows = []
     for plan in sub.plans:

@@ -29,6 +29,7 @@ replaced for the duration of the job; Lightning's SLURM auto-requeue is off (tra
 from __future__ import annotations
 
 import datetime
+import fcntl
 import json
 import logging
 import os
@@ -134,7 +135,6 @@ def requeue(job_id: str) -> bool:
 
 def _bump_timeouts(counter: Path, key: str) -> int:
     """Count this job's time-limit requeues in the run directory (survives requeues; one file per run)."""
-    import fcntl
 
     counter.parent.mkdir(parents=True, exist_ok=True)
     with open(counter, "a+") as f:

@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import os
 import time
 from pathlib import Path
 from typing import Any
 
-from kolora.core.config import dump_config
+from kolora.core.config import dump_config, load_config
 from kolora.core.rundir import RunDir, atomic_write_text
+from kolora.core.runlock import acquire, claim_for_submission
 from kolora.launch.cluster import JOBS, ClusterProfile
 from kolora.launch.jobs import StageJob
-from kolora.launch.monitor import still_queued
+from kolora.launch.monitor import scancel, still_queued
 from kolora.launch.plan import format_minutes, plan_jobs
 from kolora.launch.submit import (
     LaunchError,
@@ -34,7 +36,11 @@ from kolora.launch.submit import (
     queued_jobs,
     stage_job,
 )
-from kolora.sweep.plan import Sweep, write_manifest
+from kolora.pipeline.registry import NAMES
+from kolora.pipeline.runner import open_run
+from kolora.sweep.plan import Sweep, adopt_shared, write_manifest, write_sheet
+
+# submitit: imported in the functions that use them (a login node's CLI starts without them)
 
 
 class SweepStageJob(StageJob):
@@ -51,11 +57,8 @@ class SweepStageJob(StageJob):
         return spec
 
     def __call__(self, task_index: int = 0) -> dict[str, Any]:
-        import os
 
         if self.adopt_from and int(os.environ.get("SLURM_PROCID", "0")) == 0:
-            from kolora.core.config import load_config
-            from kolora.sweep.plan import adopt_shared
 
             os.environ.update(self.env)
             adopted = adopt_shared(load_config(self.config_file), RunDir(self.run_root), RunDir(self.adopt_from))
@@ -71,7 +74,6 @@ class SweepSheetJob:
         self.sweep_dir = sweep_dir
 
     def __call__(self) -> dict[str, str]:
-        from kolora.sweep.plan import write_sheet
 
         html, png = write_sheet(Path(self.sweep_dir))
         return {"html": str(html), "png": str(png)}
@@ -93,9 +95,6 @@ def submit_sweep(sweep: Sweep, profile: ClusterProfile, profile_file: Path | Non
     """Queue the sweep (the caller ran preflight on every variant). Returns the sweep manifest's slurm entry."""
     from submitit import SlurmExecutor
 
-    from kolora.core.runlock import acquire, claim_for_submission
-    from kolora.launch.monitor import scancel
-    from kolora.pipeline.runner import open_run
 
     check_slurm_clients()
     first = sweep.variants[0]
@@ -149,7 +148,6 @@ def submit_sweep(sweep: Sweep, profile: ClusterProfile, profile_file: Path | Non
                 cache_params.pop(key, None)
             cache = submit_one("cache", job_for(plans["train"], run0, first.cfg, ("cache",), tasks_per_node=1,
                                                 nodes=1), cache_params)
-            from kolora.pipeline.registry import NAMES
 
             train_time = plans["train"].resources.time_min + plans["render"].resources.time_min
             ex = SlurmExecutor(folder=folder, max_num_timeout=profile.max_requeues, python=python)

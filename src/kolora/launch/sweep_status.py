@@ -6,8 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from kolora.core.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK
 from kolora.core.rundir import RunDir
+from kolora.launch import monitor
+from kolora.launch.monitor import sacct, squeue, still_queued, summarize_states
+from kolora.launch.plan import table
 from kolora.pipeline.registry import NAMES
+from kolora.pipeline.state import run_state
 from kolora.sweep.manifest import read_manifest
 from kolora.sweep.ranking import rank, score_run
 
@@ -15,9 +20,6 @@ from kolora.sweep.ranking import rank, score_run
 def _variant_row(run: RunDir) -> dict[str, Any]:
     """A run's state (kolora.pipeline.state.run_state; for a submitted run, Slurm's job states unless it stopped),
     each stage's manifest status, its progress, and what failed or stopped."""
-    from kolora.launch import monitor
-    from kolora.launch.monitor import still_queued
-    from kolora.pipeline.state import run_state
 
     manifest = run.read_manifest() if run.manifest_file.is_file() else {}
     stages = manifest.get("stages", {})
@@ -48,7 +50,6 @@ def _variant_row(run: RunDir) -> dict[str, Any]:
 
 def _sweep_jobs(entry: dict[str, Any]) -> list[dict[str, str]]:
     """State of the sweep's own jobs (prep, cache, the train array's tasks, sheet)."""
-    from kolora.launch.monitor import sacct, squeue, summarize_states
 
     jobs = entry.get("jobs", {})
     ids = list(jobs.values())
@@ -91,13 +92,11 @@ def status(sweep_dir: Path) -> dict[str, Any]:
 def exit_code(failed: bool, stopped: bool) -> int:
     """`kolora status`: 1 when something failed, 3 when something was stopped (cut short: `kolora run` or
     `kolora resume` continues it), else 0."""
-    from kolora.core.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK
 
     return EXIT_FAILURE if failed else EXIT_INTERRUPTED if stopped else EXIT_OK
 
 
 def format_status(st: dict[str, Any]) -> str:
-    from kolora.launch.plan import table
 
     head = f"sweep {st['name']} ({st['dir']}): {len(st['variants'])} variants"
     if st["slurm"]:

@@ -30,6 +30,8 @@ from kolora.core.files import Report
 from kolora.core.offline import offline_variable
 from kolora.models.check import check_models
 
+# modelscope, requests: imported in the functions that use them (a login node's CLI starts without them)
+
 KOLORS_DIFFUSERS = "Kwai-Kolors/Kolors-diffusers"
 KOLORS_DIFFSYNTH = "Kwai-Kolors/Kolors"
 VAE_FP16_FIX = "AI-ModelScope/sdxl-vae-fp16-fix"

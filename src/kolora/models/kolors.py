@@ -20,8 +20,14 @@ functions below that load real weights.
 
 from __future__ import annotations
 
+import gc
+import io
 import json
 import logging
+import math
+import shutil
+import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
@@ -29,8 +35,13 @@ from pathlib import Path
 from typing import Any
 
 from kolora.core.config import ModelConfig
+from kolora.core.devices import is_cuda
 from kolora.core.errors import ConfigError
 from kolora.core.files import FileChecker, Report
+from kolora.core.rundir import shareable
+
+# Imported in the functions that use them (a login node's CLI starts without them):
+#   diffusers, safetensors, sentencepiece, torch, transformers
 
 log = logging.getLogger("kolora.models.kolors")
 
@@ -42,7 +53,6 @@ SCHEDULE = dict(num_train_timesteps=1100, beta_start=0.00085, beta_end=0.014, be
 
 def quiet_libraries() -> None:
     """transformers 5 and diffusers print deprecation chatter from the vendored ChatGLM on every call."""
-    import warnings
 
     from diffusers.utils import logging as dlog
     from transformers.utils import logging as tlog
@@ -186,7 +196,6 @@ def load_text_encoder(files: ModelFiles, dtype=None, device: str = "cpu"):
     import torch
     from diffusers.pipelines.kolors import ChatGLMModel
 
-    from kolora.core.devices import is_cuda
 
     # ChatGLM3 checkpoints (both layouts) are sharded .bin/.safetensors with a `transformer.` prefix that
     # transformers strips; .bin files are read with weights_only=True by transformers 5. On a GPU the shards
@@ -207,11 +216,9 @@ def prompt_encoder(files: ModelFiles, dtype, device: str):
 
 def free_gpu(device: str) -> None:
     """Give a freed model's GPU memory back before the next one is loaded in the same process."""
-    import gc
 
     import torch
 
-    from kolora.core.devices import is_cuda
 
     gc.collect()
     if is_cuda(device):
@@ -304,7 +311,6 @@ FLOAT16_HEADROOM = 16
 def decodes_in_float16(peak: float) -> bool:
     """The rule: a VAE decodes in float16 only when its largest decoder activation on the probe (decoder_peak)
     is finite and at most FLOAT16_MAX / FLOAT16_HEADROOM (4094); every other VAE is upcast."""
-    import math
 
     return math.isfinite(peak) and peak <= FLOAT16_MAX / FLOAT16_HEADROOM
 
@@ -396,7 +402,6 @@ def tiny_vae_config() -> dict[str, Any]:
 
 def _train_tokenizer(folder: Path) -> Path:
     """A sentencepiece BPE model in ChatGLM's id layout, trained on the prompts it will see (0.1 s)."""
-    import io
 
     import sentencepiece as spm
 
@@ -454,12 +459,9 @@ def build_tiny_components(tokenizer_dir: Path, seed: int = 0):
 
 def build_tiny(path: Path, layout: str = "diffusers", seed: int = 0) -> Path:
     """Write tiny random Kolors weights at `path` in `layout`; atomic (temp folder, then rename)."""
-    import shutil
-    import tempfile
 
     from safetensors.torch import save_file
 
-    from kolora.core.rundir import shareable
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

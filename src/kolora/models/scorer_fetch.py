@@ -16,6 +16,8 @@ from kolora.core.offline import offline_variable
 from kolora.models import scorers
 from kolora.models.fetch import DEFAULT_PROBE_TIMEOUT, FetchError, login_node_advice, unreachable_reason
 
+# huggingface_hub: imported in the functions that use them (a login node's CLI starts without them)
+
 _META = ["*.json", "*.txt", "*.model"]  # configs, tokenizer/processor files
 
 

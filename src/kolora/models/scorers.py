@@ -17,11 +17,16 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kolora.core import devices
+from kolora.models.kolors import quiet_libraries
+
+# torch, transformers: imported in the functions that use them (a login node's CLI starts without them)
 
 CLIP_EN = "openai/clip-vit-base-patch32"
 CLIP_ZH = "OFA-Sys/chinese-clip-vit-base-patch16"
@@ -251,10 +256,7 @@ def _bert_tokenizer(folder: Path):
 
 def _write_atomically(path: Path, save) -> Path:
     """Build in a temp folder beside `path`, then rename it into place; a model already at `path` is kept."""
-    import shutil
-    import tempfile
 
-    from kolora.models.kolors import quiet_libraries
 
     quiet_libraries()
 
@@ -311,7 +313,6 @@ def build_tiny_chinese_clip(path: Path, seed: int = 0) -> Path:
         ChineseCLIPModel(cfg).save_pretrained(str(tmp))
         ChineseCLIPProcessor(image_processor=ChineseCLIPImageProcessor(**_PROCESSOR),
                              tokenizer=tok).save_pretrained(str(tmp))
-        import shutil
 
         shutil.rmtree(tmp / ".vocab")
 

@@ -20,15 +20,27 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from kolora.cache import buckets
 from kolora.core.config import ExperimentConfig
+from kolora.core.devices import accelerator
 from kolora.core.errors import ConfigError, disk_full, disk_full_errno
 from kolora.core.interrupt import Interrupted, StopNow
 from kolora.core.offline import offline_env
 from kolora.core.prompts import load_prompts, repeated
 from kolora.core.rundir import RunDir, atomic_write_json, atomic_write_text, unwritable
 from kolora.core.stage import Stage, StageContext
+from kolora.filter.dj.runner import validate_ops
+from kolora.formats import interchange, lora
+from kolora.ingest.sources import probe
+from kolora.models import kolors as models
+from kolora.models import scorers
+from kolora.models.kolors import ensure_model, quiet_libraries
 from kolora.pipeline import registry
 from kolora.pipeline.keys import Keys, is_complete, mark_complete, marker_file
+from kolora.render.grid import caption_problems
+
+# Imported in the functions that use them (a login node's CLI starts without them):
+#   kolora.train.loop (torch, lightning), torch
 
 log = logging.getLogger("kolora.pipeline.runner")
 
@@ -40,11 +52,8 @@ def preflight(cfg: ExperimentConfig, here: bool = False) -> list[str]:
     would look, without opening an image), render.lora, filter ops, the bucket list (train.buckets), training
     options this machine (`here`: kolora run) or the configured accelerator cannot run. Returns warnings: what
     runs but is likely not meant (the same tile twice in the prompt set)."""
-    from kolora.models import kolors as models
-    from kolora.render.grid import caption_problems
 
     if cfg.train.optimizer == "adamw8bit" and (here or cfg.train.accelerator == "cpu"):
-        from kolora.core.devices import accelerator
         from kolora.train.loop import check_options
 
         check_options(cfg.train, accelerator(cfg.train.accelerator))
@@ -64,26 +73,21 @@ def preflight(cfg: ExperimentConfig, here: bool = False) -> list[str]:
     if cfg.cache.dir is not None and (why := unwritable(cfg.cache.dir)):
         raise ConfigError(f"cache.dir: {why}. The cache stage writes its entries there: give a folder you can "
                           "write, or leave cache.dir out (the run's own cache/)")
-    from kolora.ingest.sources import probe
 
     probe(cfg.data)
     if cfg.render.lora is not None:
-        from kolora.formats import interchange, lora
         try:
             path = lora.resolve_file(cfg.render.lora)
             interchange.read_tensors(path)  # its weights, checked (lora.check_weights)
             interchange.rank_alpha(path)
         except lora.LoraFileError as e:
             raise lora.LoraFileError(f"render.lora: {e}") from None
-    from kolora.filter.dj.runner import validate_ops
 
     validate_ops(cfg.filter.ops)
-    from kolora.models import scorers
     problems = scorers.missing_for_config(cfg, prompts)
     if problems:
         raise ConfigError("scorer models missing (filter.ops / evaluate):\n  " + "\n  ".join(problems))
     if cfg.train.buckets:
-        from kolora.cache import buckets
         buckets.for_config(cfg)  # the aspect-ratio range leaves at least one bucket
     return [f"render.prompts: {cfg.render.prompts}: prompts #{a} and #{b} are the same prompt and seed (and "
             "negative prompt): the same tile is rendered twice; change one's seed or drop it"
@@ -286,7 +290,6 @@ def _unless_the_disk_is_full(failure: BaseException, note: str) -> Iterator[None
 
 def _call(s: Stage, ctx: StageContext) -> dict[str, Any]:
     if s.runs_on == "gpu":
-        from kolora.models.kolors import ensure_model
 
         ensure_model(ctx.cfg.model)
     entry = s.load()
@@ -304,7 +307,6 @@ def torch_setup(cfg: ExperimentConfig) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     import torch
 
-    from kolora.models.kolors import quiet_libraries
 
     quiet_libraries()
     if not torch.cuda.is_available():

@@ -14,6 +14,8 @@ from kolora.core.rundir import atomic_path
 from kolora.core.stage import StageContext
 from kolora.render.tiles import missing_tiles, tiles
 
+# PIL: imported in the functions that use them (a login node's CLI starts without them)
+
 # What a one-line caption cannot hold: control characters (a newline makes PIL refuse to measure the text; a
 # tab or an escape draws as nothing or a box) and Unicode's line and paragraph separators.
 CAPTION_BREAKERS = ("Cc", "Zl", "Zp")

@@ -26,9 +26,12 @@ from kolora.core.errors import RunFailure
 from kolora.core.prompts import PromptItem
 from kolora.core.rundir import RunDir, atomic_path, fsync_dir
 from kolora.core.stage import StageContext
-from kolora.formats import interchange
+from kolora.formats import interchange, pixels
 from kolora.formats.lora import LoraFileError
+from kolora.models import kolors as models
 from kolora.render.tiles import Tile, base_tiles, base_tiles_on, lora_file, tiles
+
+# diffusers, torch: imported in the functions that use them (a login node's CLI starts without them)
 
 
 def build_pipeline(cfg: ExperimentConfig, lora_file: Path | None, device: str, dtype, text_encoder: bool = True):
@@ -36,7 +39,6 @@ def build_pipeline(cfg: ExperimentConfig, lora_file: Path | None, device: str, d
     (encode_prompts), which is what the render stage uses."""
     from diffusers import KolorsPipeline
 
-    from kolora.models import kolors as models
     files = models.resolve(cfg.model)
     pipe = KolorsPipeline(vae=models.load_vae(files, dtype), tokenizer=models.load_tokenizer(files),
                           text_encoder=models.load_text_encoder(files, dtype) if text_encoder else None,
@@ -70,7 +72,6 @@ def render_tile(pipe, cfg: ExperimentConfig, item: PromptItem, device: str, embe
     UnusableTile (naming `label`, the tile) when the pixels are not finite or all one colour."""
     import torch
 
-    from kolora.formats import pixels
     generator = torch.Generator(device="cpu").manual_seed(item.seed)
     text = dict(embeds) if embeds is not None else {"prompt": item.prompt, "negative_prompt": item.negative_prompt}
     # as numbers first: PIL would write nan pixels as a black tile
@@ -105,7 +106,6 @@ def encode_prompts(cfg: ExperimentConfig, items: list[PromptItem], device: str, 
     encoder (ChatGLM3-6B: 12.5 GB in float16) is freed afterwards, so it never shares the GPU with the UNet."""
     import torch
 
-    from kolora.models import kolors as models
     encoder = models.prompt_encoder(models.resolve(cfg.model), dtype, device)
     out = []
     for item in items:
@@ -186,7 +186,6 @@ def _render_tiles(cfg: ExperimentConfig, run: RunDir, lf: Path | None, todo: lis
             raise interrupt.Interrupted(f"render task {task_index} stopped after {n} of {total} tiles "
                                         f"({interrupt.requested()}); the rest render when it runs again")
     del pipe
-    from kolora.models import kolors as models
     models.free_gpu(device)
 
 

@@ -12,7 +12,9 @@ from typing import Any
 
 from kolora.core import hashing
 from kolora.core.config import ExperimentConfig, field_value
+from kolora.core.prompts import load_prompts
 from kolora.core.rundir import RunDir
+from kolora.formats.lora import resolve_file
 from kolora.models import fingerprint
 
 # Render's config inputs: every tile's key holds them (but the negative prompt, per prompt, and base_tiles).
@@ -37,7 +39,6 @@ class Tile:
 
 def lora_file(cfg: ExperimentConfig, run: RunDir) -> Path:
     """The LoRA render uses: render.lora (a file or export folder), else the run's own."""
-    from kolora.formats.lora import resolve_file
 
     return resolve_file(cfg.render.lora) if cfg.render.lora else run.lora / "pytorch_lora_weights.safetensors"
 
@@ -45,7 +46,6 @@ def lora_file(cfg: ExperimentConfig, run: RunDir) -> Path:
 def tiles(cfg: ExperimentConfig, run: RunDir) -> list[Tile]:
     """Every (prompt, seed) of the prompt set, keyed by what its pixels depend on: prompt, negative prompt,
     seed and the render fields, the LoRA's bytes and scale, the model, the text length."""
-    from kolora.core.prompts import load_prompts
 
     common = {f: field_value(cfg, f) for f in RENDER_FIELDS if f not in ("render.negative_prompt", "render.base_tiles")}
     common["model"] = fingerprint.model(cfg.model)
@@ -67,7 +67,6 @@ def base_tiles(cfg: ExperimentConfig, run: RunDir) -> list[Tile]:
     """The same prompts and seeds rendered with the base model (LoRA scale 0: no LoRA loaded), keyed by the
     render fields, the model, the prompt, negative prompt and seed: not by any LoRA, so every run of the same
     model and render settings (every variant of a sweep) has the same base tiles."""
-    from kolora.core.prompts import load_prompts
 
     common = {f: field_value(cfg, f) for f in RENDER_FIELDS
               if f not in ("render.negative_prompt", "render.base_tiles", "render.lora_scale")}

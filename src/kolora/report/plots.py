@@ -9,6 +9,8 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+# PIL: imported in the functions that use them (a login node's CLI starts without them)
+
 
 def png_bytes(fig: Figure, dpi: int = 100) -> bytes:
     buf = io.BytesIO()

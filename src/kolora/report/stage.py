@@ -19,7 +19,10 @@ from kolora.core.config import ExperimentConfig
 from kolora.core.errors import RunFailure
 from kolora.core.rundir import RunDir, atomic_write_bytes, atomic_write_text
 from kolora.core.stage import StageContext
+from kolora.render.tiles import tiles
 from kolora.train import metrics as train_metrics
+
+# kolora.report.plots (matplotlib): imported in the functions that use them (a login node's CLI starts without them)
 
 SCORES = Path("eval") / "scores.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -151,7 +154,6 @@ def build_html(cfg: ExperimentConfig, run: RunDir, figures: dict[str, bytes], sc
 
 def run(ctx: StageContext) -> dict[str, Any]:
     cfg, run = ctx.cfg, ctx.run
-    from kolora.render.tiles import tiles
     from kolora.report import plots
 
     if not run.grid_file.is_file():

@@ -25,13 +25,16 @@ from typing import Any
 
 import yaml
 
-from kolora.core.config import ExperimentConfig, load_config
+from kolora.core.config import ExperimentConfig, field_value, load_config
 from kolora.core.errors import ConfigError
-from kolora.core.rundir import RunDir, atomic_dir, atomic_write_json, atomic_write_text, now
-from kolora.core.runlock import Queued, unknown_queue
+from kolora.core.interrupt import Interrupted
+from kolora.core.rundir import RunDir, atomic_dir, atomic_write_json, atomic_write_text, now, sweep_temp
+from kolora.core.runlock import Queued, acquire, unknown_queue
+from kolora.pipeline import runner
 from kolora.pipeline.keys import Keys, is_complete, mark_complete
 from kolora.pipeline.registry import OPERATIONAL, STAGES, get
 from kolora.pipeline.sequence import StageDisplay, run_all
+from kolora.pipeline.state import stopped_before
 from kolora.sweep import sheet
 from kolora.sweep.manifest import MANIFEST, read_manifest
 
@@ -117,7 +120,6 @@ def _set_item(field_: str, value: Any) -> str:
 def plan(config_file: str | Path, vary_items: list[str], runs_dir: Path, name: str | None = None,
          overrides: list[str] | None = None) -> Sweep:
     """Every variant's config, validated (a bad field or value names its --vary); nothing is written."""
-    from kolora.core.config import field_value
 
     overrides = list(overrides or [])
     base = load_config(config_file, overrides)
@@ -262,15 +264,10 @@ def run_in_process(sweep: Sweep, console, display: StageDisplay, force: bool = F
     """Every variant in turn, in this process (its stages shown on `display`; the sweep's own lines printed
     on the rich `console`), then the comparison sheet. Returns {variant: "complete" | "failed: ..."}; a
     failed variant does not stop the others (an interruption does)."""
-    from kolora.core.interrupt import Interrupted
-    from kolora.core.rundir import sweep_temp
-    from kolora.core.runlock import acquire
-    from kolora.pipeline.runner import open_run, preflight
-    from kolora.pipeline.state import stopped_before
 
     warnings = []
     for v in sweep.variants:
-        warnings += preflight(v.cfg, here=True)
+        warnings += runner.preflight(v.cfg, here=True)
         RunDir(v.root(sweep.dir)).read_manifest()
     for line in dict.fromkeys(warnings):  # every variant reads the same prompt set
         console.print(f"kolora: warning: {line}", style="yellow", markup=False, highlight=False)
@@ -281,7 +278,7 @@ def run_in_process(sweep: Sweep, console, display: StageDisplay, force: bool = F
         stopped = stopped_before(v.root(sweep.dir), queued)  # read before this sweep holds the variant's lock
         with acquire(v.root(sweep.dir), "run", queued=queued):
             sweep_temp(v.root(sweep.dir))
-            run = open_run(v.cfg, sweep.dir)
+            run = runner.open_run(v.cfg, sweep.dir)
             console.print(f"[bold]kolora sweep[/] {sweep.name}: variant {n}/{len(sweep.variants)} {v.name} "
                           f"({', '.join(_set_item(f, x) for f, x in v.overrides.items())}) → {run.root}")
             if stopped:

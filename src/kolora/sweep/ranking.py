@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kolora.train import metrics as train_metrics
+
 
 @dataclass
 class RunScore:
@@ -49,7 +51,6 @@ def _finite(value: Any) -> float | None:
 
 def loss_curve(run_root: Path) -> list[tuple[int, float]]:
     """(step, loss) rows of train/metrics.csv up to the run's kept step; rows without a finite loss are skipped."""
-    from kolora.train import metrics as train_metrics
     return [(r["step"], r["loss"]) for r in train_metrics.rows(run_root) if math.isfinite(r["loss"])]
 
 

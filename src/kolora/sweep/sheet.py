@@ -14,6 +14,8 @@ from kolora.core.rundir import atomic_path, atomic_write_text
 from kolora.sweep.manifest import read_manifest
 from kolora.sweep.ranking import RunScore, loss_curve, rank, score_run
 
+# PIL, matplotlib: imported in the functions that use them (a login node's CLI starts without them)
+
 THUMB_PX = 384
 
 

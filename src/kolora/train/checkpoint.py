@@ -13,9 +13,11 @@ from __future__ import annotations
 import logging
 import random
 import re
+import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
@@ -45,7 +47,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def rng_state() -> dict[str, Any]:
-    import numpy as np
 
     np_state = np.random.get_state()
     state = {"python": _plain(random.getstate()), "torch": torch.get_rng_state(),
@@ -59,7 +60,6 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    import numpy as np
 
     random.setstate(_tuple(state["python"]))
     torch.set_rng_state(state["torch"])
@@ -77,7 +77,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def seed_rng(seed: int) -> None:
     """python, numpy, torch and CUDA generators from one seed (a rank the checkpoint has no state for)."""
-    import numpy as np
 
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -157,7 +156,6 @@ def load_step(ckpt_dir: Path, step: int, config_digest: str,
     """Exactly the checkpoint of `step`, the one rank 0 chose for every rank of a DDP job. Unlike newest_valid
     it never falls back to another one (the ranks would resume from different states): a file still missing
     after `visible_within_s`, unreadable or foreign is a CheckpointError naming it."""
-    import time
 
     path = step_path(ckpt_dir, step)
     chosen = f"rank 0 chose {path} (step {step}) for every rank to resume from"

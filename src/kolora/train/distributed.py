@@ -25,6 +25,8 @@ from kolora.core import interrupt
 from kolora.core.devices import is_cuda
 from kolora.core.errors import InputError
 
+# lightning, torch: imported in the functions that use them (a login node's CLI starts without them)
+
 
 @dataclass(frozen=True)
 class GlobalBatch:

@@ -20,6 +20,8 @@ from kolora.core.config import ExperimentConfig
 from kolora.core.errors import InputError
 from kolora.core.rundir import RunDir
 
+# wandb (train.wandb only) and Lightning's loggers: imported where a logger is made
+
 TENSORBOARD_DIR = "tensorboard"  # under train/
 
 

@@ -30,7 +30,7 @@ from kolora.core import interrupt
 from kolora.core.config import TrainConfig
 from kolora.core.devices import is_cuda, pick
 from kolora.core.errors import InputError, RunFailure
-from kolora.core.rundir import atomic_write_text
+from kolora.core.rundir import atomic_write_json, atomic_write_text
 from kolora.core.stage import StageContext
 from kolora.formats import lora as lora_io
 from kolora.models import kolors as models
@@ -40,6 +40,8 @@ from kolora.train import logs as trainlogs
 from kolora.train import metrics as train_metrics
 from kolora.train.ema import LoraEMA
 from kolora.train.samples import BucketSampler, CachedSamples, Positioned, RankShare, StepSampler
+
+# bitsandbytes (8-bit AdamW) and Lightning's Slurm environment: imported only where an option or a job needs them
 
 log = logging.getLogger("kolora.train.loop")
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -109,7 +111,6 @@ class LoRATrainer(L.LightningModule):
 
     def on_train_start(self) -> None:
         if self.trainer.is_global_zero and self.ckpt_dir is not None:
-            from kolora.core.rundir import atomic_write_json
 
             atomic_write_json(self.ckpt_dir.parent / distributed.BATCH_FILE, self.batch.record())
 

@@ -9,6 +9,7 @@ positions [k·G, (k+1)·G), G = world size × train.batch_size × gradient accum
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from kolora.cache import entry as cache_entry
+from kolora.cache.stage import read_text
 from kolora.core.errors import RunFailure
 
 
@@ -36,7 +39,6 @@ class CachedSamples(Dataset):
         return len(self.entries)
 
     def _verified(self, read):
-        from kolora.cache import entry as cache_entry
         try:
             return read()
         except cache_entry.BadCacheEntry as e:
@@ -45,7 +47,6 @@ class CachedSamples(Dataset):
 
     def text(self, key: str, of: str) -> dict[str, torch.Tensor]:
         """A text entry (pad rows restored); `of` names its caption in an error."""
-        from kolora.cache.stage import read_text
 
         return self._verified(lambda: read_text(self.dir / "text" / f"{key}.safetensors", self.seq, of))
 
@@ -57,7 +58,6 @@ class CachedSamples(Dataset):
         return self.text(self.empty_text_key, "the empty caption")
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        from kolora.cache import entry as cache_entry
         e = self.entries[i]
         text = self.text(e["text_key"], f"the caption of image {e['file_name']}: {e['text'][:60]!r}")
         lat = self._verified(lambda: cache_entry.read(self.dir / "latents" / f"{e['latent_key']}.safetensors",
@@ -153,7 +153,6 @@ class BucketSampler(Sampler[int]):
 
     @staticmethod
     def _generator(*parts: Any) -> torch.Generator:
-        import hashlib
 
         digest = hashlib.sha256(repr(parts).encode()).digest()
         return torch.Generator().manual_seed(int.from_bytes(digest[:8], "big") % (2**63))

@@ -2,6 +2,8 @@
 
 from kolora.core.stage import Stage, file_exists
 
+# kolora.train.checkpoint (torch): imported in the functions that use them (a login node's CLI starts without them)
+
 
 def resume_step(cfg, run, key: str) -> int:
     """The step of the checkpoint training continues from (0: none), as the loop finds it: what rank 0 of a

@@ -8,6 +8,7 @@ import logging
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 
 from kolora.cache.validation import prompt_texts, texts_to_cache
@@ -15,9 +16,13 @@ from kolora.core import interrupt
 from kolora.core.config import ExperimentConfig
 from kolora.core.errors import RunFailure
 from kolora.core.rundir import RunDir, atomic_path
+from kolora.formats import pixels
 from kolora.models import kolors as models
 from kolora.train import checkpoint
+from kolora.train.samples import CachedSamples
 from kolora.train.validation import sample_names, step_dir
+
+# diffusers: imported when sampling runs (a run without validation samples never loads its pipeline)
 
 log = logging.getLogger("kolora.train.loop")
 
@@ -64,8 +69,6 @@ class ValidationSampler(L.Callback):
         return vae.float() if vae.dtype == torch.float16 and vae.config.force_upcast else vae
 
     def _read_embeddings(self) -> dict[str, dict[str, Any]]:
-        from kolora.train.samples import CachedSamples
-
         data = CachedSamples(self.run.cache)
         cached = json.loads((self.run.cache / "index.json").read_text()).get("validation") or {}
         missing = [t for t in texts_to_cache(self.cfg) if t not in cached]
@@ -93,7 +96,6 @@ class ValidationSampler(L.Callback):
         on: only rank 0 samples, and a rank that stopped alone would leave the others waiting in an all-reduce."""
         from diffusers import KolorsPipeline
 
-        from kolora.formats import pixels
         v, rcfg, unet, device = self.cfg.train.validation, self.cfg.render, pl_module.unet, pl_module.device
         size = v.size or self.cfg.train.resolution
         negative = self.embeds[rcfg.negative_prompt]
@@ -142,7 +144,6 @@ def _batch(tensor, device, dtype):
 
 def log_images(logger, images: list[Any], names: list[tuple[int, int, str]], step: int) -> None:
     """Validation images to a Lightning logger that takes images (TensorBoard, wandb)."""
-    import numpy as np
 
     experiment = logger.experiment
     for (i, seed, _), image in zip(names, images, strict=True):

@@ -6,9 +6,11 @@ to its op (kolora.filter.dj.trace). See kolora.filter.stage."""
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import os
 import shutil
+from difflib import get_close_matches
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,11 @@ from kolora.core.errors import ConfigError, RunFailure
 from kolora.core.interrupt import StopNow
 from kolora.filter.dj.sandbox import contained, ray_session
 from kolora.filter.dj.trace import drop_log, traced_op
+from kolora.models import scorers
+from kolora.models.scorers import LOCAL_MODEL_OPS
+
+# Imported in the functions that use them (a login node's CLI starts without them):
+#   PIL, data_juicer, kolora.filter.dj.ops (data_juicer, datasets), kolora.filter.dj.score_ops (data_juicer, datasets), yaml
 
 
 class FilterError(RunFailure):
@@ -45,7 +52,6 @@ def dj_process(fcfg: FilterConfig) -> list[dict[str, dict[str, Any]]]:
     """The `process:` list Data-Juicer runs: filter.ops, with the built-in shape ops swapped for kolora's
     header-only ones when filter.fast_ops is on (same arguments, same kept samples)."""
     from kolora.filter.dj.ops import HEADER_OPS
-    from kolora.models.scorers import LOCAL_MODEL_OPS
 
     swap = {**(HEADER_OPS if fcfg.fast_ops else {}), **LOCAL_MODEL_OPS}
     return [{swap.get(name, name): copy.deepcopy(args) for name, args in item.items()} for item in fcfg.ops]
@@ -55,7 +61,6 @@ def _op_params(cls: type) -> dict[str, Any]:
     """{argument name: annotation or None} an op class accepts: its own and its bases' __init__ arguments plus
     the `_BASE_PARAMS` Data-Juicer declares (the same rule as data_juicer.core.preflight, whose import costs
     another 0.6 s)."""
-    import inspect
 
     params: dict[str, Any] = {}
     for klass in inspect.getmro(cls):
@@ -95,7 +100,6 @@ def validate_ops(ops: list[dict[str, dict[str, Any]]]) -> None:
     """Check filter.ops against Data-Juicer's operator registry (op names, argument names, simple argument
     types) without running anything; costs the registry import (~1.5 s). Raises ConfigError naming
     `filter.ops[i]`, so the CLI can call it before any stage runs."""
-    from difflib import get_close_matches
 
     OPERATORS = _dj_operators()
     names = sorted(OPERATORS.modules)
@@ -157,7 +161,6 @@ def run_data_juicer(cfg: ExperimentConfig, samples: list[dict[str, Any]], dj_dir
     its tracer)."""
     import yaml
 
-    from kolora.models import scorers
     process = dj_process(cfg.filter)
     configured = {next(iter(ran)): next(iter(item)) for ran, item in zip(process, cfg.filter.ops, strict=True)}
     try:  # scorer ops (CLIP, aesthetics) read local folders under scorers.dir, never a hub

@@ -9,16 +9,19 @@ import contextlib
 import os
 import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from kolora.core.offline import HUGGING_FACE_OFFLINE
 
+# Imported in the functions that use them (a login node's CLI starts without them):
+#   PIL, data_juicer, datasets, huggingface_hub, loguru, multiprocess, ray
+
 
 @contextlib.contextmanager
 def contained(dj_dir: Path, console: Path) -> Iterator[None]:
     """Run Data-Juicer in its own corner: cwd, HF caches and console output in dj_dir; global state restored."""
-    import tempfile
 
     import multiprocess
     from PIL import ImageFile
@@ -102,7 +105,6 @@ def ray_session(wanted: bool) -> Iterator[None]:
     if not wanted:
         yield
         return
-    import tempfile
 
     import ray
 

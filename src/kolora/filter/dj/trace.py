@@ -6,8 +6,11 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import Any
+
+# data_juicer: imported in the functions that use them (a login node's CLI starts without them)
 
 
 def drop_log(work_dir: str, filters: set[str]) -> Any:
@@ -20,7 +23,6 @@ def drop_log(work_dir: str, filters: set[str]) -> Any:
     the 2.3 s the header ops took on 2,000 images). kolora traces every drop, so there is no count to share:
     each process appends to its own file (no lock, safe with np > 1 and on network file systems) through a
     handle kept open and flushed per line."""
-    import threading
 
     from data_juicer.core.tracer import Tracer
 
