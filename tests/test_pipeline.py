@@ -113,10 +113,10 @@ def test_a_crashed_training_with_new_inputs_keeps_its_checkpoints_to_resume(demo
             "--set", "train.lr=0.0005", "--stage", "train"]
     real_run = train.run
 
-    def crash_after_a_checkpoint(cfg, run_dir, **kw):
-        (run_dir.train / "checkpoints").mkdir(parents=True, exist_ok=True)
+    def crash_after_a_checkpoint(ctx):
+        (ctx.run.train / "checkpoints").mkdir(parents=True, exist_ok=True)
         monkeypatch.setattr(train.Checkpointer, "save", crash_after_save)
-        return real_run(cfg, run_dir, **kw)
+        return real_run(ctx)
 
     original_save = train.Checkpointer.save
 
