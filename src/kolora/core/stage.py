@@ -68,6 +68,7 @@ class Stage:
     keeps_partial: bool = False  # a failed attempt's partial work (checkpoints, tiles, shards) stays for the rerun
     # Key material beyond fields and files, e.g. render's tile keys (None inside = cannot be known yet).
     extra_key: Callable[[ExperimentConfig, RunDir], dict[str, Any]] | None = None
+    extra_key_note: str = ""  # what extra_key adds, in words (the README's rerun table)
     # shards: how many slices it makes of an array of n tasks (ingest reads some sources whole: 1).
     slices: Callable[[ExperimentConfig, int], int] | None = None
     # ddp: the checkpoint step every rank resumes from, decided once by rank 0 (given the stage's work key).

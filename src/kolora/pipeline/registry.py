@@ -83,8 +83,8 @@ def rerun_table() -> str:
         content = [f"`{f}`" for f in s.content if f not in MODEL_FIELDS]
         if set(MODEL_FIELDS) <= set(s.content):
             content.append("the model (`model.*`)")
-        if s.extra_key is not None:  # its docstring's first line says what it adds
-            content.append((s.extra_key.__doc__ or "").strip().splitlines()[0])
+        if s.extra_key_note:
+            content.append(s.extra_key_note)
         ops = [f"`{f}`" for f, (stage, _) in OPERATIONAL.items() if stage == s.name]
         rows.append(f"| {s.name} | {s.runs_on}{PARALLEL_WORDS[s.parallel]} | {', '.join(own) or '-'} | {', '.join(content) or '-'} | "
                     f"{', '.join(ops) or '-'} |")
