@@ -32,11 +32,12 @@ demo: $(STAMP)
 
 # Starts the project's own single-machine Slurm, runs every test, stops it (even when tests fail). A cluster
 # that does not come up, or a Slurm test that was skipped, fails the run (KOLORA_REQUIRE_SLURM, tests/conftest.py).
+# The Slurm tests and the others run as two pytest processes at once (tests/run_split.sh).
 test: $(STAMP) browser
 	@if ! $(MAKE) --no-print-directory cluster-up; then \
 	   echo "make test: the dev Slurm cluster did not come up (see above)"; \
 	   $(MAKE) --no-print-directory cluster-down; exit 1; fi; \
-	 $(VENV)/bin/lint-imports && KOLORA_REQUIRE_SLURM=1 $(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	 $(VENV)/bin/lint-imports && tests/run_split.sh $(PY) $(PYTEST_ARGS); rc=$$?; \
 	 $(MAKE) --no-print-directory cluster-down; exit $$rc
 
 # Debian's Chromium for the report's screenshot test (tests/test_report.py), installed when missing (root);

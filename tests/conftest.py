@@ -156,6 +156,13 @@ def cancel_leftovers(env: dict[str, str]):
         kolora(env, "cancel", name, "--runs-dir", runs, timeout=60)
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """The preemption tests first. Their time-limit case sizes Slurm's time limit from a reference training it
+    measures just before, so both must run under the same load: make test runs the other tests beside the Slurm
+    tests (tests/run_split.sh), and those end first."""
+    items.sort(key=lambda item: item.path.name != "test_preemption.py")  # stable: otherwise in collection order
+
+
 # ---- make test / CI: the Slurm tests must have run ---------------------------------------------------------
 _skipped_slurm: list[str] = []
 

@@ -371,7 +371,7 @@ def training_scheduler():
 def ensure_model(cfg: ModelConfig) -> None:
     """Build tiny random models at cfg.path when cfg.tiny and the folder does not exist yet."""
     if cfg.tiny and not Path(cfg.path).exists():
-        build_tiny(Path(cfg.path), layout=cfg.layout)
+        build_tiny(Path(cfg.path), layout=cfg.layout, replace=False)
 
 
 # tiny Kolors ---------------------------------------------------------------------------------------------
@@ -457,8 +457,9 @@ def build_tiny_components(tokenizer_dir: Path, seed: int = 0):
     return tokenizer, text_encoder.eval(), unet.eval(), vae.eval(), make_scheduler()
 
 
-def build_tiny(path: Path, layout: str = "diffusers", seed: int = 0) -> Path:
-    """Write tiny random Kolors weights at `path` in `layout`; atomic (temp folder, then rename)."""
+def build_tiny(path: Path, layout: str = "diffusers", seed: int = 0, replace: bool = True) -> Path:
+    """Write tiny random Kolors weights at `path` in `layout`; atomic (temp folder, then rename). replace=False
+    keeps a model another process put at `path` meanwhile (it may be loading it), rather than swapping it."""
 
     from safetensors.torch import save_file
 
@@ -495,9 +496,14 @@ def build_tiny(path: Path, layout: str = "diffusers", seed: int = 0) -> Path:
         shutil.rmtree(tmp / ".sp")
         (tmp / "TINY_RANDOM_MODEL.txt").write_text("Random tiny Kolors-shaped weights made by kolora for tests and "
                                                    "the demo. Not a real model.\n")
-        if path.exists():
+        if path.exists() and replace:
             shutil.rmtree(path)
-        tmp.rename(path)
+        if not path.exists():
+            try:
+                tmp.rename(path)
+            except OSError:  # another process renamed its copy into place first
+                if replace or not path.is_dir():
+                    raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
