@@ -325,3 +325,99 @@ def test_kohya_per_layer_alphas_fold_into_b_exactly():
     assert (w.rank, w.alpha) == (2, 2.0)
     for m, a, b in w.pairs():
         torch.testing.assert_close((w.alpha / w.rank) * b @ a, expected[m])
+
+
+# kohya/LyCORIS export against ComfyUI's loader ------------------------------------------------------------
+# ComfyUI's rules, restated from comfy/lora.py (model_lora_keys_unet, load_lora) and comfy/weight_adapter/loha.py,
+# lokr.py: a diffusers-named UNet weight `<module>.weight` is patched by the keys `lora_unet_<module, '.'→'_'>.*`;
+# a layer's `.alpha` scales LoRA and LoHa by alpha/rank, and LoKr by alpha/dim only when a factor is decomposed
+# (dim: the rank of its w2_a·w2_b, else of w1_a·w1_b), by 1 otherwise; a key no layer takes is "not loaded".
+COMFY_PARTS = ("lora_up.weight", "lora_down.weight", "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b",
+               "lokr_w1", "lokr_w2", "lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+
+
+def _comfy_key_map(unet) -> dict[str, str]:
+    return {"lora_unet_" + k.removesuffix(".weight").replace(".", "_"): k for k in unet.state_dict()
+            if k.endswith(".weight")}
+
+
+def _comfy_load(sd: dict, key_map: dict[str, str]) -> tuple[dict[str, tuple], set[str]]:
+    """UNet weight → (alpha, its adapter tensors); and the keys ComfyUI would report as not loaded."""
+    patches, loaded = {}, set()
+    for x, weight in key_map.items():
+        alpha = float(sd[f"{x}.alpha"]) if f"{x}.alpha" in sd else None
+        loaded |= {f"{x}.alpha"} & sd.keys()
+        parts = {p: sd[f"{x}.{p}"] for p in COMFY_PARTS if f"{x}.{p}" in sd}
+        if parts:
+            patches[weight] = (alpha, parts)
+            loaded |= {f"{x}.{p}" for p in parts}
+    return patches, set(sd) - loaded
+
+
+def _comfy_delta(alpha: float | None, t: dict, shape) -> torch.Tensor:
+    if "lora_up.weight" in t:
+        up, down = t["lora_up.weight"], t["lora_down.weight"]
+        return (up @ down * (alpha / down.shape[0] if alpha is not None else 1.0)).reshape(shape)
+    if "hada_w1_a" in t:
+        scale = alpha / t["hada_w1_b"].shape[0] if alpha is not None else 1.0
+        return ((t["hada_w1_a"] @ t["hada_w1_b"]) * (t["hada_w2_a"] @ t["hada_w2_b"]) * scale).reshape(shape)
+    dim = None
+    w1 = t.get("lokr_w1")
+    if w1 is None:
+        dim, w1 = t["lokr_w1_b"].shape[0], t["lokr_w1_a"] @ t["lokr_w1_b"]
+    w2 = t.get("lokr_w2")
+    if w2 is None:
+        dim, w2 = t["lokr_w2_b"].shape[0], t["lokr_w2_a"] @ t["lokr_w2_b"]
+    scale = alpha / dim if alpha is not None and dim is not None else 1.0
+    return (torch.kron(w1, w2) * scale).reshape(shape)
+
+
+@pytest.mark.parametrize("kind", ["lora", "loha", "lokr"])
+def test_kohya_export_is_what_comfyui_loads_with_peft_deltas(kind, files, tiny_diffusers, tmp_path):
+    """Per-block ranks/alphas (down.1 at rank 4: LoKr's full factors there; rank 2 elsewhere: decomposed) →
+    `export --format kohya` → ComfyUI's key rules take every key, one UNet weight per layer, and its formulas give
+    peft's ΔW of every layer within 1e-6."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    options = lora.AdapterOptions(kind, -1, (("down.1", 4),), (("up.0", 1.5),))
+    unet = models.load_unet(files)
+    torch.manual_seed(5)
+    lora.add_lora(unet, 2, 3.0, TARGETS, options=options)
+    with torch.no_grad():
+        for p in (p for p in unet.parameters() if p.requires_grad):
+            p.normal_(0, 0.3)
+    src = lora.save_lora(unet, tmp_path / lora.WEIGHT_NAME, 2, 3.0, TARGETS, options=options)
+    out = ix.export_lora(src, "kohya", tmp_path / "kohya.safetensors", tiny_diffusers)
+    sd, meta = ix.read_tensors(out)
+    patches, not_loaded = _comfy_load(sd, _comfy_key_map(models.load_unet(files)))
+    layers = {n: m for n, m in unet.named_modules() if isinstance(m, BaseTunerLayer)}
+    assert not_loaded == set()
+    assert set(patches) == {f"{n}.weight" for n in layers} and len(layers) == 32
+    assert len({k.split(".")[0] for k in sd}) == len(patches)  # one key prefix per layer, none shared
+    if kind == "lokr":  # both of ComfyUI's scale rules are exercised
+        assert any(k.endswith(".lokr_w2_a") for k in sd) and any(k.endswith(".lokr_w2") for k in sd)
+    with torch.no_grad():
+        for n, m in layers.items():
+            alpha, parts = patches[f"{n}.weight"]
+            torch.testing.assert_close(_comfy_delta(alpha, parts, m.base_layer.weight.shape),
+                                       m.get_delta_weight("default"), rtol=0, atol=1e-6)
+    assert meta["kolora.rank"] == "2" and meta.get("kolora.adapter", "lora") == kind
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr"])
+def test_full_size_lycoris_kohya_keys_map_one_to_one_under_comfyuis_rules(kind):
+    """On the full Kolors UNet (meta device): the 560 layers' LoHa/LoKr keys all land, one UNet weight each."""
+    from diffusers import UNet2DConditionModel
+    from peft.utils import get_peft_model_state_dict
+
+    from kolora.formats.peft_adapter import PeftAdapter, to_kohya
+
+    cfg = {k: v for k, v in unet_modules.unet_config(None).items() if not k.startswith("_")}
+    with torch.device("meta"):
+        unet, plain = UNet2DConditionModel.from_config(cfg), UNet2DConditionModel.from_config(cfg)
+        config = lora.lora_config(16, 4.0, TARGETS, options=lora.AdapterOptions(kind))
+        unet.add_adapter(config)
+    kohya = to_kohya(PeftAdapter(config, get_peft_model_state_dict(unet), "full"))
+    patches, not_loaded = _comfy_load(kohya, _comfy_key_map(plain))
+    assert not_loaded == set() and len(patches) == 560
+    assert set(patches) == {f"{m}.weight" for m in unet_modules.lora_target_modules(None, TARGETS)}

@@ -25,6 +25,7 @@ from kolora.core.config import load_config
 from kolora.core.errors import EXIT_INPUT, EXIT_OK, InputError
 from kolora.formats import interchange
 from kolora.formats.lora import WEIGHT_NAME
+from kolora.formats.peft_adapter import PEFT_WEIGHTS_NAME
 from kolora.ingest.fetch import fetch_dataset
 from kolora.ingest.sources import check_folder
 from kolora.models import scorer_fetch
@@ -126,7 +127,9 @@ def cmd_export(args) -> int:
     rank, alpha = interchange.rank_alpha(source)
     print(out)
     hint = {"peft": f"diffusers: pipe.load_lora_weights({str(out.parent)!r}, weight_name={out.name!r}); "
-                    f"kolora: render.lora: {out}",
+                    f"kolora: render.lora: {out}" if out.name != PEFT_WEIGHTS_NAME else
+                    f"peft (diffusers' LoRA loader cannot read LoHa/LoKr): PeftModel.from_pretrained(unet, "
+                    f"{str(out.parent)!r}); kolora: render.lora: {out.parent}",
             "kohya": "ComfyUI: copy it to models/loras/ and use a LoraLoaderModelOnly node; "
                      f"A1111/Forge: models/Lora/ (rank {rank}, alpha {alpha:g} inside)",
             "diffsynth": "DiffSynth 1.x (raw tensors, no alpha inside; load with the trained alpha): "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,6 +18,7 @@ from pydantic import (
     Field,
     SerializerFunctionWrapHandler,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_serializer,
     model_validator,
@@ -218,6 +220,14 @@ class TrainConfig(_Section):
     # per_batch: one timestep for the whole global batch (the tutorial's DiffSynth trainer); per_sample: one per
     # sample, as diffusers' and kohya's scripts draw them (a smoother gradient at larger batches)
     timesteps: Literal["per_batch", "per_sample"] = "per_batch"
+    # The adapter (peft): lora (the tutorial's), or LyCORIS' loha (Hadamard product of two low-rank pairs) or lokr
+    # (Kronecker product); rank/alpha are their r/alpha. lokr_factor: LoKr's decompose_factor (-1: near √dim)
+    adapter: Literal["lora", "loha", "lokr"] = "lora"
+    lokr_factor: int = Field(-1, ge=-1)
+    # Per-block rank / alpha (kohya's block_dims, by block index): {"down.1": 8, "mid": 16, "up.0": 4}; the
+    # blocks not named keep train.rank / train.alpha (peft's rank_pattern / alpha_pattern)
+    block_ranks: dict[str, int] = Field(default_factory=dict)
+    block_alphas: dict[str, float] = Field(default_factory=dict)
     validation: ValidationConfig = ValidationConfig()
     wandb: str | None = None  # a wandb project to log to as well (needs the wandb package; offline in Slurm jobs)
 
@@ -234,6 +244,36 @@ class TrainConfig(_Section):
             raise ValueError("must be a multiple of 8 (the VAE downsamples 8x)")
         return v
 
+    @field_validator("block_ranks", "block_alphas")
+    @classmethod
+    def _block_keys(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        # the UNet's block count is checked when the adapter is built (kolora.formats.lora.check_blocks)
+        bad = [k for k in v if not re.match(r"^(?:(?:down|up)\.\d+|mid)$", k)]
+        if bad:
+            raise ValueError(f"block key {bad[0]!r}: use \"down.N\" (down_blocks.N), \"mid\" (mid_block) or "
+                             "\"up.N\" (up_blocks.N), e.g. {\"down.1\": 8, \"mid\": 16}")
+        low = [k for k, x in v.items() if not (x >= 1 if info.field_name == "block_ranks" else x > 0)]
+        if low:
+            raise ValueError(f"{low[0]}: {v[low[0]]}; a rank is 1 or more, an alpha a number > 0")
+        return v
+
+    @field_validator("lokr_factor")
+    @classmethod
+    def _factor(cls, v: int) -> int:
+        if v == 0:
+            raise ValueError("0; LoKr's decompose_factor is -1 (split each dimension near its square root) or >= 1")
+        return v
+
+    @model_validator(mode="after")
+    def _adapter_options(self) -> TrainConfig:
+        if self.dora and self.adapter != "lora":
+            raise ValueError(f"train.dora and train.adapter: {self.adapter}: DoRA is a LoRA variant (peft's use_dora); "
+                             "set train.dora: false, or train.adapter: lora")
+        if self.lokr_factor != -1 and self.adapter != "lokr":
+            raise ValueError(f"train.lokr_factor: {self.lokr_factor} is LoKr's; with train.adapter: {self.adapter} it "
+                             "would be ignored: set train.adapter: lokr, or drop train.lokr_factor")
+        return self
+
     @model_serializer(mode="wrap")
     def _omit_buckets_off(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         # Off is training as before the field existed: left out of dumps and digests, so a LoRA trained
@@ -248,6 +288,10 @@ class TrainConfig(_Section):
             data.pop("validation", None)
         if self.wandb is None:
             data.pop("wandb", None)
+        # likewise the adapter options at their defaults (plain LoRA, one rank and alpha)
+        for name, default in (("adapter", "lora"), ("lokr_factor", -1), ("block_ranks", {}), ("block_alphas", {})):
+            if getattr(self, name) == default:
+                data.pop(name, None)
         return data
 
 

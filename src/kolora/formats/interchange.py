@@ -17,6 +17,11 @@ Formats (``kolora export RUN --format ...``; every one of them is accepted as ``
     ``KolorsPipeline.load_lora_weights`` maps correctly: Kolors uses diffusers' SD-1.x LoRA loader, which does
     not pass the UNet config that SGM block renumbering needs. Reading accepts both spellings.
 
+LoHa / LoKr adapters (train.adapter) and LoRAs with per-block ranks or alphas (train.block_ranks / block_alphas)
+export through kolora.formats.peft_adapter: ``kohya`` in LyCORIS' layout with each layer's own alpha, ``peft`` as
+peft's own adapter folder for LoHa/LoKr (diffusers' LoRA loader cannot read them; a LoRA's file is copied);
+``diffsynth`` refuses them (DiffSynth's ``load_lora`` takes one LoRA rank and alpha).
+
 ``diffsynth``  what DiffSynth-Studio 1.x's Kolors pipeline loads: the tutorial's ``load_lora`` injects peft
     adapters (``target_modules=["to_q","to_k","to_v","to_out"]``) into DiffSynth's ``SDXLUNet`` and calls
     ``load_state_dict(torch.load(path), strict=False)``. Keys are ``<DiffSynth module>.lora_A.default.weight`` /
@@ -58,8 +63,10 @@ from typing import Any
 from kolora.core.errors import read_text
 from kolora.core.rundir import atomic_path, atomic_write_json
 from kolora.formats.lora import (
+    ADAPTER_NAMES,
     WEIGHT_NAME,
     LoraFileError,
+    adapter_kind,
     check_rank_alpha,
     check_weights,
     rank_alpha_from_metadata,
@@ -74,11 +81,23 @@ from kolora.formats.lora_weights import (
     from_diffsynth,
     from_diffusers,
     from_kohya,
+    lycoris_refusal,
     scalar_alpha,
     to_diffsynth,
     to_diffusers,
     to_kohya,
 )
+from kolora.formats.peft_adapter import (
+    PEFT_CONFIG_NAME,
+    inject,
+    is_peft_folder_file,
+    needs_peft,
+    per_layer,
+    read_adapter,
+    write_peft_folder,
+)
+from kolora.formats.peft_adapter import write_kohya as write_adapter_kohya
+from kolora.formats.unet_modules import structure
 
 # safetensors, torch: imported in the functions that use them (a login node's CLI starts without them)
 
@@ -146,7 +165,9 @@ def read_lora(path: Path, config: Any = None, alpha: float | None = None, rank: 
     sd, meta = read_tensors(path)
     if not sd:
         raise LoraFileError(f"{path}: holds no tensors")
-    fmt = detect_format(sd.keys(), meta)
+    fmt = "peft folder" if is_peft_folder_file(path) else detect_format(sd.keys(), meta)
+    if fmt == "peft folder" or (fmt == "peft" and per_layer(meta)):
+        raise _per_layer(path, meta)
     where = f"{path} ({fmt})"
     if fmt == "kohya":
         w = from_kohya(sd, config, where, rank=rank)
@@ -170,6 +191,16 @@ def read_lora(path: Path, config: Any = None, alpha: float | None = None, rank: 
     return w
 
 
+def _per_layer(path: Path, meta: dict[str, str]) -> LoraFileError:
+    kind = adapter_kind(meta)
+    what = (f"a {ADAPTER_NAMES.get(kind, kind)} adapter (train.adapter: {kind})" if kind != "lora" else
+            "a peft adapter folder's weights" if is_peft_folder_file(path) else
+            "a LoRA whose layers have their own ranks/alphas (train.block_ranks / block_alphas)")
+    return LoraFileError(f"{path}: {what}; kolora's one-rank LoRA conversions (import-lora, export --format "
+                         "diffsynth) cannot carry it. Use the file as it is (render.lora), or `kolora export RUN "
+                         "--format kohya` (LyCORIS layout: ComfyUI, A1111) or `--format peft`")
+
+
 def rank_alpha(path: Path) -> tuple[int, float]:
     """(rank, alpha) of a LoRA file in any format kolora reads, without needing the UNet: a kolora/diffusers file's
     from its metadata (the header only), any other's from its tensors (read and checked). LoraFileError naming
@@ -179,11 +210,19 @@ def rank_alpha(path: Path) -> tuple[int, float]:
         found = rank_alpha_from_metadata(read_metadata(path), path)
         if found is not None:
             return found
+    if is_peft_folder_file(path):  # another tool's peft adapter folder: its adapter_config.json
+        note = path.parent / PEFT_CONFIG_NAME
+        try:
+            c = json.loads(read_text(note))
+            return check_rank_alpha(int(c["r"]), float(c.get("lora_alpha", c.get("alpha"))), note)
+        except (ValueError, KeyError, TypeError) as e:
+            raise LoraFileError(f"{note}: not a peft adapter config with r and alpha ({e})") from None
     sd, meta = read_tensors(path)
     fmt = detect_format(sd.keys(), meta) if sd else "peft"
     if fmt == "kohya":
         downs = [v for k, v in sd.items() if k.endswith(".lora_down.weight")]
         if not downs:
+            lycoris_refusal(sd, str(path))
             raise LoraFileError(f"{path}: no lora_down tensors")
         r = int(downs[0].shape[0])
         alphas = [scalar_alpha(v, k, str(path)) for k, v in sd.items() if k.endswith(".alpha")]
@@ -281,11 +320,26 @@ def loadable(path: Path, config: Any = None) -> Iterator[Path]:
                                                          "kolora.source_format": w.source_format})
 
 
+def check_modules(modules: list[str], config: Any, where: str) -> None:
+    """Every adapter layer is a module of the UNet of `config`; LoraFileError naming a few that are not."""
+    shapes = structure(config).shapes
+    bad = [m for m in modules if m not in shapes]
+    if bad:
+        raise LoraFileError(f"{where}: {len(bad)} of its {len(modules)} layers are no module of this UNet (e.g. "
+                            f"{bad[:3]}); is it an adapter for another model?")
+
+
 def load_into_pipeline(pipe, path: Path, scale: float = 1.0, adapter_name: str = "kolora") -> None:
     """Load a LoRA (a file, or a folder: lora.resolve_file) into a KolorsPipeline; alpha/rank comes from the file.
     Files in another format (kohya/ComfyUI, DiffSynth with kolora's sidecar) are converted to kolora's diffusers
-    file first."""
+    file first. LoHa/LoKr files (and peft adapter folders) load through peft with the config they carry."""
     path = resolve_file(path)
+    if needs_peft(path):  # LoHa/LoKr: diffusers' LoRA loader cannot read them; peft can, with the file's config
+        adapter = read_adapter(path)
+        check_modules(adapter.modules, dict(pipe.unet.config), adapter.where)
+        inject(pipe.unet, adapter, adapter_name)
+        pipe.set_adapters([adapter_name], adapter_weights=[scale])  # peft's scaling: scale · alpha / r per layer
+        return
     with loadable(path, config=dict(pipe.unet.config)) as converted:
         rank_alpha(converted)  # fail early with a clear message if the file has no alpha
         pipe.load_lora_weights(str(converted), adapter_name=adapter_name)
@@ -338,12 +392,31 @@ def export_lora(source: Path, fmt: str, to: Path, config: Any = None) -> Path:
         with atomic_path(to) as tmp:  # kolora's file is the diffusers/peft file
             shutil.copyfile(source, tmp)
         return to
+    if Path(source).suffix == ".safetensors" and (needs_peft(source) or per_layer(read_metadata(source))):
+        return export_adapter(source, fmt, to, config)
     w = read_lora(source, config)
     if fmt == "peft" and w.source_format == "peft" and rank_alpha_from_metadata(w.metadata, source) is not None:
         with atomic_path(to) as tmp:  # kolora's file is the diffusers file: copy it bit for bit
             shutil.copyfile(source, tmp)
         return to
     return write_lora(w, to, fmt, config, {"kolora.exported_from": Path(source).name})
+
+
+def export_adapter(source: Path, fmt: str, to: Path, config: Any = None) -> Path:
+    """A LoHa/LoKr file, or a LoRA with per-layer ranks/alphas, in `fmt` (kolora.formats.peft_adapter); `to` is
+    the weights file, or for a LoHa/LoKr peft export the folder's (PeftModel's fixed file names)."""
+    adapter = read_adapter(source)
+    check_modules(adapter.modules, config, adapter.where)
+    note = {"kolora.exported_from": Path(source).name}
+    if fmt == "kohya":
+        return write_adapter_kohya(adapter, to, note)
+    if fmt == "peft" and adapter.kind == "lora":  # diffusers reads the per-layer ranks from the file's config
+        with atomic_path(to) as tmp:
+            shutil.copyfile(source, tmp)
+        return to
+    if fmt == "peft":
+        return write_peft_folder(adapter, to.parent if to.suffix else to, note)
+    raise _per_layer(Path(source), read_metadata(source))
 
 
 def import_lora(source: Path, to: Path, alpha: float | None = None, rank: int | None = None,

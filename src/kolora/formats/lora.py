@@ -1,21 +1,29 @@
-"""The LoRA adapter: its peft config, and the file kolora writes (diffusers' format + rank/alpha metadata).
+"""The adapter: its peft config, and the file kolora writes (diffusers' format + rank/alpha metadata).
 
 The file is diffusers' `pytorch_lora_weights.safetensors` (what `KolorsPipeline.load_lora_weights` reads),
 written through diffusers' own `save_lora_weights` with the peft adapter config in its metadata, plus
 kolora's `kolora.rank` / `kolora.alpha` keys. Because alpha travels inside the file, rendering always
 uses the trained alpha (the tutorial's train alpha 4 / render alpha 2 mismatch cannot happen).
+
+LyCORIS adapters (train.adapter: loha / lokr, peft's LoHaConfig / LoKrConfig) keep the file name, the metadata
+keys and the peft config in the metadata (with `kolora.adapter`), their tensors under peft's own names
+(`unet.<module>.hada_w1_a`, `.lokr_w1`, ...): diffusers' LoRA loader cannot read them, so kolora loads them through
+peft (kolora.formats.peft_adapter). Per-block ranks and alphas (train.block_ranks / block_alphas) are the peft
+config's rank_pattern / alpha_pattern, so every layer's own rank and alpha travel in the file too.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kolora.core.errors import InputError
+from kolora.core.errors import ConfigError, InputError
 from kolora.core.numerics import nonfinite_count
 from kolora.core.rundir import atomic_path
 
@@ -57,33 +65,143 @@ def check_weights(tensors: Mapping[str, Any], path: str | Path) -> None:
             "lower train.lr")
 
 
-def lora_config(rank: int, alpha: float, target_modules: list[str], dora: bool = False):
-    from peft import LoraConfig
+ADAPTERS = ("lora", "loha", "lokr")
+ADAPTER_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}
+# train.block_ranks / block_alphas keys: a UNet block by its index, as kohya's block_dims counts them
+BLOCK_KEY = re.compile(r"^(?:(down|up)\.(\d+)|mid)$")
+BLOCK_KEY_HELP = '"down.N" (down_blocks.N), "mid" (mid_block) or "up.N" (up_blocks.N)'
 
+
+@dataclass(frozen=True)
+class AdapterOptions:
+    """What train.adapter, train.lokr_factor, train.block_ranks and train.block_alphas ask of the peft config
+    (hashable: the memory plan caches on it). The default is the tutorial's LoRA: one rank, one alpha."""
+
+    kind: str = "lora"
+    lokr_factor: int = -1  # LoKr's decompose_factor (peft's name and default)
+    block_ranks: tuple[tuple[str, int], ...] = ()
+    block_alphas: tuple[tuple[str, float], ...] = ()
+
+    @classmethod
+    def of(cls, tcfg: Any) -> AdapterOptions:
+        """From a TrainConfig."""
+        return cls(tcfg.adapter, tcfg.lokr_factor, tuple(sorted(tcfg.block_ranks.items())),
+                   tuple(sorted(tcfg.block_alphas.items())))
+
+
+def block_pattern(key: str) -> str:
+    """A train.block_ranks key → the peft rank_pattern/alpha_pattern key (a regex peft matches against the full
+    module name) that selects every module of that block."""
+    m = BLOCK_KEY.match(key)
+    if m is None:
+        raise ValueError(f"block key {key!r}: use {BLOCK_KEY_HELP}")
+    return r"mid_block\..*" if m.group(1) is None else rf"{m.group(1)}_blocks\.{m.group(2)}\..*"
+
+
+def check_blocks(module_names: list[str], counts: dict[str, int], target_modules: list[str],
+                 options: AdapterOptions) -> None:
+    """Every block key of train.block_ranks / block_alphas names a block of the UNet (`counts`: its number of
+    "down" and "up" blocks; `module_names`: its modules) that holds target modules; ConfigError naming the field
+    otherwise (a key that selects nothing would be an option silently ignored)."""
+    names = [n for n in module_names if any(n == t or n.endswith("." + t) for t in target_modules)]
+    for field, pairs in (("train.block_ranks", options.block_ranks), ("train.block_alphas", options.block_alphas)):
+        for key, _ in pairs:
+            m = BLOCK_KEY.match(key)
+            if m is None:
+                raise ConfigError(f"{field}: block key {key!r}; use {BLOCK_KEY_HELP}")
+            if m.group(1) is not None and int(m.group(2)) >= counts[m.group(1)]:
+                raise ConfigError(f"{field}: {key!r} names {m.group(1)}_blocks.{m.group(2)}, but this UNet has "
+                                  f"{counts[m.group(1)]} {m.group(1)} blocks ({m.group(1)}.0 to "
+                                  f"{m.group(1)}.{counts[m.group(1)] - 1}); fix or drop the key")
+            if not any(re.match(rf"(.*\.)?({block_pattern(key)})$", n) for n in names):
+                raise ConfigError(f"{field}: block {key!r} holds none of train.target_modules "
+                                  f"({', '.join(target_modules)}), so its rank/alpha would change nothing; drop the "
+                                  "key or name a block with attention layers")
+
+
+def lora_config(rank: int, alpha: float, target_modules: list[str], dora: bool = False,
+                options: AdapterOptions | None = None):
+    """The peft config of kolora's adapter: LoraConfig (the default), LoHaConfig or LoKrConfig."""
+    from peft import LoHaConfig, LoKrConfig, LoraConfig
+
+    opts = options or AdapterOptions()
+    patterns = {"rank_pattern": {block_pattern(k): v for k, v in opts.block_ranks},
+                "alpha_pattern": {block_pattern(k): v for k, v in opts.block_alphas}}
+    if opts.kind != "lora" and dora:
+        raise ConfigError(f"train.dora is DoRA, a LoRA variant; train.adapter: {opts.kind} has no DoRA: set "
+                          "train.dora: false or train.adapter: lora")
+    # peft's default inits start every adapter at the base model (step 0 = base): LoHa zeroes hada_w2_b,
+    # LoKr zeroes lokr_w1 (kolora.formats.peft_adapter's tests check it)
+    if opts.kind == "loha":
+        return LoHaConfig(r=rank, alpha=alpha, target_modules=list(target_modules), **patterns)
+    if opts.kind == "lokr":
+        return LoKrConfig(r=rank, alpha=alpha, target_modules=list(target_modules),
+                          decompose_factor=opts.lokr_factor, **patterns)
+    if opts.kind != "lora":
+        raise ConfigError(f"train.adapter: {opts.kind!r}; choose from {', '.join(ADAPTERS)}")
     # The tutorial's init (DiffSynth): gaussian A, zero B, so step 0 equals the base model. DoRA (peft's
     # use_dora) adds a per-output-channel magnitude vector, initialised to the base weight's norms.
     return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(target_modules),
-                      use_dora=dora)
+                      use_dora=dora, **patterns)
 
 
 def add_lora(unet, rank: int, alpha: float, target_modules: list[str], adapter_name: str = "default",
-             dora: bool = False):
-    unet.add_adapter(lora_config(rank, alpha, target_modules, dora), adapter_name=adapter_name)
+             dora: bool = False, options: AdapterOptions | None = None):
+    if options is not None:
+        check_blocks([n for n, _ in unet.named_modules()], {"down": len(unet.down_blocks), "up": len(unet.up_blocks)},
+                     target_modules, options)
+    unet.add_adapter(lora_config(rank, alpha, target_modules, dora, options), adapter_name=adapter_name)
     return unet
 
 
 def save_lora(unet, path: Path, rank: int, alpha: float, target_modules: list[str],
-              extra_metadata: dict[str, str] | None = None, dora: bool = False) -> Path:
-    """Write the UNet's LoRA to `path` (a .safetensors file) atomically."""
+              extra_metadata: dict[str, str] | None = None, dora: bool = False,
+              options: AdapterOptions | None = None) -> Path:
+    """Write the UNet's adapter to `path` (a .safetensors file) atomically."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
+    if options is not None and options.kind != "lora":
+        return save_peft_layers(get_peft_model_state_dict(unet), path, rank, alpha, target_modules,
+                                extra_metadata, options)
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    return save_layers(layers, path, rank, alpha, target_modules, extra_metadata, dora)
+    return save_layers(layers, path, rank, alpha, target_modules, extra_metadata, dora, options)
+
+
+def config_metadata(config) -> dict[str, Any]:
+    """A peft config as plain JSON data: sets → sorted lists (a set's order changes between processes: the file
+    would not be reproducible)."""
+    return json.loads(json.dumps(config.to_dict(), default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
+
+
+def _file_metadata(adapter_meta: dict[str, Any], rank: int, alpha: float, target_modules: list[str],
+                   extra_metadata: dict[str, str] | None) -> dict[str, str]:
+    return {"format": "pt",
+            "lora_adapter_metadata": json.dumps({f"unet.{k}": v for k, v in adapter_meta.items()}, indent=2,
+                                                sort_keys=True),
+            "kolora.rank": str(rank), "kolora.alpha": repr(float(alpha)),
+            "kolora.target_modules": json.dumps(list(target_modules)), **(extra_metadata or {})}
+
+
+def save_peft_layers(layers: dict[str, Any], path: Path, rank: int, alpha: float, target_modules: list[str],
+                     extra_metadata: dict[str, str] | None, options: AdapterOptions) -> Path:
+    """Write a LoHa/LoKr adapter's tensors (peft's names, as `get_peft_model_state_dict` gives them) to `path` in
+    kolora's file format, atomically: `unet.`-prefixed keys, the same metadata as a LoRA plus `kolora.adapter`."""
+    import safetensors.torch
+
+    path = Path(path)
+    tensors = {f"unet.{k}": v.detach().to("cpu").contiguous() for k, v in layers.items()}
+    meta = _file_metadata(config_metadata(lora_config(rank, alpha, target_modules, options=options)), rank, alpha,
+                          target_modules, {"kolora.adapter": options.kind, **(extra_metadata or {})})
+    with atomic_path(path) as tmp:
+        safetensors.torch.save_file(tensors, str(tmp), metadata=meta)
+        canonicalize_header(tmp)
+    return path
 
 
 def save_layers(layers: dict[str, Any], path: Path, rank: int, alpha: float, target_modules: list[str],
-                extra_metadata: dict[str, str] | None = None, dora: bool = False) -> Path:
+                extra_metadata: dict[str, str] | None = None, dora: bool = False,
+                options: AdapterOptions | None = None) -> Path:
     """Write UNet LoRA tensors (diffusers' names, as `convert_state_dict_to_diffusers` gives them, without
     the `unet.` prefix) to `path` in kolora's file format, atomically. Used by training and by import-lora."""
     import safetensors.torch
@@ -91,17 +209,11 @@ def save_layers(layers: dict[str, Any], path: Path, rank: int, alpha: float, tar
 
     path = Path(path)
     layers = {k: v.detach().to("cpu").contiguous() for k, v in layers.items()}
-    adapter_meta = lora_config(rank, alpha, target_modules, dora).to_dict()
-    # sets → sorted lists (a set's order changes between processes: the file would not be reproducible)
-    adapter_meta = json.loads(json.dumps(adapter_meta, default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
+    adapter_meta = config_metadata(lora_config(rank, alpha, target_modules, dora, options))
 
     def save_function(weights: dict[str, Any], filename: str) -> None:
         # diffusers builds `metadata`; we add ours and write atomically into the final path.
-        meta = {"format": "pt",
-                "lora_adapter_metadata": json.dumps(
-                    {f"unet.{k}": v for k, v in adapter_meta.items()}, indent=2, sort_keys=True),
-                "kolora.rank": str(rank), "kolora.alpha": repr(float(alpha)),
-                "kolora.target_modules": json.dumps(list(target_modules)), **(extra_metadata or {})}
+        meta = _file_metadata(adapter_meta, rank, alpha, target_modules, extra_metadata)
         with atomic_path(path) as tmp:
             safetensors.torch.save_file(weights, str(tmp), metadata=meta)
             canonicalize_header(tmp)
@@ -168,8 +280,35 @@ def rank_alpha_from_metadata(meta: dict[str, str], where: str | Path = "LoRA fil
     return check_rank_alpha(*found, where) if found else None
 
 
+def adapter_kind(meta: dict[str, str]) -> str:
+    """'lora', 'loha' or 'lokr': the adapter a kolora/diffusers file holds (by `kolora.adapter`, else by the
+    peft type of its adapter config; a file with neither is a LoRA)."""
+    if "kolora.adapter" in meta:
+        return meta["kolora.adapter"]
+    try:
+        peft_type = json.loads(meta.get("lora_adapter_metadata") or "{}").get("unet.peft_type") or "LORA"
+    except (ValueError, AttributeError):
+        return "lora"
+    return str(peft_type).lower()
+
+
+def adapter_config(meta: dict[str, str], where: str | Path = "LoRA file"):
+    """The peft config (LoraConfig, LoHaConfig, LoKrConfig) the file's metadata holds; None without one."""
+    from peft import PeftConfig
+
+    text = meta.get("lora_adapter_metadata")
+    if not text:
+        return None
+    try:
+        found = json.loads(text)
+        return PeftConfig.from_peft_type(**{k.removeprefix("unet."): v for k, v in found.items()
+                                            if k.startswith("unet.")})
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise LoraFileError(f"{where}: unreadable adapter config in its metadata ({type(e).__name__}: {e})") from None
+
+
 def peft_state_dict(path: Path) -> dict:
-    """The file's UNet LoRA tensors under peft's key names (for `set_peft_model_state_dict`)."""
+    """The file's UNet adapter tensors under peft's key names (for `set_peft_model_state_dict`)."""
     from diffusers.utils import convert_unet_state_dict_to_peft
     from safetensors.torch import load_file
 

@@ -98,6 +98,16 @@ def to_kohya(w: LoraWeights) -> dict[str, Any]:
     return out
 
 
+def lycoris_refusal(sd: dict[str, Any], where: str) -> None:
+    """LoraFileError naming the adapter type when a kohya file holds LyCORIS LoHa/LoKr layers (kolora reads those
+    only from its own file or a peft adapter folder, where their config travels)."""
+    kind = next((name for part, name in ((".hada_", "LoHa"), (".lokr_", "LoKr")) if any(part in k for k in sd)), None)
+    if kind is not None:
+        raise LoraFileError(f"{where}: a LyCORIS {kind} file in kohya's layout; kolora reads LoHa/LoKr adapters from "
+                            "its own file (lora/pytorch_lora_weights.safetensors of a run trained with train.adapter) "
+                            "or from a peft adapter folder (`kolora export RUN --format peft`), not from kohya files")
+
+
 def from_kohya(sd: dict[str, Any], config: Any = None, where: str = "kohya LoRA",
                rank: int | None = None) -> LoraWeights:
     st = structure(config)
@@ -105,7 +115,8 @@ def from_kohya(sd: dict[str, Any], config: Any = None, where: str = "kohya LoRA"
     if te:
         raise LoraFileError(f"{where}: has text-encoder LoRA layers (e.g. {te[0]}); Kolors' ChatGLM text encoder "
                             "is not a CLIP, so kolora imports UNet LoRAs only")
-    unsupported = [k for k in sd if k.endswith((".dora_scale", ".lora_mid.weight")) or ".hada_" in k or ".lokr_" in k]
+    lycoris_refusal(sd, where)
+    unsupported = [k for k in sd if k.endswith((".dora_scale", ".lora_mid.weight"))]
     if unsupported:
         raise LoraFileError(f"{where}: {unsupported[0]} is a LyCORIS/DoRA tensor; only plain LoRA is supported")
     if any(p in k for k in sd for p in ("input_blocks", "middle_block", "output_blocks")):

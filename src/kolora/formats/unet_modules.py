@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kolora.formats.lora import LoraFileError
+from kolora.formats.lora import AdapterOptions, LoraFileError, check_blocks
 from kolora.models.kolors import packaged_config
 
 # diffusers, torch: imported in the functions that use them (a login node's CLI starts without them)
@@ -69,6 +69,14 @@ def lora_target_modules(config: Any, targets: list[str]) -> list[str]:
     """The Linear modules peft would wrap for `targets` (exact name or '.'-suffix match), sorted."""
     return sorted(n for n, s in structure(config).shapes.items() if len(s) == 2 and
                   any(n == t or n.endswith("." + t) for t in targets))
+
+
+def check_block_keys(config: Any, target_modules: list[str], options: AdapterOptions) -> None:
+    """train.block_ranks / block_alphas against the UNet of `config` (kolora.formats.lora.check_blocks), without
+    loading it: before any stage runs."""
+    cfg = unet_config(config)
+    check_blocks(list(structure(cfg).shapes), {"down": len(cfg.get("down_block_types") or []),
+                                               "up": len(cfg.get("up_block_types") or [])}, target_modules, options)
 
 
 def diffsynth_blocks(unet) -> dict[str, int]:

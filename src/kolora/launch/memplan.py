@@ -43,7 +43,7 @@ from typing import Any
 from kolora.cache import buckets
 from kolora.core.config import ExperimentConfig, ModelConfig
 from kolora.core.errors import ConfigError, InputError, read_text
-from kolora.formats.lora import add_lora
+from kolora.formats.lora import ADAPTER_NAMES, AdapterOptions, add_lora
 from kolora.models import kolors as models
 from kolora.models.kolors import quiet_libraries
 from kolora.pipeline.registry import STAGES
@@ -218,24 +218,26 @@ def param_count(kind: str, key: str) -> int:
 
 
 @functools.lru_cache(maxsize=32)
-def lora_param_count(key: str, rank: int, targets: tuple[str, ...], dora: bool = False) -> int:
-    """Trainable parameters kolora.formats.lora.add_lora puts on the UNet, DoRA's magnitude vectors included (peft on the
-    meta device: exact)."""
+def lora_param_count(key: str, rank: int, targets: tuple[str, ...], dora: bool = False,
+                     adapter: AdapterOptions | None = None) -> int:
+    """Trainable parameters kolora.formats.lora.add_lora puts on the UNet, DoRA's magnitude vectors included, of the
+    adapter and per-block ranks `adapter` asks for (peft on the meta device: exact)."""
 
     unet = _build("unet", key)
     unet.requires_grad_(False)
-    add_lora(unet, rank, 1.0, list(targets), dora=dora)
+    add_lora(unet, rank, 1.0, list(targets), dora=dora, options=adapter)
     return sum(p.numel() for p in unet.parameters() if p.requires_grad)
 
 
-def _lora_unet(key: str, weight_dtype: str, rank: int, targets: tuple[str, ...], dora: bool):
+def _lora_unet(key: str, weight_dtype: str, rank: int, targets: tuple[str, ...], dora: bool,
+               adapter: AdapterOptions | None = None):
     """The UNet as kolora.train.loop holds it: base weights in `weight_dtype`, LoRA (DoRA) parameters in float32."""
     import torch
 
 
     unet = _build("unet", key).to(getattr(torch, weight_dtype))
     unet.requires_grad_(False)
-    add_lora(unet, rank, 1.0, list(targets), dora=dora)
+    add_lora(unet, rank, 1.0, list(targets), dora=dora, options=adapter)
     for p in unet.parameters():
         if p.requires_grad:
             p.data = p.data.float()
@@ -361,14 +363,14 @@ def _unet_call(unet, batch: int, height: int, width: int, seq: int, dtype):
 @functools.lru_cache(maxsize=64)
 def train_activation_bytes(key: str, weight_dtype: str, mixed: bool, checkpointing: bool, batch: int, res: int,
                            seq: int, rank: int, targets: tuple[str, ...], dora: bool = False,
-                           width: int | None = None) -> int:
+                           width: int | None = None, adapter: AdapterOptions | None = None) -> int:
     """One step of kolora.train.loop.LoRATrainer: fp32 cached latents/embeddings of `res` (height) × `width` (`res`
     when None) pixels → UNet (base in `weight_dtype`, LoRA in fp32, under autocast when `mixed`) → MSE →
     backward. LoRA gradients are released as they arrive (they are counted in the trainable part)."""
     import torch
     from torch.autograd.variable import Variable
 
-    unet = _lora_unet(key, weight_dtype, rank, targets, dora).train()
+    unet = _lora_unet(key, weight_dtype, rank, targets, dora, adapter).train()
     for p in unet.parameters():
         if p.requires_grad:
             p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
@@ -388,12 +390,13 @@ def train_activation_bytes(key: str, weight_dtype: str, mixed: bool, checkpointi
 
 @functools.lru_cache(maxsize=64)
 def sampling_activation_bytes(key: str, weight_dtype: str, batch: int, size: int, seq: int, rank: int,
-                              targets: tuple[str, ...], dora: bool = False) -> int:
+                              targets: tuple[str, ...], dora: bool = False,
+                              adapter: AdapterOptions | None = None) -> int:
     """One denoising step of the validation sampler: the training UNet (base in `weight_dtype`, LoRA in fp32)
     without grad and without autocast, on `batch` latents of size² pixels and embeddings in `weight_dtype`."""
     import torch
 
-    unet = _lora_unet(key, weight_dtype, rank, targets, dora).eval()
+    unet = _lora_unet(key, weight_dtype, rank, targets, dora, adapter).eval()
 
     def forward() -> Any:
         with torch.no_grad():
@@ -458,14 +461,14 @@ def largest_bucket(sizes: list[tuple[int, int]], unet_config: dict[str, Any]) ->
 def train_estimate(unet_config: dict[str, Any], precision: str, checkpointing: bool, batch: int, resolution: int,
                    seq: int, rank: int, targets: tuple[str, ...] | list[str], optimizer: str = "adamw", *,
                    dora: bool = False, ema: bool = False, bucket: tuple[int, int] | None = None,
-                   validation: ValidationSampling | None = None) -> Estimate:
+                   validation: ValidationSampling | None = None, adapter: AdapterOptions | None = None) -> Estimate:
     """The train stage from the UNet's config, phase by phase (bench/gpu_train.py compares its train step with
     CUDA's own peak). `bucket`: the (w, h) the step's activations are measured at instead of resolution²."""
     key, targets, wdt = _key(unet_config), tuple(targets), _weight_dtype(precision)
-    lora = lora_param_count(key, rank, targets, dora)
+    lora = lora_param_count(key, rank, targets, dora, adapter)
     width, height = bucket or (resolution, resolution)
     act = train_activation_bytes(key, wdt, wdt != "float32", checkpointing, batch, height, seq, rank, targets,
-                                 dora, width)
+                                 dora, width, adapter)
     eight_bit = optimizer == "adamw8bit"
     states = ADAM8BIT_STATE_BYTES if eight_bit else ADAMW_STATE_BYTES
     # resident through every phase: the frozen UNet, and what training keeps of the LoRA between steps
@@ -478,7 +481,7 @@ def train_estimate(unet_config: dict[str, Any], precision: str, checkpointing: b
     if validation is not None:
         v, vkey = validation, _key(validation.vae_config)
         acts = {f"UNet sampling (batch {v.batch}, {v.size}²)":
-                sampling_activation_bytes(key, wdt, v.batch, v.size, seq, rank, targets, dora),
+                sampling_activation_bytes(key, wdt, v.batch, v.size, seq, rank, targets, dora, adapter),
                 f"VAE decoder ({v.size}²)": inference_bytes("vae_decode", vkey, v.vae_dtype, 1, v.size, v.size)}
         largest = max(acts, key=lambda k: acts[k])  # the UNet's loop ends before the VAE decodes
         phases["validation sample"] = _phase({**resident, f"VAE {v.vae_dtype}": param_count("vae", vkey) *
@@ -486,7 +489,10 @@ def train_estimate(unet_config: dict[str, Any], precision: str, checkpointing: b
         sampled = (f"; validation samples at {v.size}², UNet batch {v.batch}, VAE in {v.vae_dtype} (largest "
                    f"activations: {largest.split(' (')[0]})")
     phases["checkpoint save"] = _phase(resident, trainable, {})
-    options = "".join(f", {o}" for o, on in (("DoRA", dora), ("EMA", ema)) if on)
+    kind = adapter.kind if adapter is not None else "lora"
+    options = "".join(f", {o}" for o, on in (("DoRA", dora), ("EMA", ema), (ADAPTER_NAMES[kind], kind != "lora"),
+                                             ("per-block ranks/alphas", adapter is not None and (
+                                                 adapter.block_ranks or adapter.block_alphas))) if on)
     return Estimate("train", phases, lora_params=lora,
                     assumptions=f"precision {precision}, gradient checkpointing {'on' if checkpointing else 'off'}, "
                                 f"batch {batch}, {width}×{height}{' (the largest bucket)' if bucket else ''}, "
@@ -503,7 +509,8 @@ def estimate(cfg: ExperimentConfig) -> dict[str, Estimate]:
     n = {name: param_count(name, key) for name, key in keys.items()}
     t, seq = cfg.train, cfg.cache.max_sequence_length
     targets = tuple(t.target_modules)
-    lora = lora_param_count(keys["unet"], t.rank, targets, t.dora)
+    adapter = AdapterOptions.of(t)
+    lora = lora_param_count(keys["unet"], t.rank, targets, t.dora, adapter)
     bucket = largest_bucket(buckets.for_config(cfg), confs["unet"]) if t.buckets else None
     width, height = bucket or (t.resolution, t.resolution)
 
@@ -523,6 +530,7 @@ def estimate(cfg: ExperimentConfig) -> dict[str, Estimate]:
     sampling = ValidationSampling(confs["vae"], vae_dtype, v.size or t.resolution, 2 if cfg.render.cfg > 1 else 1)
     train = train_estimate(confs["unet"], t.precision, t.gradient_checkpointing, t.batch_size, t.resolution, seq,
                            t.rank, targets, t.optimizer, dora=t.dora, ema=t.ema_decay is not None, bucket=bucket,
+                           adapter=adapter,
                            validation=sampling if v.every else None)
 
     # render (render.py): the task's prompts are encoded first, the text encoder freed, then UNet (+ LoRA) and VAE

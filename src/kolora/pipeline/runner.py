@@ -30,7 +30,7 @@ from kolora.core.prompts import load_prompts, repeated
 from kolora.core.rundir import RunDir, atomic_write_json, atomic_write_text, unwritable
 from kolora.core.stage import Stage, StageContext
 from kolora.filter.dj.runner import validate_ops
-from kolora.formats import interchange, lora
+from kolora.formats import interchange, lora, unet_modules
 from kolora.ingest.sources import probe
 from kolora.models import kolors as models
 from kolora.models import scorers
@@ -83,6 +83,10 @@ def preflight(cfg: ExperimentConfig, here: bool = False) -> list[str]:
         except lora.LoraFileError as e:
             raise lora.LoraFileError(f"render.lora: {e}") from None
 
+    if (cfg.train.block_ranks or cfg.train.block_alphas) and Path(cfg.model.path).exists():
+        # each block key names a block of this UNet that holds target modules (before the UNet loads for training)
+        unet_modules.check_block_keys(cfg.model.unet_config or cfg.model.path, cfg.train.target_modules,
+                                      lora.AdapterOptions.of(cfg.train))
     validate_ops(cfg.filter.ops)
     problems = scorers.missing_for_config(cfg, prompts)
     if problems:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import json
 import logging
 import os
 import time
@@ -274,7 +275,10 @@ def option_metadata(tcfg: TrainConfig) -> dict[str, str]:
     on = {"min_snr_gamma": tcfg.min_snr_gamma, "noise_offset": tcfg.noise_offset or None,
           "caption_dropout": tcfg.caption_dropout or None, "ema_decay": tcfg.ema_decay,
           "dora": tcfg.dora or None, "optimizer": tcfg.optimizer if tcfg.optimizer != "adamw" else None,
-          "timesteps": tcfg.timesteps if tcfg.timesteps != "per_batch" else None}
+          "timesteps": tcfg.timesteps if tcfg.timesteps != "per_batch" else None,
+          "lokr_factor": tcfg.lokr_factor if tcfg.lokr_factor != -1 else None,
+          "block_ranks": json.dumps(tcfg.block_ranks, sort_keys=True) if tcfg.block_ranks else None,
+          "block_alphas": json.dumps(tcfg.block_alphas, sort_keys=True) if tcfg.block_alphas else None}
     return {f"kolora.{k}": str(v) for k, v in on.items() if v is not None}
 
 
@@ -305,7 +309,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     files = models.resolve(cfg.model)
     unet = models.load_unet(files, weight_dtype).train()
     torch.manual_seed(tcfg.seed)  # the LoRA A matrices' gaussian init
-    lora_io.add_lora(unet, tcfg.rank, tcfg.alpha, tcfg.target_modules, dora=tcfg.dora)
+    adapter = lora_io.AdapterOptions.of(tcfg)
+    lora_io.add_lora(unet, tcfg.rank, tcfg.alpha, tcfg.target_modules, dora=tcfg.dora, options=adapter)
     for p in unet.parameters():  # LoRA weights train in float32 whatever the base dtype
         if p.requires_grad:
             p.data = p.data.float()
@@ -398,7 +403,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     out = run.lora / LORA_FILE
     if trainer.is_global_zero:
         with ema.applied(module) if ema else contextlib.nullcontext():
-            lora_io.save_lora(unet, out, tcfg.rank, tcfg.alpha, tcfg.target_modules, dora=tcfg.dora,
+            lora_io.save_lora(unet, out, tcfg.rank, tcfg.alpha, tcfg.target_modules, dora=tcfg.dora, options=adapter,
                               extra_metadata={"kolora.steps": str(tcfg.steps), "kolora.core.config": cfg.digest(),
                                               "kolora.global_batch": str(batch.size), **option_metadata(tcfg)})
     trainer.strategy.barrier("kolora-lora-saved")
