@@ -170,6 +170,17 @@ def test_the_cache_reads_the_alpha_channel_with_data_mask_alpha_and_refuses_an_i
     assert mask[0].tolist() == [[1.0] * 4 + [0.0] * 4] * 8
     with pytest.raises(NoAlpha, match=r"1\.png: data\.mask is 'alpha' but this image has no alpha channel \(mode RGB\)"):
         cache_stage._write_masks({1: pending[1]}, tmp_path / "masks", lambda path, of: False, 0)
+    # with buckets: 128×64 → the 80×48 bucket (resized to 96×48, 8 columns cropped on the left)
+    wide = Image.new("RGB", (128, 64), (40, 80, 220))
+    wide.putalpha(_left_half((128, 64)))
+    wide.save(tmp_path / "2.png")
+    row = {"file_name": "2.png", "text": "t", "path": str(tmp_path / "2.png")}
+    entry = cache_stage._entry(cfg, row, "ident", buckets.for_config(cfg))
+    assert entry["bucket"] == [80, 48]
+    cache_stage._write_masks({2: entry}, tmp_path / "masks", lambda path, of: False, 0)
+    mask = load_file(str(tmp_path / "masks" / f"{entry['mask_key']}.safetensors"))["mask"]
+    assert tuple(mask.shape) == (1, 6, 10)
+    assert bool((mask[..., :4] == 1).all()) and bool((mask[..., 6:] == 0).all())  # the edge: column 40 of 80
 
 
 def test_data_mask_alpha_on_an_rgb_image_is_refused_naming_the_file_and_the_setting(tmp_path, tiny_diffusers,

@@ -1,7 +1,7 @@
-"""Source records into samples: each record's image (and loss mask, data.mask: auto) materialised in a folder (a
-hard link, else a copy, else the bytes written) under the path rules of kolora.ingest.safe_paths, and the sample
-lists written and read back (metadata.jsonl, rejected.jsonl). One ingest pass and each ingest shard (kolora.ingest.shards) take
-records this way; the filter stage reads the lists.
+"""Source records into samples: each record's image (and loss mask, data.mask: auto) materialised in a folder
+(a hard link, else a copy, else the bytes written) under the path rules of kolora.ingest.safe_paths, and the
+sample lists written and read back (metadata.jsonl, rejected.jsonl). One ingest pass and each ingest shard
+(kolora.ingest.shards) take records this way; the filter stage reads the lists.
 """
 
 from __future__ import annotations
@@ -84,8 +84,9 @@ def guard(cfg: ExperimentConfig, run: RunDir) -> PathGuard | None:
 
 
 def _mask_of(rec: Record, d: DataConfig) -> Record | None:
-    """The record's loss mask under data.mask: auto takes the one its table names, else <stem>_mask.png beside
-    a local image; alpha (the image's own channel, read by the cache stage) and none take no file."""
+    """The record's loss mask: data.mask auto takes the one its table names (the readers read it only then),
+    else <stem>_mask.png beside a local image; alpha (the image's own channel, read by the cache stage) and none
+    take no file."""
     if d.mask != "auto":
         return None
     if rec.mask is not None:

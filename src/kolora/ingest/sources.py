@@ -116,7 +116,8 @@ def sniff_ext(head: bytes) -> str:
 
 
 # jsonl ------------------------------------------------------------------------------------------------------
-def _read_jsonl(path: Path, text_key: str, image_key: str) -> Iterator[Record | Rejected]:
+def _read_jsonl(path: Path, text_key: str, image_key: str, masks: bool = False) -> Iterator[Record | Rejected]:
+    """`masks`: read each line's mask (data.mask: auto)."""
     if path.is_dir():
         path = path / "metadata.jsonl"
     if not path.is_file():
@@ -144,7 +145,7 @@ def _read_jsonl(path: Path, text_key: str, image_key: str) -> Iterator[Record | 
         if not image:
             yield Rejected(src, "no image", {"text": obj.get(text_key)})
             continue
-        mask = obj.get(MASK_COLUMN)
+        mask = obj.get(MASK_COLUMN) if masks else None
         if isinstance(mask, list):
             mask = mask[0] if mask else None
         if mask is not None and not isinstance(mask, str):
@@ -179,10 +180,10 @@ def _find_metadata_csv(path: Path) -> Path | None:
     return None
 
 
-def _read_folder(path: Path, text_key: str, caption: str | None, masks_beside: bool = False
+def _read_folder(path: Path, text_key: str, caption: str | None, masks: bool = False
                  ) -> Iterator[Record | Rejected]:
-    """`masks_beside`: a folder listed without metadata.csv does not take <stem>_mask.png files of its images
-    as images of their own (data.mask: auto reads them as those images' masks)."""
+    """`masks` (data.mask: auto): read metadata.csv's mask column; a folder listed without metadata.csv does not
+    take the <stem>_mask.png files of its images as images of their own (they are those images' masks)."""
     if not path.exists():
         raise DatasetError(f"data.path: {path} does not exist (expected a folder with images and metadata.csv "
                            "(columns file_name,text), or such a folder's train/ subfolder)")
@@ -193,9 +194,9 @@ def _read_folder(path: Path, text_key: str, caption: str | None, masks_beside: b
                                "file_name,text; or set data.caption to caption every image in the folder alike)")
         folder = path / "train" if (path / "train").is_dir() else path
         images = [p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
-        masks = {mask_beside(p) for p in images} if masks_beside else set()
+        beside = {mask_beside(p) for p in images} if masks else set()
         for p in images:
-            if p not in masks:
+            if p not in beside:
                 yield Record(str(p), None, path=p)
         return
     reader = csv.DictReader(io.StringIO(decode_utf8(meta.read_bytes(), meta), newline=""))
@@ -211,7 +212,7 @@ def _read_folder(path: Path, text_key: str, caption: str | None, masks_beside: b
             continue
         p = Path(name).expanduser()
         yield Record(src, row.get(text_key), path=p if p.is_absolute() else meta.parent / p,
-                     mask=_path_record(src, row.get(MASK_COLUMN), meta.parent))
+                     mask=_path_record(src, row.get(MASK_COLUMN) if masks else None, meta.parent))
 
 
 # parquet ----------------------------------------------------------------------------------------------------
@@ -294,13 +295,13 @@ def _row_groups(pf: Any, start: int, end: int) -> tuple[list[int], int]:
 
 
 def _read_parquet(path: Path, image_key: str, text_key: str, caption: str | None,
-                  rows: tuple[int, int] | None = None) -> Iterator[Record | Rejected]:
+                  rows: tuple[int, int] | None = None, masks: bool = False) -> Iterator[Record | Rejected]:
     """Every row's record; with `rows` = [a, b), only rows a..b-1 counted over the files in order, reading
-    only the row groups that hold them (an ingest shard)."""
+    only the row groups that hold them (an ingest shard). `masks`: read the mask column too, if any."""
     offset = 0
     for file, pf in _parquet_files(path, image_key, text_key, caption):
         cols = [image_key] + ([text_key] if text_key in pf.schema_arrow.names else [])
-        if MASK_COLUMN in pf.schema_arrow.names and MASK_COLUMN not in cols:
+        if masks and MASK_COLUMN in pf.schema_arrow.names and MASK_COLUMN not in cols:
             cols.append(MASK_COLUMN)
         count = pf.metadata.num_rows
         start, end = (0, count) if rows is None else (max(rows[0] - offset, 0), min(rows[1] - offset, count))
@@ -331,12 +332,13 @@ def records(d: DataConfig, rows: tuple[int, int] | None = None) -> Iterator[Reco
     """Every record of a local folder, jsonl or parquet source (synthetic and modelscope live in ingest);
     `rows`: only those rows of a parquet source (an ingest shard)."""
     assert d.path is not None  # the config schema guarantees it for these sources
+    masks = d.mask == "auto"
     if d.source == "jsonl":
-        return _read_jsonl(d.path, d.text_column, d.image_column)
+        return _read_jsonl(d.path, d.text_column, d.image_column, masks)
     if d.source == "folder":
-        return _read_folder(d.path, d.text_column, d.caption, masks_beside=d.mask == "auto")
+        return _read_folder(d.path, d.text_column, d.caption, masks)
     if d.source == "parquet":
-        return _read_parquet(d.path, d.image_column, d.text_column, d.caption, rows)
+        return _read_parquet(d.path, d.image_column, d.text_column, d.caption, rows, masks)
     raise DatasetError(f"data.source: {d.source!r} is not a local file source")
 
 

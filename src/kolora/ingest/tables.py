@@ -73,7 +73,7 @@ def _load_modelscope(cfg: ExperimentConfig, cache_dir: Path) -> tuple[Any, str, 
     hf = ds.to_hf_dataset() if hasattr(ds, "to_hf_dataset") else ds
     check_columns(list(hf.column_names), d.image_column, d.text_column, d.caption, f"dataset {target}")
     cols = [d.image_column] + ([d.text_column] if d.text_column in hf.column_names else [])
-    if MASK_COLUMN in hf.column_names and MASK_COLUMN not in cols:
+    if d.mask == "auto" and MASK_COLUMN in hf.column_names and MASK_COLUMN not in cols:
         cols.append(MASK_COLUMN)
     hf = hf.select_columns(cols)
     for col in (d.image_column, MASK_COLUMN) if MASK_COLUMN in cols else (d.image_column,):
