@@ -15,5 +15,5 @@ def _done(cfg, run, complete) -> bool:
 STAGE = Stage(
     "cache", entry="kolora.cache.stage:run", runs_on="gpu", parallel="ranks", after=("filter",),
     inputs=("cache.max_sequence_length", "cache.vae_dtype", "train.resolution", "train.center_crop",
-            "train.precision", "train.buckets"), content=MODEL_FIELDS,
+            "train.precision", "train.buckets", "data.mask"), content=MODEL_FIELDS,
     outputs=("cache/index.json", "cache/report.json"), done=_done, stoppable=True, shareable=True)

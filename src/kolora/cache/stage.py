@@ -6,7 +6,9 @@ exactly the same training while ChatGLM3-6B (12.5 GB fp16) leaves the GPU.
 
 Layout: STORE/text/<sha256>.safetensors (prompt_embeds [seq, 4096], pooled [4096]),
         STORE/latents/<sha256>.safetensors (latents [4, h/8, w/8], already scaled by the VAE's factor),
-        <run>/cache/index.json (one entry per training sample → its two keys and its add_time_ids, and STORE),
+        STORE/masks/<sha256>.safetensors (mask [1, h/8, w/8] float16: a sample's loss mask, kolora.cache.masks),
+        <run>/cache/index.json (one entry per training sample → its two keys and its add_time_ids, and STORE;
+                                a masked sample's mask_key too),
         <run>/cache/report.json (the samples whose image could not be read or decoded, with the reason).
 The work is sharded over the train job's ranks and journaled batch by batch (kolora.cache.shards): a stop
 loses at most the batch in flight, and the next attempt encodes only what the journal lacks.
@@ -29,7 +31,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from kolora.cache import buckets
+from kolora.cache import buckets, masks
 from kolora.cache import entry as cache_entry
 from kolora.cache.entry import cache_store
 from kolora.cache.shards import Journal, journal_folder, report_shard, wait_for_shards
@@ -41,6 +43,7 @@ from kolora.core.errors import RunFailure
 from kolora.core.numerics import nonfinite_count
 from kolora.core.rundir import RunDir, atomic_write_json, fsync_dir
 from kolora.core.stage import StageContext
+from kolora.ingest.sources import NoAlpha
 from kolora.models import fingerprint
 from kolora.models import kolors as models
 
@@ -57,6 +60,8 @@ def read_trainset(run: RunDir) -> list[dict[str, str]]:
         rows = [dict(r) for r in csv.DictReader(f)]
     for r in rows:
         r["path"] = str((meta.parent / r["file_name"]).resolve())
+        if r.get("mask"):  # the filter wrote the column for a dataset with masks
+            r["mask_path"] = str((meta.parent / r["mask"]).resolve())
     return rows
 
 
@@ -185,6 +190,10 @@ def _entry(cfg: ExperimentConfig, row: dict[str, str], ident: str,
     }
     if sizes is not None:
         _bucket_entry(entry, row["path"], sizes, center, img_hash)
+    alpha = cfg.data.mask == "alpha"
+    mask_source = row["path"] if alpha else row.get("mask_path") if cfg.data.mask == "auto" else None
+    if mask_source:
+        _mask_entry(entry, row["path"], mask_source, alpha, img_hash, res, center)
     return entry
 
 
@@ -207,6 +216,22 @@ def _bucket_entry(entry: dict[str, Any], path: str, sizes: list[tuple[int, int]]
     entry["time_ids"] = p.time_ids
     entry["bucket"] = list(p.bucket)
     entry["_plan"] = p  # for encoding and the summary; taken out before the entry is journaled
+
+
+def _mask_entry(entry: dict[str, Any], image: str, source: str, alpha: bool, img_hash: str, res: int,
+                center: bool) -> None:
+    """A masked sample: its mask's key (its source and the image's geometry, kolora.cache.masks) and what
+    encoding it needs (taken out before the entry is journaled)."""
+    plan = entry.get("_plan")
+    if plan is None:  # the square crop: its geometry from the image's size (the header only)
+        from PIL import Image
+
+        with Image.open(image) as im:
+            width, height = im.size
+        plan = masks.square_plan(width, height, res, center, entry["latent_key"])
+    source_hash = img_hash if alpha else _sha(Path(source).read_bytes())
+    entry["mask_key"] = _sha(*masks.identity(source_hash, alpha, plan))
+    entry["_mask"] = (source, alpha, plan)
 
 
 def _encode_texts(cfg, files, todo: list[tuple[str, str]], text_dir: Path, device: str, after_batch) -> None:
@@ -322,9 +347,37 @@ def run(ctx: StageContext) -> dict[str, Any]:
                   {"resumed_samples": resumed, "ranks": world, "device": stats["device"]})
 
 
+def _write_masks(pending: dict[int, dict[str, Any]], mask_dir: Path, reusable, rank: int) -> dict[int, str]:
+    """The masks of the pending entries that have one and are not in the store (kolora.cache.masks); returns
+    {row: why} for those whose mask does not decode (their samples are skipped). Stops between masks on a stop
+    request: those written are found in the store next time."""
+    failed: dict[int, str] = {}
+    undecodable = _decode_errors()
+    for i, e in pending.items():
+        if "mask_key" not in e:
+            continue
+        path = mask_dir / f"{e['mask_key']}.safetensors"
+        if reusable(path, f"the mask of image {e['file_name']}"):
+            continue
+        source, alpha, plan = e["_mask"]
+        try:
+            mask = masks.load(source, alpha, plan)
+        except NoAlpha:
+            raise
+        except undecodable as err:
+            failed[i] = f"its mask does not decode: {_reason(err)}"
+            continue
+        cache_entry.write(path, {"mask": mask})
+        if interrupt.requested():
+            raise interrupt.Interrupted(f"cache rank {rank}: stopped ({interrupt.requested()}) while writing masks; "
+                                        "the next attempt finds those written in the store")
+    return failed
+
+
 def _line(i: int, entry: dict[str, Any]) -> dict[str, Any]:
     entry = dict(entry)
     plan = entry.pop("_plan", None)
+    entry.pop("_mask", None)
     line: dict[str, Any] = {"row": i, "entry": entry}
     if plan is not None:  # buckets: for the summary's histogram and kept fractions
         line["plan"] = [*plan.original, *plan.bucket, *plan.resized, plan.top, plan.left]
@@ -334,34 +387,13 @@ def _line(i: int, entry: dict[str, Any]) -> dict[str, Any]:
 def _cache_shard(cfg: ExperimentConfig, rows: list[dict[str, str]], rank: int, world: int, store: Path,
                  ident: str, journal: Journal, attempt: str, progress, force: bool) -> dict[str, Any]:
     """This rank's shard: the entries the journal lacks (all with `force`), encoded batch by batch and journaled."""
-    text_dir, lat_dir = store / "text", store / "latents"
+    text_dir, lat_dir, mask_dir = store / "text", store / "latents", store / "masks"
 
     def present(line: dict[str, Any]) -> bool:
         e = line["entry"]
         return (text_dir / f"{e['text_key']}.safetensors").is_file() and \
-            (lat_dir / f"{e['latent_key']}.safetensors").is_file()
-
-    cached = {} if force else journal.state()[0]
-    mine = [i for i in core_shards.interleaved(len(rows), world, rank) if not (i in cached and present(cached[i]))]
-    sizes = buckets.for_config(cfg) if cfg.train.buckets else None
-    pending: dict[int, dict[str, Any]] = {}
-    skips = []
-    for i in mine:  # hashing reads every image of the shard once
-        try:
-            pending[i] = _entry(cfg, rows[i], ident, sizes)
-        except _decode_errors() as e:
-            skips.append({"row": i, "skipped": f"cannot be read: {_reason(e)}"})
-    journal.append(skips)
-
-    texts = {e["text_key"]: e["text"] for e in pending.values()}
-    if rank == 0:
-        texts[text_key(cfg, ident, "")] = ""  # the empty caption, once: what caption dropout trains on
-        # train.validation's prompts (and negative prompt): sampling during training never loads the encoder
-        texts.update({text_key(cfg, ident, t): t for t in texts_to_cache(cfg)})
-    by_latent: dict[str, list[int]] = {}
-    for i, e in pending.items():
-        by_latent.setdefault(e["latent_key"], []).append(i)
-    image_of = {e["text_key"]: e["file_name"] for e in pending.values()}
+            (lat_dir / f"{e['latent_key']}.safetensors").is_file() and \
+            ("mask_key" not in e or (mask_dir / f"{e['mask_key']}.safetensors").is_file())
 
     def reusable(path: Path, of: str) -> bool:
         """An entry found in the store is reused when it verifies; a bad one is moved aside, named, and encoded
@@ -378,6 +410,32 @@ def _cache_shard(cfg: ExperimentConfig, rows: list[dict[str, str]], rank: int, w
             journal.append([{"repaired": str(path), "of": of, "problem": e.problem, "aside": str(aside)}])
             return False
         return not force
+
+    cached = {} if force else journal.state()[0]
+    mine = [i for i in core_shards.interleaved(len(rows), world, rank) if not (i in cached and present(cached[i]))]
+    sizes = buckets.for_config(cfg) if cfg.train.buckets else None
+    pending: dict[int, dict[str, Any]] = {}
+    skips = []
+    for i in mine:  # hashing reads every image of the shard once
+        try:
+            pending[i] = _entry(cfg, rows[i], ident, sizes)
+        except _decode_errors() as e:
+            skips.append({"row": i, "skipped": f"cannot be read: {_reason(e)}"})
+    # masks first (cheap, on the CPU): every entry journaled below has its mask in the store
+    for i, why in _write_masks(pending, mask_dir, reusable, rank).items():
+        del pending[i]
+        skips.append({"row": i, "skipped": why})
+    journal.append(skips)
+
+    texts = {e["text_key"]: e["text"] for e in pending.values()}
+    if rank == 0:
+        texts[text_key(cfg, ident, "")] = ""  # the empty caption, once: what caption dropout trains on
+        # train.validation's prompts (and negative prompt): sampling during training never loads the encoder
+        texts.update({text_key(cfg, ident, t): t for t in texts_to_cache(cfg)})
+    by_latent: dict[str, list[int]] = {}
+    for i, e in pending.items():
+        by_latent.setdefault(e["latent_key"], []).append(i)
+    image_of = {e["text_key"]: e["file_name"] for e in pending.values()}
 
     def caption(key: str, text: str) -> str:
         if key in image_of:
@@ -449,14 +507,15 @@ def _merge(cfg: ExperimentConfig, run: RunDir, rows: list[dict[str, str]], journ
     text_dir, lat_dir = store / "text", store / "latents"
     empty_key = text_key(cfg, ident, "")
     validation = {t: text_key(cfg, ident, t) for t in texts_to_cache(cfg)}
+    mask_dir = store / "masks"
     for name, path in [("", text_dir / f"{empty_key}.safetensors")] + [
             (f"validation prompt {t!r}", text_dir / f"{k}.safetensors") for t, k in validation.items()] + [
             (e["file_name"], d / f"{e[k]}.safetensors") for e in entries
-            for d, k in ((text_dir, "text_key"), (lat_dir, "latent_key"))]:
+            for d, k in ((text_dir, "text_key"), (lat_dir, "latent_key"), (mask_dir, "mask_key")) if k in e]:
         if not path.is_file():
             raise RunFailure(f"cache: the entry {path} (of {name or 'the empty caption'}) disappeared from the "
                              "store after it was journaled; run the cache stage again")
-    for d in (text_dir, lat_dir):
+    for d in (text_dir, lat_dir, mask_dir):
         if d.is_dir():
             fsync_dir(d)
     atomic_write_json(run.cache / "index.json", {"resolution": cfg.train.resolution,
@@ -473,6 +532,9 @@ def _merge(cfg: ExperimentConfig, run: RunDir, rows: list[dict[str, str]], journ
     summary = {"samples": len(entries), "skipped": len(skipped), "encoded": enc_t + enc_l,
                "reused": len(texts) + len(latents) - enc_t - enc_l, "encoded_texts": enc_t, "encoded_images": enc_l,
                "store": str(store), **extra, **({"repaired": repaired} if repaired else {})}
+    masked = sum("mask_key" in e for e in entries)
+    if masked:
+        summary["masked_samples"] = masked
     plans = [buckets.Plan((p[0], p[1]), (p[2], p[3]), (p[4], p[5]), p[6], p[7])
              for i in sorted(cached) if (p := cached[i].get("plan"))]
     if plans:

@@ -80,6 +80,18 @@ class DataConfig(_Section):
     # listed on purpose). Larger files, and anything but regular files, are rejected at ingest either way.
     allow_external_paths: bool = False
     max_image_bytes: int = Field(256 * 2**20, ge=1)
+    # Loss masks (kolora.cache.masks): auto = a `mask` column of the dataset's table or <image stem>_mask.png
+    # beside an image, where there is one; alpha = every image's alpha channel; none = masks are ignored.
+    mask: Literal["auto", "alpha", "none"] = "auto"
+
+    @model_serializer(mode="wrap")
+    def _omit_default_mask(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # auto on a dataset without masks is training as before the field existed: left out of dumps and
+        # digests, so runs made before it stay bound and their LoRAs keep their bytes.
+        data = handler(self)
+        if self.mask == "auto":
+            data.pop("mask", None)
+        return data
 
     @model_validator(mode="before")
     @classmethod

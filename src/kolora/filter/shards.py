@@ -65,10 +65,11 @@ def folder(run: RunDir, index: int, shards: int) -> Path:
 
 
 def identity(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """What a shard was made from: its sample count and a digest of its ids and image paths."""
+    """What a shard was made from: its sample count and a digest of its ids and image (and mask) paths."""
     h = hashlib.sha256()
     for s in samples:
-        h.update(json.dumps([s.get("id"), s.get("image")], ensure_ascii=False).encode() + b"\n")
+        h.update(json.dumps([s.get("id"), s.get("image"), *([s["mask"]] if s.get("mask") else [])],
+                            ensure_ascii=False).encode() + b"\n")
     return {"samples": len(samples), "digest": h.hexdigest()[:16]}
 
 

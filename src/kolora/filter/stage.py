@@ -14,10 +14,11 @@
    over the job's CPUs (kolora.filter.decode): pixel data that does not decode and decompression bombs get
    their reason too. A stop request (kolora.core.interrupt) ends the stage between images or around Data-Juicer.
 3. Outputs:
-     filter/result.jsonl           kept samples, tutorial format {"id", "text", "image": [path]}
+     filter/result.jsonl           kept samples, tutorial format {"id", "text", "image": [path]} (+ "mask": path)
      filter/report.json            {"summary", "samples": [every sample and every ingest rejection, with reason]}
      trainset/train/<n>.<ext>      the kept images (hard links where possible; kolora.filter.trainset)
-     trainset/train/metadata.csv   file_name,text -- the tutorial's training format
+     trainset/train/metadata.csv   file_name,text -- the tutorial's training format (+ mask, when a kept sample
+                                   has a loss mask: trainset/train/<n>_mask.<ext>)
 
 With filter.shards: N the samples are filtered as N contiguous slices (steps 1-2 per slice: a Slurm array
 task each, or one after another in process) and merged into the same outputs (kolora.filter.shards).
@@ -86,13 +87,17 @@ def filter_slice(cfg: ExperimentConfig, samples: list[dict[str, Any]], dj_dir: P
     # 1. header pass
     report: dict[str, dict[str, Any]] = {}
     good: list[dict[str, Any]] = []
+    masks = {s["id"]: s["mask"] for s in samples if s.get("mask")}  # beside Data-Juicer, which sees images only
     for n, s in enumerate(samples):
         _stop_point(f"in the header pass ({n} of {len(samples)} images)")
         image = _first_image(s)
         reason, size, fmt = check_image(image) if image else ImageCheck("no image", None)
+        if reason is None and s["id"] in masks and (why := check_image(masks[s["id"]]).reason):
+            reason = f"mask: {why}"
         report[s["id"]] = {"id": s["id"], "image": image, "text": s.get("text"), "size": list(size) if size else None,
                            "format": fmt, "kept": False, "reason": reason, "op": None,
-                           "stage": "header" if reason else None}
+                           "stage": "header" if reason else None,
+                           **({"mask": masks[s["id"]]} if s["id"] in masks else {})}
         if reason is None:
             good.append({"id": s["id"], "text": s["text"], "image": [image]})
     t_header = time.perf_counter() - t0
@@ -118,7 +123,8 @@ def filter_slice(cfg: ExperimentConfig, samples: list[dict[str, Any]], dj_dir: P
                 raise RuntimeError(f"Data-Juicer returned a sample that was not in its input (or twice): {rec!r}")
             seen.add(sid)
             image = _first_image(rec)
-            out = {"id": sid, "text": _strip_tokens(str(rec.get("text", ""))), "image": [image]}
+            out = {"id": sid, "text": _strip_tokens(str(rec.get("text", ""))), "image": [image],
+                   **({"mask": masks[sid]} if sid in masks else {})}
             kept.append(out)
             report[sid].update(kept=True, reason=None, stage=None, image=image, text=out["text"],
                                stats=rec.get("__dj__stats__") or None)

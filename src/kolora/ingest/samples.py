@@ -1,7 +1,7 @@
-"""Source records into samples: each record's image materialised in a folder (a hard link, else a copy,
-else the bytes written) under the path rules of kolora.ingest.safe_paths, and the sample lists written and
-read back (metadata.jsonl, rejected.jsonl). One ingest pass and each ingest shard (kolora.ingest.shards) take
-records this way; the filter stage reads the lists.
+"""Source records into samples: each record's image (and loss mask, data.mask: auto) materialised in a folder
+(a hard link, else a copy, else the bytes written) under the path rules of kolora.ingest.safe_paths, and the
+sample lists written and read back (metadata.jsonl, rejected.jsonl). One ingest pass and each ingest shard
+(kolora.ingest.shards) take records this way; the filter stage reads the lists.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from kolora.core import interrupt
 from kolora.core.config import DataConfig, ExperimentConfig
 from kolora.core.rundir import RunDir, atomic_write_text
 from kolora.ingest.safe_paths import PathGuard, Unsafe, copy_checked, link_checked, write_bytes
-from kolora.ingest.sources import Record, Rejected, sample_text, sniff_ext
+from kolora.ingest.sources import Record, Rejected, alpha_mode, mask_beside, no_alpha, sample_text, sniff_ext
 
 COUNTS = ("linked", "copied", "written", "generated", "referenced")  # how each sample's image got into data/
 
@@ -83,10 +83,24 @@ def guard(cfg: ExperimentConfig, run: RunDir) -> PathGuard | None:
     return PathGuard(Path(os.path.realpath(root)), d.allow_external_paths, d.max_image_bytes)
 
 
+def _mask_of(rec: Record, d: DataConfig) -> Record | None:
+    """The record's loss mask: data.mask auto takes the one its table names (the readers read it only then),
+    else <stem>_mask.png beside a local image; alpha (the image's own channel, read by the cache stage) and none
+    take no file."""
+    if d.mask != "auto":
+        return None
+    if rec.mask is not None:
+        return rec.mask
+    if rec.path is not None and mask_beside(rec.path).is_file():
+        return Record(rec.source, path=mask_beside(rec.path))
+    return None
+
+
 def take(records: Iterator[Record | Rejected], work: Path, d: DataConfig, guard: PathGuard | None,
          counts: dict[str, int], limit: int | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Materialise the records' images into work/images/<id>.<ext> (ids 000000, ... in record order); returns
-    the samples (their "image": the Path taken) and the rejected records with reasons."""
+    """Materialise the records' images into work/images/<id>.<ext> (ids 000000, ... in record order) and their
+    masks into work/masks/<id>.<ext>; returns the samples (their "image", and "mask" where there is one: the Path
+    taken) and the rejected records with reasons. counts["masks"]: the samples with a mask, when any."""
     samples: list[dict[str, Any]] = []
     rejected: list[dict[str, Any]] = []
     for n, rec in enumerate(records):
@@ -103,13 +117,29 @@ def take(records: Iterator[Record | Rejected], work: Path, d: DataConfig, guard:
                              "image": str(rec.path) if rec.path else rec.name})
             continue
         sid = f"{len(samples):06d}"
+        mask_rec, mask = _mask_of(rec, d), None
+        if mask_rec is not None:  # first: a rejected mask leaves no image behind under the id the next sample takes
+            (work / "masks").mkdir(exist_ok=True)
+            try:
+                mask = _materialise(mask_rec, work / "masks" / sid, {k: 0 for k in COUNTS}, guard)
+            except Unsafe as e:
+                rejected.append({"source": rec.source, "reason": f"mask: {e}",
+                                 "image": str(rec.path) if rec.path else rec.name, "text": text,
+                                 "mask": str(mask_rec.path) if mask_rec.path else mask_rec.name})
+                continue
         try:
             path = _materialise(rec, work / "images" / sid, counts, guard)
         except Unsafe as e:
+            if mask is not None and mask.is_relative_to(work):
+                mask.unlink()
             rejected.append({"source": rec.source, "reason": str(e),
                              "image": str(rec.path) if rec.path else rec.name, "text": text})
             continue
-        samples.append({"id": sid, "text": text, "image": path})
+        if d.mask == "alpha" and (mode := alpha_mode(rec.data if rec.data is not None else path)):
+            raise no_alpha(rec.path or rec.name or path, mode, rec.source)  # before anything is trained on it
+        samples.append({"id": sid, "text": text, "image": path, **({"mask": mask} if mask is not None else {})})
+        if mask is not None:
+            counts["masks"] = counts.get("masks", 0) + 1
         if limit and len(samples) >= limit:
             break
     return samples, rejected

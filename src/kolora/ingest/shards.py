@@ -19,6 +19,7 @@ any source with data.limit (which stops after its first samples).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -107,8 +108,10 @@ def _read_range(cfg: ExperimentConfig, run: RunDir, source: TableSource, path_gu
         (work / "images").mkdir()
         samples, rejected = take(source.records((start, end)), work, cfg.data, path_guard, counts, None)
         for s in samples:  # relative to the shard folder: it moves into place when complete
-            path = s["image"]
-            s["image"] = str(path.relative_to(work)) if path.is_relative_to(work) else str(path)
+            for col in ("image", "mask"):
+                if col in s:
+                    path = s[col]
+                    s[col] = str(path.relative_to(work)) if path.is_relative_to(work) else str(path)
         write_lists(work, samples, rejected)
         core_shards.mark_done(work, {"identity": identity, "counts": counts, **core_shards.stamp()})
 
@@ -117,18 +120,28 @@ def _merge(cfg: ExperimentConfig, run: RunDir, shards: int, where: str, t0: floa
     samples: list[dict[str, Any]] = []
     rejected: list[dict[str, Any]] = []
     counts = dict.fromkeys(COUNTS, 0)
-    with atomic_dir(run.data / "images") as images:
-        for _, part in core_shards.in_order(run.data, shards):
-            for name, n in json.loads((part / core_shards.DONE).read_text())["counts"].items():
-                counts[name] += n
+    parts = [(part, json.loads((part / core_shards.DONE).read_text())["counts"])
+             for _, part in core_shards.in_order(run.data, shards)]
+    # data/masks/ only for a dataset with masks, as one unsharded pass makes it
+    has_masks = any(c.get("masks") for _, c in parts)
+    masks_dir = atomic_dir(run.data / "masks") if has_masks else contextlib.nullcontext(None)
+    with atomic_dir(run.data / "images") as images, masks_dir as masks:
+        for part, part_counts in parts:
+            for name, n in part_counts.items():
+                counts[name] = counts.get(name, 0) + n
             for s in read_samples(part / "metadata.jsonl"):
                 sid = f"{len(samples):06d}"
-                image = s["image"]
-                if not os.path.isabs(image):  # taken into the shard folder: same inode, the final name
-                    src = part / image
-                    os.link(src, images / f"{sid}{src.suffix}")
-                    image = str(run.data / "images" / f"{sid}{src.suffix}")
-                samples.append({"id": sid, "text": s["text"], "image": [image]})
+                sample = {"id": sid, "text": s["text"]}
+                for col, folder, name in (("image", images, "images"), ("mask", masks, "masks")):
+                    if col not in s:
+                        continue
+                    path = s[col]
+                    if not os.path.isabs(path):  # taken into the shard folder: same inode, the final name
+                        src = part / path
+                        os.link(src, folder / f"{sid}{src.suffix}")
+                        path = str(run.data / name / f"{sid}{src.suffix}")
+                    sample[col] = [path] if col == "image" else path
+                samples.append(sample)
             rejected += read_samples(part / "rejected.jsonl")
         if not samples:
             raise no_sample_error(cfg.data, where, rejected)

@@ -34,10 +34,35 @@ EXPECTED = {
     "modelscope": "rows with an image and a text column",
 }
 MAX_LISTED = 20  # problems of one kind listed by check_folder before "... and N more"
+MASK_COLUMN = "mask"  # a sample's loss mask in a dataset's table: a path (relative like the image's) or bytes
+MASK_SUFFIX = "_mask.png"  # ... or a file <image stem>_mask.png beside the image (data.mask: auto)
 
 
 class DatasetError(InputError):
     """The dataset cannot be read or holds no sample; the message names the path and what was expected."""
+
+
+class NoAlpha(DatasetError):
+    """data.mask: alpha on an image without transparency (ingest refuses it, and the cache stage)."""
+
+
+def no_alpha(image: str | Path, mode: str, source: str | None = None) -> NoAlpha:
+    where = f" ({source})" if source and source != str(image) else ""
+    return NoAlpha(f"{image}{where}: data.mask is 'alpha' but this image has no alpha channel (mode {mode}); "
+                   "give every image one, or set data.mask: auto (mask files) or none")
+
+
+def alpha_mode(image: str | Path | bytes) -> str | None:
+    """None when the image (a file, or its bytes) carries transparency: an alpha channel, or a palette or colour
+    key with transparency, what data.mask: alpha reads (kolora.cache.masks); else its mode ("RGB", "L", ...),
+    from its header. None too when it cannot be opened: the filter's header pass reports why."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as im:
+            return None if im.has_transparency_data else im.mode
+    except Exception:  # noqa: BLE001 - PIL raises many types for a file that is not an image
+        return None
 
 
 @dataclass
@@ -50,6 +75,12 @@ class Record:
     data: bytes | None = None
     name: str | None = None  # the original file name, for the extension of written bytes
     origin_mode: int | None = None  # st_mode of the file holding `data` (parquet): written no more readable
+    mask: Record | None = None  # the loss mask its table names, given as an image is (ingest decides: data.mask)
+
+
+def mask_beside(image: Path) -> Path:
+    """Where data.mask: auto looks for an image's mask file when the table names none."""
+    return image.with_name(image.stem + MASK_SUFFIX)
 
 
 @dataclass
@@ -85,7 +116,8 @@ def sniff_ext(head: bytes) -> str:
 
 
 # jsonl ------------------------------------------------------------------------------------------------------
-def _read_jsonl(path: Path, text_key: str, image_key: str) -> Iterator[Record | Rejected]:
+def _read_jsonl(path: Path, text_key: str, image_key: str, masks: bool = False) -> Iterator[Record | Rejected]:
+    """`masks`: read each line's mask (data.mask: auto)."""
     if path.is_dir():
         path = path / "metadata.jsonl"
     if not path.is_file():
@@ -113,8 +145,24 @@ def _read_jsonl(path: Path, text_key: str, image_key: str) -> Iterator[Record | 
         if not image:
             yield Rejected(src, "no image", {"text": obj.get(text_key)})
             continue
+        mask = obj.get(MASK_COLUMN) if masks else None
+        if isinstance(mask, list):
+            mask = mask[0] if mask else None
+        if mask is not None and not isinstance(mask, str):
+            yield Rejected(src, f"{MASK_COLUMN!r} is neither a path nor a list of paths", {"text": obj.get(text_key)})
+            continue
         p = Path(image).expanduser()
-        yield Record(src, obj.get(text_key), path=p if p.is_absolute() else base / p)
+        yield Record(src, obj.get(text_key), path=p if p.is_absolute() else base / p,
+                     mask=_path_record(src, mask, base))
+
+
+def _path_record(src: str, value: str | None, base: Path) -> Record | None:
+    """A mask named by a path in a table (relative to `base`, as the image's), or None for an empty cell."""
+    value = (value or "").strip()
+    if not value:
+        return None
+    p = Path(value).expanduser()
+    return Record(src, path=p if p.is_absolute() else base / p)
 
 
 # folder: images + metadata.csv ------------------------------------------------------------------------------
@@ -132,7 +180,10 @@ def _find_metadata_csv(path: Path) -> Path | None:
     return None
 
 
-def _read_folder(path: Path, text_key: str, caption: str | None) -> Iterator[Record | Rejected]:
+def _read_folder(path: Path, text_key: str, caption: str | None, masks: bool = False
+                 ) -> Iterator[Record | Rejected]:
+    """`masks` (data.mask: auto): read metadata.csv's mask column; a folder listed without metadata.csv does not
+    take the <stem>_mask.png files of its images as images of their own (they are those images' masks)."""
     if not path.exists():
         raise DatasetError(f"data.path: {path} does not exist (expected a folder with images and metadata.csv "
                            "(columns file_name,text), or such a folder's train/ subfolder)")
@@ -142,8 +193,10 @@ def _read_folder(path: Path, text_key: str, caption: str | None) -> Iterator[Rec
             raise DatasetError(f"data.path: no metadata.csv in {path} or {path / 'train'} (expected columns "
                                "file_name,text; or set data.caption to caption every image in the folder alike)")
         folder = path / "train" if (path / "train").is_dir() else path
-        for p in sorted(folder.iterdir()):
-            if p.suffix.lower() in IMAGE_SUFFIXES:
+        images = [p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+        beside = {mask_beside(p) for p in images} if masks else set()
+        for p in images:
+            if p not in beside:
                 yield Record(str(p), None, path=p)
         return
     reader = csv.DictReader(io.StringIO(decode_utf8(meta.read_bytes(), meta), newline=""))
@@ -158,7 +211,8 @@ def _read_folder(path: Path, text_key: str, caption: str | None) -> Iterator[Rec
             yield Rejected(src, "no image", {"text": row.get(text_key)})
             continue
         p = Path(name).expanduser()
-        yield Record(src, row.get(text_key), path=p if p.is_absolute() else meta.parent / p)
+        yield Record(src, row.get(text_key), path=p if p.is_absolute() else meta.parent / p,
+                     mask=_path_record(src, row.get(MASK_COLUMN) if masks else None, meta.parent))
 
 
 # parquet ----------------------------------------------------------------------------------------------------
@@ -190,7 +244,9 @@ def rows_to_records(rows: Iterable[dict[str, Any]], src_prefix: str, base: Path,
         if p is None and data is None:
             yield Rejected(src, "no image", {"text": row.get(text_key)})
             continue
-        yield Record(src, row.get(text_key), path=p, data=data, name=name)
+        mp, mdata, mname = image_value(row.get(MASK_COLUMN) if image_key != MASK_COLUMN else None, base)
+        mask = Record(src, path=mp, data=mdata, name=mname) if mp is not None or mdata is not None else None
+        yield Record(src, row.get(text_key), path=p, data=data, name=name, mask=mask)
 
 
 def check_columns(have: list[str], image_key: str, text_key: str, caption: str | None, where: str) -> None:
@@ -239,12 +295,14 @@ def _row_groups(pf: Any, start: int, end: int) -> tuple[list[int], int]:
 
 
 def _read_parquet(path: Path, image_key: str, text_key: str, caption: str | None,
-                  rows: tuple[int, int] | None = None) -> Iterator[Record | Rejected]:
+                  rows: tuple[int, int] | None = None, masks: bool = False) -> Iterator[Record | Rejected]:
     """Every row's record; with `rows` = [a, b), only rows a..b-1 counted over the files in order, reading
-    only the row groups that hold them (an ingest shard)."""
+    only the row groups that hold them (an ingest shard). `masks`: read the mask column too, if any."""
     offset = 0
     for file, pf in _parquet_files(path, image_key, text_key, caption):
         cols = [image_key] + ([text_key] if text_key in pf.schema_arrow.names else [])
+        if masks and MASK_COLUMN in pf.schema_arrow.names and MASK_COLUMN not in cols:
+            cols.append(MASK_COLUMN)
         count = pf.metadata.num_rows
         start, end = (0, count) if rows is None else (max(rows[0] - offset, 0), min(rows[1] - offset, count))
         offset += count
@@ -264,6 +322,8 @@ def _read_parquet(path: Path, image_key: str, text_key: str, caption: str | None
         for rec in rows_to_records(table_rows(), str(file), file.parent, image_key, text_key, start):
             if isinstance(rec, Record):
                 rec.origin_mode = mode
+                if rec.mask is not None:
+                    rec.mask.origin_mode = mode
             yield rec
 
 
@@ -272,12 +332,13 @@ def records(d: DataConfig, rows: tuple[int, int] | None = None) -> Iterator[Reco
     """Every record of a local folder, jsonl or parquet source (synthetic and modelscope live in ingest);
     `rows`: only those rows of a parquet source (an ingest shard)."""
     assert d.path is not None  # the config schema guarantees it for these sources
+    masks = d.mask == "auto"
     if d.source == "jsonl":
-        return _read_jsonl(d.path, d.text_column, d.image_column)
+        return _read_jsonl(d.path, d.text_column, d.image_column, masks)
     if d.source == "folder":
-        return _read_folder(d.path, d.text_column, d.caption)
+        return _read_folder(d.path, d.text_column, d.caption, masks)
     if d.source == "parquet":
-        return _read_parquet(d.path, d.image_column, d.text_column, d.caption, rows)
+        return _read_parquet(d.path, d.image_column, d.text_column, d.caption, rows, masks)
     raise DatasetError(f"data.source: {d.source!r} is not a local file source")
 
 
@@ -377,6 +438,14 @@ def _check_records(d: DataConfig, root: Path, checker: FileChecker, problems: li
                 continue
             if st is None:
                 found.append(f"{checker.rel(Path(rec.source))}: image {rec.path} does not exist")
+            if rec.mask is not None and rec.mask.path is not None:  # the mask its table names
+                try:
+                    _, st = guard.check(rec.mask.path)
+                except Unsafe as e:
+                    found.append(f"{checker.rel(Path(rec.source))}: mask {rec.mask.path}: {e}")
+                    continue
+                if st is None:
+                    found.append(f"{checker.rel(Path(rec.source))}: mask {rec.mask.path} does not exist")
     problems += found[:MAX_LISTED]
     if len(found) > MAX_LISTED:
         problems.append(f"... and {len(found) - MAX_LISTED} more records with problems")

@@ -2,11 +2,14 @@
 
 Outputs (replaced as a whole on every run, so a rerun never mixes old and new files):
     data/images/<id>.<ext>   the images (hard links to local files where possible, else copies / written bytes)
-    data/metadata.jsonl      {"id": "000000", "text": "<caption>", "image": ["/abs/path"]} per sample
+    data/masks/<id>.<ext>    the loss masks, taken likewise, of the samples that have one (data.mask: auto)
+    data/metadata.jsonl      {"id": "000000", "text": "<caption>", "image": ["/abs/path"]} per sample (and
+                             "mask": "/abs/path" when it has one)
     data/rejected.jsonl      {"source": "<file>:<line>", "reason": "..."} per source record that cannot be a sample
 
 Whether an image file is readable is *not* decided here: a sample whose file is missing keeps the path it
 names, and the filter stage's header pass reports it ("missing file"), so every record ends up in the report.
+With data.mask: alpha each image's header is opened, and one without an alpha channel stops the stage naming it.
 Which paths may be taken at all is (kolora.ingest.safe_paths): inside the dataset root unless
 data.allow_external_paths, regular files only, at most data.max_image_bytes; others go to rejected.jsonl.
 A stop request (kolora.core.interrupt) ends the stage between records; the rerun redoes it.
@@ -62,5 +65,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
         for s in samples:
             path = s["image"]
             s["image"] = [str(run.data / path.relative_to(work)) if path.is_relative_to(work) else str(path)]
+            if "mask" in s:
+                mask = s["mask"]
+                s["mask"] = str(run.data / mask.relative_to(work)) if mask.is_relative_to(work) else str(mask)
         write_lists(work, samples, rejected)
     return summary(d, where, len(samples), len(rejected), counts, t0)

@@ -15,6 +15,7 @@ from kolora.core.config import ExperimentConfig
 from kolora.core.offline import offline_variable
 from kolora.core.rundir import RunDir
 from kolora.ingest.sources import (
+    MASK_COLUMN,
     DatasetError,
     Record,
     Rejected,
@@ -72,11 +73,14 @@ def _load_modelscope(cfg: ExperimentConfig, cache_dir: Path) -> tuple[Any, str, 
     hf = ds.to_hf_dataset() if hasattr(ds, "to_hf_dataset") else ds
     check_columns(list(hf.column_names), d.image_column, d.text_column, d.caption, f"dataset {target}")
     cols = [d.image_column] + ([d.text_column] if d.text_column in hf.column_names else [])
+    if d.mask == "auto" and MASK_COLUMN in hf.column_names and MASK_COLUMN not in cols:
+        cols.append(MASK_COLUMN)
     hf = hf.select_columns(cols)
-    try:  # keep the encoded bytes / original paths instead of decoding every image to PIL
-        hf = hf.cast_column(d.image_column, HFImage(decode=False))
-    except Exception:  # noqa: BLE001 - not an image-like column; read it as it is
-        pass
+    for col in (d.image_column, MASK_COLUMN) if MASK_COLUMN in cols else (d.image_column,):
+        try:  # keep the encoded bytes / original paths instead of decoding every image to PIL
+            hf = hf.cast_column(col, HFImage(decode=False))
+        except Exception:  # noqa: BLE001 - not an image-like column; read it as it is
+            pass
     return hf, str(target), Path(target) if d.path is not None else cache_dir
 
 

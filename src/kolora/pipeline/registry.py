@@ -27,7 +27,8 @@ SINCE: dict[str, Any] = {"train.buckets": False, "train.min_snr_gamma": None, "t
                          "train.optimizer": "adamw", "train.timesteps": "per_batch", "data.allow_external_paths": False,
                          "data.max_image_bytes": 256 * 2**20, "render.base_tiles": None,
                          "train.adapter": "lora", "train.lokr_factor": -1, "train.block_ranks": {},
-                         "train.block_alphas": {}}
+                         "train.block_alphas": {},
+                         "data.mask": "auto"}
 
 # Fields that never make a stage rerun: the stage they concern ("" = the run) and why no output depends on them.
 OPERATIONAL: dict[str, tuple[str, str]] = {

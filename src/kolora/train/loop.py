@@ -136,7 +136,7 @@ class LoRATrainer(L.LightningModule):
                                                  self.empty_caption.get("pooled"))
         pred = self.unet(noisy, timesteps, encoder_hidden_states=embeds,
                          added_cond_kwargs={"text_embeds": pooled, "time_ids": batch["time_ids"]}).sample
-        loss = objective.loss(pred, noise, a, t.min_snr_gamma)
+        loss = objective.loss(pred, noise, a, t.min_snr_gamma, batch.get("mask"))
         # loggers get it from trainlogs.StepScalars, at the step count metrics.csv uses (after the update)
         self.log("loss", loss.detach(), prog_bar=True, on_step=True, batch_size=latents.shape[0], logger=False)
         return loss

@@ -17,7 +17,11 @@ same update up to the all-reduce's summation order, and a resumed run repeats th
 - caption dropout (`train.caption_dropout`): each sample's caption is replaced by the empty caption's
   embedding with this probability (what classifier-free guidance at render time contrasts with);
 - min-SNR-γ weighting (`train.min_snr_gamma`, Hang et al. 2023, as in diffusers' train scripts for epsilon
-  prediction): each sample's MSE is weighted by min(SNR(t), γ) / SNR(t).
+  prediction): each sample's MSE is weighted by min(SNR(t), γ) / SNR(t);
+- loss masks (data.mask, kolora.cache.masks), as kohya's masked loss (and OneTrainer's with unmasked_weight 0
+  and normalize_masked_area_loss off): each element's squared error times its latent pixel's mask value
+  (broadcast over the channels), averaged over *all* the sample's elements — not renormalized by the mask's
+  area, so a sample half masked out weighs half as much —; min-SNR-γ then weighs that per-sample value.
 The loss is a mean over the rank's samples; DDP averages the ranks' gradients and Lightning divides by the
 accumulation count, so the gradient is the mean over the whole global batch, whatever its split.
 """
@@ -81,11 +85,16 @@ def drop_captions(batch: dict[str, torch.Tensor], drop: torch.Tensor | None, emp
 
 
 def loss(pred: torch.Tensor, target: torch.Tensor, alpha_cumprod: torch.Tensor,
-         min_snr_gamma: float | None = None) -> torch.Tensor:
-    """MSE of the epsilon prediction; per-sample min-SNR-γ weights when γ is set. `alpha_cumprod`: ᾱ_t per sample."""
-    if not min_snr_gamma:
+         min_snr_gamma: float | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """MSE of the epsilon prediction; per-sample min-SNR-γ weights when γ is set. `alpha_cumprod`: ᾱ_t per sample;
+    `mask`: [batch, 1, h, w] weights of the latent pixels (None: all 1, the loss as without masks)."""
+    if not min_snr_gamma and mask is None:
         return torch.nn.functional.mse_loss(pred.float(), target.float())  # the tutorial's loss, unchanged
     per_sample = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="none")
+    if mask is not None:
+        per_sample = per_sample * mask.to(per_sample.device, per_sample.dtype)
+    if not min_snr_gamma:  # every sample has as many elements: the mean of their means
+        return per_sample.mean()
     per_sample = per_sample.mean(dim=tuple(range(1, per_sample.ndim)))
     snr = alpha_cumprod.float() / (1 - alpha_cumprod.float())
     weights = torch.clamp(snr, max=min_snr_gamma) / snr

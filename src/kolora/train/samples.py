@@ -23,9 +23,10 @@ from kolora.core.errors import RunFailure
 
 
 class CachedSamples(Dataset):
-    """Training samples read from cache/: (latents, prompt_embeds, pooled, time_ids). Every read is verified
-    (kolora.cache.entry); a bad entry fails naming it and marks the run's cache incomplete, so the cache stage
-    runs again, moves the entry aside and encodes it anew."""
+    """Training samples read from cache/: (latents, prompt_embeds, pooled, time_ids), and "mask" [1, h, w] at
+    the latents' grid when the cache holds loss masks (kolora.cache.masks; a sample without one gets ones, so
+    batches mixing both stack). Every read is verified (kolora.cache.entry); a bad entry fails naming it and
+    marks the run's cache incomplete, so the cache stage runs again, moves the entry aside and encodes it anew."""
 
     def __init__(self, cache_dir: Path):
         self.cache_dir = Path(cache_dir)
@@ -34,6 +35,7 @@ class CachedSamples(Dataset):
         self.entries = index["entries"]
         self.empty_text_key = index.get("empty_text_key")
         self.seq = index["max_sequence_length"]
+        self.masked = any("mask_key" in e for e in self.entries)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -62,8 +64,19 @@ class CachedSamples(Dataset):
         text = self.text(e["text_key"], f"the caption of image {e['file_name']}: {e['text'][:60]!r}")
         lat = self._verified(lambda: cache_entry.read(self.dir / "latents" / f"{e['latent_key']}.safetensors",
                                                       f"the latents of image {e['file_name']}"))
-        return {"latents": lat["latents"], "prompt_embeds": text["prompt_embeds"], "pooled": text["pooled"],
+        item = {"latents": lat["latents"], "prompt_embeds": text["prompt_embeds"], "pooled": text["pooled"],
                 "time_ids": torch.tensor(e["time_ids"], dtype=torch.float32)}
+        if self.masked:
+            item["mask"] = self.mask(e, lat["latents"].shape[1:])
+        return item
+
+    def mask(self, e: dict, grid: torch.Size) -> torch.Tensor:
+        """The entry's loss mask as float32 [1, h, w]; ones for a sample without one."""
+        if "mask_key" not in e:
+            return torch.ones((1, *grid), dtype=torch.float32)
+        found = self._verified(lambda: cache_entry.read(self.dir / "masks" / f"{e['mask_key']}.safetensors",
+                                                        f"the mask of image {e['file_name']}"))
+        return found["mask"].float()
 
 
 class Positioned(Dataset):
