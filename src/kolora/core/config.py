@@ -54,6 +54,16 @@ class SyntheticConfig(_Section):
     # Sizes are drawn so that both tutorial filters keep some and drop some.
     min_side: int = Field(32, ge=8)
     max_side: int = Field(160, ge=8)
+    # a loss mask beside each image (<stem>_mask.png, data.mask: auto takes it): the shape at full weight, the
+    # background at a quarter
+    masks: bool = False
+
+    @model_serializer(mode="wrap")
+    def _omit_masks_off(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)  # off: the dataset as before the field existed (same keys, same digests)
+        if not self.masks:
+            data.pop("masks", None)
+        return data
 
     @model_validator(mode="after")
     def _sides_in_order(self) -> SyntheticConfig:

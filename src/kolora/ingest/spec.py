@@ -13,7 +13,7 @@ STAGE = Stage(
     "ingest", entry="kolora.ingest.stage:run", runs_on="cpu", parallel="shards", after=(),
     inputs=("data.source", "data.dataset_id", "data.subset", "data.split", "data.text_column",
             "data.image_column", "data.caption", "data.limit", "data.synthetic.count", "data.synthetic.seed",
-            "data.synthetic.min_side", "data.synthetic.max_side", "data.allow_external_paths",
+            "data.synthetic.min_side", "data.synthetic.max_side", "data.synthetic.masks", "data.allow_external_paths",
             "data.max_image_bytes", "data.mask"),
     content=("data.path",), outputs=("data",), done=file_exists("data/metadata.jsonl"), stoppable=True,
     slices=_slices, shareable=True)

@@ -38,7 +38,7 @@ def _records(cfg: ExperimentConfig, work: Path, run: RunDir) -> tuple[Iterator[R
         s = d.synthetic
         count = min(s.count, d.limit) if d.limit else s.count
 
-        items = make_synthetic(work / "images", count, s.seed, s.min_side, s.max_side)
+        items = make_synthetic(work / "images", count, s.seed, s.min_side, s.max_side, s.masks)
         return (Record(f"synthetic:{i}", cap, path=p) for i, (p, cap) in enumerate(items)), "synthetic"
     if d.source == "modelscope":
         source = TableSource(cfg, run)

@@ -51,11 +51,11 @@ def _size(kind: str, rng: random.Random, min_side: int, max_side: int) -> tuple[
     return (w, h) if rng.random() < 0.5 else (h, w)
 
 
-def _draw(size: tuple[int, int], shape: str, fg: tuple[int, int, int], bg: tuple[int, int, int]):
+def _draw(size: tuple[int, int], shape: str, fg, bg, mode: str = "RGB"):
     from PIL import Image, ImageDraw
 
     w, h = size
-    img = Image.new("RGB", size, bg)
+    img = Image.new(mode, size, bg)
     d = ImageDraw.Draw(img)
     r = 0.35 * min(w, h)
     cx, cy = w / 2, h / 2
@@ -71,8 +71,9 @@ def _draw(size: tuple[int, int], shape: str, fg: tuple[int, int, int], bg: tuple
 
 
 def make_synthetic(out_dir: Path | str, count: int, seed: int = 0, min_side: int = 32,
-                   max_side: int = 160) -> list[tuple[Path, str]]:
-    """Write `count` images named 000000.jpg/.png ... into `out_dir`; return [(path, caption)] in order."""
+                   max_side: int = 160, masks: bool = False) -> list[tuple[Path, str]]:
+    """Write `count` images named 000000.jpg/.png ... into `out_dir`; return [(path, caption)] in order. masks:
+    also a loss mask 000000_mask.png ... beside each (the shape 255, the background 64)."""
     if min_side < 1 or max_side < min_side:
         raise ValueError(f"synthetic sizes need 1 <= min_side <= max_side, got {min_side}, {max_side}")
     out = Path(out_dir)
@@ -92,5 +93,7 @@ def make_synthetic(out_dir: Path | str, count: int, seed: int = 0, min_side: int
         else:
             path = out / f"{i:06d}.jpg"
             img.save(path, format="JPEG", quality=90)
+        if masks:
+            _draw(size, shape, 255, 64, mode="L").save(out / f"{i:06d}_mask.png", format="PNG")
         items.append((path, f"二次元, a {fg_name} {shape} on a {bg_name} background"))
     return items

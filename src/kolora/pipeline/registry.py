@@ -28,7 +28,7 @@ SINCE: dict[str, Any] = {"train.buckets": False, "train.min_snr_gamma": None, "t
                          "data.max_image_bytes": 256 * 2**20, "render.base_tiles": None,
                          "train.adapter": "lora", "train.lokr_factor": -1, "train.block_ranks": {},
                          "train.block_alphas": {},
-                         "data.mask": "auto"}
+                         "data.mask": "auto", "data.synthetic.masks": False}
 
 # Fields that never make a stage rerun: the stage they concern ("" = the run) and why no output depends on them.
 OPERATIONAL: dict[str, tuple[str, str]] = {
