@@ -25,7 +25,9 @@ STAGES: tuple[Stage, ...] = (ingest.STAGE, filter_.STAGE, cache.STAGE, train.STA
 SINCE: dict[str, Any] = {"train.buckets": False, "train.min_snr_gamma": None, "train.noise_offset": 0.0,
                          "train.caption_dropout": 0.0, "train.ema_decay": None, "train.dora": False,
                          "train.optimizer": "adamw", "train.timesteps": "per_batch", "data.allow_external_paths": False,
-                         "data.max_image_bytes": 256 * 2**20, "render.base_tiles": None}
+                         "data.max_image_bytes": 256 * 2**20, "render.base_tiles": None,
+                         "train.lr_scheduler": "constant", "train.warmup_steps": 0, "train.lr_num_cycles": 1,
+                         "train.lr_power": 1.0}
 
 # Fields that never make a stage rerun: the stage they concern ("" = the run) and why no output depends on them.
 OPERATIONAL: dict[str, tuple[str, str]] = {

@@ -19,6 +19,7 @@ STAGE = Stage(
     inputs=("train.rank", "train.alpha", "train.target_modules", "train.lr", "train.batch_size",
             "train.precision", "train.gradient_checkpointing", "train.seed", "train.deterministic",
             "train.min_snr_gamma", "train.noise_offset", "train.caption_dropout", "train.ema_decay",
-            "train.dora", "train.optimizer", "cpu_threads", "train.buckets", "train.timesteps"),
+            "train.dora", "train.optimizer", "cpu_threads", "train.buckets", "train.timesteps",
+            "train.lr_scheduler", "train.warmup_steps", "train.lr_num_cycles", "train.lr_power"),
     content=(), outputs=("train", "lora"), done=file_exists("lora/pytorch_lora_weights.safetensors"),
     stoppable=True, on_change="keep", continues=("train.steps",), keeps_partial=True, resume_step=resume_step)
