@@ -209,6 +209,12 @@ class ValidationConfig(_Section):
     size: int | None = Field(None, ge=8, multiple_of=8)  # square side; None: train.resolution
 
 
+# The schedule options at the values meaning "as before they existed" (a constant lr)
+SCHEDULE_DEFAULTS: dict[str, Any] = {"lr_scheduler": "constant", "warmup_steps": 0, "lr_num_cycles": 1,
+                                     "lr_power": 1.0}
+POLYNOMIAL_END_LR = 1e-7  # diffusers' get_polynomial_decay_schedule_with_warmup's lr_end
+
+
 class TrainConfig(_Section):
     rank: int = Field(16, ge=1)
     alpha: float = Field(4.0, gt=0)
@@ -238,7 +244,16 @@ class TrainConfig(_Section):
     caption_dropout: float = Field(0.0, ge=0, lt=1)  # probability of training a sample on the empty caption
     ema_decay: float | None = Field(None, gt=0, lt=1)  # EMA of the LoRA weights, exported when set (e.g. 0.999)
     dora: bool = False  # DoRA (weight-decomposed LoRA, peft's use_dora)
-    optimizer: Literal["adamw", "adamw8bit"] = "adamw"  # adamw8bit: bitsandbytes, on a GPU only
+    # adamw8bit: bitsandbytes, on a GPU only. prodigy (prodigyopt) estimates its own step size and train.lr
+    # scales that estimate: Prodigy's convention is lr 1.0 (AdamW's 1e-4 would barely move it)
+    optimizer: Literal["adamw", "adamw8bit", "prodigy"] = "adamw"
+    # Learning-rate schedule by diffusers.optimization.get_scheduler's names, stepped once per optimizer step
+    # (constant: the tutorial's); cosine, cosine_with_restarts, linear and polynomial are shaped by train.steps
+    lr_scheduler: Literal["constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear",
+                          "polynomial"] = "constant"
+    warmup_steps: int = Field(0, ge=0)  # steps ramping the lr linearly from 0 (every schedule but constant)
+    lr_num_cycles: int = Field(1, ge=1)  # cosine_with_restarts: the number of cosine cycles (hard restarts)
+    lr_power: float = Field(1.0, gt=0)  # polynomial: the decay's exponent (1: linear) down to lr 1e-7
     # per_batch: one timestep for the whole global batch (the tutorial's DiffSynth trainer); per_sample: one per
     # sample, as diffusers' and kohya's scripts draw them (a smoother gradient at larger batches)
     timesteps: Literal["per_batch", "per_sample"] = "per_batch"
@@ -296,6 +311,23 @@ class TrainConfig(_Section):
                              "would be ignored: set train.adapter: lokr, or drop train.lokr_factor")
         return self
 
+    @model_validator(mode="after")
+    def _schedule_options_used(self) -> TrainConfig:
+        # a value its schedule would silently ignore is a mistake, not a choice
+        schedule = self.lr_scheduler
+        unused = [("warmup_steps", self.warmup_steps, schedule == "constant",
+                   "constant_with_warmup (or cosine, linear, ... which take a warmup too)"),
+                  ("lr_num_cycles", self.lr_num_cycles, schedule != "cosine_with_restarts", "cosine_with_restarts"),
+                  ("lr_power", self.lr_power, schedule != "polynomial", "polynomial")]
+        for field, value, ignored, takes_it in unused:
+            if ignored and value != SCHEDULE_DEFAULTS[field]:
+                raise ValueError(f"train.{field}: {value:g} has no effect with train.lr_scheduler: {schedule}; "
+                                 f"set train.lr_scheduler: {takes_it}, or leave train.{field} out")
+        if schedule == "polynomial" and self.lr <= POLYNOMIAL_END_LR:
+            raise ValueError(f"train.lr_scheduler: polynomial decays to {POLYNOMIAL_END_LR:g} (diffusers' end "
+                             f"lr), which train.lr ({self.lr:g}) must exceed; raise train.lr or use linear")
+        return self
+
     @model_serializer(mode="wrap")
     def _omit_buckets_off(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         # Off is training as before the field existed: left out of dumps and digests, so a LoRA trained
@@ -305,6 +337,9 @@ class TrainConfig(_Section):
             data.pop("buckets", None)
         if self.timesteps == "per_batch":  # likewise: the timesteps every run drew before the field existed
             data.pop("timesteps", None)
+        for field, default in SCHEDULE_DEFAULTS.items():  # likewise: the constant lr of every earlier run
+            if getattr(self, field) == default:
+                data.pop(field, None)
         # nor do validation samples and wandb (off by default) change the LoRA's bytes
         if self.validation == ValidationConfig():
             data.pop("validation", None)

@@ -18,8 +18,9 @@ What a phase holds, in GiB:
 - weights: every parameter and buffer it keeps on the GPU, in the dtype it keeps them;
 - trainable (train): the LoRA parameters (with DoRA, peft's magnitude vectors too; counted on the peft-wrapped
   UNet) in fp32, their fp32 gradients (kept from one step's backward to the next step's zero_grad, which
-  Lightning calls after the forward), the optimizer's states (AdamW: 8 bytes a parameter, 8-bit AdamW: 2) and,
-  with `train.ema_decay`, the EMA's fp32 copy (kolora.train.ema keeps it on the module's device);
+  Lightning calls after the forward), the optimizer's states (AdamW: 8 bytes a parameter, 8-bit AdamW: 2,
+  Prodigy: 16) and, with `train.ema_decay`, the EMA's fp32 copy (kolora.train.ema keeps it on the module's
+  device);
 - activations: the most memory the phase's own tensors hold at one time, measured by running its forward
   (train: forward and backward, checkpointed blocks recomputed as torch.utils.checkpoint does) on meta tensors
   of the real shapes while following every tensor storage from creation to release. Two things CUDA does
@@ -56,6 +57,7 @@ GIB = 2**30
 OVERHEAD_GIB = 1.0
 ADAMW_STATE_BYTES = 8  # exp_avg + exp_avg_sq, fp32
 ADAM8BIT_STATE_BYTES = 2  # bitsandbytes' 8-bit Adam: one byte per state
+PRODIGY_STATE_BYTES = 16  # exp_avg, exp_avg_sq, s, the initial weights p0 (fp32; at most: B's p0 is a scalar)
 GPU_STAGES = tuple(s.name for s in STAGES if s.runs_on == "gpu")
 _BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -469,12 +471,12 @@ def train_estimate(unet_config: dict[str, Any], precision: str, checkpointing: b
     width, height = bucket or (resolution, resolution)
     act = train_activation_bytes(key, wdt, wdt != "float32", checkpointing, batch, height, seq, rank, targets,
                                  dora, width, adapter)
-    eight_bit = optimizer == "adamw8bit"
-    states = ADAM8BIT_STATE_BYTES if eight_bit else ADAMW_STATE_BYTES
+    states = {"adamw8bit": ADAM8BIT_STATE_BYTES, "prodigy": PRODIGY_STATE_BYTES}.get(optimizer, ADAMW_STATE_BYTES)
+    named = {"adamw8bit": "8-bit AdamW", "prodigy": "Prodigy"}.get(optimizer, "AdamW")
     # resident through every phase: the frozen UNet, and what training keeps of the LoRA between steps
     resident = {f"UNet {wdt}": param_count("unet", key) * _BYTES[wdt]}
     trainable = {"LoRA fp32": lora * 4, "gradients": lora * 4,
-                 f"{'8-bit AdamW' if eight_bit else 'AdamW'} states": lora * states,
+                 f"{named} states": lora * states,
                  **({"EMA copy": lora * 4} if ema else {})}
     phases = {"train step": _phase(resident, trainable, {f"activations (batch {batch}, {width}×{height})": act})}
     sampled = ""
@@ -497,7 +499,7 @@ def train_estimate(unet_config: dict[str, Any], precision: str, checkpointing: b
                     assumptions=f"precision {precision}, gradient checkpointing {'on' if checkpointing else 'off'}, "
                                 f"batch {batch}, {width}×{height}{' (the largest bucket)' if bucket else ''}, "
                                 f"{seq} tokens, LoRA rank {rank} on {', '.join(targets)}{options}, "
-                                f"{'8-bit AdamW' if eight_bit else 'AdamW'}{sampled}")
+                                f"{named}{sampled}")
 
 
 def estimate(cfg: ExperimentConfig) -> dict[str, Estimate]:

@@ -28,7 +28,9 @@ SINCE: dict[str, Any] = {"train.buckets": False, "train.min_snr_gamma": None, "t
                          "data.max_image_bytes": 256 * 2**20, "render.base_tiles": None,
                          "train.adapter": "lora", "train.lokr_factor": -1, "train.block_ranks": {},
                          "train.block_alphas": {},
-                         "data.mask": "auto", "data.synthetic.masks": False}
+                         "data.mask": "auto", "data.synthetic.masks": False,
+                         "train.lr_scheduler": "constant", "train.warmup_steps": 0, "train.lr_num_cycles": 1,
+                         "train.lr_power": 1.0}
 
 # Fields that never make a stage rerun: the stage they concern ("" = the run) and why no output depends on them.
 OPERATIONAL: dict[str, tuple[str, str]] = {

@@ -53,7 +53,8 @@ def preflight(cfg: ExperimentConfig, here: bool = False) -> list[str]:
     options this machine (`here`: kolora run) or the configured accelerator cannot run. Returns warnings: what
     runs but is likely not meant (the same tile twice in the prompt set)."""
 
-    if cfg.train.optimizer == "adamw8bit" and (here or cfg.train.accelerator == "cpu"):
+    optimizer = cfg.train.optimizer
+    if optimizer == "prodigy" or (optimizer == "adamw8bit" and (here or cfg.train.accelerator == "cpu")):
         from kolora.train.loop import check_options
 
         check_options(cfg.train, accelerator(cfg.train.accelerator))

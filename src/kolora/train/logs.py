@@ -87,11 +87,12 @@ class StepScalars(L.Callback):
             return
         # the global batch's loss as metrics.csv has it (the MetricsCSV callback runs before this one)
         rows = next((c.rows for c in trainer.callbacks if type(c).__name__ == "MetricsCSV"), None)
-        if rows and int(rows[-1]["step"]) == trainer.global_step:
-            loss = float(rows[-1]["loss"])
+        if rows and int(rows[-1]["step"]) == trainer.global_step:  # its lr too: the lr the step used
+            loss, lr = float(rows[-1]["loss"]), float(rows[-1]["lr"])
         else:
             loss = float(outputs["loss"] if isinstance(outputs, dict) else outputs)
-        metrics = {"loss": loss, "lr": trainer.optimizers[0].param_groups[0]["lr"],
+            lr = trainer.optimizers[0].param_groups[0]["lr"]
+        metrics = {"loss": loss, "lr": lr,
                    "step_time_s": time.perf_counter() - self.started}
         if pl_module.device.type == "cuda":
             metrics["gpu_mem_gb"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**30

@@ -2,7 +2,7 @@
 
 The objective is the tutorial's (DiffSynth 1.1.9): scaled-linear betas up to 0.014 over 1100 steps, one
 uniform timestep per (global) batch (train.timesteps: per_sample draws one per sample, as diffusers' and
-kohya's scripts do), epsilon target, MSE, AdamW without schedule. The samples of step k, their
+kohya's scripts do), epsilon target, MSE, AdamW, constant lr (by default). The samples of step k, their
 noise and the timestep are pure functions of (seed, k) and of each sample's position in the run's sample
 sequence, whatever the number of GPUs (kolora.train.samples, kolora.train.objective): a run resumed from any checkpoint,
 on as many GPUs or fewer (kolora.train.distributed), continues as if it had never stopped.
@@ -26,9 +26,10 @@ from typing import Any
 
 import lightning as L
 import torch
+from diffusers.optimization import get_scheduler
 
 from kolora.core import interrupt
-from kolora.core.config import TrainConfig
+from kolora.core.config import SCHEDULE_DEFAULTS, TrainConfig
 from kolora.core.devices import is_cuda, pick
 from kolora.core.errors import InputError, RunFailure
 from kolora.core.rundir import atomic_write_json, atomic_write_text
@@ -42,10 +43,15 @@ from kolora.train import metrics as train_metrics
 from kolora.train.ema import LoraEMA
 from kolora.train.samples import BucketSampler, CachedSamples, Positioned, RankShare, StepSampler
 
-# bitsandbytes (8-bit AdamW) and Lightning's Slurm environment: imported only where an option or a job needs them
+# bitsandbytes (8-bit AdamW), prodigyopt (Prodigy) and Lightning's Slurm environment: imported only where an
+# option or a job needs them
 
 log = logging.getLogger("kolora.train.loop")
 LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+# Schedules whose learning rate at step k depends on train.steps: a checkpoint continues only the same total
+TOTAL_SHAPED = frozenset({"cosine", "cosine_with_restarts", "linear", "polynomial"})
 
 
 def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
@@ -53,11 +59,46 @@ def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float) -> to
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(params, lr=lr)
+    if name == "prodigy":
+        from prodigyopt import Prodigy
+
+        # AdamW's decoupled weight decay (torch's default, 0.01, as kolora's AdamW); bias correction and the
+        # warmup safeguard on, as diffusers' DreamBooth LoRA scripts set them for diffusion models
+        return Prodigy(params, lr=lr, weight_decay=0.01, decouple=True, use_bias_correction=True,
+                       safeguard_warmup=True)
     return torch.optim.AdamW(params, lr=lr)
+
+
+def make_schedule(tcfg: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    """train.lr_scheduler as diffusers builds it, over train.steps optimizer steps."""
+    return get_scheduler(tcfg.lr_scheduler, optimizer, num_warmup_steps=tcfg.warmup_steps,
+                         num_training_steps=tcfg.steps, num_cycles=tcfg.lr_num_cycles, power=tcfg.lr_power)
+
+
+def check_schedule_total(tcfg: TrainConfig, checkpoint: Path, meta: dict[str, Any]) -> None:
+    """A checkpoint continues a total-shaped schedule (cosine, linear, ...) only over the total it was built for:
+    over another one, the learning rates of the steps it already trained would no longer be the run's."""
+    built_for = meta.get("schedule_steps")
+    if tcfg.lr_scheduler not in TOTAL_SHAPED or built_for == tcfg.steps:
+        return
+    raise InputError(
+        f"train.steps: {tcfg.steps}, but the checkpoint to continue from, {checkpoint}, was trained under "
+        f"train.lr_scheduler: {tcfg.lr_scheduler} over {built_for} steps, a schedule that train.steps shapes: "
+        f"continuing it over {tcfg.steps} would change the learning rates of the steps it already took. Keep "
+        f"train.steps: {built_for}; or train from scratch over {tcfg.steps} steps (kolora run ... --stage train "
+        "--force discards this training); or choose a schedule train.steps does not shape (constant_with_warmup, "
+        "constant), which also trains from scratch (the schedule is an input of training) but then continues "
+        "freely when train.steps changes")
 
 
 def check_options(tcfg: TrainConfig, accelerator: str) -> None:
     """Options this machine cannot run, refused before training starts (the message names field and fix)."""
+    if tcfg.optimizer == "prodigy":
+        try:
+            import prodigyopt  # noqa: F401
+        except ImportError:
+            raise InputError("train.optimizer: prodigy needs the prodigyopt package, which this environment "
+                             "lacks; install it (pip install prodigyopt) or use train.optimizer: adamw") from None
     if tcfg.optimizer != "adamw8bit":
         return
     if accelerator != "gpu":
@@ -68,6 +109,15 @@ def check_options(tcfg: TrainConfig, accelerator: str) -> None:
     except ImportError:
         raise InputError("train.optimizer: adamw8bit needs the bitsandbytes package, which this environment "
                          "lacks; install it (pip install bitsandbytes) or use train.optimizer: adamw") from None
+
+
+def option_warnings(tcfg: TrainConfig) -> list[str]:
+    """Options that run but are likely not meant."""
+    if tcfg.optimizer == "prodigy" and not 0.1 <= tcfg.lr <= 10:
+        return [f"train.optimizer: prodigy with train.lr {tcfg.lr:g}: Prodigy estimates its own step size and "
+                "train.lr scales it, so 1.0 is its usual value (an AdamW lr such as 1e-4 leaves the LoRA nearly "
+                "untrained); set train.lr: 1.0 unless this is meant"]
+    return []
 
 
 class NonFiniteLoss(RunFailure):
@@ -101,7 +151,8 @@ class LoRATrainer(L.LightningModule):
         rng = distributed.gather_objects(self.trainer, ckpt_io.rng_state())
         checkpoint["kolora"] = {"rank": self.tcfg.rank, "alpha": self.tcfg.alpha,
                                 "config_digest": self.config_digest, "rng": rng[0], "rng_ranks": rng,
-                                "batch": self.batch.record()}
+                                "batch": self.batch.record(),
+                                "schedule_steps": self.tcfg.steps}  # the total its lr schedule was built for
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         note = ckpt_io.restore_rank_rng(checkpoint["kolora"], self.global_rank, self.trainer.world_size,
@@ -120,7 +171,12 @@ class LoRATrainer(L.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.unet.parameters() if p.requires_grad]
-        return make_optimizer(self.tcfg.optimizer, params, self.tcfg.lr)
+        optimizer = make_optimizer(self.tcfg.optimizer, params, self.tcfg.lr)
+        if self.tcfg.lr_scheduler == "constant":  # no scheduler at all: the tutorial's training, bit for bit
+            return optimizer
+        # stepped by Lightning after each optimizer step (not each micro-batch); its state is in the checkpoints
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": make_schedule(self.tcfg, optimizer), "interval": "step"}}
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int):
         latents, t = batch["latents"], self.tcfg
@@ -176,7 +232,7 @@ class MetricsCSV(L.Callback):
         self.path = Path(path)
         self.rows: list[dict[str, Any]] = []
         self.writer = True
-        self.step, self.losses = 0, []
+        self.step, self.losses, self.lr = 0, [], None
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.writer = trainer.is_global_zero  # under DDP only rank 0 keeps the file
@@ -186,13 +242,17 @@ class MetricsCSV(L.Callback):
                 self.rows = [r for r in csv.DictReader(f) if int(r["step"]) <= trainer.global_step]
         self._flush()
 
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        # the lr this step uses: by on_train_batch_end Lightning has stepped the schedule to the next step's
+        self.lr = optimizer.param_groups[0]["lr"]
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         self.losses.append(float(loss))
         if trainer.global_step == self.step:  # a micro-batch of gradient accumulation
             return
         self.step = trainer.global_step
-        lr = trainer.optimizers[0].param_groups[0]["lr"]
+        lr = self.lr if self.lr is not None else trainer.optimizers[0].param_groups[0]["lr"]
         # the global batch's loss: the mean over this rank's micro-batches (Lightning's outputs are divided by
         # the accumulation), then over the ranks (a collective every rank reaches at this same step)
         loss = sum(self.losses) * trainer.accumulate_grad_batches / len(self.losses)
@@ -278,7 +338,8 @@ def option_metadata(tcfg: TrainConfig) -> dict[str, str]:
           "timesteps": tcfg.timesteps if tcfg.timesteps != "per_batch" else None,
           "lokr_factor": tcfg.lokr_factor if tcfg.lokr_factor != -1 else None,
           "block_ranks": json.dumps(tcfg.block_ranks, sort_keys=True) if tcfg.block_ranks else None,
-          "block_alphas": json.dumps(tcfg.block_alphas, sort_keys=True) if tcfg.block_alphas else None}
+          "block_alphas": json.dumps(tcfg.block_alphas, sort_keys=True) if tcfg.block_alphas else None,
+          **{k: getattr(tcfg, k) for k, default in SCHEDULE_DEFAULTS.items() if getattr(tcfg, k) != default}}
     return {f"kolora.{k}": str(v) for k, v in on.items() if v is not None}
 
 
@@ -301,6 +362,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     device = pick(tcfg.accelerator)  # this rank's own GPU (or the CPU), current before the first CUDA call
     accel = "gpu" if is_cuda(device) else "cpu"
     check_options(tcfg, accel)
+    for warning in option_warnings(tcfg):
+        log.warning(warning)
     precision, note = resolve_precision(tcfg.precision, accel)
     if note:
         log.warning(note)
@@ -326,6 +389,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     else:  # rank 0's choice, never another checkpoint: the ranks would diverge
         found = ckpt_io.load_step(ckpt_dir, resume_step, digest) if resume_step else None
     resume, start_step = (found[0], int(found[1]["global_step"])) if found else (None, 0)
+    if found:
+        check_schedule_total(tcfg, resume, found[1]["kolora"])
     beyond = [step for step, _ in ckpt_io.checkpoints(ckpt_dir) if step > tcfg.steps]
     if beyond:
         log.warning("train.steps=%d is below the newest checkpoint (step %d): %s; the checkpoints after step %d "
