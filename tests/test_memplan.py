@@ -360,3 +360,21 @@ def test_gpu_mem_gb_inherits_and_is_checked(tmp_path: Path) -> None:
         path.write_text(yaml.safe_dump({"name": "p", "jobs": {"render": {"gpu_mem_gb": bad}}}))
         with pytest.raises(ConfigError, match=r"jobs\.render\.gpu_mem_gb"):
             load_profile(path)
+
+
+def test_the_lokr_recipe_is_the_anime_one_as_a_smaller_lokr_with_prodigy(kolors_configs: Path) -> None:
+    """configs/kolors-anime-lokr.yaml: kolors-anime.yaml but for the adapter, optimizer and schedule; on the full-size
+    Kolors UNet its LoKr trains fewer parameters than the recipe's rank-16 LoRA (what its header says)."""
+    anime = load_config(KOLORS).model_dump()
+    recipe = load_config(REPO / "configs" / "kolors-anime-lokr.yaml").model_dump()
+    changed = {k: recipe["train"].pop(k) for k in ("adapter", "lokr_factor", "optimizer", "lr", "lr_scheduler",
+                                                   "warmup_steps")}
+    assert changed == {"adapter": "lokr", "lokr_factor": 8, "optimizer": "prodigy", "lr": 1.0,
+                       "lr_scheduler": "cosine", "warmup_steps": 50}
+    anime["train"].pop("lr"), anime["train"].pop("optimizer")
+    assert recipe.pop("name") == "kolors-anime-lokr" and anime.pop("name") == "kolors-anime"
+    assert recipe == anime
+    lokr = memplan.estimate(load_config(REPO / "configs" / "kolors-anime-lokr.yaml", kolors_sets(kolors_configs)))
+    lora = memplan.estimate(kolors(kolors_configs))
+    assert 0 < lokr["train"].lora_params < lora["train"].lora_params / 4
+    assert "Prodigy states" in lokr["train"].phases["train step"].detail

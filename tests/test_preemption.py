@@ -29,18 +29,23 @@ pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("cancel_leftovers")]
 MID_RUN_STEPS = 400
 TIME_LIMIT_STEPS = 1000
 # Every training option that draws randomness or carries state is on, so each interruption below also checks that
-# buckets, min-SNR, noise offset, caption dropout, the EMA and DoRA resume exactly.
+# it resumes exactly: buckets, min-SNR, noise offset, caption dropout and the EMA everywhere; DoRA in the time-limit
+# case; in the others what DoRA excludes: LoKr with per-block ranks, loss masks, a cosine schedule with warmup and
+# Prodigy (whose state and the schedule's must come back from the checkpoint), rendered through peft.
 OPTIONS = ["train.buckets=true", "train.min_snr_gamma=5", "train.noise_offset=0.05", "train.caption_dropout=0.1",
-           "train.ema_decay=0.99", "train.dora=true"]
+           "train.ema_decay=0.99"]
+LORA_OPTIONS = ["train.dora=true"]
+LYCORIS_OPTIONS = ["train.adapter=lokr", 'train.block_ranks={"mid": 8, "up.0": 2}', "data.synthetic.masks=true",
+                   "train.lr_scheduler=cosine", "train.warmup_steps=40", "train.optimizer=prodigy", "train.lr=1"]
 
 
-def training(steps: int) -> list[str]:
+def training(steps: int, options: list[str]) -> list[str]:
     # evaluate off: no base-model tiles nor scoring after training (test_launch_slurm runs the whole graph)
     return ["--set", f"train.steps={steps}", "--set", "train.checkpoint_every=50", "--set", "render.steps=2",
-            "--set", "evaluate.enabled=false", *(arg for option in OPTIONS for arg in ("--set", option))]
+            "--set", "evaluate.enabled=false", *(arg for option in options for arg in ("--set", option))]
 
 
-LONG, LONGEST = training(MID_RUN_STEPS), training(TIME_LIMIT_STEPS)
+LONG, LONGEST = training(MID_RUN_STEPS, OPTIONS + LYCORIS_OPTIONS), training(TIME_LIMIT_STEPS, OPTIONS + LORA_OPTIONS)
 NAME = "preempt"  # same name everywhere: the LoRA's metadata carries the config digest, which includes it
 
 

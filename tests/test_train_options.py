@@ -195,3 +195,40 @@ def test_every_option_on_interrupted_twice_ends_bit_identical(demo_run, tmp_path
     assert summary["resumed_from_step"] == 13
     got, want = load_file(str(_lora(run))), load_file(str(_lora(ref_run)))  # the exported EMA of the DoRA weights
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+
+
+# LoKr with per-block ranks, loss masks, a cosine schedule with warmup and Prodigy: what DoRA excludes (a LoRA variant)
+LYCORIS_ON = {"adapter": "lokr", "block_ranks": {"mid": 8, "up.0": 2}, "lr_scheduler": "cosine", "warmup_steps": 4,
+              "optimizer": "prodigy", "lr": 1.0}
+
+
+def test_every_new_option_on_interrupted_twice_ends_bit_identical(demo_run, tmp_path, monkeypatch):
+    """LoKr + per-block ranks + masks + cosine with warmup + Prodigy, with buckets, min-SNR, noise offset, caption
+    dropout and the EMA: stopped twice, the LoKr file equals the uninterrupted run's bit for bit."""
+    import shutil
+
+    from kolora.core.rundir import RunDir
+
+    options = {k: v for k, v in ALL_ON.items() if k != "dora"}
+    ref_run, ref_cfg = _train(demo_run, tmp_path, "ref", steps=16, buckets=True, **options, **LYCORIS_ON)
+    ref_cfg.data.synthetic.masks = True
+    for stage in ("ingest", "filter", "cache"):
+        run_stage(stage, ref_cfg, ref_run)
+    assert json.loads((ref_run.root / "manifest.json").read_text())["stages"]["cache"]["summary"]["masked_samples"]
+    shutil.copytree(ref_run.root, tmp_path / "stopped")
+    run = RunDir(tmp_path / "stopped")
+    run_stage("train", ref_cfg, ref_run)
+
+    cfg = ref_cfg.model_copy(deep=True)
+    cfg.train.checkpoint_every = 100  # only the stop requests checkpoint
+    stop_at(monkeypatch, {3, 9})  # in the warmup, and on the cosine
+    for _ in range(2):
+        with pytest.raises(interrupt.Interrupted):
+            run_stage("train", cfg, run)
+        interrupt.clear()
+    assert run_stage("train", cfg, run)["resumed_from_step"] == 9
+    got, want = load_file(str(_lora(run))), load_file(str(_lora(ref_run)))
+    assert any("lokr_w1" in k for k in got) and got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in got)
+    with safe_open(str(_lora(run)), "pt") as f:
+        assert f.metadata()["kolora.adapter"] == "lokr"
