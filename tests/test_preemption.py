@@ -99,17 +99,22 @@ def job_states(env, run: Path) -> tuple:
     return tuple(out.split())
 
 
-def wait_for_checkpoint(env, run: Path, job_id: str) -> None:
-    """Until the training job runs and has written its first checkpoint (so an interruption is mid-run)."""
+def newest_checkpoint(run: Path) -> int:
+    return max((int(p.stem.split("=")[1]) for p in (run / "train" / "checkpoints").glob("step=*.ckpt")), default=0)
+
+
+def wait_for_checkpoint(env, run: Path, job_id: str, after: int = 0) -> None:
+    """Until the training job runs and has written a checkpoint past step `after` (so an interruption is
+    mid-run)."""
     def checkpointed() -> bool:
-        if list((run / "train" / "checkpoints").glob("step=*.ckpt")):
+        if newest_checkpoint(run) > after:
             return True
         state = [r["State"] for r in sacct(env, [job_id])]
         if any(s.startswith(("FAILED", "CANCELLED", "COMPLETED")) for s in state):
             pytest.fail(f"training job {job_id} ended ({state}) before its first checkpoint")
         return False
 
-    wait_for(f"a first checkpoint in {run}/train/checkpoints", checkpointed,
+    wait_for(f"a checkpoint past step {after} in {run}/train/checkpoints", checkpointed,
              lambda: (job_states(env, run), run_progress(run)), poll_s=1)
 
 
@@ -213,17 +218,24 @@ def test_time_limit_shorter_than_training_requeues_until_done(env, tmp_path, ref
     assert all(after > before for before, after in steps[:-1]), steps  # every requeued attempt advanced
 
 
-def test_scontrol_requeue_resumes_from_the_last_checkpoint(env, tmp_path, reference):
+def test_scontrol_requeue_twice_resumes_from_the_last_checkpoints(env, tmp_path, reference):
+    """Requeued in its first attempt and again in its second, after that one checkpointed on its own."""
     runs = tmp_path / "runs"
     submit(env, runs, NAME, *LONG)
     run = runs / NAME
     job = train_job(run)
     wait_for_checkpoint(env, run, job)
-    out = subprocess.run(["scontrol", "requeue", job], env=env, capture_output=True, text=True, timeout=30)
-    assert out.returncode == 0, out.stderr
+    for attempt in (1, 2):
+        out = subprocess.run(["scontrol", "requeue", job], env=env, capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        if attempt == 1:  # until the first attempt has stopped with its checkpoint, then one more checkpoint
+            wait_for("the first attempt's end", lambda: train_attempts(run) if (run / "slurm" / "attempts.jsonl")
+                     .is_file() else [], lambda: (job_states(env, run), run_progress(run)), poll_s=1)
+            stopped_at = train_attempts(run)[0]["progress_after"]["checkpoint_step"]
+            wait_for_checkpoint(env, run, job, after=stopped_at)
     wait_grid(env, run)
     check_result(run, reference)
-    assert len(attempts(env, job)) >= 2
+    assert len(attempts(env, job)) >= 3 and len(train_attempts(run)) >= 3
     assert "SIGTERM" in job_log(run, job)
 
 
