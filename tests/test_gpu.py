@@ -4,7 +4,8 @@ paths run on the CPU in test_devices.py, test_train.py and test_render.py.
 
 - a 16-mixed and a bf16-mixed training step of kolora's LoRATrainer on the full-size Kolors UNet (random
   weights built on the GPU), through Lightning as `kolora run` trains: finite loss, the LoRA moves;
-- a deterministic run stopped and resumed on the GPU ends bit-identical to an uninterrupted one;
+- a deterministic run stopped and resumed on the GPU ends bit-identical to an uninterrupted one (a LoRA with
+  AdamW, and a LoKr with per-block ranks, Prodigy and a cosine schedule);
 - a float16 render writes finite, non-constant tiles;
 - this process's device is the rank's own GPU.
 The memory planner against torch.cuda.max_memory_allocated is in test_gpu_memplan.py.
@@ -133,7 +134,14 @@ def test_a_training_step_on_the_full_size_kolors_unet_is_finite(precision, recor
     assert all(bool(torch.isfinite(p).all()) for p in unet.parameters() if p.requires_grad)
 
 
-def test_a_deterministic_run_resumed_on_the_gpu_is_bit_identical(gpu_run, tmp_path, record_property):
+# LoKr with per-block ranks, a cosine schedule with warmup and Prodigy: their state (Prodigy's d, the scheduler's
+# step) must come back from a checkpoint written under 16-mixed on the GPU as under fp32 on the CPU
+LYCORIS = {"adapter": "lokr", "block_ranks": {"mid": 8, "up.0": 2}, "lr_scheduler": "cosine", "warmup_steps": 2,
+           "optimizer": "prodigy", "lr": 1.0}
+
+
+@pytest.mark.parametrize("options", [{}, LYCORIS], ids=["lora-adamw", "lokr-prodigy-cosine"])
+def test_a_deterministic_run_resumed_on_the_gpu_is_bit_identical(gpu_run, tmp_path, record_property, options):
     import shutil
 
     from safetensors.torch import load_file
@@ -147,6 +155,8 @@ def test_a_deterministic_run_resumed_on_the_gpu_is_bit_identical(gpu_run, tmp_pa
     cfg = cfg.model_copy(deep=True)
     cfg.train.steps, cfg.train.checkpoint_every, cfg.train.deterministic = 12, 4, True
     cfg.train.precision = "16-mixed"
+    for field, value in options.items():  # in this order: each assignment is validated
+        setattr(cfg.train, field, value)
 
     def fresh(name):
         shutil.copytree(base.root, tmp_path / name, ignore=shutil.ignore_patterns("train", "lora", "render"))
@@ -173,7 +183,7 @@ def test_a_deterministic_run_resumed_on_the_gpu_is_bit_identical(gpu_run, tmp_pa
     a, b = load_file(str(ref.root / lora)), load_file(str(run.root / lora))
     diff = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
     record_property("max_abs_diff", diff)
-    print(f"\ndeterministic 16-mixed on {torch.cuda.get_device_name(0)}: stopped at 6 of 12, resumed: "
+    print(f"\ndeterministic 16-mixed {options or 'LoRA, AdamW'} on {torch.cuda.get_device_name(0)}: stopped at 6 of 12, resumed: "
           f"LoRA max |Δ| {diff:.3g}")
     assert _sha(ref.root / lora) == _sha(run.root / lora), f"resumed LoRA differs: max |Δ| {diff:.3g}"
 
