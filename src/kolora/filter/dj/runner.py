@@ -6,7 +6,6 @@ to its op (kolora.filter.dj.trace). See kolora.filter.stage."""
 from __future__ import annotations
 
 import copy
-import importlib.util
 import inspect
 import json
 import os
@@ -27,7 +26,7 @@ from kolora.models.scorers import LOCAL_MODEL_OPS
 
 # Imported in the functions that use them (a login node's CLI starts without them):
 #   PIL, data_juicer, kolora.filter.dj.ops (data_juicer, datasets), kolora.filter.dj.score_ops (data_juicer, datasets), yaml,
-#   kolora.filter.dj.image_hash (data_juicer, scipy)
+#   kolora.filter.dj.image_hash (data_juicer, imagehash)
 
 
 class FilterError(RunFailure):
@@ -124,9 +123,6 @@ def validate_ops(ops: list[dict[str, dict[str, Any]]]) -> None:
         valid = _op_params(OPERATORS.modules[name])
         if name == dedup.OP:  # plus kolora's own arguments (their values: dedup.problems)
             valid = {**valid, **dict.fromkeys(dedup.ARGS)}
-            if (args or {}).get("method") == "whash" and importlib.util.find_spec("pywt") is None:
-                problems.append(f"filter.ops[{i}] ({name}): method 'whash' needs PyWavelets (pip install "
-                                "PyWavelets); phash, dhash and ahash need nothing more")
         for arg, value in (args or {}).items():
             if arg not in valid:
                 own = [p for p in valid if p not in _base_params(OPERATORS.modules[name])]
