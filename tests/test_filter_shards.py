@@ -129,7 +129,7 @@ def test_shards_config_and_plan() -> None:
             "render": {"prompts": str(REPO / "configs/prompts/anime-story.yaml")}}
     cfg = validate_config(base)
     assert "shards" not in cfg.model_dump()["filter"]  # at its default: runs made before it stay bound
-    dedup = [{"image_deduplicator": {}}]
+    dedup = [{"document_deduplicator": {}}]  # image_deduplicator runs across shards (test_filter_dedup.py)
     validate_config({**base, "filter": {"ops": dedup}})
     with pytest.raises(ConfigError, match=r"set filter.shards: 1 \(no shard_size\) or remove the deduplicator"):
         validate_config({**base, "filter": {"ops": dedup, "shards": 4}})

@@ -161,7 +161,9 @@ class FilterConfig(_Section):
     @model_validator(mode="after")
     def _shards_without_dedup(self) -> FilterConfig:
         # a deduplicator compares samples with each other: within a shard it would miss duplicates across shards
-        dedups = [next(iter(op)) for op in self.ops if next(iter(op)).endswith("deduplicator")]
+        # (image_deduplicator excepted: kolora's merge runs it over every shard's samples, kolora.filter.dedup)
+        dedups = [next(iter(op)) for op in self.ops
+                  if next(iter(op)).endswith("deduplicator") and next(iter(op)) != "image_deduplicator"]
         if (self.shards > 1 or self.shard_size is not None) and dedups:
             raise ValueError(f"sharding cannot run {', '.join(dedups)} (a deduplicator sees only its own shard's "
                              "samples); set filter.shards: 1 (no shard_size) or remove the deduplicator")

@@ -13,6 +13,8 @@
    Between 1 and 2 every image that passed the header pass is fully decoded, as the cache stage decodes it,
    over the job's CPUs (kolora.filter.decode): pixel data that does not decode and decompression bombs get
    their reason too. A stop request (kolora.core.interrupt) ends the stage between images or around Data-Juicer.
+   With an image_deduplicator in filter.ops, Data-Juicer runs the other ops, then its image_deduplicator hashes
+   the kept images; the merge (step 3) drops the later copies across all slices (kolora.filter.dedup).
 3. Outputs:
      filter/result.jsonl           kept samples, tutorial format {"id", "text", "image": [path]} (+ "mask": path)
      filter/report.json            {"summary", "samples": [every sample and every ingest rejection, with reason]}
@@ -39,11 +41,13 @@ from kolora.core.config import ExperimentConfig
 from kolora.core.interrupt import Interrupted, requested
 from kolora.core.rundir import RunDir, atomic_write_json, atomic_write_text
 from kolora.core.stage import StageContext
+from kolora.filter import dedup
 from kolora.filter import shards as filter_shards
 from kolora.filter.decode import verify_samples
 from kolora.filter.dj.runner import (  # noqa: F401 - traced_op: part of this module's interface
     FilterError,
     dj_process,
+    image_hashes,
     run_data_juicer,
     traced_op,
     validate_ops,
@@ -137,9 +141,18 @@ def filter_slice(cfg: ExperimentConfig, samples: list[dict[str, Any]], dj_dir: P
     _stop_point("after Data-Juicer, before writing its outputs")
     if len(report) != len(samples):
         raise RuntimeError(f"filter: {len(samples)} samples in, {len(report)} report rows (duplicate ids?)")
-    return {"entries": list(report.values()), "kept": kept,
-            "seconds": {"header": round(t_header, 2), "decode": round(t_decode, 2),
-                        "data_juicer": round(time.perf_counter() - t1, 2)}}
+    seconds = {"header": round(t_header, 2), "decode": round(t_decode, 2),
+               "data_juicer": round(time.perf_counter() - t1, 2)}
+    out = {"entries": list(report.values()), "kept": kept, "seconds": seconds}
+
+    # 2b. the image_deduplicator's key of each kept sample; the merge compares them across every slice
+    if dedup.configured(cfg.filter.ops) is not None:
+        t2 = time.perf_counter()
+        keys = image_hashes(cfg.filter, kept, dj_dir, lambda n: _stop_point(
+            f"hashing images for {dedup.OP} ({n} of {len(kept)})")) if kept else []
+        out["image_hashes"] = [[k["id"], key] for k, key in zip(kept, keys, strict=True)]
+        seconds["image_hash"] = round(time.perf_counter() - t2, 2)
+    return out
 
 
 def _run_shards(cfg: ExperimentConfig, run: RunDir, samples: list[dict[str, Any]], n: int,
@@ -206,10 +219,37 @@ def _merge_shards(cfg: ExperimentConfig, run: RunDir, samples: list[dict[str, An
     return summary
 
 
+def _drop_duplicates(parts: list[dict[str, Any]], samples: list[dict[str, Any]], kept: list[dict[str, Any]],
+                     max_distance: int) -> list[dict[str, Any]]:
+    """The image_deduplicator over every slice's kept samples in dataset order (kolora.filter.dedup): the first
+    of each group stays; each later one's report row names the sample it duplicates. Returns the survivors."""
+    if any("image_hashes" not in part for part in parts):
+        raise RuntimeError(f"filter: a shard was filtered without {dedup.OP}'s hashes (before it was configured); "
+                           "run the filter stage again")
+    position = {s["id"]: i for i, s in enumerate(samples)}
+    rows = sorted(((sid, key) for part in parts for sid, key in part["image_hashes"]), key=lambda r: position[r[0]])
+    if sorted(sid for sid, _ in rows) != sorted(k["id"] for k in kept):
+        raise RuntimeError(f"filter: {dedup.OP}'s hashes do not cover the kept samples ({len(rows)} hashes, "
+                           f"{len(kept)} kept)")
+    dropped = dedup.duplicates(rows, max_distance)
+    keys = dict(rows)
+    for part in parts:
+        for e in part["entries"]:
+            if e["id"] in keys:
+                e["image_hash"] = keys[e["id"]]
+            if e["id"] in dropped:
+                of, distance = dropped[e["id"]]
+                e.update(kept=False, stage="data-juicer", op=dedup.OP, reason=dedup.REASON, duplicate_of=of,
+                         distance=distance)
+    return [k for k in kept if k["id"] not in dropped]
+
+
 def _merge(cfg: ExperimentConfig, run: RunDir, samples: list[dict[str, Any]], rejected: list[dict[str, Any]],
            parts: list[dict[str, Any]], t_validate: float, t0: float) -> dict[str, Any]:
     """Step 3: the slices' rows and kept samples, in order, plus the ingest rejections -> the outputs."""
     kept = [k for part in parts for k in part["kept"]]
+    if (dedup_args := dedup.configured(cfg.filter.ops)) is not None:
+        kept = _drop_duplicates(parts, samples, kept, dedup_args.get("max_distance", 0))
     entries = [e for part in parts for e in part["entries"]] + [
         {"id": None, "source": r.get("source"), "image": r.get("image"), "text": r.get("text"), "kept": False,
          "reason": r.get("reason"), "op": None, "stage": "ingest"} for r in rejected]
@@ -221,8 +261,10 @@ def _merge(cfg: ExperimentConfig, run: RunDir, samples: list[dict[str, Any]], re
     by_op = Counter(e["op"] for e in entries if e["op"])
     header = Counter(e["reason"] for e in entries if e["stage"] in ("header", "ingest"))
     seconds = {"validate_ops": round(t_validate, 2)}
-    for key in ("header", "decode", "data_juicer"):  # summed over the shards: CPU time more than wall time
-        seconds[key] = round(sum(part["seconds"][key] for part in parts), 2)
+    # summed over the shards: CPU time more than wall time
+    for key in ("header", "decode", "data_juicer", "image_hash"):
+        if any(key in part["seconds"] for part in parts):
+            seconds[key] = round(sum(part["seconds"].get(key, 0) for part in parts), 2)
     summary = {
         "input": len(samples) + len(rejected), "samples": len(samples), "rejected_at_ingest": len(rejected),
         "kept": len(kept), "dropped": len(entries) - len(kept), "by_reason": dict(by_reason), "by_op": dict(by_op),

@@ -10,20 +10,23 @@ import inspect
 import json
 import os
 import shutil
+from collections.abc import Callable
 from difflib import get_close_matches
 from pathlib import Path
 from typing import Any
 
 from kolora.core.config import ExperimentConfig, FilterConfig
 from kolora.core.errors import ConfigError, RunFailure
-from kolora.core.interrupt import StopNow
+from kolora.core.interrupt import Interrupted, StopNow
+from kolora.filter import dedup
 from kolora.filter.dj.sandbox import contained, ray_session
 from kolora.filter.dj.trace import drop_log, traced_op
 from kolora.models import scorers
 from kolora.models.scorers import LOCAL_MODEL_OPS
 
 # Imported in the functions that use them (a login node's CLI starts without them):
-#   PIL, data_juicer, kolora.filter.dj.ops (data_juicer, datasets), kolora.filter.dj.score_ops (data_juicer, datasets), yaml
+#   PIL, data_juicer, kolora.filter.dj.ops (data_juicer, datasets), kolora.filter.dj.score_ops (data_juicer, datasets), yaml,
+#   kolora.filter.dj.image_hash (data_juicer, imagehash)
 
 
 class FilterError(RunFailure):
@@ -50,11 +53,13 @@ def _dj_operators() -> Any:
 
 def dj_process(fcfg: FilterConfig) -> list[dict[str, dict[str, Any]]]:
     """The `process:` list Data-Juicer runs: filter.ops, with the built-in shape ops swapped for kolora's
-    header-only ones when filter.fast_ops is on (same arguments, same kept samples)."""
+    header-only ones when filter.fast_ops is on (same arguments, same kept samples), and without the
+    image_deduplicator (it runs across shards at the merge: kolora.filter.dedup)."""
     from kolora.filter.dj.ops import HEADER_OPS
 
     swap = {**(HEADER_OPS if fcfg.fast_ops else {}), **LOCAL_MODEL_OPS}
-    return [{swap.get(name, name): copy.deepcopy(args) for name, args in item.items()} for item in fcfg.ops]
+    return [{swap.get(name, name): copy.deepcopy(args) for name, args in item.items()}
+            for item in dedup.per_sample_ops(fcfg.ops)]
 
 
 def _op_params(cls: type) -> dict[str, Any]:
@@ -103,7 +108,7 @@ def validate_ops(ops: list[dict[str, dict[str, Any]]]) -> None:
 
     OPERATORS = _dj_operators()
     names = sorted(OPERATORS.modules)
-    problems: list[str] = []
+    problems: list[str] = dedup.problems(ops)
     for i, item in enumerate(ops):
         if not isinstance(item, dict) or len(item) != 1:
             problems.append(f"filter.ops[{i}]: expected one mapping {{op_name: {{arguments}}}}, got {item!r}")
@@ -116,6 +121,8 @@ def validate_ops(ops: list[dict[str, dict[str, Any]]]) -> None:
                             f"{'did you mean' if close else 'valid ops include'}: {', '.join(examples)}")
             continue
         valid = _op_params(OPERATORS.modules[name])
+        if name == dedup.OP:  # plus kolora's own arguments (their values: dedup.problems)
+            valid = {**valid, **dict.fromkeys(dedup.ARGS)}
         for arg, value in (args or {}).items():
             if arg not in valid:
                 own = [p for p in valid if p not in _base_params(OPERATORS.modules[name])]
@@ -162,10 +169,11 @@ def run_data_juicer(cfg: ExperimentConfig, samples: list[dict[str, Any]], dj_dir
     import yaml
 
     process = dj_process(cfg.filter)
-    configured = {next(iter(ran)): next(iter(item)) for ran, item in zip(process, cfg.filter.ops, strict=True)}
+    ops = dedup.per_sample_ops(cfg.filter.ops)
+    configured = {next(iter(ran)): next(iter(item)) for ran, item in zip(process, ops, strict=True)}
     try:  # scorer ops (CLIP, aesthetics) read local folders under scorers.dir, never a hub
         scorers.ensure_tiny(cfg.scorers)
-        process = scorers.localize_ops(process, cfg.filter.ops, cfg.scorers, [str(s["text"]) for s in samples])
+        process = scorers.localize_ops(process, ops, cfg.scorers, [str(s["text"]) for s in samples])
     except scorers.ScorerModelError as e:
         raise FilterError(f"filter.ops: {e}") from None
     if any("image_text_similarity_filter" in item for item in process):
@@ -247,3 +255,22 @@ def run_data_juicer(cfg: ExperimentConfig, samples: list[dict[str, Any]], dj_dir
                 name = configured.get(dedups[0], dedups[0])
                 dropped.setdefault(s["id"], (name, {}, f"duplicate removed by {name}"))
     return kept, dropped
+
+
+def image_hashes(fcfg: FilterConfig, samples: list[dict[str, Any]], dj_dir: Path,
+                 before_each: Callable[[int], None] | None = None) -> list[str]:
+    """The image_deduplicator's key of each sample (tutorial format, all readable), computed by Data-Juicer's op
+    (kolora.filter.dj.image_hash), contained like a Data-Juicer run (its console output in dj_dir);
+    `before_each(n)` before the n-th sample (a stop point)."""
+    _dj_operators()  # Data-Juicer's import, PIL's LOAD_TRUNCATED_IMAGES restored
+    from kolora.filter.dj.image_hash import image_hashes as compute
+
+    args = dedup.dj_args(dedup.configured(fcfg.ops) or {})
+    dj_dir.mkdir(parents=True, exist_ok=True)
+    with contained(dj_dir, dj_dir / "console.log"):
+        try:
+            return compute(args, samples, before_each)
+        except (KeyboardInterrupt, StopNow, Interrupted):
+            raise
+        except Exception as e:
+            raise FilterError(f"{dedup.OP} failed: {e.__class__.__name__}: {e}") from e
