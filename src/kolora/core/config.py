@@ -214,6 +214,9 @@ class ValidationConfig(_Section):
 # The schedule options at the values meaning "as before they existed" (a constant lr)
 SCHEDULE_DEFAULTS: dict[str, Any] = {"lr_scheduler": "constant", "warmup_steps": 0, "lr_num_cycles": 1,
                                      "lr_power": 1.0}
+# TrainConfig fields added after the first release, left out of dumps and digests at these values
+OMITTED_AT_DEFAULT: dict[str, Any] = {"buckets": False, "timesteps": "per_batch", "wandb": None, **SCHEDULE_DEFAULTS,
+                                      "adapter": "lora", "lokr_factor": -1, "block_ranks": {}, "block_alphas": {}}
 POLYNOMIAL_END_LR = 1e-7  # diffusers' get_polynomial_decay_schedule_with_warmup's lr_end
 
 
@@ -331,26 +334,15 @@ class TrainConfig(_Section):
         return self
 
     @model_serializer(mode="wrap")
-    def _omit_buckets_off(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        # Off is training as before the field existed: left out of dumps and digests, so a LoRA trained
-        # without buckets keeps its bytes (its metadata holds the config digest).
+    def _omit_defaults_of_later_options(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # An option at its default is training as before the option existed: left out of dumps and digests, so
+        # earlier runs stay complete and a LoRA trained without it keeps its bytes (its metadata holds the digest).
         data = handler(self)
-        if not self.buckets:
-            data.pop("buckets", None)
-        if self.timesteps == "per_batch":  # likewise: the timesteps every run drew before the field existed
-            data.pop("timesteps", None)
-        for field, default in SCHEDULE_DEFAULTS.items():  # likewise: the constant lr of every earlier run
+        for field, default in OMITTED_AT_DEFAULT.items():
             if getattr(self, field) == default:
                 data.pop(field, None)
-        # nor do validation samples and wandb (off by default) change the LoRA's bytes
-        if self.validation == ValidationConfig():
+        if self.validation == ValidationConfig():  # validation samples do not change the LoRA's bytes either
             data.pop("validation", None)
-        if self.wandb is None:
-            data.pop("wandb", None)
-        # likewise the adapter options at their defaults (plain LoRA, one rank and alpha)
-        for name, default in (("adapter", "lora"), ("lokr_factor", -1), ("block_ranks", {}), ("block_alphas", {})):
-            if getattr(self, name) == default:
-                data.pop(name, None)
         return data
 
 
