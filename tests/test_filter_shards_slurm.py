@@ -139,8 +139,10 @@ def test_parquet_ingest_is_sharded_over_the_filter_array(env: dict[str, str], tm
     lines = [re.search(rf"stage ingest \(task {i}\): (.*)", logs[i]) for i in range(2)]
     assert all(lines), logs
     summaries = [ast.literal_eval(line.group(1)) for line in lines]
-    assert sorted(r for s in summaries for r in s["ran"]) == [0, 1], summaries  # each row range read once
-    assert sorted(str(s["merged"]) for s in summaries) == ["True", "by another task"], summaries
+    # a task that starts once the other has read both ranges and merged finds the stage complete (skipped)
+    assert sorted(r for s in summaries for r in s.get("ran", [])) == [0, 1], summaries  # each range read once
+    merged = sorted("skipped" if s.get("skipped") else str(s["merged"]) for s in summaries)
+    assert merged in (["True", "by another task"], ["True", "skipped"]), summaries
     manifest = json.loads(run.manifest_file.read_text())
     assert manifest["stages"]["ingest"]["status"] == "complete"
     assert manifest["stages"]["ingest"]["summary"]["shards"] == 2

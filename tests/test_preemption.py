@@ -24,6 +24,8 @@ import pytest
 import yaml
 from slurmkit import DEMO, LOCAL, kolora, run_progress, sacct, submit, wait_for
 
+from kolora.render.tiles import tile_files
+
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("cancel_leftovers")]
 
 MID_RUN_STEPS = 400
@@ -271,13 +273,13 @@ def test_requeued_render_task_renders_only_its_missing_tiles(env, tmp_path):
                     "--set", "evaluate.enabled=false", profile=str(path))  # LoRA tiles only
     run = runs / "render-requeue"
     task = sub["jobs"]["render"]["task_ids"][0]
-    wait_for("a first tile", lambda: list((run / "render").glob("*.png")),
+    wait_for("a first tile", lambda: tile_files(run / "render"),
              lambda: (job_states(env, run), run_progress(run)), poll_s=0.5)
     out = subprocess.run(["scontrol", "requeue", task], env=env, capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
-    before = {p.name: p.stat().st_mtime_ns for p in (run / "render").glob("*.png")}
+    before = {p.name: p.stat().st_mtime_ns for p in tile_files(run / "render")}
     wait_grid(env, run)
-    after = {p.name: p.stat().st_mtime_ns for p in (run / "render").glob("*.png")}
+    after = {p.name: p.stat().st_mtime_ns for p in tile_files(run / "render")}
     assert len(after) == 8
     assert all(after[name] == mtime for name, mtime in before.items()), "a finished tile was rendered again"
     assert len(attempts(env, task)) >= 2

@@ -19,6 +19,7 @@ from kolora.core.rundir import RunDir, atomic_write_json, now
 from kolora.formats.lora import resolve_file
 from kolora.models import fingerprint
 from kolora.pipeline.registry import SINCE, get
+from kolora.render.tiles import tile_files
 
 
 def content(cfg: ExperimentConfig, dotted: str) -> Any:
@@ -124,5 +125,5 @@ def progress(run: RunDir) -> dict[str, Any]:
              if (m := re.fullmatch(r"step=(\d+)\.ckpt", p.name))]
     store = cache_store_of(run)
     return {"complete": complete_stages(run), "checkpoint_step": max(steps, default=None),
-            "tiles": sum(not p.name.startswith(".") for f in (run.render, run.render / "base") for p in f.glob("*.png")),
+            "tiles": sum(len(tile_files(f)) for f in (run.render, run.render / "base")),
             "cache_entries": count(store / "text") + count(store / "latents")}

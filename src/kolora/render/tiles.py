@@ -85,12 +85,18 @@ def missing_tiles(cfg: ExperimentConfig, run: RunDir, wanted: list[Tile] | None 
     return [t for t in wanted if t.name is None or not t.path(run).is_file()]
 
 
+def tile_files(folder: Path) -> list[Path]:
+    """The finished tiles in a folder: not the temp files (".<name>.<random>.kolora-tmp.png") of a tile
+    being written, which glob("*.png") also matches."""
+    return sorted(p for p in folder.glob("*.png") if not p.name.startswith("."))
+
+
 def stale_tiles(cfg: ExperimentConfig, run: RunDir) -> list[Path]:
     """Tiles in render/ (and render/base/) that the current config does not show (other prompts, LoRA...)."""
     names = {t.name for t in tiles(cfg, run)}
     base = {t.name for t in base_tiles(cfg, run)} if base_tiles_on(cfg) else set()
-    return ([p for p in run.render.glob("*.png") if p.name not in names]
-            + [p for p in (run.render / "base").glob("*.png") if p.name not in base])
+    return ([p for p in tile_files(run.render) if p.name not in names]
+            + [p for p in tile_files(run.render / "base") if p.name not in base])
 
 
 def prune_stale_tiles(cfg: ExperimentConfig, run: RunDir) -> int:
