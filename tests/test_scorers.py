@@ -103,6 +103,8 @@ def test_clip_and_aesthetics_filter_ops_run_offline_with_stats_in_the_report(tmp
     dropped = [e for e in report["samples"] if not e["kept"]]
     assert dropped and all(e["op"] == "image_aesthetics_filter" and e["stats"]["image_aesthetics_scores"][0] < cut
                            for e in dropped)
+    assert all(e["score"] == e["stats"]["image_aesthetics_scores"][0] and e["threshold"] == {"min_score": cut}
+               for e in dropped)  # kolora.filter.dj.thresholds: the score and the bound it fell below
     texts = (run.trainset / "train" / "metadata.csv").read_text(encoding="utf-8")
     assert "<__dj__image>" not in texts and "二次元" in texts
 

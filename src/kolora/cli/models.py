@@ -3,6 +3,7 @@
     kolora fetch models --to DIR [--layout diffusers|diffsynth]   # login node: download + verify
     kolora fetch dataset AI-ModelScope/lowres_anime --to DIR       # login node
     kolora fetch models --clip --aesthetics --to DIR               # login node: scorers, DIR/<hub id>/
+    kolora fetch models --filters nsfw,watermark --to DIR          # login node: filter classifiers, same DIR
     kolora check models DIR                                        # offline (compute node / before submit)
     kolora check dataset DIR
     kolora export RUN --format peft|kohya|diffsynth [--to PATH]
@@ -28,7 +29,7 @@ from kolora.formats.lora import WEIGHT_NAME
 from kolora.formats.peft_adapter import PEFT_WEIGHTS_NAME
 from kolora.ingest.fetch import fetch_dataset
 from kolora.ingest.sources import check_folder
-from kolora.models import scorer_fetch
+from kolora.models import scorer_fetch, scorers
 from kolora.models.check import check_models
 from kolora.models.fetch import fetch_models
 from kolora.sweep.names import folder_kind, listed_variants
@@ -40,11 +41,13 @@ def _report(report) -> int:
 
 
 def cmd_fetch(args) -> int:
-    if args.what == "models" and (args.clip or args.aesthetics):
+    if args.what == "models" and (args.clip or args.aesthetics or args.filters):
         return _report(scorer_fetch.fetch(Path(args.to), args.clip, args.aesthetics, tiny=args.tiny,
-                                          timeout=args.timeout))
+                                          timeout=args.timeout, filters=args.filters or []))
     if args.tiny:
-        raise InputError("--tiny goes with --clip/--aesthetics (tiny Kolors: kolora make-tiny DIR)")
+        raise InputError("--tiny goes with --clip/--aesthetics/--filters (tiny Kolors: kolora make-tiny DIR)")
+    if args.filters:
+        raise InputError("--filters goes with `fetch models` (the filter ops' classifiers)")
     if args.what == "models":
         if args.id:
             raise InputError(f"fetch models takes no id (got {args.id!r}); it downloads Kolors and the fp16-fix VAE")
@@ -159,6 +162,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _filter_keys(text: str) -> list[str]:
+    try:
+        return scorers.filter_keys(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("fetch", help="download Kolors or a dataset from ModelScope (login node)",
                               description="Download with ModelScope's snapshot download, then verify what "
@@ -175,7 +185,10 @@ def register(subparsers) -> None:
                                                        "and Chinese-CLIP, Hugging Face hub) into DIR/<hub id>/")
     p.add_argument("--aesthetics", action="store_true", help="models: the LAION aesthetic predictor into "
                                                              "DIR/<hub id>/ (set scorers.dir: DIR)")
-    p.add_argument("--tiny", action="store_true", help="with --clip/--aesthetics: write tiny random models "
+    p.add_argument("--filters", type=_filter_keys, metavar="nsfw,watermark",
+                   help="models: the image classifiers of the image_nsfw_filter / image_watermark_filter ops into "
+                        "DIR/<hub id>/ (set scorers.dir: DIR)")
+    p.add_argument("--tiny", action="store_true", help="with --clip/--aesthetics/--filters: write tiny random models "
                                                        "(tests, demos; offline)")
     p.set_defaults(func=cmd_fetch)
 

@@ -134,8 +134,8 @@ def filter_slice(cfg: ExperimentConfig, samples: list[dict[str, Any]], dj_dir: P
                                stats=rec.get("__dj__stats__") or None)
         kept_ids = {k["id"] for k in kept}
         for sid in good_ids - kept_ids:
-            op, stats, reason = dropped.get(sid, (None, {}, "dropped by Data-Juicer (no op traced it)"))
-            report[sid].update(stage="data-juicer", op=op, stats=stats or None, reason=reason)
+            op, stats, reason, beyond = dropped.get(sid, (None, {}, "dropped by Data-Juicer (no op traced it)", {}))
+            report[sid].update(stage="data-juicer", op=op, stats=stats or None, reason=reason, **beyond)
     else:
         shutil.rmtree(dj_dir, ignore_errors=True)  # no stale Data-Juicer output from an earlier run
     _stop_point("after Data-Juicer, before writing its outputs")

@@ -1,9 +1,11 @@
-"""`kolora fetch models --clip --aesthetics --to DIR`: the scorer models for filter ops and evaluate, from the
+"""`kolora fetch models --clip --aesthetics [--filters nsfw,watermark] --to DIR`: the scorer models for filter ops
+and evaluate, from the
 Hugging Face hub (their home; HF_ENDPOINT selects a mirror), into DIR/<hub id>/ -- Data-Juicer's external
 models home layout, which is what scorers.dir names. `--tiny` writes tiny random ones there instead (offline).
 
 --clip fetches both CLIPs (OpenAI CLIP for English, Chinese-CLIP for Chinese text); --aesthetics the LAION
-aesthetic predictor. Only one weight format is taken per repository (safetensors when there is one), and what
+aesthetic predictor; --filters the image classifiers of Data-Juicer's image_nsfw_filter /
+image_watermark_filter (kolora.models.scorers.CLASSIFIERS). Only one weight format is taken per repository (safetensors when there is one), and what
 arrived is checked like `kolora check models` does.
 """
 
@@ -21,10 +23,11 @@ from kolora.models.fetch import DEFAULT_PROBE_TIMEOUT, FetchError, login_node_ad
 _META = ["*.json", "*.txt", "*.model"]  # configs, tokenizer/processor files
 
 
-def wanted(clip: bool, aesthetics: bool, scfg=None) -> list[str]:
+def wanted(clip: bool, aesthetics: bool, scfg=None, filters: list[str] = ()) -> list[str]:
     s = scfg or scorers
     names = [getattr(s, "clip", scorers.CLIP_EN), getattr(s, "chinese_clip", scorers.CLIP_ZH)] if clip else []
-    return names + ([getattr(s, "aesthetic", scorers.AESTHETIC)] if aesthetics else [])
+    names += [getattr(s, "aesthetic", scorers.AESTHETIC)] if aesthetics else []
+    return names + [scorers.CLASSIFIERS[key].hub_id for key in filters]
 
 
 def _hub_download(repo_id: str, folder: Path) -> None:
@@ -42,14 +45,17 @@ def check_folder(report: Report, folder: Path) -> None:
 
 
 def fetch(to: Path, clip: bool, aesthetics: bool, tiny: bool = False, timeout: float = DEFAULT_PROBE_TIMEOUT,
-          download=None) -> Report:
-    names = wanted(clip, aesthetics)
+          download=None, filters: list[str] = ()) -> Report:
+    names = wanted(clip, aesthetics, filters=filters)
     to = Path(to).resolve()
     command = "kolora fetch models" + (" --clip" if clip else "") + (" --aesthetics" if aesthetics else "") + \
-        f" --to {to}"
+        (f" --filters {','.join(filters)}" if filters else "") + f" --to {to}"
+    classifiers = {scorers.CLASSIFIERS[key].hub_id: key for key in filters}
     if tiny:
         for name in names:
-            if name == scorers.CLIP_EN:
+            if name in classifiers:
+                scorers.build_tiny_classifier(to / name, classifiers[name])
+            elif name == scorers.CLIP_EN:
                 scorers.build_tiny_clip(to / name)
             elif name == scorers.CLIP_ZH:
                 scorers.build_tiny_chinese_clip(to / name)

@@ -32,6 +32,8 @@ CLIP_EN = "openai/clip-vit-base-patch32"
 CLIP_ZH = "OFA-Sys/chinese-clip-vit-base-patch16"
 AESTHETIC = "shunk031/aesthetics-predictor-v2-sac-logos-ava1-l14-linearMSE"
 FETCH_COMMAND = "kolora fetch models --clip --aesthetics"
+NSFW = "Falconsai/nsfw_image_detection"
+WATERMARK = "amrul-hzz/watermark_detector"
 TINY_MARKER = "TINY_RANDOM_MODEL.txt"
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 
@@ -61,11 +63,12 @@ def local_folder(models_dir: Path | str | None, model_id: str) -> Path:
     if not candidate.is_absolute():
         if models_dir is None:
             raise ScorerModelError(f"scorer model {model_id!r}: no local models folder configured; set scorers.dir "
-                                   f"to the folder `{FETCH_COMMAND} --to DIR` filled")
+                                   f"to the folder `{fetch_command(model_id)} --to DIR` filled")
         candidate = Path(models_dir) / model_id
     if not (candidate / "config.json").is_file():
         raise ScorerModelError(f"scorer model {model_id!r}: {candidate} has no config.json. Download it on a login "
-                               f"node with `{FETCH_COMMAND} --to {models_dir or 'DIR'}` (compute nodes are offline)")
+                               f"node with `{fetch_command(model_id)} --to {models_dir or 'DIR'}` (compute nodes are "
+                               "offline)")
     return candidate
 
 
@@ -73,7 +76,9 @@ def local_folder(models_dir: Path | str | None, model_id: str) -> Path:
 # image_aesthetics_filter needs simple-aesthetics-predictor, which requires transformers < 5: kolora runs its
 # subclass image_aesthetics_local_filter instead (kolora.filter.dj.score_ops: same arguments, stats and scores).
 FILTER_OP_MODELS = {"image_text_similarity_filter": ("hf_clip", None),
-                    "image_aesthetics_filter": ("hf_scorer_model", AESTHETIC)}
+                    "image_aesthetics_filter": ("hf_scorer_model", AESTHETIC),
+                    "image_nsfw_filter": ("hf_nsfw_model", NSFW),
+                    "image_watermark_filter": ("hf_watermark_model", WATERMARK)}
 LOCAL_MODEL_OPS = {"image_aesthetics_filter": "image_aesthetics_local_filter"}
 
 
@@ -106,6 +111,7 @@ def localize_ops(process: list[dict[str, dict[str, Any]]], configured: list[dict
     """Data-Juicer's `process` with every scorer op's model argument set to its local folder under
     scorers.dir (ScorerModelError naming the fetch command when it is missing)."""
     out = [{name: dict(args) for name, args in item.items()} for item in process]
+    ensure_tiny_classifiers(scfg, [n for _i, _arg, ids in filter_op_models(configured, scfg, captions) for n in ids])
     for i, arg, names in filter_op_models(configured, scfg, captions):
         args = next(iter(out[i].values()))
         args[arg] = str(local_folder(scfg.dir, names[0]))
@@ -163,6 +169,69 @@ def _predictor_class(head: str):
     # the class name save_pretrained writes into config.json's architectures, as the hub checkpoints have it
     AestheticsPredictor.__name__ = AestheticsPredictor.__qualname__ = _HEAD_CLASSES[head]
     return AestheticsPredictor
+
+
+# image classifiers for Data-Juicer's image_nsfw_filter / image_watermark_filter ------------------------------
+@dataclass(frozen=True)
+class Classifier:
+    """A binary image classifier a Data-Juicer filter op loads with AutoModel from its config's architecture
+    (ViTForImageClassification for both hub models); the op's score is softmax index 1, `labels[1]`."""
+
+    hub_id: str
+    op: str
+    labels: tuple[str, str]
+
+
+# `kolora fetch models --filters KEY,...`; labels as the hub models name their classes
+CLASSIFIERS = {"nsfw": Classifier(NSFW, "image_nsfw_filter", ("normal", "nsfw")),
+               "watermark": Classifier(WATERMARK, "image_watermark_filter", ("no_watermark", "watermark"))}
+
+
+def fetch_command(model_id: str) -> str:
+    """The `kolora fetch models` flags that download `model_id` (without --to)."""
+    keys = [key for key, c in CLASSIFIERS.items() if c.hub_id == model_id]
+    return f"kolora fetch models --filters {keys[0]}" if keys else FETCH_COMMAND
+
+
+def filter_keys(text: str) -> list[str]:
+    """`nsfw,watermark` -> the CLASSIFIERS keys in it; ValueError naming the valid ones for any other."""
+    keys = list(dict.fromkeys(k.strip() for k in text.split(",") if k.strip()))
+    unknown = [k for k in keys if k not in CLASSIFIERS]
+    if unknown or not keys:
+        raise ValueError(f"unknown filter model {', '.join(map(repr, unknown)) or repr(text)}: the valid ones are "
+                         f"{', '.join(CLASSIFIERS)} (comma-separated, e.g. --filters {','.join(CLASSIFIERS)})")
+    return keys
+
+
+def build_tiny_classifier(path: Path, key: str, seed: int = 0) -> Path:
+    """The hub classifier's layout (ViTForImageClassification, its label names, a ViT image processor), tiny and
+    random; its head scaled so the scores spread over 0-1 and thresholds mean something."""
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    labels = CLASSIFIERS[key].labels
+
+    def save(tmp: Path) -> None:
+        torch.manual_seed(seed)
+        cfg = ViTConfig(**_TINY_VISION, num_labels=2, id2label=dict(enumerate(labels)),
+                        label2id={label: i for i, label in enumerate(labels)})
+        model = ViTForImageClassification(cfg)
+        with torch.no_grad():
+            model.classifier.weight.normal_(0.0, 3.0 / cfg.hidden_size ** 0.5)
+        model.save_pretrained(str(tmp))
+        ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3,
+                          image_std=[0.5] * 3).save_pretrained(str(tmp))
+
+    return _write_atomically(path, save)
+
+
+def ensure_tiny_classifiers(scfg, names: list[str]) -> None:
+    """scorers.tiny: build the classifiers among `names` (hub ids) as tiny random ones where scorers.dir lacks them."""
+    if not (scfg.tiny and scfg.dir is not None):
+        return
+    for key, c in CLASSIFIERS.items():
+        if c.hub_id in names and not (Path(scfg.dir) / c.hub_id / "config.json").is_file():
+            build_tiny_classifier(Path(scfg.dir) / c.hub_id, key)
 
 
 # loading and scoring -----------------------------------------------------------------------------------------
@@ -366,6 +435,7 @@ def ensure_tiny(scfg) -> None:
 def missing_models(scfg, names: list[str]) -> list[str]:
     """Problems with the local models `names` (hub ids under scorers.dir), each naming the fetch command."""
     ensure_tiny(scfg)
+    ensure_tiny_classifiers(scfg, names)
     problems = []
     for name in dict.fromkeys(names):
         try:

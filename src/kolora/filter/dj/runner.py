@@ -20,7 +20,8 @@ from kolora.core.errors import ConfigError, RunFailure
 from kolora.core.interrupt import Interrupted, StopNow
 from kolora.filter import dedup
 from kolora.filter.dj.sandbox import contained, ray_session
-from kolora.filter.dj.trace import drop_log, traced_op
+from kolora.filter.dj.thresholds import beyond
+from kolora.filter.dj.trace import batched_for_trace, drop_log, traced_op
 from kolora.models import scorers
 from kolora.models.scorers import LOCAL_MODEL_OPS
 
@@ -161,11 +162,11 @@ def _filter_op_names(ops: list[dict[str, Any]], kind: str = "Filter") -> set[str
 
 
 def run_data_juicer(cfg: ExperimentConfig, samples: list[dict[str, Any]], dj_dir: Path
-                    ) -> tuple[list[dict[str, Any]], dict[str, tuple[str, dict[str, Any], str]]]:
+                    ) -> tuple[list[dict[str, Any]], dict[str, tuple[str, dict[str, Any], str, dict[str, Any]]]]:
     """Run cfg.filter.ops over `samples` (tutorial format, all readable) in dj_dir.
 
-    Returns (kept records as Data-Juicer exported them, {dropped id: (op name as configured, stats, reason)} from
-    its tracer)."""
+    Returns (kept records as Data-Juicer exported them, {dropped id: (op name as configured, stats, reason,
+    {"score", "threshold"} for a scoring op (kolora.filter.dj.thresholds) else {})} from its tracer)."""
     import yaml
 
     process = dj_process(cfg.filter)
@@ -176,6 +177,7 @@ def run_data_juicer(cfg: ExperimentConfig, samples: list[dict[str, Any]], dj_dir
         process = scorers.localize_ops(process, ops, cfg.scorers, [str(s["text"]) for s in samples])
     except scorers.ScorerModelError as e:
         raise FilterError(f"filter.ops: {e}") from None
+    process = batched_for_trace(process)
     if any("image_text_similarity_filter" in item for item in process):
         # the op scores only text chunks that hold the image token (filter strips it again)
         samples = [{**s, "text": f"<__dj__image>{s['text']} <|__dj__eoc|>"} for s in samples]
@@ -236,7 +238,9 @@ def run_data_juicer(cfg: ExperimentConfig, samples: list[dict[str, Any]], dj_dir
         raise FilterError(f"Data-Juicer failed on filter.ops: {err.__class__.__name__}: {err}\n"
                           f"(its config: {config_file}; its output: {console} and {dj_dir / 'work'})") from err
     kept = _read_json_records(export)
-    dropped: dict[str, tuple[str, dict[str, Any], str]] = {}
+    dropped: dict[str, tuple[str, dict[str, Any], str, dict[str, Any]]] = {}
+    ran_args = {name: args or {} for item in process for name, args in item.items()}
+    op_classes = _dj_operators().modules
     for trace in sorted((dj_dir / "work").rglob("sample_trace-*.jsonl")):
         op = traced_op(trace)
         if op not in filters:  # mappers trace changed texts, not dropped samples
@@ -244,7 +248,9 @@ def run_data_juicer(cfg: ExperimentConfig, samples: list[dict[str, Any]], dj_dir
         for rec in _read_json_records(trace):
             if "id" in rec:
                 name = configured.get(op, op)
-                dropped.setdefault(str(rec["id"]), (name, rec.get("__dj__stats__") or {}, f"filtered by {name}"))
+                stats = rec.get("__dj__stats__") or {}
+                dropped.setdefault(str(rec["id"]), (name, stats, f"filtered by {name}",
+                                                    beyond(op, op_classes[op], ran_args[op], stats)))
     # Every filter drop is traced above; what else is missing can only be a deduplicator's. Data-Juicer traces
     # at most one duplicate pair per hash, so with a single deduplicator in the list it is named here instead.
     dedups = sorted(_filter_op_names(process, "Deduplicator"))
@@ -253,7 +259,7 @@ def run_data_juicer(cfg: ExperimentConfig, samples: list[dict[str, Any]], dj_dir
         for s in samples:
             if s["id"] not in kept_ids:
                 name = configured.get(dedups[0], dedups[0])
-                dropped.setdefault(s["id"], (name, {}, f"duplicate removed by {name}"))
+                dropped.setdefault(s["id"], (name, {}, f"duplicate removed by {name}", {}))
     return kept, dropped
 
 

@@ -59,6 +59,18 @@ def drop_log(work_dir: str, filters: set[str]) -> Any:
     return DropLog()
 
 
+# Filter ops Data-Juicer implements per sample. Its tracer sees a filter's drops only when the op runs batched
+# (a per-sample op's wrapped process returns a one-element list, which the tracer reads as "kept"); these decide
+# from their stats alone, so Data-Juicer's default batched loop (batch_mode) keeps the same samples.
+BATCHED_FOR_TRACE = ("image_nsfw_filter", "image_watermark_filter")
+
+
+def batched_for_trace(process: list[dict[str, dict[str, Any]]]) -> list[dict[str, dict[str, Any]]]:
+    """Data-Juicer's `process` with batch_mode on for the BATCHED_FOR_TRACE ops, so every drop is traced."""
+    return [{name: {**(args or {}), "batch_mode": True} if name in BATCHED_FOR_TRACE else args
+             for name, args in item.items()} for item in process]
+
+
 def traced_op(trace: Path) -> str:
     """The op a trace file belongs to: sample_trace-<op>.jsonl (Data-Juicer's Ray tracer) or
     sample_trace-<op>.<pid>.jsonl (_drop_log)."""
