@@ -1,6 +1,7 @@
 """filter.shards: 4 on the dev Slurm cluster: the filter job is an array of 4 CPU tasks; one of them killed
 (scancel) leaves its shard without a marker and the rest of the graph cancelled; `kolora resume` reruns that
-shard only, merges, and the outputs equal an unsharded in-process filter of the same config."""
+shard only, merges, and the outputs equal an unsharded in-process filter of the same config. Also: the filter job
+runs image_nsfw_filter / image_watermark_filter offline on tiny classifiers from scorers.dir."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import stage_context
 from slurmkit import DEMO, kolora, run_progress, sacct, submit, wait_ended, wait_for
+from test_filter_classifiers import check_report, classifier_ops, thresholds_for
 from test_filter_shards import markers, outputs
 from test_ingest_shards import outputs as data_outputs
 
@@ -23,6 +25,8 @@ from kolora.core.rundir import RunDir
 from kolora.filter import shards as filter_shards
 from kolora.filter import stage as kfilter
 from kolora.ingest import stage as ingest
+from kolora.ingest.samples import read_samples
+from kolora.models import scorers
 
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("cancel_leftovers")]
 
@@ -155,3 +159,23 @@ def test_parquet_ingest_is_sharded_over_the_filter_array(env: dict[str, str], tm
     kfilter.run(stage_context("filter", cfg, ref))
     assert data_outputs(run) == data_outputs(ref)
     assert outputs(run) == outputs(ref)
+
+
+def test_nsfw_and_watermark_filters_run_offline_in_the_filter_job(env: dict[str, str], tmp_path: Path) -> None:
+    models = tmp_path / "classifiers"
+    fetched = kolora(env, "fetch", "models", "--filters", "nsfw,watermark", "--tiny", "--to", models)
+    assert fetched.returncode == 0, fetched.stderr
+    # thresholds from the scores of the demo's images (ingested here: the same synthetic set the job ingests)
+    ref = RunDir(tmp_path / "ref")
+    ingest.run(stage_context("ingest", load_config(DEMO), ref))
+    cut_n, cut_w, nsfw, mark = thresholds_for(models, read_samples(ref.data / "metadata.jsonl"))
+    runs = tmp_path / "runs"
+    sub, _ = submit(env, runs, "classify", "--set", f"filter.ops={json.dumps(classifier_ops(cut_n, cut_w))}",
+                    "--set", f"scorers.dir={models}", "--set", "scorers.tiny=false", "--set", "evaluate.enabled=false")
+    run = RunDir(runs / "classify")
+    filt = sub["jobs"]["filter"]["job_id"]
+    rows = wait_ended(env, [filt], 1, run.root)
+    kolora(env, "cancel", "classify", "--runs-dir", runs, timeout=60)  # training is not what is tested here
+    assert {r["State"] for r in rows.values()} == {"COMPLETED"}, rows
+    check_report(json.loads((run.filter / "report.json").read_text()), cut_n, cut_w, nsfw, mark)
+    assert str(models / scorers.NSFW) in (run.filter / "dj" / "config.yaml").read_text()
