@@ -107,7 +107,8 @@ def check_report(report: dict, cut_n: float, cut_w: float, nsfw: dict, mark: dic
     assert report["summary"]["by_op"] == {"image_nsfw_filter": len(by_nsfw), "image_watermark_filter": len(by_mark)}
 
 
-def test_fetch_writes_tiny_classifiers_data_juicer_loads_and_refuses_unknown_names(classifier_dir, tmp_path, capsys):
+def test_fetch_writes_tiny_classifiers_data_juicer_loads_and_refuses_unknown_names(classifier_dir, tmp_path, capsys,
+                                                                                   monkeypatch):
     from data_juicer.utils.model_utils import prepare_huggingface_model
 
     for key, c in scorers.CLASSIFIERS.items():
@@ -125,6 +126,10 @@ def test_fetch_writes_tiny_classifiers_data_juicer_loads_and_refuses_unknown_nam
     err = capsys.readouterr().err
     assert "'aesthetic'" in err and "nsfw, watermark" in err
     assert not (tmp_path / "x").exists()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as compute jobs have it: the real fetch says where to run it
+    assert main(["fetch", "models", "--filters", "watermark", "--to", str(tmp_path / "x")]) == 1
+    err = capsys.readouterr().err
+    assert "login node" in err and "kolora fetch models --filters watermark --to" in err
 
 
 def test_nsfw_and_watermark_ops_run_offline_and_report_score_and_threshold(tmp_path, classifier_dir, offline):

@@ -1,6 +1,7 @@
 """Image scorers from local weights: CLIP image-text similarity (OpenAI CLIP for English, Chinese-CLIP for
 Chinese) and the LAION aesthetic predictor, shared by the filter ops (kolora.filter.dj.score_ops) and the evaluate
-stage.
+stage; and the ViT classifiers of Data-Juicer's image_nsfw_filter / image_watermark_filter (CLASSIFIERS), which
+Data-Juicer loads itself from the local folder (`kolora fetch models --filters nsfw,watermark --to DIR`).
 
 Models live under one folder in Data-Juicer's external-models-home layout, `<dir>/<hub id>/`
 (`kolora fetch models --clip --aesthetics --to DIR`), with their hub ids kept: Data-Juicer picks the aesthetic
