@@ -1,12 +1,12 @@
 """`kolora fetch models --clip --aesthetics [--filters nsfw,watermark] --to DIR`: the scorer models for filter ops
-and evaluate, from the
-Hugging Face hub (their home; HF_ENDPOINT selects a mirror), into DIR/<hub id>/ -- Data-Juicer's external
-models home layout, which is what scorers.dir names. `--tiny` writes tiny random ones there instead (offline).
+and evaluate, from the Hugging Face hub (their home; HF_ENDPOINT selects a mirror), into DIR/<hub id>/ --
+Data-Juicer's external models home layout, which is what scorers.dir names. `--tiny` writes tiny random ones
+there instead (offline).
 
 --clip fetches both CLIPs (OpenAI CLIP for English, Chinese-CLIP for Chinese text); --aesthetics the LAION
-aesthetic predictor; --filters the image classifiers of Data-Juicer's image_nsfw_filter /
-image_watermark_filter (kolora.models.scorers.CLASSIFIERS). Only one weight format is taken per repository (safetensors when there is one), and what
-arrived is checked like `kolora check models` does.
+aesthetic predictor; --filters the image classifiers of Data-Juicer's image_nsfw_filter / image_watermark_filter
+(kolora.models.scorers.CLASSIFIERS). Only one weight format is taken per repository (safetensors when there is
+one), and what arrived is checked like `kolora check models` does.
 """
 
 from __future__ import annotations
