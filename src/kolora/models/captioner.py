@@ -145,7 +145,13 @@ def build_tiny_captioner(path: Path, seed: int = 0) -> Path:
     """Salesforce/blip-image-captioning-base's layout (BlipForConditionalGeneration + BlipProcessor with a BERT
     tokenizer), tiny and random; its special tokens are never generated, so every caption has words."""
     import torch
-    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+    from transformers import (
+        BertTokenizer,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessor,
+        BlipProcessor,
+    )
 
     def save(tmp: Path) -> None:
         torch.manual_seed(seed)
