@@ -3,6 +3,7 @@
     kolora fetch models --to DIR [--layout diffusers|diffsynth]   # login node: download + verify
     kolora fetch dataset AI-ModelScope/lowres_anime --to DIR       # login node
     kolora fetch models --clip --aesthetics --to DIR               # login node: scorers, DIR/<hub id>/
+    kolora fetch models --captioner [ID] --to DIR                  # login node: captioner, DIR/<hub id>/
     kolora check models DIR                                        # offline (compute node / before submit)
     kolora check dataset DIR
     kolora export RUN --format peft|kohya|diffsynth [--to PATH]
@@ -40,11 +41,16 @@ def _report(report) -> int:
 
 
 def cmd_fetch(args) -> int:
+    if args.what == "models" and args.captioner is not None:
+        if args.clip or args.aesthetics:
+            raise InputError("--captioner fetches the captioner alone; fetch --clip/--aesthetics in another call")
+        return _report(scorer_fetch.fetch_captioner(Path(args.to), [args.captioner] if args.captioner else None,
+                                                    tiny=args.tiny, timeout=args.timeout))
     if args.what == "models" and (args.clip or args.aesthetics):
         return _report(scorer_fetch.fetch(Path(args.to), args.clip, args.aesthetics, tiny=args.tiny,
                                           timeout=args.timeout))
     if args.tiny:
-        raise InputError("--tiny goes with --clip/--aesthetics (tiny Kolors: kolora make-tiny DIR)")
+        raise InputError("--tiny goes with --clip/--aesthetics/--captioner (tiny Kolors: kolora make-tiny DIR)")
     if args.what == "models":
         if args.id:
             raise InputError(f"fetch models takes no id (got {args.id!r}); it downloads Kolors and the fp16-fix VAE")
@@ -175,7 +181,10 @@ def register(subparsers) -> None:
                                                        "and Chinese-CLIP, Hugging Face hub) into DIR/<hub id>/")
     p.add_argument("--aesthetics", action="store_true", help="models: the LAION aesthetic predictor into "
                                                              "DIR/<hub id>/ (set scorers.dir: DIR)")
-    p.add_argument("--tiny", action="store_true", help="with --clip/--aesthetics: write tiny random models "
+    p.add_argument("--captioner", nargs="?", const="", metavar="ID",
+                   help="models: the captioner of data.captions into DIR/<hub id>/ (without ID both defaults: "
+                        "Salesforce/blip-image-captioning-base and IDEA-CCNL/Taiyi-BLIP-750M-Chinese)")
+    p.add_argument("--tiny", action="store_true", help="with --clip/--aesthetics/--captioner: write tiny random models "
                                                        "(tests, demos; offline)")
     p.set_defaults(func=cmd_fetch)
 
