@@ -92,8 +92,11 @@ def fingerprint(cfg) -> dict[str, Any]:
         return {}
     ensure_tiny(cfg)
     name = model_id(cfg.data)
-    folder = Path(name) if Path(name).is_absolute() else Path(cfg.scorers.dir or "") / name
-    files = digest(tree(folder)) if cfg.scorers.dir is not None and folder.is_dir() else "missing"
+    if Path(name).is_absolute() or cfg.scorers.dir is not None:
+        folder = Path(cfg.scorers.dir or "/") / name  # an absolute id stays itself
+        files = digest(tree(folder)) if folder.is_dir() else "missing"
+    else:
+        files = "missing"
     return {"captioner": {"model": name, "files": files}}
 
 
