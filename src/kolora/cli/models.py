@@ -4,6 +4,7 @@
     kolora fetch dataset AI-ModelScope/lowres_anime --to DIR       # login node
     kolora fetch models --clip --aesthetics --to DIR               # login node: scorers, DIR/<hub id>/
     kolora fetch models --filters nsfw,watermark --to DIR          # login node: filter classifiers, same DIR
+    kolora fetch models --captioner [ID] --to DIR                  # login node: captioner, DIR/<hub id>/
     kolora check models DIR                                        # offline (compute node / before submit)
     kolora check dataset DIR
     kolora export RUN --format peft|kohya|diffsynth [--to PATH]
@@ -41,11 +42,18 @@ def _report(report) -> int:
 
 
 def cmd_fetch(args) -> int:
+    if args.what == "models" and args.captioner is not None:
+        if args.clip or args.aesthetics or args.filters:
+            raise InputError("--captioner fetches the captioner alone; fetch --clip/--aesthetics/--filters in "
+                             "another call")
+        return _report(scorer_fetch.fetch_captioner(Path(args.to), [args.captioner] if args.captioner else None,
+                                                    tiny=args.tiny, timeout=args.timeout))
     if args.what == "models" and (args.clip or args.aesthetics or args.filters):
         return _report(scorer_fetch.fetch(Path(args.to), args.clip, args.aesthetics, tiny=args.tiny,
                                           timeout=args.timeout, filters=args.filters or []))
     if args.tiny:
-        raise InputError("--tiny goes with --clip/--aesthetics/--filters (tiny Kolors: kolora make-tiny DIR)")
+        raise InputError("--tiny goes with --clip/--aesthetics/--filters/--captioner "
+                         "(tiny Kolors: kolora make-tiny DIR)")
     if args.filters:
         raise InputError("--filters goes with `fetch models` (the filter ops' classifiers)")
     if args.what == "models":
@@ -188,8 +196,11 @@ def register(subparsers) -> None:
     p.add_argument("--filters", type=_filter_keys, metavar="nsfw,watermark",
                    help="models: the image classifiers of the image_nsfw_filter / image_watermark_filter ops into "
                         "DIR/<hub id>/ (set scorers.dir: DIR)")
-    p.add_argument("--tiny", action="store_true", help="with --clip/--aesthetics/--filters: write tiny random models "
-                                                       "(tests, demos; offline)")
+    p.add_argument("--captioner", nargs="?", const="", metavar="ID",
+                   help="models: the captioner of data.captions into DIR/<hub id>/ (without ID both defaults: "
+                        "Salesforce/blip-image-captioning-base and IDEA-CCNL/Taiyi-BLIP-750M-Chinese)")
+    p.add_argument("--tiny", action="store_true", help="with --clip/--aesthetics/--filters/--captioner: write tiny "
+                                                       "random models (tests, demos; offline)")
     p.set_defaults(func=cmd_fetch)
 
     p = subparsers.add_parser("check", help="verify downloaded models or a dataset offline",

@@ -72,6 +72,11 @@ class SyntheticConfig(_Section):
         return self
 
 
+# DataConfig's captioning fields at the values that mean "the dataset's captions, as they are"
+CAPTION_DEFAULTS: dict[str, Any] = {"captions": "keep", "caption_model": None, "caption_language": "en",
+                                    "caption_prefix": None}
+
+
 class DataConfig(_Section):
     source: Literal["synthetic", "folder", "jsonl", "parquet", "modelscope"] = "synthetic"
     # folder: images + metadata.csv (file_name,text); jsonl: {"text":..., "image": [path]} lines;
@@ -93,6 +98,15 @@ class DataConfig(_Section):
     # Loss masks (kolora.cache.masks): auto = a `mask` column of the dataset's table or <image stem>_mask.png
     # beside an image, where there is one; alpha = every image's alpha channel; none = masks are ignored.
     mask: Literal["auto", "alpha", "none"] = "auto"
+    # Captions from a captioning model, in the filter job (kolora.filter.captions): keep = the dataset's own
+    # (a sample without one is rejected at ingest); generate = caption the samples that have none; replace =
+    # caption every sample. The model: a BLIP-style captioner under scorers.dir (`kolora fetch models --captioner`),
+    # data.caption_model, else the default for data.caption_language.
+    captions: Literal["keep", "generate", "replace"] = "keep"
+    caption_model: str | None = None
+    caption_language: Literal["en", "zh"] = "en"
+    # A trigger word put before every caption, the dataset's and generated ones ("<prefix>, <caption>").
+    caption_prefix: str | None = Field(None, min_length=1)
 
     @model_serializer(mode="wrap")
     def _omit_default_mask(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
@@ -101,6 +115,9 @@ class DataConfig(_Section):
         data = handler(self)
         if self.mask == "auto":
             data.pop("mask", None)
+        for name, default in CAPTION_DEFAULTS.items():  # the captions as given: as before these fields existed
+            if getattr(self, name) == default:
+                data.pop(name, None)
         return data
 
     @model_validator(mode="before")
@@ -111,6 +128,14 @@ class DataConfig(_Section):
         if isinstance(raw, dict) and raw.get("source", "synthetic") == "synthetic":
             return {k: v for k, v in raw.items() if k != "path"}
         return raw
+
+    @model_validator(mode="after")
+    def _one_caption_rule(self) -> DataConfig:
+        if self.caption is not None and self.captions != "keep":
+            raise ValueError(f"data.caption gives every image the caption {self.caption!r}, data.captions: "
+                             f"{self.captions} would caption them with a model: set one of them (a fixed word before "
+                             "generated captions: data.caption_prefix)")
+        return self
 
     @model_validator(mode="after")
     def _source_needs(self) -> DataConfig:

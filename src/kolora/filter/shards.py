@@ -24,7 +24,7 @@ from kolora.core import shards as core_shards
 from kolora.core.config import DataConfig, ExperimentConfig, FilterConfig
 from kolora.core.errors import ConfigError
 from kolora.core.rundir import RunDir, atomic_write_json
-from kolora.ingest.sources import Rejected, parquet_rows, records
+from kolora.ingest.sources import Rejected, fills_text, parquet_rows, records
 
 
 def count(fcfg: FilterConfig, samples: int, task_count: int | None = None) -> int:
@@ -52,7 +52,7 @@ def expected_samples(d: DataConfig) -> int | None:
     if d.source == "synthetic":
         n = d.synthetic.count
     elif d.source == "parquet" and d.path is not None:
-        n = parquet_rows(d.path, d.image_column, d.text_column, d.caption)
+        n = parquet_rows(d.path, d.image_column, d.text_column, fills_text(d))
     elif d.source in ("folder", "jsonl"):
         n = sum(not isinstance(r, Rejected) for r in records(d))
     else:

@@ -12,7 +12,9 @@
    the report names the ops as configured, `summary.dj_ops` what ran.
    Between 1 and 2 every image that passed the header pass is fully decoded, as the cache stage decodes it,
    over the job's CPUs (kolora.filter.decode): pixel data that does not decode and decompression bombs get
-   their reason too. A stop request (kolora.core.interrupt) ends the stage between images or around Data-Juicer.
+   their reason too. With data.captions: generate | replace the samples are captioned next, before Data-Juicer,
+   and data.caption_prefix goes before every kept caption after it (kolora.filter.captions). A stop request
+   (kolora.core.interrupt) ends the stage between images or around Data-Juicer.
    With an image_deduplicator in filter.ops, Data-Juicer runs the other ops, then its image_deduplicator hashes
    the kept images; the merge (step 3) drops the later copies across all slices (kolora.filter.dedup).
 3. Outputs:
@@ -41,7 +43,7 @@ from kolora.core.config import ExperimentConfig
 from kolora.core.interrupt import Interrupted, requested
 from kolora.core.rundir import RunDir, atomic_write_json, atomic_write_text
 from kolora.core.stage import StageContext
-from kolora.filter import dedup
+from kolora.filter import captions, dedup
 from kolora.filter import shards as filter_shards
 from kolora.filter.decode import verify_samples
 from kolora.filter.dj.runner import (  # noqa: F401 - traced_op: part of this module's interface
@@ -110,6 +112,11 @@ def filter_slice(cfg: ExperimentConfig, samples: list[dict[str, Any]], dj_dir: P
     t_decode = time.perf_counter()
     good = verify_samples(good, report)
     t_decode = time.perf_counter() - t_decode
+
+    # 1c. captions from the captioner, where data.captions asks for them (kolora.filter.captions)
+    t_captions = time.perf_counter()
+    captions.generate(cfg, good, report, lambda n: _stop_point(f"captioning ({n} of {len(good)} images)"))
+    t_captions = time.perf_counter() - t_captions
     _stop_point("before Data-Juicer")
 
     # 2. Data-Juicer
@@ -127,7 +134,8 @@ def filter_slice(cfg: ExperimentConfig, samples: list[dict[str, Any]], dj_dir: P
                 raise RuntimeError(f"Data-Juicer returned a sample that was not in its input (or twice): {rec!r}")
             seen.add(sid)
             image = _first_image(rec)
-            out = {"id": sid, "text": _strip_tokens(str(rec.get("text", ""))), "image": [image],
+            out = {"id": sid, "text": captions.with_prefix(cfg.data.caption_prefix,
+                                                          _strip_tokens(str(rec.get("text", "")))), "image": [image],
                    **({"mask": masks[sid]} if sid in masks else {})}
             kept.append(out)
             report[sid].update(kept=True, reason=None, stage=None, image=image, text=out["text"],
@@ -142,7 +150,8 @@ def filter_slice(cfg: ExperimentConfig, samples: list[dict[str, Any]], dj_dir: P
     if len(report) != len(samples):
         raise RuntimeError(f"filter: {len(samples)} samples in, {len(report)} report rows (duplicate ids?)")
     seconds = {"header": round(t_header, 2), "decode": round(t_decode, 2),
-               "data_juicer": round(time.perf_counter() - t1, 2)}
+               "data_juicer": round(time.perf_counter() - t1, 2),
+               **({"captions": round(t_captions, 2)} if captions.active(cfg.data) else {})}
     out = {"entries": list(report.values()), "kept": kept, "seconds": seconds}
 
     # 2b. the image_deduplicator's key of each kept sample; the merge compares them across every slice
@@ -262,7 +271,7 @@ def _merge(cfg: ExperimentConfig, run: RunDir, samples: list[dict[str, Any]], re
     header = Counter(e["reason"] for e in entries if e["stage"] in ("header", "ingest"))
     seconds = {"validate_ops": round(t_validate, 2)}
     # summed over the shards: CPU time more than wall time
-    for key in ("header", "decode", "data_juicer", "image_hash"):
+    for key in ("header", "decode", "data_juicer", "image_hash", "captions"):
         if any(key in part["seconds"] for part in parts):
             seconds[key] = round(sum(part["seconds"].get(key, 0) for part in parts), 2)
     summary = {
@@ -270,6 +279,7 @@ def _merge(cfg: ExperimentConfig, run: RunDir, samples: list[dict[str, Any]], re
         "kept": len(kept), "dropped": len(entries) - len(kept), "by_reason": dict(by_reason), "by_op": dict(by_op),
         "ops": [next(iter(op)) for op in cfg.filter.ops], "dj_ops": [next(iter(op)) for op in dj_process(cfg.filter)],
         "executor": cfg.filter.executor, "np": cfg.filter.np, "shards": len(parts), "seconds": seconds,
+        **({"captions": captions.summary(cfg.data, entries)} if captions.active(cfg.data) else {}),
     }
     # the report last: with shards, its presence (and trainset/) says the merge is done
     atomic_write_text(run.filter / "result.jsonl", "".join(json.dumps(k, ensure_ascii=False) + "\n" for k in kept))

@@ -17,7 +17,7 @@ from kolora.core import interrupt
 from kolora.core.config import DataConfig, ExperimentConfig
 from kolora.core.rundir import RunDir, atomic_write_text
 from kolora.ingest.safe_paths import PathGuard, Unsafe, copy_checked, link_checked, write_bytes
-from kolora.ingest.sources import Record, Rejected, alpha_mode, mask_beside, no_alpha, sample_text, sniff_ext
+from kolora.ingest.sources import Record, Rejected, alpha_mode, mask_beside, no_alpha, sniff_ext, text_of
 
 COUNTS = ("linked", "copied", "written", "generated", "referenced")  # how each sample's image got into data/
 
@@ -111,7 +111,7 @@ def take(records: Iterator[Record | Rejected], work: Path, d: DataConfig, guard:
             rejected.append({"source": rec.source, "reason": rec.reason, **{k: v for k, v in rec.extra.items()
                                                                              if v is not None}})
             continue
-        text = sample_text(rec.text, d.caption)
+        text = text_of(rec.text, d)
         if text is None:
             rejected.append({"source": rec.source, "reason": "missing text",
                              "image": str(rec.path) if rec.path else rec.name})

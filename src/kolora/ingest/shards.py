@@ -32,7 +32,7 @@ from kolora.core.config import ExperimentConfig
 from kolora.core.rundir import RunDir, atomic_dir
 from kolora.ingest.safe_paths import PathGuard
 from kolora.ingest.samples import COUNTS, guard, read_samples, summary, take, write_lists
-from kolora.ingest.sources import no_sample_error, parquet_rows
+from kolora.ingest.sources import fills_text, no_sample_error, parquet_rows
 from kolora.ingest.tables import TableSource
 
 SHARDED_SOURCES = ("parquet", "modelscope")
@@ -50,7 +50,7 @@ def count(cfg: ExperimentConfig, task_count: int | None = None) -> int:
         return cfg.filter.shards
     if d.source != "parquet":  # a hub dataset's size is known only once it is loaded
         return 1
-    return core_shards.count_for_size(parquet_rows(d.path, d.image_column, d.text_column, d.caption),
+    return core_shards.count_for_size(parquet_rows(d.path, d.image_column, d.text_column, fills_text(d)),
                                       cfg.filter.shard_size)
 
 

@@ -90,6 +90,18 @@ class Rejected:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def fills_text(d: DataConfig) -> str | None:
+    """What the table readers take for a missing text (their `caption` argument): data.caption, or "" when the
+    filter job captions samples without one (data.captions: generate | replace); None = a text is required."""
+    return "" if d.caption is None and d.captions != "keep" else d.caption
+
+
+def text_of(rec_text: Any, d: DataConfig) -> str | None:
+    """A record's text as ingest keeps it: sample_text, or "" for the captioner (data.captions) when it has none."""
+    text = sample_text(rec_text, d.caption)
+    return "" if text is None and d.captions != "keep" else text
+
+
 def sample_text(value: Any, caption: str | None) -> str | None:
     """The caption a record gets: data.caption, else its own text (None when it has none)."""
     if caption is not None:
@@ -191,7 +203,8 @@ def _read_folder(path: Path, text_key: str, caption: str | None, masks: bool = F
     if meta is None:
         if caption is None:
             raise DatasetError(f"data.path: no metadata.csv in {path} or {path / 'train'} (expected columns "
-                               "file_name,text; or set data.caption to caption every image in the folder alike)")
+                               "file_name,text; or set data.caption to caption every image in the folder alike, or "
+                               "data.captions: generate to caption them with a model)")
         folder = path / "train" if (path / "train").is_dir() else path
         images = [p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
         beside = {mask_beside(p) for p in images} if masks else set()
@@ -253,7 +266,9 @@ def check_columns(have: list[str], image_key: str, text_key: str, caption: str |
     missing = [c for c in (image_key, text_key) if c not in have and not (c == text_key and caption is not None)]
     if missing:
         raise DatasetError(f"{where}: no column {', '.join(map(repr, missing))} (data.image_column / "
-                           f"data.text_column); the columns are {have}")
+                           f"data.text_column); the columns are {have}"
+                           + ("; without captions, data.captions: generate captions the images with a model"
+                              if missing == [text_key] else ""))
 
 
 def _parquet_files(path: Path, image_key: str, text_key: str, caption: str | None) -> list[tuple[Path, Any]]:
@@ -336,9 +351,9 @@ def records(d: DataConfig, rows: tuple[int, int] | None = None) -> Iterator[Reco
     if d.source == "jsonl":
         return _read_jsonl(d.path, d.text_column, d.image_column, masks)
     if d.source == "folder":
-        return _read_folder(d.path, d.text_column, d.caption, masks)
+        return _read_folder(d.path, d.text_column, fills_text(d), masks)
     if d.source == "parquet":
-        return _read_parquet(d.path, d.image_column, d.text_column, d.caption, rows, masks)
+        return _read_parquet(d.path, d.image_column, d.text_column, fills_text(d), rows, masks)
     raise DatasetError(f"data.source: {d.source!r} is not a local file source")
 
 
@@ -346,7 +361,9 @@ def no_sample_error(d: DataConfig, where: str, rejected: list[dict[str, Any]]) -
     shown = "; ".join(f"{r['source']}: {r['reason']}" for r in rejected[:5])
     return DatasetError(f"data: no usable sample in {where} (data.source {d.source!r}: expected "
                         f"{EXPECTED[d.source]})" + (f"; {len(rejected)} record(s) rejected, e.g. {shown}"
-                                                    if rejected else ""))
+                                                    if rejected else "")
+                        + ("; for images without captions, data.captions: generate captions them with a model"
+                           if any(r["reason"] == "missing text" for r in rejected) else ""))
 
 
 def probe(d: DataConfig) -> None:
@@ -362,14 +379,14 @@ def probe(d: DataConfig) -> None:
         raise DatasetError(f"data.path: {d.path} does not exist (data.source {d.source!r}: expected "
                            f"{EXPECTED[d.source]}); fix the path or download the dataset first")
     if d.source == "parquet":
-        if parquet_rows(d.path, d.image_column, d.text_column, d.caption) == 0:
+        if parquet_rows(d.path, d.image_column, d.text_column, fills_text(d)) == 0:
             raise DatasetError(f"data.path: the parquet data in {d.path} has no rows")
         return
     rejected: list[dict[str, Any]] = []
     for rec in records(d):
         if isinstance(rec, Rejected):
             rejected.append({"source": rec.source, "reason": rec.reason})
-        elif sample_text(rec.text, d.caption) is not None:
+        elif text_of(rec.text, d) is not None:
             return
         else:
             rejected.append({"source": rec.source, "reason": "missing text"})
@@ -428,7 +445,7 @@ def _check_records(d: DataConfig, root: Path, checker: FileChecker, problems: li
     for rec in records(d):
         if isinstance(rec, Rejected):
             found.append(f"{checker.rel(Path(rec.source))}: {rec.reason}")
-        elif sample_text(rec.text, d.caption) is None:
+        elif text_of(rec.text, d) is None:
             found.append(f"{checker.rel(Path(rec.source))}: no text")
         elif rec.path is not None:
             try:

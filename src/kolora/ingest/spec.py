@@ -14,6 +14,6 @@ STAGE = Stage(
     inputs=("data.source", "data.dataset_id", "data.subset", "data.split", "data.text_column",
             "data.image_column", "data.caption", "data.limit", "data.synthetic.count", "data.synthetic.seed",
             "data.synthetic.min_side", "data.synthetic.max_side", "data.synthetic.masks", "data.allow_external_paths",
-            "data.max_image_bytes", "data.mask"),
+            "data.max_image_bytes", "data.mask", "data.captions"),
     content=("data.path",), outputs=("data",), done=file_exists("data/metadata.jsonl"), stoppable=True,
     slices=_slices, shareable=True)

@@ -20,6 +20,7 @@ from kolora.ingest.sources import (
     Record,
     Rejected,
     check_columns,
+    fills_text,
     parquet_rows,
     records,
     rows_to_records,
@@ -71,7 +72,7 @@ def _load_modelscope(cfg: ExperimentConfig, cache_dir: Path) -> tuple[Any, str, 
         raise DatasetError(f"data: MsDataset.load({target!r}, subset_name={d.subset!r}, split={d.split!r}) failed: "
                            f"{e.__class__.__name__}: {e}" + ("" if d.path else f"; {hint}")) from None
     hf = ds.to_hf_dataset() if hasattr(ds, "to_hf_dataset") else ds
-    check_columns(list(hf.column_names), d.image_column, d.text_column, d.caption, f"dataset {target}")
+    check_columns(list(hf.column_names), d.image_column, d.text_column, fills_text(d), f"dataset {target}")
     cols = [d.image_column] + ([d.text_column] if d.text_column in hf.column_names else [])
     if d.mask == "auto" and MASK_COLUMN in hf.column_names and MASK_COLUMN not in cols:
         cols.append(MASK_COLUMN)
@@ -103,7 +104,7 @@ class TableSource:
     def rows(self) -> int:
         d = self.cfg.data
         if d.source == "parquet":
-            return parquet_rows(d.path, d.image_column, d.text_column, d.caption)  # type: ignore[arg-type]
+            return parquet_rows(d.path, d.image_column, d.text_column, fills_text(d))  # type: ignore[arg-type]
         return len(self._hub()[0])
 
     def records(self, rows: tuple[int, int] | None = None) -> Iterator[Record | Rejected]:

@@ -5,8 +5,9 @@ there instead (offline).
 
 --clip fetches both CLIPs (OpenAI CLIP for English, Chinese-CLIP for Chinese text); --aesthetics the LAION
 aesthetic predictor; --filters the image classifiers of Data-Juicer's image_nsfw_filter / image_watermark_filter
-(kolora.models.scorers.CLASSIFIERS). Only one weight format is taken per repository (safetensors when there is
-one), and what arrived is checked like `kolora check models` does.
+(kolora.models.scorers.CLASSIFIERS); --captioner [ID] the captioner of data.captions (kolora.models.captioner).
+Only one weight format is taken per repository (safetensors when there is one), and what arrived is checked like
+`kolora check models` does.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from kolora.core.files import FileChecker, Report
 from kolora.core.offline import offline_variable
-from kolora.models import scorers
+from kolora.models import captioner, scorers
 from kolora.models.fetch import DEFAULT_PROBE_TIMEOUT, FetchError, login_node_advice, unreachable_reason
 
 # huggingface_hub: imported in the functions that use them (a login node's CLI starts without them)
@@ -78,6 +79,39 @@ def fetch(to: Path, clip: bool, aesthetics: bool, tiny: bool = False, timeout: f
                 raise FetchError(f"downloading {name} failed ({e.__class__.__name__}: {str(e)[:300]}).\n"
                                  f"{login_node_advice(command)}") from e
     report = Report(to, "scorer models" + (" (tiny, random)" if tiny else ""))
+    for name in names:
+        check_folder(report, to / name)
+    report.config["scorers"] = {"dir": str(to)}
+    return report
+
+
+def fetch_captioner(to: Path, names: list[str] | None = None, tiny: bool = False,
+                    timeout: float = DEFAULT_PROBE_TIMEOUT, download=None) -> Report:
+    """`kolora fetch models --captioner [ID]`: the captioner(s) of data.captions into DIR/<hub id>/ (both default
+    ones, English and Chinese, without an id); --tiny builds tiny random ones instead."""
+    names = names or [captioner.CAPTIONER_EN, captioner.CAPTIONER_ZH]
+    to = Path(to).resolve()
+    command = f"kolora fetch models --captioner {' '.join(names) if len(names) == 1 else ''}".rstrip() + f" --to {to}"
+    if tiny:
+        for name in names:
+            captioner.build_tiny_captioner(to / name)
+    else:
+        if offline_variable("huggingface"):
+            why = "HF_HUB_OFFLINE is set, as kolora sets it for compute jobs"
+        else:
+            from huggingface_hub import constants
+
+            why = unreachable_reason(constants.ENDPOINT, timeout)
+        if why:
+            raise FetchError(f"cannot reach the Hugging Face hub ({why}).\n{login_node_advice(command)}")
+        download = download or _hub_download
+        for name in names:
+            try:
+                download(name, to / name)
+            except Exception as e:  # noqa: BLE001 - network, HTTP and hub errors of many types
+                raise FetchError(f"downloading {name} failed ({e.__class__.__name__}: {str(e)[:300]}).\n"
+                                 f"{login_node_advice(command)}") from e
+    report = Report(to, "captioner" + (" (tiny, random)" if tiny else ""))
     for name in names:
         check_folder(report, to / name)
     report.config["scorers"] = {"dir": str(to)}

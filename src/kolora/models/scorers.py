@@ -348,6 +348,12 @@ def _write_atomically(path: Path, save) -> Path:
     return path
 
 
+def write_tiny_model(path: Path, save) -> Path:
+    """`save(folder)` writes a tiny model; it lands at `path` with the TINY_MARKER, atomically (other model
+    kinds' tiny builders: kolora.models.captioner)."""
+    return _write_atomically(path, save)
+
+
 def build_tiny_clip(path: Path, seed: int = 0) -> Path:
     """openai/clip-vit-base-patch32's layout (CLIPModel + CLIPProcessor), tiny and random."""
     import torch

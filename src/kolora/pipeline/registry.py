@@ -30,7 +30,8 @@ SINCE: dict[str, Any] = {"train.buckets": False, "train.min_snr_gamma": None, "t
                          "train.block_alphas": {},
                          "data.mask": "auto", "data.synthetic.masks": False,
                          "train.lr_scheduler": "constant", "train.warmup_steps": 0, "train.lr_num_cycles": 1,
-                         "train.lr_power": 1.0}
+                         "train.lr_power": 1.0, "data.captions": "keep", "data.caption_model": None,
+                         "data.caption_language": "en", "data.caption_prefix": None}
 
 # Fields that never make a stage rerun: the stage they concern ("" = the run) and why no output depends on them.
 OPERATIONAL: dict[str, tuple[str, str]] = {

@@ -32,8 +32,8 @@ from kolora.core.stage import Stage, StageContext
 from kolora.filter.dj.runner import validate_ops
 from kolora.formats import interchange, lora, unet_modules
 from kolora.ingest.sources import probe
+from kolora.models import captioner, scorers
 from kolora.models import kolors as models
-from kolora.models import scorers
 from kolora.models.kolors import ensure_model, quiet_libraries
 from kolora.pipeline import registry
 from kolora.pipeline.keys import Keys, is_complete, mark_complete, marker_file
@@ -92,6 +92,8 @@ def preflight(cfg: ExperimentConfig, here: bool = False) -> list[str]:
     problems = scorers.missing_for_config(cfg, prompts)
     if problems:
         raise ConfigError("scorer models missing (filter.ops / evaluate):\n  " + "\n  ".join(problems))
+    if problems := captioner.missing_for_config(cfg):
+        raise ConfigError("captioner missing (data.captions):\n  " + "\n  ".join(problems))
     if cfg.train.buckets:
         buckets.for_config(cfg)  # the aspect-ratio range leaves at least one bucket
     return [f"render.prompts: {cfg.render.prompts}: prompts #{a} and #{b} are the same prompt and seed (and "
