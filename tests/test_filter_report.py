@@ -197,3 +197,49 @@ def test_the_contact_sheet_renders_in_headless_chromium(filtered: RunDir, tmp_pa
     bare.write_text(re.sub(r"<img [^>]*>", "", page.read_text(encoding="utf-8")), encoding="utf-8")
     without = saturated(screenshot(browser, bare, tmp_path / "profile", tmp_path / "bare.png", size))
     assert without[0] * 5 < coloured and without[1] * 5 < colours, (without, coloured, colours)
+
+
+def test_counts_per_source_and_any_scores_in_the_captions(tmp_path: Path) -> None:
+    """Rows as other ops and sources write them (no filter run): a `source` per sample, a score and threshold on
+    the rows an op dropped, a generated caption; dataset strings escaped wherever they land."""
+    image = tmp_path / "a.png"
+    original(3).save(image)
+
+    def row(i: int, source: str, **more: Any) -> dict[str, Any]:
+        return {"id": f"{i:06d}", "image": str(image), "text": f"t{i}", "size": [160, 128], "format": "PNG",
+                "kept": True, "reason": None, "op": None, "stage": None, "source": source, **more}
+
+    odd = "<i>lab</i> & co"
+    rows = [row(0, "laion"), row(1, odd, caption_source="generated"),
+            row(2, "laion", kept=False, op="image_nsfw_filter", stage="data-juicer", reason="filtered by nsfw",
+                score=0.91, threshold=0.5, stats={"image_nsfw_score": [0.91]}),
+            row(3, odd, kept=False, op="image_nsfw_filter", stage="data-juicer", reason="filtered by nsfw",
+                score=0.77, threshold=0.5, detail={"model": "<m>", "nested": {"x": 1}}),
+            row(4, odd, kept=False, stage="decode", reason="does not decode"),
+            {"id": None, "source": "meta.jsonl:7", "image": None, "text": None, "kept": False,
+             "reason": "missing text", "op": None, "stage": "ingest"}]
+    report = {"summary": {"ops": ["image_shape_filter", "image_nsfw_filter"]}, "samples": rows}
+    page, used = report_page.build(report, tmp_path / "thumbs", "t")
+    assert len(used) == 2  # the two the op dropped; the one the decode rejected is not opened
+
+    def body(cls: str) -> list[list[str]]:
+        part = re.search(rf'<table class="{cls}">.*?<tbody>(.*?)</tbody>', page, re.S).group(1)
+        return [re.findall(r"<td[^>]*>([^<]*)</td>", tr) for tr in re.findall(r"<tr>(.*?)</tr>", part)]
+
+    assert body("steps") == [["rejected at ingest", "6", "1", "5"], ["header pass", "5", "0", "5"],
+                             ["full decode", "5", "1", "4"], ["image_shape_filter", "4", "0", "4"],
+                             ["image_nsfw_filter", "4", "2", "2"]]
+    esc_odd = html.escape(odd)
+    assert body("sources") == [["laion", "2", "1", "0", "1"], [esc_odd, "3", "1", "1", "1"]]
+    assert "1 record(s) rejected at ingest are not counted per source" in page
+    figs = figures(page)
+    nsfw = [f for f in figs if "filtered by nsfw" in f]
+    assert len(nsfw) == 2 and all("threshold=0.5" in f for f in nsfw)
+    assert "score=0.91" in nsfw[0] and "image_nsfw_score=0.91" in nsfw[0] and "score=0.77" in nsfw[1]
+    assert "detail.model=&lt;m&gt;" in nsfw[1] and "nested" not in nsfw[1]
+    assert f"source {esc_odd}" in nsfw[1] and odd not in page
+    assert "caption_source" not in page  # a kept sample is not on the sheet
+    # no source on the rows: no per-source table
+    for r in rows:
+        r.pop("source")
+    assert '<table class="sources">' not in report_page.build(report, tmp_path / "thumbs", "t")[0]

@@ -101,15 +101,23 @@ def counts_html(report: dict[str, Any]) -> str:
 def _value(v: Any) -> str:
     if isinstance(v, list):
         return ", ".join(_value(x) for x in v[:4]) + (", …" if len(v) > 4 else "")
+    if isinstance(v, str) and len(v) > 40:
+        return esc(v[:40]) + "…"
     return fmt(v)
 
 
 def _details(row: dict[str, Any]) -> list[str]:
-    """Scores, thresholds and other scalars of the row, then its op's stats, as escaped `key=value` strings."""
-    extra = [f"{esc(k)}={fmt(v)}" for k, v in row.items()
-             if k not in _SHOWN and (v is None or isinstance(v, str | int | float | bool))]
+    """The row's other fields (scores, thresholds, where its caption came from...), a level of dicts unfolded,
+    then its op's stats, as escaped `key=value` strings."""
+    out = []
+    for k, v in row.items():
+        if k in _SHOWN:
+            continue
+        for key, value in ({f"{k}.{sub}": x for sub, x in v.items()} if isinstance(v, dict) else {k: v}).items():
+            if value is None or isinstance(value, str | int | float | bool | list):
+                out.append(f"{esc(key)}={_value(value)}")
     stats = row.get("stats") if isinstance(row.get("stats"), dict) else {}
-    return extra + [f"{esc(k)}={_value(v)}" for k, v in stats.items() if not str(k).startswith("__")]
+    return out + [f"{esc(k)}={_value(v)}" for k, v in stats.items() if not str(k).startswith("__")]
 
 
 class _Thumbs:

@@ -18,6 +18,8 @@
 3. Outputs:
      filter/result.jsonl           kept samples, tutorial format {"id", "text", "image": [path]} (+ "mask": path)
      filter/report.json            {"summary", "samples": [every sample and every ingest rejection, with reason]}
+     filter/report.html            counts per step and a contact sheet of the dropped samples (thumbnails in
+                                   filter/thumbs/, made once; kolora.filter.report_page)
      trainset/train/<n>.<ext>      the kept images (hard links where possible; kolora.filter.trainset)
      trainset/train/metadata.csv   file_name,text -- the tutorial's training format (+ mask, when a kept sample
                                    has a loss mask: trainset/train/<n>_mask.<ext>)
