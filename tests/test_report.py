@@ -4,12 +4,10 @@ Chromium renders it."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import subprocess
 
-import pytest
+from headless_browser import body_attributes, chromium, screenshot
 
 from kolora.core.rundir import RunDir
 from kolora.pipeline.runner import run_stage
@@ -72,44 +70,33 @@ def test_report_without_scores_or_samples_says_so(demo_run, tmp_path):
     dst = tmp_path / "demo"
     shutil.copytree(demo_run, dst)
     shutil.rmtree(dst / "eval", ignore_errors=True)  # the demo evaluates: a run without scores has none
+    (dst / "filter" / "report.html").unlink()  # as a run filtered before the filter wrote its page
     run = RunDir(dst)
-    run_stage("report", run.load_config(), run, force=True)
+    summary = run_stage("report", run.load_config(), run, force=True)
     page = (dst / "report" / "report.html").read_text()
     assert "eval/scores.json does not exist" in page and "train.validation.every" in page
     assert page.count('src="data:image/png;base64,') == 2  # the grid and the loss curve
-
-
-def _chromium() -> str:
-    for name in ("chromium", "chromium-browser"):
-        if path := shutil.which(name):
-            return path
-    message = "Chromium is not installed (make test installs Debian's `chromium`: make browser)"
-    if os.environ.get("KOLORA_REQUIRE_SLURM") == "1":
-        pytest.fail(message)
-    pytest.skip(message)
+    # the filter's counts and a link to its page, which the report stage wrote again
+    assert summary["filter_report"] == str(dst / "filter" / "report.html")
+    assert "<h2>Data filter</h2>" in page and "href='../filter/report.html'" in page
+    assert "<td>image_shape_filter</td>" in page
+    assert "<h2>Dropped samples</h2>" in (dst / "filter" / "report.html").read_text()
 
 
 def test_report_renders_in_headless_chromium(demo_run, tmp_path):
     from PIL import Image, ImageStat
 
-    browser = _chromium()
+    browser = chromium()
     run = _scored_run(demo_run, tmp_path)
     run_stage("report", run.load_config(), run, force=True)
-    url = (run.root / "report" / "report.html").as_uri()
-    common = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-              f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000"]
-    dom = subprocess.run([*common, "--dump-dom", url], capture_output=True, text=True, timeout=120)
-    assert dom.returncode == 0, dom.stderr[-2000:]
-    body = re.search(r"<body([^>]*)>", dom.stdout)
-    assert body, dom.stdout[:500]
-    loaded, total = map(int, re.search(r'data-images="(\d+)/(\d+)"', body.group(1)).groups())
+    page = run.root / "report" / "report.html"
+    body = body_attributes(browser, page, tmp_path / "profile")
+    loaded, total = map(int, body["data-images"].split("/"))
     assert total == 20 and loaded == total, f"{loaded} of {total} images rendered"
-    # the run table (9 rows) and the score table (8 tiles + the means) in the DOM the browser built
-    assert int(re.search(r"data-tables=\"(\d+)\"", body.group(1)).group(1)) == 9 + 9
-    shot = tmp_path / "report.png"
-    proc = subprocess.run([*common, f"--screenshot={shot}", "--window-size=1200,1600", url], capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 0 and shot.is_file(), proc.stderr[-2000:]
+    # the run table (9 rows), the score table (8 tiles + the means) and the filter's steps (ingest, header pass,
+    # full decode and the demo's 2 ops) in the DOM the browser built
+    assert int(body["data-tables"]) == 9 + 9 + 5
+    shot = screenshot(browser, page, tmp_path / "profile", tmp_path / "report.png", (1200, 1600))
     with Image.open(shot) as im:
         assert im.size == (1200, 1600)
         gray = im.convert("L")

@@ -20,6 +20,8 @@
 3. Outputs:
      filter/result.jsonl           kept samples, tutorial format {"id", "text", "image": [path]} (+ "mask": path)
      filter/report.json            {"summary", "samples": [every sample and every ingest rejection, with reason]}
+     filter/report.html            counts per step and a contact sheet of the dropped samples (thumbnails in
+                                   filter/thumbs/, made once; kolora.filter.report_page)
      trainset/train/<n>.<ext>      the kept images (hard links where possible; kolora.filter.trainset)
      trainset/train/metadata.csv   file_name,text -- the tutorial's training format (+ mask, when a kept sample
                                    has a loss mask: trainset/train/<n>_mask.<ext>)
@@ -43,7 +45,7 @@ from kolora.core.config import ExperimentConfig
 from kolora.core.interrupt import Interrupted, requested
 from kolora.core.rundir import RunDir, atomic_write_json, atomic_write_text
 from kolora.core.stage import StageContext
-from kolora.filter import captions, dedup
+from kolora.filter import captions, dedup, report_page
 from kolora.filter import shards as filter_shards
 from kolora.filter.decode import verify_samples
 from kolora.filter.dj.runner import (  # noqa: F401 - traced_op: part of this module's interface
@@ -281,6 +283,9 @@ def _merge(cfg: ExperimentConfig, run: RunDir, samples: list[dict[str, Any]], re
         "executor": cfg.filter.executor, "np": cfg.filter.np, "shards": len(parts), "seconds": seconds,
         **({"captions": captions.summary(cfg.data, entries)} if captions.active(cfg.data) else {}),
     }
+    t_page = time.perf_counter()  # the page a person looks at (kolora.filter.report_page), thumbnails made once
+    report_page.write(run, {"summary": summary, "samples": entries}, cfg.name)
+    seconds["report_page"] = round(time.perf_counter() - t_page, 2)
     # the report last: with shards, its presence (and trainset/) says the merge is done
     atomic_write_text(run.filter / "result.jsonl", "".join(json.dumps(k, ensure_ascii=False) + "\n" for k in kept))
     if not kept:
@@ -289,7 +294,7 @@ def _merge(cfg: ExperimentConfig, run: RunDir, samples: list[dict[str, Any]], re
         raise FilterError(
             f"filter: no sample kept out of {summary['input']} ({_by_op_message(by_op, header)}); relax filter.ops "
             f"(e.g. lower min_width/min_height, widen min_ratio/max_ratio) or check the data. "
-            f"Every sample and its reason: {run.filter / 'report.json'}")
+            f"Every sample and its reason: {run.filter / 'report.json'} (thumbnails: {run.filter / report_page.PAGE})")
     write_trainset(kept, {e["id"]: e["format"] for e in entries if e["id"] is not None}, run.trainset)
     atomic_write_json(run.filter / "report.json", {"summary": summary, "samples": entries})
     summary["seconds"]["total"] = round(time.perf_counter() - t0, 2)

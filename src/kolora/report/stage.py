@@ -3,12 +3,14 @@ style from the network): the grid, LoRA-vs-base pairs and the score table when e
 loss curve and the validation samples over steps (matplotlib, kolora.report.plots); and report/report.png, a
 one-page summary figure.
 
-The page checks itself: a small inline script sets `data-images` on <body> to "<loaded>/<total>" once every
-image has decoded (tests read it back from a headless browser)."""
+It ends with the filter's counts per step (kolora.filter.report_page) and a link to filter/report.html, which
+it writes when a run filtered before that page existed has none.
+
+The page checks itself (kolora.core.webpage): a small inline script sets `data-images` on <body> to
+"<loaded>/<total>" once every image has decoded (tests read it back from a headless browser)."""
 
 from __future__ import annotations
 
-import base64
 import html
 import json
 import re
@@ -19,6 +21,8 @@ from kolora.core.config import ExperimentConfig
 from kolora.core.errors import RunFailure
 from kolora.core.rundir import RunDir, atomic_write_bytes, atomic_write_text
 from kolora.core.stage import StageContext
+from kolora.core.webpage import data_uri, page, table
+from kolora.filter import report_page as filter_page
 from kolora.render.tiles import tiles
 from kolora.train import metrics as train_metrics
 
@@ -29,32 +33,12 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 _SAMPLE = re.compile(r"^(\d+)-(-?\d+)\.png$")
 
 STYLE = """
-body { font-family: system-ui, sans-serif; margin: 24px auto; max-width: 1100px; color: #222; }
-h1 { font-size: 22px; } h2 { font-size: 17px; margin-top: 28px; border-bottom: 1px solid #ddd; }
-table { border-collapse: collapse; font-size: 13px; } td, th { border: 1px solid #ccc; padding: 3px 8px; }
-th { background: #f0f3f7; text-align: left; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
 img.plot { max-width: 100%; border: 1px solid #eee; }
 img.grid { width: min(100%, 512px); image-rendering: pixelated; border: 1px solid #eee; }
 .pairs { display: flex; flex-wrap: wrap; gap: 12px; }
 .pair { font-size: 12px; text-align: center; width: 330px; overflow-wrap: anywhere; }
 .pair img { width: 160px; height: 160px; object-fit: contain; image-rendering: pixelated; border: 1px solid #ccc; }
-p.note { color: #666; font-size: 13px; }
 """
-
-# On load: how many images decoded (complete with a width), for a person ("1 image failed") and for tests.
-CHECK = """
-window.addEventListener('load', function () {
-  var imgs = Array.prototype.slice.call(document.images);
-  var ok = imgs.filter(function (i) { return i.complete && i.naturalWidth > 0; }).length;
-  document.body.setAttribute('data-images', ok + '/' + imgs.length);
-  document.body.setAttribute('data-tables', String(document.querySelectorAll('table tbody tr').length));
-  if (ok < imgs.length) { document.title = (imgs.length - ok) + ' image(s) failed: ' + document.title; }
-});
-"""
-
-
-def data_uri(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
 def read_scores(run: RunDir) -> dict[str, Any] | None:
@@ -83,18 +67,6 @@ def validation_samples(train_dir: Path) -> dict[int, list[tuple[str, Path]]]:
     return out
 
 
-def _fmt(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else "–" if value is None else html.escape(str(value))
-
-
-def _table(head: list[str], rows: list[list[Any]], cls: str) -> str:
-    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
-    body = "".join("<tr>" + "".join(
-        f'<td class="num">{_fmt(v)}</td>' if isinstance(v, int | float) and not isinstance(v, bool) else
-        f"<td>{_fmt(v)}</td>" for v in row) + "</tr>" for row in rows)
-    return f'<table class="{cls}"><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>'
-
-
 def _img(src: bytes | Path, alt: str, cls: str = "") -> str:
     png = src.read_bytes() if isinstance(src, Path) else src
     return f'<img class="{cls}" alt="{html.escape(alt)}" src="{data_uri(png)}">'
@@ -111,11 +83,20 @@ def _run_table(cfg: ExperimentConfig, loss: list[dict[str, float]], n_tiles: int
             ["final loss", loss[-1]["loss"] if loss else None], ["lr", t.lr], ["rank / alpha", f"{t.rank} / {t.alpha:g}"],
             ["resolution", t.resolution], ["precision", t.precision], ["tiles", n_tiles],
             ["validation samples at steps", ", ".join(map(str, steps_sampled)) or "none (train.validation.every: 0)"]]
-    return _table(["", "value"], rows, "run")
+    return table(["", "value"], rows, "run")
+
+
+def _filter_section(filter_report: dict[str, Any] | None) -> str:
+    if filter_report is None:
+        return "<h2>Data filter</h2><p class='note'>No filter/report.json (the filter stage writes it).</p>"
+    return ("<h2>Data filter</h2>" + filter_page.counts_html(filter_report) +
+            f"<p><a href='../filter/{filter_page.PAGE}'>filter/{filter_page.PAGE}</a>: the dropped samples' "
+            "thumbnails, grouped by what dropped them.</p>")
 
 
 def build_html(cfg: ExperimentConfig, run: RunDir, figures: dict[str, bytes], scores: dict[str, Any] | None,
-               n_tiles: int, loss: list[dict[str, float]], steps_sampled: list[int]) -> str:
+               n_tiles: int, loss: list[dict[str, float]], steps_sampled: list[int],
+               filter_report: dict[str, Any] | None = None) -> str:
     parts = [f"<h1>kolora report: {html.escape(cfg.name)}</h1>",
              _run_table(cfg, loss, n_tiles, steps_sampled),
              "<h2>Storyboard</h2>", _img(run.grid_file, "the grid", "grid")]
@@ -126,8 +107,8 @@ def build_html(cfg: ExperimentConfig, run: RunDir, figures: dict[str, bytes], sc
                  _score(t, "aesthetic", "lora"), _score(t, "aesthetic", "base")] for t in tiles]
         summary = scores.get("summary") or {}
         rows.append(["mean", "", "", *(summary.get(m, {}).get(w) for m in ("clip", "aesthetic") for w in ("lora", "base"))])
-        parts.append(_table(["#", "prompt", "seed", "CLIP LoRA", "CLIP base", "aesthetic LoRA", "aesthetic base"],
-                            rows, "scores"))
+        parts.append(table(["#", "prompt", "seed", "CLIP LoRA", "CLIP base", "aesthetic LoRA", "aesthetic base"],
+                           rows, "scores"))
         if "scores" in figures:
             parts.append(_img(figures["scores"], "mean scores", "plot"))
         pairs = [t for t in tiles if t.get("base_tile") and t.get("lora_tile")
@@ -147,9 +128,8 @@ def build_html(cfg: ExperimentConfig, run: RunDir, figures: dict[str, bytes], sc
     parts.append("<h2>Validation samples over steps</h2>")
     parts.append(_img(figures["validation"], "validation samples", "plot") if "validation" in figures else
                  "<p class='note'>None: set train.validation.every to sample during training.</p>")
-    return ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
-            f"<title>kolora report: {html.escape(cfg.name)}</title><style>{STYLE}</style>"
-            f"<script>{CHECK}</script></head>\n<body>\n" + "\n".join(parts) + "\n</body></html>\n")
+    parts.append(_filter_section(filter_report))
+    return page(f"kolora report: {cfg.name}", "\n".join(parts), STYLE)
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -168,11 +148,13 @@ def run(ctx: StageContext) -> dict[str, Any]:
         figures["validation"] = plots.png_bytes(plots.validation_over_steps(samples))
     if scores and scores.get("summary"):
         figures["scores"] = plots.png_bytes(plots.score_bars(scores["summary"]))
-    page = build_html(cfg, run, figures, scores, len(tiles(cfg, run)), loss, sorted(samples))
+    filter_report = filter_page.read_report(run)
+    filter_html = filter_page.write_if_missing(run, filter_report, cfg.name) if filter_report is not None else None
+    html_page = build_html(cfg, run, figures, scores, len(tiles(cfg, run)), loss, sorted(samples), filter_report)
     out = run.root / "report"
     summary_png = plots.png_bytes(plots.summary_figure(
         f"kolora: {cfg.name}", run.grid_file, loss, scores, samples[max(samples)] if samples else []), dpi=90)
     atomic_write_bytes(out / "report.png", summary_png)
-    atomic_write_text(out / "report.html", page)
+    atomic_write_text(out / "report.html", html_page)
     return {"report": str(out / "report.html"), "figures": sorted(figures), "scores": scores is not None,
-            "validation_steps": sorted(samples)}
+            "validation_steps": sorted(samples), "filter_report": str(filter_html) if filter_html else None}
