@@ -101,7 +101,8 @@ def filter_slice(cfg: ExperimentConfig, samples: list[dict[str, Any]], dj_dir: P
         report[s["id"]] = {"id": s["id"], "image": image, "text": s.get("text"), "size": list(size) if size else None,
                            "format": fmt, "kept": False, "reason": reason, "op": None,
                            "stage": "header" if reason else None,
-                           **({"mask": masks[s["id"]]} if s["id"] in masks else {})}
+                           **({"mask": masks[s["id"]]} if s["id"] in masks else {}),
+                           **({"source": s["source"]} if "source" in s else {})}
         if reason is None:
             good.append({"id": s["id"], "text": s["text"], "image": [image]})
     t_header = time.perf_counter() - t0
@@ -128,7 +129,8 @@ def filter_slice(cfg: ExperimentConfig, samples: list[dict[str, Any]], dj_dir: P
             seen.add(sid)
             image = _first_image(rec)
             out = {"id": sid, "text": _strip_tokens(str(rec.get("text", ""))), "image": [image],
-                   **({"mask": masks[sid]} if sid in masks else {})}
+                   **({"mask": masks[sid]} if sid in masks else {}),
+                   **({"source": report[sid]["source"]} if "source" in report[sid] else {})}
             kept.append(out)
             report[sid].update(kept=True, reason=None, stage=None, image=image, text=out["text"],
                                stats=rec.get("__dj__stats__") or None)
@@ -252,7 +254,8 @@ def _merge(cfg: ExperimentConfig, run: RunDir, samples: list[dict[str, Any]], re
         kept = _drop_duplicates(parts, samples, kept, dedup_args.get("max_distance", 0))
     entries = [e for part in parts for e in part["entries"]] + [
         {"id": None, "source": r.get("source"), "image": r.get("image"), "text": r.get("text"), "kept": False,
-         "reason": r.get("reason"), "op": None, "stage": "ingest"} for r in rejected]
+         "reason": r.get("reason"), "op": None, "stage": "ingest", **({"origin": r["origin"]} if "origin" in r else {})}
+        for r in rejected]
     n_kept = sum(e["kept"] for e in entries)
     if n_kept != len(kept) or len(entries) != len(samples) + len(rejected):
         raise RuntimeError(f"filter: counts do not add up ({len(samples)} samples + {len(rejected)} rejected in, "
@@ -271,6 +274,10 @@ def _merge(cfg: ExperimentConfig, run: RunDir, samples: list[dict[str, Any]], re
         "ops": [next(iter(op)) for op in cfg.filter.ops], "dj_ops": [next(iter(op)) for op in dj_process(cfg.filter)],
         "executor": cfg.filter.executor, "np": cfg.filter.np, "shards": len(parts), "seconds": seconds,
     }
+    if cfg.data.sources:  # images kept and dropped per source (repeats apply in training: kolora.train.samples)
+        summary["sources"] = {s.name: {"kept": sum(e["kept"] for e in entries if e.get("source") == s.name),
+                                       "dropped": sum(not e["kept"] for e in entries if e.get("source") == s.name)}
+                              for s in cfg.data.sources}
     # the report last: with shards, its presence (and trainset/) says the merge is done
     atomic_write_text(run.filter / "result.jsonl", "".join(json.dumps(k, ensure_ascii=False) + "\n" for k in kept))
     if not kept:

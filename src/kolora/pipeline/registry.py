@@ -30,7 +30,10 @@ SINCE: dict[str, Any] = {"train.buckets": False, "train.min_snr_gamma": None, "t
                          "train.block_alphas": {},
                          "data.mask": "auto", "data.synthetic.masks": False,
                          "train.lr_scheduler": "constant", "train.warmup_steps": 0, "train.lr_num_cycles": 1,
-                         "train.lr_power": 1.0}
+                         "train.lr_power": 1.0,
+                         # data.sources: none (data's one source)
+                         "data.sources.path": [], "data.sources.repeats": [],
+                         **{f"data.sources.{f}": [] for f in ingest.SOURCE_INPUTS}}
 
 # Fields that never make a stage rerun: the stage they concern ("" = the run) and why no output depends on them.
 OPERATIONAL: dict[str, tuple[str, str]] = {

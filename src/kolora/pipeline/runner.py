@@ -31,7 +31,7 @@ from kolora.core.rundir import RunDir, atomic_write_json, atomic_write_text, unw
 from kolora.core.stage import Stage, StageContext
 from kolora.filter.dj.runner import validate_ops
 from kolora.formats import interchange, lora, unet_modules
-from kolora.ingest.sources import probe
+from kolora.ingest.sources import DatasetError, probe
 from kolora.models import kolors as models
 from kolora.models import scorers
 from kolora.models.kolors import ensure_model, quiet_libraries
@@ -75,7 +75,13 @@ def preflight(cfg: ExperimentConfig, here: bool = False) -> list[str]:
         raise ConfigError(f"cache.dir: {why}. The cache stage writes its entries there: give a folder you can "
                           "write, or leave cache.dir out (the run's own cache/)")
 
-    probe(cfg.data)
+    for src, one in cfg.data.per_source():
+        try:
+            probe(one)
+        except DatasetError as e:
+            if src is None:
+                raise
+            raise DatasetError(f"data.sources {src.name!r}: {e}".replace(" data.path", " path")) from None
     if cfg.render.lora is not None:
         try:
             path = lora.resolve_file(cfg.render.lora)
