@@ -65,7 +65,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         (work / "images").mkdir()
         if d.sources:
             samples, rejected, per_source = _read_sources(cfg, work, run, counts)
-            where = ", ".join(per_source)
+            where = ", ".join(f"{name}: {c['where']}" for name, c in per_source.items())
         else:
             records, where = _records(cfg, work, run)
             samples, rejected = take(records, work, d, guard(cfg, run), counts, d.limit)
