@@ -17,6 +17,7 @@ from kolora.core import interrupt
 from kolora.core.config import load_config
 from kolora.core.errors import ConfigError
 from kolora.core.rundir import RunDir
+from kolora.filter.stage import validate_all_ops
 from kolora.pipeline.keys import Keys
 from kolora.pipeline.runner import run_stage
 from kolora.report.stage import source_rows
@@ -137,3 +138,17 @@ def test_two_sources_with_repeats_1_and_3_train_and_resume_bit_identical(demo_ru
     assert run_stage("train", cfg, stopped)["resumed_from_step"] == 3
     got, want = (load_file(str(r.lora / "pytorch_lora_weights.safetensors")) for r in (stopped, ref))
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+
+
+def test_a_source_with_its_own_filter_ops_is_filtered_by_them(demo_run, tiny_diffusers, tmp_path):
+    """`triple` keeps every image with filter_ops: [] while `plain` goes through filter.ops (4 of 8 kept)."""
+    cfg = _config(tiny_diffusers, TWO.replace("caption_prefix: 'sks, '", "filter_ops: []"))
+    run, _ = untrained_copy(demo_run, tmp_path / "run")
+    run_stage("ingest", cfg, run)
+    assert run_stage("filter", cfg, run)["sources"] == {"plain": {"kept": 4, "dropped": 4},
+                                                         "triple": {"kept": 8, "dropped": 0}}
+    with pytest.raises(ConfigError, match=r"data\.sources\[0\]\.filter_ops.*compares the samples of every source"):
+        _config(tiny_diffusers, "data.sources=[{filter_ops: [image_deduplicator]}]")
+    bad = _config(tiny_diffusers, "data.sources=[{name: a, filter_ops: [no_such_filter]}]")
+    with pytest.raises(ConfigError, match=r"data\.sources 'a' filter_ops\[0\]: unknown Data-Juicer op"):
+        validate_all_ops(bad)

@@ -113,6 +113,20 @@ class SourceConfig(_Section):
     repeats: int = Field(1, ge=1)
     # Put verbatim before each of its captions (include the separator: "sks style, ")
     caption_prefix: str | None = None
+    # Data-Juicer ops for this source's samples instead of filter.ops (same form); None: filter.ops
+    filter_ops: list[dict[str, dict[str, Any]]] | None = None
+
+    @field_validator("filter_ops", mode="before")
+    @classmethod
+    def _filter_ops_shape(cls, ops: Any) -> Any:
+        if ops is None:
+            return None
+        ops = FilterConfig._ops_shape(ops)
+        dedups = [next(iter(op)) for op in ops if next(iter(op)).endswith("deduplicator")]
+        if dedups:
+            raise ValueError(f"{', '.join(dedups)}: a deduplicator compares the samples of every source; put it "
+                             "in filter.ops, which it then runs over all sources")
+        return ops
 
     @model_validator(mode="before")
     @classmethod

@@ -5,5 +5,5 @@ from kolora.core.stage import Stage, file_exists
 
 STAGE = Stage(
     "filter", entry="kolora.filter.stage:run", runs_on="cpu", parallel="shards", after=("ingest",),
-    inputs=("filter.ops",), content=(), outputs=("filter", "trainset"),
+    inputs=("filter.ops", "data.sources.filter_ops"), content=(), outputs=("filter", "trainset"),
     done=file_exists("trainset/train/metadata.csv"), stoppable=True, keeps_partial=True, shareable=True)

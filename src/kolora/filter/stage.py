@@ -38,6 +38,7 @@ from typing import Any
 
 from kolora.core import shards as core_shards
 from kolora.core.config import ExperimentConfig
+from kolora.core.errors import ConfigError
 from kolora.core.interrupt import Interrupted, requested
 from kolora.core.rundir import RunDir, atomic_write_json, atomic_write_text
 from kolora.core.stage import StageContext
@@ -84,6 +85,37 @@ def _by_op_message(by_op: Counter, header: Counter) -> str:
     return ", ".join(parts) or "nothing was dropped by an op"
 
 
+def _by_source_ops(cfg: ExperimentConfig, good: list[dict[str, Any]], report: dict[str, dict[str, Any]],
+                   dj_dir: Path) -> list[tuple[ExperimentConfig, list[dict[str, Any]], Path]]:
+    """Data-Juicer's runs over `good`: the samples under filter.ops in dj_dir, and each source with its own
+    filter_ops (data.sources) under those, in dj_dir's sibling <dj_dir>-<source>; runs with no sample left out
+    (filter.ops' one always made, as without sources)."""
+    own = {s.name: s.filter_ops for s in cfg.data.sources if s.filter_ops is not None}
+    groups: dict[str | None, list[dict[str, Any]]] = {None: []}
+    for g in good:
+        name = report[g["id"]].get("source")
+        groups.setdefault(name if name in own else None, []).append(g)
+    runs = []
+    for name, group in groups.items():
+        if name is None:
+            runs.append((cfg, group, dj_dir))
+        else:
+            ops_cfg = cfg.model_copy(update={"filter": cfg.filter.model_copy(update={"ops": own[name]})})
+            runs.append((ops_cfg, group, dj_dir.with_name(f"{dj_dir.name}-{name}")))
+    return [r for r in runs if r[1] or r[2] == dj_dir]
+
+
+def validate_all_ops(cfg: ExperimentConfig) -> None:
+    """filter.ops and each source's filter_ops (data.sources) against Data-Juicer's registry (ConfigError)."""
+    validate_ops(cfg.filter.ops)
+    for s in cfg.data.sources:
+        if s.filter_ops is not None:
+            try:
+                validate_ops(s.filter_ops)
+            except ConfigError as e:
+                raise ConfigError(str(e).replace("filter.ops[", f"data.sources {s.name!r} filter_ops[")) from None
+
+
 def filter_slice(cfg: ExperimentConfig, samples: list[dict[str, Any]], dj_dir: Path) -> dict[str, Any]:
     """Steps 1-2 for some samples (all of them, or one shard): {"entries": a report row per sample in input
     order, "kept": the kept samples in input order, "seconds": {"header", "decode", "data_juicer"}}."""
@@ -117,7 +149,11 @@ def filter_slice(cfg: ExperimentConfig, samples: list[dict[str, Any]], dj_dir: P
     kept: list[dict[str, Any]] = []
     t1 = time.perf_counter()
     if good:
-        dj_kept, dropped = run_data_juicer(cfg, good, dj_dir)
+        dj_kept, dropped = [], {}
+        for ops_cfg, group, folder in _by_source_ops(cfg, good, report, dj_dir):
+            group_kept, group_dropped = run_data_juicer(ops_cfg, group, folder)
+            dj_kept += group_kept
+            dropped.update(group_dropped)
         order = {g["id"]: i for i, g in enumerate(good)}
         good_ids = set(order)
         seen: set[str] = set()
@@ -192,7 +228,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
                           "(`kolora resume`) so that the job is planned from the current config")
     t1 = time.perf_counter()
     if n == 1 or task_index is None or task_index in filter_shards.missing(run, n, samples):
-        validate_ops(cfg.filter.ops)  # before Data-Juicer runs (a task whose shard is done skips its import)
+        validate_all_ops(cfg)  # before Data-Juicer runs (a task whose shard is done skips its import)
     t_validate = time.perf_counter() - t1
     if n == 1:
         parts = [filter_slice(cfg, samples, run.filter / "dj")]

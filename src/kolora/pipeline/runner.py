@@ -29,7 +29,7 @@ from kolora.core.offline import offline_env
 from kolora.core.prompts import load_prompts, repeated
 from kolora.core.rundir import RunDir, atomic_write_json, atomic_write_text, unwritable
 from kolora.core.stage import Stage, StageContext
-from kolora.filter.dj.runner import validate_ops
+from kolora.filter.stage import validate_all_ops
 from kolora.formats import interchange, lora, unet_modules
 from kolora.ingest.sources import DatasetError, probe
 from kolora.models import kolors as models
@@ -94,7 +94,7 @@ def preflight(cfg: ExperimentConfig, here: bool = False) -> list[str]:
         # each block key names a block of this UNet that holds target modules (before the UNet loads for training)
         unet_modules.check_block_keys(cfg.model.unet_config or cfg.model.path, cfg.train.target_modules,
                                       lora.AdapterOptions.of(cfg.train))
-    validate_ops(cfg.filter.ops)
+    validate_all_ops(cfg)
     problems = scorers.missing_for_config(cfg, prompts)
     if problems:
         raise ConfigError("scorer models missing (filter.ops / evaluate):\n  " + "\n  ".join(problems))
