@@ -187,6 +187,7 @@ def _entry(cfg: ExperimentConfig, row: dict[str, str], ident: str,
         "latent_key": _sha("latent", ident, str(res), str(center), cfg.cache.vae_dtype, img_hash),
         # The tutorial's add_time_ids: original size, crop top-left, target size = [h, w, 0, 0, h, w].
         "time_ids": [res, res, 0, 0, res, res],
+        **({"source": row["source"]} if row.get("source") else {}),  # data.sources: its repeats (train.samples)
     }
     if sizes is not None:
         _bucket_entry(entry, row["path"], sizes, center, img_hash)

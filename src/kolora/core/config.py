@@ -76,6 +76,80 @@ class SyntheticConfig(_Section):
 CAPTION_DEFAULTS: dict[str, Any] = {"captions": "keep", "caption_model": None, "caption_language": "en",
                                     "caption_prefix": None}
 
+SOURCE_KINDS = Literal["synthetic", "folder", "jsonl", "parquet", "modelscope"]
+# The fields one dataset is read by: data's own (one source), or each data.sources entry's
+PER_SOURCE_FIELDS = ("source", "path", "dataset_id", "subset", "split", "text_column", "image_column", "caption",
+                     "limit", "synthetic")
+
+
+def _reads_no_path(raw: Any) -> Any:
+    # generated images read nothing: a path left from another source is not an input (not checked, not bound
+    # into a container, not in the config's digest or ingest's key)
+    if isinstance(raw, dict) and raw.get("source", "synthetic") == "synthetic":
+        return {k: v for k, v in raw.items() if k != "path"}
+    return raw
+
+
+def _needs(source: str, path: Path | None, dataset_id: str | None, prefix: str) -> None:
+    if source in ("folder", "jsonl", "parquet") and path is None:
+        raise ValueError(f"{prefix}path is required when {prefix}source is {source!r}")
+    if source == "modelscope" and path is None and not dataset_id:
+        raise ValueError(f"{prefix}source 'modelscope' needs {prefix}dataset_id (e.g. AI-ModelScope/lowres_anime) "
+                         f"or {prefix}path (a folder made by `modelscope download --dataset ...`)")
+
+
+class SourceConfig(_Section):
+    """One dataset of data.sources: read like data's single source, plus how often it is trained on."""
+
+    # tags its samples; default: the path's stem, the dataset id's last part or the kind
+    name: str = Field(pattern=r"^[^/\\\s]+$")
+    source: SOURCE_KINDS = "synthetic"
+    path: Path | None = None
+    dataset_id: str | None = None
+    subset: str | None = "default"
+    split: str = "train"
+    text_column: str = "text"
+    image_column: str = "image"
+    caption: str | None = None
+    limit: int | None = Field(None, ge=1)
+    synthetic: SyntheticConfig = SyntheticConfig()
+    # How often each of its images appears per epoch (kohya's / OneTrainer's repeats)
+    repeats: int = Field(1, ge=1)
+    # Put verbatim before each of its captions (include the separator: "sks style, ")
+    caption_prefix: str | None = None
+    # Data-Juicer ops for this source's samples instead of filter.ops (same form); None: filter.ops
+    filter_ops: list[dict[str, dict[str, Any]]] | None = None
+
+    @field_validator("filter_ops", mode="before")
+    @classmethod
+    def _filter_ops_shape(cls, ops: Any) -> Any:
+        if ops is None:
+            return None
+        ops = FilterConfig._ops_shape(ops)
+        dedups = [next(iter(op)) for op in ops if next(iter(op)).endswith("deduplicator")]
+        if dedups:
+            raise ValueError(f"{', '.join(dedups)}: a deduplicator compares the samples of every source; put it "
+                             "in filter.ops, which it then runs over all sources")
+        return ops
+
+    @model_validator(mode="before")
+    @classmethod
+    def _synthetic_reads_no_path(cls, raw: Any) -> Any:
+        return _reads_no_path(raw)
+
+    @model_validator(mode="after")
+    def _source_needs(self) -> SourceConfig:
+        _needs(self.source, self.path, self.dataset_id, "")
+        return self
+
+
+def _derived_name(raw: dict[str, Any]) -> str:
+    if raw.get("source", "synthetic") != "synthetic" and raw.get("path"):
+        return Path(str(raw["path"])).stem or str(raw.get("source"))
+    if raw.get("dataset_id"):
+        return str(raw["dataset_id"]).rstrip("/").rsplit("/", 1)[-1]
+    return str(raw.get("source", "synthetic"))
+
 
 class DataConfig(_Section):
     source: Literal["synthetic", "folder", "jsonl", "parquet", "modelscope"] = "synthetic"
@@ -107,26 +181,42 @@ class DataConfig(_Section):
     caption_language: Literal["en", "zh"] = "en"
     # A trigger word put before every caption, the dataset's and generated ones ("<prefix>, <caption>").
     caption_prefix: str | None = Field(None, min_length=1)
+    # Several datasets in one (kolora.ingest.stage), each with its own name, repeats and caption prefix; the
+    # fields above that read a dataset (PER_SOURCE_FIELDS) are then set per entry. Empty: data's one source.
+    sources: list[SourceConfig] = Field(default_factory=list)
 
     @model_serializer(mode="wrap")
     def _omit_default_mask(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         # auto on a dataset without masks is training as before the field existed: left out of dumps and
-        # digests, so runs made before it stay bound and their LoRAs keep their bytes.
+        # digests, so runs made before it stay bound and their LoRAs keep their bytes. Likewise no sources.
         data = handler(self)
         if self.mask == "auto":
             data.pop("mask", None)
         for name, default in CAPTION_DEFAULTS.items():  # the captions as given: as before these fields existed
             if getattr(self, name) == default:
                 data.pop(name, None)
+        if not self.sources:
+            data.pop("sources", None)
         return data
 
     @model_validator(mode="before")
     @classmethod
     def _synthetic_reads_no_path(cls, raw: Any) -> Any:
-        # generated images read nothing: a data.path left from another source is not an input (not checked,
-        # not bound into a container, not in the config's digest or ingest's key)
-        if isinstance(raw, dict) and raw.get("source", "synthetic") == "synthetic":
-            return {k: v for k, v in raw.items() if k != "path"}
+        raw = _reads_no_path(raw)
+        if isinstance(raw, dict) and isinstance(raw.get("sources"), list):
+            # unnamed sources are named after their dataset; a name two of them would get is numbered
+            derived = [_derived_name(s) if isinstance(s, dict) and s.get("name") is None else None
+                       for s in raw["sources"]]
+            taken = {s.get("name") for s in raw["sources"] if isinstance(s, dict)}
+            sources = []
+            for s, name in zip(raw["sources"], derived, strict=True):
+                if name is not None:
+                    if name in taken:
+                        name = next(f"{name}-{i}" for i in range(2, 10**6) if f"{name}-{i}" not in taken)
+                    taken.add(name)
+                    s = {**s, "name": name}
+                sources.append(s)
+            raw = {**raw, "sources": sources}
         return raw
 
     @model_validator(mode="after")
@@ -139,12 +229,32 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _source_needs(self) -> DataConfig:
-        if self.source in ("folder", "jsonl", "parquet") and self.path is None:
-            raise ValueError(f"data.path is required when data.source is {self.source!r}")
-        if self.source == "modelscope" and self.path is None and not self.dataset_id:
-            raise ValueError("data.source 'modelscope' needs data.dataset_id (e.g. AI-ModelScope/lowres_anime) "
-                             "or data.path (a folder made by `modelscope download --dataset ...`)")
+        if self.sources:
+            both = [f"data.{f}" for f in PER_SOURCE_FIELDS
+                    if getattr(self, f) != DataConfig.model_fields[f].get_default(call_default_factory=True)]
+            if both:
+                raise ValueError(f"{', '.join(both)} and data.sources are both set: with data.sources each entry "
+                                 f"names its own dataset; move {', '.join(both)} into the entries of data.sources")
+            names = [s.name for s in self.sources]
+            dup = next((n for n in names if names.count(n) > 1), None)
+            if dup is not None:
+                raise ValueError(f"data.sources: two sources are named {dup!r}; give each a different name "
+                                 "(it tags the samples of its source)")
+            return self
+        _needs(self.source, self.path, self.dataset_id, "data.")
         return self
+
+    def per_source(self) -> list[tuple[SourceConfig | None, DataConfig]]:
+        """Each dataset to read, as (its data.sources entry, a DataConfig reading only it); one (None, self)
+        without data.sources."""
+        if not self.sources:
+            return [(None, self)]
+        return [(s, self.model_copy(update={**{f: getattr(s, f) for f in PER_SOURCE_FIELDS}, "sources": []}))
+                for s in self.sources]
+
+    def repeats(self) -> dict[str, int]:
+        """{source name: repeats}; empty without data.sources."""
+        return {s.name: s.repeats for s in self.sources}
 
 
 def _default_ops() -> list[dict[str, dict[str, Any]]]:
@@ -510,8 +620,15 @@ def dump_config(cfg: ExperimentConfig) -> str:
 def field_value(cfg: ExperimentConfig, dotted: str) -> Any:
     """A config field by its dotted name, as plain JSON-able data (how it enters a stage's key)."""
     node: Any = cfg
-    for part in dotted.split("."):
-        node = getattr(node, part)
+    many = False  # inside a list of sections (data.sources.repeats: every source's repeats)
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        node = [getattr(x, part) for x in node] if many else getattr(node, part)
+        many = many or (isinstance(node, list) and i < len(parts) - 1)
+    return [_plain(x) for x in node] if many else _plain(node)
+
+
+def _plain(node: Any) -> Any:
     if hasattr(node, "model_dump"):
         return node.model_dump(mode="json")
-    return [x for x in node] if isinstance(node, list) else (str(node) if isinstance(node, Path) else node)
+    return [_plain(x) for x in node] if isinstance(node, list) else (str(node) if isinstance(node, Path) else node)

@@ -28,6 +28,16 @@ def resolve_paths(raw: dict[str, Any], base: Path) -> None:
         if isinstance(sec, dict) and isinstance(sec.get(key), str | Path):
             p = Path(sec[key]).expanduser()
             sec[key] = str(p if p.is_absolute() else (base / p).resolve())
+    _resolve_source_paths(raw.get("data"), base)
+
+
+def _resolve_source_paths(data: Any, base: Path) -> None:
+    """Each data.sources entry's path, like data.path."""
+    sources = data.get("sources") if isinstance(data, dict) else None
+    for s in sources if isinstance(sources, list) else []:
+        if isinstance(s, dict) and isinstance(s.get("path"), str | Path):
+            p = Path(s["path"]).expanduser()
+            s["path"] = str(p if p.is_absolute() else (base / p).resolve())
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -60,6 +70,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], base: Path) -> di
         if tuple(keys) in PATH_FIELDS and isinstance(value, str):
             p = Path(value).expanduser()
             node[keys[-1]] = str(p if p.is_absolute() else (base / p).resolve())
+        if tuple(keys[:2]) == ("data", "sources") or tuple(keys) == ("data",):
+            _resolve_source_paths(raw.get("data"), base)
         origins[tuple(keys)] = f"--set {item}"
     return origins
 

@@ -49,6 +49,9 @@ def planned_count(cfg: ExperimentConfig) -> int:
 
 def expected_samples(d: DataConfig) -> int | None:
     """Records ingest will read (before its own checks), data.limit applied; None when unknown."""
+    if d.sources:
+        sizes = [expected_samples(one) for _, one in d.per_source()]
+        return None if None in sizes else sum(sizes)  # type: ignore[arg-type]
     if d.source == "synthetic":
         n = d.synthetic.count
     elif d.source == "parquet" and d.path is not None:

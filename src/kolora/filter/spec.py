@@ -12,7 +12,8 @@ def _captioner_key(cfg, run) -> dict:
 
 STAGE = Stage(
     "filter", entry="kolora.filter.stage:run", runs_on="cpu", parallel="shards", after=("ingest",),
-    inputs=("filter.ops", "data.captions", "data.caption_model", "data.caption_language", "data.caption_prefix"),
+    inputs=("filter.ops", "data.captions", "data.caption_model", "data.caption_language", "data.caption_prefix",
+            "data.sources.filter_ops"),
     content=(), outputs=("filter", "trainset"),
     done=file_exists("trainset/train/metadata.csv"), stoppable=True, keeps_partial=True, shareable=True,
     extra_key=_captioner_key, extra_key_note="the captioner's files (when data.captions generates captions)")

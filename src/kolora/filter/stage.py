@@ -42,6 +42,7 @@ from typing import Any
 
 from kolora.core import shards as core_shards
 from kolora.core.config import ExperimentConfig
+from kolora.core.errors import ConfigError
 from kolora.core.interrupt import Interrupted, requested
 from kolora.core.rundir import RunDir, atomic_write_json, atomic_write_text
 from kolora.core.stage import StageContext
@@ -88,6 +89,37 @@ def _by_op_message(by_op: Counter, header: Counter) -> str:
     return ", ".join(parts) or "nothing was dropped by an op"
 
 
+def _by_source_ops(cfg: ExperimentConfig, good: list[dict[str, Any]], report: dict[str, dict[str, Any]],
+                   dj_dir: Path) -> list[tuple[ExperimentConfig, list[dict[str, Any]], Path]]:
+    """Data-Juicer's runs over `good`: the samples under filter.ops in dj_dir, and each source with its own
+    filter_ops (data.sources) under those, in dj_dir's sibling <dj_dir>-<source>; runs with no sample left out
+    (filter.ops' one always made, as without sources)."""
+    own = {s.name: s.filter_ops for s in cfg.data.sources if s.filter_ops is not None}
+    groups: dict[str | None, list[dict[str, Any]]] = {None: []}
+    for g in good:
+        name = report[g["id"]].get("source")
+        groups.setdefault(name if name in own else None, []).append(g)
+    runs = []
+    for name, group in groups.items():
+        if name is None:
+            runs.append((cfg, group, dj_dir))
+        else:
+            ops_cfg = cfg.model_copy(update={"filter": cfg.filter.model_copy(update={"ops": own[name]})})
+            runs.append((ops_cfg, group, dj_dir.with_name(f"{dj_dir.name}-{name}")))
+    return [r for r in runs if r[1] or r[2] == dj_dir]
+
+
+def validate_all_ops(cfg: ExperimentConfig) -> None:
+    """filter.ops and each source's filter_ops (data.sources) against Data-Juicer's registry (ConfigError)."""
+    validate_ops(cfg.filter.ops)
+    for s in cfg.data.sources:
+        if s.filter_ops is not None:
+            try:
+                validate_ops(s.filter_ops)
+            except ConfigError as e:
+                raise ConfigError(str(e).replace("filter.ops[", f"data.sources {s.name!r} filter_ops[")) from None
+
+
 def filter_slice(cfg: ExperimentConfig, samples: list[dict[str, Any]], dj_dir: Path) -> dict[str, Any]:
     """Steps 1-2 for some samples (all of them, or one shard): {"entries": a report row per sample in input
     order, "kept": the kept samples in input order, "seconds": {"header", "decode", "data_juicer"}}."""
@@ -105,7 +137,8 @@ def filter_slice(cfg: ExperimentConfig, samples: list[dict[str, Any]], dj_dir: P
         report[s["id"]] = {"id": s["id"], "image": image, "text": s.get("text"), "size": list(size) if size else None,
                            "format": fmt, "kept": False, "reason": reason, "op": None,
                            "stage": "header" if reason else None,
-                           **({"mask": masks[s["id"]]} if s["id"] in masks else {})}
+                           **({"mask": masks[s["id"]]} if s["id"] in masks else {}),
+                           **({"source": s["source"]} if "source" in s else {})}
         if reason is None:
             good.append({"id": s["id"], "text": s["text"], "image": [image]})
     t_header = time.perf_counter() - t0
@@ -125,7 +158,11 @@ def filter_slice(cfg: ExperimentConfig, samples: list[dict[str, Any]], dj_dir: P
     kept: list[dict[str, Any]] = []
     t1 = time.perf_counter()
     if good:
-        dj_kept, dropped = run_data_juicer(cfg, good, dj_dir)
+        dj_kept, dropped = [], {}
+        for ops_cfg, group, folder in _by_source_ops(cfg, good, report, dj_dir):
+            group_kept, group_dropped = run_data_juicer(ops_cfg, group, folder)
+            dj_kept += group_kept
+            dropped.update(group_dropped)
         order = {g["id"]: i for i, g in enumerate(good)}
         good_ids = set(order)
         seen: set[str] = set()
@@ -138,7 +175,8 @@ def filter_slice(cfg: ExperimentConfig, samples: list[dict[str, Any]], dj_dir: P
             image = _first_image(rec)
             out = {"id": sid, "text": captions.with_prefix(cfg.data.caption_prefix,
                                                           _strip_tokens(str(rec.get("text", "")))), "image": [image],
-                   **({"mask": masks[sid]} if sid in masks else {})}
+                   **({"mask": masks[sid]} if sid in masks else {}),
+                   **({"source": report[sid]["source"]} if "source" in report[sid] else {})}
             kept.append(out)
             report[sid].update(kept=True, reason=None, stage=None, image=image, text=out["text"],
                                stats=rec.get("__dj__stats__") or None)
@@ -201,7 +239,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
                           "(`kolora resume`) so that the job is planned from the current config")
     t1 = time.perf_counter()
     if n == 1 or task_index is None or task_index in filter_shards.missing(run, n, samples):
-        validate_ops(cfg.filter.ops)  # before Data-Juicer runs (a task whose shard is done skips its import)
+        validate_all_ops(cfg)  # before Data-Juicer runs (a task whose shard is done skips its import)
     t_validate = time.perf_counter() - t1
     if n == 1:
         parts = [filter_slice(cfg, samples, run.filter / "dj")]
@@ -263,7 +301,8 @@ def _merge(cfg: ExperimentConfig, run: RunDir, samples: list[dict[str, Any]], re
         kept = _drop_duplicates(parts, samples, kept, dedup_args.get("max_distance", 0))
     entries = [e for part in parts for e in part["entries"]] + [
         {"id": None, "source": r.get("source"), "image": r.get("image"), "text": r.get("text"), "kept": False,
-         "reason": r.get("reason"), "op": None, "stage": "ingest"} for r in rejected]
+         "reason": r.get("reason"), "op": None, "stage": "ingest", **({"origin": r["origin"]} if "origin" in r else {})}
+        for r in rejected]
     n_kept = sum(e["kept"] for e in entries)
     if n_kept != len(kept) or len(entries) != len(samples) + len(rejected):
         raise RuntimeError(f"filter: counts do not add up ({len(samples)} samples + {len(rejected)} rejected in, "
@@ -283,6 +322,10 @@ def _merge(cfg: ExperimentConfig, run: RunDir, samples: list[dict[str, Any]], re
         "executor": cfg.filter.executor, "np": cfg.filter.np, "shards": len(parts), "seconds": seconds,
         **({"captions": captions.summary(cfg.data, entries)} if captions.active(cfg.data) else {}),
     }
+    if cfg.data.sources:  # images kept and dropped per source (repeats apply in training: kolora.train.samples)
+        summary["sources"] = {s.name: {"kept": sum(e["kept"] for e in entries if e.get("source") == s.name),
+                                       "dropped": sum(not e["kept"] for e in entries if e.get("source") == s.name)}
+                              for s in cfg.data.sources}
     t_page = time.perf_counter()  # the page a person looks at (kolora.filter.report_page), thumbnails made once
     report_page.write(run, {"summary": summary, "samples": entries}, cfg.name)
     seconds["report_page"] = round(time.perf_counter() - t_page, 2)

@@ -1,7 +1,8 @@
 """The filter stage's trainset writer: the kept images as run/trainset/train/<n>.<ext> (hard links where the
 file system allows, copies otherwise) and metadata.csv (file_name,text), the tutorial's training format;
 written as a whole folder that replaces the previous one atomically. Samples with a loss mask get theirs as
-<n>_mask.<ext> and a third column, mask (empty for the others); without any mask the files are as before."""
+<n>_mask.<ext> and a third column, mask (empty for the others); without any mask the files are as before.
+With data.sources a last column, source, names each image's source."""
 
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ def write_trainset(kept: list[dict[str, Any]], formats: dict[str, str | None], t
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
         masked = any(rec.get("mask") for rec in kept)
-        writer.writerow(["file_name", "text", *(["mask"] if masked else [])])
+        sourced = any("source" in rec for rec in kept)  # data.sources: the sampler's repeats go by it
+        writer.writerow(["file_name", "text", *(["mask"] if masked else []), *(["source"] if sourced else [])])
         for n, rec in enumerate(kept):
             src = Path(rec["image"][0])
             name = f"{n}{_EXT.get(formats.get(rec['id']) or '', src.suffix.lower() or '.img')}"
@@ -41,5 +43,5 @@ def write_trainset(kept: list[dict[str, Any]], formats: dict[str, str | None], t
                 mask_src = Path(rec["mask"])
                 mask = f"{n}_mask{mask_src.suffix.lower() or '.img'}"
                 _link_or_copy(mask_src, train / mask)
-            writer.writerow([name, rec["text"], *([mask] if masked else [])])
+            writer.writerow([name, rec["text"], *([mask] if masked else []), *([rec["source"]] if sourced else [])])
         atomic_write_text(train / "metadata.csv", buf.getvalue())

@@ -97,10 +97,12 @@ def _mask_of(rec: Record, d: DataConfig) -> Record | None:
 
 
 def take(records: Iterator[Record | Rejected], work: Path, d: DataConfig, guard: PathGuard | None,
-         counts: dict[str, int], limit: int | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Materialise the records' images into work/images/<id>.<ext> (ids 000000, ... in record order) and their
-    masks into work/masks/<id>.<ext>; returns the samples (their "image", and "mask" where there is one: the Path
-    taken) and the rejected records with reasons. counts["masks"]: the samples with a mask, when any."""
+         counts: dict[str, int], limit: int | None, start: int = 0
+         ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Materialise the records' images into work/images/<id>.<ext> (ids 000000, ... in record order, from
+    `start`: the samples of earlier sources) and their masks into work/masks/<id>.<ext>; returns the samples
+    (their "image", and "mask" where there is one: the Path taken) and the rejected records with reasons.
+    counts["masks"]: the samples with a mask, when any."""
     samples: list[dict[str, Any]] = []
     rejected: list[dict[str, Any]] = []
     for n, rec in enumerate(records):
@@ -116,7 +118,7 @@ def take(records: Iterator[Record | Rejected], work: Path, d: DataConfig, guard:
             rejected.append({"source": rec.source, "reason": "missing text",
                              "image": str(rec.path) if rec.path else rec.name})
             continue
-        sid = f"{len(samples):06d}"
+        sid = f"{start + len(samples):06d}"
         mask_rec, mask = _mask_of(rec, d), None
         if mask_rec is not None:  # first: a rejected mask leaves no image behind under the id the next sample takes
             (work / "masks").mkdir(exist_ok=True)
@@ -153,7 +155,7 @@ def write_lists(folder: Path, samples: list[dict[str, Any]], rejected: list[dict
 
 def summary(d: DataConfig, where: str, samples: int, rejected: int, counts: dict[str, int], t0: float,
             **extra: Any) -> dict[str, Any]:
-    return {"source": d.source, "path": where, "samples": samples, "rejected": rejected,
+    return {"source": "sources" if d.sources else d.source, "path": where, "samples": samples, "rejected": rejected,
             **{k: v for k, v in counts.items() if v}, **extra, "seconds": round(time.perf_counter() - t0, 2)}
 
 

@@ -40,9 +40,10 @@ SHARDED_SOURCES = ("parquet", "modelscope")
 
 def count(cfg: ExperimentConfig, task_count: int | None = None) -> int:
     """Ranges to read: the filter array's task count on Slurm, filter.shards in process (with
-    filter.shard_size: from a parquet source's row count); 1 for other sources or with data.limit."""
+    filter.shard_size: from a parquet source's row count); 1 for other sources, with data.limit or with
+    data.sources (read one after another in one pass)."""
     d = cfg.data
-    if d.source not in SHARDED_SOURCES or d.limit:
+    if d.sources or d.source not in SHARDED_SOURCES or d.limit:
         return 1
     if task_count:
         return task_count

@@ -17,6 +17,7 @@ A stop request (kolora.core.interrupt) ends the stage between records; the rerun
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,13 +33,16 @@ from kolora.ingest.synthetic import make_synthetic
 from kolora.ingest.tables import TableSource
 
 
-def _records(cfg: ExperimentConfig, work: Path, run: RunDir) -> tuple[Iterator[Record | Rejected], str]:
+def _records(cfg: ExperimentConfig, work: Path, run: RunDir,
+             generated: Path | None = None) -> tuple[Iterator[Record | Rejected], str]:
+    """cfg.data's records and where they come from; synthetic images are drawn into `generated` (default:
+    work/images, where they stay under their ids)."""
     d = cfg.data
     if d.source == "synthetic":
         s = d.synthetic
         count = min(s.count, d.limit) if d.limit else s.count
 
-        items = make_synthetic(work / "images", count, s.seed, s.min_side, s.max_side, s.masks)
+        items = make_synthetic(generated or work / "images", count, s.seed, s.min_side, s.max_side, s.masks)
         return (Record(f"synthetic:{i}", cap, path=p) for i, (p, cap) in enumerate(items)), "synthetic"
     if d.source == "modelscope":
         source = TableSource(cfg, run)
@@ -56,10 +60,15 @@ def run(ctx: StageContext) -> dict[str, Any]:
     t0 = time.perf_counter()
     d = cfg.data
     counts = dict.fromkeys(COUNTS, 0)
+    per_source: dict[str, dict[str, Any]] = {}
     with atomic_dir(run.data) as work:
         (work / "images").mkdir()
-        records, where = _records(cfg, work, run)
-        samples, rejected = take(records, work, d, guard(cfg, run), counts, d.limit)
+        if d.sources:
+            samples, rejected, per_source = _read_sources(cfg, work, run, counts)
+            where = ", ".join(f"{name}: {c['where']}" for name, c in per_source.items())
+        else:
+            records, where = _records(cfg, work, run)
+            samples, rejected = take(records, work, d, guard(cfg, run), counts, d.limit)
         if not samples:
             raise no_sample_error(d, where, rejected)
         for s in samples:
@@ -69,4 +78,32 @@ def run(ctx: StageContext) -> dict[str, Any]:
                 mask = s["mask"]
                 s["mask"] = str(run.data / mask.relative_to(work)) if mask.is_relative_to(work) else str(mask)
         write_lists(work, samples, rejected)
-    return summary(d, where, len(samples), len(rejected), counts, t0)
+    return summary(d, where, len(samples), len(rejected), counts, t0,
+                   **({"sources": per_source} if per_source else {}))
+
+
+def _read_sources(cfg: ExperimentConfig, work: Path, run: RunDir, counts: dict[str, int]
+                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """data.sources, one after another in their order: ids run on across sources, each sample and rejected
+    record carries its source's name ("source"; a rejection's file:line moves to "origin") and each caption its
+    source's caption_prefix. Returns the samples, the rejections and {name: {samples, rejected, where}}."""
+    samples: list[dict[str, Any]] = []
+    rejected: list[dict[str, Any]] = []
+    per_source: dict[str, dict[str, Any]] = {}
+    for src, sub in cfg.data.per_source():
+        assert src is not None
+        one = cfg.model_copy(update={"data": sub})
+        generated = work / "generated" / src.name  # drawn here, then linked to images/<id> like any file
+        records, where = _records(one, work, run, generated)
+        taken, dropped = take(records, work, sub, guard(one, run), counts, sub.limit, start=len(samples))
+        shutil.rmtree(work / "generated", ignore_errors=True)
+        if not taken:
+            raise no_sample_error(sub, f"data.sources {src.name!r} ({where})", dropped)
+        for s in taken:
+            s["source"] = src.name
+            if src.caption_prefix:
+                s["text"] = src.caption_prefix + s["text"]
+        rejected += [{**r, "source": src.name, "origin": r["source"]} for r in dropped]
+        samples += taken
+        per_source[src.name] = {"samples": len(taken), "rejected": len(dropped), "where": where}
+    return samples, rejected, per_source

@@ -362,6 +362,7 @@ def required_binds(cfg: ExperimentConfig, run_root: str | os.PathLike[str], *,
                         ("data.path", cfg.data.path), ("render.lora", cfg.render.lora), ("grid.font", cfg.grid.font)):
         if value is not None:
             wanted.append((Path(value), what))
+    wanted += [(s.path, f"data.sources {s.name!r} path") for s in cfg.data.sources if s.path is not None]
     wanted += [(Path(p), "extra bind") for p in extra if p is not None]
     roots = [_bind_root(p, what) for p, what in wanted]
     return [Path(str(b.src)) for b in merge_binds(roots)]

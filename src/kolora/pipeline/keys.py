@@ -28,6 +28,8 @@ def content(cfg: ExperimentConfig, dotted: str) -> Any:
         return fingerprint.model(cfg.model)
     if dotted == "data.path":
         return hashing.dataset(cfg.data)
+    if dotted == "data.sources.path":
+        return [hashing.dataset(s) for s in cfg.data.sources]
     if dotted == "scorers.dir":
         return fingerprint.scorers(cfg.scorers)
     value = field_value(cfg, dotted)
@@ -55,7 +57,9 @@ class Keys:
         contents = {}
         for f in s.content:
             kind = "model" if f.startswith("model.") else f
-            contents[kind] = contents.get(kind) or content(self.cfg, f)
+            value = contents.get(kind) or content(self.cfg, f)
+            if not (f in SINCE and value == SINCE[f]):  # a content field added later, unused: keys as before it
+                contents[kind] = value
         out["content"] = contents
         out["after"] = {a: self.output(a) for a in s.after}
         if s.extra_key is not None:

@@ -31,7 +31,10 @@ SINCE: dict[str, Any] = {"train.buckets": False, "train.min_snr_gamma": None, "t
                          "data.mask": "auto", "data.synthetic.masks": False,
                          "train.lr_scheduler": "constant", "train.warmup_steps": 0, "train.lr_num_cycles": 1,
                          "train.lr_power": 1.0, "data.captions": "keep", "data.caption_model": None,
-                         "data.caption_language": "en", "data.caption_prefix": None}
+                         "data.caption_language": "en", "data.caption_prefix": None,
+                         # data.sources: none (data's one source)
+                         "data.sources.path": [], "data.sources.repeats": [], "data.sources.filter_ops": [],
+                         **{f"data.sources.{f}": [] for f in ingest.SOURCE_INPUTS}}
 
 # Fields that never make a stage rerun: the stage they concern ("" = the run) and why no output depends on them.
 OPERATIONAL: dict[str, tuple[str, str]] = {

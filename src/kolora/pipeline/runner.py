@@ -29,9 +29,9 @@ from kolora.core.offline import offline_env
 from kolora.core.prompts import load_prompts, repeated
 from kolora.core.rundir import RunDir, atomic_write_json, atomic_write_text, unwritable
 from kolora.core.stage import Stage, StageContext
-from kolora.filter.dj.runner import validate_ops
+from kolora.filter.stage import validate_all_ops
 from kolora.formats import interchange, lora, unet_modules
-from kolora.ingest.sources import probe
+from kolora.ingest.sources import DatasetError, probe
 from kolora.models import captioner, scorers
 from kolora.models import kolors as models
 from kolora.models.kolors import ensure_model, quiet_libraries
@@ -75,7 +75,13 @@ def preflight(cfg: ExperimentConfig, here: bool = False) -> list[str]:
         raise ConfigError(f"cache.dir: {why}. The cache stage writes its entries there: give a folder you can "
                           "write, or leave cache.dir out (the run's own cache/)")
 
-    probe(cfg.data)
+    for src, one in cfg.data.per_source():
+        try:
+            probe(one)
+        except DatasetError as e:
+            if src is None:
+                raise
+            raise DatasetError(f"data.sources {src.name!r}: {e}".replace(" data.path", " path")) from None
     if cfg.render.lora is not None:
         try:
             path = lora.resolve_file(cfg.render.lora)
@@ -88,7 +94,7 @@ def preflight(cfg: ExperimentConfig, here: bool = False) -> list[str]:
         # each block key names a block of this UNet that holds target modules (before the UNet loads for training)
         unet_modules.check_block_keys(cfg.model.unet_config or cfg.model.path, cfg.train.target_modules,
                                       lora.AdapterOptions.of(cfg.train))
-    validate_ops(cfg.filter.ops)
+    validate_all_ops(cfg)
     problems = scorers.missing_for_config(cfg, prompts)
     if problems:
         raise ConfigError("scorer models missing (filter.ops / evaluate):\n  " + "\n  ".join(problems))

@@ -94,11 +94,40 @@ def _filter_section(filter_report: dict[str, Any] | None) -> str:
             "thumbnails, grouped by what dropped them.</p>")
 
 
+def source_rows(cfg: ExperimentConfig, run: RunDir) -> list[dict[str, Any]]:
+    """data.sources: per source the images ingested, kept by the filter, its repeats and the samples an epoch
+    draws of it (kept × repeats); empty without sources."""
+    if not cfg.data.sources:
+        return []
+    try:
+        summary = json.loads((run.filter / "report.json").read_text()).get("summary", {})
+    except (OSError, ValueError):
+        summary = {}
+    counts = summary.get("sources") or {}
+    rows = []
+    for s in cfg.data.sources:
+        c = counts.get(s.name) or {}
+        kept = c.get("kept")
+        rows.append({"source": s.name, "images": (kept or 0) + (c.get("dropped") or 0) if c else None, "kept": kept,
+                     "repeats": s.repeats, "samples_per_epoch": kept * s.repeats if kept is not None else None})
+    return rows
+
+
+def _sources_table(rows: list[dict[str, Any]]) -> str:
+    total = sum(r["samples_per_epoch"] or 0 for r in rows)
+    body = [[r["source"], r["images"], r["kept"], r["repeats"], r["samples_per_epoch"],
+             f"{100 * r['samples_per_epoch'] / total:.1f}%" if total and r["samples_per_epoch"] is not None else None]
+            for r in rows]
+    return "<h2>Data sources</h2>" + table(
+        ["source", "images", "kept", "repeats", "samples per epoch", "share of an epoch"], body, "sources")
+
+
 def build_html(cfg: ExperimentConfig, run: RunDir, figures: dict[str, bytes], scores: dict[str, Any] | None,
                n_tiles: int, loss: list[dict[str, float]], steps_sampled: list[int],
                filter_report: dict[str, Any] | None = None) -> str:
+    sources = source_rows(cfg, run)
     parts = [f"<h1>kolora report: {html.escape(cfg.name)}</h1>",
-             _run_table(cfg, loss, n_tiles, steps_sampled),
+             _run_table(cfg, loss, n_tiles, steps_sampled), *([_sources_table(sources)] if sources else []),
              "<h2>Storyboard</h2>", _img(run.grid_file, "the grid", "grid")]
     if scores is not None:
         tiles = scores.get("tiles", [])
@@ -156,5 +185,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         f"kolora: {cfg.name}", run.grid_file, loss, scores, samples[max(samples)] if samples else []), dpi=90)
     atomic_write_bytes(out / "report.png", summary_png)
     atomic_write_text(out / "report.html", html_page)
+    sources = source_rows(cfg, run)
     return {"report": str(out / "report.html"), "figures": sorted(figures), "scores": scores is not None,
-            "validation_steps": sorted(samples), "filter_report": str(filter_html) if filter_html else None}
+            "validation_steps": sorted(samples), "filter_report": str(filter_html) if filter_html else None,
+            **({"sources": sources} if sources else {})}

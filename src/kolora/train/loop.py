@@ -41,7 +41,15 @@ from kolora.train import distributed, objective, validation_sampler
 from kolora.train import logs as trainlogs
 from kolora.train import metrics as train_metrics
 from kolora.train.ema import LoraEMA
-from kolora.train.samples import BucketSampler, CachedSamples, Positioned, RankShare, StepSampler
+from kolora.train.samples import (
+    BucketSampler,
+    CachedSamples,
+    Positioned,
+    RankShare,
+    StepSampler,
+    sample_repeats,
+    source_counts,
+)
 
 # bitsandbytes (8-bit AdamW), prodigyopt (Prodigy) and Lightning's Slurm environment: imported only where an
 # option or a job needs them
@@ -408,14 +416,16 @@ def run(ctx: StageContext) -> dict[str, Any]:
     if found and batch.accumulate > 1:
         log.info("resumed on %d processes: %d micro-batches per step keep the checkpoint's global batch of %d",
                  world, batch.accumulate, batch.size)
+    repeats = sample_repeats(data.entries, cfg.data.repeats(), run.cache / "index.json")
     if tcfg.buckets:
         sizes = [e.get("bucket") for e in data.entries]
         if None in sizes:
             raise RunFailure(f"train.buckets is on but {run.cache / 'index.json'} has no buckets (cached with "
                              "train.buckets off): rerun the cache stage (kolora run --stage cache --force)")
-        sequence = BucketSampler(sizes, batch.size, tcfg.steps, tcfg.seed, start_step)
+        sequence = BucketSampler(sizes, batch.size, tcfg.steps, tcfg.seed, start_step, repeats)
     else:
-        sequence = StepSampler(len(data), tcfg.steps * batch.size, tcfg.seed, start=start_step * batch.size)
+        sequence = StepSampler(len(data), tcfg.steps * batch.size, tcfg.seed, start=start_step * batch.size,
+                               repeats=repeats)
 
     def loader(rank: int, world_size: int) -> torch.utils.data.DataLoader:
         if world_size != world:
@@ -477,4 +487,5 @@ def run(ctx: StageContext) -> dict[str, Any]:
     return {"steps": trainer.global_step, "resumed_from_step": start_step, "precision": precision,
             "world_size": world, "accumulate": batch.accumulate, "global_batch": batch.size,
             "last_loss": float(rows[-1]["loss"]) if rows else None, "lora": str(out),
-            "trainable_params": sum(p.numel() for p in unet.parameters() if p.requires_grad)}
+            "trainable_params": sum(p.numel() for p in unet.parameters() if p.requires_grad),
+            **({"sources": source_counts(data.entries, cfg.data.repeats())} if repeats else {})}

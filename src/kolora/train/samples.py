@@ -119,11 +119,46 @@ class RankShare(Sampler[tuple[int, int]]):
                 batch = []
 
 
-class StepSampler(Sampler[int]):
-    """Sample i of the run is `perm_e[i % n]` with e = i // n and perm_e a permutation seeded by (seed, e):
-    epochs are reshuffled, and starting at `start` (resume) yields exactly the rest of the sequence."""
+def sample_repeats(entries: list[dict[str, Any]], repeats: dict[str, int], index: Path) -> list[int] | None:
+    """How often each cached sample appears per epoch: its source's repeats (data.sources); None without
+    sources (every sample once: the order as before sources existed)."""
+    if not repeats:
+        return None
+    unknown = sorted({str(e.get("source")) for e in entries if e.get("source") not in repeats})
+    if unknown:
+        raise RunFailure(f"train: {index} has samples of no source in data.sources ({', '.join(unknown)}); rerun "
+                         "the ingest stage and those after it (kolora run --from ingest)")
+    return [repeats[e["source"]] for e in entries]
 
-    def __init__(self, n: int, total: int, seed: int, start: int = 0):
+
+def source_counts(entries: list[dict[str, Any]], repeats: dict[str, int]) -> dict[str, dict[str, int]]:
+    """{source: {"images", "repeats", "samples_per_epoch"}}: the cached images of each source and what an epoch
+    draws of them (images × repeats)."""
+    out = {}
+    for name, r in repeats.items():
+        images = sum(e.get("source") == name for e in entries)
+        out[name] = {"images": images, "repeats": r, "samples_per_epoch": images * r}
+    return out
+
+
+def epoch_pool(n: int, repeats: list[int] | None) -> list[int] | None:
+    """An epoch's multiset with repeats: sample i `repeats[i]` times, in index order (None: every sample once)."""
+    if repeats is None or all(r == 1 for r in repeats):
+        return None
+    if len(repeats) != n:
+        raise ValueError(f"{len(repeats)} repeats for {n} samples")
+    return [i for i in range(n) for _ in range(repeats[i])]
+
+
+class StepSampler(Sampler[int]):
+    """Sample i of the run is `pool[perm_e[i % n]]` with e = i // n and perm_e a permutation seeded by (seed, e)
+    of an epoch's n positions: epochs are reshuffled, and starting at `start` (resume) yields exactly the rest of
+    the sequence. The pool holds sample j `repeats[j]` times (data.sources; n = their sum), else once (pool =
+    identity, n = the sample count)."""
+
+    def __init__(self, n: int, total: int, seed: int, start: int = 0, repeats: list[int] | None = None):
+        self.pool = epoch_pool(n, repeats)
+        n = len(self.pool) if self.pool is not None else n
         self.n, self.total, self.seed, self.start = n, total, seed, start
 
     def __len__(self) -> int:
@@ -139,7 +174,8 @@ class StepSampler(Sampler[int]):
                 # modulo 2^64: the value torch would wrap it to, for a train.seed up to 2^63 - 1 too
                 g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2**64)
                 perm = torch.randperm(self.n, generator=g).tolist()
-            yield perm[i % self.n]
+            j = perm[i % self.n]
+            yield j if self.pool is None else self.pool[j]
 
 
 class BucketSampler(Sampler[int]):
@@ -152,12 +188,14 @@ class BucketSampler(Sampler[int]):
     then all the epoch's batches in an order seeded by (seed, e). Batch k is batch k % per_epoch of epoch
     k // per_epoch. Like StepSampler it yields sample indices, `batch_size` per batch, for the DataLoader's
     own batch_size. `batch_size` is the global batch (world × per-rank batch × accumulation): RankShare deals
-    each rank its slices of it, all of that same bucket."""
+    each rank its slices of it, all of that same bucket. `repeats` (data.sources): sample i is `repeats[i]` times
+    a member of its bucket (the wrapped last batches aside, seen that often per epoch)."""
 
-    def __init__(self, buckets: list[tuple[int, int]], batch_size: int, steps: int, seed: int, start_step: int = 0):
+    def __init__(self, buckets: list[tuple[int, int]], batch_size: int, steps: int, seed: int, start_step: int = 0,
+                 repeats: list[int] | None = None):
         self.members: dict[tuple[int, int], list[int]] = {}
-        for i, b in enumerate(buckets):
-            self.members.setdefault(tuple(b), []).append(i)
+        for i in epoch_pool(len(buckets), repeats) or range(len(buckets)):
+            self.members.setdefault(tuple(buckets[i]), []).append(i)
         self.size, self.steps, self.seed, self.start = batch_size, steps, seed, start_step
         self.per_epoch = sum(-(-len(m) // self.size) for m in self.members.values())
 

@@ -21,6 +21,7 @@ STAGE = Stage(
             "train.min_snr_gamma", "train.noise_offset", "train.caption_dropout", "train.ema_decay",
             "train.dora", "train.optimizer", "cpu_threads", "train.buckets", "train.timesteps",
             "train.adapter", "train.lokr_factor", "train.block_ranks", "train.block_alphas",
-            "train.lr_scheduler", "train.warmup_steps", "train.lr_num_cycles", "train.lr_power"),
+            "train.lr_scheduler", "train.warmup_steps", "train.lr_num_cycles", "train.lr_power",
+            "data.sources.repeats"),
     content=(), outputs=("train", "lora"), done=file_exists("lora/pytorch_lora_weights.safetensors"),
     stoppable=True, on_change="keep", continues=("train.steps",), keeps_partial=True, resume_step=resume_step)
