@@ -98,21 +98,29 @@ def _needs(source: str, path: Path | None, dataset_id: str | None, prefix: str) 
                          f"or {prefix}path (a folder made by `modelscope download --dataset ...`)")
 
 
-class SourceConfig(_Section):
-    """One dataset of data.sources: read like data's single source, plus how often it is trained on."""
+class DatasetFields(_Section):
+    """The fields one dataset is read by (PER_SOURCE_FIELDS): data's own, or each data.sources entry's."""
 
-    # tags its samples; default: the path's stem, the dataset id's last part or the kind
-    name: str = Field(pattern=r"^[^/\\\s]+$")
     source: SOURCE_KINDS = "synthetic"
+    # folder: images + metadata.csv (file_name,text); jsonl: {"text":..., "image": [path]} lines;
+    # parquet: a file (or folder of files) with image bytes + text; modelscope: a dataset id or a local folder.
     path: Path | None = None
     dataset_id: str | None = None
     subset: str | None = "default"
     split: str = "train"
     text_column: str = "text"
     image_column: str = "image"
+    # The tutorial captions every image "二次元"; set this to do the same (overrides the dataset's text).
     caption: str | None = None
     limit: int | None = Field(None, ge=1)
     synthetic: SyntheticConfig = SyntheticConfig()
+
+
+class SourceConfig(DatasetFields):
+    """One dataset of data.sources: read like data's single source, plus how often it is trained on."""
+
+    # tags its samples; default: the path's stem, the dataset id's last part or the kind
+    name: str = Field(pattern=r"^[^/\\\s]+$")
     # How often each of its images appears per epoch (kohya's / OneTrainer's repeats)
     repeats: int = Field(1, ge=1)
     # Put verbatim before each of its captions (include the separator: "sks style, ")
@@ -151,20 +159,7 @@ def _derived_name(raw: dict[str, Any]) -> str:
     return str(raw.get("source", "synthetic"))
 
 
-class DataConfig(_Section):
-    source: Literal["synthetic", "folder", "jsonl", "parquet", "modelscope"] = "synthetic"
-    # folder: images + metadata.csv (file_name,text); jsonl: {"text":..., "image": [path]} lines;
-    # parquet: a file (or folder of files) with image bytes + text; modelscope: a dataset id or a local folder.
-    path: Path | None = None
-    dataset_id: str | None = None
-    subset: str | None = "default"
-    split: str = "train"
-    text_column: str = "text"
-    image_column: str = "image"
-    # The tutorial captions every image "二次元"; set this to do the same (overrides the dataset's text).
-    caption: str | None = None
-    limit: int | None = Field(None, ge=1)
-    synthetic: SyntheticConfig = SyntheticConfig()
+class DataConfig(DatasetFields):
     # Image paths from metadata must resolve inside the dataset's folder; true admits others (absolute paths
     # listed on purpose). Larger files, and anything but regular files, are rejected at ingest either way.
     allow_external_paths: bool = False

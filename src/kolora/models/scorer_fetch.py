@@ -45,6 +45,26 @@ def check_folder(report: Report, folder: Path) -> None:
     c.weights(folder, ("model", "pytorch_model"))
 
 
+def download_all(names: list[str], to: Path, command: str, timeout: float, download=None) -> None:
+    """Each hub repository `name` into to/<name>; FetchError with the login-node advice (naming `command`) when
+    the hub cannot be reached or a download fails."""
+    if offline_variable("huggingface"):
+        why = "HF_HUB_OFFLINE is set, as kolora sets it for compute jobs"
+    else:
+        from huggingface_hub import constants
+
+        why = unreachable_reason(constants.ENDPOINT, timeout)
+    if why:
+        raise FetchError(f"cannot reach the Hugging Face hub ({why}).\n{login_node_advice(command)}")
+    download = download or _hub_download
+    for name in names:
+        try:
+            download(name, to / name)
+        except Exception as e:  # noqa: BLE001 - network, HTTP and hub errors of many types
+            raise FetchError(f"downloading {name} failed ({e.__class__.__name__}: {str(e)[:300]}).\n"
+                             f"{login_node_advice(command)}") from e
+
+
 def fetch(to: Path, clip: bool, aesthetics: bool, tiny: bool = False, timeout: float = DEFAULT_PROBE_TIMEOUT,
           download=None, filters: list[str] = ()) -> Report:
     names = wanted(clip, aesthetics, filters=filters)
@@ -63,21 +83,7 @@ def fetch(to: Path, clip: bool, aesthetics: bool, tiny: bool = False, timeout: f
             else:
                 scorers.build_tiny_aesthetic(to / name, name=name)
     else:
-        if offline_variable("huggingface"):
-            why = "HF_HUB_OFFLINE is set, as kolora sets it for compute jobs"
-        else:
-            from huggingface_hub import constants
-
-            why = unreachable_reason(constants.ENDPOINT, timeout)
-        if why:
-            raise FetchError(f"cannot reach the Hugging Face hub ({why}).\n{login_node_advice(command)}")
-        download = download or _hub_download
-        for name in names:
-            try:
-                download(name, to / name)
-            except Exception as e:  # noqa: BLE001 - network, HTTP and hub errors of many types
-                raise FetchError(f"downloading {name} failed ({e.__class__.__name__}: {str(e)[:300]}).\n"
-                                 f"{login_node_advice(command)}") from e
+        download_all(names, to, command, timeout, download)
     report = Report(to, "scorer models" + (" (tiny, random)" if tiny else ""))
     for name in names:
         check_folder(report, to / name)
@@ -96,21 +102,7 @@ def fetch_captioner(to: Path, names: list[str] | None = None, tiny: bool = False
         for name in names:
             captioner.build_tiny_captioner(to / name)
     else:
-        if offline_variable("huggingface"):
-            why = "HF_HUB_OFFLINE is set, as kolora sets it for compute jobs"
-        else:
-            from huggingface_hub import constants
-
-            why = unreachable_reason(constants.ENDPOINT, timeout)
-        if why:
-            raise FetchError(f"cannot reach the Hugging Face hub ({why}).\n{login_node_advice(command)}")
-        download = download or _hub_download
-        for name in names:
-            try:
-                download(name, to / name)
-            except Exception as e:  # noqa: BLE001 - network, HTTP and hub errors of many types
-                raise FetchError(f"downloading {name} failed ({e.__class__.__name__}: {str(e)[:300]}).\n"
-                                 f"{login_node_advice(command)}") from e
+        download_all(names, to, command, timeout, download)
     report = Report(to, "captioner" + (" (tiny, random)" if tiny else ""))
     for name in names:
         check_folder(report, to / name)
