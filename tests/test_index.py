@@ -20,6 +20,7 @@ import yaml
 from headless_browser import body_attributes, chromium, dom, screenshot
 
 from kolora.cli.main import main
+from kolora.core.stats import mean_interval
 from kolora.pipeline.registry import NAMES
 from kolora.sweep.index import INDEX, refresh, refresh_for_run
 
@@ -139,17 +140,18 @@ def test_index_lists_every_run_and_sweep(lab, demo_run, capsys):
     assert cells("hot-lr")[head.index("checkpoint")].startswith("step 4 (aesthetic 5.2500 [5.0000, 5.5000])")
     assert cells("demo")[head.index("checkpoint")] == "last"
     assert cells("hot-lr")[head.index("aesthetic")] == "9.5<br><small>[9.25, 9.75] n=8</small>"
-    scores = json.loads((demo_run / "eval" / "scores.json").read_text())
-    clip = re.fullmatch(r"([\d.]+)<br><small>\[([\d.]+), ([\d.]+)\] n=(\d+)</small>", cells("demo")[head.index("clip")])
-    assert clip and int(clip.group(4)) == len(scores["tiles"]) > 1
-    assert float(clip.group(2)) <= float(clip.group(1)) <= float(clip.group(3))
-    assert cells("demo")[head.index("steps")] == f"{yaml.safe_load((demo_run / 'config.yaml').read_text())['train']['steps']}" \
-        f" / {yaml.safe_load((demo_run / 'config.yaml').read_text())['train']['steps']}"
+    tiles = json.loads((demo_run / "eval" / "scores.json").read_text())["tiles"]
+    clip = mean_interval([t["clip"]["lora"] for t in tiles])
+    assert clip.n > 1 and cells("demo")[head.index("clip")] == \
+        f"{clip.mean:.4g}<br><small>[{clip.low:.4g}, {clip.high:.4g}] n={clip.n}</small>"
+    steps = yaml.safe_load((demo_run / "config.yaml").read_text())["train"]["steps"]
+    assert cells("demo")[head.index("steps")] == f"{steps} / {steps}"
     # the sweep: its best variant's scores and thumbnail, a link to its sheet
     assert "best: lr-" in cells("sw")[head.index("checkpoint")] and "varies train.lr" in cells("sw")[head.index("kind")]
 
     # thumbnails inline (JPEG), links relative to the report of each run that has one, nothing from a network
-    assert len(re.findall(r'<img src="data:image/jpeg;base64,', page)) == 8  # every run but the damaged + the sweep
+    # 7 readable runs + the sweep's (its best variant's grid)
+    assert len(re.findall(r'<img src="data:image/jpeg;base64,', page)) == 8
     links = re.findall(r'href="([^"]+)"', page)
     assert len(links) == 8 and all((lab / urllib.parse.unquote(h)).is_file() for h in links), links
     assert "sw/sweep.html" in links and not re.search(r'(src|href)="(?!data:)[a-z]+://', page)
@@ -187,3 +189,15 @@ def test_index_renders_and_sorts_in_headless_chromium(lab, tmp_path):
         assert f'data-sorted="{key}"' in built
         order = [html.unescape(n) for n in re.findall(r'<tr class="[^"]+" data-name="([^"]+)">', built)]
         assert order[:len(first)] == first and order[-len(last):] == last, order
+
+
+def test_the_job_that_finishes_a_run_refreshes_the_index(lab, tmp_path):
+    from kolora.launch.cluster import JOBS
+    from kolora.launch.jobs import StageJob
+
+    (lab / INDEX).unlink(missing_ok=True)
+    run = lab / "demo"
+    for job in ("render", "grid"):  # stages complete: skipped
+        StageJob(str(run), str(run / "config.yaml"), str(tmp_path), "stamp", job, JOBS[job]).run_here(0)
+        assert (lab / INDEX).is_file() == (job == "grid")
+    assert 'data-name="demo"' in (lab / INDEX).read_text()

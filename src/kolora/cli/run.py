@@ -47,7 +47,9 @@ def _run(args) -> int:
     # the run lock before anything of the run is written: no other `kolora run` or live submission's jobs
     # write it meanwhile (RunLocked names the holder)
     # RUNS_DIR/index.html after the lock is released, however the run ends (it then shows complete, failed, stopped)
-    with refreshed_after(runs_dir), acquire(runs_dir / cfg.name, "run", queued=still_queued):
+    with (refreshed_after(runs_dir, armed=False) as index_due,
+          acquire(runs_dir / cfg.name, "run", queued=still_queued)):
+        index_due()  # this run holds its lock: whatever happens now, the index shows it
         if removed := sweep_temp(runs_dir / cfg.name):  # leftovers of a writer that was killed
             console.print(f"[dim]removed {removed} temp files of an interrupted earlier run[/]")
         run = runner.open_run(cfg, runs_dir)

@@ -22,7 +22,7 @@ import logging
 import os
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -424,12 +424,16 @@ def refresh(runs_dir: Path) -> Path | None:
 
 
 @contextlib.contextmanager
-def refreshed_after(runs_dir: Path) -> Iterator[None]:
-    """The block, then `refresh(runs_dir)` however it ends (a failed or stopped run is listed as such)."""
+def refreshed_after(runs_dir: Path, armed: bool = True) -> Iterator[Callable[[], None]]:
+    """The block, then `refresh(runs_dir)` however it ends (a failed or stopped run is listed as such), once
+    armed: at once, or with armed=False when the block calls what this yields (`kolora run` once it holds the
+    run lock: a command refused before then writes nothing)."""
+    due = [armed]
     try:
-        yield
+        yield lambda: due.__setitem__(0, True)
     finally:
-        refresh(runs_dir)
+        if due[0]:
+            refresh(runs_dir)
 
 
 def refresh_for_run(run_root: Path) -> Path | None:
