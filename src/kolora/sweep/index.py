@@ -387,7 +387,7 @@ def render(runs_dir: Path, rows: list[Row]) -> str:
     more = (f'<p class="note">{len(extra)} more settings differ: {esc(", ".join(extra))}.</p>' if extra else "")
     intro = (f"<h1>kolora runs in {esc(runs_dir)}</h1>"
              f'<p class="note">{runs} runs, {sweeps} sweeps; written {esc(now())} (refreshed by <code>kolora run'
-             "</code>, a run's last Slurm job and <code>kolora index</code>). State from each run folder; steps: the "
+             "</code>, <code>kolora sweep</code>, a run's last Slurm job and <code>kolora index</code>). State from each run folder; steps: the "
              "kept LoRA's step / train.steps; scores: the LoRA's mean over its tiles with a 95 % bootstrap "
              "interval; checkpoint: the selected step (lora/selection.json), else the last; settings: those that "
              "differ between the runs. Click a header to sort.</p>")
@@ -416,7 +416,7 @@ def refresh(runs_dir: Path) -> Path | None:
     """write_index for a command or job whose own work is done: an error is logged, never raised."""
     try:
         path = write_index(runs_dir)[0]
-        log.info("index: %s", path)
+        log.info("wrote %s", path)
         return path
     except Exception as e:  # noqa: BLE001 - the index is a convenience; it must not fail the run that wrote it
         log.warning("could not refresh %s: %s", Path(runs_dir) / INDEX, e, exc_info=log.isEnabledFor(logging.DEBUG))
