@@ -44,3 +44,11 @@ def screenshot(browser: str, page: Path, profile: Path, shot: Path, size: tuple[
                            page.as_uri()], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and shot.is_file(), proc.stderr[-2000:]
     return shot
+
+
+def dom(browser: str, url: str, profile: Path) -> str:
+    """The DOM the browser built for `url` (a page's file URI, with a #fragment its script reads)."""
+    proc = subprocess.run([*_common(browser, profile), "--dump-dom", url], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout

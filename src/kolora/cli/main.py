@@ -9,6 +9,7 @@ import logging
 import sys
 import traceback
 
+from kolora.cli import index as cli_index  # index
 from kolora.cli import models as cli_models  # fetch, check, export, import-lora
 from kolora.cli import run as cli_run  # run, validate, make-tiny
 from kolora.cli import slurm as cli_slurm  # submit, status, logs, cancel, resume
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_slurm.register(sub)
     cli_models.register(sub)
     cli_sweep.register(sub)
+    cli_index.register(sub)
     for command in sub.choices.values():  # -v also after the command: `kolora run X -v`
         command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                              help="show the traceback of an error")

@@ -22,6 +22,7 @@ from kolora.pipeline import runner
 from kolora.pipeline.registry import NAMES as STAGE_NAMES
 from kolora.pipeline.sequence import run_all
 from kolora.pipeline.state import stopped_before
+from kolora.sweep.index import refreshed_after
 from kolora.sweep.names import check_name
 
 # rich: imported in the functions that use them (a login node's CLI starts without them)
@@ -45,7 +46,10 @@ def _run(args) -> int:
     stopped = stopped_before(runs_dir / cfg.name, still_queued)  # read before this run holds the lock
     # the run lock before anything of the run is written: no other `kolora run` or live submission's jobs
     # write it meanwhile (RunLocked names the holder)
-    with acquire(runs_dir / cfg.name, "run", queued=still_queued):
+    # RUNS_DIR/index.html after the lock is released, however the run ends (it then shows complete, failed, stopped)
+    with (refreshed_after(runs_dir, armed=False) as index_due,
+          acquire(runs_dir / cfg.name, "run", queued=still_queued)):
+        index_due()  # this run holds its lock: whatever happens now, the index shows it
         if removed := sweep_temp(runs_dir / cfg.name):  # leftovers of a writer that was killed
             console.print(f"[dim]removed {removed} temp files of an interrupted earlier run[/]")
         run = runner.open_run(cfg, runs_dir)

@@ -17,6 +17,7 @@ from kolora.launch.submit import LaunchError
 from kolora.launch.sweep import submit_sweep
 from kolora.launch.sweep_status import exit_code, format_status, status
 from kolora.pipeline import runner
+from kolora.sweep.index import refreshed_after
 from kolora.sweep.manifest import read_manifest
 from kolora.sweep.names import check_name
 from kolora.sweep.plan import plan, run_in_process
@@ -35,7 +36,8 @@ def cmd_sweep(args) -> int:
     if args.cluster:
         return _submit(args, sweep)
 
-    with interrupt.for_command():  # Ctrl-C stops the variant running now like `kolora run`, and the sweep
+    # Ctrl-C stops the variant running now like `kolora run`, and the sweep; RUNS_DIR/index.html afterwards
+    with refreshed_after(runs_dir), interrupt.for_command():
         outcome = run_in_process(sweep, console, RichStageDisplay(console), force=args.force,
                                  queued=still_queued)
     failed = {n: o for n, o in outcome.items() if o != "complete"}

@@ -33,7 +33,8 @@ from kolora.launch.monitor import still_queued
 from kolora.launch.supervise import JobFailed, job_end_time, slurm_job_id, supervise
 from kolora.pipeline import runner
 from kolora.pipeline.keys import Keys, is_complete, progress
-from kolora.pipeline.registry import get
+from kolora.pipeline.registry import NAMES, get
+from kolora.sweep.index import refresh_for_run
 from kolora.train.distributed import free_port
 
 # torch: imported in the functions that use them (a login node's CLI starts without them)
@@ -234,6 +235,8 @@ class StageJob:
                      ", ".join(f"{k}={v}" for k, v in summary.items() if not isinstance(v, dict | list)))
             if s.parallel == "ddp" and self.distributed and not summary.get("skipped"):
                 run.record_stage(stage, distributed=_process_group(0))
+        if NAMES[-1] in self.stages:  # the job that finishes the run: the runs dir's page lists it complete
+            refresh_for_run(run.root)
         return results
 
     def _run_shared(self, stage: str, cfg, run, placement: dict[str, Any]) -> dict[str, Any]:

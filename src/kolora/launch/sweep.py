@@ -38,6 +38,7 @@ from kolora.launch.submit import (
 )
 from kolora.pipeline.registry import NAMES
 from kolora.pipeline.runner import open_run
+from kolora.sweep.index import refresh as refresh_index
 from kolora.sweep.plan import Sweep, adopt_shared, write_manifest, write_sheet
 
 # submitit: imported in the functions that use them (a login node's CLI starts without them)
@@ -76,6 +77,7 @@ class SweepSheetJob:
     def __call__(self) -> dict[str, str]:
 
         html, png = write_sheet(Path(self.sweep_dir))
+        refresh_index(Path(self.sweep_dir).parent)  # the runs dir's page: the sweep's row and its variants
         return {"html": str(html), "png": str(png)}
 
 
