@@ -91,7 +91,7 @@ def preflight(cfg: ExperimentConfig, here: bool = False) -> list[str]:
     validate_ops(cfg.filter.ops)
     problems = scorers.missing_for_config(cfg, prompts)
     if problems:
-        raise ConfigError("scorer models missing (filter.ops / evaluate):\n  " + "\n  ".join(problems))
+        raise ConfigError("scorer models missing (filter.ops / evaluate / evaluate.select):\n  " + "\n  ".join(problems))
     if problems := captioner.missing_for_config(cfg):
         raise ConfigError("captioner missing (data.captions):\n  " + "\n  ".join(problems))
     if cfg.train.buckets:
