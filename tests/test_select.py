@@ -56,15 +56,14 @@ def _pool_scores(cfg, metric: str, images: list) -> list[list[float]]:
 
     s = cfg.scorers
     scorers.ensure_tiny(s)
+    if metric == "aesthetic":
+        model = scorers.load_aesthetic(scorers.local_folder(s.dir, s.aesthetic), s.aesthetic)
+        return [scorers.aesthetic_score(model, images)] * len(prompt_texts(cfg))
     out = []
     for text in prompt_texts(cfg):
-        if metric == "clip":
-            name = scorers.clip_for(text, s.language, s.clip, s.chinese_clip)
-            model = scorers.load_clip(scorers.local_folder(s.dir, name), name)
-            out.append(scorers.clip_score(model, images, [text] * len(images)))
-        else:
-            model = scorers.load_aesthetic(scorers.local_folder(s.dir, s.aesthetic), s.aesthetic)
-            out.append(scorers.aesthetic_score(model, images))
+        name = scorers.clip_for(text, s.language, s.clip, s.chinese_clip)
+        model = scorers.load_clip(scorers.local_folder(s.dir, name), name)
+        out.append(scorers.clip_score(model, images, [text] * len(images)))
     return out
 
 
@@ -156,6 +155,17 @@ def test_training_keeps_each_validation_steps_lora_and_select_installs_the_best(
     assert _same_tensors(run.lora / "last" / LORA, demo_run / "lora" / LORA)
     assert _same_tensors(step_lora(run.train, 30), demo_run / "lora" / LORA)
     assert not step_lora(run.train, 0).exists()
+
+
+def test_the_report_draws_the_scores_over_the_steps_with_the_selected_one(selected):
+    from kolora.report.stage import selection_section
+
+    run, _ = selected
+    chosen = json.loads((run.lora / "selection.json").read_text())
+    page = selection_section(run)
+    assert "Validation scores over training" in page and 'src="data:image/png;base64,' in page
+    assert f"{chosen['step']} ← selected" in page and "0 (base model)" in page
+    assert chosen["verdict"] in page.replace("&#x27;", "'")
 
 
 def test_changing_select_reruns_only_the_selection_and_what_reads_the_lora(selected, tmp_path):
