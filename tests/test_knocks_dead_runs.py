@@ -205,7 +205,7 @@ CASES = [
     ("kill-9-in-train", killed_in("train"), STATUS, 3,
      ["stopped (train)", f"stage train was running when {DIED}; complete: ingest, filter, cache"], True),
     ("kill-9-in-report", killed_in("report"), STATUS, 3,
-     ["stopped (report)", f"stage report was running when {DIED}; complete: ingest, filter, cache, train, "
+     ["stopped (report)", f"stage report was running when {DIED}; complete: ingest, filter, cache, train, select, "
       "render, grid, evaluate"], True),
     ("lock-gone-in-filter", lock_gone_in("filter"), STATUS, 3,
      ["stopped (filter)", "stage filter was running when its process ended (no process holds the run lock); "

@@ -57,7 +57,7 @@ def test_dry_run_shows_every_job(tmp_path: Path, fake_slurm: Path, capsys: pytes
     table = {line.split()[0]: line.split() for line in out.splitlines()[3:8]}
     assert table["job"][:4] == ["job", "stages", "partition", "time"]
     assert table["filter"][1:4] == ["ingest+filter", "cpu", "0:30:00"] and table["filter"][-1] == "-"
-    assert table["train"][1:4] == ["cache+train", "gpu", "0:30:00"] and table["train"][-1] == "afterok:filter"
+    assert table["train"][1:4] == ["cache+train+select", "gpu", "0:30:00"] and table["train"][-1] == "afterok:filter"
     assert table["render"][-2:] == ["0-3%2", "afterok:train"]
     assert table["grid"][1:4] == ["grid+evaluate+report", "cpu", "0:10:00"] and table["grid"][-1] == "afterok:render"
     sections = dict(re.findall(r"# ---- (\w+): [^\n]*\n(.*?)(?=\n# ---- |\Z)", out, re.S))

@@ -526,6 +526,16 @@ class EvaluateConfig(_Section):
     # CLIP and aesthetic scores of every tile, LoRA vs base model (kolora.evaluate.stage) -> eval/scores.json/csv
     enabled: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # The run's LoRA: the final step's (last), or the validation step whose samples score best under a scorer, or
+    # under the mean of the scorers' ranks (kolora.evaluate.selection; needs train.validation.every)
+    select: Literal["last", "clip", "aesthetic", "mean_rank"] = "last"
+
+    @model_serializer(mode="wrap")
+    def _omit_default_select(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)  # last: the run's LoRA as before the field existed (same dumps and digests)
+        if self.select == "last":
+            data.pop("select", None)
+        return data
 
 
 class ExperimentConfig(_Section):
@@ -556,6 +566,19 @@ class ExperimentConfig(_Section):
         if self.render.base_tiles is None and isinstance(data.get("render"), dict):
             data["render"].pop("base_tiles", None)
         return data
+
+    @model_validator(mode="after")
+    def _selection_has_samples(self) -> ExperimentConfig:
+        # a selection among validation steps needs them, and scorer models to score their samples with
+        if self.evaluate.select != "last" and not self.train.validation.every:
+            raise ValueError(f"evaluate.select: {self.evaluate.select} chooses among the validation steps, and "
+                             "train.validation.every is 0 (none): set train.validation.every (e.g. 100), or "
+                             "evaluate.select: last")
+        if self.evaluate.select != "last" and self.scorers.dir is None:
+            raise ValueError(f"evaluate.select: {self.evaluate.select} scores the validation samples with the "
+                             "scorer models, and scorers.dir is not set: set it to the folder `kolora fetch models "
+                             "--clip --aesthetics --to DIR` filled, or evaluate.select: last")
+        return self
 
     def digest(self) -> str:
         """Hash of the resolved config (what a run directory is bound to)."""

@@ -33,8 +33,9 @@ from kolora.pipeline.registry import NAMES
 
 # The Slurm jobs a run is queued as (a profile's `jobs.<job>` sections), each with the stages it runs in
 # pipeline order, each `afterok` on the one before. Consecutive stages on the same kind of machine share a job:
-# no queue wait between them, and the cache's GPU job is the one that trains.
-JOBS: dict[str, tuple[str, ...]] = {"filter": ("ingest", "filter"), "train": ("cache", "train"),
+# no queue wait between them, and the cache's GPU job is the one that trains. select (on a CPU: it scores the
+# validation samples) ends the train job on its rank 0, so the render job finds the LoRA it chose.
+JOBS: dict[str, tuple[str, ...]] = {"filter": ("ingest", "filter"), "train": ("cache", "train", "select"),
                                     "render": ("render",), "grid": ("grid", "evaluate", "report")}
 if tuple(s for job in JOBS.values() for s in job) != NAMES:
     raise AssertionError(f"launch.cluster.JOBS must run every registered stage once, in order: {NAMES}")

@@ -453,10 +453,14 @@ def missing_models(scfg, names: list[str]) -> list[str]:
 
 
 def missing_for_config(cfg, prompts: list) -> list[str]:
-    """Preflight: problems with the local models the config's scorer filter ops and evaluate will load."""
+    """Preflight: problems with the local models the config's scorer filter ops, evaluate and select will load."""
     captions = [cfg.data.caption] if cfg.data.caption else None
     names = [n for _i, _arg, ids in filter_op_models(cfg.filter.ops, cfg.scorers, captions) for n in ids]
     if cfg.evaluate.enabled:
         s = cfg.scorers
         names += [clip_for(p.prompt, s.language, s.clip, s.chinese_clip) for p in prompts] + [s.aesthetic]
+    if cfg.evaluate.select != "last":  # the select stage scores the validation samples (train.validation's prompts)
+        s, v = cfg.scorers, cfg.train.validation
+        texts = list(v.prompts) or [p.prompt for p in prompts[:v.count]]
+        names += [clip_for(text, s.language, s.clip, s.chinese_clip) for text in texts] + [s.aesthetic]
     return missing_models(cfg.scorers, names) if names else []

@@ -17,8 +17,8 @@ from kolora.render import spec as render
 from kolora.report import spec as report
 from kolora.train import spec as train
 
-STAGES: tuple[Stage, ...] = (ingest.STAGE, filter_.STAGE, cache.STAGE, train.STAGE, render.RENDER, render.GRID,
-                             evaluate.STAGE, report.STAGE)
+STAGES: tuple[Stage, ...] = (ingest.STAGE, filter_.STAGE, cache.STAGE, train.STAGE, evaluate.SELECT, render.RENDER,
+                             render.GRID, evaluate.STAGE, report.STAGE)
 
 # Fields added after runs were made, with the value that means "as before": at that value a field is left
 # out of its stages' keys, so the runs made before it existed stay complete (no retraining on an upgrade).
@@ -31,7 +31,7 @@ SINCE: dict[str, Any] = {"train.buckets": False, "train.min_snr_gamma": None, "t
                          "data.mask": "auto", "data.synthetic.masks": False,
                          "train.lr_scheduler": "constant", "train.warmup_steps": 0, "train.lr_num_cycles": 1,
                          "train.lr_power": 1.0, "data.captions": "keep", "data.caption_model": None,
-                         "data.caption_language": "en", "data.caption_prefix": None,
+                         "data.caption_language": "en", "data.caption_prefix": None, "evaluate.select": "last",
                          # data.sources: none (data's one source)
                          "data.sources.path": [], "data.sources.repeats": [], "data.sources.filter_ops": [],
                          **{f"data.sources.{f}": [] for f in ingest.SOURCE_INPUTS}}

@@ -97,7 +97,7 @@ def preflight(cfg: ExperimentConfig, here: bool = False) -> list[str]:
     validate_all_ops(cfg)
     problems = scorers.missing_for_config(cfg, prompts)
     if problems:
-        raise ConfigError("scorer models missing (filter.ops / evaluate):\n  " + "\n  ".join(problems))
+        raise ConfigError("scorer models missing (filter.ops / evaluate / evaluate.select):\n  " + "\n  ".join(problems))
     if problems := captioner.missing_for_config(cfg):
         raise ConfigError("captioner missing (data.captions):\n  " + "\n  ".join(problems))
     if cfg.train.buckets:

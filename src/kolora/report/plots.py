@@ -118,3 +118,25 @@ def summary_figure(title: str, grid: Path | None, loss: list[dict[str, float]],
             a.set_axis_off()
             a.set_title(f"last samples: {label}" if k == 0 else label, fontsize=8)
     return fig
+
+
+def scores_over_steps(means: dict[str, dict[int, tuple[float, float, float]]], selected: int | None,
+                      metric: str | None) -> Figure:
+    """One panel per scorer: the mean score of the validation samples at each step (step 0: the base model) with
+    its 95 % interval, the selected step marked."""
+    scorers = sorted(means)
+    fig = Figure(figsize=(4.2 * len(scorers), 3.2))
+    axes = fig.subplots(1, len(scorers), squeeze=False)[0]
+    for ax, scorer in zip(axes, scorers, strict=True):
+        steps = sorted(means[scorer])
+        mean, low, high = ([means[scorer][s][k] for s in steps] for k in range(3))
+        ax.fill_between(steps, low, high, color="#9bb7d4", alpha=0.5, linewidth=0, label="95 % interval")
+        ax.plot(steps, mean, color="#1f4e79", marker="o", linewidth=2, label="mean")
+        if selected is not None:
+            ax.axvline(selected, color="#c55a11", linestyle="--", linewidth=1.5,
+                       label=f"selected: step {selected}" + (f" ({metric})" if metric else ""))
+        ax.set_xlabel("step")
+        ax.set_title(f"{scorer} over training")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    return fig

@@ -11,6 +11,7 @@ The page checks itself (kolora.core.webpage): a small inline script sets `data-i
 
 from __future__ import annotations
 
+import csv
 import html
 import json
 import re
@@ -21,10 +22,12 @@ from kolora.core.config import ExperimentConfig
 from kolora.core.errors import RunFailure
 from kolora.core.rundir import RunDir, atomic_write_bytes, atomic_write_text
 from kolora.core.stage import StageContext
+from kolora.core.stats import mean_interval
 from kolora.core.webpage import data_uri, page, table
 from kolora.filter import report_page as filter_page
 from kolora.render.tiles import tiles
 from kolora.train import metrics as train_metrics
+from kolora.train.validation import SCORES_FILE, SELECTION_FILE
 
 # kolora.report.plots (matplotlib): imported in the functions that use them (a login node's CLI starts without them)
 
@@ -122,9 +125,42 @@ def _sources_table(rows: list[dict[str, Any]]) -> str:
         ["source", "images", "kept", "repeats", "samples per epoch", "share of an epoch"], body, "sources")
 
 
+def selection_section(run: RunDir) -> str:
+    """The validation samples' scores over the steps (train/scores.csv) with the step evaluate.select chose
+    (lora/selection.json): a curve per scorer with its 95 % intervals, a table, the verdict. Empty without scores."""
+    from kolora.report import plots
+
+    if not (run.root / SCORES_FILE).is_file():
+        return ""
+    values: dict[str, dict[int, list[float]]] = {}
+    with open(run.root / SCORES_FILE, newline="", encoding="utf-8") as f:
+        for r in csv.DictReader(f):
+            values.setdefault(r["scorer"], {}).setdefault(int(r["step"]), []).append(float(r["value"]))
+    if not values:
+        return ""
+    intervals = {scorer: {step: mean_interval(v) for step, v in by_step.items()} for scorer, by_step in values.items()}
+    try:
+        selection = json.loads((run.root / SELECTION_FILE).read_text())
+    except (OSError, ValueError):
+        selection = {}
+    chosen, metric = selection.get("step"), selection.get("metric")
+    means = {scorer: {step: (i.mean, i.low, i.high) for step, i in by_step.items()}
+             for scorer, by_step in intervals.items()}
+    figure = plots.png_bytes(plots.scores_over_steps(means, chosen, metric))
+    scorers = sorted(intervals)
+    rows = [[f"{step}" + (" (base model)" if step == 0 else "") + (" ← selected" if step == chosen else ""),
+             *(str(intervals[sc][step]) if step in intervals[sc] else None for sc in scorers)]
+            for step in sorted({step for by_step in intervals.values() for step in by_step})]
+    verdict = (f"<p>The run's LoRA is step {chosen}'s (evaluate.select: {html.escape(str(metric))}): "
+               f"{html.escape(selection['verdict'])}. lora/last/ holds the final step's.</p>"
+               if selection.get("verdict") else "")
+    return ("<h2>Validation scores over training</h2>" + verdict + _img(figure, "scores over steps", "plot")
+            + table(["step", *(f"{sc}: mean [95 % interval]" for sc in scorers)], rows, "step-scores"))
+
+
 def build_html(cfg: ExperimentConfig, run: RunDir, figures: dict[str, bytes], scores: dict[str, Any] | None,
                n_tiles: int, loss: list[dict[str, float]], steps_sampled: list[int],
-               filter_report: dict[str, Any] | None = None) -> str:
+               filter_report: dict[str, Any] | None = None, selection: str = "") -> str:
     sources = source_rows(cfg, run)
     parts = [f"<h1>kolora report: {html.escape(cfg.name)}</h1>",
              _run_table(cfg, loss, n_tiles, steps_sampled), *([_sources_table(sources)] if sources else []),
@@ -154,6 +190,7 @@ def build_html(cfg: ExperimentConfig, run: RunDir, figures: dict[str, bytes], sc
     parts.append("<h2>Training loss</h2>")
     parts.append(_img(figures["loss"], "loss curve", "plot") if "loss" in figures else
                  "<p class='note'>No train/metrics.csv.</p>")
+    parts.append(selection)
     parts.append("<h2>Validation samples over steps</h2>")
     parts.append(_img(figures["validation"], "validation samples", "plot") if "validation" in figures else
                  "<p class='note'>None: set train.validation.every to sample during training.</p>")
@@ -179,7 +216,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
         figures["scores"] = plots.png_bytes(plots.score_bars(scores["summary"]))
     filter_report = filter_page.read_report(run)
     filter_html = filter_page.write_if_missing(run, filter_report, cfg.name) if filter_report is not None else None
-    html_page = build_html(cfg, run, figures, scores, len(tiles(cfg, run)), loss, sorted(samples), filter_report)
+    html_page = build_html(cfg, run, figures, scores, len(tiles(cfg, run)), loss, sorted(samples), filter_report,
+                           selection=selection_section(run))
     out = run.root / "report"
     summary_png = plots.png_bytes(plots.summary_figure(
         f"kolora: {cfg.name}", run.grid_file, loss, scores, samples[max(samples)] if samples else []), dpi=90)

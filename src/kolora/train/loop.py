@@ -19,6 +19,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -50,6 +51,7 @@ from kolora.train.samples import (
     sample_repeats,
     source_counts,
 )
+from kolora.train.validation import LAST_LORA_DIR, SELECTION_FILE
 
 # bitsandbytes (8-bit AdamW), prodigyopt (Prodigy) and Lightning's Slurm environment: imported only where an
 # option or a job needs them
@@ -437,6 +439,13 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
     module = LoRATrainer(unet, tcfg, digest, ckpt_dir, data.empty_caption() if tcfg.caption_dropout else None,
                          batch, loader)
+
+    def save_lora(path: Path, step: int) -> None:
+        """The UNet's adapter as it is now → `path`, in the run LoRA's format (its metadata names `step`)."""
+        lora_io.save_lora(unet, path, tcfg.rank, tcfg.alpha, tcfg.target_modules, dora=tcfg.dora, options=adapter,
+                          extra_metadata={"kolora.steps": str(step), "kolora.core.config": cfg.digest(),
+                                          "kolora.global_batch": str(batch.size), **option_metadata(tcfg)})
+
     ema = LoraEMA(tcfg.ema_decay) if tcfg.ema_decay else None
     plugins = []
     if "SLURM_JOB_ID" in os.environ:
@@ -458,7 +467,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
         enable_model_summary=False, enable_checkpointing=False, enable_progress_bar=False,
         # the EMA is updated before the checkpointer saves that step
         callbacks=[StepProgress(tcfg.steps, progress), MetricsCSV(run.train / "metrics.csv"), *([ema] if ema else []),
-                   checkpointer, *trainlogs.callbacks(), *validation_sampler.callbacks(cfg, run, weight_dtype)],
+                   checkpointer, *trainlogs.callbacks(),
+                   *validation_sampler.callbacks(cfg, run, weight_dtype, save_lora)],
         num_sanity_val_steps=0, log_every_n_steps=1,
     )
     distributed.keep_signals_out(trainer)
@@ -478,9 +488,10 @@ def run(ctx: StageContext) -> dict[str, Any]:
     out = run.lora / LORA_FILE
     if trainer.is_global_zero:
         with ema.applied(module) if ema else contextlib.nullcontext():
-            lora_io.save_lora(unet, out, tcfg.rank, tcfg.alpha, tcfg.target_modules, dora=tcfg.dora, options=adapter,
-                              extra_metadata={"kolora.steps": str(tcfg.steps), "kolora.core.config": cfg.digest(),
-                                              "kolora.global_batch": str(batch.size), **option_metadata(tcfg)})
+            save_lora(out, tcfg.steps)
+        # a selection made from an earlier final LoRA is void (the select stage runs again: its key follows ours)
+        shutil.rmtree(run.root / LAST_LORA_DIR, ignore_errors=True)
+        (run.root / SELECTION_FILE).unlink(missing_ok=True)
     trainer.strategy.barrier("kolora-lora-saved")
     # the LoRA's step: a run re-run with a lower train.steps keeps the rows of its later steps
     rows = [r for r in csv.DictReader(open(run.train / "metrics.csv")) if int(r["step"]) <= trainer.global_step]

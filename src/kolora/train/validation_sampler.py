@@ -1,10 +1,14 @@
 """The validation sampler (train.validation): a Lightning callback that renders the validation prompts with
-the UNet being trained, from the cached embeddings (kolora.train.validation), on rank 0."""
+the UNet being trained, from the cached embeddings (kolora.train.validation), on rank 0; and, when
+evaluate.select chooses among the steps, keeps each step's LoRA beside its samples and samples step 0 (the base
+model: every adapter kolora trains starts there)."""
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -20,7 +24,7 @@ from kolora.formats import pixels
 from kolora.models import kolors as models
 from kolora.train import checkpoint
 from kolora.train.samples import CachedSamples
-from kolora.train.validation import sample_names, step_dir
+from kolora.train.validation import keeps_step_loras, sample_names, step_dir, step_lora
 
 # diffusers: imported when sampling runs (a run without validation samples never loads its pipeline)
 
@@ -30,9 +34,12 @@ log = logging.getLogger("kolora.train.loop")
 class ValidationSampler(L.Callback):
     """Samples at every `train.validation.every`-th step on rank 0 (a step already sampled is skipped)."""
 
-    def __init__(self, cfg: ExperimentConfig, run: RunDir, weight_dtype):
+    def __init__(self, cfg: ExperimentConfig, run: RunDir, weight_dtype,
+                 save_lora: Callable[[Path, int], None] | None = None):
         self.cfg, self.run, self.weight_dtype = cfg, run, weight_dtype
         self.every = cfg.train.validation.every
+        # save_lora(path, step): the LoRA as training is now, in the run LoRA's format
+        self.save_lora = save_lora if keeps_step_loras(cfg) else None
         self.names, self.prompts = sample_names(cfg), prompt_texts(cfg)
         self.vae = self.embeds = None
 
@@ -43,6 +50,8 @@ class ValidationSampler(L.Callback):
         self.vae = self._load_vae(pl_module.device)  # on the CPU
         step = trainer.global_step  # resumed at a sampling step whose samples a stop request cut short
         if step and step % self.every == 0 and not self.done(step):
+            self.sample(trainer, pl_module)
+        if step == 0 and self.save_lora is not None and not self.done(0):  # the base model, for the selection
             self.sample(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -56,7 +65,8 @@ class ValidationSampler(L.Callback):
 
     def done(self, step: int) -> bool:
         folder = step_dir(self.run.train, step)
-        return all((folder / name).is_file() for _, _, name in self.names)
+        lora = self.save_lora is None or step == 0 or step_lora(self.run.train, step).is_file()
+        return lora and all((folder / name).is_file() for _, _, name in self.names)
 
     def _vae_dtype(self, device):
         # float16 only with a VAE that survives it (the fp16-fix VAE the recipe uses, as cache.vae_dtype says)
@@ -83,6 +93,8 @@ class ValidationSampler(L.Callback):
         images = self.render(pl_module, trainer.global_step)
         folder = step_dir(self.run.train, trainer.global_step)
         folder.mkdir(parents=True, exist_ok=True)
+        if self.save_lora is not None and trainer.global_step:  # the weights these samples were drawn with
+            self.save_lora(step_lora(self.run.train, trainer.global_step), trainer.global_step)
         usable = [(n, image) for n, image in zip(self.names, images, strict=True) if image is not None]
         for (_, _, name), image in usable:
             with atomic_path(folder / name) as tmp:
@@ -154,6 +166,7 @@ def log_images(logger, images: list[Any], names: list[tuple[int, int, str]], ste
             logger.log_image(key=tag, images=[image], step=step)
 
 
-def callbacks(cfg: ExperimentConfig, run: RunDir, weight_dtype) -> list[Any]:
+def callbacks(cfg: ExperimentConfig, run: RunDir, weight_dtype,
+              save_lora: Callable[[Path, int], None] | None = None) -> list[Any]:
     """The Lightning callback that samples (none when train.validation.every is 0)."""
-    return [ValidationSampler(cfg, run, weight_dtype)] if cfg.train.validation.every else []
+    return [ValidationSampler(cfg, run, weight_dtype, save_lora)] if cfg.train.validation.every else []
