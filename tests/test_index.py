@@ -71,7 +71,7 @@ def lab(demo_run, tmp_path_factory) -> Path:
     runs.mkdir()
     _copy(demo_run, runs / "demo")
     hot = _copy(demo_run, runs / "hot-lr", lr=0.0042)
-    (hot / "lora" / "selection.json").write_text(json.dumps(
+    _replace(hot / "lora" / "selection.json", json.dumps(
         {"step": 4, "metric": "aesthetic", "value": {"mean": 5.25, "low": 5.0, "high": 5.5, "n": 8},
          "runner_up": None}))
     _edit_json(hot / "eval" / "scores.json", lambda s: s["summary"]["aesthetic"].update(

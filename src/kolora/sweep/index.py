@@ -159,7 +159,9 @@ def selection(folder: Path) -> dict[str, Any] | None:
         data = json.loads((folder / SELECTION).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return data if isinstance(data, dict) and isinstance(data.get("step"), int) else None
+    # evaluate.select: last records the final step: no choice was made
+    chosen = isinstance(data, dict) and isinstance(data.get("step"), int) and data.get("metric") != "last"
+    return data if chosen else None
 
 
 def thumbnail(grid: Path) -> bytes | None:
