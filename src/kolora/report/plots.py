@@ -104,7 +104,8 @@ def interval_chart(intervals: dict[str, dict[str, Any]]) -> Figure:
         ax = fig.add_subplot(1, len(metrics), k + 1)
         _interval_axes(ax, [intervals["base"][m], intervals["lora"][m]])
         d = intervals["lora_minus_base"].get(m)
-        ax.set_title(f"{m}\nLoRA − base {d.mean:+.3g} [{d.low:+.3g}, {d.high:+.3g}]" if d else m, fontsize=8)
+        ax.set_title(f"{m}\nLoRA − base {d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}]"
+                     + ("" if d.excludes_zero() else "\nno measurable difference") if d else m, fontsize=8)
     fig.tight_layout()
     return fig
 
