@@ -99,11 +99,17 @@ def test_the_sheet_says_when_the_best_is_not_distinguishable_from_the_runner_up(
     assert cell == f"5.3 [{first.low:.4g}, {first.high:.4g}]"
     assert len(re.findall(r'<img [^>]*src="data:image/png;base64,', page)) == 2  # the loss curves, the scores
     assert 'id="scores"' in page
+    from kolora.launch.sweep_status import format_status, status
+
+    text = format_status(status(sweep))
+    assert "best so far (by scores): first: aesthetic 5.3 [" in text
+    assert "not distinguishable from close (their 95 % intervals overlap)" in text
 
     _write_tile_scores(sweep / "close", [4.5, 4.6, 4.4, 4.5], clip)  # now clearly behind
     assert indistinct_runner_up(sheet.collect(sweep)[1]) is None
     page = sheet.write(sweep)[0].read_text()
     assert "<p class=best>Best: <b>first</b>" in page and "not distinguishable" not in page
+    assert "not distinguishable" not in format_status(status(sweep))
 
     # an exact tie on the aesthetic score: CLIP ordered them, so CLIP's intervals decide
     _write_tile_scores(sweep / "close", [5.0, 5.6, 5.2, 5.4], [0.1, 0.11, 0.09, 0.1])
