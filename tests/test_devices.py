@@ -260,3 +260,15 @@ def test_an_older_checkpoint_with_every_visible_gpus_state_resumes_on_fewer(cuda
     states = cuda_rng(1, device=0)
     checkpoint.set_rng_state(old)
     assert torch.equal(states[0], old["cuda"][0])
+
+
+def test_a_rank_restores_its_own_gpus_state_and_leaves_the_others(cuda_rng):
+    states = cuda_rng(2, device=1)  # rank 1 of a 2-GPU job, resumed on 2 GPUs
+    states[1] = torch.tensor([42, 42], dtype=torch.uint8)
+    saved = checkpoint.rng_state()
+    cpu = torch.rand(3)  # the CPU generator moves on after the save
+    states[1], states[0] = torch.tensor([1, 1], dtype=torch.uint8), torch.tensor([5, 5], dtype=torch.uint8)
+    checkpoint.set_rng_state(saved)
+    assert torch.equal(states[1], torch.tensor([42, 42], dtype=torch.uint8))
+    assert torch.equal(states[0], torch.tensor([5, 5], dtype=torch.uint8))  # another rank's GPU: untouched
+    assert torch.equal(torch.rand(3), cpu)  # the CPU generator is back at the save too

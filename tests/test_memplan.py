@@ -378,3 +378,23 @@ def test_the_lokr_recipe_is_the_anime_one_as_a_smaller_lokr_with_prodigy(kolors_
     lora = memplan.estimate(kolors(kolors_configs))
     assert 0 < lokr["train"].lora_params < lora["train"].lora_params / 4
     assert "Prodigy states" in lokr["train"].phases["train step"].detail
+
+
+@pytest.mark.parametrize("precision, weight_bytes", [("32", 4), ("32-true", 4), ("16-mixed", 2), ("bf16-mixed", 2)])
+def test_the_frozen_unet_counts_its_precisions_bytes_per_weight(tiny_diffusers: Path, precision: str,
+                                                                 weight_bytes: int) -> None:
+    """An exact figure: the tiny UNet's parameter count, read from its weights file's header, times 4 bytes in
+    float32 (precision 32) and 2 in float16/bfloat16; the LoRA, its gradients and AdamW's states stay fp32."""
+    import math
+
+    from safetensors import safe_open
+
+    with safe_open(str(tiny_diffusers / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    train = memplan.estimate(load_config(DEMO, [f"model.path={tiny_diffusers}",
+                                                f"train.precision={precision}"]))["train"]
+    step = train.phases["train step"]
+    dtype = {4: "float32", 2: "float16" if precision == "16-mixed" else "bfloat16"}[weight_bytes]
+    assert round(step.detail[f"UNet {dtype}"] * GIB) == round(step.weights * GIB) == weight_bytes * params
+    assert round(step.detail["LoRA fp32"] * GIB) == 4 * train.lora_params
+    assert round(step.detail["AdamW states"] * GIB) == 8 * train.lora_params

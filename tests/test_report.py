@@ -3,10 +3,12 @@ Chromium renders it."""
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import shutil
 
+import pytest
 from headless_browser import body_attributes, chromium, screenshot
 
 from kolora.core.rundir import RunDir
@@ -32,18 +34,38 @@ def _scored_run(demo_run, tmp_path) -> RunDir:
             ImageOps.mirror(im).save(base)
         records.append({"index": t.index, "prompt": t.item.prompt, "seed": t.item.seed,
                         "lora_tile": f"render/{t.name}", "base_tile": f"eval/base/{t.name}",
-                        "clip": {"lora": 0.30 + t.index / 100, "base": 0.25},
-                        "aesthetic": {"lora": 5.0 + t.index / 10, "base": 4.5}})
+                        "clip": {"lora": 0.30 + t.index / 100, "base": 0.25 + t.index / 1000},
+                        # aesthetic: the LoRA and the base model alternate ahead: no measurable difference
+                        "aesthetic": {"lora": 5.0 + t.index / 10, "base": 5.35 + (0.4 if t.index % 2 else -0.4)}})
     mean = {m: {w: sum(r[m][w] for r in records) / len(records) for w in ("lora", "base")}
             for m in ("clip", "aesthetic")}
     (dst / "eval" / "scores.json").write_text(json.dumps(
-        {"models": {"clip": "tiny-clip", "aesthetic": "tiny-aesthetic"}, "tiles": records, "summary": mean}))
+        {"models": {"clip": "tiny-clip", "aesthetic": "tiny-aesthetic"}, "tiles": records, "summary": mean,
+         "intervals": _intervals(records)}))
     for step in (10, 20):
         folder = run.train / "samples" / f"step-{step:06d}"
         folder.mkdir(parents=True)
         for i, t in enumerate(tiles(cfg, run)[:2]):
             shutil.copyfile(run.render / t.name, folder / f"{i}-0.png")
     return run
+
+
+def _intervals(records):
+    """As the evaluate stage writes them (tests/test_scorers.py checks that one)."""
+    from kolora.core.stats import mean_interval, paired_difference
+
+    side = {w: {m: mean_interval([r[m][w] for r in records]).as_dict() for m in ("clip", "aesthetic")}
+            for w in ("lora", "base")}
+    return {**side, "lora_minus_base": {m: paired_difference([r[m]["lora"] for r in records],
+                                                             [r[m]["base"] for r in records]).as_dict()
+                                        for m in ("clip", "aesthetic")}}
+
+
+def table_cells(page: str, cls: str) -> list[list[str]]:
+    """The body rows of the page's table of class `cls`, as the text of their cells."""
+    body = page.split(f'<table class="{cls}">', 1)[1].split("</table>", 1)[0].split("<tbody>", 1)[1]
+    return [[html.unescape(c) for c in re.findall(r"<td[^>]*>(.*?)</td>", row)]
+            for row in re.findall(r"<tr>(.*?)</tr>", body)]
 
 
 def test_report_is_self_contained_with_scores_pairs_loss_and_samples(demo_run, tmp_path):
@@ -59,7 +81,30 @@ def test_report_is_self_contained_with_scores_pairs_loss_and_samples(demo_run, t
     assert not re.search(r"(?:href|src)=[\"']?(?:https?:)?//", page), "nothing may come from the network"
     rows = re.findall(r"<tr>", page.split('class="scores"')[1].split("</table>")[0])
     assert len(rows) == 1 + 8 + 1  # header, a row per tile, the means
-    assert "二次元" in page or "mean" in page
+    # every number of the score table is eval/scores.json's, in its own column (LoRA and base differ throughout)
+    scores = json.loads((run.root / "eval" / "scores.json").read_text())
+    cells = table_cells(page, "scores")
+    assert len(cells) == 8 + 1
+    for row, t in zip(cells, scores["tiles"], strict=False):
+        assert row[:3] == [str(t["index"]), t["prompt"], str(t["seed"])]
+        assert [float(c) for c in row[3:]] == pytest.approx(
+            [t["clip"]["lora"], t["clip"]["base"], t["aesthetic"]["lora"], t["aesthetic"]["base"]], rel=1e-3)
+    s = scores["summary"]
+    assert cells[-1][0] == "mean" and [float(c) for c in cells[-1][3:]] == pytest.approx(
+        [s["clip"]["lora"], s["clip"]["base"], s["aesthetic"]["lora"], s["aesthetic"]["base"]], rel=1e-3)
+    assert len({t["seed"] for t in scores["tiles"]}) > 1  # prompts × seeds: a seed column that can be wrong
+    # each mean with its interval, and the paired difference: CLIP clearly higher, aesthetic not told apart
+    iv = scores["intervals"]
+    rows = {r[0]: r for r in table_cells(page, "intervals")}
+    for metric, name, verdict in (("clip", "CLIP", "LoRA higher"), ("aesthetic", "aesthetic",
+                                                                      "no measurable difference")):
+        def shown(d):
+            return f"{d['mean']:.4f} [{d['low']:.4f}, {d['high']:.4f}]"
+
+        assert rows[name][1:] == [shown(iv["lora"][metric]), shown(iv["base"][metric]),
+                                  shown(iv["lora_minus_base"][metric]), verdict, "8"]
+    assert iv["lora_minus_base"]["aesthetic"]["low"] < 0 < iv["lora_minus_base"]["aesthetic"]["high"]
+    assert iv["lora_minus_base"]["clip"]["low"] > 0
     from PIL import Image
 
     with Image.open(run.root / "report" / "report.png") as im:
@@ -93,9 +138,9 @@ def test_report_renders_in_headless_chromium(demo_run, tmp_path):
     body = body_attributes(browser, page, tmp_path / "profile")
     loaded, total = map(int, body["data-images"].split("/"))
     assert total == 20 and loaded == total, f"{loaded} of {total} images rendered"
-    # the run table (9 rows), the score table (8 tiles + the means) and the filter's steps (ingest, header pass,
-    # full decode and the demo's 2 ops) in the DOM the browser built
-    assert int(body["data-tables"]) == 9 + 9 + 5
+    # the run table (9 rows), the intervals (2 scorers), the score table (8 tiles + the means) and the filter's
+    # steps (ingest, header pass, full decode and the demo's 2 ops) in the DOM the browser built
+    assert int(body["data-tables"]) == 9 + 2 + 9 + 5
     shot = screenshot(browser, page, tmp_path / "profile", tmp_path / "report.png", (1200, 1600))
     with Image.open(shot) as im:
         assert im.size == (1200, 1600)

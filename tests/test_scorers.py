@@ -179,3 +179,33 @@ def test_fetch_scorers_offline_fails_fast_with_login_node_advice(tmp_path, monke
     err = capsys.readouterr().err
     assert "login node" in err and "kolora fetch models --clip --aesthetics" in err
     assert not (tmp_path / "m").exists()
+
+
+def test_each_score_is_its_own_tiles_and_the_intervals_are_the_tiles(demo_run):
+    """Every number of eval/scores.json recomputed from the tile files it names: a LoRA score from the LoRA tile,
+    a base score from the base tile (they differ, so a base score taken from the LoRA tile fails here); the
+    intervals are core.stats' over those tiles, the difference paired by prompt and seed."""
+    from PIL import Image
+
+    from kolora.core.stats import mean_interval, paired_difference
+
+    scores = json.loads((demo_run / "eval" / "scores.json").read_text(encoding="utf-8"))
+    s = RunDir(demo_run).load_config().scorers
+    clip = scorers.load_clip(scorers.local_folder(s.dir, scorers.CLIP_ZH), scorers.CLIP_ZH)
+    aesthetic = scorers.load_aesthetic(scorers.local_folder(s.dir, s.aesthetic), s.aesthetic)
+    tiles = scores["tiles"]
+    for t in tiles[:3]:
+        for side in ("lora", "base"):
+            with Image.open(demo_run / t[f"{side}_tile"]) as im:
+                image = im.convert("RGB")
+            assert t["clip"][side] == pytest.approx(scorers.clip_score(clip, [image], [t["prompt"]])[0], abs=1e-6)
+            assert t["aesthetic"][side] == pytest.approx(scorers.aesthetic_score(aesthetic, [image])[0], abs=1e-6)
+    for k in ("clip", "aesthetic"):
+        lora, base = [t[k]["lora"] for t in tiles], [t[k]["base"] for t in tiles]
+        assert min(abs(a - b) for a, b in zip(lora, base, strict=True)) > 1e-5  # the test can tell them apart
+        got = scores["intervals"]
+        assert got["lora"][k] == mean_interval(lora).as_dict() and got["base"][k] == mean_interval(base).as_dict()
+        assert got["lora_minus_base"][k] == paired_difference(lora, base).as_dict()
+        assert got["lora"][k]["n"] == len(tiles) == 8
+        assert got["lora"][k]["low"] <= scores["summary"][k]["lora"] == pytest.approx(got["lora"][k]["mean"])
+        assert got["lora_minus_base"][k]["mean"] == pytest.approx(sum(lora) / 8 - sum(base) / 8)

@@ -55,10 +55,68 @@ def test_ranking_contract():
     def s(name, aesthetic=None, clip=None, loss=None):
         return RunScore(name, Path(name), aesthetic=aesthetic, clip=clip, final_loss=loss, step=1 if loss else None)
 
+    # not given in the expected order: the tie on the aesthetic score must be resolved by CLIP, not by position
     ranked = rank([s("none"), s("loss-high", loss=0.9), s("scored-low", 4.0, 0.30, 0.1), s("loss-low", loss=0.2),
-                   s("scored-tie-better-clip", 5.0, 0.31, 0.5), s("scored-tie", 5.0, 0.28, 0.05)])
+                   s("scored-tie", 5.0, 0.28, 0.05), s("scored-tie-better-clip", 5.0, 0.31, 0.5)])
     assert [r.name for r in ranked] == ["scored-tie-better-clip", "scored-tie", "scored-low", "loss-low",
                                         "loss-high", "none"]
+
+
+def _write_tile_scores(run: Path, aesthetic: list[float], clip: list[float]) -> None:
+    """eval/scores.json as the evaluate stage writes it for these LoRA tile scores (base: 4.0 and 0.2)."""
+    from kolora.evaluate.stage import intervals
+
+    tiles = [{"index": i, "prompt": "p", "seed": i, "clip": {"lora": c, "base": 0.2}, "aesthetic": {"lora": a, "base": 4.0}}
+             for i, (a, c) in enumerate(zip(aesthetic, clip, strict=True))]
+    summary = {m: {w: sum(t[m][w] for t in tiles) / len(tiles) for w in ("lora", "base")} for m in ("clip", "aesthetic")}
+    (run / "eval").mkdir(parents=True, exist_ok=True)
+    (run / "eval" / "scores.json").write_text(json.dumps({"models": {}, "tiles": tiles, "summary": summary,
+                                                          "intervals": intervals(tiles)}))
+
+
+def test_the_sheet_says_when_the_best_is_not_distinguishable_from_the_runner_up(tmp_path):
+    from kolora.sweep import sheet
+    from kolora.sweep.ranking import indistinct_runner_up
+
+    sweep = tmp_path / "s"
+    names = ["worst", "close", "first"]  # the manifest's order is not the ranking's
+    (sweep).mkdir()
+    (sweep / "sweep.json").write_text(json.dumps({"name": "s", "config": "demo.yaml", "vary": {"train.lr": [1, 2, 3]},
+                                                  "variants": [{"name": n, "overrides": {}} for n in names]}))
+    clip = [0.3, 0.31, 0.29, 0.3]
+    _write_tile_scores(sweep / "first", [5.0, 5.6, 5.2, 5.4], clip)  # mean 5.3
+    _write_tile_scores(sweep / "close", [4.9, 5.5, 5.1, 5.3], clip)  # mean 5.2: the intervals overlap
+    _write_tile_scores(sweep / "worst", [4.0, 4.01, 3.99, 4.0], clip)
+    manifest, ranked = sheet.collect(sweep)
+    assert [r.name for r in ranked] == ["first", "close", "worst"]
+    first = ranked[0].intervals["aesthetic"]
+    assert first.mean == pytest.approx(5.3) and first.low < 5.3 < first.high and first.n == 4
+    assert ranked[0].intervals["aesthetic"].overlaps(ranked[1].intervals["aesthetic"])
+    assert indistinct_runner_up(ranked).name == "close"
+    page = sheet.write(sweep)[0].read_text()
+    assert "not distinguishable from close" in page and "Best:" not in page
+    cell = re.search(r'<tbody><tr><td>1</td><td>first</td><td></td><td>([^<]+)</td>', page).group(1)
+    assert cell == f"5.3 [{first.low:.4g}, {first.high:.4g}]"
+    assert len(re.findall(r'<img [^>]*src="data:image/png;base64,', page)) == 2  # the loss curves, the scores
+    assert 'id="scores"' in page
+    from kolora.launch.sweep_status import format_status, status
+
+    text = format_status(status(sweep))
+    assert "best so far (by scores): first: aesthetic 5.3 [" in text
+    assert "not distinguishable from close (their 95 % intervals overlap)" in text
+
+    _write_tile_scores(sweep / "close", [4.5, 4.6, 4.4, 4.5], clip)  # now clearly behind
+    assert indistinct_runner_up(sheet.collect(sweep)[1]) is None
+    page = sheet.write(sweep)[0].read_text()
+    assert "<p class=best>Best: <b>first</b>" in page and "not distinguishable" not in page
+    assert "not distinguishable" not in format_status(status(sweep))
+
+    # an exact tie on the aesthetic score: CLIP ordered them, so CLIP's intervals decide
+    _write_tile_scores(sweep / "close", [5.0, 5.6, 5.2, 5.4], [0.1, 0.11, 0.09, 0.1])
+    ranked = sheet.collect(sweep)[1]
+    assert [r.name for r in ranked][:2] == ["first", "close"] and indistinct_runner_up(ranked) is None
+    _write_tile_scores(sweep / "close", [5.0, 5.6, 5.2, 5.4], [0.29, 0.30, 0.28, 0.29])
+    assert indistinct_runner_up(sheet.collect(sweep)[1]).name == "close"
 
 
 def _write_scores(run: Path, aesthetic: float, clip: float) -> None:
@@ -98,7 +156,8 @@ def test_sweep_in_process_shares_the_cache_and_compares_the_variants(tmp_path, t
     # the sheet: both variants, images embedded, nothing fetched from elsewhere
     page = (sweep / "sweep.html").read_text()
     assert "lr-1e-3" in page and "lr-3e-3" in page
-    assert len(re.findall(r'<img [^>]*src="data:image/png;base64,', page)) == 3  # loss curves + 2 grids
+    # loss curves, the scores with their intervals (the demo evaluates), 2 grids
+    assert len(re.findall(r'<img [^>]*src="data:image/png;base64,', page)) == 4
     assert not re.search(r'(src|href)="(?!data:)', page)
     assert (sweep / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -110,6 +169,13 @@ def test_sweep_in_process_shares_the_cache_and_compares_the_variants(tmp_path, t
     scored = {r.name: json.loads((r / "eval" / "scores.json").read_text())["summary"] for r in (first, second)}
     best = max(scored, key=lambda n: (scored[n]["aesthetic"]["lora"], scored[n]["clip"]["lora"]))
     assert f"best so far (by scores): {best}:" in text
+    # the runner-up is named when the two aesthetic intervals overlap (no clear best), and only then
+    lora = {n: json.loads((sweep / n / "eval" / "scores.json").read_text())["intervals"]["lora"]["aesthetic"]
+            for n in scored}
+    a, b = lora.values()
+    overlap = a["low"] <= b["high"] and b["low"] <= a["high"]
+    other = next(n for n in scored if n != best)
+    assert (f"not distinguishable from {other} (their 95 % intervals overlap)" in text) == overlap, text
     for r in (first, second):  # without scores
         (r / "eval").rename(r / "eval.kept")
     assert main(["status", "demo-sweep", "--runs-dir", str(runs)]) == 0

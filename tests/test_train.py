@@ -217,3 +217,36 @@ def test_sigterm_to_the_process_group_with_dataloader_workers_checkpoints(refere
     ours, theirs = (load_file(str(r.lora / "pytorch_lora_weights.safetensors")) for r in (run, reference))
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     assert _steps(run) == list(range(1, STEPS + 1))
+
+
+def test_resume_continues_the_global_random_streams(demo_run, tmp_path, monkeypatch):
+    """The checkpoint's RNG states carry what kolora's (seed, step) draws do not: dropout in a module, numpy and
+    python draws continue after a resume exactly as in a run that never stopped."""
+    import random
+
+    import numpy as np
+    import torch
+
+    draws: dict[int, tuple] = {}
+    original = train_mod.LoRATrainer.training_step
+
+    def drawing(self, batch, batch_idx):
+        mask = torch.nn.functional.dropout(torch.ones(16), 0.5, training=True)  # the global torch generator
+        draws[self.global_step] = (tuple(mask.tolist()), float(np.random.rand()), random.random())
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(train_mod.LoRATrainer, "training_step", drawing)
+    streams = []
+    for name, stops in (("straight", set()), ("resumed", {2})):
+        run, cfg = untrained_copy(demo_run, tmp_path / name)
+        cfg.train.steps, cfg.train.checkpoint_every = 5, 100
+        draws.clear()
+        stop_at(monkeypatch, set(stops))
+        if stops:
+            with pytest.raises(interrupt.Interrupted, match="step 2/5"):
+                run_stage("train", cfg, run)
+            interrupt.clear()
+        assert run_stage("train", cfg, run)["resumed_from_step"] == (2 if stops else 0)
+        streams.append(dict(draws))
+    assert sorted(streams[0]) == list(range(5)) and streams[0] == streams[1]
+    assert len({d[0] for d in streams[0].values()}) == 5  # dropout masks differ from step to step

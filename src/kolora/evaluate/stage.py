@@ -8,7 +8,10 @@ leaves the previous scores or none.
 
 scores.json: {"models": {"clip": {...}, "aesthetic": ...}, "tiles": [{"index", "prompt", "seed", "lora_tile",
 "base_tile", "clip": {"lora", "base"}, "aesthetic": {"lora", "base"}}], "summary": {"clip": {"lora", "base"},
-"aesthetic": {"lora", "base"}}} (tile paths relative to the run directory; summary = means over tiles).
+"aesthetic": {"lora", "base"}}, "intervals": {"lora": {"clip": {"mean", "low", "high", "n"}, "aesthetic": ...},
+"base": {...}, "lora_minus_base": {...}}} (tile paths relative to the run directory; summary = means over tiles;
+intervals: each mean's 95 % interval, kolora.core.stats, bootstrapped over the tiles = prompts × seeds, and the
+paired LoRA − base difference, each LoRA tile against the base tile of the same prompt and seed).
 scores.csv: index,prompt,seed,clip_lora,clip_base,aesthetic_lora,aesthetic_base.
 """
 
@@ -24,6 +27,7 @@ from kolora.core import hashing
 from kolora.core.errors import RunFailure
 from kolora.core.rundir import atomic_dir
 from kolora.core.stage import StageContext
+from kolora.core.stats import mean_interval, paired_difference
 from kolora.models import scorers
 from kolora.models.kolors import quiet_libraries
 from kolora.render.tiles import base_tiles, base_tiles_on, missing_tiles, tiles
@@ -41,6 +45,17 @@ def model_identity(folders: dict[str, Path]) -> dict[str, str]:
 
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
+
+
+def intervals(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float | int]]]:
+    """Per side and scorer, the mean over the tiles with its 95 % interval; and the paired LoRA − base difference
+    (rows pair a LoRA tile with the base tile of its prompt and seed)."""
+    metrics = ("clip", "aesthetic")
+    out = {side: {k: mean_interval([r[k][side] for r in rows]).as_dict() for k in metrics}
+           for side in ("lora", "base")}
+    out["lora_minus_base"] = {k: paired_difference([r[k]["lora"] for r in rows], [r[k]["base"] for r in rows]
+                                                   ).as_dict() for k in metrics}
+    return out
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -89,7 +104,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
                for k in ("clip", "aesthetic")}
     models = {"clip": model_identity({name: folders[name] for name in set(clip_names.values())}),
               "aesthetic": model_identity({s.aesthetic: folders[s.aesthetic]})}
-    _write(run.root / "eval", {"models": models, "tiles": rows, "summary": summary})
+    _write(run.root / "eval", {"models": models, "tiles": rows, "summary": summary, "intervals": intervals(rows)})
     return {"tiles": len(rows), "clip_lora": round(summary["clip"]["lora"], 4),
             "clip_base": round(summary["clip"]["base"], 4), "aesthetic_lora": round(summary["aesthetic"]["lora"], 4),
             "aesthetic_base": round(summary["aesthetic"]["base"], 4)}

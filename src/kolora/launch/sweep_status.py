@@ -14,7 +14,7 @@ from kolora.launch.plan import table
 from kolora.pipeline.registry import NAMES
 from kolora.pipeline.state import run_state
 from kolora.sweep.manifest import read_manifest
-from kolora.sweep.ranking import rank, score_run
+from kolora.sweep.ranking import indistinct_runner_up, rank, score_run
 
 
 def _variant_row(run: RunDir) -> dict[str, Any]:
@@ -82,7 +82,9 @@ def status(sweep_dir: Path) -> dict[str, Any]:
     sheet = Path(sweep_dir) / "sweep.html"
     return {"name": manifest["name"], "dir": str(sweep_dir), "launcher": manifest.get("launcher", "-"),
             "slurm": slurm, "jobs": _sweep_jobs(slurm) if slurm else [], "variants": variants,
-            "best": {"name": best.name, "why": best.describe(), "scored": best.scored} if best else None,
+            "best": {"name": best.name, "why": best.describe(), "scored": best.scored,
+                     "not_distinguishable_from": getattr(indistinct_runner_up(ranked), "name", None)}
+            if best else None,
             "sheet": str(sheet) if sheet.is_file() else None,
             "superseded": [str(v.get("name")) for v in manifest.get("superseded", [])],
             "failed": [r["name"] for r in variants if r["failed"]],
@@ -120,6 +122,9 @@ def format_status(st: dict[str, Any]) -> str:
     if st["best"]:
         basis = "by scores" if st["best"]["scored"] else "by final training loss (no scores yet)"
         lines.append(f"best so far ({basis}): {st['best']['name']}: {st['best']['why']}")
+        if st["best"].get("not_distinguishable_from"):
+            lines.append(f"  not distinguishable from {st['best']['not_distinguishable_from']} (their 95 % "
+                         "intervals overlap): no clear best yet")
     else:
         lines.append("best so far: none yet (no variant has a loss or scores)")
     if st["sheet"]:

@@ -95,6 +95,31 @@ def _score_axes(ax, summary: dict[str, dict[str, float]]) -> None:
     ax.grid(axis="y", alpha=0.3)
 
 
+def interval_chart(intervals: dict[str, dict[str, Any]]) -> Figure:
+    """A panel per scorer: the base model's and the LoRA's mean with its 95 % interval as an error bar, the
+    paired difference in the title. `intervals`: {"lora" | "base" | "lora_minus_base": {scorer: Interval}}."""
+    metrics = [m for m in ("clip", "aesthetic") if m in intervals["lora"] and m in intervals["base"]]
+    fig = Figure(figsize=(2.6 * max(len(metrics), 1) + 0.6, 3))
+    for k, m in enumerate(metrics):
+        ax = fig.add_subplot(1, len(metrics), k + 1)
+        _interval_axes(ax, [intervals["base"][m], intervals["lora"][m]])
+        d = intervals["lora_minus_base"].get(m)
+        ax.set_title(f"{m}\nLoRA − base {d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}]"
+                     + ("" if d.excludes_zero() else "\nno measurable difference") if d else m, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _interval_axes(ax, pair: list[Any]) -> None:
+    """Base and LoRA: a point at the mean, an error bar from low to high."""
+    for x, (iv, color) in enumerate(zip(pair, ("#a6a6a6", "#1f4e79"), strict=True)):
+        ax.errorbar([x], [iv.mean], yerr=[[iv.mean - iv.low], [iv.high - iv.mean]], fmt="o", color=color,
+                    capsize=6, markersize=6)
+    ax.set_xticks([0, 1], ["base", "LoRA"])
+    ax.set_xlim(-0.6, 1.6)
+    ax.grid(axis="y", alpha=0.3)
+
+
 def summary_figure(title: str, grid: Path | None, loss: list[dict[str, float]],
                    scores: dict[str, Any] | None, last_samples: list[tuple[str, Path]]) -> Figure:
     """report.png: the grid, the loss curve, and the scores (or the last validation samples) on one page."""

@@ -22,7 +22,7 @@ from kolora.core.config import ExperimentConfig
 from kolora.core.errors import RunFailure
 from kolora.core.rundir import RunDir, atomic_write_bytes, atomic_write_text
 from kolora.core.stage import StageContext
-from kolora.core.stats import mean_interval
+from kolora.core.stats import Interval, mean_interval
 from kolora.core.webpage import data_uri, page, table
 from kolora.filter import report_page as filter_page
 from kolora.render.tiles import tiles
@@ -158,6 +158,43 @@ def selection_section(run: RunDir) -> str:
             + table(["step", *(f"{sc}: mean [95 % interval]" for sc in scorers)], rows, "step-scores"))
 
 
+METRICS = {"clip": "CLIP", "aesthetic": "aesthetic"}
+
+
+def score_intervals(scores: dict[str, Any]) -> dict[str, dict[str, Interval]] | None:
+    """eval/scores.json's intervals as {"lora" | "base" | "lora_minus_base": {scorer: Interval}}; None when it
+    has none (written before the evaluate stage computed them)."""
+    raw = scores.get("intervals")
+    if not isinstance(raw, dict):
+        return None
+    try:
+        return {side: {m: Interval(float(v["mean"]), float(v["low"]), float(v["high"]), int(v["n"]))
+                       for m, v in raw[side].items() if m in METRICS} for side in ("lora", "base", "lora_minus_base")}
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+
+
+def verdict(difference: Interval) -> str:
+    """What the paired LoRA − base difference says: a direction only when its interval excludes 0."""
+    if not difference.excludes_zero():
+        return "no measurable difference"
+    return "LoRA higher" if difference.mean > 0 else "LoRA lower"
+
+
+def interval_table(intervals: dict[str, dict[str, Interval]] | None) -> str:
+    """Per scorer: each side's mean [95 % interval] and the paired LoRA − base difference with its verdict."""
+    if intervals is None:
+        return ("<p class='note'>No intervals in eval/scores.json (written by an older kolora): rerun the evaluate "
+                "stage (--stage evaluate --force) for each mean's 95 % interval.</p>")
+    rows = [[METRICS[m], str(intervals["lora"][m]), str(intervals["base"][m]), str(d), verdict(d), d.n]
+            for m, d in intervals["lora_minus_base"].items() if m in intervals["lora"] and m in intervals["base"]]
+    return (table(["scorer", "LoRA mean [95 % interval]", "base mean [95 % interval]", "LoRA − base (paired)",
+                   "verdict", "tiles"], rows, "intervals") +
+            "<p class='note'>95 % intervals: a seeded bootstrap over the tiles (prompts × seeds); the difference "
+            "pairs each LoRA tile with the base tile of the same prompt and seed. Where its interval includes 0, "
+            "the LoRA and the base model are not told apart by these tiles.</p>")
+
+
 def build_html(cfg: ExperimentConfig, run: RunDir, figures: dict[str, bytes], scores: dict[str, Any] | None,
                n_tiles: int, loss: list[dict[str, float]], steps_sampled: list[int],
                filter_report: dict[str, Any] | None = None, selection: str = "") -> str:
@@ -168,6 +205,7 @@ def build_html(cfg: ExperimentConfig, run: RunDir, figures: dict[str, bytes], sc
     if scores is not None:
         tiles = scores.get("tiles", [])
         parts.append("<h2>Scores (LoRA vs base model)</h2>")
+        parts.append(interval_table(score_intervals(scores)))
         rows = [[t.get("index"), t.get("prompt"), t.get("seed"), _score(t, "clip", "lora"), _score(t, "clip", "base"),
                  _score(t, "aesthetic", "lora"), _score(t, "aesthetic", "base")] for t in tiles]
         summary = scores.get("summary") or {}
@@ -198,6 +236,12 @@ def build_html(cfg: ExperimentConfig, run: RunDir, figures: dict[str, bytes], sc
     return page(f"kolora report: {cfg.name}", "\n".join(parts), STYLE)
 
 
+def score_figure(plots, scores: dict[str, Any]):
+    """LoRA vs base per scorer with their intervals as error bars; the plain mean bars without intervals."""
+    intervals = score_intervals(scores)
+    return plots.interval_chart(intervals) if intervals else plots.score_bars(scores["summary"])
+
+
 def run(ctx: StageContext) -> dict[str, Any]:
     cfg, run = ctx.cfg, ctx.run
     from kolora.report import plots
@@ -213,7 +257,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     if samples:
         figures["validation"] = plots.png_bytes(plots.validation_over_steps(samples))
     if scores and scores.get("summary"):
-        figures["scores"] = plots.png_bytes(plots.score_bars(scores["summary"]))
+        figures["scores"] = plots.png_bytes(score_figure(plots, scores))
     filter_report = filter_page.read_report(run)
     filter_html = filter_page.write_if_missing(run, filter_report, cfg.name) if filter_report is not None else None
     html_page = build_html(cfg, run, figures, scores, len(tiles(cfg, run)), loss, sorted(samples), filter_report,

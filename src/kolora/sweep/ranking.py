@@ -3,6 +3,10 @@
 Runs with scores (eval/scores.json, written by the evaluate stage) rank first, by summary.aesthetic.lora
 (higher is better), ties by summary.clip.lora; runs without scores follow, by their final training loss
 (lower is better); runs with neither come last. No heavy imports: status runs on a login node.
+
+Scores are means over a handful of tiles: each carries its 95 % interval (eval/scores.json's intervals, see
+kolora.core.stats). The order stays the contract's, but where the best's interval on the score that ordered it
+overlaps the runner-up's, the two are not distinguishable (`indistinct_runner_up`) and no winner is declared.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kolora.core.stats import Interval, distinguishable
 from kolora.train import metrics as train_metrics
 
 
@@ -25,6 +30,9 @@ class RunScore:
     final_loss: float | None = None
     step: int | None = None
     summary: dict[str, Any] = field(default_factory=dict)  # eval/scores.json's summary, as written
+    # the LoRA's mean score with its 95 % interval per scorer (eval/scores.json's intervals.lora; none before
+    # the evaluate stage wrote intervals)
+    intervals: dict[str, Interval] = field(default_factory=dict)
 
     @property
     def scored(self) -> bool:
@@ -32,10 +40,10 @@ class RunScore:
 
     def describe(self) -> str:
         parts = []
-        if self.aesthetic is not None:
-            parts.append(f"aesthetic {self.aesthetic:.4g}")
-        if self.clip is not None:
-            parts.append(f"clip {self.clip:.4g}")
+        for metric, value in (("aesthetic", self.aesthetic), ("clip", self.clip)):
+            if value is not None:
+                iv = self.intervals.get(metric)
+                parts.append(f"{metric} {value:.4g}" + (f" [{iv.low:.4g}, {iv.high:.4g}]" if iv else ""))
         if self.final_loss is not None:
             parts.append(f"final loss {self.final_loss:.4g} (step {self.step})")
         return ", ".join(parts) or "no scores or loss yet"
@@ -72,7 +80,44 @@ def score_run(name: str, run_root: Path) -> RunScore:
         score.summary = summary
         score.aesthetic = _finite((summary.get("aesthetic") or {}).get("lora"))
         score.clip = _finite((summary.get("clip") or {}).get("lora"))
+        score.intervals = lora_intervals(read_scores(run_root) or {})
     return score
+
+
+def lora_intervals(scores: dict[str, Any]) -> dict[str, Interval]:
+    """{scorer: Interval} of the LoRA's tiles from eval/scores.json (those that are complete and finite)."""
+    raw = (scores.get("intervals") or {}).get("lora") if isinstance(scores.get("intervals"), dict) else None
+    out = {}
+    for metric, v in (raw or {}).items():
+        if metric not in ("aesthetic", "clip") or not isinstance(v, dict):
+            continue
+        mean, low, high, n = (_finite(v.get(k)) for k in ("mean", "low", "high", "n"))
+        if None not in (mean, low, high, n):
+            out[metric] = Interval(mean, low, high, int(n))
+    return out
+
+
+def deciding_metric(best: RunScore, runner_up: RunScore) -> str | None:
+    """The score that put `best` before `runner_up` (aesthetic; CLIP where the aesthetic scores tie or are
+    missing); None where a loss, not a score, ordered them."""
+    if not (best.scored and runner_up.scored):
+        return None
+    if best.aesthetic is not None and runner_up.aesthetic is not None and best.aesthetic != runner_up.aesthetic:
+        return "aesthetic"
+    return "clip" if best.clip is not None and runner_up.clip is not None else None
+
+
+def indistinct_runner_up(ranked: list[RunScore]) -> RunScore | None:
+    """The runner-up when the best of `ranked` (best first, as rank() returns) is not distinguishable from it:
+    their 95 % intervals on the score that ordered them overlap. None when the best stands apart, or when
+    there is no runner-up or no intervals to tell."""
+    if len(ranked) < 2:
+        return None
+    best, second = ranked[0], ranked[1]
+    metric = deciding_metric(best, second)
+    if metric is None or metric not in best.intervals or metric not in second.intervals:
+        return None
+    return None if distinguishable(best.intervals[metric], second.intervals[metric]) else second
 
 
 def rank(scores: list[RunScore]) -> list[RunScore]:

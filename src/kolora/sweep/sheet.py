@@ -12,7 +12,7 @@ from typing import Any
 
 from kolora.core.rundir import atomic_path, atomic_write_text
 from kolora.sweep.manifest import read_manifest
-from kolora.sweep.ranking import RunScore, loss_curve, rank, score_run
+from kolora.sweep.ranking import RunScore, deciding_metric, indistinct_runner_up, loss_curve, rank, score_run
 
 # PIL, matplotlib: imported in the functions that use them (a login node's CLI starts without them)
 
@@ -67,8 +67,55 @@ def _score_cells(s: RunScore) -> list[str]:
     cells = []
     for metric in ("aesthetic", "clip"):
         part = s.summary.get(metric) if isinstance(s.summary.get(metric), dict) else {}
-        cells += [_fmt(part.get("lora")), _fmt(part.get("base"))]
+        iv = s.intervals.get(metric)
+        lora = _fmt(part.get("lora")) + (f" [{iv.low:.4g}, {iv.high:.4g}]" if iv and part.get("lora") is not None
+                                         else "")
+        cells += [lora, _fmt(part.get("base"))]
     return cells
+
+
+def verdict_html(ranked: list[RunScore]) -> str:
+    """The best variant, or, where its interval overlaps the runner-up's on the score that ordered them, that
+    the two are not distinguishable (no winner declared)."""
+    esc = html.escape
+    if not ranked or not (ranked[0].scored or ranked[0].final_loss is not None):
+        return ""
+    best = ranked[0]
+    tied = indistinct_runner_up(ranked)
+    if tied is None:
+        return f"<p class=best>Best: <b>{esc(best.name)}</b> ({esc(best.describe())})</p>"
+    metric = deciding_metric(best, tied)
+    return (f"<p class=best>No clear best: <b>{esc(best.name)}</b> ranks first ({esc(best.describe())}) but is "
+            f"<b>not distinguishable from {esc(tied.name)}</b> ({esc(tied.describe())}): their 95 % intervals "
+            f"of the {esc(metric or '')} score overlap. More prompts or seeds (render.prompts, render.seeds) "
+            "narrow them.</p>")
+
+
+def _score_figure(scores: list[RunScore]):
+    """Each variant's LoRA mean score per scorer with its 95 % interval as an error bar, in ranking order;
+    None when no variant has intervals."""
+    metrics = [m for m in ("aesthetic", "clip") if any(m in s.intervals for s in scores)]
+    if not metrics:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.5 * len(metrics) + 0.5, 3.2), dpi=100, squeeze=False)
+    names = [s.name for s in scores]
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        for x, s in enumerate(scores):
+            iv = s.intervals.get(metric)
+            if iv is not None:
+                ax.errorbar([x], [iv.mean], yerr=[[iv.mean - iv.low], [iv.high - iv.mean]], fmt="o", capsize=5,
+                            color="#1f4e79" if x == 0 else "#6b8fb3")
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+        ax.set_xlim(-0.6, len(names) - 0.4)
+        ax.set_title(f"{metric} (LoRA), 95 % intervals", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
 
 
 def collect(sweep_dir: Path) -> tuple[dict[str, Any], list[RunScore]]:
@@ -78,7 +125,8 @@ def collect(sweep_dir: Path) -> tuple[dict[str, Any], list[RunScore]]:
     return manifest, rank(scores)
 
 
-def _html(manifest: dict[str, Any], ranked: list[RunScore], thumbs: dict[str, bytes], loss_png: bytes) -> str:
+def _html(manifest: dict[str, Any], ranked: list[RunScore], thumbs: dict[str, bytes], loss_png: bytes,
+          scores_png: bytes | None = None) -> str:
     overrides = {v["name"]: v["overrides"] for v in manifest["variants"]}
     esc = html.escape
     head = ["#", "variant", "overrides", "aesthetic (LoRA)", "aesthetic (base)", "CLIP (LoRA)", "CLIP (base)",
@@ -94,8 +142,9 @@ def _html(manifest: dict[str, Any], ranked: list[RunScore], thumbs: dict[str, by
                else '<div class="missing">no grid yet</div>')
         cards.append(f'<figure class="variant">{img}<figcaption>#{i} {esc(s.name)}<br>'
                      f'<small>{esc(s.describe())}</small></figcaption></figure>')
-    best = (f"<p class=best>Best: <b>{esc(ranked[0].name)}</b> ({esc(ranked[0].describe())})</p>"
-            if ranked and (ranked[0].scored or ranked[0].final_loss is not None) else "")
+    best = verdict_html(ranked)
+    score_chart = ("<h2>Scores with their 95 % intervals</h2>\n<img id=\"scores\" src=\"" + _png_uri(scores_png) +
+                   "\" alt=\"each variant's mean LoRA scores with their intervals\">\n" if scores_png else "")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>kolora sweep {esc(manifest['name'])}</title>
 <style>
@@ -112,11 +161,12 @@ figure.variant img {{ max-width: 100%; border: 1px solid #ccc; }}
 <h1>Sweep {esc(manifest['name'])}</h1>
 <p>{len(ranked)} variants of {esc(str(manifest.get('config', '')))}; varied:
 {esc(', '.join(f"{k} ∈ {v}" for k, v in manifest.get('vary', {}).items()))}.
-Ranked by the aesthetic score of the LoRA's tiles (ties: CLIP score); variants without scores by final loss.</p>
+Ranked by the aesthetic score of the LoRA's tiles (ties: CLIP score); variants without scores by final loss.
+A LoRA score shows its mean over the tiles (prompts × seeds) and its 95 % interval [low, high].</p>
 {best}
 <table id="ranking"><thead><tr>{''.join(f'<th>{h}</th>' for h in head)}</tr></thead>
 <tbody>{''.join(rows)}</tbody></table>
-<h2>Loss curves</h2>
+{score_chart}<h2>Loss curves</h2>
 <img id="loss" src="{_png_uri(loss_png)}" alt="training loss per step of every variant">
 <h2>Grids</h2>
 <div class="variants">{''.join(cards)}</div>
@@ -159,7 +209,9 @@ def write(sweep_dir: Path) -> tuple[Path, Path]:
         buf = io.BytesIO()
         im.save(buf, format="PNG")
         thumbs[name] = buf.getvalue()
-    page = _html(manifest, ranked, thumbs, _fig_png(_loss_figure(ranked)))
+    score_fig = _score_figure(ranked)
+    page = _html(manifest, ranked, thumbs, _fig_png(_loss_figure(ranked)),
+                 _fig_png(score_fig) if score_fig is not None else None)
     html_file, png_file = Path(sweep_dir) / "sweep.html", Path(sweep_dir) / "sweep.png"
     atomic_write_text(html_file, page)
     png = _summary_png(ranked, images, manifest)

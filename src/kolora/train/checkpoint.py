@@ -4,7 +4,9 @@ A checkpoint is Lightning's (LoRA tensors only — not the frozen UNet —, opti
 global step) plus kolora's block: config digest, rank/alpha, and the RNG states (python, numpy, torch, and the
 CUDA generator of the rank's own GPU) of every rank, by global rank. Kolora's training draws its noise and
 sample order from (seed, step), so RNG states are not needed for an exact resume; they are saved so that
-anything else random (user callbacks, dropout) resumes exactly too. A run resumed on fewer ranks drops the
+anything else random (user callbacks, dropout) resumes exactly too: training seeds python, numpy and torch from
+train.seed, and the DataLoader draws its workers' seed from a generator of its own, so the global streams after a
+resume continue those of a run that never stopped (tests/test_train.py). A run resumed on fewer ranks drops the
 states of the ranks it no longer has; one resumed on more seeds its new ranks (each says so).
 """
 

@@ -381,7 +381,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
     files = models.resolve(cfg.model)
     unet = models.load_unet(files, weight_dtype).train()
-    torch.manual_seed(tcfg.seed)  # the LoRA A matrices' gaussian init
+    # the LoRA A matrices' gaussian init (torch); python and numpy too, so that a run's other random draws are
+    # reproducible and a resumed run continues them (the checkpoints' RNG states)
+    ckpt_io.seed_rng(tcfg.seed)
     adapter = lora_io.AdapterOptions.of(tcfg)
     lora_io.add_lora(unet, tcfg.rank, tcfg.alpha, tcfg.target_modules, dora=tcfg.dora, options=adapter)
     for p in unet.parameters():  # LoRA weights train in float32 whatever the base dtype
@@ -433,8 +435,11 @@ def run(ctx: StageContext) -> dict[str, Any]:
         if world_size != world:
             raise RunFailure(f"train: Lightning formed a process group of {world_size}, kolora planned {world}")
         share = RankShare(sequence, tcfg.steps, start_step, tcfg.batch_size, world, rank, batch.accumulate)
+        # its own generator: the seed it draws for its workers when it starts iterating must not come from the
+        # global one, which a resumed run has restored to the checkpoint's state by then
         return torch.utils.data.DataLoader(Positioned(data), batch_size=tcfg.batch_size, sampler=share,
                                            num_workers=tcfg.num_workers, drop_last=False,
+                                           generator=torch.Generator().manual_seed(tcfg.seed),
                                            worker_init_fn=interrupt.shield_worker if tcfg.num_workers else None)
 
     module = LoRATrainer(unet, tcfg, digest, ckpt_dir, data.empty_caption() if tcfg.caption_dropout else None,
