@@ -7,7 +7,7 @@
     kolora fetch models --captioner [ID] --to DIR                  # login node: captioner, DIR/<hub id>/
     kolora check models DIR                                        # offline (compute node / before submit)
     kolora check dataset DIR
-    kolora export RUN --format peft|kohya|diffsynth [--to PATH]
+    kolora export RUN --format peft|kohya|diffsynth [--to PATH]   # + the run's model card beside the file
     kolora import-lora FILE --alpha 4 [--rank 16] --to lora/
 
 `register(subparsers)` adds them to kolora.cli.main's parser; heavy imports happen inside the commands.
@@ -24,7 +24,8 @@ from pathlib import Path
 
 from kolora.cli.args import whole_number
 from kolora.core.config import load_config
-from kolora.core.errors import EXIT_INPUT, EXIT_OK, InputError
+from kolora.core.errors import EXIT_INPUT, EXIT_OK, ConfigError, InputError
+from kolora.core.rundir import RunDir
 from kolora.formats import interchange
 from kolora.formats.lora import WEIGHT_NAME
 from kolora.formats.peft_adapter import PEFT_WEIGHTS_NAME
@@ -33,6 +34,8 @@ from kolora.ingest.sources import check_folder
 from kolora.models import scorer_fetch, scorers
 from kolora.models.check import check_models
 from kolora.models.fetch import fetch_models
+from kolora.report import card
+from kolora.report.stage import read_scores
 from kolora.sweep.names import folder_kind, listed_variants
 
 
@@ -146,7 +149,26 @@ def cmd_export(args) -> int:
             "diffsynth": "DiffSynth 1.x (raw tensors, no alpha inside; load with the trained alpha): "
                          + interchange.diffsynth_usage(out, rank, alpha)}[args.format]
     print(hint, file=sys.stderr)
+    note = export_card(root, out, args.format)
+    if note:
+        print(note, file=sys.stderr)
     return 0
+
+
+def export_card(root: Path, out: Path, fmt: str) -> str | None:
+    """The run's model card, about the exported file, beside it (with its images): a line saying what became of it."""
+    run = RunDir(root)
+    if not (run.lora / card.CARD).is_file():
+        return (f"no model card beside it: {run.lora / card.CARD} does not exist (the report stage writes it: "
+                f"kolora run CONFIG --stage report)")
+    if out.parent.resolve() == run.lora.resolve():
+        return None  # the run's own card is there already
+    try:
+        cfg = run.load_config()
+        written = card.write(cfg, run, out.parent, read_scores(run), card.Weights(out.name, fmt), from_card=True)
+    except (ConfigError, InputError, OSError) as e:
+        return f"no model card beside it: {e}"
+    return f"model card: {written}"
 
 
 def cmd_import_lora(args) -> int:

@@ -538,6 +538,36 @@ class EvaluateConfig(_Section):
         return data
 
 
+# Hugging Face / ModelScope license ids: apache-2.0, cc-by-nc-4.0, openrail++, other, ...
+LICENSE_ID = re.compile(r"^[a-z0-9][a-z0-9.+-]*$")
+
+
+class CardConfig(_Section):
+    """The model card beside the LoRA (lora/README.md, kolora.report.card): what it says about its use."""
+
+    license: str = "other"  # the card's `license:` (a Hugging Face license id)
+    # The words that call up what the LoRA learned (the card's `instance_prompt:`); None: data.caption_prefix,
+    # else data.caption (the caption every image had), else none
+    trigger: str | None = Field(None, min_length=1)
+    tags: list[str] = Field(default_factory=list)  # added to text-to-image, lora, kolors, diffusers
+
+    @field_validator("license")
+    @classmethod
+    def _license_id(cls, v: str) -> str:
+        if not LICENSE_ID.match(v):
+            raise ValueError(f"{v!r} is not a license id: use a Hugging Face license id such as apache-2.0, "
+                             "cc-by-nc-4.0, openrail++ or other (lowercase, no spaces)")
+        return v
+
+    @field_validator("tags")
+    @classmethod
+    def _one_line_tags(cls, v: list[str]) -> list[str]:
+        bad = [t for t in v if not t.strip() or any(ch in t for ch in "\r\n")]
+        if bad:
+            raise ValueError(f"tag {bad[0]!r}: a tag is a non-empty word or phrase on one line, e.g. anime")
+        return v
+
+
 class ExperimentConfig(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     seed: Seed = 0
@@ -555,6 +585,7 @@ class ExperimentConfig(_Section):
     grid: GridConfig = GridConfig()
     scorers: ScorersConfig = ScorersConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    card: CardConfig = CardConfig()
 
     @model_serializer(mode="wrap")
     def _omit_default_evaluation(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
@@ -563,6 +594,8 @@ class ExperimentConfig(_Section):
         for section, default in (("scorers", ScorersConfig()), ("evaluate", EvaluateConfig())):
             if getattr(self, section) == default:
                 data.pop(section, None)
+        if self.card == CardConfig():
+            data.pop("card", None)
         if self.render.base_tiles is None and isinstance(data.get("render"), dict):
             data["render"].pop("base_tiles", None)
         return data

@@ -34,7 +34,8 @@ SINCE: dict[str, Any] = {"train.buckets": False, "train.min_snr_gamma": None, "t
                          "data.caption_language": "en", "data.caption_prefix": None, "evaluate.select": "last",
                          # data.sources: none (data's one source)
                          "data.sources.path": [], "data.sources.repeats": [], "data.sources.filter_ops": [],
-                         **{f"data.sources.{f}": [] for f in ingest.SOURCE_INPUTS}}
+                         **{f"data.sources.{f}": [] for f in ingest.SOURCE_INPUTS},
+                         "card.license": "other", "card.trigger": None, "card.tags": []}
 
 # Fields that never make a stage rerun: the stage they concern ("" = the run) and why no output depends on them.
 OPERATIONAL: dict[str, tuple[str, str]] = {

@@ -6,6 +6,8 @@ one-page summary figure.
 It ends with the filter's counts per step (kolora.filter.report_page) and a link to filter/report.html, which
 it writes when a run filtered before that page existed has none.
 
+Then the model card beside the LoRA (kolora.report.card): lora/README.md and lora/images/.
+
 The page checks itself (kolora.core.webpage): a small inline script sets `data-images` on <body> to
 "<loaded>/<total>" once every image has decoded (tests read it back from a headless browser)."""
 
@@ -26,6 +28,7 @@ from kolora.core.stats import Interval, mean_interval
 from kolora.core.webpage import data_uri, page, table
 from kolora.filter import report_page as filter_page
 from kolora.render.tiles import tiles
+from kolora.report import card
 from kolora.train import metrics as train_metrics
 from kolora.train.validation import SCORES_FILE, SELECTION_FILE
 
@@ -268,6 +271,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     atomic_write_bytes(out / "report.png", summary_png)
     atomic_write_text(out / "report.html", html_page)
     sources = source_rows(cfg, run)
+    card_file = card.write(cfg, run, run.lora, scores) if card.applies(cfg, run) else None
     return {"report": str(out / "report.html"), "figures": sorted(figures), "scores": scores is not None,
             "validation_steps": sorted(samples), "filter_report": str(filter_html) if filter_html else None,
-            **({"sources": sources} if sources else {})}
+            **({"sources": sources} if sources else {}), "card": str(card_file) if card_file else None}
