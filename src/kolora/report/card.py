@@ -190,7 +190,8 @@ def scores_section(scores: dict[str, Any] | None) -> list[str]:
         diff_key = next((k for k in DIFFERENCE_KEYS if k in by or k in ivs), None)
         with_diff |= diff_key is not None
         has_iv |= any(isinstance(x, dict) for x in (*by.values(), *ivs.values()))
-        model = ((scores.get("models") or {}).get(metric) or {}).get("name")
+        model = (scores.get("models") or {}).get(metric)  # {"name", "fingerprint"} (older files: the name)
+        model = model.get("name") if isinstance(model, dict) else model if isinstance(model, str) else None
         label = SCORE_NAMES.get(metric, inline_code(metric)) + (f", {inline_code(model)}" if model else "")
         rows.append([label.replace("|", "\\|"),
                      _value(by.get("lora"), ivs.get("lora")), _value(by.get("base"), ivs.get("base")),
@@ -327,6 +328,9 @@ def loading_section(cfg: ExperimentConfig, weights: Weights, run_name: str) -> l
     if weights.format in ("diffusers", "peft") and t.adapter == "lora":
         out += ["### diffusers", "",
                 f"`{weights.name}` is diffusers' LoRA format (rank {t.rank} and alpha {t.alpha:g} in its metadata):",
+                "", diffusers, ""]
+    elif weights.format == "kohya" and t.adapter == "lora":
+        out += ["### diffusers", "", f"`load_lora_weights` converts the kohya file `{weights.name}` as it loads it:",
                 "", diffusers, ""]
     elif weights.format == "peft":
         out += ["### peft", "", f"A {ADAPTER_NAMES[t.adapter]} as a peft adapter folder (diffusers' `load_lora_weights` "
