@@ -24,7 +24,7 @@ from pathlib import Path
 
 from kolora.cli.args import whole_number
 from kolora.core.config import load_config
-from kolora.core.errors import EXIT_INPUT, EXIT_OK, ConfigError, InputError
+from kolora.core.errors import EXIT_INPUT, EXIT_OK, InputError, RunFailure
 from kolora.core.rundir import RunDir
 from kolora.formats import interchange
 from kolora.formats.lora import WEIGHT_NAME
@@ -166,7 +166,7 @@ def export_card(root: Path, out: Path, fmt: str) -> str | None:
     try:
         cfg = run.load_config()
         written = card.write(cfg, run, out.parent, read_scores(run), card.Weights(out.name, fmt), from_card=True)
-    except (ConfigError, InputError, OSError) as e:
+    except (InputError, RunFailure, OSError) as e:  # the LoRA is exported: a card it cannot have is a note
         return f"no model card beside it: {e}"
     return f"model card: {written}"
 

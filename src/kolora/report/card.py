@@ -27,6 +27,7 @@ from kolora.core.config import ExperimentConfig
 from kolora.core.errors import RunFailure
 from kolora.core.prompts import PromptItem, load_prompts
 from kolora.core.rundir import RunDir, atomic_path, atomic_write_text
+from kolora.core.stats import LEVEL, Interval
 from kolora.filter import report_page as filter_page
 from kolora.formats.lora import ADAPTER_NAMES, WEIGHT_NAME
 from kolora.render.tiles import tiles
@@ -170,10 +171,9 @@ def _value(v: Any, interval: Any = None) -> str:
     mean = v.get("mean") if isinstance(v, dict) else v
     if not isinstance(mean, int | float):
         return "–"
-    text = f"{mean:.4f}"
-    if iv is not None and isinstance(iv.get("low"), int | float) and isinstance(iv.get("high"), int | float):
-        text += f" [{iv['low']:.4f}, {iv['high']:.4f}]"
-    return text
+    if iv is not None and all(isinstance(iv.get(k), int | float) for k in ("low", "high")):
+        return str(Interval(float(mean), float(iv["low"]), float(iv["high"]), int(iv.get("n") or 0)))
+    return f"{mean:.4f}"
 
 
 def scores_section(scores: dict[str, Any] | None) -> list[str]:
@@ -198,7 +198,7 @@ def scores_section(scores: dict[str, Any] | None) -> list[str]:
                      _value(by.get(diff_key), ivs.get(diff_key)) if diff_key else "–"])
     head = ["score", "LoRA", "base model"] + (["LoRA − base"] if with_diff else [])
     out = [f"Mean over {n} tiles (the render prompts and seeds), the LoRA and the base model with the same prompt "
-           "and seed" + (" (95% bootstrap intervals in brackets)" if has_iv else "") + ":", "",
+           "and seed" + (f" ({LEVEL:.0%} bootstrap intervals in brackets)" if has_iv else "") + ":", "",
            _table(head, [r[:len(head)] for r in rows])]
     return out
 
@@ -220,8 +220,8 @@ def selection_section(cfg: ExperimentConfig, run: RunDir, selection: dict[str, A
     if isinstance(runner, dict) and runner.get("step") is not None:
         out.append(f"The runner-up, step {_cell(runner['step'])}, scored {_value(runner.get('value'))}"
                    + ("" if "distinguishable" not in selection else
-                      "; the two are distinguishable (their intervals do not overlap)." if selection["distinguishable"]
-                      else "; the two are not distinguishable: their intervals overlap, so either is as good."))
+                      "; the selection tells the two apart." if selection["distinguishable"]
+                      else "; the selection cannot tell the two apart on these tiles (either is as good)."))
     elif isinstance(runner, int):
         out.append(f"The runner-up: step {runner}.")
     if (run.lora / "last").is_dir():
@@ -280,7 +280,8 @@ def dataset_section(cfg: ExperimentConfig, report: dict[str, Any] | None) -> lis
     left, table_rows = len(rows), []
     for step in filter_page.steps(report):
         if dropped[step] or step in ops:
-            table_rows.append([_cell(step) if step in ops else step, str(left), str(dropped[step]),
+            label = step if step in filter_page.CHECKS.values() else _cell(step)  # an op's name from the config
+            table_rows.append([label, str(left), str(dropped[step]),
                                str(left - dropped[step])])
             left -= dropped[step]
     kept = summary.get("kept", left)
@@ -319,7 +320,7 @@ def loading_section(cfg: ExperimentConfig, weights: Weights, run_name: str) -> l
         f"pipe.load_lora_weights(\"USER/NAME\", weight_name={_py(weights.name)})\n"
         f"image = pipe({_py(prompt)}, negative_prompt={_py(r.negative_prompt)}, guidance_scale={r.cfg:g},\n"
         f"             num_inference_steps={r.steps}).images[0]", "python")
-    comfy = ("ComfyUI has no Kolors text encoder of its own: install the custom nodes "
+    comfy = ("Kolors in ComfyUI takes custom nodes for its ChatGLM3 text encoder, e.g. "
              "[ComfyUI-Kolors-MZ](https://github.com/MinusZoneAI/ComfyUI-Kolors-MZ) (Kolors' UNet in "
              "`models/unet/`, ChatGLM3 in `models/LLM/`; nodes `MZ_KolorsUNETLoaderV2`, `MZ_ChatGLM3Loader`, "
              "`MZ_ChatGLM3_V2`), put the kohya file in `models/loras/` and apply it to the UNet's MODEL with a "
