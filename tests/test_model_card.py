@@ -58,12 +58,15 @@ def test_card_after_the_pipeline_shows_the_runs_numbers_and_the_configs_fields(d
     scores = json.loads((dst / "eval" / "scores.json").read_text())
     clip = scores["summary"]["clip"]["lora"]
     scores["summary"]["clip"]["lora"] = {"mean": clip, "low": clip - 0.01, "high": clip + 0.02, "n": 8}
+    base = scores["summary"]["clip"]["base"]  # an interval beside the mean, as kolora.sweep.index reads them too
+    scores["summary"]["clip"]["base_interval"] = {"mean": base, "low": base - 0.03, "high": base + 0.04, "n": 8}
     text = card.write(cfg, run, run.lora, scores).read_text()
     meta = _front_matter(text)
     assert meta["license"] == "apache-2.0" and meta["instance_prompt"] == "kolo`ra | 二次元"
     assert meta["tags"] == ["text-to-image", "lora", "kolors", "diffusers", "anime"]
     assert "Trigger words: ``kolo`ra | 二次元``" in text
-    assert f"{clip:.4f} [{clip - 0.01:.4f}, {clip + 0.02:.4f}]" in text
+    assert f"| {clip:.4f} [{clip - 0.01:.4f}, {clip + 0.02:.4f}] | {base:.4f} [{base - 0.03:.4f}, {base + 0.04:.4f}] |" \
+        in text
     aesthetic = scores["summary"]["aesthetic"]
     assert re.search(rf"\| aesthetic score.*\| {aesthetic['lora']:.4f} \| {aesthetic['base']:.4f} \|", text)
 
@@ -124,3 +127,20 @@ def test_export_kohya_writes_the_card_about_the_exported_file(demo_run, tmp_path
     assert run_cli(["export", str(demo_run), "--format", "kohya", "--to", str(shared / "x.safetensors")]) == 0
     assert (shared / "README.md").read_text() == "my notes\n"
     assert "`x.safetensors` is the kohya format" in (shared / "kolora-card.md").read_text()
+
+
+def test_dataset_section_lists_each_source_with_its_counts_per_op(tmp_path):
+    cfg = load_config(DEMO, [f"model.path={tmp_path}", "data.sources=[{name: plain, synthetic: {count: 3}}, "
+                             "{name: triple, repeats: 3, caption_prefix: 'sks, ', synthetic: {count: 2, seed: 1}}]"])
+    rows = [{"source": "plain", "kept": True}, {"source": "plain", "kept": False, "op": "image_shape_filter"},
+            {"source": "plain", "kept": False, "op": "image_aspect_ratio_filter"},
+            {"source": "triple", "kept": True}, {"source": "triple", "kept": False, "op": "image_shape_filter"}]
+    report = {"summary": {"input": 5, "kept": 2, "ops": ["image_shape_filter", "image_aspect_ratio_filter"]},
+              "samples": rows}
+    text = "\n".join(card.dataset_section(cfg, report))
+    assert "- `plain`: synthetic shapes (kolora's demo data, 3 images)" in text
+    assert "- `triple`: synthetic shapes (kolora's demo data, 2 images), 3 repeats per epoch, captions prefixed " \
+           "`sks,`" in text
+    assert "| `image_shape_filter` | 5 | 2 | 3 |" in text and "| `image_aspect_ratio_filter` | 3 | 1 | 2 |" in text
+    assert "| source | images | kept | dropped by `image_shape_filter` | dropped by `image_aspect_ratio_filter` |" in text
+    assert "| `plain` | 3 | 1 | 1 | 1 |" in text and "| `triple` | 2 | 1 | 1 | 0 |" in text

@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from kolora.core.config import ExperimentConfig
+from kolora.core.config import DatasetFields, ExperimentConfig
 from kolora.core.errors import RunFailure
 from kolora.core.prompts import PromptItem, load_prompts
 from kolora.core.rundir import RunDir, atomic_path, atomic_write_text
@@ -166,7 +166,8 @@ def front_matter(cfg: ExperimentConfig, shown: list[Sample]) -> str:
 
 
 def _value(v: Any, interval: Any = None) -> str:
-    """A score: a number, or {"mean", "low", "high", "n"} (kolora.core.stats.Interval.as_dict) as mean [low, high]."""
+    """A score: a number, or {"mean", "low", "high", "n"} (kolora.core.stats.Interval.as_dict) as mean [low, high];
+    `interval`: its interval given beside it (scores.json's intervals.<metric>.<which>, or <which>_interval)."""
     iv = v if isinstance(v, dict) else interval if isinstance(interval, dict) else None
     mean = v.get("mean") if isinstance(v, dict) else v
     if not isinstance(mean, int | float):
@@ -194,7 +195,7 @@ def scores_section(scores: dict[str, Any] | None) -> list[str]:
         model = model.get("name") if isinstance(model, dict) else model if isinstance(model, str) else None
         label = SCORE_NAMES.get(metric, inline_code(metric)) + (f", {inline_code(model)}" if model else "")
         rows.append([label.replace("|", "\\|"),
-                     _value(by.get("lora"), ivs.get("lora")), _value(by.get("base"), ivs.get("base")),
+                     *(_value(by.get(w), ivs.get(w) or by.get(f"{w}_interval")) for w in ("lora", "base")),
                      _value(by.get(diff_key), ivs.get(diff_key)) if diff_key else "–"])
     head = ["score", "LoRA", "base model"] + (["LoRA − base"] if with_diff else [])
     out = [f"Mean over {n} tiles (the render prompts and seeds), the LoRA and the base model with the same prompt "
@@ -253,47 +254,60 @@ def training_section(cfg: ExperimentConfig, run: RunDir) -> list[str]:
             "", _table(["setting", "value"], rows)]
 
 
-def _source(cfg: ExperimentConfig) -> str:
-    d = cfg.data
+def _describe(d: DatasetFields) -> str:
+    """A dataset in a few words: its id, or its folder's or file's name (no path of the cluster in a card)."""
     if d.source == "synthetic":
         return f"synthetic shapes (kolora's demo data, {d.synthetic.count} images)"
     if d.source == "modelscope" and d.dataset_id:
         return f"ModelScope dataset {inline_code(d.dataset_id)} (subset {inline_code(d.subset)}, split {inline_code(d.split)})"
-    return f"a {d.source} dataset, {inline_code(Path(str(d.path)).name)}"  # its name only: no cluster path in a card
+    return f"a {d.source} dataset, {inline_code(Path(str(d.path)).name)}"
+
+
+def _sources(cfg: ExperimentConfig) -> list[str]:
+    d = cfg.data
+    if not d.sources:
+        return [f"Source: {_describe(d)}."]
+    return ["Sources:", "", *(f"- {inline_code(s.name)}: {_describe(s)}"
+                              + (f", {s.repeats} repeats per epoch" if s.repeats != 1 else "")
+                              + (f", captions prefixed {inline_code(s.caption_prefix)}" if s.caption_prefix else "")
+                              for s in d.sources)]
 
 
 def dataset_section(cfg: ExperimentConfig, report: dict[str, Any] | None) -> list[str]:
     d = cfg.data
-    out = [f"Source: {_source(cfg)}."]
     captions = {"keep": "the dataset's own captions", "generate": "captions generated where the dataset had none",
                 "replace": "captions generated for every image"}[d.captions]
     if d.caption is not None:
         captions = f"every image captioned {inline_code(d.caption)}"
-    out[0] += f" Captions: {captions}" + (f", with {inline_code(d.caption_prefix)} before each" if d.caption_prefix
-                                          else "") + "."
+    out = [*_sources(cfg), "", f"Captions: {captions}" + (
+        f", with {inline_code(d.caption_prefix)} before each" if d.caption_prefix else "") + "."]
     if report is None:
         return [*out, "", "No filter report (filter/report.json) was found."]
     rows = report.get("samples") or []
     summary = report.get("summary") or {}
     dropped = Counter(filter_page.group_of(r) for r in rows if not r.get("kept"))
     ops = [str(op) for op in summary.get("ops", [])]
+    checks = set(filter_page.CHECKS.values())
     left, table_rows = len(rows), []
     for step in filter_page.steps(report):
         if dropped[step] or step in ops:
-            label = step if step in filter_page.CHECKS.values() else _cell(step)  # an op's name from the config
-            table_rows.append([label, str(left), str(dropped[step]),
-                               str(left - dropped[step])])
+            label = step if step in checks else _cell(step)  # an op's name from the config
+            table_rows.append([label, str(left), str(dropped[step]), str(left - dropped[step])])
             left -= dropped[step]
     kept = summary.get("kept", left)
     out += ["", f"**{kept} of {summary.get('input', len(rows))} images kept** for training after the filter "
             "(Data-Juicer ops, in order):", "",
             _table(["step", "in", "dropped", "kept"], table_rows)]
-    sources = list(dict.fromkeys(str(r["source"]) for r in rows
-                                 if r.get("source") is not None and r.get("stage") != "ingest"))
-    if len(sources) > 1:
-        seen = Counter(str(r.get("source")) for r in rows if r.get("stage") != "ingest")
-        kept_by = Counter(str(r.get("source")) for r in rows if r.get("kept"))
-        out += ["", _table(["source", "images", "kept"], [[_cell(s), str(seen[s]), str(kept_by[s])] for s in sources])]
+    per_source = [r for r in rows if r.get("source") is not None and r.get("stage") != "ingest"]
+    names = list(dict.fromkeys(str(r["source"]) for r in per_source))
+    if len(names) > 1 or d.sources:
+        cols = [g for g in filter_page.steps(report) if dropped[g] and g != filter_page.CHECKS["ingest"]]
+        seen = Counter(str(r["source"]) for r in per_source)
+        kept_by = Counter(str(r["source"]) for r in per_source if r.get("kept"))
+        lost = Counter((str(r["source"]), filter_page.group_of(r)) for r in per_source if not r.get("kept"))
+        head = ["source", "images", "kept", *(f"dropped by {g if g in checks else _cell(g)}" for g in cols)]
+        out += ["", _table(head, [[_cell(n), str(seen[n]), str(kept_by[n]), *(str(lost[n, g]) for g in cols)]
+                                  for n in names])]
     return out
 
 
