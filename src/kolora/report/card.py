@@ -334,7 +334,7 @@ def loading_section(cfg: ExperimentConfig, weights: Weights, run_name: str) -> l
         f"pipe.load_lora_weights(\"USER/NAME\", weight_name={_py(weights.name)})\n"
         f"image = pipe({_py(prompt)}, negative_prompt={_py(r.negative_prompt)}, guidance_scale={r.cfg:g},\n"
         f"             num_inference_steps={r.steps}).images[0]", "python")
-    comfy = ("Kolors in ComfyUI takes custom nodes for its ChatGLM3 text encoder, e.g. "
+    comfy = ("Kolors in ComfyUI takes custom nodes for its ChatGLM3 text encoder: install e.g. "
              "[ComfyUI-Kolors-MZ](https://github.com/MinusZoneAI/ComfyUI-Kolors-MZ) (Kolors' UNet in "
              "`models/unet/`, ChatGLM3 in `models/LLM/`; nodes `MZ_KolorsUNETLoaderV2`, `MZ_ChatGLM3Loader`, "
              "`MZ_ChatGLM3_V2`), put the kohya file in `models/loras/` and apply it to the UNet's MODEL with a "
