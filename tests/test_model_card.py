@@ -70,17 +70,21 @@ def test_card_after_the_pipeline_shows_the_runs_numbers_and_the_configs_fields(d
     aesthetic = scores["summary"]["aesthetic"]
     assert re.search(rf"\| aesthetic score.*\| {aesthetic['lora']:.4f} \| {aesthetic['base']:.4f} \|", text)
 
-    # a selection names its step; writing again gives the same bytes
+    # a selection names its step (lora/selection.json as kolora.evaluate.selection writes it); writing again gives
+    # the same bytes
     (run.lora / "selection.json").write_text(json.dumps({
-        "step": 20, "metric": "clip", "value": {"mean": 0.3125, "low": 0.3, "high": 0.325, "n": 8},
-        "runner_up": {"step": 30, "value": {"mean": 0.31, "low": 0.29, "high": 0.33, "n": 8}},
-        "distinguishable": False}))
+        "metric": "clip", "higher_is_better": True, "step": 20, "value": 0.3125,
+        "interval": {"mean": 0.3125, "low": 0.3, "high": 0.325, "n": 8},
+        "runner_up": {"step": 30, "value": 0.31, "interval": {"mean": 0.31, "low": 0.29, "high": 0.33, "n": 8}},
+        "distinguishable": False, "final_step": 30, "base": {"mean": 0.25, "low": 0.24, "high": 0.26, "n": 8}}))
     report_stage.run(stage_context("report", cfg, run))
     first = (run.lora / "README.md").read_bytes()
     images = {p.name: p.read_bytes() for p in (run.lora / "images").iterdir()}
     text = first.decode()
-    assert "This is step **20**, selected by `clip`: 0.3125 [0.3000, 0.3250] over 8 tiles" in text
-    assert "runner-up, step 30" in text and "final step" not in text
+    assert ("This is step **20** of 30, selected for the highest mean `clip` on the validation samples: "
+            "0.3125 [0.3000, 0.3250] over 8 prompt and seed pairs") in text
+    assert "runner-up, step 30, scored 0.3100 [0.2900, 0.3300]; the selection cannot tell" in text
+    assert "The base model scored 0.2500 [0.2400, 0.2600]" in text and "final step" not in text
     report_stage.run(stage_context("report", cfg, run))
     assert (run.lora / "README.md").read_bytes() == first
     assert {p.name: p.read_bytes() for p in (run.lora / "images").iterdir()} == images

@@ -32,6 +32,7 @@ from kolora.filter import report_page as filter_page
 from kolora.formats.lora import ADAPTER_NAMES, WEIGHT_NAME
 from kolora.render.tiles import tiles
 from kolora.train import metrics as train_metrics
+from kolora.train.validation import SELECTION_FILE
 
 # PIL: imported in the functions that use them (a login node's CLI starts without them)
 
@@ -43,7 +44,6 @@ MAX_SIDE = {"grid": 2048, "sample": 1024}  # larger images are scaled down: the 
 BASE_MODEL = "Kwai-Kolors/Kolors-diffusers"
 TAGS = ("text-to-image", "lora", "kolors", "diffusers")
 MARK = "<!-- kolora model card: kolora writes this file again from the run (kolora.report.card) -->"
-SELECTION = Path("lora") / "selection.json"
 _SAMPLE = re.compile(r"^sample-(\d+)-(-?\d+)\.jpg$")
 SCORE_NAMES = {"clip": "CLIP score (image-text)", "aesthetic": "aesthetic score"}
 DIFFERENCE_KEYS = ("difference", "delta", "lora_minus_base")
@@ -100,7 +100,7 @@ def _table(head: list[str], rows: list[list[str]]) -> str:
 # ---- what the card reads from the run ------------------------------------------------------------------------
 def read_selection(run: RunDir) -> dict[str, Any] | None:
     """lora/selection.json (the checkpoint selection), when there is one."""
-    path = run.root / SELECTION
+    path = run.root / SELECTION_FILE
     if not path.is_file():
         return None
     try:
@@ -205,26 +205,27 @@ def scores_section(scores: dict[str, Any] | None) -> list[str]:
 
 
 def selection_section(cfg: ExperimentConfig, run: RunDir, selection: dict[str, Any] | None) -> list[str]:
-    if selection is None or not isinstance(selection.get("step"), int):
+    """The step the LoRA is (lora/selection.json, kolora.evaluate.selection), else the final one."""
+    if selection is None or not isinstance(selection.get("step"), int) or selection.get("metric") in (None, "last"):
         loss = train_metrics.rows(run.root, upto=cfg.train.steps)
         final = int(loss[-1]["step"]) if loss else cfg.train.steps
         return [f"This is the final step ({final}) of the training."]
-    metric = selection.get("metric")
-    line = f"This is step **{selection['step']}**, selected"
-    if metric:
-        line += f" by {inline_code(metric)}: {_value(selection.get('value'))}"
-        if isinstance(selection.get("value"), dict) and isinstance(selection["value"].get("n"), int):
-            line += f" over {selection['value']['n']} tiles"
-    line += "."
-    out = [line]
+    metric = str(selection["metric"])
+    value = _value(selection.get("value"), selection.get("interval"))
+    interval = selection.get("interval") if isinstance(selection.get("interval"), dict) else selection.get("value")
+    n = interval.get("n") if isinstance(interval, dict) else None
+    what = "the lowest mean rank over the scorers" if metric == "mean_rank" else f"the highest mean {inline_code(metric)}"
+    out = [f"This is step **{selection['step']}** of {selection.get('final_step', cfg.train.steps)}, selected for "
+           f"{what} on the validation samples: {value}" + (f" over {n} prompt and seed pairs" if n else "") + "."]
     runner = selection.get("runner_up")
     if isinstance(runner, dict) and runner.get("step") is not None:
-        out.append(f"The runner-up, step {_cell(runner['step'])}, scored {_value(runner.get('value'))}"
-                   + ("" if "distinguishable" not in selection else
-                      "; the selection tells the two apart." if selection["distinguishable"]
-                      else "; the selection cannot tell the two apart on these tiles (either is as good)."))
-    elif isinstance(runner, int):
-        out.append(f"The runner-up: step {runner}.")
+        out.append(f"The runner-up, step {_cell(runner['step'])}, scored "
+                   f"{_value(runner.get('value'), runner.get('interval'))}"
+                   + ("; the selection tells the two apart." if selection.get("distinguishable") is True else
+                      "; the selection cannot tell the two apart on these samples (either is as good)."
+                      if selection.get("distinguishable") is False else "."))
+    if isinstance(selection.get("base"), dict):
+        out.append(f"The base model scored {_value(selection['base'])} on the same samples.")
     if (run.lora / "last").is_dir():
         out.append("The final step's LoRA is in `last/` beside this file.")
     return [" ".join(out)]
