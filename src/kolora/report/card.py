@@ -46,7 +46,7 @@ TAGS = ("text-to-image", "lora", "kolors", "diffusers")
 MARK = "<!-- kolora model card: kolora writes this file again from the run (kolora.report.card) -->"
 _SAMPLE = re.compile(r"^sample-(\d+)-(-?\d+)\.jpg$")
 SCORE_NAMES = {"clip": "CLIP score (image-text)", "aesthetic": "aesthetic score"}
-DIFFERENCE_KEYS = ("difference", "delta", "lora_minus_base")
+SIDES = ("lora", "base", "lora_minus_base")  # eval/scores.json's intervals: {side: {metric: interval}}
 
 
 @dataclass(frozen=True)
@@ -167,9 +167,9 @@ def front_matter(cfg: ExperimentConfig, shown: list[Sample]) -> str:
 
 def _value(v: Any, interval: Any = None) -> str:
     """A score: a number, or {"mean", "low", "high", "n"} (kolora.core.stats.Interval.as_dict) as mean [low, high];
-    `interval`: its interval given beside it (scores.json's intervals.<metric>.<which>, or <which>_interval)."""
+    `interval`: its interval given beside it (eval/scores.json's intervals.<side>.<metric>), or the interval alone."""
     iv = v if isinstance(v, dict) else interval if isinstance(interval, dict) else None
-    mean = v.get("mean") if isinstance(v, dict) else v
+    mean = v.get("mean") if isinstance(v, dict) else v if v is not None else (iv or {}).get("mean")
     if not isinstance(mean, int | float):
         return "–"
     if iv is not None and all(isinstance(iv.get(k), int | float) for k in ("low", "high")):
@@ -183,20 +183,18 @@ def scores_section(scores: dict[str, Any] | None) -> list[str]:
                 "base model)."]
     summary, intervals = scores["summary"], scores.get("intervals") or {}
     n = len(scores.get("tiles") or [])
-    rows, with_diff, has_iv = [], False, False
+    rows, has_iv = [], False
+    with_diff = isinstance(intervals.get("lora_minus_base"), dict) and bool(intervals["lora_minus_base"])
     for metric, by in summary.items():
         if not isinstance(by, dict):
             continue
-        ivs = intervals.get(metric) if isinstance(intervals.get(metric), dict) else {}
-        diff_key = next((k for k in DIFFERENCE_KEYS if k in by or k in ivs), None)
-        with_diff |= diff_key is not None
+        ivs = {side: (intervals.get(side) or {}).get(metric) for side in SIDES if isinstance(intervals.get(side), dict)}
         has_iv |= any(isinstance(x, dict) for x in (*by.values(), *ivs.values()))
         model = (scores.get("models") or {}).get(metric)  # {"name", "fingerprint"} (older files: the name)
         model = model.get("name") if isinstance(model, dict) else model if isinstance(model, str) else None
         label = SCORE_NAMES.get(metric, inline_code(metric)) + (f", {inline_code(model)}" if model else "")
         rows.append([label.replace("|", "\\|"),
-                     *(_value(by.get(w), ivs.get(w) or by.get(f"{w}_interval")) for w in ("lora", "base")),
-                     _value(by.get(diff_key), ivs.get(diff_key)) if diff_key else "–"])
+                     *(_value(by.get(side), ivs.get(side)) for side in SIDES)])
     head = ["score", "LoRA", "base model"] + (["LoRA − base"] if with_diff else [])
     out = [f"Mean over {n} tiles (the render prompts and seeds), the LoRA and the base model with the same prompt "
            "and seed" + (f" ({LEVEL:.0%} bootstrap intervals in brackets)" if has_iv else "") + ":", "",
