@@ -46,9 +46,11 @@ def screenshot(browser: str, page: Path, profile: Path, shot: Path, size: tuple[
     return shot
 
 
-def dom(browser: str, url: str, profile: Path) -> str:
-    """The DOM the browser built for `url` (a page's file URI, with a #fragment its script reads)."""
-    proc = subprocess.run([*_common(browser, profile), "--dump-dom", url], capture_output=True, text=True,
+def dom(browser: str, url: str, profile: Path, size: tuple[int, int] | None = None) -> str:
+    """The DOM the browser built for `url` (a page's file URI, with a #fragment its script reads); laid out in a
+    window of `size` (as a screenshot of that width is) when given."""
+    window = [f"--window-size={size[0]},{size[1]}"] if size else []
+    proc = subprocess.run([*_common(browser, profile), *window, "--dump-dom", url], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stdout

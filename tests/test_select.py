@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import html
 import json
+import re
 from pathlib import Path
 
 import pytest
 from conftest import DEMO, untrained_copy
+from headless_browser import body_attributes, chromium, dom, screenshot
 
 from kolora.cache.validation import prompt_texts
 from kolora.core.config import load_config
@@ -166,6 +169,75 @@ def test_the_report_draws_the_scores_over_the_steps_with_the_selected_one(select
     assert "Validation scores over training" in page and 'src="data:image/png;base64,' in page
     assert f"{chosen['step']} ← selected" in page and "0 (base model)" in page
     assert chosen["verdict"] in page.replace("&#x27;", "'")
+
+
+# Each image's natural width and its box on the page (CSS pixels from the page's top left), for the DOM dump.
+_BOXES = """<script>window.addEventListener('load', function () {
+  Array.prototype.forEach.call(document.images, function (i) {
+    var r = i.getBoundingClientRect();
+    i.setAttribute('data-box', [i.naturalWidth, r.left + scrollX, r.top + scrollY, r.width, r.height]
+      .map(Math.round).join(' '));
+  });
+  document.body.setAttribute('data-height', String(document.documentElement.scrollHeight));
+});</script></head>"""
+
+
+@pytest.fixture(scope="module")
+def reported(selected):
+    """The selected run through the rest of the pipeline (render, grid, evaluate, report): `kolora run` of the demo
+    with train.validation.every=10 and evaluate.select=clip (validation sampled in 2 steps)."""
+    run, cfg = selected
+    assert cfg.evaluate.enabled
+    for stage in NAMES[NAMES.index("select") + 1:]:
+        run_stage(stage, cfg, run)
+    return run, cfg
+
+
+# Before the test below, which changes the selection of this module's run.
+def test_the_demo_with_a_selection_reports_its_scores_over_the_steps_in_a_browser(reported, tmp_path):
+    """Issue #27's acceptance: scores.csv at every validation step, selection.json, the run's LoRA the selected
+    step's, and the report's curves, step table and error bars rendered by headless Chromium."""
+    from PIL import Image, ImageStat
+
+    from kolora.report.stage import read_scores, score_intervals
+
+    run, cfg = reported
+    steps = list(range(0, cfg.train.steps + 1, cfg.train.validation.every))
+    with open(run.train / "scores.csv", newline="") as f:
+        assert sorted({int(r["step"]) for r in csv.DictReader(f)}) == steps == list(STEPS)
+    chosen = json.loads((run.lora / "selection.json").read_text())
+    assert chosen["metric"] == "clip" and chosen["step"] in steps[1:]
+    assert _same_tensors(run.lora / LORA, step_lora(run.train, chosen["step"]))
+    assert score_intervals(read_scores(run)), "eval/scores.json has no intervals: the chart has no error bars"
+
+    browser = chromium()
+    report = run.root / "report" / "report.html"
+    loaded, total = map(int, body_attributes(browser, report, tmp_path / "profile")["data-images"].split("/"))
+    assert total > 0 and loaded == total, f"{loaded} of {total} images rendered"
+    probe = tmp_path / "probe.html"  # the report with _BOXES (self-contained: it reads nothing beside it)
+    probe.write_text(report.read_text(encoding="utf-8").replace("</head>", _BOXES, 1), encoding="utf-8")
+    width = 1200
+    page = dom(browser, probe.as_uri(), tmp_path / "profile", (width, 1000))
+    boxes = {html.unescape(alt): tuple(map(int, box.split()))
+             for alt, box in re.findall(r'<img[^>]*alt="([^"]*)"[^>]*data-box="([^"]*)"', page)}
+    curves, bars = boxes.get("scores over steps"), boxes.get("mean scores")
+    assert curves and bars, f"figures missing from the page: {sorted(boxes)}"
+    assert curves[0] > 0 and bars[0] > 0, "a figure did not load"
+    table = page.split('<table class="step-scores">', 1)[1].split("</table>", 1)[0]
+    firsts = [html.unescape(c) for c in re.findall(r"<tr><td[^>]*>(.*?)</td>", table)]
+    assert [int(c.split()[0]) for c in firsts] == steps, firsts
+    assert firsts[steps.index(chosen["step"])].endswith("← selected")
+
+    height = int(re.search(r'data-height="(\d+)"', page).group(1))
+    shot = screenshot(browser, probe, tmp_path / "profile", tmp_path / "report.png", (width, height))
+    with Image.open(shot) as im:
+        gray = im.convert("L")
+        for name, (_, left, top, w, h) in {"scores over steps": curves, "error bars": bars}.items():
+            assert w > 100 and h > 100, f"{name}: {w}x{h} on the page"
+            crop = gray.crop((left, top, left + w, top + h))
+            # a drawn chart: axes, text and curves on white, not one flat colour
+            assert ImageStat.Stat(crop).stddev[0] > 10 and len(crop.getcolors(1 << 16) or []) > 20, \
+                f"the screenshot is blank where the {name} figure is"
 
 
 def test_changing_select_reruns_only_the_selection_and_what_reads_the_lora(selected, tmp_path):
