@@ -52,7 +52,7 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
-def intervals(rows: list[dict[str, Any]], rewards: tuple[str, ...] | list[str] = ()
+def intervals(rows: list[dict[str, Any]], rewards: tuple[str, ...] = ()
               ) -> dict[str, dict[str, dict[str, float | int]]]:
     """Per side and scorer, the mean over the tiles with its 95 % interval; and the paired LoRA − base difference
     (rows pair a LoRA tile with the base tile of its prompt and seed). A reward scorer's are over the tiles it
@@ -136,13 +136,13 @@ def run(ctx: StageContext) -> dict[str, Any]:
               "aesthetic": model_identity({s.aesthetic: folders[s.aesthetic]}),
               **{k: model_identity({m.name: folders[m.name]}) for k, m in rewards.items()}}
     _write(run.root / "eval", {"models": models, "tiles": rows, "summary": summary,
-                               "intervals": intervals(rows, list(rewards))}, list(rewards))
+                               "intervals": intervals(rows, tuple(rewards))}, tuple(rewards))
     return {"tiles": len(rows), "clip_lora": round(summary["clip"]["lora"], 4),
             "clip_base": round(summary["clip"]["base"], 4), "aesthetic_lora": round(summary["aesthetic"]["lora"], 4),
             "aesthetic_base": round(summary["aesthetic"]["base"], 4)}
 
 
-def _write(folder: Path, scores: dict[str, Any], rewards: list[str] = ()) -> None:
+def _write(folder: Path, scores: dict[str, Any], rewards: tuple[str, ...] = ()) -> None:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(CSV_COLUMNS + tuple(f"{k}_{side}" for k in rewards for side in ("lora", "base")))
