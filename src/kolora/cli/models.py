@@ -4,6 +4,7 @@
     kolora fetch dataset AI-ModelScope/lowres_anime --to DIR       # login node
     kolora fetch models --clip --aesthetics --to DIR               # login node: scorers, DIR/<hub id>/
     kolora fetch models --filters nsfw,watermark --to DIR          # login node: filter classifiers, same DIR
+    kolora fetch models --scorers pickscore --to DIR               # login node: reward scorers, same DIR
     kolora fetch models --captioner [ID] --to DIR                  # login node: captioner, DIR/<hub id>/
     kolora check models DIR                                        # offline (compute node / before submit)
     kolora check dataset DIR
@@ -46,19 +47,22 @@ def _report(report) -> int:
 
 def cmd_fetch(args) -> int:
     if args.what == "models" and args.captioner is not None:
-        if args.clip or args.aesthetics or args.filters:
-            raise InputError("--captioner fetches the captioner alone; fetch --clip/--aesthetics/--filters in "
-                             "another call")
+        if args.clip or args.aesthetics or args.filters or args.scorers:
+            raise InputError("--captioner fetches the captioner alone; fetch --clip/--aesthetics/--filters/--scorers "
+                             "in another call")
         return _report(scorer_fetch.fetch_captioner(Path(args.to), [args.captioner] if args.captioner else None,
                                                     tiny=args.tiny, timeout=args.timeout))
-    if args.what == "models" and (args.clip or args.aesthetics or args.filters):
+    if args.what == "models" and (args.clip or args.aesthetics or args.filters or args.scorers):
         return _report(scorer_fetch.fetch(Path(args.to), args.clip, args.aesthetics, tiny=args.tiny,
-                                          timeout=args.timeout, filters=args.filters or []))
+                                          timeout=args.timeout, filters=args.filters or [],
+                                          rewards=args.scorers or []))
     if args.tiny:
-        raise InputError("--tiny goes with --clip/--aesthetics/--filters/--captioner "
+        raise InputError("--tiny goes with --clip/--aesthetics/--filters/--scorers/--captioner "
                          "(tiny Kolors: kolora make-tiny DIR)")
     if args.filters:
         raise InputError("--filters goes with `fetch models` (the filter ops' classifiers)")
+    if args.scorers:
+        raise InputError("--scorers goes with `fetch models` (the reward scorers of scorers.rewards)")
     if args.what == "models":
         if args.id:
             raise InputError(f"fetch models takes no id (got {args.id!r}); it downloads Kolors and the fp16-fix VAE")
@@ -199,6 +203,13 @@ def _filter_keys(text: str) -> list[str]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _reward_keys(text: str) -> list[str]:
+    try:
+        return scorers.reward_keys(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("fetch", help="download Kolors or a dataset from ModelScope (login node)",
                               description="Download with ModelScope's snapshot download, then verify what "
@@ -218,10 +229,13 @@ def register(subparsers) -> None:
     p.add_argument("--filters", type=_filter_keys, metavar="nsfw,watermark",
                    help="models: the image classifiers of the image_nsfw_filter / image_watermark_filter ops into "
                         "DIR/<hub id>/ (set scorers.dir: DIR)")
+    p.add_argument("--scorers", type=_reward_keys, metavar="pickscore",
+                   help="models: the reward scorers of scorers.rewards (PickScore, with the processor files of the "
+                        "CLIP it started from) into DIR/<hub id>/ (set scorers.dir: DIR)")
     p.add_argument("--captioner", nargs="?", const="", metavar="ID",
                    help="models: the captioner of data.captions into DIR/<hub id>/ (without ID both defaults: "
                         "Salesforce/blip-image-captioning-base and IDEA-CCNL/Taiyi-BLIP-750M-Chinese)")
-    p.add_argument("--tiny", action="store_true", help="with --clip/--aesthetics/--filters/--captioner: write tiny "
+    p.add_argument("--tiny", action="store_true", help="with --clip/--aesthetics/--filters/--scorers/--captioner: write tiny "
                                                        "random models (tests, demos; offline)")
     p.set_defaults(func=cmd_fetch)
 

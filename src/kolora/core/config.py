@@ -508,6 +508,16 @@ class GridConfig(_Section):
     font: Path | None = None  # a TrueType font with CJK glyphs for prompt captions
 
 
+REWARD_DEFAULTS: dict[str, Any] = {"rewards": [], "pickscore": "yuvalkirstain/PickScore_v1",
+                                   "pickscore_processor": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"}
+# Reward models kolora cannot run from local weights yet, and why (named when a config or fetch asks for one)
+UNAVAILABLE_REWARDS = {
+    "imagereward": "ImageReward is not available: its package (image-reward) needs timm 0.6.13 and torchvision and "
+                   "downloads bert-base-uncased's tokenizer and its weights from the hub when it loads",
+    "hps": "HPSv2 is not available: its package (hpsv2) needs torchvision and downloads the open_clip ViT-H-14 "
+           "weights and its checkpoint from the hub when it loads"}
+
+
 class ScorersConfig(_Section):
     """Local CLIP / Chinese-CLIP / aesthetic models (kolora.models.scorers) for filter ops and evaluate."""
 
@@ -520,6 +530,28 @@ class ScorersConfig(_Section):
     aesthetic: str = "shunk031/aesthetics-predictor-v2-sac-logos-ava1-l14-linearMSE"
     # Which CLIP scores a text: auto = Chinese-CLIP when CJK ideographs are ≥ 1/5 of its letters, else CLIP.
     language: Literal["auto", "zh", "en"] = "auto"
+    # Reward models evaluate also scores every tile with (kolora.models.scorers.REWARDS; English prompts only:
+    # a Chinese prompt is read through its prompt set's prompt_en, else not scored)
+    rewards: list[Literal["pickscore"]] = Field(default_factory=list)
+    pickscore: str = "yuvalkirstain/PickScore_v1"
+    pickscore_processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # PickScore's tokenizer + image processor
+
+    @field_validator("rewards", mode="before")
+    @classmethod
+    def _available_rewards(cls, v: Any) -> Any:
+        blocked = [k for k in (v or []) if k in UNAVAILABLE_REWARDS]
+        if blocked:
+            raise ValueError(f"{blocked[0]}: {UNAVAILABLE_REWARDS[blocked[0]]}; the reward scorer available is "
+                             "pickscore (scorers.rewards: [pickscore])")
+        return list(dict.fromkeys(v)) if isinstance(v, list) else v
+
+    @model_serializer(mode="wrap")
+    def _omit_default_rewards(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)  # no reward scorer: the dumps and digests of configs from before these fields
+        for field, default in REWARD_DEFAULTS.items():
+            if getattr(self, field) == default:
+                data.pop(field, None)
+        return data
 
 
 class EvaluateConfig(_Section):

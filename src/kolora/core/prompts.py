@@ -16,6 +16,8 @@ class PromptItem(_Section):
     prompt: str = Field(min_length=1)
     seed: Seed
     negative_prompt: str | None = None
+    # An English gloss of the prompt, read by the English-only reward scorers (scorers.rewards) instead of it
+    prompt_en: str | None = Field(None, min_length=1)
 
 
 class PromptSet(_Section):

@@ -3,6 +3,7 @@ kolora.evaluate.selection do the work."""
 
 from kolora.cache.validation import prompt_texts
 from kolora.core import hashing
+from kolora.core.prompts import load_prompts
 from kolora.core.stage import Stage
 from kolora.train.validation import SCORES_FILE, SELECTION_FILE
 
@@ -27,10 +28,20 @@ def _validation_key(cfg, run) -> dict:
     return {"validation": {"prompts": prompt_texts(cfg), "files": files}}
 
 
+def _gloss_key(cfg, run) -> dict:
+    """The prompt set's English glosses, which the reward scorers read (nothing without scorers.rewards: keys as
+    before)."""
+    if not cfg.scorers.rewards:
+        return {}
+    return {"prompt_en": [p.prompt_en for p in load_prompts(cfg.render.prompts, cfg.render.negative_prompt)]}
+
+
 STAGE = Stage(
     "evaluate", entry="kolora.evaluate.stage:run", runs_on="cpu", parallel="none", after=("render",),
-    inputs=("evaluate.enabled", "scorers.clip", "scorers.chinese_clip", "scorers.aesthetic", "scorers.language"),
-    content=("scorers.dir",), outputs=("eval",), done=_done, stoppable=False)
+    inputs=("evaluate.enabled", "scorers.clip", "scorers.chinese_clip", "scorers.aesthetic", "scorers.language",
+            "scorers.rewards", "scorers.pickscore", "scorers.pickscore_processor"),
+    content=("scorers.dir",), outputs=("eval",), done=_done, stoppable=False, extra_key=_gloss_key,
+    extra_key_note="the prompt set's prompt_en glosses (when scorers.rewards is set)")
 
 # In the train job after training (its rank 0), before render reads the LoRA it leaves in place.
 SELECT = Stage(

@@ -13,6 +13,11 @@ scores.json: {"models": {"clip": {...}, "aesthetic": ...}, "tiles": [{"index", "
 intervals: each mean's 95 % interval, kolora.core.stats, bootstrapped over the tiles = prompts × seeds, and the
 paired LoRA − base difference, each LoRA tile against the base tile of the same prompt and seed).
 scores.csv: index,prompt,seed,clip_lora,clip_base,aesthetic_lora,aesthetic_base.
+
+scorers.rewards adds each reward scorer (pickscore) beside clip and aesthetic: in models, in every tile
+({"lora", "base"}; both None with a "reason" when the tile's prompt has no English text it can read, see
+scorers.english_prompt, and "text": the English text scored when it is not the prompt), in summary and intervals
+(over the scored tiles; n counts them; absent when none was scored) and as <key>_lora,<key>_base columns.
 """
 
 from __future__ import annotations
@@ -47,15 +52,23 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
-def intervals(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float | int]]]:
+def intervals(rows: list[dict[str, Any]], rewards: tuple[str, ...] = ()
+              ) -> dict[str, dict[str, dict[str, float | int]]]:
     """Per side and scorer, the mean over the tiles with its 95 % interval; and the paired LoRA − base difference
-    (rows pair a LoRA tile with the base tile of its prompt and seed)."""
-    metrics = ("clip", "aesthetic")
-    out = {side: {k: mean_interval([r[k][side] for r in rows]).as_dict() for k in metrics}
+    (rows pair a LoRA tile with the base tile of its prompt and seed). A reward scorer's are over the tiles it
+    scored (none scored: no interval)."""
+    metrics = ("clip", "aesthetic", *(k for k in rewards if _scored(rows, k)))
+    out = {side: {k: mean_interval([r[k][side] for r in _scored(rows, k)]).as_dict() for k in metrics}
            for side in ("lora", "base")}
-    out["lora_minus_base"] = {k: paired_difference([r[k]["lora"] for r in rows], [r[k]["base"] for r in rows]
-                                                   ).as_dict() for k in metrics}
+    out["lora_minus_base"] = {k: paired_difference([r[k]["lora"] for r in _scored(rows, k)],
+                                                   [r[k]["base"] for r in _scored(rows, k)]).as_dict()
+                              for k in metrics}
     return out
+
+
+def _scored(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+    """The rows with a score of `metric` (a reward scorer skips prompts it cannot read)."""
+    return [r for r in rows if r[metric]["lora"] is not None]
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -87,6 +100,14 @@ def run(ctx: StageContext) -> dict[str, Any]:
     device = cfg.evaluate.device
     clip_models = {name: scorers.load_clip(folders[name], name, device) for name in set(clip_names.values())}
     aesthetic = scorers.load_aesthetic(folders[s.aesthetic], s.aesthetic, device)
+    rewards = {}
+    for key in s.rewards:
+        model, processor = scorers.reward_models(s, key)
+        try:
+            folders[model], proc_folder = scorers.local_folder(s.dir, model), scorers.local_folder(s.dir, processor)
+        except scorers.ScorerModelError as e:
+            raise RunFailure(f"evaluate: {e}") from None
+        rewards[key] = scorers.load_pickscore(folders[model], proc_folder, model, device)
 
     rows = []
     for n, (lt, bt) in enumerate(zip(lora_tiles, base, strict=True), 1):
@@ -98,25 +119,37 @@ def run(ctx: StageContext) -> dict[str, Any]:
                      "lora_tile": str(lt.path(run).relative_to(run.root)),
                      "base_tile": str(bt.path(run).relative_to(run.root)),
                      "clip": {"lora": clip[0], "base": clip[1]}, "aesthetic": {"lora": aes[0], "base": aes[1]}})
+        text = scorers.english_prompt(lt.item)
+        for key, model in rewards.items():
+            if text is None:
+                rows[-1][key] = {"lora": None, "base": None, "reason": scorers.NO_ENGLISH_PROMPT}
+                continue
+            values = scorers.pickscore(model, images, [text] * 2)
+            rows[-1][key] = {"lora": values[0], "base": values[1], **({"text": text} if text != lt.item.prompt else {})}
         if ctx.progress:
             ctx.progress(n, len(lora_tiles))
     summary = {k: {side: _mean([r[k][side] for r in rows]) for side in ("lora", "base")}
                for k in ("clip", "aesthetic")}
+    summary.update({k: {side: _mean([r[k][side] for r in _scored(rows, k)]) if _scored(rows, k) else None
+                        for side in ("lora", "base")} for k in rewards})
     models = {"clip": model_identity({name: folders[name] for name in set(clip_names.values())}),
-              "aesthetic": model_identity({s.aesthetic: folders[s.aesthetic]})}
-    _write(run.root / "eval", {"models": models, "tiles": rows, "summary": summary, "intervals": intervals(rows)})
+              "aesthetic": model_identity({s.aesthetic: folders[s.aesthetic]}),
+              **{k: model_identity({m.name: folders[m.name]}) for k, m in rewards.items()}}
+    _write(run.root / "eval", {"models": models, "tiles": rows, "summary": summary,
+                               "intervals": intervals(rows, tuple(rewards))}, tuple(rewards))
     return {"tiles": len(rows), "clip_lora": round(summary["clip"]["lora"], 4),
             "clip_base": round(summary["clip"]["base"], 4), "aesthetic_lora": round(summary["aesthetic"]["lora"], 4),
             "aesthetic_base": round(summary["aesthetic"]["base"], 4)}
 
 
-def _write(folder: Path, scores: dict[str, Any]) -> None:
+def _write(folder: Path, scores: dict[str, Any], rewards: tuple[str, ...] = ()) -> None:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
+    writer.writerow(CSV_COLUMNS + tuple(f"{k}_{side}" for k in rewards for side in ("lora", "base")))
     for r in scores["tiles"]:
         writer.writerow([r["index"], r["prompt"], r["seed"], repr(r["clip"]["lora"]), repr(r["clip"]["base"]),
-                         repr(r["aesthetic"]["lora"]), repr(r["aesthetic"]["base"])])
+                         repr(r["aesthetic"]["lora"]), repr(r["aesthetic"]["base"]),
+                         *("" if r[k][side] is None else repr(r[k][side]) for k in rewards for side in ("lora", "base"))])
     with atomic_dir(folder) as work:
         (work / "scores.json").write_text(json.dumps(scores, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         (work / "scores.csv").write_text(buf.getvalue(), encoding="utf-8")

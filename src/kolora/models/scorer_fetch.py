@@ -1,11 +1,12 @@
-"""`kolora fetch models --clip --aesthetics [--filters nsfw,watermark] --to DIR`: the scorer models for filter ops
+"""`kolora fetch models --clip --aesthetics [--filters nsfw,watermark] [--scorers pickscore] --to DIR`: the scorer models for filter ops
 and evaluate, from the Hugging Face hub (their home; HF_ENDPOINT selects a mirror), into DIR/<hub id>/ --
 Data-Juicer's external models home layout, which is what scorers.dir names. `--tiny` writes tiny random ones
 there instead (offline).
 
 --clip fetches both CLIPs (OpenAI CLIP for English, Chinese-CLIP for Chinese text); --aesthetics the LAION
 aesthetic predictor; --filters the image classifiers of Data-Juicer's image_nsfw_filter / image_watermark_filter
-(kolora.models.scorers.CLASSIFIERS); --captioner [ID] the captioner of data.captions (kolora.models.captioner).
+(kolora.models.scorers.CLASSIFIERS); --scorers the reward scorers of scorers.rewards (PickScore and the CLIP
+repository its processor comes from, processor files only); --captioner [ID] the captioner of data.captions (kolora.models.captioner).
 Only one weight format is taken per repository (safetensors when there is one), and what arrived is checked like
 `kolora check models` does.
 """
@@ -39,6 +40,13 @@ def _hub_download(repo_id: str, folder: Path) -> None:
     snapshot_download(repo_id, local_dir=str(folder), allow_patterns=_META + weights)
 
 
+def _hub_download_processor(repo_id: str, folder: Path) -> None:
+    """A repository read for its processor only (PickScore's): configs and tokenizer files, no weights."""
+    from huggingface_hub import snapshot_download
+
+    snapshot_download(repo_id, local_dir=str(folder), allow_patterns=_META)
+
+
 def check_folder(report: Report, folder: Path) -> None:
     c = FileChecker(report)
     c.file(folder / "config.json")
@@ -66,13 +74,17 @@ def download_all(names: list[str], to: Path, command: str, timeout: float, downl
 
 
 def fetch(to: Path, clip: bool, aesthetics: bool, tiny: bool = False, timeout: float = DEFAULT_PROBE_TIMEOUT,
-          download=None, filters: list[str] = ()) -> Report:
+          download=None, filters: list[str] = (), rewards: list[str] = ()) -> Report:
     names = wanted(clip, aesthetics, filters=filters)
+    processors = [scorers.REWARDS[key][1] for key in rewards]  # read for their processor files only
     to = Path(to).resolve()
     command = "kolora fetch models" + (" --clip" if clip else "") + (" --aesthetics" if aesthetics else "") + \
-        (f" --filters {','.join(filters)}" if filters else "") + f" --to {to}"
+        (f" --filters {','.join(filters)}" if filters else "") + \
+        (f" --scorers {','.join(rewards)}" if rewards else "") + f" --to {to}"
     classifiers = {scorers.CLASSIFIERS[key].hub_id: key for key in filters}
     if tiny:
+        for key in rewards:
+            scorers.build_tiny_pickscore(to / scorers.REWARDS[key][0], to / scorers.REWARDS[key][1])
         for name in names:
             if name in classifiers:
                 scorers.build_tiny_classifier(to / name, classifiers[name])
@@ -83,11 +95,20 @@ def fetch(to: Path, clip: bool, aesthetics: bool, tiny: bool = False, timeout: f
             else:
                 scorers.build_tiny_aesthetic(to / name, name=name)
     else:
-        download_all(names, to, command, timeout, download)
+        def fetch_one(name: str, folder: Path) -> None:
+            if download is not None:
+                download(name, folder)
+            else:
+                (_hub_download_processor if name in processors else _hub_download)(name, folder)
+
+        download_all(names + [scorers.REWARDS[key][0] for key in rewards] + processors, to, command, timeout,
+                     fetch_one)
     report = Report(to, "scorer models" + (" (tiny, random)" if tiny else ""))
-    for name in names:
+    for name in names + [scorers.REWARDS[key][0] for key in rewards]:
         check_folder(report, to / name)
-    report.config["scorers"] = {"dir": str(to)}
+    for name in processors:
+        FileChecker(report).file(to / name / "config.json")
+    report.config["scorers"] = {"dir": str(to), **({"rewards": list(rewards)} if rewards else {})}
     return report
 
 

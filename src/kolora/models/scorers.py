@@ -11,7 +11,8 @@ processor files) for tests and the demo. Nothing here downloads; torch/transform
 
 Scores: `clip_score` is Data-Juicer's `image_text_similarity` (logits_per_text / 100 = cosine similarity);
 `aesthetic_score` is the predictor's output, ÷10 for the `shunk031/aesthetics-predictor*` models (0-1, as
-Data-Juicer's `image_aesthetics_filter` compares it).
+Data-Juicer's `image_aesthetics_filter` compares it); `pickscore` is PickScore's logit_scale · cosine (REWARDS:
+reward scorers for evaluate, which read English only: `english_prompt`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from kolora.core import devices
+from kolora.core.config import UNAVAILABLE_REWARDS
 from kolora.models.kolors import quiet_libraries
 
 # torch, transformers: imported in the functions that use them (a login node's CLI starts without them)
@@ -33,6 +35,8 @@ CLIP_EN = "openai/clip-vit-base-patch32"
 CLIP_ZH = "OFA-Sys/chinese-clip-vit-base-patch16"
 AESTHETIC = "shunk031/aesthetics-predictor-v2-sac-logos-ava1-l14-linearMSE"
 FETCH_COMMAND = "kolora fetch models --clip --aesthetics"
+PICKSCORE = "yuvalkirstain/PickScore_v1"
+PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # PickScore's model card loads its processor from here
 NSFW = "Falconsai/nsfw_image_detection"
 WATERMARK = "amrul-hzz/watermark_detector"
 TINY_MARKER = "TINY_RANDOM_MODEL.txt"
@@ -188,10 +192,47 @@ CLASSIFIERS = {"nsfw": Classifier(NSFW, "image_nsfw_filter", ("normal", "nsfw"))
                "watermark": Classifier(WATERMARK, "image_watermark_filter", ("no_watermark", "watermark"))}
 
 
+# Reward scorers (scorers.rewards, `kolora fetch models --scorers KEY,...`): key -> the hub ids it loads by default
+REWARDS = {"pickscore": (PICKSCORE, PICKSCORE_PROCESSOR)}
+NO_ENGLISH_PROMPT = "no English prompt (the prompt is Chinese and its prompt set gives no prompt_en)"
+
+
 def fetch_command(model_id: str) -> str:
     """The `kolora fetch models` flags that download `model_id` (without --to)."""
     keys = [key for key, c in CLASSIFIERS.items() if c.hub_id == model_id]
+    rewards = [key for key, ids in REWARDS.items() if model_id in ids]
+    if rewards:
+        return f"kolora fetch models --scorers {rewards[0]}"
     return f"kolora fetch models --filters {keys[0]}" if keys else FETCH_COMMAND
+
+
+def reward_keys(text: str) -> list[str]:
+    """`pickscore,...` -> the REWARDS keys in it; ValueError naming the valid ones, and why imagereward / hps are
+    not among them."""
+    keys = list(dict.fromkeys(k.strip() for k in text.split(",") if k.strip()))
+    for key in keys:
+        if key in UNAVAILABLE_REWARDS:
+            raise ValueError(f"{key}: {UNAVAILABLE_REWARDS[key]}. Available: {', '.join(REWARDS)}")
+    unknown = [k for k in keys if k not in REWARDS]
+    if unknown or not keys:
+        raise ValueError(f"unknown reward scorer {', '.join(map(repr, unknown)) or repr(text)}: the valid ones are "
+                         f"{', '.join(REWARDS)} (comma-separated, e.g. --scorers pickscore)")
+    return keys
+
+
+def reward_models(scfg, key: str) -> tuple[str, str]:
+    """The hub ids (model, processor) scorers.<key> configures for a reward scorer."""
+    if key == "pickscore":
+        return scfg.pickscore, scfg.pickscore_processor
+    raise ValueError(f"unknown reward scorer {key!r}")
+
+
+def english_prompt(item) -> str | None:
+    """The text an English-only scorer reads for a prompt item: its prompt_en, else the prompt unless it is
+    Chinese (None: nothing it can read)."""
+    if getattr(item, "prompt_en", None):
+        return item.prompt_en
+    return None if is_chinese(item.prompt) else item.prompt
 
 
 def filter_keys(text: str) -> list[str]:
@@ -279,6 +320,32 @@ def clip_score(clip: Loaded, images: list, texts: list[str]) -> list[float]:
                                 truncation=True, max_length=max_len).to(clip.device)
         with torch.no_grad():
             out.append(float(clip.model(**inputs).logits_per_text[0, 0]) / 100.0)
+    return out
+
+
+def load_pickscore(folder: Path, processor_folder: Path, name: str, device: str = "cpu") -> Loaded:
+    """PickScore: a CLIPModel fine-tuned on Pick-a-Pic, with the processor of the CLIP it started from."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    device = devices.pick(device)
+    model = CLIPModel.from_pretrained(str(folder)).eval().to(device)
+    return Loaded(model, CLIPProcessor.from_pretrained(str(processor_folder)), name, device)
+
+
+def pickscore(model: Loaded, images: list, texts: list[str]) -> list[float]:
+    """PickScore of each image with its own text: logit_scale · cosine(image, text), as its model card computes
+    it (about 20-23 for the real model; not bounded)."""
+    import torch
+
+    if len(images) != len(texts):
+        raise ValueError(f"pickscore: {len(images)} images but {len(texts)} texts")
+    max_len = model.model.config.text_config.max_position_embeddings
+    out = []
+    for image, text in zip(images, texts, strict=True):
+        inputs = model.processor(text=[text], images=[image.convert("RGB")], return_tensors="pt", padding=True,
+                                 truncation=True, max_length=max_len).to(model.device)
+        with torch.no_grad():  # logits_per_image = logit_scale.exp() * cosine similarity
+            out.append(float(model.model(**inputs).logits_per_image[0, 0]))
     return out
 
 
@@ -421,6 +488,32 @@ def build_tiny_aesthetic(path: Path, name: str = AESTHETIC, seed: int = 0) -> Pa
     return _write_atomically(path, save)
 
 
+def build_tiny_pickscore(path: Path, processor_path: Path, seed: int = 0) -> list[Path]:
+    """yuvalkirstain/PickScore_v1's layout (CLIPModel, no processor files) and its processor's repository
+    (config.json, tokenizer and image processor files; no weights), tiny and random."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    tok = _clip_tokenizer()
+    cfg = CLIPConfig(text_config={**_TINY_TEXT, "vocab_size": len(tok), "bos_token_id": tok.bos_token_id,
+                                  "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id},
+                     vision_config=_TINY_VISION, projection_dim=16)
+
+    def save_model(tmp: Path) -> None:
+        torch.manual_seed(seed)
+        CLIPModel(cfg).save_pretrained(str(tmp))
+
+    def save_processor(tmp: Path) -> None:
+        cfg.save_pretrained(str(tmp))
+        CLIPProcessor(image_processor=CLIPImageProcessor(**_PROCESSOR), tokenizer=tok).save_pretrained(str(tmp))
+
+    out = []
+    for folder, save in ((Path(path), save_model), (Path(processor_path), save_processor)):
+        if not (folder / "config.json").is_file():
+            out.append(_write_atomically(folder, save))
+    return out
+
+
 def build_tiny_set(models_dir: Path, clip_en: str = CLIP_EN, clip_zh: str = CLIP_ZH, aesthetic: str = AESTHETIC,
                    seed: int = 0) -> list[Path]:
     """The three tiny models under `models_dir/<hub id>` (those not there yet)."""
@@ -437,6 +530,9 @@ def ensure_tiny(scfg) -> None:
     """scorers.tiny: build the configured models as tiny random ones where scorers.dir lacks them."""
     if scfg.tiny and scfg.dir is not None:
         build_tiny_set(Path(scfg.dir), scfg.clip, scfg.chinese_clip, scfg.aesthetic)
+        for key in scfg.rewards:
+            model, processor = reward_models(scfg, key)
+            build_tiny_pickscore(Path(scfg.dir) / model, Path(scfg.dir) / processor)
 
 
 def missing_models(scfg, names: list[str]) -> list[str]:
@@ -459,6 +555,7 @@ def missing_for_config(cfg, prompts: list) -> list[str]:
     if cfg.evaluate.enabled:
         s = cfg.scorers
         names += [clip_for(p.prompt, s.language, s.clip, s.chinese_clip) for p in prompts] + [s.aesthetic]
+        names += [name for key in s.rewards for name in reward_models(s, key)]
     if cfg.evaluate.select != "last":  # the select stage scores the validation samples (train.validation's prompts)
         s, v = cfg.scorers, cfg.train.validation
         texts = list(v.prompts) or [p.prompt for p in prompts[:v.count]]

@@ -35,7 +35,9 @@ SINCE: dict[str, Any] = {"train.buckets": False, "train.min_snr_gamma": None, "t
                          # data.sources: none (data's one source)
                          "data.sources.path": [], "data.sources.repeats": [], "data.sources.filter_ops": [],
                          **{f"data.sources.{f}": [] for f in ingest.SOURCE_INPUTS},
-                         "card.license": "other", "card.trigger": None, "card.tags": []}
+                         "card.license": "other", "card.trigger": None, "card.tags": [],
+                         "scorers.rewards": [], "scorers.pickscore": "yuvalkirstain/PickScore_v1",
+                         "scorers.pickscore_processor": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"}
 
 # Fields that never make a stage rerun: the stage they concern ("" = the run) and why no output depends on them.
 OPERATIONAL: dict[str, tuple[str, str]] = {

@@ -45,7 +45,8 @@ BASE_MODEL = "Kwai-Kolors/Kolors-diffusers"
 TAGS = ("text-to-image", "lora", "kolors", "diffusers")
 MARK = "<!-- kolora model card: kolora writes this file again from the run (kolora.report.card) -->"
 _SAMPLE = re.compile(r"^sample-(\d+)-(-?\d+)\.jpg$")
-SCORE_NAMES = {"clip": "CLIP score (image-text)", "aesthetic": "aesthetic score"}
+SCORE_NAMES = {"clip": "CLIP score (image-text)", "aesthetic": "aesthetic score",
+               "pickscore": "PickScore (human preference, English prompts)"}
 SIDES = ("lora", "base", "lora_minus_base")  # eval/scores.json's intervals: {side: {metric: interval}}
 
 

@@ -83,6 +83,12 @@ def _score(tile: dict[str, Any], metric: str, which: str) -> float | None:
     return float(value) if isinstance(value, int | float) else None
 
 
+def _reward_cell(tile: dict[str, Any], metric: str, which: str) -> float | str | None:
+    """A reward scorer's score, or why the tile has none (e.g. no English prompt)."""
+    value = _score(tile, metric, which)
+    return value if value is not None else (tile.get(metric) or {}).get("reason")
+
+
 def _run_table(cfg: ExperimentConfig, loss: list[dict[str, float]], n_tiles: int, steps_sampled: list[int]) -> str:
     t = cfg.train
     rows = [["run", cfg.name], ["training steps", loss[-1]["step"] if loss else t.steps],
@@ -161,7 +167,8 @@ def selection_section(run: RunDir) -> str:
             + table(["step", *(f"{sc}: mean [95 % interval]" for sc in scorers)], rows, "step-scores"))
 
 
-METRICS = {"clip": "CLIP", "aesthetic": "aesthetic"}
+METRICS = {"clip": "CLIP", "aesthetic": "aesthetic", "pickscore": "PickScore"}
+REWARD_METRICS = ("pickscore",)  # scorers.rewards: in eval/scores.json only when configured
 
 
 def score_intervals(scores: dict[str, Any]) -> dict[str, dict[str, Interval]] | None:
@@ -209,12 +216,15 @@ def build_html(cfg: ExperimentConfig, run: RunDir, figures: dict[str, bytes], sc
         tiles = scores.get("tiles", [])
         parts.append("<h2>Scores (LoRA vs base model)</h2>")
         parts.append(interval_table(score_intervals(scores)))
+        rewards = [m for m in REWARD_METRICS if any(m in t for t in tiles)]
         rows = [[t.get("index"), t.get("prompt"), t.get("seed"), _score(t, "clip", "lora"), _score(t, "clip", "base"),
-                 _score(t, "aesthetic", "lora"), _score(t, "aesthetic", "base")] for t in tiles]
+                 _score(t, "aesthetic", "lora"), _score(t, "aesthetic", "base"),
+                 *(_reward_cell(t, m, w) for m in rewards for w in ("lora", "base"))] for t in tiles]
         summary = scores.get("summary") or {}
-        rows.append(["mean", "", "", *(summary.get(m, {}).get(w) for m in ("clip", "aesthetic") for w in ("lora", "base"))])
-        parts.append(table(["#", "prompt", "seed", "CLIP LoRA", "CLIP base", "aesthetic LoRA", "aesthetic base"],
-                           rows, "scores"))
+        rows.append(["mean", "", "", *((summary.get(m) or {}).get(w) for m in ("clip", "aesthetic", *rewards)
+                                       for w in ("lora", "base"))])
+        parts.append(table(["#", "prompt", "seed", "CLIP LoRA", "CLIP base", "aesthetic LoRA", "aesthetic base",
+                            *(f"{METRICS[m]} {w}" for m in rewards for w in ("LoRA", "base"))], rows, "scores"))
         if "scores" in figures:
             parts.append(_img(figures["scores"], "mean scores", "plot"))
         pairs = [t for t in tiles if t.get("base_tile") and t.get("lora_tile")
