@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -191,3 +192,19 @@ def stage_context(stage: str, cfg, run, **placement):
     from kolora.pipeline.keys import Keys
 
     return StageContext(cfg, run, Keys(cfg, run).work(stage), **placement)
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """No network at all: any connection attempt fails the test."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+    real = socket.socket.connect
+
+    def refuse(sock, address):
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            raise AssertionError(f"network access attempted: {address}")
+        return real(sock, address)  # local sockets (multiprocessing) are fine
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)

@@ -6,7 +6,6 @@ validate/submit naming the fetch command. The filter job on Slurm: tests/test_fi
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -29,21 +28,6 @@ def classifier_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("classifiers")
     assert main(["fetch", "models", "--filters", "nsfw,watermark", "--tiny", "--to", str(d)]) == 0
     return d
-
-
-@pytest.fixture
-def offline(monkeypatch):
-    """No network at all: any connection attempt fails the test."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-    real = socket.socket.connect
-
-    def refuse(sock, address):
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            raise AssertionError(f"network access attempted: {address}")
-        return real(sock, address)
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
 
 
 def classifier_scores(folder: Path, images: list[str]) -> list[float]:

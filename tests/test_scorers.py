@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -27,22 +26,6 @@ def scorer_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("scorers")
     assert main(["fetch", "models", "--clip", "--aesthetics", "--tiny", "--to", str(d)]) == 0
     return d
-
-
-@pytest.fixture
-def offline(monkeypatch):
-    """No network at all: any connection attempt fails the test."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-
-    real = socket.socket.connect
-
-    def refuse(sock, address):
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            raise AssertionError(f"network access attempted: {address}")
-        return real(sock, address)  # local sockets (multiprocessing) are fine
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
 
 
 def test_tiny_models_have_the_hub_layouts_and_load_through_data_juicer(scorer_dir, offline):

@@ -48,18 +48,9 @@ def fetch_command(name: str, to: Path | str | None) -> str:
 
 
 def local_folder(models_dir: Path | str | None, name: str) -> Path:
-    """`<models_dir>/<hub id>` (an absolute path given as the id is used as is); ScorerModelError naming the
-    fetch command when it has no config.json."""
-    candidate = Path(name)
-    if not candidate.is_absolute():
-        if models_dir is None:
-            raise ScorerModelError(f"data.captions: captioner {name!r}: no local models folder configured; set "
-                                   f"scorers.dir to the folder `{fetch_command(name, None)}` filled")
-        candidate = Path(models_dir) / name
-    if not (candidate / "config.json").is_file():
-        raise ScorerModelError(f"data.captions: captioner {name!r}: {candidate} has no config.json. Download it on a "
-                               f"login node with `{fetch_command(name, models_dir)}` (compute nodes are offline)")
-    return candidate
+    """The captioner's folder under scorers.dir (kolora.models.scorers.local_folder, naming --captioner)."""
+    return scorers.local_folder(models_dir, name, what=f"data.captions: captioner {name!r}",
+                                command=fetch_command(name, models_dir))
 
 
 def captioning(cfg) -> bool:

@@ -61,19 +61,21 @@ def clip_for(text: str, language: str, clip_en: str = CLIP_EN, clip_zh: str = CL
     return clip_en
 
 
-def local_folder(models_dir: Path | str | None, model_id: str) -> Path:
+def local_folder(models_dir: Path | str | None, model_id: str, what: str | None = None,
+                 command: str | None = None) -> Path:
     """`<models_dir>/<hub id>` (an absolute path given as the id is used as is); ScorerModelError naming the
-    fetch command when it has no config.json."""
+    fetch command (`command`, else this scorer's) when it has no config.json. `what` names the model's use."""
+    what = what or f"scorer model {model_id!r}"
+    command = command or f"{fetch_command(model_id)} --to {models_dir or 'DIR'}"
     candidate = Path(model_id)
     if not candidate.is_absolute():
         if models_dir is None:
-            raise ScorerModelError(f"scorer model {model_id!r}: no local models folder configured; set scorers.dir "
-                                   f"to the folder `{fetch_command(model_id)} --to DIR` filled")
+            raise ScorerModelError(f"{what}: no local models folder configured; set scorers.dir to the folder "
+                                   f"`{command}` filled")
         candidate = Path(models_dir) / model_id
     if not (candidate / "config.json").is_file():
-        raise ScorerModelError(f"scorer model {model_id!r}: {candidate} has no config.json. Download it on a login "
-                               f"node with `{fetch_command(model_id)} --to {models_dir or 'DIR'}` (compute nodes are "
-                               "offline)")
+        raise ScorerModelError(f"{what}: {candidate} has no config.json. Download it on a login node with "
+                               f"`{command}` (compute nodes are offline)")
     return candidate
 
 
