@@ -242,6 +242,7 @@ def test_the_demo_with_a_selection_reports_its_scores_over_the_steps_in_a_browse
 
 def test_changing_select_reruns_only_the_selection_and_what_reads_the_lora(selected, tmp_path):
     run, cfg = selected
+    first = json.loads((run.lora / "selection.json").read_text())
     other = cfg.model_copy(deep=True)
     other.evaluate.select = "aesthetic"
     before, after = Keys(cfg, run), Keys(other, run)
@@ -259,6 +260,10 @@ def test_changing_select_reruns_only_the_selection_and_what_reads_the_lora(selec
     assert not (run.train / "scores.csv").exists()  # the scored selection's outputs went with it
     assert json.loads((run.lora / "selection.json").read_text()) == {"metric": "last", "step": 30,
                                                                      "lora": f"lora/{LORA}"}
+    # and back to the fixture's selection: the same step's LoRA again (the shared run is left as it came)
+    assert run_stage("select", cfg, run)["metric"] == cfg.evaluate.select
+    assert json.loads((run.lora / "selection.json").read_text())["step"] == first["step"]
+    assert _sha(run.lora / LORA) == _sha(step_lora(run.train, first["step"]))
 
 
 def test_by_default_nothing_is_scored_and_the_lora_is_the_final_steps(demo_run):
