@@ -76,16 +76,12 @@ def score_samples(cfg, run: RunDir, steps: list[int], progress=None) -> list[dic
     quiet_libraries()
     if not torch.cuda.is_available():
         torch.set_num_threads(cfg.cpu_threads)
-    s, texts = cfg.scorers, prompt_texts(cfg)
-    scorers.ensure_tiny(s)
+    texts = prompt_texts(cfg)
     try:
-        clip_names = {i: scorers.clip_for(text, s.language, s.clip, s.chinese_clip) for i, text in enumerate(texts)}
-        folders = {name: scorers.local_folder(s.dir, name) for name in {*clip_names.values(), s.aesthetic}}
+        loaded = scorers.load_image_scorers(cfg.scorers, dict(enumerate(texts)), cfg.evaluate.device)
     except scorers.ScorerModelError as e:
         raise RunFailure(f"select: {e}") from None
-    device = cfg.evaluate.device
-    clips = {name: scorers.load_clip(folders[name], name, device) for name in set(clip_names.values())}
-    aesthetic = scorers.load_aesthetic(folders[s.aesthetic], s.aesthetic, device)
+    clip_names, clips, aesthetic = loaded.clip_of, loaded.clips, loaded.aesthetic
     rows = []
     for n, step in enumerate(steps, 1):
         for i, seed, name in sample_names(cfg):

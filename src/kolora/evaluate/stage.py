@@ -91,15 +91,12 @@ def run(ctx: StageContext) -> dict[str, Any]:
     if not torch.cuda.is_available():
         torch.set_num_threads(cfg.cpu_threads)
     s = cfg.scorers
-    scorers.ensure_tiny(s)
+    device = cfg.evaluate.device
     try:
-        clip_names = {t.index: scorers.clip_for(t.item.prompt, s.language, s.clip, s.chinese_clip) for t in lora_tiles}
-        folders = {name: scorers.local_folder(s.dir, name) for name in {*clip_names.values(), s.aesthetic}}
+        loaded = scorers.load_image_scorers(s, {t.index: t.item.prompt for t in lora_tiles}, device)
     except scorers.ScorerModelError as e:
         raise RunFailure(f"evaluate: {e}") from None
-    device = cfg.evaluate.device
-    clip_models = {name: scorers.load_clip(folders[name], name, device) for name in set(clip_names.values())}
-    aesthetic = scorers.load_aesthetic(folders[s.aesthetic], s.aesthetic, device)
+    clip_names, folders, clip_models, aesthetic = loaded.clip_of, loaded.folders, loaded.clips, loaded.aesthetic
     rewards = {}
     for key in s.rewards:
         model, processor = scorers.reward_models(s, key)

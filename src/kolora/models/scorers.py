@@ -309,20 +309,42 @@ def load_aesthetic(folder: Path, name: str, device: str = "cpu") -> Loaded:
     return Loaded(model, CLIPProcessor.from_pretrained(str(folder)), name, device)
 
 
+@dataclass
+class ImageScorers:
+    """The CLIP each text is scored with (by its language) and the aesthetic predictor, loaded once."""
+    clip_of: dict[Any, str]  # text key -> CLIP model id
+    folders: dict[str, Path]  # model id -> its local folder
+    clips: dict[str, Loaded]
+    aesthetic: Loaded
+
+
+def load_image_scorers(scfg, texts: dict[Any, str], device: str = "cpu") -> ImageScorers:
+    """CLIP for each of `texts` (scorers.language) and the aesthetic predictor from scorers.dir (tiny ones built
+    first with scorers.tiny); ScorerModelError naming the fetch command when one is missing."""
+    ensure_tiny(scfg)
+    clip_of = {k: clip_for(t, scfg.language, scfg.clip, scfg.chinese_clip) for k, t in texts.items()}
+    folders = {name: local_folder(scfg.dir, name) for name in {*clip_of.values(), scfg.aesthetic}}
+    clips = {name: load_clip(folders[name], name, device) for name in set(clip_of.values())}
+    return ImageScorers(clip_of, folders, clips, load_aesthetic(folders[scfg.aesthetic], scfg.aesthetic, device))
+
+
 def clip_score(clip: Loaded, images: list, texts: list[str]) -> list[float]:
     """Cosine similarity of each image with its own text (Data-Juicer's image_text_similarity)."""
+    return [float(out.logits_per_text[0, 0]) / 100.0 for out in _pairs(clip, images, texts, "clip_score")]
+
+
+def _pairs(loaded: Loaded, images: list, texts: list[str], what: str):
+    """The CLIP-style model's output for each image with its own text, one pair at a time."""
     import torch
 
     if len(images) != len(texts):
-        raise ValueError(f"clip_score: {len(images)} images but {len(texts)} texts")
-    max_len = clip.model.config.text_config.max_position_embeddings
-    out = []
+        raise ValueError(f"{what}: {len(images)} images but {len(texts)} texts")
+    max_len = loaded.model.config.text_config.max_position_embeddings
     for image, text in zip(images, texts, strict=True):
-        inputs = clip.processor(text=[text], images=[image.convert("RGB")], return_tensors="pt", padding=True,
-                                truncation=True, max_length=max_len).to(clip.device)
+        inputs = loaded.processor(text=[text], images=[image.convert("RGB")], return_tensors="pt", padding=True,
+                                  truncation=True, max_length=max_len).to(loaded.device)
         with torch.no_grad():
-            out.append(float(clip.model(**inputs).logits_per_text[0, 0]) / 100.0)
-    return out
+            yield loaded.model(**inputs)
 
 
 def load_pickscore(folder: Path, processor_folder: Path, name: str, device: str = "cpu") -> Loaded:
@@ -337,18 +359,8 @@ def load_pickscore(folder: Path, processor_folder: Path, name: str, device: str 
 def pickscore(model: Loaded, images: list, texts: list[str]) -> list[float]:
     """PickScore of each image with its own text: logit_scale · cosine(image, text), as its model card computes
     it (about 20-23 for the real model; not bounded)."""
-    import torch
-
-    if len(images) != len(texts):
-        raise ValueError(f"pickscore: {len(images)} images but {len(texts)} texts")
-    max_len = model.model.config.text_config.max_position_embeddings
-    out = []
-    for image, text in zip(images, texts, strict=True):
-        inputs = model.processor(text=[text], images=[image.convert("RGB")], return_tensors="pt", padding=True,
-                                 truncation=True, max_length=max_len).to(model.device)
-        with torch.no_grad():  # logits_per_image = logit_scale.exp() * cosine similarity
-            out.append(float(model.model(**inputs).logits_per_image[0, 0]))
-    return out
+    # logits_per_image = logit_scale.exp() * cosine similarity
+    return [float(out.logits_per_image[0, 0]) for out in _pairs(model, images, texts, "pickscore")]
 
 
 def aesthetic_score(aesthetic: Loaded, images: list) -> list[float]:
