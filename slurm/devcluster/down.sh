@@ -86,6 +86,12 @@ for environ in /proc/[0-9]*/environ; do
   stopped+=("slurmstepd:$pid")
 done
 
+# 4. The node names up.sh added to /etc/hosts (written in place: the file may be a bind mount)
+if grep -qF "$HOSTS_TAG" /etc/hosts 2>/dev/null; then
+  kept=$(grep -vF "$HOSTS_TAG" /etc/hosts)
+  printf '%s\n' "$kept" >/etc/hosts || note "could not remove the ${NODES[*]} line from /etc/hosts"
+fi
+
 if $PURGE; then
   rm -rf -- "$ROOT"
   echo "devcluster down and purged in $((EPOCHSECONDS - STARTED_AT))s: removed $ROOT"

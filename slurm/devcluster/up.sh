@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # shellcheck disable=SC2034  # LAST_GPU, FIRST_JOB_ID, ... are read by render() through ${!name}
-# Start the kolora devcluster: a real single-node Slurm (munged, MariaDB, slurmdbd, slurmctld, slurmd) with
-# partitions cpu, gpu (2 fake GPUs, preemptible) and gpu-urgent. All state lives in one folder:
+# Start the kolora devcluster: a real Slurm on this machine (munged, MariaDB, slurmdbd, slurmctld, slurmd) with
+# partitions cpu, gpu (2 fake GPUs, preemptible) and gpu-urgent on the machine's own node, and `multi`: two more
+# nodes, kolora-1 and kolora-2 (1 fake GPU each), each a slurmd in its own UTS namespace. All state lives in one folder:
 # $KOLORA_DEVCLUSTER, else .devcluster/ in the checkout. Idempotent: starts only what is not running, and is a
 # fast no-op when everything is up. Afterwards `source <state>/env.sh` to use the cluster.
 #
@@ -9,7 +10,8 @@
 #   KOLORA_DEVCLUSTER             state folder (default: <checkout>/.devcluster)
 #   KOLORA_DEVCLUSTER_GRACE_TIME  GraceTime of the gpu partition in seconds (default 30); applied to a running
 #                                 cluster with `scontrol reconfigure`
-#   KOLORA_DEVCLUSTER_PORT_BASE   first of four loopback ports: slurmctld, slurmd, slurmdbd, MariaDB (default 6817)
+#   KOLORA_DEVCLUSTER_PORT_BASE   first of six loopback ports: slurmctld, slurmd, slurmdbd, MariaDB, the slurmd of
+#                                 kolora-1 and of kolora-2 (default 6817)
 set -euo pipefail
 shopt -u patsub_replacement 2>/dev/null || true   # bash 5.2: keep '&' literal in ${var//pattern/replacement}
 
@@ -30,7 +32,9 @@ CTLD_PORT=$PORT_BASE
 SLURMD_PORT=$((PORT_BASE + 1))
 DBD_PORT=$((PORT_BASE + 2))
 DB_PORT=$((PORT_BASE + 3))
-NODE=$(hostname -s)
+PORT_A=$((PORT_BASE + 4))
+PORT_B=$((PORT_BASE + 5))
+NODE_CPUS=$((CPUS / 2))
 LAST_GPU=$((GPUS - 1))
 MEMORY_MB=$(awk '/^MemTotal:/ { printf "%d", $2 / 1024 }' /proc/meminfo 2>/dev/null || true)
 [[ $MEMORY_MB =~ ^[0-9]+$ ]] && ((MEMORY_MB > 0)) || MEMORY_MB=8000
@@ -66,7 +70,7 @@ render() {
   CHANGED=false
   text=$(<"$DEVCLUSTER_DIR/$template")
   for name in ROOT NODE CLUSTER CTLD_PORT SLURMD_PORT DBD_PORT DB_PORT DB_PASS FIRST_JOB_ID CPUS GPUS LAST_GPU \
-    MEMORY_MB GRACE_TIME; do
+    MEMORY_MB GRACE_TIME PORT_A PORT_B NODE_CPUS; do
     text=${text//@$name@/"${!name}"}
   done
   [[ $text =~ @[A-Z_]+@ ]] && die "$template: no value for ${BASH_REMATCH[0]}"
@@ -95,17 +99,18 @@ start_daemon() {
   fi
 }
 
-node_state() {  # the node's state as sinfo reports it, without the flags suffix (*~#!%$@^-)
+node_state() {  # node $1's state as sinfo reports it, without the flags suffix (*~#!%$@^-)
   local state
-  state=$(timeout 10 sinfo -h -N -n "$NODE" -o %T 2>/dev/null | head -n 1) || return 1
+  state=$(timeout 10 sinfo -h -N -n "$1" -o %T 2>/dev/null | head -n 1) || return 1
   echo "${state%%[*~#!%\$@^-]*}"
 }
-node_usable() { [[ $(node_state) =~ ^(idle|mixed|allocated|completing)$ ]]; }
+node_usable() { [[ $(node_state "$1") =~ ^(idle|mixed|allocated|completing)$ ]]; }
+all_nodes_usable() { local n; for n in "$NODE" "${NODES[@]}"; do node_usable "$n" || return 1; done; }
 
 summary() {
   echo "devcluster $1 in $((EPOCHSECONDS - STARTED_AT))s: cluster $CLUSTER, node $NODE ($CPUS CPUs, $GPUS fake GPUs)," \
-    "partitions cpu (default) gpu (GraceTime ${GRACE_TIME}s) gpu-urgent, ports $CTLD_PORT-$DB_PORT on 127.0.0.1;" \
-    "use: source $ROOT/env.sh"
+    "partitions cpu (default) gpu (GraceTime ${GRACE_TIME}s) gpu-urgent; nodes ${NODES[*]} ($NODE_CPUS CPUs, 1 fake" \
+    "GPU each), partition multi; ports $CTLD_PORT-$PORT_B on 127.0.0.1; use: source $ROOT/env.sh"
 }
 
 write_env() {
@@ -121,7 +126,8 @@ mkdir -p "$ROOT"
 take_lock
 ensure_packages
 touch "$ROOT/$MARKER"
-mkdir -p "$ROOT"/{etc,run,log,state/ctld,state/d,mysql/data,fakedev,munge}
+mkdir -p "$ROOT"/{etc,run,log,state/ctld,mysql/data,fakedev,munge}
+for n in "$NODE" "${NODES[@]}"; do mkdir -p "$ROOT/state/d-$n"; done   # SlurmdSpoolDir=.../d-%n
 chmod 755 "$ROOT/munge"   # munged refuses a socket folder others cannot reach
 for ((i = 0; i < GPUS; i++)); do ln -sfn /dev/null "$ROOT/fakedev/nvidia$i"; done   # gres File= must be a device
 
@@ -150,14 +156,16 @@ CONF_CHANGED=$CHANGED
 
 # ---------------------------------------------------------------------------------------------------- fast path
 all_running() { local d; for d in "${DAEMONS[@]}"; do daemon_pid "$d" >/dev/null || return 1; done; }
-if all_running && ! $CONF_CHANGED && node_usable; then
+if all_running && ! $CONF_CHANGED && all_nodes_usable; then
   [[ -f $ROOT/env.sh ]] || write_env
+  for n in "${NODES[@]}"; do remember_node "$n"; done
   summary "already up"
   exit 0
 fi
 
 # Before starting anything: the ports of the daemons that are not running yet must be free.
-for daemon_port in mariadbd:$DB_PORT slurmdbd:$DBD_PORT slurmctld:$CTLD_PORT slurmd:$SLURMD_PORT; do
+for daemon_port in mariadbd:$DB_PORT slurmdbd:$DBD_PORT slurmctld:$CTLD_PORT slurmd:$SLURMD_PORT \
+  "slurmd@${NODES[0]}:$PORT_A" "slurmd@${NODES[1]}:$PORT_B"; do
   daemon_pid "${daemon_port%:*}" >/dev/null || port_free "${daemon_port#*:}" \
     || die "port 127.0.0.1:${daemon_port#*:} for ${daemon_port%:*} is taken (another devcluster? set KOLORA_DEVCLUSTER_PORT_BASE)"
 done
@@ -212,24 +220,41 @@ fi
 wait_for 30 "slurmctld to answer" timeout 10 scontrol ping || { log_tail "$ROOT/log/slurmctld.log"; die "slurmctld"; }
 if ! daemon_pid slurmd >/dev/null; then
   # the marker lets down.sh find this cluster's slurmstepd processes, which inherit slurmd's environment
-  start_daemon slurmd "$ROOT/log/slurmd.log" env KOLORA_DEVCLUSTER_ROOT="$ROOT" slurmd -f "$CONF"
+  start_daemon slurmd "$ROOT/log/slurmd-$NODE.log" env KOLORA_DEVCLUSTER_ROOT="$ROOT" slurmd -f "$CONF"
 fi
+# The multi-node partition's names resolve (a job's rendezvous host is the first node of its list); both are this
+# machine's loopback. The line is added only when a name does not resolve yet, and down.sh removes it.
+if ! getent hosts "${NODES[@]}" >/dev/null || [[ $(getent hosts "${NODES[@]}" | wc -l) != "${#NODES[@]}" ]]; then
+  grep -qF "$HOSTS_TAG" /etc/hosts 2>/dev/null \
+    || printf '127.0.0.1 %s %s\n' "${NODES[*]}" "$HOSTS_TAG" >>/etc/hosts \
+    || die "cannot add ${NODES[*]} to /etc/hosts (root needed)"
+fi
+for n in "${NODES[@]}"; do
+  if ! daemon_pid "slurmd@$n" >/dev/null; then
+    node_slurmd_argv "$n"
+    start_daemon "slurmd@$n" "$ROOT/log/slurmd-$n.log" "${NODE_ARGV[@]}"
+  fi
+  remember_node "$n"
+done
 
-# A node left DRAIN by an earlier run (e.g. a bad gres config) stays drained across restarts: resume it once.
-deadline=$((EPOCHSECONDS + 30))
-resumed=false
-until node_usable; do
-  state=$(node_state || true)
-  if [[ $state =~ drain && $resumed == false ]]; then
-    note "node $NODE is $state: resuming it"
-    timeout 10 scontrol update nodename="$NODE" state=resume || true
-    resumed=true
-  fi
-  if ((EPOCHSECONDS >= deadline)); then
-    log_tail "$ROOT/log/slurmd.log"
-    die "node $NODE is '${state:-unknown}' after 30s, not idle; logs in $ROOT/log"
-  fi
-  sleep 0.2
+# A node left DRAIN by an earlier run (e.g. a bad gres config), or DOWN (a node failed on purpose by node.sh), stays
+# so across restarts: resume it once.
+for n in "$NODE" "${NODES[@]}"; do
+  deadline=$((EPOCHSECONDS + 30))
+  resumed=false
+  until node_usable "$n"; do
+    state=$(node_state "$n" || true)
+    if [[ $state =~ drain|down && $resumed == false ]] && daemon_pid "$(slurmd_of "$n")" >/dev/null; then
+      note "node $n is $state: resuming it"
+      timeout 10 scontrol update nodename="$n" state=resume || true
+      resumed=true
+    fi
+    if ((EPOCHSECONDS >= deadline)); then
+      log_tail "$ROOT/log/slurmd-$n.log"
+      die "node $n is '${state:-unknown}' after 30s, not idle; logs in $ROOT/log"
+    fi
+    sleep 0.2
+  done
 done
 wait_for 30 "sacct to answer" timeout 10 sacct -n -X --starttime=now || die "sacct does not answer"
 

@@ -12,6 +12,12 @@ kolora.launch.child`, or the same inside `apptainer exec` when the profile has a
   (--kill-on-bad-exit) kill rank 0 before its `scontrol requeue`. A job cancelled meanwhile is never requeued.
 - A SIGTERM alone (`scontrol requeue` by hand, `scancel`, GraceTime=0 preemption) is Slurm's decision: the
   child checkpoints and the job leaves; Slurm requeues or cancels it.
+- A node that dies under a multi-node job takes its ranks with it; the others' collectives fail at once (a
+  reset connection) or at the process group's timeout, and the child exits EXIT_PEER_LOST. That is no failure
+  of the run yet: the supervisor waits (bounded by Slurm's own SlurmdTimeout) for Slurm's verdict on the
+  job's nodes. A node down, drained or not responding, or Slurm ending the job (its NODE_FAIL requeue), is a
+  node failure: the attempt is recorded as such, rank 0 requeues the job if Slurm has not, and no later job
+  of the run is cancelled. The requeued job resumes from the last checkpoint on the nodes it gets.
 
 A stop signal must never find a process without its handler: SIGUSR2's default action kills it, and Slurm
 sends the time-limit warning at its first ~30 s tick once the job is within `signal_lead_s` + 30 s of its end,
@@ -48,6 +54,7 @@ from kolora.core.interrupt import STOP_SIGNALS
 log = logging.getLogger("kolora.launch")
 
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped at a consistent point on request; run again to continue
+EXIT_PEER_LOST = 76  # a collective lost another rank (launch.child): maybe a node died; Slurm's verdict decides
 
 # The first program of every job step (`python -S -I -c BOOT REAL_COMMAND...`, a few ms to start): block the
 # stop signals, then exec the real command, which inherits the mask. Written by hand because neither srun nor
@@ -97,6 +104,51 @@ def _squeue_field(job_id: str, fmt: str) -> str | None:
         return None
     line = out.stdout.strip().splitlines()
     return line[0].strip() if line else None
+
+
+def failed_nodes(nodelist: str) -> list[str]:
+    """The nodes of `nodelist` (Slurm's compact form) that Slurm reports down, drained, failing or not
+    responding (sinfo's `*` suffix: missed heartbeats); [] when it cannot tell."""
+    try:
+        out = subprocess.run(["sinfo", "-h", "-N", "-n", nodelist, "-o", "%N %T"], capture_output=True, text=True,
+                             timeout=30, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    bad = set()
+    for line in out.stdout.splitlines():
+        name, _, state = line.strip().partition(" ")
+        if "*" in state or re.match(r"(down|drain|fail|no_respond|unknown)", state.lower()):
+            bad.add(name)
+    return sorted(bad)
+
+
+def slurmd_timeout_s(default: int = 300) -> int:
+    """Slurm's SlurmdTimeout: how long it takes to declare a silent node down."""
+    try:
+        out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return default
+    match = re.search(r"^SlurmdTimeout\s*=\s*(\d+)", out.stdout, re.M)
+    return int(match.group(1)) if match else default
+
+
+def node_verdict(job_id: str, nodelist: str, received: list[int], wait_s: float, poll_s: float = 2.0) -> str | None:
+    """After a rank lost its peers: what Slurm says within `wait_s` — a node of the job down / drained / not
+    responding, the job no longer running (Slurm requeued it on NODE_FAIL, or cancelled it), or a stop signal
+    (Slurm ending the step). None: every node stayed up, so a rank failed on its own."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        if received:
+            return f"Slurm stopped the job ({'+'.join(signal.Signals(s).name for s in received)})"
+        bad = failed_nodes(nodelist)
+        if bad:
+            return f"node failure: {','.join(bad)}"
+        state = _squeue_field(job_id, "%T")
+        if state not in ("RUNNING", "COMPLETING", None):
+            return f"job {state} by Slurm"
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(poll_s)
 
 
 def job_end_time(job_id: str | None) -> float | None:
@@ -208,6 +260,12 @@ def supervise(command: list[str], *, signal_lead_s: int, max_requeues: int, coun
         if end_time is not None:
             signal.setitimer(signal.ITIMER_REAL, max(end_time - signal_lead_s - time.time(), 0.01))
         rc = child.wait()  # PEP 475: retried after each signal handler returns
+        lost = None
+        nodelist = os.environ.get("SLURM_JOB_NODELIST", "")
+        if rc == EXIT_PEER_LOST and not received and slurm_job_id() and int(os.environ.get("SLURM_JOB_NUM_NODES", "1")) > 1:
+            wait_s = slurmd_timeout_s() + 60
+            log.warning("the stage lost another rank: waiting up to %d s for Slurm's word on nodes %s", wait_s, nodelist)
+            lost = node_verdict(slurm_job_id(), nodelist, received, wait_s)
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
@@ -215,12 +273,24 @@ def supervise(command: list[str], *, signal_lead_s: int, max_requeues: int, coun
             signal.signal(s, h)
     after = progress() if progress is not None and rank == 0 else None
     attempt.update(ended=round(time.time(), 3), seconds=round(time.time() - started, 1), exit=rc,
-                   signals=[signal.Signals(s).name for s in received], progress_after=after)
+                   signals=[signal.Signals(s).name for s in received], progress_after=after,
+                   nodes=os.environ.get("SLURM_JOB_NODELIST"))
+    if lost:
+        attempt["node_failure"] = lost
     if rank == 0:
         record_attempt(attempts, attempt)
     with tmp:
         if rc == 0 and result_file.is_file():
             return json.loads(result_file.read_text())
+    if lost:
+        job_id = slurm_job_id()
+        state = _squeue_field(job_id, "%T")
+        if rank == 0 and state in ("RUNNING", "COMPLETING") and not cancelled(job_id):
+            # a node Slurm has not declared down yet: requeue now rather than after SlurmdTimeout
+            log.warning("%s; requeueing job %s: %s", lost, job_id, "done" if requeue(job_id) else "failed")
+        else:
+            log.warning("%s: Slurm requeues the job (state %s); it resumes from its last checkpoint", lost, state)
+        sys.exit(EXIT_INTERRUPTED if rank == 0 else 0)
     if rc != EXIT_INTERRUPTED and not received:
         raise JobFailed(f"the stage process exited with status {rc} (its traceback is above in this log)")
 
