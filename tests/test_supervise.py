@@ -191,3 +191,66 @@ def test_only_rank_0_requeues_and_never_a_cancelled_job(tmp_path: Path, monkeypa
                      end_time=time.time() + 5 + 1.0, rank=1 if case == "rank 1" else 0)
     assert requeued == []
     assert stop.value.code == (0 if case == "rank 1" else sv.EXIT_INTERRUPTED)
+
+
+# ---- a node that dies under a multi-node job ---------------------------------------------------------------
+LOST_PEER_CHILD = "import sys; sys.exit(76)"  # what launch.child returns when a collective lost another rank
+
+
+@pytest.mark.parametrize("case", ["node down", "nodes up", "one node"])
+def test_a_rank_that_lost_its_peer_waits_for_slurms_word_on_the_nodes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                      case: str) -> None:
+    """A node down (here kolora-2, as sinfo reports it) is a node failure: rank 0 requeues a job Slurm still
+    counts as running, the attempt says which node, and the job is not failed (no later job is cancelled). With
+    every node up until the wait ends, the rank failed on its own: JobFailed. A single-node job does not wait."""
+    requeued: list[str] = []
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "kolora-[1-2]")
+    monkeypatch.setenv("SLURM_JOB_NUM_NODES", "1" if case == "one node" else "2")
+    monkeypatch.setattr(sv, "_squeue_field", lambda job_id, fmt: "RUNNING")
+    monkeypatch.setattr(sv, "requeue", lambda job_id: requeued.append(job_id) or True)
+    monkeypatch.setattr(sv, "cancelled", lambda job_id: False)
+    monkeypatch.setattr(sv, "slurmd_timeout_s", lambda: -59)  # a 1 s wait
+    asked: list[str] = []
+    monkeypatch.setattr(sv, "failed_nodes", lambda nodes: asked.append(nodes) or (["kolora-2"] if case == "node down" else []))
+    attempts = tmp_path / "attempts.jsonl"
+    call = dict(signal_lead_s=5, max_requeues=3, counter=tmp_path / "timeouts.json", key="train/0",
+                result_dir=tmp_path, attempts=attempts)
+    if case == "node down":
+        with pytest.raises(SystemExit) as stop:
+            sv.supervise([sys.executable, "-c", LOST_PEER_CHILD], **call)
+        assert stop.value.code == sv.EXIT_INTERRUPTED and requeued == ["4242"]
+        entry = json.loads(attempts.read_text())
+        assert entry["node_failure"] == "node failure: kolora-2" and entry["nodes"] == "kolora-[1-2]"
+    else:
+        with pytest.raises(sv.JobFailed, match="exited with status 76"):
+            sv.supervise([sys.executable, "-c", LOST_PEER_CHILD], **call)
+        assert requeued == [] and "node_failure" not in json.loads(attempts.read_text())
+    assert bool(asked) == (case != "one node")  # a single-node job fails at once, without asking
+
+
+def test_failed_nodes_reads_down_drained_and_silent_nodes_from_sinfo(monkeypatch: pytest.MonkeyPatch) -> None:
+    out = "kolora-1 allocated\nkolora-2 down*\nkolora-3 drained\nkolora-4 idle*\nkolora-5 mixed\n"
+    monkeypatch.setattr(sv.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, out, ""))
+    assert sv.failed_nodes("kolora-[1-5]") == ["kolora-2", "kolora-3", "kolora-4"]
+
+
+def test_the_stage_process_tells_a_lost_peer_from_other_errors() -> None:
+    from kolora.core.errors import RunFailure
+    from kolora.launch.child import lost_peer
+
+    def raised(inner: BaseException) -> BaseException:
+        try:
+            try:
+                raise inner
+            except BaseException as e:
+                raise RunFailure("stage train failed") from e
+        except RunFailure as outer:
+            return outer
+
+    gloo = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer "
+                        "[127.0.0.1]:21871")
+    assert lost_peer(raised(gloo)) and lost_peer(gloo)
+    dist = type("DistNetworkError", (RuntimeError,), {})("failed to recv")
+    assert lost_peer(dist)
+    assert not lost_peer(raised(ValueError("train.lr must be positive"))) and not lost_peer(None)
