@@ -152,3 +152,17 @@ def test_a_source_with_its_own_filter_ops_is_filtered_by_them(demo_run, tiny_dif
     bad = _config(tiny_diffusers, "data.sources=[{name: a, filter_ops: [no_such_filter]}]")
     with pytest.raises(ConfigError, match=r"data\.sources 'a' filter_ops\[0\]: unknown Data-Juicer op"):
         validate_all_ops(bad)
+
+
+def test_preflight_names_the_model_a_sources_filter_ops_need(tiny_diffusers, tmp_path):
+    """A scorer op only in a source's filter_ops: its model is checked before anything runs, like filter.ops'."""
+    from kolora.models.scorers import missing_for_config
+
+    ops = "filter_ops: [{image_aesthetics_filter: {min_score: 0.1}}]"
+    cfg = _config(tiny_diffusers, f"data.sources=[{{name: a, {ops}}}]", f"scorers.dir={tmp_path / 'none'}",
+                  "scorers.tiny=false", "evaluate.enabled=false")
+    problems = missing_for_config(cfg, [])
+    assert any(cfg.scorers.aesthetic in p and "kolora fetch models" in p for p in problems), problems
+    plain = _config(tiny_diffusers, "data.sources=[{name: a}]", f"scorers.dir={tmp_path / 'none'}",
+                    "scorers.tiny=false", "evaluate.enabled=false", "filter.ops=[]")
+    assert missing_for_config(plain, []) == []

@@ -563,9 +563,11 @@ def missing_models(scfg, names: list[str]) -> list[str]:
 
 
 def missing_for_config(cfg, prompts: list) -> list[str]:
-    """Preflight: problems with the local models the config's scorer filter ops, evaluate and select will load."""
+    """Preflight: problems with the local models the config's scorer filter ops (filter.ops and each source's
+    filter_ops), evaluate and select will load."""
     captions = [cfg.data.caption] if cfg.data.caption else None
-    names = [n for _i, _arg, ids in filter_op_models(cfg.filter.ops, cfg.scorers, captions) for n in ids]
+    ops = [*cfg.filter.ops, *(op for source in cfg.data.sources for op in source.filter_ops or [])]
+    names = [n for _i, _arg, ids in filter_op_models(ops, cfg.scorers, captions) for n in ids]
     if cfg.evaluate.enabled:
         s = cfg.scorers
         names += [clip_for(p.prompt, s.language, s.clip, s.chinese_clip) for p in prompts] + [s.aesthetic]
