@@ -262,10 +262,14 @@ def supervise(command: list[str], *, signal_lead_s: int, max_requeues: int, coun
         rc = child.wait()  # PEP 475: retried after each signal handler returns
         lost = None
         nodelist = os.environ.get("SLURM_JOB_NODELIST", "")
-        if rc == EXIT_PEER_LOST and not received and slurm_job_id() and int(os.environ.get("SLURM_JOB_NUM_NODES", "1")) > 1:
-            wait_s = slurmd_timeout_s() + 60
-            log.warning("the stage lost another rank: waiting up to %d s for Slurm's word on nodes %s", wait_s, nodelist)
-            lost = node_verdict(slurm_job_id(), nodelist, received, wait_s)
+        if rc != 0 and slurm_job_id() and int(os.environ.get("SLURM_JOB_NUM_NODES", "1")) > 1:
+            if rc == EXIT_PEER_LOST and not received:
+                wait_s = slurmd_timeout_s() + 60
+                log.warning("the stage lost another rank: waiting up to %d s for Slurm's word on nodes %s", wait_s,
+                            nodelist)
+                lost = node_verdict(slurm_job_id(), nodelist, received, wait_s)
+            elif bad := failed_nodes(nodelist):  # Slurm's stop came first: say why in the attempt's record
+                lost = f"node failure: {','.join(bad)}"
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
