@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import stage_context, untrained_copy
-from test_launch import DEMO, LOCAL, fake_slurm, sbatch_scripts  # noqa: F401  (fake_slurm: a fixture)
+from test_launch import DEMO, LOCAL, fake_slurm, sbatch_scripts  # noqa: F401 - fake_slurm is a fixture
 
 from kolora.cli.main import main
 from kolora.core import devices, shards
@@ -81,7 +81,8 @@ def test_a_bad_nodes_option_is_refused_naming_it(tmp_path, capsys):
         assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_submit_and_resume_queue_a_node_range_and_status_explains_a_node_failure(tmp_path, fake_slurm, capsys):
+def test_submit_and_resume_queue_a_node_range_and_status_explains_a_node_failure(
+        tmp_path, fake_slurm, capsys):  # noqa: F811
     runs = tmp_path / "runs"
     assert main(["submit", DEMO, "--cluster", LOCAL, "--runs-dir", str(runs), "--name", "g", "--nodes", "1-2"]) == 0
     scripts = sbatch_scripts(fake_slurm)
