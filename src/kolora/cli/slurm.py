@@ -232,7 +232,8 @@ def register(sub) -> None:
     _add_run_arg(p)
     p.add_argument("--stage", help="a stage (ingest, filter, cache, train, render, grid) or job name")
     p.add_argument("--task", type=whole_number(0), help="render array task index")
-    p.add_argument("--rank", type=whole_number(0), default=0, help="srun task of a multi-GPU train job (default 0)")
+    p.add_argument("--rank", type=whole_number(0), default=0,
+                   help="global rank (srun task) of a multi-GPU or multi-node train job (default 0)")
     p.add_argument("--stream", choices=["out", "err", "both"], default="both")
     p.add_argument("-n", "--tail", type=whole_number(1), metavar="N", help="only the last N lines")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing as the log grows (tail -F)")
