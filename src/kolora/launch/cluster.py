@@ -392,13 +392,11 @@ def node_range_problem(gpus: int, min_nodes: int, max_nodes: int) -> str | None:
            if accumulation_steps(planned, 1, per_node * n) is None]
     if not odd:
         return None
-    widest = min(m for m in range(1, max_nodes + 1)
-                 if all(accumulation_steps(max_nodes, 1, n) for n in range(m, max_nodes + 1)))
-    ranges = f" or \"{widest}-{max_nodes}\"" if widest < max_nodes else ""
+    # MAX - 1 divides MAX only for MAX 2: "1-2" is the one range there is, besides a fixed count
     return (f"\"{min_nodes}-{max_nodes}\" with {per_node} GPU(s) per node: an attempt on {odd[0]} node(s) "
             f"({per_node * odd[0]} processes) cannot keep the global batch planned for {max_nodes} nodes ({planned} "
             "processes) with whole gradient-accumulation steps. Every node count of the range must divide its MAX: "
-            f"use {max_nodes}{ranges}")
+            f"use {max_nodes} (a fixed count) or \"1-2\"")
 
 
 def find_profile(name_or_path: str | Path) -> Path:

@@ -63,8 +63,8 @@ class GlobalBatch:
                 f"{where} was trained with a global batch of {size} ({recorded['world_size']} processes × "
                 f"train.batch_size {recorded['per_rank_batch']} × accumulation {recorded['accumulate']}); "
                 f"{world} processes × train.batch_size {per_rank} cannot make {size} with whole accumulation "
-                f"steps, so the result would differ from the uninterrupted run. Resume on a GPU count that "
-                f"divides {size // per_rank} (kolora resume RUN --gpus M), or start over with --force.")
+                f"steps, so the result would differ from the uninterrupted run. Resume on GPUs × nodes that "
+                f"divide {size // per_rank} (kolora resume RUN --gpus M --nodes N), or start over with --force.")
         return cls(per_rank, world, accumulate)
 
 
