@@ -437,7 +437,7 @@ def test_profile_adds_and_removes_forwarded_prefixes(tmp_path):
     assert env["NCCL_SOCKET_IFNAME"] == "hsn0"  # container.env, set on purpose, wins over the host's value
     assert argv.count("NCCL_SOCKET_IFNAME=hsn0") == 1 and not any(a.startswith("NCCL_SOCKET_IFNAME=ib0") for a in argv)
     assert container(forward_env_prefixes={"add": ["MYSITE_"]}).forward_env_prefixes.prefixes() == (
-        "SLURM_", "NCCL_", "UCX_", "FI_", "OMPI_", "PMIX_", "MYSITE_")
+        "SLURM_", "NCCL_", "GLOO_", "UCX_", "FI_", "OMPI_", "PMIX_", "MYSITE_")
 
 
 @pytest.mark.parametrize(("prefixes", "message"), [

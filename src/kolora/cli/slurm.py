@@ -15,7 +15,14 @@ from kolora.cli.sweep import cmd_sweep_cancel, cmd_sweep_status
 from kolora.core.config import load_config
 from kolora.core.errors import EXIT_INPUT, ConfigError, InputError
 from kolora.launch import container
-from kolora.launch.cluster import find_profile, load_profile
+from kolora.launch.cluster import (
+    ClusterProfile,
+    find_profile,
+    load_profile,
+    node_range_problem,
+    node_request,
+    parse_nodes,
+)
 from kolora.launch.cluster_check import check_cluster
 from kolora.launch.monitor import (
     cancel,
@@ -49,11 +56,34 @@ def run_named(args):
         raise
 
 
+def node_range(text: str) -> int | str:
+    """argparse type of --nodes: a node count or MIN-MAX, as jobs.train.nodes takes it."""
+    try:
+        return node_request(*parse_nodes(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def override_train(profile: ClusterProfile, command: str, gpus: int | None = None,
+                   nodes: int | str | None = None) -> ClusterProfile:
+    """The profile with `--gpus` / `--nodes` in place of its jobs.train.gpus / nodes; InputError naming the
+    option when the node range cannot keep one global batch."""
+    changes = {key: value for key, value in (("gpus", gpus), ("nodes", nodes)) if value is not None}
+    if not changes:
+        return profile
+    jobs = profile.jobs.model_copy(update={"train": profile.jobs.train.model_copy(update=changes)})
+    profile = profile.model_copy(update={"jobs": jobs})
+    r = profile.resources("train")
+    if nodes is not None and (problem := node_range_problem(r.gpus, r.min_nodes, r.nodes)):
+        raise InputError(f"{command} --nodes {nodes}: {problem}")
+    return profile
+
+
 def cmd_submit(args) -> int:
 
     cfg = load_config(args.config, args.overrides, args.name)
     profile_file = find_profile(args.cluster)
-    profile = load_profile(profile_file)
+    profile = override_train(load_profile(profile_file), "submit", nodes=args.nodes)
     runs_dir = resolve_runs_dir(args)
     check_name(runs_dir, cfg.name, "run")  # --dry-run too: it shows what a submission would do
     print_warnings(runner.preflight(cfg))
@@ -86,14 +116,12 @@ def cmd_resume(args) -> int:
               file=sys.stderr)
         return EXIT_INPUT
     profile_file = find_profile(profile_ref)
-    profile = load_profile(profile_file)
-    if args.gpus is not None:  # elastic: training continues on M GPUs, accumulating to keep its global batch
-        jobs = profile.jobs.model_copy(update={"train": profile.jobs.train.model_copy(update={"gpus": args.gpus})})
-        profile = profile.model_copy(update={"jobs": jobs})
+    # elastic: training continues on M GPUs / N nodes, accumulating to keep its global batch
+    profile = override_train(load_profile(profile_file), "resume", gpus=args.gpus, nodes=args.nodes)
     print_warnings(runner.preflight(cfg))
     check_cluster(cfg, profile, str(profile_file))
     try:  # a checkpoint's global batch that this GPU count cannot keep: refused before queueing
-        distributed.check_resume(run.train, cfg.train.batch_size, profile.resources("train"))
+        distributed.check_resume(run.train, cfg.train.batch_size, profile.resources("train").worlds())
     except InputError as e:
         print(f"kolora: resume: {e}", file=sys.stderr)
         return EXIT_INPUT
@@ -184,6 +212,9 @@ def register(sub) -> None:
     p.add_argument("--cluster", required=True, metavar="PROFILE",
                    help="cluster profile: a YAML path or a name in slurm/clusters/ (e.g. local)")
     p.add_argument("--dry-run", action="store_true", help="print every job's sbatch parameters; queue nothing")
+    p.add_argument("--nodes", type=node_range, metavar="N|MIN-MAX",
+                   help="nodes of the train job (overrides the profile's jobs.train.nodes): a count, or a range "
+                        "such as 1-2 (starts on what is free; the global batch is planned for MAX)")
     p.set_defaults(func=cmd_submit)
 
     def _add_run_arg(p: argparse.ArgumentParser) -> None:
@@ -201,7 +232,8 @@ def register(sub) -> None:
     _add_run_arg(p)
     p.add_argument("--stage", help="a stage (ingest, filter, cache, train, render, grid) or job name")
     p.add_argument("--task", type=whole_number(0), help="render array task index")
-    p.add_argument("--rank", type=whole_number(0), default=0, help="srun task of a multi-GPU train job (default 0)")
+    p.add_argument("--rank", type=whole_number(0), default=0,
+                   help="global rank (srun task) of a multi-GPU or multi-node train job (default 0)")
     p.add_argument("--stream", choices=["out", "err", "both"], default="both")
     p.add_argument("-n", "--tail", type=whole_number(1), metavar="N", help="only the last N lines")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing as the log grows (tail -F)")
@@ -219,5 +251,7 @@ def register(sub) -> None:
                    help="GPUs per node for the train job (overrides the profile's jobs.train.gpus): a run "
                         "checkpointed on another GPU count continues with gradient accumulation keeping its global "
                         "batch, or is refused when M cannot keep it")
+    p.add_argument("--nodes", type=node_range, metavar="N|MIN-MAX",
+                   help="nodes of the train job (overrides the profile's jobs.train.nodes), like --gpus")
     p.set_defaults(func=cmd_resume)
 

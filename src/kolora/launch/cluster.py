@@ -30,6 +30,7 @@ from kolora.core.errors import ConfigError
 from kolora.core.schema import Section, describe_validation_error, format_problems
 from kolora.launch.container import ContainerConfig
 from kolora.pipeline.registry import NAMES
+from kolora.train.distributed import accumulation_steps
 
 # The Slurm jobs a run is queued as (a profile's `jobs.<job>` sections), each with the stages it runs in
 # pipeline order, each `afterok` on the one before. Consecutive stages on the same kind of machine share a job:
@@ -65,6 +66,8 @@ _MEM = re.compile(r"^[0-9]+[KMGT]?$")
 _OPTION = re.compile(r"^[a-z][a-z0-9]*([-_][a-z0-9]+)*$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _TIME = re.compile(r"^(?:(?P<d>\d+)-)?(?P<a>\d+)(?::(?P<b>\d+))?(?::(?P<c>\d+))?$")
+_NODES = re.compile(r"^(?P<min>\d+)(?:-(?P<max>\d+))?$")
+NODES_FORM = "a node count (2) or a range MIN-MAX as sbatch takes it (\"1-2\")"
 
 
 def parse_time(value: int | str) -> int:
@@ -93,6 +96,30 @@ def parse_time(value: int | str) -> int:
     return minutes
 
 
+def parse_nodes(value: int | str) -> tuple[int, int]:
+    """A node count or Slurm's MIN-MAX range (`--nodes=1-2`: the job starts on as many as are free, at least
+    MIN) → (min, max). ValueError saying what is wrong otherwise."""
+    if isinstance(value, bool):
+        raise ValueError(f"must be {NODES_FORM}")
+    if isinstance(value, int):
+        low = high = value
+    else:
+        m = _NODES.fullmatch(str(value).strip())
+        if not m:
+            raise ValueError(f"must be {NODES_FORM}, not {value!r}")
+        low, high = int(m["min"]), int(m["max"] or m["min"])
+    if low < 1:
+        raise ValueError(f"must be at least 1 node, not {value!r}")
+    if low > high:
+        raise ValueError(f"{value!r}: MIN must not exceed MAX (write \"{high}-{low}\")")
+    return low, high
+
+
+def node_request(low: int, high: int) -> int | str:
+    """What sbatch --nodes gets: the count, or MIN-MAX for a range."""
+    return high if low == high else f"{low}-{high}"
+
+
 def _plain(v: str | None, what: str = "value") -> str | None:
     if v is not None and _CONTROL.search(v):
         raise ValueError(f"{what} must be one line without control characters")
@@ -116,7 +143,8 @@ class JobResources(Section):
     gpu_option: Literal["gres", "gpus-per-node"] | None = None  # how the GPUs are asked for (default gres)
     gres: str | None = None  # other generic resources, appended to the GPU request (e.g. 'nvme:100')
     constraint: str | None = None  # node features, e.g. 'a100|h100'
-    nodes: int | None = Field(None, ge=1)  # train only
+    # train only: a count, or Slurm's "MIN-MAX" (the job starts on what is free; the global batch is the MAX's)
+    nodes: int | str | None = None
     setup: list[str] | None = None  # extra shell lines for this job, after the profile's `setup` (trusted)
     extra: dict[str, str | int | bool] | None = None  # other sbatch options: {exclusive: true, mail-type: END}
 
@@ -126,6 +154,11 @@ class JobResources(Section):
         if v is not None and not _WORD.fullmatch(v):
             raise ValueError("must be a Slurm name (letters, digits, . _ - @ + , :), no spaces")
         return v
+
+    @field_validator("nodes", mode="before")
+    @classmethod
+    def _nodes(cls, v: Any) -> int | str | None:
+        return None if v is None else node_request(*parse_nodes(v))
 
     @field_validator("gpu_mem_gb", mode="before")
     @classmethod
@@ -275,6 +308,11 @@ class ClusterProfile(Section):
         """Every cross-field problem at once (a profile is fixed in one go, not one error per try)."""
         problems = [f"jobs.{name}.nodes: only the train job can use more than one node"
                     for name in ("filter", "render", "grid") if getattr(self.jobs, name).nodes not in (None, 1)]
+        if self.defaults.nodes not in (None, 1):
+            problems.append("defaults.nodes: only the train job can use more than one node; set jobs.train.nodes")
+        train = self.resources("train")
+        if problem := node_range_problem(train.gpus, train.min_nodes, train.nodes):
+            problems.append(f"jobs.train.nodes: {problem}")
         if self.jobs.render.gpus not in (None, 0, 1):
             problems.append("jobs.render.gpus: an array task renders on one GPU (0 or 1); "
                             "raise array_throttle to use more GPUs at once")
@@ -298,13 +336,14 @@ class ClusterProfile(Section):
         merged = {k: own[k] if own.get(k) is not None else base.get(k) for k in own}
         merged["extra"] = {**(base.get("extra") or {}), **(own.get("extra") or {})}
         merged["setup"] = [*self.setup, *(base.get("setup") or []), *(own.get("setup") or [])]
+        min_nodes, nodes = parse_nodes(merged["nodes"] or 1)
         return ResolvedResources(
             partition=merged["partition"], account=merged["account"], qos=merged["qos"],
             time_min=parse_time(merged["time"]) if merged["time"] is not None else 60,
             cpus=merged["cpus"] or 1, mem=merged["mem"], gpus=merged["gpus"] or 0, gpu_type=merged["gpu_type"],
             gpu_option=merged["gpu_option"], gres=merged["gres"], constraint=merged["constraint"],
             gpu_mem_gb=merged["gpu_mem_gb"],
-            nodes=merged["nodes"] or 1, setup=merged["setup"], extra=merged["extra"],
+            nodes=nodes, min_nodes=min_nodes, setup=merged["setup"], extra=merged["extra"],
             tiles_per_task=own.get("tiles_per_task", 4), array_throttle=own.get("array_throttle", 1),
         )
 
@@ -322,11 +361,42 @@ class ResolvedResources(BaseModel):
     gpu_mem_gb: float | None  # None: unknown (no GPU memory check)
     gres: str | None
     constraint: str | None
-    nodes: int
+    nodes: int  # the most nodes the job runs on (a range's MAX): what the global batch is planned for
     setup: list[str]
     extra: dict[str, Any]
     tiles_per_task: int = 1
     array_throttle: int = 1
+    min_nodes: int = 0  # a range's MIN; 0: a fixed count (= nodes)
+
+    def model_post_init(self, context: Any) -> None:
+        self.min_nodes = self.min_nodes or self.nodes
+
+    @property
+    def node_request(self) -> int | str:
+        """sbatch's --nodes: the count, or MIN-MAX."""
+        return node_request(self.min_nodes, self.nodes)
+
+    def worlds(self) -> list[int]:
+        """Every number of processes the job can train with: one per GPU of each node it may start on."""
+        return [max(self.gpus, 1) * n for n in range(self.min_nodes, self.nodes + 1)]
+
+
+def node_range_problem(gpus: int, min_nodes: int, max_nodes: int) -> str | None:
+    """Why a train job on MIN..MAX nodes cannot keep one global batch (planned for MAX nodes) on every node
+    count it may start on; None when it can. The global batch stays the same by gradient accumulation, which
+    needs the planned world to be a whole multiple of every world (the same rule as a resume on fewer GPUs)."""
+
+    per_node = max(gpus, 1)
+    planned = per_node * max_nodes
+    odd = [n for n in range(min_nodes, max_nodes + 1)
+           if accumulation_steps(planned, 1, per_node * n) is None]
+    if not odd:
+        return None
+    # MAX - 1 divides MAX only for MAX 2: "1-2" is the one range there is, besides a fixed count
+    return (f"\"{min_nodes}-{max_nodes}\" with {per_node} GPU(s) per node: an attempt on {odd[0]} node(s) "
+            f"({per_node * odd[0]} processes) cannot keep the global batch planned for {max_nodes} nodes ({planned} "
+            "processes) with whole gradient-accumulation steps. Every node count of the range must divide its MAX: "
+            f"use {max_nodes} (a fixed count) or \"1-2\"")
 
 
 def find_profile(name_or_path: str | Path) -> Path:

@@ -11,7 +11,7 @@ Flags of the argument list, and why:
   --cleanenv      the host environment stays out: a module-loaded PYTHONPATH / LD_LIBRARY_PATH / CONDA_PREFIX
                   would break the image's Python. What the stage needs is passed explicitly with --env
                   (the job environment, plus `forward_env`: GPU selection, Slurm's task variables and the
-                  site's network settings, NCCL_* UCX_* FI_* OMPI_* PMIX_*; `forward_env_prefixes` changes
+                  site's network settings, NCCL_* GLOO_* UCX_* FI_* OMPI_* PMIX_*; `forward_env_prefixes` changes
                   the prefixes).
   --bind a:a      every path the stage reads or writes, mounted at the same path, so the frozen config's
                   absolute paths mean the same inside and outside. Nested binds are dropped, parents first.
@@ -56,9 +56,10 @@ BIND_OPTIONS = ("ro", "rw")
 FORWARD_ENV = ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "GPU_DEVICE_ORDINAL",
                "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK")
 # ...and every variable with one of these prefixes: Slurm's, and the site's network stack as its modules set it
-# (NCCL's interface/IB/plugin choice, UCX, libfabric's FI_PROVIDER on Slingshot/EFA, Open MPI and PMIx). Dropped
-# by --cleanenv, multi-node NCCL falls back to the wrong interface and hangs or crawls.
-FORWARD_ENV_PREFIXES = ("SLURM_", "NCCL_", "UCX_", "FI_", "OMPI_", "PMIX_")
+# (NCCL's interface/IB/plugin choice, gloo's GLOO_SOCKET_IFNAME for a CPU process group, UCX, libfabric's
+# FI_PROVIDER on Slingshot/EFA, Open MPI and PMIx). Dropped by --cleanenv, a multi-node process group falls back
+# to the wrong interface and hangs or crawls.
+FORWARD_ENV_PREFIXES = ("SLURM_", "NCCL_", "GLOO_", "UCX_", "FI_", "OMPI_", "PMIX_")
 # Without these the stage cannot form its process group: not removable.
 REQUIRED_ENV_PREFIXES = ("SLURM_",)
 

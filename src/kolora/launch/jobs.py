@@ -35,7 +35,7 @@ from kolora.pipeline import runner
 from kolora.pipeline.keys import Keys, is_complete, progress
 from kolora.pipeline.registry import NAMES, get
 from kolora.sweep.index import refresh_for_run
-from kolora.train.distributed import free_port
+from kolora.train.distributed import free_port, rendezvous_host
 
 # torch: imported in the functions that use them (a login node's CLI starts without them)
 
@@ -130,7 +130,7 @@ class StageJob:
         self.stages = tuple(stages)
         self.task_count = task_count
         self.tasks_per_node = tasks_per_node
-        self.nodes = nodes
+        self.nodes = nodes  # as submitted: a node range's MAX (the global batch is planned for it)
         self.env = dict(env or {})
         self.time_limit_s = time_limit_s
         self.signal_lead_s = signal_lead_s
@@ -144,8 +144,26 @@ class StageJob:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(self).items()}
 
     @property
+    def nodes_now(self) -> int:
+        """The nodes this attempt of the job runs on, as Slurm allocated them: a `nodes: MIN-MAX` job (or one
+        requeued after a node failure) may get fewer than it asked for. The submitted count outside Slurm."""
+        value = os.environ.get("SLURM_JOB_NUM_NODES", "").strip()
+        return int(value) if value.isdigit() and int(value) >= 1 else self.nodes
+
+    @property
+    def world(self) -> int:
+        """The processes of this attempt: one per GPU (task) of each node it got."""
+        return self.tasks_per_node * self.nodes_now
+
+    @property
     def distributed(self) -> bool:
-        return self.tasks_per_node * self.nodes > 1
+        return self.world > 1
+
+    def _planned(self) -> dict[str, Any]:
+        """What a DDP stage needs to know when this attempt got fewer nodes than the job's MAX: the world its
+        global batch is planned for (kolora.train accumulates the difference)."""
+        planned = self.tasks_per_node * self.nodes
+        return {"planned_world": planned} if planned != self.world else {}
 
     def __call__(self, task_index: int = 0) -> dict[str, Any]:
 
@@ -190,8 +208,12 @@ class StageJob:
 
         rank = int(os.environ.get("SLURM_PROCID", "0")) if self.distributed else 0
         if self.distributed and "MASTER_ADDR" not in self.env:
-            # one inherited from the submitting shell would be wrong here: Lightning takes the job's first node
-            os.environ.pop("MASTER_ADDR", None)
+            # one inherited from the submitting shell would be wrong here: every rank meets on the job's first node
+            host = rendezvous_host(os.environ)
+            if host:
+                os.environ["MASTER_ADDR"] = host
+            else:
+                os.environ.pop("MASTER_ADDR", None)
         log.info("kolora job %s (stages %s, task %d/%d, rank %d) run %s; HF_HOME=%s HF_HUB_OFFLINE=%s",
                  self.job, "+".join(self.stages), task_index, self.task_count, rank, self.run_root,
                  os.environ.get("HF_HOME"), os.environ.get("HF_HUB_OFFLINE"))
@@ -220,9 +242,12 @@ class StageJob:
                 continue
             try:
                 if s.parallel in ("ranks", "ddp") and self.distributed:
-                    placement = {"rank": 0, "world": self.tasks_per_node * self.nodes,
-                                 "devices": self.tasks_per_node, "nodes": self.nodes,
-                                 "extra": self._release_followers(cfg, run, stage)}
+                    placement = {"rank": 0, "world": self.world, "devices": self.tasks_per_node,
+                                 "nodes": self.nodes_now, "extra": self._release_followers(cfg, run, stage)}
+                    if s.parallel == "ddp":
+                        placement["extra"].update(self._planned())
+                elif s.parallel == "ddp" and self._planned():  # one process left of a node range: no DDP
+                    placement = {"extra": self._planned()}
                 results[stage] = summary = runner.run_stage(stage, cfg, run, **placement)
             except Exception as e:
                 if self.distributed:  # the other ranks wait for rank 0's word on what it has not decided yet
@@ -342,7 +367,7 @@ class StageJob:
         """A rank > 0: each of the job's stages that spreads over ranks, as rank 0 decided it."""
 
         results: dict[str, Any] = {}
-        world = self.tasks_per_node * self.nodes
+        world = self.world
         for stage in self.stages:
             s = get(stage)
             if s.parallel not in ("ranks", "ddp"):
@@ -354,11 +379,13 @@ class StageJob:
             extra: dict[str, Any] = {}
             if s.parallel == "ranks":
                 extra["barrier"] = str(self._go_file(stage))
-            elif go.resume_step is not None:  # rank 0's checkpoint, not this rank's view of the folder
-                extra["resume_step"] = go.resume_step
+            else:
+                extra.update(self._planned())
+                if go.resume_step is not None:  # rank 0's checkpoint, not this rank's view of the folder
+                    extra["resume_step"] = go.resume_step
             # only rank 0 records the stage (manifest, completion marker): this rank just computes
             summary = runner.run_stage(stage, cfg, run, follower=True, rank=rank, world=world, devices=self.tasks_per_node,
-                                nodes=self.nodes, extra=extra)
+                                nodes=self.nodes_now, extra=extra)
             log.info("%s rank %d: %s", stage, rank,
                      {k: v for k, v in summary.items() if not isinstance(v, dict | list)})
             if s.parallel == "ddp":

@@ -103,6 +103,55 @@ def sacct(ids: list[str]) -> list[dict[str, str]] | None:
     return _rows(proc.stdout, fields)
 
 
+ATTEMPT_FIELDS = ["JobID", "State", "NodeList", "Start", "End", "ExitCode", "Reason"]
+
+
+def attempts(job_id: str) -> list[dict[str, Any]] | None:
+    """Every attempt of a job Slurm requeued (a node failure, a preemption, kolora's own requeue at the time
+    limit), oldest first, from `sacct --duplicates`: its state, nodes, start and end, exit code and the last
+    reason it was held. None when sacct does not answer."""
+    proc = slurm_client(["sacct", "-X", "-n", "-P", "-D", "-j", job_id, f"--format={','.join(ATTEMPT_FIELDS)}"])
+    if proc is None or proc.returncode != 0:
+        return None
+    rows = [r for r in _rows(proc.stdout, ATTEMPT_FIELDS) if r["JobID"] == job_id]
+    return [{"attempt": i, "state": r["State"], "nodes": "" if r["NodeList"] in ("", "None assigned") else r["NodeList"],
+             "start": r["Start"], "end": r["End"], "exit_code": r["ExitCode"],
+             "reason": "" if r["Reason"] == "None" else r["Reason"]} for i, r in enumerate(rows, 1)]
+
+
+def describe_attempt(attempt: dict[str, Any], last: bool) -> str:
+    """One line of `kolora status`: 'attempt 1: node failure (kolora-a,kolora-b) → requeued'."""
+    state, nodes = attempt["state"], attempt["nodes"]
+    on = f" ({nodes})" if nodes else ""
+    what = {"NODE_FAIL": f"node failure{on}", "RUNNING": f"running on {nodes or '?'}", "PENDING": "waiting",
+            "COMPLETED": f"completed{on}", "REQUEUED": f"requeued{on}", "PREEMPTED": f"preempted{on}",
+            "TIMEOUT": f"time limit{on}"}.get(state, f"{state.lower()}{on}")
+    if not last and state not in ("REQUEUED", "PENDING", "RUNNING"):
+        what += " → requeued"
+    return f"attempt {attempt['attempt']}: {what}"
+
+
+# squeue's reason a job waits (%r), in words; Slurm's own text follows. Those of a multi-node job's node loss first.
+PENDING_REASONS = {
+    "ReqNodeNotAvail": "waiting: nodes down", "NodeDown": "waiting: a node it needs is down",
+    "Resources": "waiting for free nodes/GPUs", "Priority": "waiting: other jobs go first",
+    "Dependency": "waiting for the job before it", "BeginTime": "requeued, waiting for its start time",
+    "PartitionNodeLimit": "waiting: asks for more nodes than the partition has up or allows",
+    "JobHeldUser": "held (scontrol release JOBID)", "JobHeldAdmin": "held by an administrator",
+    "JobHoldMaxRequeue": "held: requeued too often (scontrol release JOBID)",
+}
+
+
+def explain_pending(reason: str) -> str:
+    """'ReqNodeNotAvail, UnavailableNodes:kolora-b' → 'waiting: nodes down (kolora-b); Slurm: ReqNodeNotAvail,
+    UnavailableNodes:kolora-b'. A reason kolora has no words for is Slurm's text as it is."""
+    words = PENDING_REASONS.get(reason.split(",")[0].strip())
+    if words is None:
+        return reason
+    down = re.search(r"UnavailableNodes:(\S+)", reason)
+    return f"{words}{f' ({down[1]})' if down else ''}; Slurm: {reason}"
+
+
 def scancel(ids: list[str]) -> None:
     if ids:
         slurm_client(["scancel", *ids], timeout=30)
@@ -160,7 +209,7 @@ def _job_states(sub: dict[str, Any]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for job, info in sub["jobs"].items():
         tasks: dict[str, str] = {}
-        partition = reason = ""
+        partition = reason = nodes = ""
         for task_id in info["task_ids"]:
             row = live.get(task_id) or acct.get(task_id)
             if row is None:  # in neither: not yet in accounting (just queued), or gone from both
@@ -168,10 +217,11 @@ def _job_states(sub: dict[str, Any]) -> dict[str, dict[str, Any]]:
                 continue
             tasks[task_id] = row["State"]
             partition = partition or row.get("Partition", "")
+            nodes = nodes or row.get("NodeList", "")
             if task_id in live and row.get("Reason") not in (None, "", "None"):
                 reason = row["Reason"]
         out[job] = {"state": summarize_states(tasks), "tasks": tasks, "partition": partition, "reason": reason,
-                    "accounting": acct_rows is not None}
+                    "nodes": nodes, "accounting": acct_rows is not None}
     return out
 
 
@@ -263,13 +313,15 @@ def status(run: RunDir) -> dict[str, Any]:
             task = bad[0] if bad else info["task_ids"][0]
             err = log_file(Path(sub["folder"]), task)
             failed = {"job": job, "stage": stage, "job_id": task, "state": st["tasks"].get(task, "UNKNOWN"),
-                      "error": (stages.get(stage) or {}).get("error"), "log": str(err)}
+                      "error": (stages.get(stage) or {}).get("error"), "log": str(err), "nodes": st["nodes"]}
         if any(s == "CANCELLED" for s in st["tasks"].values()):
             cancelled.append(job)
         job_label = info["job_id"] + (f"_[0-{len(info['task_ids']) - 1}]" if info.get("array") else "")
         rows.append({"job": job, "stages": "+".join(info["stages"]), "job_id": job_label, "state": st["state"],
                      "reason": st["reason"], "partition": st["partition"], "progress": prog[job].get("text", ""),
-                     "detail": prog[job], "tasks": st["tasks"], "log": str(err)})
+                     "detail": prog[job], "tasks": st["tasks"], "log": str(err),
+                     # the train job's attempts: a multi-node job is requeued when a node fails
+                     "attempts": (attempts(info["job_id"]) or []) if job == "train" else []})
     done = all(r["state"] == "COMPLETED" for r in rows)
     return {"run": str(run.root), "name": run.root.name, "submission": stamp, "folder": sub["folder"],
             "profile": sub.get("profile"), "jobs": rows, "failed": failed, "cancelled": cancelled, "done": done,
@@ -279,12 +331,17 @@ def status(run: RunDir) -> dict[str, Any]:
 def format_status(st: dict[str, Any]) -> str:
 
     rows = [{"job": r["job"], "stages": r["stages"], "job id": r["job_id"],
-             "state": r["state"] + (f" ({r['reason']})" if r["reason"] and r["state"] == "PENDING" else ""),
+             "state": r["state"] + (f" ({explain_pending(r['reason'])})" if r["reason"] and r["state"] == "PENDING"
+                                    else ""),
              "progress": r["progress"]} for r in st["jobs"]]
     lines = [f"run {st['name']} ({st['run']}), submission {st['submission']} on {st['profile']}", table(rows)]
+    for r in st["jobs"]:
+        if len(r.get("attempts") or []) > 1 or any(a["state"] == "NODE_FAIL" for a in r.get("attempts") or []):
+            lines += [f"{r['job']} {describe_attempt(a, a is r['attempts'][-1])}" for a in r["attempts"]]
     f = st["failed"]
     if f:
-        lines.append(f"FAILED: stage {f['stage']} (job {f['job_id']}, {f['state']})"
+        state = f"node failure on {f['nodes'] or '?'}" if f["state"] == "NODE_FAIL" else f["state"]
+        lines.append(f"FAILED: stage {f['stage']} (job {f['job_id']}, {state})"
                      + (f": {f['error'].splitlines()[0]}" if f.get("error") else ""))
         lines.append(f"  log: {f['log']}")
         downstream = [r["job"] for r in st["jobs"] if r["job"] in st["cancelled"]]

@@ -78,7 +78,7 @@ def plan_jobs(cfg: ExperimentConfig, profile: ClusterProfile) -> list[JobPlan]:
     for job, stages in JOBS.items():
         r = profile.resources(job)
         params: dict[str, Any] = {
-            "job_name": job_name(cfg.name, job), "time": r.time_min, "nodes": r.nodes, "cpus_per_task": r.cpus,
+            "job_name": job_name(cfg.name, job), "time": r.time_min, "nodes": r.node_request, "cpus_per_task": r.cpus,
             "signal_delay_s": profile.signal_lead_s, "wckey": None,
             # a job whose dependency failed is cancelled, not left PENDING (also where the cluster's
             # DependencyParameters lacks kill_invalid_depend)
@@ -98,6 +98,7 @@ def plan_jobs(cfg: ExperimentConfig, profile: ClusterProfile) -> list[JobPlan]:
         if ddp:
             # DDP: one task per GPU under srun (--nodes K --ntasks-per-node N --gpus-per-node N); Lightning
             # reads rank and world size from Slurm and checks ntasks-per-node = devices, nnodes = num_nodes
+            # (with --nodes MIN-MAX the job's own node count: launch.jobs reads SLURM_JOB_NUM_NODES)
             plan.tasks_per_node = max(r.gpus, 1)
             params["ntasks_per_node"] = plan.tasks_per_node
             params["srun_args"] = ["--kill-on-bad-exit=1"]  # one rank failing must not leave the others waiting
@@ -141,7 +142,7 @@ def describe(plan: JobPlan) -> dict[str, str]:
         array = "-"
     return {"job": plan.job, "stages": "+".join(plan.stages), "partition": r.partition or "(default)",
             "time": format_minutes(r.time_min), "cpus": str(r.cpus), "mem": r.mem or "(default)", "gpus": gpus,
-            "nodes x tasks": f"{r.nodes}x{plan.tasks_per_node}", "array": array,
+            "nodes x tasks": f"{r.node_request}x{plan.tasks_per_node}", "array": array,
             "after": f"afterok:{plan.after}" if plan.after else "-"}
 
 

@@ -117,7 +117,7 @@ def submit(cfg: ExperimentConfig, profile: ClusterProfile, runs_dir: Path, profi
            check: bool = True, only_incomplete: bool = False) -> Submission:
     """Validate (pipeline.preflight unless check=False: the caller did), then queue the four jobs
     (`only_incomplete`: only those with work left — `kolora resume`)."""
-    from submitit import SlurmExecutor
+    from kolora.launch.executor import RangeSlurmExecutor  # submitit: only when queueing
 
 
     t0 = time.perf_counter()
@@ -156,7 +156,7 @@ def submit(cfg: ExperimentConfig, profile: ClusterProfile, runs_dir: Path, profi
         jobs: dict[str, dict[str, Any]] = {}
         try:
             for plan in plans:
-                executor = SlurmExecutor(folder=folder, max_num_timeout=profile.max_requeues, python=python)
+                executor = RangeSlurmExecutor(folder=folder, max_num_timeout=profile.max_requeues, python=python)
                 params = dict(plan.params)
                 if plan.after:
                     params["dependency"] = f"afterok:{jobs[plan.after]['job_id']}"

@@ -95,7 +95,7 @@ def _params(plan, name: str, **changes: Any) -> dict[str, Any]:
 
 def submit_sweep(sweep: Sweep, profile: ClusterProfile, profile_file: Path | None = None) -> dict[str, Any]:
     """Queue the sweep (the caller ran preflight on every variant). Returns the sweep manifest's slurm entry."""
-    from submitit import SlurmExecutor
+    from kolora.launch.executor import RangeSlurmExecutor  # submitit: only when queueing
 
 
     check_slurm_clients()
@@ -134,7 +134,7 @@ def submit_sweep(sweep: Sweep, profile: ClusterProfile, profile_file: Path | Non
         jobs: dict[str, Any] = {}
         try:
             def submit_one(job: str, fn, params: dict[str, Any]) -> str:
-                ex = SlurmExecutor(folder=folder, max_num_timeout=profile.max_requeues, python=python)
+                ex = RangeSlurmExecutor(folder=folder, max_num_timeout=profile.max_requeues, python=python)
                 ex.update_parameters(**params)
                 job_id = ex.submit(fn).job_id
                 queued.append(job_id)
@@ -152,7 +152,7 @@ def submit_sweep(sweep: Sweep, profile: ClusterProfile, profile_file: Path | Non
                                                 nodes=1), cache_params)
 
             train_time = plans["train"].resources.time_min + plans["render"].resources.time_min
-            ex = SlurmExecutor(folder=folder, max_num_timeout=profile.max_requeues, python=python)
+            ex = RangeSlurmExecutor(folder=folder, max_num_timeout=profile.max_requeues, python=python)
             ex.update_parameters(**_params(plans["train"], f"kolora-{sweep.name}-train", time=train_time,
                                            dependency=f"afterok:{cache}", array_parallelism=array_throttle(profile)))
             with ex.batch():

@@ -28,6 +28,13 @@ from kolora.core.errors import InputError
 # lightning, torch: imported in the functions that use them (a login node's CLI starts without them)
 
 
+def accumulation_steps(global_batch: int, per_rank: int, world: int) -> int | None:
+    """Micro-batches per optimizer step that make `global_batch` from `world` processes of `per_rank` samples;
+    None when no whole number does (the run's result would then differ from the uninterrupted one)."""
+    accumulate, rest = divmod(global_batch, per_rank * world)
+    return accumulate if not rest and accumulate >= 1 else None
+
+
 @dataclass(frozen=True)
 class GlobalBatch:
     per_rank: int    # train.batch_size
@@ -50,28 +57,31 @@ class GlobalBatch:
         if not recorded or "global_batch" not in recorded:
             return cls(per_rank, world, 1)
         size = int(recorded["global_batch"])
-        accumulate, rest = divmod(size, per_rank * world)
-        if rest or accumulate < 1:
+        accumulate = accumulation_steps(size, per_rank, world)
+        if accumulate is None:
             raise InputError(
                 f"{where} was trained with a global batch of {size} ({recorded['world_size']} processes × "
                 f"train.batch_size {recorded['per_rank_batch']} × accumulation {recorded['accumulate']}); "
                 f"{world} processes × train.batch_size {per_rank} cannot make {size} with whole accumulation "
-                f"steps, so the result would differ from the uninterrupted run. Resume on a GPU count that "
-                f"divides {size // per_rank} (kolora resume RUN --gpus M), or start over with --force.")
+                f"steps, so the result would differ from the uninterrupted run. Resume on GPUs × nodes that "
+                f"divide {size // per_rank} (kolora resume RUN --gpus M --nodes N), or start over with --force.")
         return cls(per_rank, world, accumulate)
 
 
 BATCH_FILE = "batch.json"  # in train/: the run's GlobalBatch.record(), for `kolora resume` to check early
 
 
-def check_resume(train_dir: Path, per_rank: int, train_job) -> GlobalBatch | None:
-    """The batch a resumed training would use on `train_job`'s GPUs (ResolvedResources); InputError when it
-    cannot keep the recorded global batch. None: nothing recorded (no training started)."""
+def check_resume(train_dir: Path, per_rank: int, worlds: list[int]) -> GlobalBatch | None:
+    """The batch a resumed training would use on the largest of `worlds` (the process counts the train job can
+    start with: ResolvedResources.worlds()); InputError when one of them cannot keep the recorded global batch.
+    None: nothing recorded (no training started)."""
     path = Path(train_dir) / BATCH_FILE
     if not path.is_file() or not any((Path(train_dir) / "checkpoints").glob("step=*.ckpt")):
         return None
-    world = max(train_job.gpus, 1) * train_job.nodes
-    return GlobalBatch.resumed(json.loads(path.read_text()), per_rank, world, str(Path(train_dir) / "checkpoints"))
+    recorded = json.loads(path.read_text())
+    batches = [GlobalBatch.resumed(recorded, per_rank, world, str(Path(train_dir) / "checkpoints"))
+               for world in worlds]
+    return batches[-1]
 
 
 class StepDecision:
@@ -161,6 +171,27 @@ def placement(device: str, tasks_per_node: int = 1, num_nodes: int = 1) -> dict[
 
     return {"accelerator": "gpu", "devices": [own.index], "num_nodes": num_nodes,
             "strategy": DDPStrategy(parallel_devices=[own] * tasks_per_node)}
+
+
+def rendezvous_host(environ) -> str | None:
+    """The job's first node as Slurm lists it (SLURM_JOB_NODELIST: 'gpu[07-08]' → gpu07, 'a,b' → a), read the
+    way Lightning's SLURMEnvironment reads it: every rank's MASTER_ADDR. None outside an allocation."""
+    nodes = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
+    if not nodes:
+        return None
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    return SLURMEnvironment.resolve_root_node_address(nodes)
+
+
+def cluster_plugins(environ) -> list[Any]:
+    """The cluster environment `L.Trainer` gets: Slurm's (rank, world size, MASTER_ADDR/PORT) in a Slurm job,
+    with Lightning's own auto-requeue off (kolora's launcher owns signals and requeue); none elsewhere."""
+    if "SLURM_JOB_ID" not in environ:
+        return []
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    return [SLURMEnvironment(auto_requeue=False)]
 
 
 def free_port() -> int:

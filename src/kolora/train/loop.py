@@ -415,11 +415,15 @@ def run(ctx: StageContext) -> dict[str, Any]:
         log.warning("train.steps=%d: no checkpoint of the earlier training (metrics.csv reaches step %d) is left in "
                     "%s; training starts again from step 0", tcfg.steps, max(r["step"] for r in earlier), ckpt_dir)
     world = devices * num_nodes
-    batch = distributed.GlobalBatch.resumed(found[1]["kolora"].get("batch") if found else None, tcfg.batch_size,
-                                            world, str(resume))
-    if found and batch.accumulate > 1:
-        log.info("resumed on %d processes: %d micro-batches per step keep the checkpoint's global batch of %d",
-                 world, batch.accumulate, batch.size)
+    # a job started on fewer nodes than its range's MAX: the global batch is the MAX's from the first step
+    planned = ctx.extra.get("planned_world", world)
+    recorded = found[1]["kolora"].get("batch") if found else distributed.GlobalBatch(tcfg.batch_size, planned,
+                                                                                       1).record()
+    batch = distributed.GlobalBatch.resumed(recorded, tcfg.batch_size, world,
+                                            str(resume) if found else f"the job's planned {planned} processes")
+    if batch.accumulate > 1:
+        log.info("training on %d processes: %d micro-batches per step keep the %s global batch of %d", world,
+                 batch.accumulate, "checkpoint's" if found else "planned", batch.size)
     repeats = sample_repeats(data.entries, cfg.data.repeats(), run.cache / "index.json")
     if tcfg.buckets:
         sizes = [e.get("bucket") for e in data.entries]
@@ -452,12 +456,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
                                           "kolora.global_batch": str(batch.size), **option_metadata(tcfg)})
 
     ema = LoraEMA(tcfg.ema_decay) if tcfg.ema_decay else None
-    plugins = []
-    if "SLURM_JOB_ID" in os.environ:
-        # kolora's launcher owns signals and requeue; Lightning's own SLURM auto-requeue must stay out.
-        from lightning.pytorch.plugins.environments import SLURMEnvironment
-
-        plugins.append(SLURMEnvironment(auto_requeue=False))
+    plugins = distributed.cluster_plugins(os.environ)
     checkpointer = Checkpointer(ckpt_dir, tcfg.checkpoint_every, tcfg.checkpoint_minutes, tcfg.keep_checkpoints,
                                 tcfg.steps)
     trainer = L.Trainer(
