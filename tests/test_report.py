@@ -9,6 +9,7 @@ import re
 import shutil
 
 import pytest
+from drawn_figures import error_bars, flat
 from headless_browser import body_attributes, chromium, screenshot
 
 from kolora.core.rundir import RunDir
@@ -68,8 +69,13 @@ def table_cells(page: str, cls: str) -> list[list[str]]:
             for row in re.findall(r"<tr>(.*?)</tr>", body)]
 
 
-def test_report_is_self_contained_with_scores_pairs_loss_and_samples(demo_run, tmp_path):
+def test_report_is_self_contained_with_scores_pairs_loss_and_samples(demo_run, tmp_path, monkeypatch):
+    from kolora.report import plots
+
     run = _scored_run(demo_run, tmp_path)
+    drawn = []  # report.png's figure, as the stage drew it
+    summary_figure = plots.summary_figure
+    monkeypatch.setattr(plots, "summary_figure", lambda *a, **k: drawn.append(summary_figure(*a, **k)) or drawn[-1])
     summary = run_stage("report", run.load_config(), run, force=True)
     assert summary["scores"] is True and summary["validation_steps"] == [10, 20]
     assert summary["figures"] == ["loss", "scores", "validation"]
@@ -109,6 +115,55 @@ def test_report_is_self_contained_with_scores_pairs_loss_and_samples(demo_run, t
 
     with Image.open(run.root / "report" / "report.png") as im:
         assert im.width > 600 and len(im.convert("L").getcolors(1 << 16) or []) > 50
+    # report.png: each mean of eval/scores.json with its interval as an error bar, the paired difference too
+    assert flat({label: bar for (_, label), bar in error_bars(drawn[0]).items()}) == pytest.approx(flat(
+        {f"{m} {side}": (iv[side][m]["mean"], iv[side][m]["low"], iv[side][m]["high"])
+         for m in ("clip", "aesthetic") for side in ("lora", "base", "lora_minus_base")}))
+
+
+def _scores_file(tmp_path, with_intervals: bool) -> dict:
+    """eval/scores.json for 8 known tiles (with or without intervals, as kolora before them wrote it), read
+    back as the report stage reads it."""
+    from kolora.report.stage import read_scores
+
+    records = [{"index": i, "prompt": "p", "seed": i, "clip": {"lora": 0.30 + i / 100, "base": 0.25 + i / 1000},
+                "aesthetic": {"lora": 5.0 + i / 10, "base": 5.35 + (0.4 if i % 2 else -0.4)}} for i in range(8)]
+    mean = {m: {w: sum(r[m][w] for r in records) / len(records) for w in ("lora", "base")}
+            for m in ("clip", "aesthetic")}
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "scores.json").write_text(json.dumps(
+        {"tiles": records, "summary": mean, **({"intervals": _intervals(records)} if with_intervals else {})}))
+    return read_scores(RunDir(tmp_path))
+
+
+def test_report_png_draws_each_mean_with_its_interval_and_the_paired_difference(tmp_path):
+    from kolora.report import plots
+    from kolora.report.stage import score_intervals
+
+    scores = _scores_file(tmp_path, with_intervals=True)
+    fig = plots.summary_figure("t", None, [], scores, [], score_intervals(scores))
+    bars = error_bars(fig)
+    iv = scores["intervals"]
+    assert flat({label: bar for (_, label), bar in bars.items()}) == pytest.approx(flat(
+        {f"{m} {side}": (iv[side][m]["mean"], iv[side][m]["low"], iv[side][m]["high"])
+         for m in ("clip", "aesthetic") for side in ("lora", "base", "lora_minus_base")}))
+    # the LoRA's CLIP is clearly higher; its aesthetic score is not told apart from the base model's
+    assert bars[("", "clip lora_minus_base")][1] > 0
+    assert bars[("no measurable\ndifference", "aesthetic lora_minus_base")][1] < 0
+    assert plots.png_bytes(fig)[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_png_without_intervals_shows_the_plain_means(tmp_path):
+    from kolora.report import plots
+    from kolora.report.stage import score_intervals
+
+    scores = _scores_file(tmp_path, with_intervals=False)  # an eval/scores.json older than the intervals
+    assert score_intervals(scores) is None
+    fig = plots.summary_figure("t", None, [], scores, [], score_intervals(scores))
+    assert error_bars(fig) == {}
+    heights = sorted(round(p.get_height(), 6) for ax in fig.axes for p in ax.patches)
+    assert heights == sorted(round(scores["summary"][m][w], 6) for m in ("clip", "aesthetic") for w in ("lora", "base"))
+    assert plots.png_bytes(fig)[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_report_without_scores_or_samples_says_so(demo_run, tmp_path):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import DEMO as DEMO_PATH
+from drawn_figures import error_bars, flat
 from test_launch import LOCAL, fake_slurm, sbatch_scripts  # noqa: F401 - fake_slurm is a fixture
 
 from kolora.core.errors import ConfigError
@@ -117,6 +118,57 @@ def test_the_sheet_says_when_the_best_is_not_distinguishable_from_the_runner_up(
     assert [r.name for r in ranked][:2] == ["first", "close"] and indistinct_runner_up(ranked) is None
     _write_tile_scores(sweep / "close", [5.0, 5.6, 5.2, 5.4], [0.29, 0.30, 0.28, 0.29])
     assert indistinct_runner_up(sheet.collect(sweep)[1]).name == "close"
+
+
+def test_sweep_png_draws_each_variants_scores_with_their_intervals_and_marks_the_indistinct(tmp_path):
+    from matplotlib import pyplot as plt
+
+    from kolora.core.stats import mean_interval
+    from kolora.sweep import sheet
+    from kolora.sweep.ranking import lora_intervals, read_scores
+
+    sweep = tmp_path / "s"
+    sweep.mkdir()
+    manifest = {"name": "s", "config": "demo.yaml", "vary": {"train.lr": [1, 2, 3]},
+                "variants": [{"name": n, "overrides": {}} for n in ("worst", "close", "first")]}
+    (sweep / "sweep.json").write_text(json.dumps(manifest))
+    clip = [0.3, 0.31, 0.29, 0.3]
+    # skewed scores: intervals not symmetric about their means
+    _write_tile_scores(sweep / "first", [5.0, 5.1, 5.2, 5.9], clip)
+    _write_tile_scores(sweep / "close", [4.9, 5.0, 5.1, 5.8], clip)  # its interval overlaps first's
+    _write_tile_scores(sweep / "worst", [4.0, 4.01, 3.99, 4.0], [0.2, 0.22, 0.21, 0.2])
+
+    def drawn():
+        ranked = sheet.collect(sweep)[1]
+        fig = sheet.summary_figure(ranked, {}, manifest)
+        bars = error_bars(fig)
+        ticks = {t.get_text() for ax in fig.axes for t in ax.get_xticklabels()}
+        titles = [ax.get_title() for ax in fig.axes] + [fig.get_suptitle()]
+        plt.close(fig)
+        return bars, ticks, titles
+
+    bars, ticks, titles = drawn()
+    # every variant's LoRA mean per scorer, its bar from eval/scores.json's interval
+    expected = {(metric, name): (iv.mean, iv.low, iv.high) for name in ("first", "close", "worst")
+                for metric, iv in lora_intervals(read_scores(sweep / name)).items()}
+    assert len(expected) == 6
+    assert flat({(title.split()[0], name): bar for (title, name), bar in bars.items()}) == pytest.approx(flat(expected))
+    # the runner-up not distinguishable from the best is marked, in the bars' labels and its thumbnail's title
+    assert {"first", f"close\n{sheet.NOT_DISTINGUISHABLE}", "worst"} <= ticks
+    assert any("close" in t and "not distinguishable from #1" in t for t in titles)
+    assert "not distinguishable from close" in titles[-1]
+
+    _write_tile_scores(sweep / "close", [4.4, 4.4, 4.5, 4.8], clip)  # now clearly behind: nothing marked
+    bars, ticks, titles = drawn()
+    close = mean_interval([4.4, 4.4, 4.5, 4.8])  # as the evaluate stage computes it
+    assert bars[("aesthetic (LoRA), 95 % intervals", "close")] == pytest.approx((close.mean, close.low, close.high))
+    assert not any(sheet.NOT_DISTINGUISHABLE in t for t in ticks | set(titles))
+
+    for name in ("first", "close", "worst"):  # eval/scores.json older than the intervals: no bars, a PNG still
+        _write_scores(sweep / name, aesthetic=5.0, clip=0.3)
+    bars, ticks, titles = drawn()
+    assert bars == {} and not {"first", "close", "worst"} & ticks  # no score panels
+    assert sheet.write(sweep)[1].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def _write_scores(run: Path, aesthetic: float, clip: float) -> None:

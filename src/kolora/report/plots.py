@@ -102,7 +102,7 @@ def interval_chart(intervals: dict[str, dict[str, Any]]) -> Figure:
     fig = Figure(figsize=(2.6 * max(len(metrics), 1) + 0.6, 3))
     for k, m in enumerate(metrics):
         ax = fig.add_subplot(1, len(metrics), k + 1)
-        _interval_axes(ax, [intervals["base"][m], intervals["lora"][m]])
+        _interval_axes(ax, [intervals["base"][m], intervals["lora"][m]], m)
         d = intervals["lora_minus_base"].get(m)
         ax.set_title(f"{m}\nLoRA − base {d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}]"
                      + ("" if d.excludes_zero() else "\nno measurable difference") if d else m, fontsize=8)
@@ -110,19 +110,56 @@ def interval_chart(intervals: dict[str, dict[str, Any]]) -> Figure:
     return fig
 
 
-def _interval_axes(ax, pair: list[Any]) -> None:
-    """Base and LoRA: a point at the mean, an error bar from low to high."""
-    for x, (iv, color) in enumerate(zip(pair, ("#a6a6a6", "#1f4e79"), strict=True)):
+def _interval_axes(ax, pair: list[Any], metric: str = "") -> None:
+    """Base and LoRA: a point at the mean, an error bar from low to high (labelled "<metric> base" and
+    "<metric> lora": tests read the drawn bars back by these)."""
+    for x, (iv, side, color) in enumerate(zip(pair, ("base", "lora"), ("#a6a6a6", "#1f4e79"), strict=True)):
         ax.errorbar([x], [iv.mean], yerr=[[iv.mean - iv.low], [iv.high - iv.mean]], fmt="o", color=color,
-                    capsize=6, markersize=6)
+                    capsize=6, markersize=6, label=f"{metric} {side}".strip())
     ax.set_xticks([0, 1], ["base", "LoRA"])
     ax.set_xlim(-0.6, 1.6)
     ax.grid(axis="y", alpha=0.3)
 
 
+def _difference_axes(ax, difference: Any, metric: str) -> None:
+    """The paired LoRA − base difference with its interval, against a line at 0: a bar crossing it is no
+    measurable difference."""
+    ax.axhline(0, color="#7f7f7f", linestyle="--", linewidth=1)
+    ax.errorbar([0], [difference.mean], yerr=[[difference.mean - difference.low], [difference.high - difference.mean]],
+                fmt="o", color="#1f4e79" if difference.excludes_zero() else "#7f7f7f", capsize=6, markersize=6,
+                label=f"{metric} lora_minus_base")
+    ax.set_xticks([0], ["LoRA − base"])
+    ax.set_xlim(-0.8, 0.8)
+    ax.tick_params(labelsize=7)
+    ax.grid(axis="y", alpha=0.3)
+    if not difference.excludes_zero():
+        ax.set_title("no measurable\ndifference", fontsize=7)
+
+
+def _summary_interval_panel(fig, spec, intervals: dict[str, dict[str, Any]]) -> bool:
+    """report.png's scores with their 95 % intervals: a row per scorer, base and LoRA beside their paired
+    difference. False (nothing drawn) when no scorer has both sides' intervals."""
+    metrics = [m for m in ("clip", "aesthetic") if m in intervals["lora"] and m in intervals["base"]]
+    if not metrics:
+        return False
+    rows = spec.subgridspec(len(metrics), 2, width_ratios=[2, 1], wspace=0.6, hspace=0.6)
+    for r, m in enumerate(metrics):
+        difference = intervals["lora_minus_base"].get(m)
+        ax = fig.add_subplot(rows[r, 0] if difference else rows[r, :])
+        _interval_axes(ax, [intervals["base"][m], intervals["lora"][m]], m)
+        ax.tick_params(labelsize=7)
+        ax.set_title(f"{m}: mean, 95 % interval", fontsize=8)
+        if difference:
+            _difference_axes(fig.add_subplot(rows[r, 1]), difference, m)
+    return True
+
+
 def summary_figure(title: str, grid: Path | None, loss: list[dict[str, float]],
-                   scores: dict[str, Any] | None, last_samples: list[tuple[str, Path]]) -> Figure:
-    """report.png: the grid, the loss curve, and the scores (or the last validation samples) on one page."""
+                   scores: dict[str, Any] | None, last_samples: list[tuple[str, Path]],
+                   intervals: dict[str, dict[str, Any]] | None = None) -> Figure:
+    """report.png: the grid, the loss curve, and the scores (or the last validation samples) on one page.
+    `intervals` (eval/scores.json's, as kolora.report.stage.score_intervals reads them): the scores drawn with
+    their 95 % intervals as error bars; without them, the plain mean bars."""
     fig = Figure(figsize=(12, 5.5))
     fig.suptitle(title, fontsize=13)
     spec = fig.add_gridspec(2, 3, width_ratios=[1.1, 1.3, 1])
@@ -134,7 +171,8 @@ def summary_figure(title: str, grid: Path | None, loss: list[dict[str, float]],
     if loss:
         _loss_axes(fig.add_subplot(spec[:, 1]), loss)
     if scores and scores.get("summary"):
-        _score_axes(fig.add_subplot(spec[:, 2]), scores["summary"])
+        if not (intervals and _summary_interval_panel(fig, spec[:, 2], intervals)):
+            _score_axes(fig.add_subplot(spec[:, 2]), scores["summary"])
     elif last_samples:
         sub = spec[:, 2].subgridspec(2, 2)
         for k, (label, path) in enumerate(last_samples[:4]):

@@ -277,7 +277,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
                            selection=selection_section(run))
     out = run.root / "report"
     summary_png = plots.png_bytes(plots.summary_figure(
-        f"kolora: {cfg.name}", run.grid_file, loss, scores, samples[max(samples)] if samples else []), dpi=90)
+        f"kolora: {cfg.name}", run.grid_file, loss, scores, samples[max(samples)] if samples else [],
+        score_intervals(scores) if scores else None), dpi=90)
     atomic_write_bytes(out / "report.png", summary_png)
     atomic_write_text(out / "report.html", html_page)
     sources = source_rows(cfg, run)

@@ -91,10 +91,17 @@ def verdict_html(ranked: list[RunScore]) -> str:
             "narrow them.</p>")
 
 
+NOT_DISTINGUISHABLE = "≈ best"  # beside a variant not distinguishable from the best (indistinct_runner_up)
+
+
+def _score_metrics(scores: list[RunScore]) -> list[str]:
+    return [m for m in ("aesthetic", "clip") if any(m in s.intervals for s in scores)]
+
+
 def _score_figure(scores: list[RunScore]):
     """Each variant's LoRA mean score per scorer with its 95 % interval as an error bar, in ranking order;
     None when no variant has intervals."""
-    metrics = [m for m in ("aesthetic", "clip") if any(m in s.intervals for s in scores)]
+    metrics = _score_metrics(scores)
     if not metrics:
         return None
     import matplotlib
@@ -103,19 +110,28 @@ def _score_figure(scores: list[RunScore]):
     from matplotlib import pyplot as plt
 
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.5 * len(metrics) + 0.5, 3.2), dpi=100, squeeze=False)
-    names = [s.name for s in scores]
+    tied = indistinct_runner_up(scores)
     for ax, metric in zip(axes[0], metrics, strict=True):
-        for x, s in enumerate(scores):
-            iv = s.intervals.get(metric)
-            if iv is not None:
-                ax.errorbar([x], [iv.mean], yerr=[[iv.mean - iv.low], [iv.high - iv.mean]], fmt="o", capsize=5,
-                            color="#1f4e79" if x == 0 else "#6b8fb3")
-        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
-        ax.set_xlim(-0.6, len(names) - 0.4)
-        ax.set_title(f"{metric} (LoRA), 95 % intervals", fontsize=9)
-        ax.grid(axis="y", alpha=0.3)
+        _score_axes(ax, scores, metric, tied)
     fig.tight_layout()
     return fig
+
+
+def _score_axes(ax, scores: list[RunScore], metric: str, tied: RunScore | None) -> None:
+    """The variants' LoRA means of `metric` (best first) with their 95 % intervals as error bars, each labelled
+    by its variant (tests read the drawn bars back by it); `tied`, the runner-up not distinguishable from the
+    best, in another colour and named so."""
+    for x, s in enumerate(scores):
+        iv = s.intervals.get(metric)
+        if iv is not None:
+            color = "#1f4e79" if x == 0 else "#c55a11" if s is tied else "#6b8fb3"
+            ax.errorbar([x], [iv.mean], yerr=[[iv.mean - iv.low], [iv.high - iv.mean]], fmt="o", capsize=5,
+                        color=color, label=s.name)
+    names = [s.name + (f"\n{NOT_DISTINGUISHABLE}" if s is tied else "") for s in scores]
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    ax.set_xlim(-0.6, len(names) - 0.4)
+    ax.set_title(f"{metric} (LoRA), 95 % intervals", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
 
 
 def collect(sweep_dir: Path) -> tuple[dict[str, Any], list[RunScore]]:
@@ -174,16 +190,20 @@ A LoRA score shows its mean over the tiles (prompts × seeds) and its 95 % inter
 """
 
 
-def _summary_png(ranked: list[RunScore], thumbs: dict[str, Any], manifest: dict[str, Any]) -> bytes:
-    """One image: the ranked thumbnails with their scores on top, the loss curves below."""
+def summary_figure(ranked: list[RunScore], thumbs: dict[str, Any], manifest: dict[str, Any]):
+    """sweep.png: the ranked thumbnails with their scores on top, the loss curves below, and, where the
+    variants have intervals, each one's LoRA mean scores with their 95 % intervals as error bars; a runner-up
+    not distinguishable from the best is marked (as in sweep.html and `kolora status`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
     n = max(len(ranked), 1)
-    fig = plt.figure(figsize=(max(3.2 * n, 7), 7.2), dpi=100)
-    grid = fig.add_gridspec(2, n, height_ratios=[1.3, 1])
+    metrics = _score_metrics(ranked)
+    tied = indistinct_runner_up(ranked)
+    fig = plt.figure(figsize=(max(3.2 * n, 7), 10.4 if metrics else 7.2), dpi=100)
+    grid = fig.add_gridspec(3 if metrics else 2, n, height_ratios=[1.3, 1, 1] if metrics else [1.3, 1])
     for i, s in enumerate(ranked):
         ax = fig.add_subplot(grid[0, i])
         ax.axis("off")
@@ -191,12 +211,27 @@ def _summary_png(ranked: list[RunScore], thumbs: dict[str, Any], manifest: dict[
             ax.imshow(thumbs[s.name])
         else:
             ax.text(0.5, 0.5, "no grid yet", ha="center", va="center", transform=ax.transAxes)
-        ax.set_title(f"#{i + 1} {s.name}\n{s.describe()}", fontsize=8)
+        mark = f"\n{NOT_DISTINGUISHABLE}: not distinguishable from #1" if s is tied else ""
+        ax.set_title(f"#{i + 1} {s.name}\n{s.describe()}{mark}", fontsize=8,
+                     color="#c55a11" if s is tied else "black")
     ax = fig.add_subplot(grid[1, :])
     _loss_curves(ax, ranked)
-    fig.suptitle(f"kolora sweep {manifest['name']}")
+    if metrics:
+        panels = grid[2, :].subgridspec(1, len(metrics), wspace=0.3)
+        for k, metric in enumerate(metrics):
+            _score_axes(fig.add_subplot(panels[0, k]), ranked, metric, tied)
+    title = f"kolora sweep {manifest['name']}"
+    if tied is not None:
+        title += (f"\nno clear best: {ranked[0].name} is not distinguishable from {tied.name} (their 95 % "
+                  f"intervals of the {deciding_metric(ranked[0], tied)} score overlap)")
+    fig.suptitle(title)
     fig.tight_layout()
-    return _fig_png(fig)
+    return fig
+
+
+def _summary_png(ranked: list[RunScore], thumbs: dict[str, Any], manifest: dict[str, Any]) -> bytes:
+    """One image: summary_figure."""
+    return _fig_png(summary_figure(ranked, thumbs, manifest))
 
 
 def write(sweep_dir: Path) -> tuple[Path, Path]:
