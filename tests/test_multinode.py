@@ -60,14 +60,35 @@ def test_dry_run_asks_sbatch_for_the_range(tmp_path, capsys):
     assert main(["submit", DEMO, "--cluster", LOCAL, "--runs-dir", str(tmp_path), "--dry-run", "--nodes", "1-2"]) == 0
     out = capsys.readouterr().out
     train = out.split("# ---- train")[1].split("# ---- render")[0]
-    for option in ("--nodes=1-2", "--ntasks-per-node=1", "--gpus-per-node=1"):
+    for option in ("--nodes=1-2", "--gpus-per-node=1", "--cpus-per-task=1"):
         assert f"#SBATCH {option}\n" in train, train
-    assert "--kill-on-bad-exit=1" in train and '"nodes": 2' in train  # the job is planned for the MAX
+    # no task count in the allocation (it would cap the job at MIN nodes): srun starts each node's tasks
+    assert "#SBATCH --ntasks-per-node" not in train and "srun --unbuffered" in train
+    assert "--kill-on-bad-exit=1 --ntasks-per-node=1 --cpus-per-task=1" in train, train
+    assert '"nodes": 2' in train  # the job is planned for the MAX
     assert "1-2x1" in out.split("# ----")[0]  # the table's nodes x tasks
     # the default is untouched: one node, one process, no srun tasks per node
     assert main(["submit", DEMO, "--cluster", LOCAL, "--runs-dir", str(tmp_path), "--dry-run"]) == 0
     train = capsys.readouterr().out.split("# ---- train")[1].split("# ---- render")[0]
     assert "#SBATCH --nodes=1\n" in train and "ntasks-per-node" not in train and "--gres=gpu:1\n" in train
+
+
+def test_a_range_with_several_gpus_per_node_asks_per_node_and_srun_starts_each_nodes_tasks(tmp_path):
+    from kolora.core.config import load_config
+    from kolora.launch.executor import RangeSlurmExecutor
+    from kolora.launch.plan import plan_jobs
+
+    profile = load_profile(_profile(tmp_path, nodes="1-2", gpus=2, cpus=3))
+    [train] = [p for p in plan_jobs(load_config(DEMO), profile) if p.job == "train"]
+    assert (train.params["nodes"], train.params["cpus_per_task"], train.tasks_per_node) == ("1-2", 6, 2)
+    assert "ntasks_per_node" not in train.params
+    assert train.params["srun_args"] == ["--kill-on-bad-exit=1", "--ntasks-per-node=2", "--cpus-per-task=3"]
+    executor = RangeSlurmExecutor(folder=tmp_path / "jobs")
+    executor.update_parameters(**{k: v for k, v in train.params.items() if k != "setup"})
+    assert executor._num_tasks() == 4  # 2 nodes × 2 tasks at most
+    fixed = load_profile(_profile(tmp_path, nodes=2, gpus=2, cpus=3))
+    [train] = [p for p in plan_jobs(load_config(DEMO), fixed) if p.job == "train"]
+    assert (train.params["ntasks_per_node"], train.params["cpus_per_task"]) == (2, 3)
 
 
 def test_a_bad_nodes_option_is_refused_naming_it(tmp_path, capsys):
@@ -101,6 +122,13 @@ def test_submit_and_resume_queue_a_node_range_and_status_explains_a_node_failure
     main(["status", "g", "--runs-dir", str(runs)])
     out = capsys.readouterr().out
     assert "train attempt 1: node failure (kolora-a,kolora-b) → requeued\n" in out, out
+    # the job's host recorded which node it lost (launch.supervise): status names it
+    with open(runs / "g" / "slurm" / "attempts.jsonl", "a") as f:
+        f.write(json.dumps({"slurm_job": "1001", "restart": 0, "node_failure": "node failure: kolora-a"}) + "\n"
+                + json.dumps({"slurm_job": "1002", "restart": 0, "node_failure": "node failure: kolora-b"}) + "\n")
+    main(["status", "g", "--runs-dir", str(runs)])
+    out = capsys.readouterr().out
+    assert "train attempt 1: node failure: kolora-b (of kolora-a,kolora-b) → requeued\n" in out, out
     assert "train attempt 2: waiting\n" in out
     assert "PENDING (waiting: nodes down (kolora-b); Slurm: ReqNodeNotAvail, UnavailableNodes:kolora-b)" in out
     assert "PENDING (waiting for the job before it; Slurm: Dependency)" in out, out

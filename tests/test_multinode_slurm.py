@@ -51,9 +51,18 @@ def _node(env, action: str, node: str) -> str:
     return proc.stdout
 
 
+def _idle(env) -> bool:
+    out = subprocess.run(["sinfo", "-h", "-N", "-p", "multi", "-o", "%N %T"], env=env, capture_output=True, text=True,
+                         timeout=30).stdout.split()
+    return dict(zip(out[::2], out[1::2], strict=True)) == dict.fromkeys(NODES, "idle")
+
+
 @pytest.fixture
 def nodes_back(env):
-    """Whatever a test did to the nodes, the next test finds both up."""
+    """Both nodes idle when the test starts (Slurm gives a `1-2` job as many nodes as are free: the jobs of the test
+    before, cancelled, may still be stopping), and up again after it, whatever it did to them."""
+    wait_for("both nodes of partition multi to be idle", lambda: _idle(env),
+             lambda: subprocess.run(["squeue", "-h", "-p", "multi"], env=env, capture_output=True, text=True).stdout)
     yield
     for node in NODES:
         _node(env, "revive", node)
@@ -166,7 +175,8 @@ def test_a_node_failure_with_a_node_range_resumes_on_the_node_left(env, tmp_path
     assert metric_steps(RunDir(run)) == list(range(1, STEPS + 1))
     assert "node failure: kolora-2" in log or "Slurm stopped the job" in log, log[-4000:]
     status = kolora(env, "status", "range", "--runs-dir", runs, timeout=60)
-    assert "node failure" in status.stdout and "kolora-2" in status.stdout, status.stdout
+    assert "train attempt 1: node failure: kolora-2 (of kolora-[1-2]) → requeued" in status.stdout, status.stdout
+    assert "train attempt 2: completed (kolora-1)" in status.stdout, status.stdout
     twin = _uninterrupted(run, tmp_path / "twin" / "range")
     diff = max_rel_diff(lora_tensors(RunDir(run)), lora_tensors(twin))
     print(f"\nkolora-2 failed after step {done_at_failure}, resumed from step {resumed} on kolora-1 alone: "

@@ -19,4 +19,8 @@ class RangeSlurmExecutor(SlurmExecutor):
 
     def _num_tasks(self) -> int:
         _, most = parse_nodes(self.parameters.get("nodes", 1))
-        return most * max(1, self.parameters.get("ntasks_per_node", 1))
+        per_node = self.parameters.get("ntasks_per_node", 1)
+        for arg in self.parameters.get("srun_args") or []:  # a range's tasks per node go to srun (launch.plan)
+            if arg.startswith("--ntasks-per-node="):
+                per_node = int(arg.split("=", 1)[1])
+        return most * max(1, per_node)

@@ -119,11 +119,28 @@ def attempts(job_id: str) -> list[dict[str, Any]] | None:
              "reason": "" if r["Reason"] == "None" else r["Reason"]} for i, r in enumerate(rows, 1)]
 
 
+def failed_nodes_by_attempt(run: RunDir, job_id: str) -> dict[int, str]:
+    """Which node failed in each attempt of `job_id` (1 = the first), as the job's own host saw it
+    (launch.supervise records it in slurm/attempts.jsonl; sacct only says NODE_FAIL, for all of the job's nodes)."""
+    path = run.slurm / "attempts.jsonl"
+    out: dict[int, str] = {}
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        said = str(entry.get("node_failure") or "")
+        if entry.get("slurm_job") == job_id and said.startswith("node failure: "):
+            out[int(entry.get("restart", 0)) + 1] = said.removeprefix("node failure: ")
+    return out
+
+
 def describe_attempt(attempt: dict[str, Any], last: bool) -> str:
-    """One line of `kolora status`: 'attempt 1: node failure (kolora-a,kolora-b) → requeued'."""
+    """One line of `kolora status`: 'attempt 1: node failure: kolora-2 (of kolora-[1-2]) → requeued'."""
     state, nodes = attempt["state"], attempt["nodes"]
     on = f" ({nodes})" if nodes else ""
-    what = {"NODE_FAIL": f"node failure{on}", "RUNNING": f"running on {nodes or '?'}", "PENDING": "waiting",
+    failed = attempt.get("failed_nodes")
+    what = {"NODE_FAIL": f"node failure: {failed} (of {nodes})" if failed and nodes else f"node failure{on}", "RUNNING": f"running on {nodes or '?'}", "PENDING": "waiting",
             "COMPLETED": f"completed{on}", "REQUEUED": f"requeued{on}", "PREEMPTED": f"preempted{on}",
             "TIMEOUT": f"time limit{on}"}.get(state, f"{state.lower()}{on}")
     if not last and state not in ("REQUEUED", "PENDING", "RUNNING"):
@@ -321,11 +338,21 @@ def status(run: RunDir) -> dict[str, Any]:
                      "reason": st["reason"], "partition": st["partition"], "progress": prog[job].get("text", ""),
                      "detail": prog[job], "tasks": st["tasks"], "log": str(err),
                      # the train job's attempts: a multi-node job is requeued when a node fails
-                     "attempts": (attempts(info["job_id"]) or []) if job == "train" else []})
+                     "attempts": _train_attempts(run, info["job_id"]) if job == "train" else []})
     done = all(r["state"] == "COMPLETED" for r in rows)
     return {"run": str(run.root), "name": run.root.name, "submission": stamp, "folder": sub["folder"],
             "profile": sub.get("profile"), "jobs": rows, "failed": failed, "cancelled": cancelled, "done": done,
             "grid": str(run.grid_file) if done and run.grid_file.is_file() else None}
+
+
+def _train_attempts(run: RunDir, job_id: str) -> list[dict[str, Any]]:
+    rows = attempts(job_id) or []
+    if any(a["state"] == "NODE_FAIL" for a in rows):
+        failed = failed_nodes_by_attempt(run, job_id)
+        for a in rows:
+            if a["state"] == "NODE_FAIL" and a["attempt"] in failed:
+                a["failed_nodes"] = failed[a["attempt"]]
+    return rows
 
 
 def format_status(st: dict[str, Any]) -> str:

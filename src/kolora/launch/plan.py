@@ -100,8 +100,15 @@ def plan_jobs(cfg: ExperimentConfig, profile: ClusterProfile) -> list[JobPlan]:
             # reads rank and world size from Slurm and checks ntasks-per-node = devices, nnodes = num_nodes
             # (with --nodes MIN-MAX the job's own node count: launch.jobs reads SLURM_JOB_NUM_NODES)
             plan.tasks_per_node = max(r.gpus, 1)
-            params["ntasks_per_node"] = plan.tasks_per_node
             params["srun_args"] = ["--kill-on-bad-exit=1"]  # one rank failing must not leave the others waiting
+            if r.min_nodes < r.nodes:
+                # A node range with a task count makes Slurm allocate MIN nodes (the job's task count caps its
+                # node count). So the allocation asks per node only (GPUs, memory, and every task's CPUs as one
+                # task's), which Slurm fills up to MAX free nodes, and srun starts the tasks of each node.
+                params["cpus_per_task"] = r.cpus * plan.tasks_per_node
+                params["srun_args"] += [f"--ntasks-per-node={plan.tasks_per_node}", f"--cpus-per-task={r.cpus}"]
+            else:
+                params["ntasks_per_node"] = plan.tasks_per_node
         shards = filter_shards.planned_count(cfg) if "shards" in kinds else 1
         if shards > 1:
             # one CPU task per shard; the task that finds every shard done merges (kolora.filter.shards)
