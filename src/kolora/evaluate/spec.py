@@ -39,7 +39,8 @@ def _gloss_key(cfg, run) -> dict:
 STAGE = Stage(
     "evaluate", entry="kolora.evaluate.stage:run", runs_on="cpu", parallel="none", after=("render",),
     inputs=("evaluate.enabled", "scorers.clip", "scorers.chinese_clip", "scorers.aesthetic", "scorers.language",
-            "scorers.rewards", "scorers.pickscore", "scorers.pickscore_processor"),
+            "scorers.rewards", "scorers.pickscore", "scorers.pickscore_processor", "scorers.hps",
+            "scorers.hps_version", "scorers.imagereward"),
     content=("scorers.dir",), outputs=("eval",), done=_done, stoppable=False, extra_key=_gloss_key,
     extra_key_note="the prompt set's prompt_en glosses (when scorers.rewards is set)")
 
