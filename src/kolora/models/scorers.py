@@ -506,6 +506,23 @@ def _write_atomically(path: Path, save) -> Path:
     return path
 
 
+def write_converted(path: Path, save) -> Path:
+    """`save(folder)` writes a converted model (reward_ports); it replaces what is at `path` once complete."""
+    quiet_libraries()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        save(tmp)
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return path
+
+
 def write_tiny_model(path: Path, save) -> Path:
     """`save(folder)` writes a tiny model; it lands at `path` with the TINY_MARKER, atomically (other model
     kinds' tiny builders: kolora.models.captioner)."""
@@ -647,17 +664,17 @@ def build_tiny_imagereward_hub(folder: Path, tokenizer_folder: Path, seed: int =
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *letters, *(f"##{c}" for c in letters), ",", "."]
     (tokenizer_folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
     # BLIP adds [DEC] and [ENC] to the tokenizer: two ids past the vocabulary
-    return reward_ports.build_tiny_imagereward_checkpoint(folder, len(vocab) + 2, _TINY_IMAGEREWARD_VISION, seed)
+    return reward_ports.build_tiny_imagereward_checkpoint(folder, len(vocab) + 2, TINY_IMAGEREWARD_VISION, seed)
 
 
-_TINY_IMAGEREWARD_VISION = {**_TINY_VISION, "layer_norm_eps": 1e-6, "hidden_act": "gelu"}
+TINY_IMAGEREWARD_VISION = {**_TINY_VISION, "layer_norm_eps": 1e-6, "hidden_act": "gelu"}
 
 
 def build_tiny_imagereward(path: Path, seed: int = 0) -> Path:
     """A converted ImageReward folder made from tiny random hub files in ImageReward's key layout."""
     def save(tmp: Path) -> None:
         build_tiny_imagereward_hub(tmp / ".hub", tmp / ".tokenizer", seed)
-        reward_ports.convert_imagereward(tmp / ".hub", tmp / ".tokenizer", tmp, vision=_TINY_IMAGEREWARD_VISION)
+        reward_ports.convert_imagereward(tmp / ".hub", tmp / ".tokenizer", tmp, vision=TINY_IMAGEREWARD_VISION)
         for helper in (tmp / ".hub", tmp / ".tokenizer"):
             shutil.rmtree(helper)
 
