@@ -132,7 +132,7 @@ def _imagereward_head(sd, features):
 def test_imagereward_port_loads_strictly_and_matches_blips_vit_and_imagerewards_head(tmp_path, monkeypatch):
     hub = scorers.build_tiny_imagereward_hub(tmp_path / "hub", tmp_path / "tokenizer")
     vision = scorers.TINY_IMAGEREWARD_VISION
-    reward_ports.convert_imagereward(hub, tmp_path / "tokenizer", tmp_path / "ir", vision=vision)
+    reward_ports.convert_imagereward(hub, tmp_path / "tokenizer", tmp_path / "ir")
     sd = reward_ports.load_checkpoint(hub / "ImageReward.pt")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     loaded = scorers.load_imagereward(tmp_path / "ir", scorers.IMAGEREWARD)
@@ -143,6 +143,7 @@ def test_imagereward_port_loads_strictly_and_matches_blips_vit_and_imagerewards_
     assert torch.equal(model.text_encoder.encoder.layer[1].crossattention.self.key.weight,
                        sd["blip.text_encoder.encoder.layer.1.crossattention.self.key.weight"])
 
+    assert reward_ports.vision_shape(sd) == vision  # read back from the checkpoint's tensors
     pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         want = _timm_vit(sd, pixels, vision["num_hidden_layers"], vision["num_attention_heads"])
@@ -165,10 +166,10 @@ def test_imagereward_port_loads_strictly_and_matches_blips_vit_and_imagerewards_
     # strict: a tensor ImageReward has and the port lacks, or a parameter left unset, is refused
     torch.save({**sd, "blip.visual_encoder.head.weight": torch.zeros(1)}, str(hub / "ImageReward.pt"))
     with pytest.raises(reward_ports.PortError, match="head.weight"):
-        reward_ports.convert_imagereward(hub, tmp_path / "tokenizer", tmp_path / "bad", vision=vision)
+        reward_ports.convert_imagereward(hub, tmp_path / "tokenizer", tmp_path / "bad")
     torch.save({k: x for k, x in sd.items() if k != "mlp.layers.7.bias"}, str(hub / "ImageReward.pt"))
     with pytest.raises(reward_ports.PortError, match="mlp.layers.7.bias"):
-        reward_ports.convert_imagereward(hub, tmp_path / "tokenizer", tmp_path / "bad", vision=vision)
+        reward_ports.convert_imagereward(hub, tmp_path / "tokenizer", tmp_path / "bad")
 
 
 def test_ported_scorers_fetch_tiny_offline_and_missing_or_offline_fails_naming_the_login_node_command(
@@ -196,3 +197,35 @@ def test_ported_scorers_fetch_tiny_offline_and_missing_or_offline_fails_naming_t
     err = capsys.readouterr().err
     assert "login node" in err and "kolora fetch models --scorers imagereward" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_fetch_converts_the_downloaded_checkpoints_and_deletes_them(tmp_path, monkeypatch):
+    import shutil
+
+    from kolora.models import scorer_fetch
+
+    hub = tmp_path / "hub"  # what the hub serves, tiny: repository id -> its files
+    scorers.build_tiny_hps_hub(hub / scorers.HPS, hub / scorers.PICKSCORE_PROCESSOR)
+    scorers.build_tiny_imagereward_hub(hub / scorers.IMAGEREWARD, hub / scorers.IMAGEREWARD_TOKENIZER)
+    asked = []
+
+    def download(name, folder):
+        asked.append(name)
+        shutil.copytree(hub / name, folder, dirs_exist_ok=True)
+
+    from kolora.core.offline import OFFLINE_VARIABLES
+
+    for variable in OFFLINE_VARIABLES["huggingface"]:  # the hub "reachable": downloads come from `download`
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setattr(scorer_fetch, "unreachable_reason", lambda *_: None)
+    report = scorer_fetch.fetch(tmp_path / "s", False, False, download=download, rewards=["hps", "imagereward"])
+    assert report.ok and sorted(asked) == sorted([scorers.HPS, scorers.PICKSCORE_PROCESSOR, scorers.IMAGEREWARD,
+                                                  scorers.IMAGEREWARD_TOKENIZER])
+    assert not (tmp_path / "s" / ".raw").exists()  # the raw checkpoints went once converted
+    image = Image.new("RGB", (40, 30), "blue")
+    for key in ("hps", "imagereward"):
+        loaded, folder = scorers.load_reward(type("S", (), {"dir": tmp_path / "s", "tiny": False, "rewards": [],
+                                                            "hps": scorers.HPS, "hps_version": "v2.1",
+                                                            "imagereward": scorers.IMAGEREWARD})(), key)
+        assert not (folder / scorers.TINY_MARKER).exists()
+        assert isinstance(scorers.reward_score(key, loaded, [image], ["a blue square"])[0], float)

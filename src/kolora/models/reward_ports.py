@@ -206,13 +206,24 @@ def blip_to_hf(state: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def imagereward_config(med_config: dict[str, Any], vision: dict[str, Any] | None = None):
-    """The BlipConfig of ImageReward: BLIP's ViT-L/16 at 224 px (timm LayerNorm eps 1e-6; `vision` overrides, for
-    tiny models) and med_config.json's BERT with cross-attention to it."""
+def vision_shape(state: dict[str, Any]) -> dict[str, Any]:
+    """BLIP's ViT as its checkpoint's tensors size it (ViT-L/16 at 224 px for ImageReward); heads of 64 channels,
+    as both of BLIP's ViTs (base: 768/12, large: 1024/16) have."""
+    patch = state["blip.visual_encoder.patch_embed.proj.weight"]
+    hidden, patch_size = patch.shape[0], patch.shape[-1]
+    grid = round((state["blip.visual_encoder.pos_embed"].shape[1] - 1) ** 0.5)
+    blocks = {int(k.split(".")[3]) for k in state if k.startswith("blip.visual_encoder.blocks.")}
+    return {"hidden_size": hidden, "num_attention_heads": hidden // 64, "num_hidden_layers": len(blocks),
+            "intermediate_size": state["blip.visual_encoder.blocks.0.mlp.fc1.weight"].shape[0],
+            "patch_size": patch_size, "image_size": grid * patch_size}
+
+
+def imagereward_config(med_config: dict[str, Any], vision: dict[str, Any]):
+    """The BlipConfig of ImageReward: BLIP's ViT (`vision`: vision_shape; timm LayerNorm eps 1e-6, GELU) and
+    med_config.json's BERT with cross-attention to it."""
     from transformers import BlipConfig
 
-    vision = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
-              "image_size": 224, "patch_size": 16, "layer_norm_eps": 1e-6, "hidden_act": "gelu", **(vision or {})}
+    vision = {**vision, "layer_norm_eps": 1e-6, "hidden_act": "gelu"}
     m = med_config
     text = {"vocab_size": m["vocab_size"], "hidden_size": m["hidden_size"],
             "intermediate_size": m["intermediate_size"], "num_hidden_layers": m["num_hidden_layers"],
@@ -280,18 +291,18 @@ def imagereward_tokenizer(folder: Path):
     return tok
 
 
-def convert_imagereward(folder: Path, tokenizer_folder: Path, out: Path, vision: dict[str, Any] | None = None
-                        ) -> None:
+def convert_imagereward(folder: Path, tokenizer_folder: Path, out: Path) -> None:
     """`folder` (ImageReward.pt, med_config.json as on the hub) -> `out`: config.json (BlipConfig),
     model.safetensors (ImageRewardModel), the tokenizer from `tokenizer_folder` with BLIP's tokens, and
     ImageReward's image preprocessing (224 px bicubic resize + centre crop, CLIP mean/std)."""
     from safetensors.torch import save_file
     from transformers import CLIPImageProcessor
 
-    config = imagereward_config(json.loads((Path(folder) / "med_config.json").read_text(encoding="utf-8")), vision)
+    state = load_checkpoint(Path(folder) / "ImageReward.pt")
+    config = imagereward_config(json.loads((Path(folder) / "med_config.json").read_text(encoding="utf-8")),
+                                vision_shape(state))
     model = imagereward_class()(config)
-    load_strictly(model, blip_to_hf(load_checkpoint(Path(folder) / "ImageReward.pt")),
-                  f"ImageReward checkpoint {folder}")
+    load_strictly(model, blip_to_hf(state), f"ImageReward checkpoint {folder}")
     out.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(out))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))

@@ -667,14 +667,16 @@ def build_tiny_imagereward_hub(folder: Path, tokenizer_folder: Path, seed: int =
     return reward_ports.build_tiny_imagereward_checkpoint(folder, len(vocab) + 2, TINY_IMAGEREWARD_VISION, seed)
 
 
-TINY_IMAGEREWARD_VISION = {**_TINY_VISION, "layer_norm_eps": 1e-6, "hidden_act": "gelu"}
+# heads of 64 channels, as BLIP's ViTs (reward_ports.vision_shape reads the rest from the checkpoint)
+TINY_IMAGEREWARD_VISION = dict(hidden_size=128, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                               image_size=32, patch_size=8)
 
 
 def build_tiny_imagereward(path: Path, seed: int = 0) -> Path:
     """A converted ImageReward folder made from tiny random hub files in ImageReward's key layout."""
     def save(tmp: Path) -> None:
         build_tiny_imagereward_hub(tmp / ".hub", tmp / ".tokenizer", seed)
-        reward_ports.convert_imagereward(tmp / ".hub", tmp / ".tokenizer", tmp, vision=TINY_IMAGEREWARD_VISION)
+        reward_ports.convert_imagereward(tmp / ".hub", tmp / ".tokenizer", tmp)
         for helper in (tmp / ".hub", tmp / ".tokenizer"):
             shutil.rmtree(helper)
 
