@@ -555,8 +555,9 @@ class EvaluateConfig(_Section):
     enabled: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # The run's LoRA: the final step's (last), or the validation step whose samples score best under a scorer, or
-    # under the mean of the scorers' ranks (kolora.evaluate.selection; needs train.validation.every)
-    select: Literal["last", "clip", "aesthetic", "mean_rank"] = "last"
+    # under the mean of the scorers' ranks (kolora.evaluate.selection; needs train.validation.every); or under a
+    # reward scorer (pickscore, hps, imagereward: English validation prompts or prompt_en glosses only)
+    select: Literal["last", "clip", "aesthetic", "mean_rank", "pickscore", "hps", "imagereward"] = "last"
 
     @model_serializer(mode="wrap")
     def _omit_default_select(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:

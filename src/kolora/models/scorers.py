@@ -254,6 +254,18 @@ def english_prompt(item) -> str | None:
     return None if is_chinese(item.prompt) else item.prompt
 
 
+def english_validation_texts(validation_prompts: list[str], items: list, count: int) -> list[str | None]:
+    """What a reward scorer reads for each validation prompt: train.validation.prompts as given unless Chinese,
+    else the prompt set's first `count` items through english_prompt (None: nothing it can read)."""
+    if validation_prompts:
+        return [None if is_chinese(p) else p for p in validation_prompts]
+    return [english_prompt(item) for item in items[:count]]
+
+
+NO_ENGLISH_VALIDATION = ("reads English only, and no validation prompt is English: set train.validation.prompts to "
+                         "English prompts, or give the prompt set's first train.validation.count items a prompt_en")
+
+
 def filter_keys(text: str) -> list[str]:
     """`nsfw,watermark` -> the CLASSIFIERS keys in it; ValueError naming the valid ones for any other."""
     keys = list(dict.fromkeys(k.strip() for k in text.split(",") if k.strip()))
@@ -429,8 +441,8 @@ _REWARD_SCORE = {"pickscore": pickscore, "hps": hps_score, "imagereward": imager
 def load_reward(scfg, key: str, device: str = "cpu") -> tuple[Loaded, Path]:
     """Reward scorer `key` from scorers.dir (tiny ones built first with scorers.tiny) and its model's folder;
     ScorerModelError naming the fetch command when one is missing."""
-    ensure_tiny(scfg)
     names = reward_models(scfg, key)
+    ensure_tiny_rewards(scfg, names)
     folders = [local_folder(scfg.dir, n) for n in names]
     return _REWARD_LOAD[key](folders, names[0], device), folders[0]
 
@@ -716,9 +728,19 @@ def ensure_tiny(scfg) -> None:
             build_tiny_reward(Path(scfg.dir), key, reward_models(scfg, key))
 
 
+def ensure_tiny_rewards(scfg, names) -> None:
+    """scorers.tiny: build the reward scorers whose folders are among `names` (e.g. evaluate.select's) as tiny
+    random ones where scorers.dir lacks them."""
+    if scfg.tiny and scfg.dir is not None:
+        for key in REWARDS:
+            if set(reward_models(scfg, key)) & set(names):
+                build_tiny_reward(Path(scfg.dir), key, reward_models(scfg, key))
+
+
 def missing_models(scfg, names: list[str]) -> list[str]:
     """Problems with the local models `names` (hub ids under scorers.dir), each naming the fetch command."""
     ensure_tiny(scfg)
+    ensure_tiny_rewards(scfg, names)
     ensure_tiny_classifiers(scfg, names)
     problems = []
     for name in dict.fromkeys(names):
@@ -741,4 +763,9 @@ def missing_for_config(cfg, prompts: list) -> list[str]:
         s, v = cfg.scorers, cfg.train.validation
         texts = list(v.prompts) or [p.prompt for p in prompts[:v.count]]
         names += [clip_for(text, s.language, s.clip, s.chinese_clip) for text in texts] + [s.aesthetic]
+        if cfg.evaluate.select in REWARDS:
+            names += reward_models(s, cfg.evaluate.select)
+            if not any(english_validation_texts(list(v.prompts), prompts, v.count)):
+                return [f"evaluate.select: {cfg.evaluate.select} {NO_ENGLISH_VALIDATION}",
+                        *missing_models(cfg.scorers, names)]
     return missing_models(cfg.scorers, names) if names else []
