@@ -158,7 +158,10 @@ def _convert(key: str, raw: Path, processor: Path, out: Path, hps_version: str) 
         else:
             reward_ports.convert_imagereward(raw, processor, tmp)
 
-    scorers.write_converted(out, save)
+    try:
+        scorers.write_converted(out, save)
+    except reward_ports.PortError as e:  # a checkpoint that is not the architecture kolora ports it onto
+        raise FetchError(f"converting {key}'s checkpoint into {out} failed: {e}") from e
 
 
 def fetch_captioner(to: Path, names: list[str] | None = None, tiny: bool = False,
