@@ -1,4 +1,4 @@
-"""Reward scorers (scorers.rewards): PickScore from local weights (a tiny random one in the hub layouts), read
+"""Reward scorers (scorers.rewards): PickScore, HPSv2 and ImageReward from local weights (a tiny random one in the hub layouts), read
 only in English (a prompt's prompt_en gloss; a Chinese prompt without one is not scored, and says why), in
 eval/scores.json beside CLIP and aesthetic; missing weights caught before anything runs, and fetching offline fails
 fast with the login-node advice."""
@@ -61,7 +61,8 @@ def test_evaluate_scores_pickscore_in_english_and_says_why_a_tile_has_none(demo_
     (tmp_path / "prompts.yaml").write_text(yaml.safe_dump(prompt_set, allow_unicode=True), encoding="utf-8")
     raw = run.load_config().model_dump(mode="json")
     raw["render"]["prompts"] = str(tmp_path / "prompts.yaml")
-    raw["scorers"].update({"dir": str(tmp_path / "scorers"), "tiny": True, "rewards": ["pickscore"]})
+    raw["scorers"].update({"dir": str(tmp_path / "scorers"), "tiny": True,
+                           "rewards": ["pickscore", "hps", "imagereward"]})
     cfg = validate_config(raw)
     evaluate.run(stage_context("evaluate", cfg, run))
 
@@ -92,6 +93,20 @@ def test_evaluate_scores_pickscore_in_english_and_says_why_a_tile_has_none(demo_
     html = build_html(cfg, run, {}, scores, len(tiles), [], [])
     assert "PickScore LoRA" in html and "no English prompt" in html
 
+    # the ported scorers likewise: the glossed tile scored with its English text, the Chinese one not
+    for key, name in (("hps", "HPSv2"), ("imagereward", "ImageReward")):
+        assert chinese[key] == {"lora": None, "base": None, "reason": scorers.NO_ENGLISH_PROMPT}
+        assert glossed[key]["text"] == glossed["pickscore"]["text"]
+        loaded, _folder = scorers.load_reward(s, key)
+        with Image.open(run_root / glossed["lora_tile"]) as im:
+            assert glossed[key]["lora"] == pytest.approx(
+                scorers.reward_score(key, loaded, [im.convert("RGB")], [glossed[key]["text"]])[0], abs=1e-6)
+        assert scores["intervals"]["lora_minus_base"][key]["n"] == 1
+        assert f"{name} LoRA" in html
+    assert scores["models"]["hps"]["name"] == scorers.hps_folder()
+    assert scores["models"]["imagereward"]["name"] == scorers.IMAGEREWARD
+    assert rows[0]["imagereward_base"] == "" and rows[1]["hps_base"] != ""
+
 
 def test_pickscore_missing_offline_or_unavailable_is_refused_naming_the_way(tmp_path, monkeypatch, capsys):
     empty = tmp_path / "scorers"
@@ -108,7 +123,7 @@ def test_pickscore_missing_offline_or_unavailable_is_refused_naming_the_way(tmp_
     assert not (tmp_path / "m").exists()
 
     with pytest.raises(SystemExit):
-        main(["fetch", "models", "--scorers", "imagereward", "--to", str(tmp_path / "m")])
-    assert "torchvision" in capsys.readouterr().err
-    with pytest.raises(ConfigError, match="hps.*torchvision"):
-        validate_config({**yaml.safe_load(DEMO.read_text()), "scorers": {"rewards": ["hps"]}})
+        main(["fetch", "models", "--scorers", "aesthetic-v3", "--to", str(tmp_path / "m")])
+    assert "pickscore, hps, imagereward" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="rewards"):
+        validate_config({**yaml.safe_load(DEMO.read_text()), "scorers": {"rewards": ["aesthetic-v3"]}})

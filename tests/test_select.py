@@ -112,6 +112,38 @@ def test_the_step_whose_samples_score_best_is_selected(tmp_path, metric, best):
     assert len(rows) == len(STEPS) * len(sample_names(cfg)) * 2
 
 
+@pytest.mark.parametrize("metric", ["hps", "imagereward"])
+def test_a_reward_scorer_selects_the_step_whose_samples_it_prefers(tmp_path, metric):
+    from kolora.models import scorers
+
+    cfg = load_config(DEMO, ["train.validation.every=10", f"evaluate.select={metric}",
+                             "train.validation.prompts=['a red square', 'a girl singing on a stage']"])
+    pool = [_noise(seed) for seed in range(8)]
+    reward, _folder = scorers.load_reward(cfg.scorers, metric)
+    scores = [scorers.reward_score(metric, reward, pool, [text] * len(pool)) for text in prompt_texts(cfg)]
+    ranked = [sorted(range(len(pool)), key=lambda k, s=s: s[k]) for s in scores]
+    best = 20
+    pick = {best: -1, **{s: n for n, s in enumerate(x for x in STEPS if x != best)}}
+    run = _fake_run(tmp_path, cfg, lambda step, i: pool[ranked[i][pick[step]]])
+
+    selection.run(StageContext(cfg, run))
+
+    chosen = json.loads((run.lora / "selection.json").read_text())
+    assert chosen["step"] == best and chosen["metric"] == metric and chosen["higher_is_better"]
+    assert chosen["value"] == pytest.approx(sum(max(s) for s in scores) / len(scores), abs=1e-6)
+    with open(run.train / "scores.csv", newline="") as f:
+        assert {r["scorer"] for r in csv.DictReader(f)} == {"clip", "aesthetic", metric}
+
+
+def test_a_reward_scorer_without_english_validation_prompts_is_caught_before_training():
+    from kolora.core.prompts import load_prompts
+    from kolora.models import scorers
+
+    cfg = load_config(DEMO, ["train.validation.every=10", "evaluate.select=pickscore"])  # the demo's are Chinese
+    problems = scorers.missing_for_config(cfg, load_prompts(cfg.render.prompts, cfg.render.negative_prompt))
+    assert any("evaluate.select: pickscore reads English only" in p and "prompt_en" in p for p in problems)
+
+
 def test_identical_samples_are_not_distinguishable(tmp_path):
     cfg = load_config(DEMO, ["train.validation.every=10", "evaluate.select=clip"])
     run = _fake_run(tmp_path, cfg, lambda step, i: _noise(i))

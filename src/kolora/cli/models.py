@@ -4,7 +4,7 @@
     kolora fetch dataset AI-ModelScope/lowres_anime --to DIR       # login node
     kolora fetch models --clip --aesthetics --to DIR               # login node: scorers, DIR/<hub id>/
     kolora fetch models --filters nsfw,watermark --to DIR          # login node: filter classifiers, same DIR
-    kolora fetch models --scorers pickscore --to DIR               # login node: reward scorers, same DIR
+    kolora fetch models --scorers pickscore,hps,imagereward --to DIR  # login node: reward scorers, same DIR
     kolora fetch models --captioner [ID] --to DIR                  # login node: captioner, DIR/<hub id>/
     kolora check models DIR                                        # offline (compute node / before submit)
     kolora check dataset DIR
@@ -32,7 +32,7 @@ from kolora.formats.lora import WEIGHT_NAME
 from kolora.formats.peft_adapter import PEFT_WEIGHTS_NAME
 from kolora.ingest.fetch import fetch_dataset
 from kolora.ingest.sources import check_folder
-from kolora.models import scorer_fetch, scorers
+from kolora.models import reward_ports, scorer_fetch, scorers
 from kolora.models.check import check_models
 from kolora.models.fetch import fetch_models
 from kolora.report import card
@@ -55,7 +55,7 @@ def cmd_fetch(args) -> int:
     if args.what == "models" and (args.clip or args.aesthetics or args.filters or args.scorers):
         return _report(scorer_fetch.fetch(Path(args.to), args.clip, args.aesthetics, tiny=args.tiny,
                                           timeout=args.timeout, filters=args.filters or [],
-                                          rewards=args.scorers or []))
+                                          rewards=args.scorers or [], hps_version=args.hps_version))
     if args.tiny:
         raise InputError("--tiny goes with --clip/--aesthetics/--filters/--scorers/--captioner "
                          "(tiny Kolors: kolora make-tiny DIR)")
@@ -229,9 +229,12 @@ def register(subparsers) -> None:
     p.add_argument("--filters", type=_filter_keys, metavar="nsfw,watermark",
                    help="models: the image classifiers of the image_nsfw_filter / image_watermark_filter ops into "
                         "DIR/<hub id>/ (set scorers.dir: DIR)")
-    p.add_argument("--scorers", type=_reward_keys, metavar="pickscore",
-                   help="models: the reward scorers of scorers.rewards (PickScore, with the processor files of the "
-                        "CLIP it started from) into DIR/<hub id>/ (set scorers.dir: DIR)")
+    p.add_argument("--scorers", type=_reward_keys, metavar="pickscore,hps,imagereward",
+                   help="models: the reward scorers of scorers.rewards into DIR/<hub id>/ (set scorers.dir: DIR): "
+                        "PickScore, with the processor files of the CLIP it started from; HPSv2 and ImageReward, "
+                        "converted here to transformers folders")
+    p.add_argument("--hps-version", choices=sorted(reward_ports.HPS_FILES), default=scorers.HPS_VERSION,
+                   help="with --scorers hps: the HPS checkpoint (scorers.hps_version; default %(default)s)")
     p.add_argument("--captioner", nargs="?", const="", metavar="ID",
                    help="models: the captioner of data.captions into DIR/<hub id>/ (without ID both defaults: "
                         "Salesforce/blip-image-captioning-base and IDEA-CCNL/Taiyi-BLIP-750M-Chinese)")

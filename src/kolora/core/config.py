@@ -509,13 +509,8 @@ class GridConfig(_Section):
 
 
 REWARD_DEFAULTS: dict[str, Any] = {"rewards": [], "pickscore": "yuvalkirstain/PickScore_v1",
-                                   "pickscore_processor": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"}
-# Reward models kolora cannot run from local weights yet, and why (named when a config or fetch asks for one)
-UNAVAILABLE_REWARDS = {
-    "imagereward": "ImageReward is not available: its package (image-reward) needs timm 0.6.13 and torchvision and "
-                   "downloads bert-base-uncased's tokenizer and its weights from the hub when it loads",
-    "hps": "HPSv2 is not available: its package (hpsv2) needs torchvision and downloads the open_clip ViT-H-14 "
-           "weights and its checkpoint from the hub when it loads"}
+                                   "pickscore_processor": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+                                   "hps": "xswu/HPSv2", "hps_version": "v2.1", "imagereward": "THUDM/ImageReward"}
 
 
 class ScorersConfig(_Section):
@@ -532,17 +527,18 @@ class ScorersConfig(_Section):
     language: Literal["auto", "zh", "en"] = "auto"
     # Reward models evaluate also scores every tile with (kolora.models.scorers.REWARDS; English prompts only:
     # a Chinese prompt is read through its prompt set's prompt_en, else not scored)
-    rewards: list[Literal["pickscore"]] = Field(default_factory=list)
+    rewards: list[Literal["pickscore", "hps", "imagereward"]] = Field(default_factory=list)
     pickscore: str = "yuvalkirstain/PickScore_v1"
     pickscore_processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # PickScore's tokenizer + image processor
+    # HPSv2's hub repository and checkpoint (v2.1: HPS_v2.1_compressed.pt, v2.0: HPS_v2_compressed.pt), converted at
+    # fetch time into <dir>/<hps>/<hps_version>/ (`kolora fetch models --scorers hps [--hps-version v2.0]`)
+    hps: str = "xswu/HPSv2"
+    hps_version: Literal["v2.1", "v2.0"] = "v2.1"
+    imagereward: str = "THUDM/ImageReward"  # converted at fetch time into <dir>/<imagereward>/
 
     @field_validator("rewards", mode="before")
     @classmethod
-    def _available_rewards(cls, v: Any) -> Any:
-        blocked = [k for k in (v or []) if k in UNAVAILABLE_REWARDS]
-        if blocked:
-            raise ValueError(f"{blocked[0]}: {UNAVAILABLE_REWARDS[blocked[0]]}; the reward scorer available is "
-                             "pickscore (scorers.rewards: [pickscore])")
+    def _unique_rewards(cls, v: Any) -> Any:
         return list(dict.fromkeys(v)) if isinstance(v, list) else v
 
     @model_serializer(mode="wrap")
@@ -559,8 +555,9 @@ class EvaluateConfig(_Section):
     enabled: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # The run's LoRA: the final step's (last), or the validation step whose samples score best under a scorer, or
-    # under the mean of the scorers' ranks (kolora.evaluate.selection; needs train.validation.every)
-    select: Literal["last", "clip", "aesthetic", "mean_rank"] = "last"
+    # under the mean of the scorers' ranks (kolora.evaluate.selection; needs train.validation.every); or under a
+    # reward scorer (pickscore, hps, imagereward: English validation prompts or prompt_en glosses only)
+    select: Literal["last", "clip", "aesthetic", "mean_rank", "pickscore", "hps", "imagereward"] = "last"
 
     @model_serializer(mode="wrap")
     def _omit_default_select(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:

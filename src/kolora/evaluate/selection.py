@@ -8,7 +8,9 @@ scores tiles) → train/scores.csv (step, prompt, seed, scorer, value), and the 
 
 - `clip` / `aesthetic`: the highest mean of that scorer over the validation prompts × seeds;
 - `mean_rank`: per (prompt, seed), each scorer ranks the steps (1 = best, ties share their mean rank); the
-  lowest mean of those ranks over scorers and (prompt, seed) wins.
+  lowest mean of those ranks over scorers and (prompt, seed) wins;
+- `pickscore` / `hps` / `imagereward`: the highest mean of that reward scorer (also scored, beside clip and
+  aesthetic), over the validation prompts it can read (English, or the prompt set's prompt_en gloss).
 
 Candidates are the validation steps after 0 whose LoRA training kept (train/samples/step-XXXXXX/
 pytorch_lora_weights.safetensors); equal means go to the later step (nothing told them apart: stay nearest the
@@ -34,6 +36,7 @@ from typing import Any
 from kolora.cache.validation import prompt_texts
 from kolora.core import hashing
 from kolora.core.errors import RunFailure
+from kolora.core.prompts import load_prompts
 from kolora.core.rundir import RunDir, atomic_path, atomic_write_json, atomic_write_text
 from kolora.core.stage import StageContext
 from kolora.core.stats import Interval, distinguishable, mean_interval
@@ -82,6 +85,7 @@ def score_samples(cfg, run: RunDir, steps: list[int], progress=None) -> list[dic
     except scorers.ScorerModelError as e:
         raise RunFailure(f"select: {e}") from None
     clip_names, clips, aesthetic = loaded.clip_of, loaded.clips, loaded.aesthetic
+    reward, english = _reward_scorer(cfg)
     rows = []
     for n, step in enumerate(steps, 1):
         for i, seed, name in sample_names(cfg):
@@ -92,10 +96,32 @@ def score_samples(cfg, run: RunDir, steps: list[int], progress=None) -> list[dic
                 image = im.convert("RGB")
             values = {"clip": scorers.clip_score(clips[clip_names[i]], [image], [texts[i]])[0],
                       "aesthetic": scorers.aesthetic_score(aesthetic, [image])[0]}
-            rows += [{"step": step, "prompt": texts[i], "seed": seed, "scorer": k, "value": values[k]} for k in SCORERS]
+            if reward is not None and english[i] is not None:
+                values[cfg.evaluate.select] = scorers.reward_score(cfg.evaluate.select, reward, [image], [english[i]])[0]
+            rows += [{"step": step, "prompt": texts[i], "seed": seed, "scorer": k, "value": v} for k, v in values.items()]
         if progress:
             progress(n, len(steps))
     return rows
+
+
+def _reward_scorer(cfg) -> tuple[Any, list[str | None]]:
+    """The reward scorer evaluate.select names (None for the others) and the English text it reads for each
+    validation prompt; RunFailure when it is missing or can read none."""
+    if cfg.evaluate.select not in scorers.REWARDS:
+        return None, []
+    v = cfg.train.validation
+    english = scorers.english_validation_texts(list(v.prompts), validation_items(cfg), v.count)
+    if not any(english):
+        raise RunFailure(f"select: {cfg.evaluate.select} {scorers.NO_ENGLISH_VALIDATION}")
+    try:
+        return scorers.load_reward(cfg.scorers, cfg.evaluate.select, cfg.evaluate.device)[0], english
+    except scorers.ScorerModelError as e:
+        raise RunFailure(f"select: {e}") from None
+
+
+def validation_items(cfg) -> list:
+    """The prompt set's items (their prompt_en glosses) when the validation prompts come from it."""
+    return [] if cfg.train.validation.prompts else load_prompts(cfg.render.prompts, cfg.render.negative_prompt)
 
 
 def scores_csv(rows: list[dict[str, Any]]) -> str:

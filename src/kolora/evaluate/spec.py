@@ -25,7 +25,12 @@ def _validation_key(cfg, run) -> dict:
     files = {f"{folder.name}/{p.name}": hashing.sampled(p)
              for folder in sorted((run.train / "samples").glob("step-*")) if folder.is_dir()
              for p in sorted(folder.iterdir()) if p.suffix in (".png", ".safetensors")}
-    return {"validation": {"prompts": prompt_texts(cfg), "files": files}}
+    if cfg.evaluate.select in ("clip", "aesthetic", "mean_rank"):
+        return {"validation": {"prompts": prompt_texts(cfg), "files": files}}
+    # a reward scorer: also the English glosses it reads
+    glosses = [] if cfg.train.validation.prompts else [
+        p.prompt_en for p in load_prompts(cfg.render.prompts, cfg.render.negative_prompt)]
+    return {"validation": {"prompts": prompt_texts(cfg), "files": files, "prompt_en": glosses}}
 
 
 def _gloss_key(cfg, run) -> dict:
@@ -39,14 +44,18 @@ def _gloss_key(cfg, run) -> dict:
 STAGE = Stage(
     "evaluate", entry="kolora.evaluate.stage:run", runs_on="cpu", parallel="none", after=("render",),
     inputs=("evaluate.enabled", "scorers.clip", "scorers.chinese_clip", "scorers.aesthetic", "scorers.language",
-            "scorers.rewards", "scorers.pickscore", "scorers.pickscore_processor"),
+            "scorers.rewards", "scorers.pickscore", "scorers.pickscore_processor", "scorers.hps",
+            "scorers.hps_version", "scorers.imagereward"),
     content=("scorers.dir",), outputs=("eval",), done=_done, stoppable=False, extra_key=_gloss_key,
     extra_key_note="the prompt set's prompt_en glosses (when scorers.rewards is set)")
 
 # In the train job after training (its rank 0), before render reads the LoRA it leaves in place.
 SELECT = Stage(
     "select", entry="kolora.evaluate.selection:run", runs_on="cpu", parallel="none", after=("train",),
-    inputs=("evaluate.select", "scorers.clip", "scorers.chinese_clip", "scorers.aesthetic", "scorers.language"),
+    inputs=("evaluate.select", "scorers.clip", "scorers.chinese_clip", "scorers.aesthetic", "scorers.language",
+            "scorers.pickscore", "scorers.pickscore_processor", "scorers.hps", "scorers.hps_version",
+            "scorers.imagereward"),
     content=("scorers.dir",), outputs=(str(SELECTION_FILE), str(SCORES_FILE)), done=_selection_done,
     stoppable=False, extra_key=_validation_key,
-    extra_key_note="the validation samples, their LoRAs and prompts (when evaluate.select is not last)")
+    extra_key_note="the validation samples, their LoRAs and prompts (when evaluate.select is not last; with a reward "
+                   "scorer, the prompt set's prompt_en glosses too)")

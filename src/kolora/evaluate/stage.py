@@ -14,7 +14,7 @@ intervals: each mean's 95 % interval, kolora.core.stats, bootstrapped over the t
 paired LoRA − base difference, each LoRA tile against the base tile of the same prompt and seed).
 scores.csv: index,prompt,seed,clip_lora,clip_base,aesthetic_lora,aesthetic_base.
 
-scorers.rewards adds each reward scorer (pickscore) beside clip and aesthetic: in models, in every tile
+scorers.rewards adds each reward scorer (pickscore, hps, imagereward) beside clip and aesthetic: in models, in every tile
 ({"lora", "base"}; both None with a "reason" when the tile's prompt has no English text it can read, see
 scorers.english_prompt, and "text": the English text scored when it is not the prompt), in summary and intervals
 (over the scored tiles; n counts them; absent when none was scored) and as <key>_lora,<key>_base columns.
@@ -99,12 +99,10 @@ def run(ctx: StageContext) -> dict[str, Any]:
     clip_names, folders, clip_models, aesthetic = loaded.clip_of, loaded.folders, loaded.clips, loaded.aesthetic
     rewards = {}
     for key in s.rewards:
-        model, processor = scorers.reward_models(s, key)
         try:
-            folders[model], proc_folder = scorers.local_folder(s.dir, model), scorers.local_folder(s.dir, processor)
+            rewards[key], folders[scorers.reward_models(s, key)[0]] = scorers.load_reward(s, key, device)
         except scorers.ScorerModelError as e:
             raise RunFailure(f"evaluate: {e}") from None
-        rewards[key] = scorers.load_pickscore(folders[model], proc_folder, model, device)
 
     rows = []
     for n, (lt, bt) in enumerate(zip(lora_tiles, base, strict=True), 1):
@@ -121,7 +119,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
             if text is None:
                 rows[-1][key] = {"lora": None, "base": None, "reason": scorers.NO_ENGLISH_PROMPT}
                 continue
-            values = scorers.pickscore(model, images, [text] * 2)
+            values = scorers.reward_score(key, model, images, [text] * 2)
             rows[-1][key] = {"lora": values[0], "base": values[1], **({"text": text} if text != lt.item.prompt else {})}
         if ctx.progress:
             ctx.progress(n, len(lora_tiles))

@@ -1,4 +1,4 @@
-"""`kolora fetch models --clip --aesthetics [--filters nsfw,watermark] [--scorers pickscore] --to DIR`: the scorer models for filter ops
+"""`kolora fetch models --clip --aesthetics [--filters nsfw,watermark] [--scorers pickscore,hps,imagereward] --to DIR`: the scorer models for filter ops
 and evaluate, from the Hugging Face hub (their home; HF_ENDPOINT selects a mirror), into DIR/<hub id>/ --
 Data-Juicer's external models home layout, which is what scorers.dir names. `--tiny` writes tiny random ones
 there instead (offline).
@@ -6,18 +6,20 @@ there instead (offline).
 --clip fetches both CLIPs (OpenAI CLIP for English, Chinese-CLIP for Chinese text); --aesthetics the LAION
 aesthetic predictor; --filters the image classifiers of Data-Juicer's image_nsfw_filter / image_watermark_filter
 (kolora.models.scorers.CLASSIFIERS); --scorers the reward scorers of scorers.rewards (PickScore and the CLIP
-repository its processor comes from, processor files only); --captioner [ID] the captioner of data.captions (kolora.models.captioner).
+repository its processor comes from, processor files only; HPSv2's checkpoint (--hps-version) and ImageReward's,
+converted here into transformers folders by kolora.models.reward_ports, their raw downloads then deleted); --captioner [ID] the captioner of data.captions (kolora.models.captioner).
 Only one weight format is taken per repository (safetensors when there is one), and what arrived is checked like
 `kolora check models` does.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from kolora.core.files import FileChecker, Report
 from kolora.core.offline import offline_variable
-from kolora.models import captioner, scorers
+from kolora.models import captioner, reward_ports, scorers
 from kolora.models.fetch import DEFAULT_PROBE_TIMEOUT, FetchError, login_node_advice, unreachable_reason
 
 # huggingface_hub: imported in the functions that use them (a login node's CLI starts without them)
@@ -73,18 +75,43 @@ def download_all(names: list[str], to: Path, command: str, timeout: float, downl
                              f"{login_node_advice(command)}") from e
 
 
+def _hub_download_files(repo_id: str, folder: Path, files: tuple[str, ...]) -> None:
+    """Named files of a repository (the raw checkpoints the ported reward scorers are converted from)."""
+    from huggingface_hub import hf_hub_download
+
+    for name in files:
+        hf_hub_download(repo_id, name, local_dir=str(folder))
+
+
+def _raw_files(key: str, hps_version: str) -> tuple[str, ...]:
+    """The files of a ported reward scorer's repository its conversion reads."""
+    return (reward_ports.HPS_FILES[hps_version],) if key == "hps" else reward_ports.IMAGEREWARD_FILES
+
+
+def reward_targets(rewards: list[str], hps_version: str = scorers.HPS_VERSION) -> dict[str, str]:
+    """Each reward scorer's model folder under DIR (PickScore's hub id; the converted folder of the others)."""
+    return {key: scorers.hps_folder(version=hps_version) if key == "hps" else scorers.REWARDS[key][0]
+            for key in rewards}
+
+
 def fetch(to: Path, clip: bool, aesthetics: bool, tiny: bool = False, timeout: float = DEFAULT_PROBE_TIMEOUT,
-          download=None, filters: list[str] = (), rewards: list[str] = ()) -> Report:
+          download=None, filters: list[str] = (), rewards: list[str] = (), hps_version: str = scorers.HPS_VERSION
+          ) -> Report:
     names = wanted(clip, aesthetics, filters=filters)
-    processors = [scorers.REWARDS[key][1] for key in rewards]  # read for their processor files only
+    processors = list(dict.fromkeys(scorers.REWARDS[key][1] for key in rewards))  # read for their processor files
+    ported = [key for key in rewards if key != "pickscore"]  # converted from raw checkpoints
+    targets = reward_targets(rewards, hps_version)
     to = Path(to).resolve()
     command = "kolora fetch models" + (" --clip" if clip else "") + (" --aesthetics" if aesthetics else "") + \
         (f" --filters {','.join(filters)}" if filters else "") + \
-        (f" --scorers {','.join(rewards)}" if rewards else "") + f" --to {to}"
+        (f" --scorers {','.join(rewards)}" if rewards else "") + \
+        (f" --hps-version {hps_version}" if "hps" in rewards and hps_version != scorers.HPS_VERSION else "") + \
+        f" --to {to}"
     classifiers = {scorers.CLASSIFIERS[key].hub_id: key for key in filters}
     if tiny:
         for key in rewards:
-            scorers.build_tiny_pickscore(to / scorers.REWARDS[key][0], to / scorers.REWARDS[key][1])
+            scorers.build_tiny_reward(to, key, (targets[key], *((scorers.REWARDS[key][1],) if key == "pickscore"
+                                                                 else ())))
         for name in names:
             if name in classifiers:
                 scorers.build_tiny_classifier(to / name, classifiers[name])
@@ -95,21 +122,46 @@ def fetch(to: Path, clip: bool, aesthetics: bool, tiny: bool = False, timeout: f
             else:
                 scorers.build_tiny_aesthetic(to / name, name=name)
     else:
+        raw = to / ".raw"  # the ported scorers' hub files, deleted once converted
+        raw_of = {scorers.REWARDS[key][0]: _raw_files(key, hps_version) for key in ported}
+
         def fetch_one(name: str, folder: Path) -> None:
+            folder = raw / name if name in raw_of else folder
             if download is not None:
                 download(name, folder)
+            elif name in raw_of:
+                _hub_download_files(name, folder, raw_of[name])
             else:
                 (_hub_download_processor if name in processors else _hub_download)(name, folder)
 
-        download_all(names + [scorers.REWARDS[key][0] for key in rewards] + processors, to, command, timeout,
-                     fetch_one)
+        pickscore = [scorers.PICKSCORE] if "pickscore" in rewards else []
+        download_all(names + pickscore + processors + list(raw_of), to, command, timeout, fetch_one)
+        for key in ported:
+            _convert(key, raw / scorers.REWARDS[key][0], to / scorers.REWARDS[key][1], to / targets[key],
+                     hps_version)
+        shutil.rmtree(raw, ignore_errors=True)
     report = Report(to, "scorer models" + (" (tiny, random)" if tiny else ""))
-    for name in names + [scorers.REWARDS[key][0] for key in rewards]:
+    for name in names + list(targets.values()):
         check_folder(report, to / name)
-    for name in processors:
+    for name in [scorers.REWARDS["pickscore"][1]] if "pickscore" in rewards else []:  # read when scoring
         FileChecker(report).file(to / name / "config.json")
-    report.config["scorers"] = {"dir": str(to), **({"rewards": list(rewards)} if rewards else {})}
+    extra = {"hps_version": hps_version} if "hps" in rewards and hps_version != scorers.HPS_VERSION else {}
+    report.config["scorers"] = {"dir": str(to), **({"rewards": list(rewards)} if rewards else {}), **extra}
     return report
+
+
+def _convert(key: str, raw: Path, processor: Path, out: Path, hps_version: str) -> None:
+    """A ported reward scorer's downloaded files -> its transformers folder `out`, written whole or not at all."""
+    def save(tmp: Path) -> None:
+        if key == "hps":
+            reward_ports.convert_hps(raw / reward_ports.HPS_FILES[hps_version], processor, tmp)
+        else:
+            reward_ports.convert_imagereward(raw, processor, tmp)
+
+    try:
+        scorers.write_converted(out, save)
+    except reward_ports.PortError as e:  # a checkpoint that is not the architecture kolora ports it onto
+        raise FetchError(f"converting {key}'s checkpoint into {out} failed: {e}") from e
 
 
 def fetch_captioner(to: Path, names: list[str] | None = None, tiny: bool = False,

@@ -11,8 +11,9 @@ processor files) for tests and the demo. Nothing here downloads; torch/transform
 
 Scores: `clip_score` is Data-Juicer's `image_text_similarity` (logits_per_text / 100 = cosine similarity);
 `aesthetic_score` is the predictor's output, ÷10 for the `shunk031/aesthetics-predictor*` models (0-1, as
-Data-Juicer's `image_aesthetics_filter` compares it); `pickscore` is PickScore's logit_scale · cosine (REWARDS:
-reward scorers for evaluate, which read English only: `english_prompt`).
+Data-Juicer's `image_aesthetics_filter` compares it); REWARDS are the reward scorers of evaluate, which read English
+only (`english_prompt`): `pickscore` is PickScore's logit_scale · cosine, `hps_score` HPSv2's cosine and
+`imagereward_score` ImageReward's normalised reward, the last two from weight ports (kolora.models.reward_ports).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from kolora.core import devices
-from kolora.core.config import UNAVAILABLE_REWARDS
+from kolora.models import reward_ports
 from kolora.models.kolors import quiet_libraries
 
 # torch, transformers: imported in the functions that use them (a login node's CLI starts without them)
@@ -37,6 +38,10 @@ AESTHETIC = "shunk031/aesthetics-predictor-v2-sac-logos-ava1-l14-linearMSE"
 FETCH_COMMAND = "kolora fetch models --clip --aesthetics"
 PICKSCORE = "yuvalkirstain/PickScore_v1"
 PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # PickScore's model card loads its processor from here
+HPS = "xswu/HPSv2"  # HPS v2 / v2.1: open_clip ViT-H-14 fine-tunes of PICKSCORE_PROCESSOR's CLIP
+HPS_VERSION = "v2.1"
+IMAGEREWARD = "THUDM/ImageReward"
+IMAGEREWARD_TOKENIZER = "google-bert/bert-base-uncased"  # BLIP's tokenizer (ImageReward loads it by name)
 NSFW = "Falconsai/nsfw_image_detection"
 WATERMARK = "amrul-hzz/watermark_detector"
 TINY_MARKER = "TINY_RANDOM_MODEL.txt"
@@ -194,38 +199,50 @@ CLASSIFIERS = {"nsfw": Classifier(NSFW, "image_nsfw_filter", ("normal", "nsfw"))
                "watermark": Classifier(WATERMARK, "image_watermark_filter", ("no_watermark", "watermark"))}
 
 
-# Reward scorers (scorers.rewards, `kolora fetch models --scorers KEY,...`): key -> the hub ids it loads by default
-REWARDS = {"pickscore": (PICKSCORE, PICKSCORE_PROCESSOR)}
+# Reward scorers (scorers.rewards, `kolora fetch models --scorers KEY,...`): key -> (the hub repository of its
+# weights, the one read for its tokenizer/processor files only). hps and imagereward are converted at fetch time into
+# one folder each (reward_folders), which holds their processor files too.
+REWARDS = {"pickscore": (PICKSCORE, PICKSCORE_PROCESSOR), "hps": (HPS, PICKSCORE_PROCESSOR),
+           "imagereward": (IMAGEREWARD, IMAGEREWARD_TOKENIZER)}
 NO_ENGLISH_PROMPT = "no English prompt (the prompt is Chinese and its prompt set gives no prompt_en)"
+
+
+def hps_folder(hub_id: str = HPS, version: str = HPS_VERSION) -> str:
+    """The converted HPS model's folder under scorers.dir: one per checkpoint version."""
+    return f"{hub_id}/{version}"
 
 
 def fetch_command(model_id: str) -> str:
     """The `kolora fetch models` flags that download `model_id` (without --to)."""
     keys = [key for key, c in CLASSIFIERS.items() if c.hub_id == model_id]
     rewards = [key for key, ids in REWARDS.items() if model_id in ids]
+    if model_id.startswith(HPS + "/"):  # a converted HPS version
+        version = model_id.removeprefix(HPS + "/")
+        return "kolora fetch models --scorers hps" + (f" --hps-version {version}" if version != HPS_VERSION else "")
     if rewards:
         return f"kolora fetch models --scorers {rewards[0]}"
     return f"kolora fetch models --filters {keys[0]}" if keys else FETCH_COMMAND
 
 
 def reward_keys(text: str) -> list[str]:
-    """`pickscore,...` -> the REWARDS keys in it; ValueError naming the valid ones, and why imagereward / hps are
-    not among them."""
+    """`pickscore,hps,...` -> the REWARDS keys in it; ValueError naming the valid ones for any other."""
     keys = list(dict.fromkeys(k.strip() for k in text.split(",") if k.strip()))
-    for key in keys:
-        if key in UNAVAILABLE_REWARDS:
-            raise ValueError(f"{key}: {UNAVAILABLE_REWARDS[key]}. Available: {', '.join(REWARDS)}")
     unknown = [k for k in keys if k not in REWARDS]
     if unknown or not keys:
         raise ValueError(f"unknown reward scorer {', '.join(map(repr, unknown)) or repr(text)}: the valid ones are "
-                         f"{', '.join(REWARDS)} (comma-separated, e.g. --scorers pickscore)")
+                         f"{', '.join(REWARDS)} (comma-separated, e.g. --scorers pickscore,hps)")
     return keys
 
 
-def reward_models(scfg, key: str) -> tuple[str, str]:
-    """The hub ids (model, processor) scorers.<key> configures for a reward scorer."""
+def reward_models(scfg, key: str) -> tuple[str, ...]:
+    """The local folders (hub ids under scorers.dir) scorers.<key> configures for a reward scorer: PickScore's model
+    and processor repositories; the converted HPS version's folder; the converted ImageReward folder."""
     if key == "pickscore":
         return scfg.pickscore, scfg.pickscore_processor
+    if key == "hps":
+        return (hps_folder(scfg.hps, scfg.hps_version),)
+    if key == "imagereward":
+        return (scfg.imagereward,)
     raise ValueError(f"unknown reward scorer {key!r}")
 
 
@@ -235,6 +252,18 @@ def english_prompt(item) -> str | None:
     if getattr(item, "prompt_en", None):
         return item.prompt_en
     return None if is_chinese(item.prompt) else item.prompt
+
+
+def english_validation_texts(validation_prompts: list[str], items: list, count: int) -> list[str | None]:
+    """What a reward scorer reads for each validation prompt: train.validation.prompts as given unless Chinese,
+    else the prompt set's first `count` items through english_prompt (None: nothing it can read)."""
+    if validation_prompts:
+        return [None if is_chinese(p) else p for p in validation_prompts]
+    return [english_prompt(item) for item in items[:count]]
+
+
+NO_ENGLISH_VALIDATION = ("reads English only, and no validation prompt is English: set train.validation.prompts to "
+                         "English prompts, or give the prompt set's first train.validation.count items a prompt_en")
 
 
 def filter_keys(text: str) -> list[str]:
@@ -363,6 +392,66 @@ def pickscore(model: Loaded, images: list, texts: list[str]) -> list[float]:
     return [float(out.logits_per_image[0, 0]) for out in _pairs(model, images, texts, "pickscore")]
 
 
+def load_hps(folder: Path, name: str, device: str = "cpu") -> Loaded:
+    """HPSv2 converted to a CLIPModel folder (reward_ports.convert_hps), with the processor files it holds."""
+    return load_pickscore(folder, folder, name, device)
+
+
+def hps_score(model: Loaded, images: list, texts: list[str]) -> list[float]:
+    """HPSv2 of each image with its own text: the cosine of the normalised image and text features, as hpsv2's
+    score() returns (about 0.2-0.3 for the real model; no logit scale)."""
+    # CLIPModel's outputs hold the normalised embeddings
+    return [float((out.image_embeds * out.text_embeds).sum()) for out in _pairs(model, images, texts, "hps")]
+
+
+def load_imagereward(folder: Path, name: str, device: str = "cpu") -> Loaded:
+    """ImageReward converted by reward_ports.convert_imagereward; processor: (BERT tokenizer, image processor)."""
+    from transformers import BertTokenizer, CLIPImageProcessor
+
+    device = devices.pick(device)
+    model = reward_ports.load_imagereward_model(folder).to(device)
+    return Loaded(model, (BertTokenizer.from_pretrained(str(folder)), CLIPImageProcessor.from_pretrained(str(folder))),
+                  name, device)
+
+
+def imagereward_score(model: Loaded, images: list, texts: list[str]) -> list[float]:
+    """ImageReward of each image with its own text: (MLP([CLS] of the text read across the image) - mean) / std,
+    the text tokenised to 35 tokens as ImageReward does (about -2 to 2 for the real model)."""
+    import torch
+
+    if len(images) != len(texts):
+        raise ValueError(f"imagereward: {len(images)} images but {len(texts)} texts")
+    tokenizer, image_processor = model.processor
+    out = []
+    for image, text in zip(images, texts, strict=True):
+        tokens = tokenizer(text, padding="max_length", truncation=True, max_length=reward_ports.IMAGEREWARD_MAX_LENGTH,
+                           return_tensors="pt").to(model.device)
+        pixels = image_processor(images=[image.convert("RGB")], return_tensors="pt").pixel_values.to(model.device)
+        with torch.no_grad():
+            out.append(float(model.model(pixels, tokens.input_ids, tokens.attention_mask)[0]))
+    return out
+
+
+_REWARD_LOAD = {"pickscore": lambda folders, name, device: load_pickscore(folders[0], folders[1], name, device),
+                "hps": lambda folders, name, device: load_hps(folders[0], name, device),
+                "imagereward": lambda folders, name, device: load_imagereward(folders[0], name, device)}
+_REWARD_SCORE = {"pickscore": pickscore, "hps": hps_score, "imagereward": imagereward_score}
+
+
+def load_reward(scfg, key: str, device: str = "cpu") -> tuple[Loaded, Path]:
+    """Reward scorer `key` from scorers.dir (tiny ones built first with scorers.tiny) and its model's folder;
+    ScorerModelError naming the fetch command when one is missing."""
+    names = reward_models(scfg, key)
+    ensure_tiny_rewards(scfg, names)
+    folders = [local_folder(scfg.dir, n) for n in names]
+    return _REWARD_LOAD[key](folders, names[0], device), folders[0]
+
+
+def reward_score(key: str, model: Loaded, images: list, texts: list[str]) -> list[float]:
+    """Reward scorer `key`'s score of each image with its own (English) text."""
+    return _REWARD_SCORE[key](model, images, texts)
+
+
 def aesthetic_score(aesthetic: Loaded, images: list) -> list[float]:
     import torch
 
@@ -423,6 +512,23 @@ def _write_atomically(path: Path, save) -> Path:
         except OSError:  # there already: another process built the same (seeded) model, or a real one is there
             if not (path / "config.json").is_file():
                 raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return path
+
+
+def write_converted(path: Path, save) -> Path:
+    """`save(folder)` writes a converted model (reward_ports); it replaces what is at `path` once complete."""
+    quiet_libraries()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        save(tmp)
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -528,6 +634,80 @@ def build_tiny_pickscore(path: Path, processor_path: Path, seed: int = 0) -> lis
     return out
 
 
+def tiny_clip_config(hidden_act: str = "quick_gelu"):
+    """The tiny CLIPConfig of build_tiny_pickscore / build_tiny_hps, with the byte-level tokenizer's ids."""
+    from transformers import CLIPConfig
+
+    tok = _clip_tokenizer()
+    return CLIPConfig(text_config={**_TINY_TEXT, "vocab_size": len(tok), "bos_token_id": tok.bos_token_id,
+                                   "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
+                                   "hidden_act": hidden_act},
+                      vision_config={**_TINY_VISION, "hidden_act": hidden_act}, projection_dim=16)
+
+
+def build_tiny_hps_hub(folder: Path, processor_folder: Path, version: str = HPS_VERSION, seed: int = 0) -> Path:
+    """xswu/HPSv2's file for `version` (a random open_clip checkpoint, GELU) and the processor repository it is
+    converted with (config.json, tokenizer and image processor files), tiny; returns the checkpoint's path."""
+    from transformers import CLIPImageProcessor, CLIPProcessor
+
+    cfg = tiny_clip_config("gelu")
+    cfg.save_pretrained(str(processor_folder))
+    CLIPProcessor(image_processor=CLIPImageProcessor(**_PROCESSOR), tokenizer=_clip_tokenizer()).save_pretrained(
+        str(processor_folder))
+    return reward_ports.build_tiny_hps_checkpoint(Path(folder) / reward_ports.HPS_FILES[version], cfg, seed)
+
+
+def build_tiny_hps(path: Path, version: str = HPS_VERSION, seed: int = 0) -> Path:
+    """A converted HPS folder (CLIPModel + processor) made from a tiny random checkpoint in the hub's layout."""
+    def save(tmp: Path) -> None:
+        checkpoint = build_tiny_hps_hub(tmp / ".hub", tmp / ".processor", version, seed)
+        reward_ports.convert_hps(checkpoint, tmp / ".processor", tmp)
+        for helper in (tmp / ".hub", tmp / ".processor"):
+            shutil.rmtree(helper)
+
+    return _write_atomically(path, save)
+
+
+def build_tiny_imagereward_hub(folder: Path, tokenizer_folder: Path, seed: int = 0) -> Path:
+    """THUDM/ImageReward's files (ImageReward.pt, med_config.json) and a BERT tokenizer folder, tiny and random;
+    the vocabulary has every letter as a word and a ## continuation, so English words are not [UNK]."""
+    letters = "abcdefghijklmnopqrstuvwxyz0123456789"
+    tokenizer_folder.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *letters, *(f"##{c}" for c in letters), ",", "."]
+    (tokenizer_folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    # BLIP adds [DEC] and [ENC] to the tokenizer: two ids past the vocabulary
+    return reward_ports.build_tiny_imagereward_checkpoint(folder, len(vocab) + 2, TINY_IMAGEREWARD_VISION, seed)
+
+
+# heads of 64 channels, as BLIP's ViTs (reward_ports.vision_shape reads the rest from the checkpoint)
+TINY_IMAGEREWARD_VISION = dict(hidden_size=128, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                               image_size=32, patch_size=8)
+
+
+def build_tiny_imagereward(path: Path, seed: int = 0) -> Path:
+    """A converted ImageReward folder made from tiny random hub files in ImageReward's key layout."""
+    def save(tmp: Path) -> None:
+        build_tiny_imagereward_hub(tmp / ".hub", tmp / ".tokenizer", seed)
+        reward_ports.convert_imagereward(tmp / ".hub", tmp / ".tokenizer", tmp)
+        for helper in (tmp / ".hub", tmp / ".tokenizer"):
+            shutil.rmtree(helper)
+
+    return _write_atomically(path, save)
+
+
+def build_tiny_reward(models_dir: Path, key: str, names: tuple[str, ...]) -> list[Path]:
+    """Reward scorer `key` as tiny random model(s) at models_dir/<names> (those not there yet)."""
+    folders = [Path(models_dir) / n for n in names]
+    if all((f / "config.json").is_file() for f in folders):
+        return []
+    if key == "pickscore":
+        return build_tiny_pickscore(folders[0], folders[1])
+    if key == "hps":
+        return [build_tiny_hps(folders[0], version=folders[0].name if folders[0].name in reward_ports.HPS_FILES
+                               else HPS_VERSION)]
+    return [build_tiny_imagereward(folders[0])]
+
+
 def build_tiny_set(models_dir: Path, clip_en: str = CLIP_EN, clip_zh: str = CLIP_ZH, aesthetic: str = AESTHETIC,
                    seed: int = 0) -> list[Path]:
     """The three tiny models under `models_dir/<hub id>` (those not there yet)."""
@@ -545,13 +725,22 @@ def ensure_tiny(scfg) -> None:
     if scfg.tiny and scfg.dir is not None:
         build_tiny_set(Path(scfg.dir), scfg.clip, scfg.chinese_clip, scfg.aesthetic)
         for key in scfg.rewards:
-            model, processor = reward_models(scfg, key)
-            build_tiny_pickscore(Path(scfg.dir) / model, Path(scfg.dir) / processor)
+            build_tiny_reward(Path(scfg.dir), key, reward_models(scfg, key))
+
+
+def ensure_tiny_rewards(scfg, names) -> None:
+    """scorers.tiny: build the reward scorers whose folders are among `names` (e.g. evaluate.select's) as tiny
+    random ones where scorers.dir lacks them."""
+    if scfg.tiny and scfg.dir is not None:
+        for key in REWARDS:
+            if set(reward_models(scfg, key)) & set(names):
+                build_tiny_reward(Path(scfg.dir), key, reward_models(scfg, key))
 
 
 def missing_models(scfg, names: list[str]) -> list[str]:
     """Problems with the local models `names` (hub ids under scorers.dir), each naming the fetch command."""
     ensure_tiny(scfg)
+    ensure_tiny_rewards(scfg, names)
     ensure_tiny_classifiers(scfg, names)
     problems = []
     for name in dict.fromkeys(names):
@@ -576,4 +765,9 @@ def missing_for_config(cfg, prompts: list) -> list[str]:
         s, v = cfg.scorers, cfg.train.validation
         texts = list(v.prompts) or [p.prompt for p in prompts[:v.count]]
         names += [clip_for(text, s.language, s.clip, s.chinese_clip) for text in texts] + [s.aesthetic]
+        if cfg.evaluate.select in REWARDS:
+            names += reward_models(s, cfg.evaluate.select)
+            if not any(english_validation_texts(list(v.prompts), prompts, v.count)):
+                return [f"evaluate.select: {cfg.evaluate.select} {NO_ENGLISH_VALIDATION}",
+                        *missing_models(cfg.scorers, names)]
     return missing_models(cfg.scorers, names) if names else []

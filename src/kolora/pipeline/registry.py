@@ -37,7 +37,9 @@ SINCE: dict[str, Any] = {"train.buckets": False, "train.min_snr_gamma": None, "t
                          **{f"data.sources.{f}": [] for f in ingest.SOURCE_INPUTS},
                          "card.license": "other", "card.trigger": None, "card.tags": [],
                          "scorers.rewards": [], "scorers.pickscore": "yuvalkirstain/PickScore_v1",
-                         "scorers.pickscore_processor": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"}
+                         "scorers.pickscore_processor": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+                         "scorers.hps": "xswu/HPSv2", "scorers.hps_version": "v2.1",
+                         "scorers.imagereward": "THUDM/ImageReward"}
 
 # Fields that never make a stage rerun: the stage they concern ("" = the run) and why no output depends on them.
 OPERATIONAL: dict[str, tuple[str, str]] = {

@@ -46,7 +46,9 @@ TAGS = ("text-to-image", "lora", "kolors", "diffusers")
 MARK = "<!-- kolora model card: kolora writes this file again from the run (kolora.report.card) -->"
 _SAMPLE = re.compile(r"^sample-(\d+)-(-?\d+)\.jpg$")
 SCORE_NAMES = {"clip": "CLIP score (image-text)", "aesthetic": "aesthetic score",
-               "pickscore": "PickScore (human preference, English prompts)"}
+               "pickscore": "PickScore (human preference, English prompts)",
+               "hps": "HPSv2 (human preference, English prompts)",
+               "imagereward": "ImageReward (human preference, English prompts)"}
 SIDES = ("lora", "base", "lora_minus_base")  # eval/scores.json's intervals: {side: {metric: interval}}
 
 

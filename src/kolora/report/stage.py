@@ -167,8 +167,9 @@ def selection_section(run: RunDir) -> str:
             + table(["step", *(f"{sc}: mean [95 % interval]" for sc in scorers)], rows, "step-scores"))
 
 
-METRICS = {"clip": "CLIP", "aesthetic": "aesthetic", "pickscore": "PickScore"}
-REWARD_METRICS = ("pickscore",)  # scorers.rewards: in eval/scores.json only when configured
+METRICS = {"clip": "CLIP", "aesthetic": "aesthetic", "pickscore": "PickScore", "hps": "HPSv2",
+           "imagereward": "ImageReward"}
+REWARD_METRICS = ("pickscore", "hps", "imagereward")  # scorers.rewards: in eval/scores.json only when configured
 
 
 def score_intervals(scores: dict[str, Any]) -> dict[str, dict[str, Interval]] | None:
