@@ -149,6 +149,11 @@ def test_two_node_training_matches_one_process_with_the_doubled_batch(env, tmp_p
     assert (summary["world_size"], summary["accumulate"], summary["global_batch"]) == (2, 1, 2)
     log = _job_log(run, job)
     assert "rank 0 of world 2" in log and "rank 1 of world 2" in log
+    # each rank's log, wherever it ran: the job's own node sees its name as hostname
+    for rank, node in ((0, "kolora-1"), (1, "kolora-2")):
+        logs = kolora(env, "logs", "two-nodes", "--runs-dir", runs, "--stage", "train", "--rank", str(rank))
+        assert logs.returncode == 0 and f"rank {rank} on {node})" in logs.stdout, logs.stdout[-3000:]
+        assert f"rank {rank} of world 2" in logs.stdout
     twin = _uninterrupted(run, tmp_path / "twin" / "two-nodes")
     diff = max_rel_diff(lora_tensors(RunDir(run)), lora_tensors(twin))
     print(f"\n2 nodes × 1 task vs 1 process × batch 2, {STEPS} steps: LoRA max relative |Δ| {diff:.2e}")

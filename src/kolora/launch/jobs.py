@@ -15,6 +15,7 @@ import functools
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -214,9 +215,9 @@ class StageJob:
                 os.environ["MASTER_ADDR"] = host
             else:
                 os.environ.pop("MASTER_ADDR", None)
-        log.info("kolora job %s (stages %s, task %d/%d, rank %d) run %s; HF_HOME=%s HF_HUB_OFFLINE=%s",
-                 self.job, "+".join(self.stages), task_index, self.task_count, rank, self.run_root,
-                 os.environ.get("HF_HOME"), os.environ.get("HF_HUB_OFFLINE"))
+        log.info("kolora job %s (stages %s, task %d/%d, rank %d on %s) run %s; HF_HOME=%s HF_HUB_OFFLINE=%s",
+                 self.job, "+".join(self.stages), task_index, self.task_count, rank, socket.gethostname(),
+                 self.run_root, os.environ.get("HF_HOME"), os.environ.get("HF_HUB_OFFLINE"))
         run = RunDir(self.run_root)
         try:
             cfg = load_config(self.config_file)
