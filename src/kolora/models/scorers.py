@@ -494,45 +494,41 @@ def _bert_tokenizer(folder: Path):
     return BertTokenizer(vocab=str(folder / "vocab.txt"))
 
 
-def _write_atomically(path: Path, save) -> Path:
-    """Build in a temp folder beside `path`, then rename it into place; a model already at `path` is kept."""
-
+def _publish_folder(path: Path, save, tiny: bool) -> Path:
+    """`save(folder)` builds a model in a temp folder beside `path`, which is then renamed into place: a tiny model
+    (with the TINY_MARKER) keeps a model already at `path`; a converted one (reward_ports) replaces it."""
 
     quiet_libraries()
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    old = tmp.with_name(tmp.name + ".old")
     try:
         save(tmp)
-        (tmp / TINY_MARKER).write_text("Random tiny weights made by kolora for tests and the demo. Not a real "
-                                       "model.\n")
+        if tiny:
+            (tmp / TINY_MARKER).write_text("Random tiny weights made by kolora for tests and the demo. Not a real "
+                                           "model.\n")
+        elif path.exists():
+            path.rename(old)  # out of the way in one step; deleted once the new one is in place
         try:
             tmp.rename(path)
         except OSError:  # there already: another process built the same (seeded) model, or a real one is there
-            if not (path / "config.json").is_file():
+            if not (tiny and (path / "config.json").is_file()):
                 raise
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        for leftover in (tmp, old):
+            if leftover.exists():
+                shutil.rmtree(leftover)
     return path
+
+
+def _write_atomically(path: Path, save) -> Path:
+    return _publish_folder(path, save, tiny=True)
 
 
 def write_converted(path: Path, save) -> Path:
     """`save(folder)` writes a converted model (reward_ports); it replaces what is at `path` once complete."""
-    quiet_libraries()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-    try:
-        save(tmp)
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return path
+    return _publish_folder(path, save, tiny=False)
 
 
 def write_tiny_model(path: Path, save) -> Path:
