@@ -195,9 +195,10 @@ def test_only_rank_0_requeues_and_never_a_cancelled_job(tmp_path: Path, monkeypa
 
 # ---- a node that dies under a multi-node job ---------------------------------------------------------------
 LOST_PEER_CHILD = "import sys; sys.exit(76)"  # what launch.child returns when a collective lost another rank
+ABORTED_CHILD = "import os, signal; os.kill(os.getpid(), signal.SIGABRT)"  # NCCL's watchdog tearing it down
 
 
-@pytest.mark.parametrize("case", ["node down", "nodes up", "one node"])
+@pytest.mark.parametrize("case", ["node down", "nodes up", "one node", "aborted, node down"])
 def test_a_rank_that_lost_its_peer_waits_for_slurms_word_on_the_nodes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                       case: str) -> None:
     """A node down (here kolora-2, as sinfo reports it) is a node failure: rank 0 requeues a job Slurm still
@@ -212,13 +213,15 @@ def test_a_rank_that_lost_its_peer_waits_for_slurms_word_on_the_nodes(tmp_path: 
     monkeypatch.setattr(sv, "cancelled", lambda job_id: False)
     monkeypatch.setattr(sv, "slurmd_timeout_s", lambda: -59)  # a 1 s wait
     asked: list[str] = []
-    monkeypatch.setattr(sv, "failed_nodes", lambda nodes: asked.append(nodes) or (["kolora-2"] if case == "node down" else []))
+    monkeypatch.setattr(sv, "failed_nodes",
+                        lambda nodes: asked.append(nodes) or (["kolora-2"] if case.endswith("node down") else []))
     attempts = tmp_path / "attempts.jsonl"
     call = dict(signal_lead_s=5, max_requeues=3, counter=tmp_path / "timeouts.json", key="train/0",
                 result_dir=tmp_path, attempts=attempts)
-    if case == "node down":
+    child = ABORTED_CHILD if case.startswith("aborted") else LOST_PEER_CHILD
+    if case.endswith("node down"):
         with pytest.raises(SystemExit) as stop:
-            sv.supervise([sys.executable, "-c", LOST_PEER_CHILD], **call)
+            sv.supervise([sys.executable, "-c", child], **call)
         assert stop.value.code == sv.EXIT_INTERRUPTED and requeued == ["4242"]
         entry = json.loads(attempts.read_text())
         assert entry["node_failure"] == "node failure: kolora-2" and entry["nodes"] == "kolora-[1-2]"

@@ -263,7 +263,9 @@ def supervise(command: list[str], *, signal_lead_s: int, max_requeues: int, coun
         lost = None
         nodelist = os.environ.get("SLURM_JOB_NODELIST", "")
         if rc != 0 and slurm_job_id() and int(os.environ.get("SLURM_JOB_NUM_NODES", "1")) > 1:
-            if rc == EXIT_PEER_LOST and not received:
+            # a lost peer, said by the child, or the child killed by a signal: NCCL's watchdog aborts the
+            # process (SIGABRT) when a collective's peer is gone, without a Python exception to classify
+            if (rc == EXIT_PEER_LOST or rc < 0) and not received:
                 wait_s = slurmd_timeout_s() + 60
                 log.warning("the stage lost another rank: waiting up to %d s for Slurm's word on nodes %s", wait_s,
                             nodelist)
