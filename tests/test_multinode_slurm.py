@@ -136,11 +136,16 @@ def _no_processes_left(env) -> None:
         assert _node(env, "procs", node).strip() == "", f"processes left on {node}"
 
 
-def test_two_node_training_matches_one_process_with_the_doubled_batch(env, tmp_path, nodes_back):
+def _submitted(env, tmp_path: Path, name: str, nodes) -> tuple[Path, Path, str]:
+    """The demo submitted to the two-node partition with the train job on `nodes`: (runs dir, run, train job id)."""
     runs = tmp_path / "runs"
-    submit(env, runs, "two-nodes", *TRAIN, profile=_profile(tmp_path, 2))
-    run = runs / "two-nodes"
-    job = _train_job(run)
+    submit(env, runs, name, *TRAIN, profile=_profile(tmp_path, nodes))
+    run = runs / name
+    return runs, run, _train_job(run)
+
+
+def test_two_node_training_matches_one_process_with_the_doubled_batch(env, tmp_path, nodes_back):
+    runs, run, job = _submitted(env, tmp_path, "two-nodes", 2)
     _wait_trained(env, run, job)
     kolora(env, "cancel", "two-nodes", "--runs-dir", runs, timeout=60)  # render and grid: not the point here
     steps = {s["JobID"]: s for s in _steps(env, job)}
@@ -162,10 +167,7 @@ def test_two_node_training_matches_one_process_with_the_doubled_batch(env, tmp_p
 
 
 def test_a_node_failure_with_a_node_range_resumes_on_the_node_left(env, tmp_path, nodes_back):
-    runs = tmp_path / "runs"
-    submit(env, runs, "range", *TRAIN, profile=_profile(tmp_path, "1-2"))
-    run = runs / "range"
-    job = _train_job(run)
+    runs, run, job = _submitted(env, tmp_path, "range", "1-2")
     done_at_failure = _fail_after_a_checkpoint(env, run, job)
     _wait_trained(env, run, job)
     kolora(env, "cancel", "range", "--runs-dir", runs, timeout=60)
@@ -191,10 +193,7 @@ def test_a_node_failure_with_a_node_range_resumes_on_the_node_left(env, tmp_path
 
 
 def test_a_node_failure_with_fixed_nodes_waits_for_the_node_and_then_finishes(env, tmp_path, nodes_back):
-    runs = tmp_path / "runs"
-    submit(env, runs, "fixed", *TRAIN, profile=_profile(tmp_path, 2))
-    run = runs / "fixed"
-    job = _train_job(run)
+    runs, run, job = _submitted(env, tmp_path, "fixed", 2)
     _fail_after_a_checkpoint(env, run, job)
 
     def waiting() -> str | None:
